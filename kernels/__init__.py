@@ -1,0 +1,1 @@
+"""Triton kernels beside plain torch references (see the GPU issue)."""

@@ -1,0 +1,255 @@
+"""Format rules over a parsed trace, grouped into profiles.
+
+``validate`` never raises on model output: it parses leniently, keeps the parser's repairs as
+violations, and adds the rules of the chosen profile. ``strict`` holds every rule; ``lenient``
+only those that change the DAG a trace describes (broken or missing structure, branch counts),
+which is what matters when executing or training on cold-start outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
+from .parse import dialect, parse
+
+RULES: dict[str, str] = {
+    # found while parsing (the lenient parser's repairs)
+    "unclosed_tag": "every opened tag is closed",
+    "unmatched_close_tag": "every closing tag closes an open tag",
+    "tag_in_content": "no format tag inside the content of another element",
+    "too_deep": "blocks nest at most 32 levels",
+    "missing_header": "branches follow a guideline (a Goal)",
+    "missing_wrapper": "Multiverse blocks sit inside <Parallel>",
+    "missing_join": "every block ends with a takeaway (a Conclusion)",
+    "missing_branches": "every guideline is followed by steps",
+    "unexpected_join": "a takeaway follows the steps of a block",
+    # structure
+    "branch_count": "#steps == #plans",
+    "no_plans": "a guideline holds at least one plan",
+    "too_many_branches": "#plans <= max_branches",
+    "nesting": "NPR blocks do not nest",
+    # style
+    "plan_numbering": "plans are numbered 1..n in order",
+    "step_numbering": "steps are numbered like their plans",
+    "empty_content": "plans, steps and takeaways are not empty",
+    "stray_text": "no text between blocks or between a block's parts",
+    "missing_answer": "the final conclusion holds a \\boxed{} answer",
+    "multiple_answers": "the final conclusion holds exactly one \\boxed{}",
+    "empty_answer": "the \\boxed{} answer is not empty",
+}
+
+STRUCTURAL = frozenset(
+    {
+        "unclosed_tag",
+        "unmatched_close_tag",
+        "too_deep",
+        "missing_header",
+        "missing_wrapper",
+        "missing_join",
+        "missing_branches",
+        "unexpected_join",
+        "branch_count",
+        "no_plans",
+        "too_many_branches",
+        "nesting",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rules: frozenset[str] = field(default_factory=lambda: frozenset(RULES))
+    max_branches: int = 5
+
+
+PROFILES = {"strict": Profile("strict"), "lenient": Profile("lenient", STRUCTURAL)}
+
+
+def get_profile(profile: str | Profile, max_branches: int | None = None) -> Profile:
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    if max_branches is not None:
+        profile = Profile(profile.name, profile.rules, max_branches)
+    return profile
+
+
+def validate(
+    text_or_graph: str | ReasoningGraph,
+    profile: str | Profile = "strict",
+    *,
+    grammar: str = "npr",
+    max_branches: int | None = None,
+) -> list[Violation]:
+    """Violations of ``profile``'s rules, in text order; empty when the trace is well formed."""
+    rules = get_profile(profile, max_branches)
+    graph = (
+        text_or_graph
+        if isinstance(text_or_graph, ReasoningGraph)
+        else parse(text_or_graph, grammar=grammar, lenient=True)
+    )
+    found = list(graph.violations)
+    found += _block_rules(graph, rules.max_branches)
+    found += _text_rules(graph)
+    found += _answer_rules(graph)
+    kept = [v for v in found if v.code in rules.rules]
+    starts = [node.char_start for node in graph.nodes]
+    for violation in kept:
+        if violation.node is None and starts:
+            violation.node = max(bisect_right(starts, violation.char_start) - 1, 0)
+    return sorted(kept, key=lambda v: (v.char_start, v.char_end, v.code))
+
+
+def _violation(code: str, message: str, node: Node) -> Violation:
+    return Violation(code, message, node.char_start, node.char_end, node.id)
+
+
+def _label_tail(label: str | None) -> str | None:
+    return label.rsplit(".", 1)[-1] if label else None
+
+
+def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
+    spec = dialect(graph.grammar)
+    nodes = graph.nodes
+    out: list[Violation] = []
+    for block in graph.blocks:
+        first = nodes[
+            (block.header or block.items or [b[0] for b in block.branches] or [block.join])[0]
+        ]
+        plans = [nodes[i] for i in block.items]
+        heads = [nodes[branch[0]] for branch in block.branches if branch]
+        if not spec.nesting and block.depth > 0:
+            out.append(_violation("nesting", f"{spec.header} nested inside a {spec.branch}", first))
+        if block.header and not plans:
+            out.append(_violation("no_plans", f"<{spec.header}> holds no <{spec.item}>", first))
+        if len(plans) > max_branches:
+            out.append(
+                _violation(
+                    "too_many_branches", f"{len(plans)} plans, more than {max_branches}", first
+                )
+            )
+        if plans and heads and len(plans) != len(heads):
+            out.append(
+                _violation(
+                    "branch_count",
+                    f"{len(heads)} {spec.branch}s for {len(plans)} {spec.item}s",
+                    heads[0],
+                )
+            )
+        out += _numbering(graph, block, plans, heads)
+        for node in [*plans, *heads, *([nodes[block.join]] if block.join is not None else [])]:
+            if _is_empty(node):
+                out.append(_violation("empty_content", f"empty <{node.kind.value}>", node))
+    return out
+
+
+def _numbering(
+    graph: ReasoningGraph, block: Block, plans: list[Node], heads: list[Node]
+) -> list[Violation]:
+    out = []
+    prefix = ""
+    if block.parent is not None:
+        parent_head = graph.nodes[graph.blocks[block.parent[0]].branches[block.parent[1]][0]]
+        prefix = f"{parent_head.label}." if parent_head.label else ""
+    for index, plan in enumerate(plans, start=1):
+        # A nested block under an unlabelled branch can only be checked on its last component.
+        loose = block.depth > 0 and not prefix and _label_tail(plan.label) == str(index)
+        if plan.label != f"{prefix}{index}" and not loose:
+            out.append(
+                _violation(
+                    "plan_numbering", f"{plan.kind.value} {index} is labelled {plan.label!r}", plan
+                )
+            )
+    for index, head in enumerate(heads):
+        expected = (
+            plans[index].label
+            if index < len(plans) and plans[index].label
+            else f"{prefix}{index + 1}"
+        )
+        if head.label != expected:
+            out.append(
+                _violation(
+                    "step_numbering",
+                    f"{head.kind.value} {index + 1} is labelled {head.label!r}, expected {expected!r}",
+                    head,
+                )
+            )
+    return out
+
+
+def _is_empty(node: Node) -> bool:
+    content = node.content.strip()
+    if node.label is not None:
+        content = content[len(node.label) :].lstrip(" :.)")
+    return not content
+
+
+def _text_rules(graph: ReasoningGraph) -> list[Violation]:
+    """Text outside the elements is allowed before the first block and after the last."""
+    nodes = graph.nodes
+    in_block = [n.block is not None for n in nodes]
+    first = in_block.index(True) if any(in_block) else len(nodes)
+    last = len(nodes) - 1 - in_block[::-1].index(True) if any(in_block) else -1
+    out = []
+    for node in nodes:
+        if (
+            node.kind is NodeKind.TEXT
+            and node.text.strip()
+            and (node.block is not None or first < node.id < last)
+        ):
+            out.append(
+                _violation(
+                    "stray_text",
+                    f"text outside the format's elements: {node.text.strip()[:40]!r}",
+                    node,
+                )
+            )
+    return out
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` in ``text``, in order (balanced braces; an unclosed one
+    is dropped). One pass over the braces, so hostile input stays linear."""
+    found: list[tuple[int, str]] = []
+    open_braces: list[int] = []  # content start of a \boxed brace, -1 for any other brace
+    for match in _BRACES.finditer(text):
+        if match.group() == "}":
+            if open_braces and (start := open_braces.pop()) >= 0:
+                found.append((start, text[start : match.start()]))
+        else:
+            open_braces.append(match.end() if match.group() != "{" else -1)
+    return [content for _, content in sorted(found)]
+
+
+_BRACES = re.compile(r"\\boxed *\{|\{|\}")
+
+
+def final_text(graph: ReasoningGraph) -> Node | None:
+    """The conclusion after the last block (the last node, when it is free text or an answer)."""
+    last = graph.nodes[-1] if graph.nodes else None
+    if last is None or last.kind not in (NodeKind.ANSWER, NodeKind.TEXT) or last.block is not None:
+        return None
+    return last
+
+
+def _answer_rules(graph: ReasoningGraph) -> list[Violation]:
+    final = final_text(graph)
+    if final is None:
+        end = len(graph.text)
+        return [
+            Violation("missing_answer", "no final conclusion after the last block", end, end, None)
+        ]
+    answers = boxed_answers(final.text)
+    if not answers:
+        return [_violation("missing_answer", "the final conclusion has no \\boxed{} answer", final)]
+    out = []
+    if len(answers) > 1:
+        out.append(_violation("multiple_answers", f"{len(answers)} \\boxed{{}} answers", final))
+    if any(not a.strip() for a in answers):
+        out.append(_violation("empty_answer", "empty \\boxed{}", final))
+    return out

@@ -1,0 +1,364 @@
+"""The reasoning DAG: typed nodes that partition a trace, and the blocks they form.
+
+A ``ReasoningGraph`` is plain data. Its nodes tile the full sequence (prompt, then response) in
+order, each a contiguous span of characters and, when tokenized, of tokens. A node's ``parents``
+are the nodes whose end it depends on; every other relation (ancestors, visibility, positions)
+is derived from them in :mod:`npr_graph.layout`.
+
+Container tags are split into segments so that the partition stays contiguous: a guideline is an
+``open`` segment (``<guideline>`` and the whitespace after it), its plans, and a ``close`` segment
+(``</guideline>``), which is the node the steps fork from. A Multiverse ``<Path>`` holding a nested
+block continues, after the nested block, in a further ``path`` segment of the same branch.
+Whitespace between two nodes belongs to the earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import networkx as nx
+
+SCHEMA_VERSION = 1
+
+
+class NodeKind(str, Enum):
+    PROMPT = "prompt"
+    TEXT = "text"
+    ANSWER = "answer"
+    # NPR
+    GUIDELINE = "guideline"
+    PLAN = "plan"
+    STEP = "step"
+    TAKEAWAY = "takeaway"
+    # Multiverse
+    PARALLEL = "parallel"
+    GOAL = "goal"
+    OUTLINE = "outline"
+    PATH = "path"
+    CONCLUSION = "conclusion"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Node:
+    """One segment of the trace.
+
+    ``char_start``/``char_end`` index ``ReasoningGraph.text``; ``token_start``/``token_end`` index
+    ``ReasoningGraph.token_ids`` (None when the graph is not tokenized). ``block`` is the index of
+    the innermost block the node belongs to, ``branch`` its branch in that block (steps and paths),
+    ``part`` is ``"open"``/``"close"`` for container segments and ``""`` otherwise. ``open_tag`` and
+    ``close_tag`` are the character spans of the node's own tags, ``label`` the number a plan, step,
+    outline or path states (``"2"``, ``"1.1"``).
+    """
+
+    id: int
+    kind: NodeKind
+    char_start: int
+    char_end: int
+    text: str
+    parents: tuple[int, ...] = ()
+    block: int | None = None
+    branch: int | None = None
+    part: str = ""
+    depth: int = 0
+    label: str | None = None
+    open_tag: tuple[int, int] | None = None
+    close_tag: tuple[int, int] | None = None
+    token_start: int | None = None
+    token_end: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        if self.token_start is None or self.token_end is None:
+            raise ValueError("graph is not tokenized")
+        return self.token_end - self.token_start
+
+    @property
+    def content(self) -> str:
+        """The text between the node's own tags (the whole text when it has none)."""
+        start = self.open_tag[1] if self.open_tag else self.char_start
+        end = self.close_tag[0] if self.close_tag else self.char_end
+        return self.text[start - self.char_start : end - self.char_start]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["parents"] = list(self.parents)
+        for key in ("open_tag", "close_tag"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Node:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["kind"] = NodeKind(values["kind"])
+        values["parents"] = tuple(values.get("parents", ()))
+        for key in ("open_tag", "close_tag"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass
+class Block:
+    """One fork/join unit: a header (guideline and plans), parallel branches, and a join.
+
+    ``branches[b]`` lists the node ids of branch ``b`` in order (several when a Multiverse path
+    holds nested blocks). ``parent`` is ``(block, branch)`` of the enclosing branch, or None.
+    """
+
+    index: int
+    depth: int
+    header: list[int] = field(default_factory=list)
+    items: list[int] = field(default_factory=list)
+    branches: list[list[int]] = field(default_factory=list)
+    join: int | None = None
+    close: list[int] = field(default_factory=list)
+    parent: tuple[int, int] | None = None
+
+    @property
+    def width(self) -> int:
+        return len(self.branches)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["parent"] = list(self.parent) if self.parent is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Block:
+        values = dict(data)
+        if values.get("parent") is not None:
+            values["parent"] = tuple(values["parent"])
+        return cls(**values)
+
+
+@dataclass
+class Violation:
+    """A broken format rule: ``code`` names the rule, the span points into the trace text."""
+
+    code: str
+    message: str
+    char_start: int = 0
+    char_end: int = 0
+    node: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Violation:
+        return cls(**data)
+
+
+@dataclass
+class ReasoningGraph:
+    """A parsed trace: nodes in sequence order, blocks, and what the parser had to recover.
+
+    ``text`` is the prompt text followed by the response text; ``response_start`` is where the
+    response begins (0 without a prompt). When tokenized, ``token_ids`` holds the full sequence and
+    ``token_offsets[i]`` the character where token ``i`` starts.
+    """
+
+    text: str
+    nodes: list[Node]
+    blocks: list[Block]
+    grammar: str = "npr"
+    response_start: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    token_ids: list[int] | None = None
+    token_offsets: list[int] | None = None
+    prompt_num_tokens: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- navigation ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __getitem__(self, node_id: int) -> Node:
+        return self.nodes[node_id]
+
+    @property
+    def tokenized(self) -> bool:
+        return self.token_ids is not None
+
+    @property
+    def num_tokens(self) -> int:
+        if self.token_ids is None:
+            raise ValueError("graph is not tokenized: parse token ids or pass tokenizer=")
+        return len(self.token_ids)
+
+    @property
+    def response_text(self) -> str:
+        return self.text[self.response_start :]
+
+    @property
+    def prompt(self) -> Node | None:
+        return self.nodes[0] if self.nodes and self.nodes[0].kind is NodeKind.PROMPT else None
+
+    def response_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind is not NodeKind.PROMPT]
+
+    def nodes_of(self, kind: NodeKind | str) -> list[Node]:
+        kind = NodeKind(kind)
+        return [n for n in self.nodes if n.kind is kind]
+
+    def children(self) -> list[list[int]]:
+        """``children()[i]``: ids of the nodes that list node ``i`` as a parent."""
+        out: list[list[int]] = [[] for _ in self.nodes]
+        for node in self.nodes:
+            for parent in node.parents:
+                out[parent].append(node.id)
+        return out
+
+    def node_at_char(self, char: int) -> Node:
+        """The node whose span holds character ``char``."""
+        starts = [n.char_start for n in self.nodes]
+        index = bisect_right(starts, char) - 1
+        if index < 0 or char >= self.nodes[index].char_end:
+            raise IndexError(f"character {char} is outside the graph")
+        return self.nodes[index]
+
+    def token_text(self, index: int) -> str:
+        if self.token_offsets is None:
+            raise ValueError("graph is not tokenized")
+        return self.text[self.token_offsets[index] : self.token_offsets[index + 1]]
+
+    # -- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "grammar": self.grammar,
+            "text": self.text,
+            "response_start": self.response_start,
+            "prompt_num_tokens": self.prompt_num_tokens,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "blocks": [b.to_dict() for b in self.blocks],
+            "violations": [v.to_dict() for v in self.violations],
+            "token_ids": self.token_ids,
+            "token_offsets": self.token_offsets,
+            "metadata": self.metadata,
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReasoningGraph:
+        schema = data.get("schema", SCHEMA_VERSION)
+        if schema != SCHEMA_VERSION:
+            raise ValueError(f"unsupported graph schema {schema!r} (expected {SCHEMA_VERSION})")
+        try:
+            graph = cls(
+                text=data["text"],
+                nodes=[Node.from_dict(n) for n in data["nodes"]],
+                blocks=[Block.from_dict(b) for b in data.get("blocks", [])],
+                grammar=data.get("grammar", "npr"),
+                response_start=data.get("response_start", 0),
+                violations=[Violation.from_dict(v) for v in data.get("violations", [])],
+                token_ids=data.get("token_ids"),
+                token_offsets=data.get("token_offsets"),
+                prompt_num_tokens=data.get("prompt_num_tokens", 0),
+                metadata=dict(data.get("metadata", {})),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a reasoning graph dict: {error}") from error
+        check_partition(graph)
+        return graph
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReasoningGraph:
+        return cls.from_dict(json.loads(text))
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A DiGraph with one vertex per node (its fields as attributes) and parent→child edges."""
+        graph = nx.DiGraph(**{k: v for k, v in self.to_dict().items() if k not in ("nodes",)})
+        for node in self.nodes:
+            graph.add_node(node.id, **node.to_dict())
+        for node in self.nodes:
+            for parent in node.parents:
+                graph.add_edge(parent, node.id)
+        return graph
+
+    @classmethod
+    def from_networkx(cls, graph: nx.DiGraph) -> ReasoningGraph:
+        """Inverse of :meth:`to_networkx`; parents are read from the edges."""
+        data = dict(graph.graph)
+        nodes = []
+        for node_id in sorted(graph.nodes):
+            attrs = dict(graph.nodes[node_id])
+            attrs["id"] = node_id
+            attrs["parents"] = sorted(graph.predecessors(node_id))
+            nodes.append(attrs)
+        data["nodes"] = nodes
+        return cls.from_dict(data)
+
+
+def check_partition(graph: ReasoningGraph) -> None:
+    """Raise ValueError unless the nodes tile the text (and tokens) in order with valid parents."""
+    expected_char = 0
+    expected_token = 0
+    for index, node in enumerate(graph.nodes):
+        if node.id != index:
+            raise ValueError(f"node {index} has id {node.id}")
+        if node.char_start != expected_char or node.char_end < node.char_start:
+            raise ValueError(f"node {index} spans chars {node.char_start}:{node.char_end}")
+        expected_char = node.char_end
+        if any(not 0 <= p < index for p in node.parents):
+            raise ValueError(f"node {index} has a parent that does not precede it: {node.parents}")
+        if graph.token_ids is not None:
+            if node.token_start != expected_token or node.token_end < node.token_start:
+                raise ValueError(f"node {index} spans tokens {node.token_start}:{node.token_end}")
+            expected_token = node.token_end
+    if expected_char != len(graph.text):
+        raise ValueError(f"nodes cover {expected_char} of {len(graph.text)} characters")
+    if graph.token_ids is not None and expected_token != len(graph.token_ids):
+        raise ValueError(f"nodes cover {expected_token} of {len(graph.token_ids)} tokens")
+
+
+def node_of_token(graph: ReasoningGraph) -> list[int]:
+    """``node_of_token(g)[t]``: the id of the node token ``t`` belongs to."""
+    out: list[int] = []
+    for node in graph.nodes:
+        out.extend([node.id] * node.num_tokens)
+    return out
+
+
+def ancestors(graph: ReasoningGraph) -> list[int]:
+    """Ancestor sets as bitsets: bit ``j`` of ``ancestors(g)[i]`` is set iff ``j`` is an ancestor.
+
+    Cached on the graph object's metadata-free slot; recomputed if the node count changes.
+    """
+    cached = getattr(graph, "_ancestors", None)
+    if cached is not None and len(cached) == len(graph.nodes):
+        return cached
+    result: list[int] = []
+    for node in graph.nodes:
+        bits = 0
+        for parent in node.parents:
+            bits |= result[parent] | (1 << parent)
+        result.append(bits)
+    object.__setattr__(graph, "_ancestors", result)
+    return result
+
+
+def is_ancestor(graph: ReasoningGraph, ancestor: int, node: int) -> bool:
+    return bool(ancestors(graph)[node] >> ancestor & 1)
+
+
+def topological_order(nodes: Sequence[Node]) -> list[int]:
+    """Node ids in sequence order, which is always a topological order of a ReasoningGraph."""
+    return [n.id for n in nodes]

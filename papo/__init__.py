@@ -1,0 +1,1 @@
+"""PAPO: rewards, advantages and losses over reasoning graphs (see the training issue)."""
