@@ -33,7 +33,7 @@ RULES: dict[str, str] = {
     "nesting": "NPR blocks do not nest",
     # style
     "plan_numbering": "plans are numbered 1..n in order",
-    "step_numbering": "steps are numbered like their plans",
+    "step_numbering": "steps are numbered 1..n in order, like their plans",
     "empty_content": "plans, steps and takeaways are not empty",
     "stray_text": "no text between blocks or between a block's parts",
     "missing_answer": "the final conclusion holds a \\boxed{} answer",
@@ -151,34 +151,22 @@ def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
 def _numbering(
     graph: ReasoningGraph, block: Block, plans: list[Node], heads: list[Node]
 ) -> list[Violation]:
-    out = []
+    """Plans and steps are numbered 1..n; a nested block's numbers extend its branch's (``1.2``)."""
     prefix = ""
     if block.parent is not None:
         parent_head = graph.nodes[graph.blocks[block.parent[0]].branches[block.parent[1]][0]]
         prefix = f"{parent_head.label}." if parent_head.label else ""
-    for index, plan in enumerate(plans, start=1):
-        # A nested block under an unlabelled branch can only be checked on its last component.
-        loose = block.depth > 0 and not prefix and _label_tail(plan.label) == str(index)
-        if plan.label != f"{prefix}{index}" and not loose:
-            out.append(
-                _violation(
-                    "plan_numbering", f"{plan.kind.value} {index} is labelled {plan.label!r}", plan
+    out = []
+    for code, nodes in (("plan_numbering", plans), ("step_numbering", heads)):
+        for index, node in enumerate(nodes, start=1):
+            expected = f"{prefix}{index}"
+            # Under an unlabelled branch only the last component can be checked.
+            loose = block.depth > 0 and not prefix and _label_tail(node.label) == str(index)
+            if node.label != expected and not loose:
+                message = (
+                    f"{node.kind.value} {index} is labelled {node.label!r}, expected {expected!r}"
                 )
-            )
-    for index, head in enumerate(heads):
-        expected = (
-            plans[index].label
-            if index < len(plans) and plans[index].label
-            else f"{prefix}{index + 1}"
-        )
-        if head.label != expected:
-            out.append(
-                _violation(
-                    "step_numbering",
-                    f"{head.kind.value} {index + 1} is labelled {head.label!r}, expected {expected!r}",
-                    head,
-                )
-            )
+                out.append(_violation(code, message, node))
     return out
 
 

@@ -140,9 +140,14 @@ def _parse_error(error: UnexpectedInput, text: str, name: str) -> ParseError:
         expected = error.expected
         message = "unexpected end of input"
     elif isinstance(error, UnexpectedToken):
-        pos = error.token.start_pos or 0
+        pos = len(text) if error.token.type == "$END" else error.token.start_pos or 0
         expected = error.expected
-        message = f"unexpected {readable(error.token.type)} {str(error.token)[:40]!r}"
+        found = (
+            "end of input"
+            if error.token.type == "$END"
+            else f"{readable(error.token.type)} {str(error.token)[:40]!r}"
+        )
+        message = f"unexpected {found}"
     elif isinstance(error, UnexpectedCharacters):
         pos = error.pos_in_stream
         expected = error.allowed or ()
@@ -169,9 +174,10 @@ class _Recovery:
         self.stack: list[Element] = [self.root]
 
     def run(self) -> list[Element]:
-        for token in grammars.lexer(self.spec.name).lex(self.text):
-            if token.type == "TEXT":
-                continue
+        tags = [t for t in grammars.lexer(self.spec.name).lex(self.text) if t.type != "TEXT"]
+        self._closed_later = self._closes_ahead(tags)
+        for index, token in enumerate(tags):
+            self._index = index
             tag = token.type.split("_", 1)[1].lower()
             if token.type.startswith("OPEN_"):
                 self._open(tag, token)
@@ -180,6 +186,17 @@ class _Recovery:
         for element in reversed(self.stack[1:]):
             self._implicit_close(element, len(self.text))
         return self.root.children
+
+    @staticmethod
+    def _closes_ahead(tags: list[Token]) -> list[frozenset[str]]:
+        """Per tag token, the element tags whose next occurrence after it is a closing tag."""
+        ahead: list[frozenset[str]] = [frozenset()] * len(tags)
+        closing: set[str] = set()
+        for index in range(len(tags) - 1, -1, -1):
+            ahead[index] = frozenset(closing)
+            kind, tag = tags[index].type.split("_", 1)
+            (closing.add if kind == "CLOSE" else closing.discard)(tag.lower())
+        return ahead
 
     def _accepts(self, parent: Element, tag: str, is_root: bool) -> bool:
         spec = self.spec
@@ -205,16 +222,19 @@ class _Recovery:
 
     def _open(self, tag: str, token: Token) -> None:
         start, end = token.start_pos, token.end_pos
-        for level in range(len(self.stack) - 1, -1, -1):
-            if self._accepts(self.stack[level], tag, is_root=level == 0):
-                break
-        else:
-            self._note(
-                "tag_in_content",
-                f"tag {token.value} inside {self.stack[-1].tag or 'text'}",
-                start,
-                end,
-            )
+        level = next(
+            (
+                i
+                for i in range(len(self.stack) - 1, -1, -1)
+                if self._accepts(self.stack[i], tag, is_root=i == 0)
+            ),
+            None,
+        )
+        # Closing what is open would orphan a closing tag that comes later: read the tag as text.
+        closed_later = self._closed_later[self._index]
+        if level is None or any(e.tag in closed_later for e in self.stack[level + 1 :]):
+            where = self.stack[-1].tag or "text"
+            self._note("tag_in_content", f"tag {token.value} inside {where}", start, end)
             return
         opens_block = tag in (self.spec.wrapper, self.spec.header)
         if opens_block and self._depth() >= self.max_depth and level > 0:

@@ -1,0 +1,79 @@
+import pytest
+from conftest import MULTIVERSE_TRACE, NPR_TRACE
+
+import npr_graph as ng
+
+
+def codes(text, profile="strict", **kwargs):
+    return [v.code for v in ng.validate(text, profile, **kwargs)]
+
+
+def test_valid_traces_have_no_violations():
+    assert ng.validate(NPR_TRACE) == []
+    assert ng.validate(MULTIVERSE_TRACE, grammar="multiverse") == []
+
+
+@pytest.mark.parametrize(
+    "old, new, code",
+    [
+        ("<plan>2: use", "<plan>3: use", "plan_numbering"),
+        ("<step>\n2: x=", "<step>\n1: x=", "step_numbering"),
+        ("Both agree", "<plan>Both agree", "tag_in_content"),
+        ("<step>\n1: x^2-5x+6=(x-2)(x-3), so x=2 or x=3.\n</step>", "<step>\n1: </step>", "empty_content"),
+        ("</guideline>\n", "</guideline>\nchatter\n", "stray_text"),
+        ("\\boxed{5}", "5", "missing_answer"),
+        ("\\boxed{5}", "\\boxed{5} or \\boxed{6}", "multiple_answers"),
+        ("\\boxed{5}", "\\boxed{ }", "empty_answer"),
+        ("<takeaway>\nBoth agree: roots 2 and 3, sum 5.\n</takeaway>\n", "", "missing_join"),
+    ],
+)
+def test_each_rule_is_reported(old, new, code):
+    text = NPR_TRACE.replace(old, new, 1)
+    assert text != NPR_TRACE
+    assert code in codes(text)
+
+
+def test_branch_count_and_limits():
+    two_plans_one_step = NPR_TRACE.replace("<step>\n2: x=(5±√(25-24))/2 gives 3 and 2.\n</step>\n", "")
+    assert "branch_count" in codes(two_plans_one_step)
+    plans = "".join(f"<plan>{i}: idea {i}</plan>" for i in range(1, 7))
+    steps = "".join(f"<step>{i}: doing {i}</step>" for i in range(1, 7))
+    wide = f"<guideline>{plans}</guideline>{steps}<takeaway>merge all</takeaway>\\boxed{{1}}"
+    assert codes(wide) == ["too_many_branches"]
+    assert codes(wide, max_branches=6) == []
+    no_plans = "<guideline>think</guideline><step>1: go on</step><takeaway>done now</takeaway>\\boxed{1}"
+    assert {"no_plans", "stray_text"} <= set(codes(no_plans))
+
+
+def test_npr_forbids_nesting_but_multiverse_allows_it():
+    inner = "<guideline><plan>1: in</plan></guideline><step>1: inner work</step><takeaway>inner done</takeaway>"
+    nested = NPR_TRACE.replace("so x=2 or x=3.", "so " + inner + " x=2", 1)
+    assert "nesting" in codes(nested)
+    assert "nesting" not in codes(MULTIVERSE_TRACE, grammar="multiverse")
+
+
+def test_lenient_profile_keeps_only_structural_rules():
+    sloppy = NPR_TRACE.replace("<plan>2: use", "<plan>7: use").replace("\\boxed{5}", "5")
+    assert set(codes(sloppy)) == {"plan_numbering", "missing_answer"}
+    assert codes(sloppy, "lenient") == []
+    broken = NPR_TRACE.replace("</takeaway>", "")
+    assert "unclosed_tag" in codes(broken, "lenient")
+
+
+def test_violations_point_at_their_node():
+    text = NPR_TRACE.replace("<plan>2: use", "<plan>3: use")
+    graph = ng.parse(text, lenient=True)
+    (violation,) = ng.validate(graph)
+    node = graph[violation.node]
+    assert node.kind is ng.NodeKind.PLAN and node.label == "3"
+    assert text[violation.char_start : violation.char_end] == node.text
+
+
+def test_boxed_answers_balance_braces():
+    assert ng.boxed_answers(r"\boxed{\frac{1}{2}} and \boxed {3}") == [r"\frac{1}{2}", "3"]
+    assert ng.boxed_answers(r"\boxed{unclosed") == []
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="profile"):
+        ng.validate("x", "sloppy")

@@ -1,0 +1,165 @@
+import pytest
+from conftest import MULTIVERSE_TRACE, NPR_TRACE
+
+import npr_graph as ng
+from npr_graph.graph import check_partition
+
+
+def kinds(graph):
+    return [(n.kind.value, n.part) for n in graph.nodes]
+
+
+def test_npr_nodes_partition_and_dependencies():
+    graph = ng.parse(NPR_TRACE)
+    check_partition(graph)
+    assert "".join(n.text for n in graph.nodes) == NPR_TRACE
+    assert kinds(graph) == [
+        ("guideline", "open"),
+        ("plan", ""),
+        ("plan", ""),
+        ("guideline", "close"),
+        ("step", ""),
+        ("step", ""),
+        ("takeaway", ""),
+        ("answer", ""),
+    ]
+    g_open, plan1, plan2, g_close, step1, step2, takeaway, answer = graph.nodes
+    assert plan1.parents == (g_open.id,) and plan2.parents == (plan1.id,)
+    assert g_close.parents == (plan2.id,)
+    assert step1.parents == step2.parents == (g_close.id,)
+    assert takeaway.parents == (step1.id, step2.id)
+    assert answer.parents == (takeaway.id,)
+    assert (step1.branch, step2.branch) == (0, 1)
+    assert [plan1.label, plan2.label, step1.label, step2.label] == ["1", "2", "1", "2"]
+    assert step1.content.strip().startswith("1: x^2")
+
+
+def test_whitespace_between_sibling_steps_belongs_to_the_earlier_step():
+    graph = ng.parse(NPR_TRACE)
+    step1 = graph.nodes_of("step")[0]
+    assert step1.text.endswith("</step>\n")
+    assert graph.nodes_of("step")[1].text.startswith("<step>")
+
+
+def test_blocks_collect_their_nodes():
+    graph = ng.parse(NPR_TRACE)
+    (block,) = graph.blocks
+    assert block.width == 2 and block.depth == 0 and block.parent is None
+    assert [graph[i].kind.value for i in block.items] == ["plan", "plan"]
+    assert [graph[b[0]].kind.value for b in block.branches] == ["step", "step"]
+    assert graph[block.join].kind.value == "takeaway"
+
+
+def test_multiverse_nesting_follows_the_same_rules_recursively():
+    graph = ng.parse(MULTIVERSE_TRACE, grammar="multiverse")
+    check_partition(graph)
+    outer, inner = graph.blocks
+    assert inner.parent == (0, 0) and inner.depth == 1 and outer.depth == 0
+    path1 = outer.branches[0]
+    assert len(path1) == 2, "path 1 is split around its nested block"
+    first_segment, continuation = (graph[i] for i in path1)
+    inner_open = graph[inner.header[0]]
+    assert inner_open.parents == (first_segment.id,)
+    assert continuation.parents == (inner.close[0],)
+    assert graph[inner.branches[0][0]].label == "1.1"
+    conclusion = graph[outer.join]
+    assert conclusion.parents == (continuation.id, outer.branches[1][0])
+
+
+def test_strict_and_lenient_agree_on_valid_traces():
+    for text, grammar in ((NPR_TRACE, "npr"), (MULTIVERSE_TRACE, "multiverse")):
+        strict = ng.parse(text, grammar=grammar)
+        lenient = ng.parse(text, grammar=grammar, lenient=True)
+        assert strict.to_dict() == lenient.to_dict()
+        assert lenient.violations == []
+
+
+@pytest.mark.parametrize(
+    "text, line, column, expected",
+    [
+        ("<guideline><plan>1: a</plan></guideline>\n<step>1: b</step>\nend", 3, 4, "<takeaway>"),
+        ("<step>1: b</step>", 1, 1, "<guideline>"),
+        ("<guideline>\n<plan>1: a<step></plan>", 2, 11, "</plan>"),
+    ],
+)
+def test_strict_parse_error_says_where_and_what(text, line, column, expected):
+    with pytest.raises(ng.ParseError) as caught:
+        ng.parse(text)
+    error = caught.value
+    assert isinstance(error, ValueError)
+    assert (error.line, error.column) == (line, column)
+    assert expected in error.expected
+    assert f"line {line}" in str(error)
+
+
+def test_lenient_records_repairs_instead_of_failing():
+    text = "intro\n<guideline><plan>1: a</plan><plan>2: b</plan></guideline>\n<step>1: x</step>\nmid\n<step>2: y"
+    graph = ng.parse(text, lenient=True)
+    check_partition(graph)
+    codes = [v.code for v in graph.violations]
+    assert "unclosed_tag" in codes and "missing_join" in codes
+    (block,) = graph.blocks
+    assert block.width == 2
+    stray = graph[block.branches[0][-1]]
+    assert stray.kind.value == "text" and stray.text.strip() == "mid"
+
+
+def test_lenient_treats_misplaced_tags_as_content():
+    graph = ng.parse("<guideline><plan>1: use <step> here</plan></guideline>", lenient=True)
+    assert [v.code for v in graph.violations if v.code == "tag_in_content"] == ["tag_in_content"]
+    assert "<step>" in graph.nodes_of("plan")[0].content
+
+
+def test_answer_and_free_text_kinds():
+    assert ng.parse("just thinking").nodes[0].kind is ng.NodeKind.TEXT
+    assert ng.parse("so \\boxed{3}").nodes[0].kind is ng.NodeKind.ANSWER
+    empty = ng.parse("")
+    assert len(empty.nodes) == 1 and empty.nodes[0].text == ""
+
+
+def test_math_with_angle_brackets_is_content():
+    graph = ng.parse(NPR_TRACE.replace("x=2 or x=3", "2 < x < 4 or x<y> z"))
+    assert "x<y> z" in graph.nodes_of("step")[0].content
+
+
+def test_unknown_grammar_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown grammar"):
+        ng.parse("x", grammar="nope")
+
+
+def test_token_ids_need_a_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer"):
+        ng.parse([1, 2, 3])
+
+
+def test_token_spans_with_special_tag_tokens(char_tokenizer):
+    ids = char_tokenizer.encode(NPR_TRACE)
+    prompt = char_tokenizer.encode("Find the sum of the roots.")
+    graph = ng.parse(ids, tokenizer=char_tokenizer, prompt_ids=prompt)
+    check_partition(graph)
+    assert graph.prompt is not None and graph.prompt.num_tokens == len(prompt)
+    assert graph.token_ids == prompt + ids
+    assert graph.response_text == NPR_TRACE
+    for node in graph.nodes:
+        assert char_tokenizer.decode(graph.token_ids[node.token_start : node.token_end]) == node.text
+    step = graph.nodes_of("step")[0]
+    assert graph.token_ids[step.token_start] == char_tokenizer.tag_ids["<step>"]
+
+
+def test_text_with_tokenizer_is_tokenized(char_tokenizer):
+    graph = ng.parse(NPR_TRACE, tokenizer=char_tokenizer)
+    assert graph.tokenized and graph.num_tokens == len(char_tokenizer.encode(NPR_TRACE))
+
+
+def test_tags_as_multi_token_text(smollm2_tokenizer):
+    ids = smollm2_tokenizer.encode(NPR_TRACE + " ünïcode 😀", add_special_tokens=False)
+    prompt = smollm2_tokenizer.encode("Solve x^2-5x+6=0.", add_special_tokens=False)
+    graph = ng.parse(ids, tokenizer=smollm2_tokenizer, prompt_ids=prompt)
+    check_partition(graph)
+    assert graph.text == smollm2_tokenizer.decode(prompt + ids)
+    assert [n.kind.value for n in graph.nodes][:3] == ["prompt", "guideline", "plan"]
+    for step in graph.nodes_of("step"):
+        first = graph.token_text(step.token_start)
+        assert first.strip().startswith("<"), first
+    lengths = [n.num_tokens for n in graph.nodes]
+    assert sum(lengths) == len(prompt) + len(ids)
