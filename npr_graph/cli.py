@@ -76,7 +76,7 @@ def read_traces(path: Path, errors: list[str]) -> Iterator[Trace]:
             errors.append(f"{path}:{number}: no text field (one of {', '.join(TEXT_FIELDS)})")
             continue
         name = record.get("id", number)
-        yield Trace(f"{path}:{name}", record[field])
+        yield Trace(f"{path.name}:{name}", record[field])
 
 
 def detect_grammar(text: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -224,12 +224,11 @@ class ReasoningGraph:
         return out
 
     def node_at_char(self, char: int) -> Node:
-        """The node whose span holds character ``char``."""
-        starts = [n.char_start for n in self.nodes]
-        index = bisect_right(starts, char) - 1
-        if index < 0 or char >= self.nodes[index].char_end:
+        """The node whose span holds character ``char`` (the last node for the end of the text)."""
+        if not 0 <= char <= len(self.text):
             raise IndexError(f"character {char} is outside the graph")
-        return self.nodes[index]
+        starts = [n.char_start for n in self.nodes]
+        return self.nodes[max(bisect_right(starts, char) - 1, 0)]
 
     def token_text(self, index: int) -> str:
         if self.token_offsets is None:
@@ -357,8 +356,3 @@ def ancestors(graph: ReasoningGraph) -> list[int]:
 
 def is_ancestor(graph: ReasoningGraph, ancestor: int, node: int) -> bool:
     return bool(ancestors(graph)[node] >> ancestor & 1)
-
-
-def topological_order(nodes: Sequence[Node]) -> list[int]:
-    """Node ids in sequence order, which is always a topological order of a ReasoningGraph."""
-    return [n.id for n in nodes]

@@ -231,7 +231,8 @@ class _Recovery:
             None,
         )
         # Closing what is open would orphan a closing tag that comes later: read the tag as text.
-        closed_later = self._closed_later[self._index]
+        # A later closer of the same tag may close the new element instead.
+        closed_later = self._closed_later[self._index] - {tag}
         if level is None or any(e.tag in closed_later for e in self.stack[level + 1 :]):
             where = self.stack[-1].tag or "text"
             self._note("tag_in_content", f"tag {token.value} inside {where}", start, end)
@@ -285,6 +286,7 @@ class _OpenBlock:
 
     block: Block
     fork: tuple[int, ...]
+    start: int
     branch_ends: list[tuple[int, ...]] = field(default_factory=list)
 
 
@@ -425,7 +427,7 @@ class _Builder:
             if tag in (spec.wrapper, spec.header) or (tag == spec.branch and current is None):
                 if current is not None:
                     frontier = self._close_block(current, element.start)
-                current = _OpenBlock(self._new_block(scope, element), frontier)
+                current = _OpenBlock(self._new_block(scope, element), frontier, element.start)
             if tag == spec.wrapper:
                 frontier, current = self._wrapper(element, frontier, current.block), None
             elif tag == spec.header:
@@ -476,11 +478,7 @@ class _Builder:
     def _close_block(self, current: _OpenBlock, at: int) -> tuple[int, ...]:
         """End a block that never reached its join: its branches (or header) become the frontier."""
         spec = self.spec
-        start = (
-            self.nodes[(current.block.header or [current.fork[0]])[0]].char_start - self.offset
-            if current.fork
-            else at
-        )
+        start = current.start
         if current.branch_ends:
             self._note("missing_join", f"block without a <{spec.join}>", start, at)
             return tuple(sorted(set().union(*current.branch_ends)))

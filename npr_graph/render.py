@@ -1,0 +1,451 @@
+"""Views of a :class:`ReasoningGraph`: Graphviz DOT (and SVG through ``dot``), Mermaid, rich trees.
+
+Every view shows one vertex per node and one edge per parent relation; blocks become clusters
+(subgraphs), nested inside the cluster of the block whose branch holds them. Node text is reduced
+to a one-line snippet with control characters removed, then escaped for the target syntax, so any
+trace yields a valid document. Nodes that violations point at are drawn in red.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import unicodedata
+from collections.abc import Iterable, Sequence
+
+from rich.console import Console
+from rich.text import Text
+from rich.tree import Tree
+
+from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
+from .parse import LABEL
+
+RED = "#d62728"
+DOT_TIMEOUT_S = 30.0
+
+_FILL = {
+    NodeKind.PROMPT: "#eeeeee",
+    NodeKind.TEXT: "#ffffff",
+    NodeKind.ANSWER: "#d9f2d9",
+    NodeKind.GUIDELINE: "#dde8f7",
+    NodeKind.PLAN: "#eef3fb",
+    NodeKind.STEP: "#fff4d6",
+    NodeKind.TAKEAWAY: "#e6dcf5",
+    NodeKind.PARALLEL: "#e8e8e8",
+    NodeKind.GOAL: "#dde8f7",
+    NodeKind.OUTLINE: "#eef3fb",
+    NodeKind.PATH: "#fff4d6",
+    NodeKind.CONCLUSION: "#e6dcf5",
+}
+
+_DOT_ESCAPES = str.maketrans(
+    {"\\": "\\\\", '"': '\\"', "&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": " "}
+)
+_MERMAID_ESCAPES = str.maketrans(
+    {
+        "#": "#35;",
+        '"': "#quot;",
+        "&": "#amp;",
+        "<": "#lt;",
+        ">": "#gt;",
+        "`": "#96;",
+        "%": "#37;",
+        "\n": " ",
+    }
+)
+_XML_INVALID = {"\ufffe", "\uffff"}
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+def _clean(text: str) -> str:
+    """One line of printable text: whitespace runs collapsed, control characters dropped."""
+    text = " ".join(text.split())
+    return "".join(
+        c for c in text if c not in _XML_INVALID and unicodedata.category(c) not in ("Cc", "Cs")
+    )
+
+
+def shorten(text: str, max_len: int) -> str:
+    """``text`` on one line, cut to at most ``max_len`` characters with a trailing ellipsis."""
+    text = _clean(text)
+    if len(text) <= max_len:
+        return text
+    if max_len <= 1:
+        return "…"[:max_len]
+    return text[: max_len - 1].rstrip() + "…"
+
+
+def snippet(node: Node, max_len: int) -> str:
+    """A short, single-line excerpt of the node's content (its label number removed); an answer
+    too long to show whole keeps its last ``\\boxed{}``."""
+    content = node.content
+    match = LABEL.match(content) if node.label else None
+    if match:
+        content = content[match.end() :]
+    if node.kind is NodeKind.ANSWER and "\\boxed{" in content and len(_clean(content)) > max_len:
+        content = "… \\boxed{" + content.rpartition("\\boxed{")[2]
+    return shorten(content, max_len)
+
+
+def _branch_name(graph: ReasoningGraph, block: Block, branch: int) -> str:
+    ids = block.branches[branch]
+    kind = graph.nodes[ids[0]].kind.value if ids else "branch"
+    label = graph.nodes[ids[0]].label if ids else None
+    return f"{kind} {label}" if label else f"{kind} #{branch + 1}"
+
+
+def titles(graph: ReasoningGraph) -> list[str]:
+    """Per node: its kind, stated number and segment part, e.g. ``plan 2``, ``guideline close``.
+
+    Later segments of a branch are titled after the branch's first segment (``path 2 (cont.)``).
+    """
+    head = {i: ids[0] for block in graph.blocks for ids in block.branches for i in ids}
+    out = []
+    for node in graph.nodes:
+        words = [node.kind.value]
+        if node.label:
+            words.append(node.label)
+        elif head.get(node.id, node.id) != node.id:
+            inherited = graph.nodes[head[node.id]].label
+            words.append(f"{inherited} (cont.)" if inherited else "(cont.)")
+        if node.part:
+            words.append(node.part)
+        out.append(" ".join(words))
+    return out
+
+
+def violations_by_node(
+    graph: ReasoningGraph, violations: Iterable[Violation] | None = None
+) -> dict[int, list[Violation]]:
+    """Violations grouped by the node they mark: ``violation.node`` when set, else the node
+    whose span holds ``char_start`` (the last node for positions at or past the end)."""
+    found = graph.violations if violations is None else violations
+    out: dict[int, list[Violation]] = {}
+    for violation in found:
+        node_id = violation.node
+        if node_id is None or not 0 <= node_id < len(graph.nodes):
+            node_id = _node_at(graph, violation.char_start)
+        out.setdefault(node_id, []).append(violation)
+    return out
+
+
+def _node_at(graph: ReasoningGraph, char: int) -> int:
+    try:
+        return graph.node_at_char(max(char, 0)).id
+    except IndexError:
+        return len(graph.nodes) - 1
+
+
+def _block_children(graph: ReasoningGraph) -> dict[int | None, list[int]]:
+    """Nested block indices per block index (None: the top level)."""
+    out: dict[int | None, list[int]] = {}
+    for block in graph.blocks:
+        out.setdefault(block.parent[0] if block.parent else None, []).append(block.index)
+    return out
+
+
+def block_title(graph: ReasoningGraph, block: Block) -> str:
+    """``block 0 (width 2)``, with the item count added when it differs from the width."""
+    items = len(block.items)
+    if block.items and items != block.width:
+        noun = graph.nodes[block.items[0]].kind.value + ("s" if items != 1 else "")
+        return f"block {block.index} (width {block.width}, {items} {noun})"
+    return f"block {block.index} (width {block.width})"
+
+
+def _edges(graph: ReasoningGraph) -> list[tuple[int, int]]:
+    return [(parent, node.id) for node in graph.nodes for parent in node.parents]
+
+
+# -- Graphviz -----------------------------------------------------------------------------------
+def dot_escape(text: str) -> str:
+    """Text for a double-quoted DOT string (entities keep ``<``, ``>``, ``&`` literal)."""
+    return text.translate(_DOT_ESCAPES)
+
+
+def _dot_node(node: Node, title: str, max_label: int, marks: Sequence[Violation]) -> str:
+    text = snippet(node, max_label)
+    label = dot_escape(title) + (f"\\n{dot_escape(text)}" if text else "")
+    attrs = [f'label="{label}"', f'fillcolor="{_FILL.get(node.kind, "#ffffff")}"']
+    if marks:
+        tooltip = "; ".join(f"{v.code}: {v.message}" for v in marks)
+        attrs += [f'color="{RED}"', f'fontcolor="{RED}"', "penwidth=2"]
+        attrs.append(f'tooltip="{dot_escape(shorten(tooltip, 300))}"')
+    return f"n{node.id} [{', '.join(attrs)}];"
+
+
+def _dot_scope(
+    graph: ReasoningGraph,
+    block: int | None,
+    nested: dict[int | None, list[int]],
+    node_lines: dict[int, str],
+    indent: str,
+) -> list[str]:
+    lines = [indent + node_lines[n.id] for n in graph.nodes if n.block == block]
+    heads = [ids[0] for ids in graph.blocks[block].branches if ids] if block is not None else []
+    if len(heads) > 1:
+        lines.append(f"{indent}{{rank=same; {' '.join(f'n{i};' for i in heads)}}}")
+    for child in nested.get(block, []):
+        inner = indent + "  "
+        lines.append(f"{indent}subgraph cluster_block_{child} {{")
+        lines.append(f'{inner}label="{dot_escape(block_title(graph, graph.blocks[child]))}";')
+        lines.append(f'{inner}style="rounded,dashed"; color="#888888"; fontcolor="#555555";')
+        lines += _dot_scope(graph, child, nested, node_lines, inner)
+        lines.append(f"{indent}}}")
+    return lines
+
+
+def to_dot(
+    graph: ReasoningGraph,
+    *,
+    max_label: int = 40,
+    violations: Sequence[Violation] | None = None,
+) -> str:
+    """Graphviz DOT of the DAG: a box per node, a ``cluster_block_N`` per block, parent→child
+    edges. ``violations`` defaults to the parser's; nodes they point at are red."""
+    marks = violations_by_node(graph, violations)
+    names = titles(graph)
+    node_lines = {
+        n.id: _dot_node(n, names[n.id], max_label, marks.get(n.id, ())) for n in graph.nodes
+    }
+    lines = [
+        "digraph reasoning {",
+        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11];',
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
+        '  edge [color="#555555", arrowsize=0.7];',
+    ]
+    lines += _dot_scope(graph, None, _block_children(graph), node_lines, "  ")
+    lines += [f"  n{a} -> n{b};" for a, b in _edges(graph)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_svg(
+    graph: ReasoningGraph,
+    *,
+    max_label: int = 40,
+    violations: Sequence[Violation] | None = None,
+    timeout: float = DOT_TIMEOUT_S,
+) -> str | None:
+    """:func:`to_dot` rendered to SVG by the Graphviz ``dot`` binary; None when it is not on PATH.
+
+    Raises RuntimeError when ``dot`` fails or runs past ``timeout`` seconds.
+    """
+    binary = shutil.which("dot")
+    if binary is None:
+        return None
+    source = to_dot(graph, max_label=max_label, violations=violations)
+    try:
+        result = subprocess.run(
+            [binary, "-Tsvg"],
+            input=source.encode("utf-8"),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"dot did not finish within {timeout:g}s") from error
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip()
+        raise RuntimeError(f"dot failed with exit status {result.returncode}: {message}")
+    return result.stdout.decode("utf-8", "replace")
+
+
+# -- Mermaid ------------------------------------------------------------------------------------
+def mermaid_escape(text: str) -> str:
+    """Text for a double-quoted Mermaid label, with ``#name;`` entity codes for risky characters."""
+    return text.translate(_MERMAID_ESCAPES)
+
+
+def _mermaid_node(node: Node, title: str, max_label: int) -> str:
+    text = snippet(node, max_label)
+    label = mermaid_escape(title) + (f"<br/>{mermaid_escape(text)}" if text else "")
+    return f'n{node.id}["{label}"]'
+
+
+def _mermaid_scope(
+    graph: ReasoningGraph,
+    block: int | None,
+    nested: dict[int | None, list[int]],
+    node_lines: dict[int, str],
+    indent: str,
+) -> list[str]:
+    lines = [indent + node_lines[n.id] for n in graph.nodes if n.block == block]
+    for child in nested.get(block, []):
+        title = mermaid_escape(block_title(graph, graph.blocks[child]))
+        lines.append(f'{indent}subgraph block_{child} ["{title}"]')
+        lines.append(f"{indent}  direction TB")
+        lines += _mermaid_scope(graph, child, nested, node_lines, indent + "  ")
+        lines.append(f"{indent}end")
+    return lines
+
+
+def to_mermaid(
+    graph: ReasoningGraph,
+    *,
+    max_label: int = 40,
+    violations: Sequence[Violation] | None = None,
+) -> str:
+    """A Mermaid ``flowchart TD``: a node per graph node, a ``block_N`` subgraph per block, and
+    parent→child edges; nodes that ``violations`` (default: the parser's) point at get the
+    ``violation`` class."""
+    names = titles(graph)
+    node_lines = {n.id: _mermaid_node(n, names[n.id], max_label) for n in graph.nodes}
+    lines = ["flowchart TD"]
+    lines += _mermaid_scope(graph, None, _block_children(graph), node_lines, "  ")
+    lines += [f"  n{a} --> n{b}" for a, b in _edges(graph)]
+    marked = sorted(violations_by_node(graph, violations))
+    if marked:
+        lines.append(f"  classDef violation fill:#fde0e0,stroke:{RED},stroke-width:2px,color:{RED}")
+        lines.append(f"  class {','.join(f'n{i}' for i in marked)} violation")
+    return "\n".join(lines) + "\n"
+
+
+# -- terminal tree ------------------------------------------------------------------------------
+def _size(graph: ReasoningGraph, ids: Iterable[int]) -> int:
+    nodes = [graph.nodes[i] for i in ids]
+    if graph.tokenized:
+        return sum(n.num_tokens for n in nodes)
+    return sum(n.char_end - n.char_start for n in nodes)
+
+
+def _size_text(graph: ReasoningGraph, ids: Iterable[int]) -> str:
+    unit = "tok" if graph.tokenized else "ch"
+    return f"[{_size(graph, ids)} {unit}]"
+
+
+class _TreeBuilder:
+    """Lays out nodes and blocks as rich tree branches, in sequence order."""
+
+    def __init__(
+        self, graph: ReasoningGraph, violations: Sequence[Violation] | None, max_label: int
+    ):
+        self.graph = graph
+        self.max_label = max_label
+        self.marks = violations_by_node(graph, violations)
+        self.names = titles(graph)
+        self.nested = _block_children(graph)
+
+    def label(self, title: str, ids: Sequence[int], text: str = "") -> Text:
+        marks = [v for i in ids for v in self.marks.get(i, ())]
+        out = Text(title, style="bold red" if marks else "bold", no_wrap=True, overflow="ellipsis")
+        out.append(" " + _size_text(self.graph, ids), style="dim")
+        for code in dict.fromkeys(v.code for v in marks):
+            out.append(f" ! {code}", style="red")
+        if text:
+            out.append(": ")
+            out.append(text)
+        return out
+
+    def leaf(self, tree: Tree, node_id: int) -> None:
+        node = self.graph.nodes[node_id]
+        tree.add(self.label(self.names[node_id], [node_id], snippet(node, self.max_label)))
+
+    def entries(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> None:
+        """Add nodes and nested blocks to ``tree``, ordered by where they start."""
+        items: list[tuple[int, int, bool]] = [(i, i, False) for i in node_ids]
+        for index in blocks:
+            first = min(_block_nodes(self.graph.blocks[index]), default=len(self.graph.nodes))
+            items.append((first, index, True))
+        for _, value, is_block in sorted(items):
+            if is_block:
+                self.block(tree, self.graph.blocks[value])
+            else:
+                self.leaf(tree, value)
+
+    def block(self, tree: Tree, block: Block) -> None:
+        ids = _block_nodes(block)
+        nested = self.nested.get(block.index, [])
+        all_ids = ids + [i for b in nested for i in _descendant_nodes(self.graph, b, self.nested)]
+        branch = tree.add(self.label(block_title(self.graph, block), sorted(all_ids)))
+        self.header(branch, block)
+        for index, node_ids in enumerate(block.branches):
+            self.branch(branch, block, index, node_ids)
+        if block.join is not None:
+            self.leaf(branch, block.join)
+        for node_id in block.close:
+            self.leaf(branch, node_id)
+
+    def header(self, tree: Tree, block: Block) -> None:
+        if not block.header and not block.items:
+            return
+        containers = [i for i in block.header if self.graph.nodes[i].part]
+        kinds = dict.fromkeys(self.graph.nodes[i].kind.value for i in containers)
+        title = " + ".join(kinds) or "header"
+        sub = tree.add(self.label(title, containers))
+        for node_id in sorted(block.items + [i for i in block.header if i not in containers]):
+            self.leaf(sub, node_id)
+
+    def branch(self, tree: Tree, block: Block, index: int, node_ids: list[int]) -> None:
+        nested = [
+            b for b in self.nested.get(block.index, []) if self.graph.blocks[b].parent[1] == index
+        ]
+        if len(node_ids) == 1 and not nested:
+            self.leaf(tree, node_ids[0])
+            return
+        inner = [i for b in nested for i in _descendant_nodes(self.graph, b, self.nested)]
+        title = _branch_name(self.graph, block, index)
+        sub = tree.add(self.label(title, sorted(node_ids + inner)))
+        self.entries(sub, node_ids, nested)
+
+
+def _block_nodes(block: Block) -> list[int]:
+    ids = block.header + block.items + [i for ids in block.branches for i in ids] + block.close
+    return sorted(ids + ([block.join] if block.join is not None else []))
+
+
+def _descendant_nodes(
+    graph: ReasoningGraph, index: int, nested: dict[int | None, list[int]]
+) -> list[int]:
+    ids = _block_nodes(graph.blocks[index])
+    for child in nested.get(index, []):
+        ids += _descendant_nodes(graph, child, nested)
+    return ids
+
+
+def to_tree(
+    graph: ReasoningGraph,
+    *,
+    violations: Sequence[Violation] | None = None,
+    max_label: int = 60,
+) -> Tree:
+    """A rich tree: top-level text, prompt and answer nodes, and one branch per block holding its
+    header (guideline and plans), its parallel branches (nested blocks inside them) and its join.
+    Sizes are token counts when the graph is tokenized, character counts otherwise."""
+    builder = _TreeBuilder(graph, violations, max_label)
+    count = sum(len(marks) for marks in builder.marks.values())
+    root_label = Text(f"{graph.grammar} trace", style="bold")
+    counts = [_plural(len(graph.nodes), "node"), _plural(len(graph.blocks), "block")]
+    root_label.append(f" ({', '.join([*counts, _plural(count, 'violation')])}) ")
+    root_label.append(_size_text(graph, range(len(graph.nodes))), style="dim")
+    root = Tree(root_label)
+    top = [n.id for n in graph.nodes if n.block is None]
+    builder.entries(root, top, builder.nested.get(None, []))
+    return root
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def tree_text(
+    graph: ReasoningGraph,
+    *,
+    violations: Sequence[Violation] | None = None,
+    max_label: int = 60,
+    width: int = 100,
+) -> str:
+    """:func:`to_tree` rendered as plain text (no color) at a fixed ``width``."""
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        color_system=None,
+        force_terminal=False,
+        no_color=True,
+        record=True,
+        legacy_windows=False,
+    )
+    console.print(to_tree(graph, violations=violations, max_label=max_label))
+    return console.export_text(styles=False)
