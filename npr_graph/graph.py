@@ -166,7 +166,9 @@ class ReasoningGraph:
 
     ``text`` is the prompt text followed by the response text; ``response_start`` is where the
     response begins (0 without a prompt). When tokenized, ``token_ids`` holds the full sequence and
-    ``token_offsets[i]`` the character where token ``i`` starts.
+    ``token_offsets[i]`` the character where token ``i`` starts. Graphs sampled by the engine
+    also carry, per token, the sampled ``logprobs`` (None for prompt tokens) and ``forced`` (True
+    for engine-written tokens, which training never puts loss on).
     """
 
     text: str
@@ -178,6 +180,8 @@ class ReasoningGraph:
     token_ids: list[int] | None = None
     token_offsets: list[int] | None = None
     prompt_num_tokens: int = 0
+    logprobs: list[float | None] | None = None
+    forced: list[bool] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     # -- navigation ---------------------------------------------------------------------------
@@ -237,20 +241,35 @@ class ReasoningGraph:
 
     # -- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
+        """Plain JSON-able data; tokenized graphs also give each node its ``token_ids`` (and
+        ``logprobs``/``forced`` when sampled) and the dict its ``prompt_token_ids``."""
+        nodes = [n.to_dict() for n in self.nodes]
+        if self.token_ids is not None:
+            for node, data in zip(self.nodes, nodes, strict=True):
+                span = slice(node.token_start, node.token_end)
+                data["token_ids"] = self.token_ids[span]
+                if self.logprobs is not None:
+                    data["logprobs"] = self.logprobs[span]
+                if self.forced is not None:
+                    data["forced"] = self.forced[span]
+        return {
             "schema": SCHEMA_VERSION,
             "grammar": self.grammar,
             "text": self.text,
             "response_start": self.response_start,
             "prompt_num_tokens": self.prompt_num_tokens,
-            "nodes": [n.to_dict() for n in self.nodes],
+            "prompt_token_ids": self.token_ids[: self.prompt_num_tokens]
+            if self.token_ids is not None
+            else None,
+            "nodes": nodes,
             "blocks": [b.to_dict() for b in self.blocks],
             "violations": [v.to_dict() for v in self.violations],
             "token_ids": self.token_ids,
             "token_offsets": self.token_offsets,
+            "logprobs": self.logprobs,
+            "forced": self.forced,
             "metadata": self.metadata,
         }
-        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReasoningGraph:
@@ -268,6 +287,8 @@ class ReasoningGraph:
                 token_ids=data.get("token_ids"),
                 token_offsets=data.get("token_offsets"),
                 prompt_num_tokens=data.get("prompt_num_tokens", 0),
+                logprobs=data.get("logprobs"),
+                forced=data.get("forced"),
                 metadata=dict(data.get("metadata", {})),
             )
         except (KeyError, TypeError, ValueError) as error:

@@ -19,6 +19,7 @@ the engine attends over, and a flex-attention ``BlockMask`` are derived.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,12 @@ def _token_lengths(graph: ReasoningGraph) -> list[int]:
     return [node.num_tokens for node in graph.nodes]
 
 
+def node_start(parent_ends: Iterable[int]) -> int:
+    """The native rule: a node starts at the largest end position among its parents, 0 without
+    parents. The engine calls this when a lane starts a node, so rollout and training agree."""
+    return max(parent_ends, default=0)
+
+
 def node_starts(graph: ReasoningGraph, lengths: list[int] | None = None) -> list[int]:
     """Native first position of every node: the largest end position among its parents.
 
@@ -48,7 +55,7 @@ def node_starts(graph: ReasoningGraph, lengths: list[int] | None = None) -> list
     starts: list[int] = []
     ends: list[int] = []
     for node in graph.nodes:
-        start = max((ends[p] for p in node.parents), default=0)
+        start = node_start(ends[p] for p in node.parents)
         starts.append(start)
         ends.append(start + lengths[node.id])
     return starts
@@ -162,9 +169,18 @@ def compact_mask(graph: ReasoningGraph, mode: str = "native") -> CompactMask:
     return CompactMask(segment, node_visibility(graph))
 
 
-def attention_mask(graph: ReasoningGraph, mode: str = "native") -> torch.Tensor:
-    """``BoolTensor[L, L]`` over prompt + response tokens; True = may attend."""
-    return compact_mask(graph, mode).to_dense()
+def attention_mask(
+    graph: ReasoningGraph, mode: str = "native", sliding_window: int | None = None
+) -> torch.Tensor:
+    """``BoolTensor[L, L]`` over prompt + response tokens; True = may attend.
+
+    With ``sliding_window`` (models with local attention layers), a token also sees only keys
+    fewer than that many *positions* behind it, positions being those of ``position_ids``."""
+    mask = compact_mask(graph, mode).to_dense()
+    if sliding_window is not None:
+        positions = position_ids(graph, mode)
+        mask &= (positions[:, None] - positions[None, :]) < sliding_window
+    return mask
 
 
 # -- official (reference) layout -----------------------------------------------------------------

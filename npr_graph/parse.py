@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -313,8 +313,16 @@ class _Scope:
 class _Builder:
     """Turns elements into nodes that tile the text, and blocks; see the graph module docstring."""
 
-    def __init__(self, text: str, spec: Dialect, offset: int, max_depth: int):
+    def __init__(
+        self,
+        text: str,
+        spec: Dialect,
+        offset: int,
+        max_depth: int,
+        sequential: bool | Collection[int] = False,
+    ):
         self.text = text
+        self.sequential = sequential
         self.spec = spec
         self.offset = offset
         self.max_depth = max_depth
@@ -481,7 +489,12 @@ class _Builder:
         start = current.start
         if current.branch_ends:
             self._note("missing_join", f"block without a <{spec.join}>", start, at)
-            return tuple(sorted(set().union(*current.branch_ends)))
+            ends = (
+                current.branch_ends[-1:]
+                if self._is_sequential(current.block)
+                else current.branch_ends
+            )
+            return tuple(sorted(set().union(*ends)))
         self._note("missing_branches", f"<{spec.header}> without any <{spec.branch}>", start, at)
         return current.fork
 
@@ -557,20 +570,28 @@ class _Builder:
         )
         return (closed,)
 
+    def _is_sequential(self, block: Block) -> bool:
+        return self.sequential is True or (
+            self.sequential is not False and block.index in self.sequential
+        )
+
     def _branch(self, element: Element, current: _OpenBlock) -> tuple[int, ...]:
         block, index = current.block, len(current.branch_ends)
         kind = KINDS[element.tag]
+        fork = current.fork
+        if current.branch_ends and self._is_sequential(block):
+            fork = current.branch_ends[-1]
         if not element.children:
             return (
                 self._element(
-                    kind, element, current.fork, block=block.index, branch=index, depth=block.depth
+                    kind, element, fork, block=block.index, branch=index, depth=block.depth
                 ),
             )
         opened = self._emit(
             kind,
             element.start,
             element.open_end,
-            current.fork,
+            fork,
             block=block.index,
             branch=index,
             depth=block.depth,
@@ -642,7 +663,8 @@ class _Builder:
             )
             parents = current.fork
         else:
-            parents = tuple(sorted(set().union(*current.branch_ends)))
+            ends = current.branch_ends[-1:] if self._is_sequential(block) else current.branch_ends
+            parents = tuple(sorted(set().union(*ends)))
         return (self._element(kind, element, parents, block=block.index, depth=block.depth),)
 
     def _fill_blocks(self) -> None:
@@ -744,12 +766,15 @@ def parse(
     prompt_ids: Sequence[int] | None = None,
     lenient: bool = False,
     max_depth: int = MAX_DEPTH,
+    sequential: bool | Collection[int] = False,
 ) -> ReasoningGraph:
     """Parse a response (text, or token ids with ``tokenizer``) into a :class:`ReasoningGraph`.
 
     With ``prompt_ids`` the graph starts with a prompt node and spans prompt + response tokens.
     Strict mode raises :class:`ParseError` when the grammar rejects the response; lenient mode
-    always returns a graph and records each repair in ``graph.violations``.
+    always returns a graph and records each repair in ``graph.violations``. ``sequential``
+    (True, or a collection of block indices) marks blocks that were decoded one branch after
+    another: their branches then depend on each other in order, as in plain decoding.
     """
     spec = dialect(grammar)
     ids: list[int] | None = None
@@ -785,7 +810,9 @@ def parse(
         elements = _strict_elements(response, grammar)
         repaired = []
 
-    builder = _Builder(response, spec, offset=len(prompt_text), max_depth=max_depth)
+    builder = _Builder(
+        response, spec, offset=len(prompt_text), max_depth=max_depth, sequential=sequential
+    )
     frontier: tuple[int, ...] = ()
     if prompt_text or prompt:
         builder.nodes.append(Node(0, NodeKind.PROMPT, 0, len(prompt_text), ""))

@@ -1,0 +1,129 @@
+"""Attention over the engine's paged KV cache, plugged into unmodified transformers models.
+
+The runner plans each forward step once (:class:`StepPlan`: where new keys and values go, which
+slots each lane reads, and the mask over them) and hands the plan to the model as a keyword
+argument; transformers passes it down to every attention layer, where :func:`paged_attention`
+writes the step's keys and values in place and attends over the lane's slots. Nothing is
+rebuilt per layer and no lane is handled in a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "npr_paged"
+
+
+@dataclass
+class StepPlan:
+    """What every layer needs for one forward step of ``B`` lanes with ``Q`` new tokens each.
+
+    ``write_slots[B*Q]``: flat cache slot of each new token (padding writes to the scratch page).
+    ``read_slots[B, T]``: the slots each lane attends to, its new tokens included.
+    ``mask[B, 1, Q, T]``: True where new token ``q`` of the lane may attend slot ``t``.
+    """
+
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
+    mask: torch.Tensor
+    kv: KVCache
+    query_positions: torch.Tensor | None = None  # [B, Q], for sliding-window layers
+    key_positions: torch.Tensor | None = None  # [B, T]
+
+    def __post_init__(self) -> None:
+        self._windowed: dict[int, torch.Tensor] = {}
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
+        """The mask, narrowed for sliding-window layers to keys less than ``sliding_window``
+        positions behind the query (built once per step and window size)."""
+        if sliding_window is None:
+            return self.mask
+        if sliding_window not in self._windowed:
+            distance = self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
+            self._windowed[sliding_window] = self.mask & (distance < sliding_window)
+        return self._windowed[sliding_window]
+
+
+class KVCache:
+    """Per-layer key and value tensors of shape ``[num_pages * page_size, kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_slots, kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy slot contents (copy-on-write of partly filled pages) in every layer."""
+        for cache in self.keys + self.values:
+            cache[target] = cache[source]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    npr_plan: StepPlan | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``query [B, H, Q, D]``, ``key``/``value [B, Hkv, Q, D]`` of the new tokens only."""
+    if npr_plan is None:
+        raise RuntimeError("npr_paged attention runs only inside the engine (no StepPlan given)")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the engine")
+    plan = npr_plan
+    layer = module.layer_idx
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    keys, values = plan.kv.keys[layer], plan.kv.values[layer]
+    keys[plan.write_slots] = key.transpose(1, 2).reshape(-1, kv_heads, dim).to(keys.dtype)
+    values[plan.write_slots] = value.transpose(1, 2).reshape(-1, kv_heads, dim).to(values.dtype)
+    lane_keys = keys[plan.read_slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
+    lane_values = values[plan.read_slots].permute(0, 2, 1, 3)
+    groups = heads // kv_heads
+    # GQA without repeating K/V: the query heads of one KV head become extra query rows.
+    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)
+    mask = plan.mask_for(kwargs.get("sliding_window"))
+    if groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(
+        grouped, lane_keys, lane_values, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+@contextmanager
+def attention_implementation(model: torch.nn.Module, name: str = ATTENTION_NAME) -> Iterator[None]:
+    """Run ``model`` with attention ``name`` inside the block and restore it after, so the
+    model the caller handed over is left as it was."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

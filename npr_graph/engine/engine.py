@@ -1,0 +1,567 @@
+"""The executor: decodes reasoning DAGs with continuous batching over a shared paged KV cache.
+
+Every step, the running lanes of all requests decode in one batched forward. A lane forks when
+its guideline closes (one branch lane per plan, sharing the prefix's pages), and the branches
+join into one lane for the takeaway once all have closed their step. Engine-written tokens
+(step headers, the takeaway opener, separators, closing tags) are flagged ``forced``.
+
+A token's log-prob is taken from the logits of the token before it in the sample's sequence,
+which is what one dense forward over the finished graph computes: the first token of branch
+``i > 0`` is therefore scored once branch ``i - 1`` is done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..graph import ReasoningGraph
+from ..layout import node_start, position_ids
+from ..parse import decode_pieces, parse
+from .kv import LaneKV, PagePool, PoolExhausted, join
+from .lanes import Lane, LaneStatus, Request, Sample
+from .runner import ModelRunner
+from .sampling import SamplingParams, select_tokens
+from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
+
+
+@dataclass
+class EngineStats:
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    wall_time: float = 0.0
+    generated_tokens: int = 0
+    critical_path_tokens: int = 0
+    peak_kv_pages: int = 0
+    preemptions: int = 0
+    lanes_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time if self.wall_time > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_steps": self.prefill_steps,
+            "decode_steps": self.decode_steps,
+            "wall_time": self.wall_time,
+            "generated_tokens": self.generated_tokens,
+            "critical_path_tokens": self.critical_path_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_kv_pages": self.peak_kv_pages,
+            "preemptions": self.preemptions,
+            "mean_lanes_per_step": sum(self.lanes_per_step) / max(len(self.lanes_per_step), 1),
+        }
+
+
+class Engine:
+    """Wraps a plain transformers model (never modified) and its tokenizer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        num_pages: int | None = None,
+        page_size: int = 16,
+        kv_memory_bytes: int = 512 * 2**20,
+        max_lanes: int = 64,
+        device: torch.device | str = "cpu",
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        self.max_positions = getattr(config, "max_position_embeddings", None) or 1 << 30
+        if num_pages is None:
+            probe = ModelRunner.bytes_per_slot(model)
+            num_pages = max(8, kv_memory_bytes // (probe * page_size))
+        self.pool = PagePool(num_pages, page_size)
+        self.runner = ModelRunner(model, self.pool, self.device)
+        self.max_lanes = max_lanes
+        special = _tags_are_special(tokenizer)
+        self.format = Format(tokenizer, special=special)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._pieces: dict[int, str] = {}
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        *,
+        dtype: torch.dtype | str = "float32",
+        device: torch.device | str = "cpu",
+        tags: str = "special",
+        **kwargs,
+    ) -> Engine:
+        from ..models import load_model
+
+        model, tokenizer = load_model(path, dtype=dtype, tags=tags)
+        return cls(model.to(device), tokenizer, device=device, **kwargs)
+
+    # -- public API -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt: ids are taken as they are; text goes through the tokenizer's
+        chat template when it has one (``chat=True`` requires one, ``False`` skips it)."""
+        if not isinstance(prompt, str):
+            ids = [int(i) for i in prompt]
+        else:
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            template = getattr(self.tokenizer, "chat_template", None)
+            if chat and not template:
+                raise ValueError(
+                    "this tokenizer has no chat template; pass chat=False to use the raw prompt"
+                )
+            if template and chat is not False:
+                messages = [{"role": "user", "content": prompt}]
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True
+                )
+                ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+            else:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise ValueError("empty prompt")
+        return ids
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        mode: str = "free",
+        chat: bool | None = None,
+        progress=None,
+    ) -> list[ReasoningGraph]:
+        """Decode every prompt (``params.n`` samples each) and return their graphs, prompt by
+        prompt. ``mode``: ``free`` (the model chooses; invalid forks decode sequentially and are
+        recorded), ``constrained`` (the grammar decides which tags may come next; needs tags as
+        special tokens), ``sequential`` (plain autoregressive decoding)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "constrained" and not self.format.special:
+            raise ValueError(
+                "constrained mode needs the tags as special tokens (load the model with tags='special')"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        requests = []
+        for index, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+            ids = self.encode_prompt(prompt, chat)
+            if len(ids) + p.max_new_tokens > self.max_positions:
+                raise ValueError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
+                    f"it exceeds the model's context of {self.max_positions}"
+                )
+            if self._pages_for(len(ids)) + p.n > self.pool.num_usable:
+                raise ValueError(
+                    f"prompt {index} ({len(ids)} tokens) does not fit the KV pool of {self.pool.num_usable} pages"
+                )
+            requests.append(Request(index, ids, p, mode, arrival=index))
+        self.stats = EngineStats()
+        start = time.perf_counter()
+        self._run(requests, progress)
+        self.stats.wall_time = time.perf_counter() - start
+        self.stats.peak_kv_pages = self.pool.peak_used
+        graphs = [self._graph(sample) for request in requests for sample in request.samples]
+        self.stats.generated_tokens = sum(len(g.token_ids) - g.prompt_num_tokens for g in graphs)
+        self.stats.critical_path_tokens = max(
+            (g.metadata["critical_path_tokens"] for g in graphs), default=0
+        )
+        return graphs
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _run(self, requests: list[Request], progress) -> None:
+        waiting: deque[Request] = deque(requests)
+        running: list[Request] = []
+        while waiting or running:
+            admitted = self._admit(waiting, running)
+            if admitted:
+                self._prefill(admitted)
+                running.extend(admitted)
+            running = [r for r in running if not self._settle(r)]
+            lanes = [
+                lane
+                for r in running
+                for s in r.samples
+                for lane in s.lanes
+                if lane.status is LaneStatus.RUNNING
+            ]
+            if not lanes:
+                if waiting and not running and not admitted:
+                    raise RuntimeError(
+                        "scheduler stalled: nothing runs and nothing can be admitted"
+                    )
+                continue
+            lanes = self._make_room(lanes, running, waiting)
+            if not lanes:
+                continue
+            logits = self.runner.step(lanes)
+            self.stats.decode_steps += 1
+            self.stats.lanes_per_step.append(len(lanes))
+            self._advance(lanes, logits)
+            if progress is not None:
+                progress(sum(s.total_tokens for r in running for s in r.samples))
+            running = [r for r in running if not self._settle(r)]
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.pool.page_size)
+
+    def _admit(self, waiting: deque[Request], running: list[Request]) -> list[Request]:
+        admitted: list[Request] = []
+        lanes = sum(len(s.live_lanes()) for r in running for s in r.samples)
+        free = self.pool.num_free
+        while waiting:
+            request = waiting[0]
+            need = self._pages_for(len(request.prompt_ids)) + request.params.n
+            busy = running or admitted
+            if busy and (need > free or lanes + request.params.n > self.max_lanes):
+                break
+            waiting.popleft()
+            admitted.append(request)
+            free -= need
+            lanes += request.params.n
+        return admitted
+
+    def _make_room(
+        self, lanes: list[Lane], running: list[Request], waiting: deque[Request]
+    ) -> list[Lane]:
+        """Preempt the newest requests until this step's appends fit in the pool."""
+        while sum(lane.kv.pages_needed(len(lane.pending)) for lane in lanes) > self.pool.num_free:
+            if len(running) == 1:
+                for sample in running[0].samples:
+                    self._truncate(sample, "kv_exhausted", hard=True)
+                self._settle(running[0])
+                running.clear()
+                return []
+            victim = max(running, key=lambda r: r.arrival)
+            running.remove(victim)
+            self._reset(victim)
+            waiting.appendleft(victim)
+            self.stats.preemptions += 1
+            lanes = [lane for lane in lanes if lane.sample.request is not victim]
+        return lanes
+
+    def _reset(self, request: Request) -> None:
+        for sample in request.samples:
+            for lane in sample.live_lanes():
+                lane.kv.release()
+        request.samples.clear()
+
+    def _settle(self, request: Request) -> bool:
+        for sample in request.samples:
+            if not sample.finished and not sample.live_lanes():
+                sample.finished = True
+        return request.finished
+
+    # -- prefill and per-token progress ---------------------------------------------------------
+    def _prefill(self, requests: list[Request]) -> None:
+        prompt_lanes = []
+        for request in requests:
+            lane = Lane(None, LaneKV(self.pool), None, 0)
+            for token in request.prompt_ids:
+                lane.append(token, None, False)
+            prompt_lanes.append(lane)
+        logits = self.runner.step(prompt_lanes)
+        self.stats.prefill_steps += 1
+        trunks, rows = [], []
+        for request, lane, row in zip(requests, prompt_lanes, logits, strict=True):
+            params = request.params
+            for index, kv in enumerate(lane.kv.fork(params.n)):
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
+                sample = Sample(request, index, generator)
+                state = None if request.mode == "sequential" else LaneState(request.mode)
+                trunk = Lane(sample, kv, state, node_start([len(request.prompt_ids)]))
+                if state is not None:
+                    trunk.forced_queue.extend(self.format.encode(state.opening()))
+                sample.lanes.append(trunk)
+                request.samples.append(sample)
+                trunks.append(trunk)
+                rows.append(row)
+        self._advance(trunks, torch.stack(rows))
+
+    def _advance(self, lanes: list[Lane], logits: torch.Tensor) -> None:
+        """Each lane was just fed: act on its finished forced text, or write its next token."""
+        to_sample = []
+        for lane, row in zip(lanes, logits, strict=True):
+            lane.final_logits = row
+            if lane.sample.finished or lane.status is not LaneStatus.RUNNING:
+                continue
+            if lane.after_forced is not None and not lane.forced_queue:
+                action, lane.after_forced = lane.after_forced, None
+                self._act(lane, action)
+            elif lane.forced_queue:
+                token = lane.forced_queue.popleft()
+                self._write(lane, token, self._logprob(lane, row, token), forced=True)
+            elif lane.state is not None and lane.state.closing:
+                self._close_next(lane, row)
+            else:
+                to_sample.append(lane)
+        if not to_sample:
+            return
+        constraints = [self._constraints(lane) for lane in to_sample]
+        tokens, logprobs = select_tokens(
+            torch.stack([lane.final_logits for lane in to_sample]),
+            [lane.sample.request.params for lane in to_sample],
+            [lane.sample.generator for lane in to_sample],
+            [c[0] for c in constraints],
+            [c[1] for c in constraints],
+            [c[2] for c in constraints],
+        )
+        for lane, token, logprob in zip(to_sample, tokens.tolist(), logprobs.tolist(), strict=True):
+            if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
+                self._end_of_sequence(lane, token, logprob)
+            else:
+                self._write(lane, token, logprob, forced=False)
+
+    def _constraints(
+        self, lane: Lane
+    ) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
+        params = lane.sample.request.params
+        state = lane.state
+        if state is None:
+            return None, None, None
+        allowed, banned = state.choices(self.format, params)
+        if state.mode == "constrained" and state.phase is not Phase.TEXT:
+            banned = (banned or []) + sorted(self.eos_ids)
+        penalized = None
+        if state.phase is Phase.STEP and params.repetition_penalty != 1.0 and state.element_tokens:
+            penalized = lane.tokens[-state.element_tokens :]
+        return allowed, banned, penalized
+
+    def _logprob(self, lane: Lane, logits: torch.Tensor | None, token: int) -> float | None:
+        if logits is None:
+            return None
+        temperature = lane.sample.request.params.temperature or 1.0
+        return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
+
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = decode_pieces(self.tokenizer, [token])[0]
+        return piece
+
+    def _write(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
+        """Append a token; let the format react (forced text, fork, branch end); check budgets."""
+        lane.append(token, logprob, forced)
+        sample = lane.sample
+        if lane.state is not None:
+            piece = self._piece(token)
+            lane.text_tail = (lane.text_tail + piece)[-64:]
+            action, forced_text = lane.state.observe(
+                completed_tags(lane.text_tail, piece), sample.request.params
+            )
+            if action.violation:
+                sample.violations.append(action.violation)
+            if forced_text:
+                lane.forced_queue.extend(self.format.encode(forced_text))
+            if action.kind is not Kind.CONTINUE:
+                lane.after_forced = action
+            elif not lane.forced_queue and lane.after_forced is None:
+                limit = lane.state.element_limit(sample.request.params)
+                if limit:
+                    lane.forced_queue.extend(self.format.encode(limit))
+        params = sample.request.params
+        over = (
+            sample.critical_tokens >= params.max_new_tokens
+            or sample.total_tokens >= params.total_budget
+        )
+        if over and not sample.truncated:
+            self._truncate(sample, "length")
+
+    def _end_of_sequence(self, lane: Lane, token: int, logprob: float) -> None:
+        state = lane.state
+        if state is None or state.phase is Phase.TEXT or state.phase is Phase.SEQUENTIAL_BLOCK:
+            lane.append(token, logprob, False)
+            self._finish_lane(lane, "stop")
+        else:  # the model stopped inside an element: close it and carry on
+            state.closing = True
+            self._close_next(lane, lane.final_logits)
+
+    def _close_next(self, lane: Lane, logits: torch.Tensor) -> None:
+        tag = lane.state.closing_tag()
+        if tag is None:
+            lane.state.closing = False
+            if lane.sample.truncated:
+                self._finish_lane(lane, lane.sample.finish_reason)
+            else:
+                self._advance([lane], logits[None])
+            return
+        ids = self.format.encode(tag)
+        lane.forced_queue.extend(ids[1:])
+        self._write(lane, ids[0], self._logprob(lane, logits, ids[0]), forced=True)
+
+    def _truncate(self, sample: Sample, reason: str, hard: bool = False) -> None:
+        """Budget exhausted: close what is open in every lane, then stop (no new forks/joins)."""
+        sample.truncated = True
+        sample.finish_reason = reason
+        for lane in sample.live_lanes():
+            if hard or lane.state is None:
+                self._finish_lane(lane, reason)
+            elif lane.status is LaneStatus.RUNNING:
+                lane.state.closing = True
+
+    def _finish_lane(self, lane: Lane, reason: str) -> None:
+        lane.status = LaneStatus.DONE
+        if lane.kv.alive:
+            lane.kv.release()
+        if not lane.sample.finish_reason:
+            lane.sample.finish_reason = reason
+
+    def _act(self, lane: Lane, action: Action) -> None:
+        if action.kind is Kind.FORK:
+            if lane.sample.truncated:
+                self._finish_lane(lane, lane.sample.finish_reason)
+            else:
+                self._fork(lane, action.width)
+        elif action.kind is Kind.BRANCH_DONE:
+            self._branch_done(lane)
+        elif action.kind is Kind.FINISH:
+            self._finish_lane(lane, "stop")
+
+    def _fork(self, lane: Lane, width: int) -> None:
+        sample = lane.sample
+        sample.fork_tokens.append(sample.total_tokens)
+        start = node_start([lane.end_position])
+        children = []
+        for index, kv in enumerate(lane.kv.fork(width)):
+            state, header = lane.state.fork_branch(index)
+            child = Lane(sample, kv, state, start, branch=index, fork_parent=lane)
+            child.forced_queue.extend(self.format.encode(header))
+            children.append(child)
+        lane.status = LaneStatus.DONE
+        for index, child in enumerate(children):
+            child.siblings = children
+            sample.lanes.append(child)
+            token = child.forced_queue.popleft()
+            self._write(
+                child,
+                token,
+                self._logprob(child, lane.final_logits, token) if index == 0 else None,
+                forced=True,
+            )
+
+    def _branch_done(self, lane: Lane) -> None:
+        lane.status = LaneStatus.WAITING
+        siblings = lane.siblings
+        following = lane.branch + 1
+        if following < len(siblings):
+            successor = siblings[following]
+            successor.logprobs[0] = self._logprob(successor, lane.final_logits, successor.tokens[0])
+        if any(s.status is not LaneStatus.WAITING for s in siblings):
+            return
+        sample = lane.sample
+        if sample.truncated:
+            for sibling in siblings:
+                sibling.status = LaneStatus.DONE
+                sibling.kv.release()
+            return
+        last = siblings[-1]
+        state, opener = last.state.join_lane()
+        joined = Lane(
+            sample,
+            join([s.kv for s in siblings], prefix=lane.fork_parent.kv),
+            state,
+            node_start(s.end_position for s in siblings),
+        )
+        joined.forced_queue.extend(self.format.encode(opener))
+        for sibling in siblings:
+            sibling.status = LaneStatus.DONE
+        sample.lanes.append(joined)
+        token = joined.forced_queue.popleft()
+        self._write(joined, token, self._logprob(joined, last.final_logits, token), forced=True)
+        for sibling in siblings:
+            sibling.final_logits = None
+
+    # -- output ------------------------------------------------------------------------------
+    def _graph(self, sample: Sample) -> ReasoningGraph:
+        request = sample.request
+        prompt = request.prompt_ids
+        ids = [t for lane in sample.lanes for t in lane.tokens]
+        logprobs = [lp for lane in sample.lanes for lp in lane.logprobs]
+        forced = [f for lane in sample.lanes for f in lane.forced]
+        engine_positions = [
+            lane.start_position + i for lane in sample.lanes for i in range(len(lane.tokens))
+        ]
+        sequential = request.mode == "sequential"
+        graph = parse(
+            ids, tokenizer=self.tokenizer, prompt_ids=prompt, lenient=True, sequential=sequential
+        )
+        if not sequential:
+            unforked = {
+                b.index
+                for b in graph.blocks
+                if self._first_branch_token(graph, b) not in sample.fork_tokens
+            }
+            if unforked:
+                graph = parse(
+                    ids,
+                    tokenizer=self.tokenizer,
+                    prompt_ids=prompt,
+                    lenient=True,
+                    sequential=unforked,
+                )
+        graph.logprobs = [None] * len(prompt) + logprobs
+        graph.forced = [False] * len(prompt) + forced
+        consistent = position_ids(graph)[len(prompt) :].tolist() == engine_positions
+        graph.metadata.update(
+            {
+                "prompt_index": request.index,
+                "sample_index": sample.index,
+                "mode": request.mode,
+                "finish_reason": sample.finish_reason or "stop",
+                "truncated": sample.truncated,
+                "engine_violations": list(sample.violations),
+                "forks": len(sample.fork_tokens),
+                "total_tokens": len(ids),
+                "critical_path_tokens": sample.critical_tokens,
+                "layout_consistent": consistent,
+            }
+        )
+        return graph
+
+    @staticmethod
+    def _first_branch_token(graph: ReasoningGraph, block) -> int | None:
+        if not block.branches or not block.branches[0]:
+            return None
+        return graph.nodes[block.branches[0][0]].token_start - graph.prompt_num_tokens
+
+
+def _tags_are_special(tokenizer) -> bool:
+    try:
+        return all(
+            len(tokenizer.encode(t, add_special_tokens=False)) == 1
+            for t in ("<step>", "</step>", "<guideline>")
+        )
+    except Exception:
+        return False
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+__all__ = ["Engine", "EngineStats", "PoolExhausted", "SamplingParams"]

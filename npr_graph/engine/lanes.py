@@ -1,0 +1,105 @@
+"""Lanes, samples and requests: the engine's view of DAGs being decoded.
+
+A lane is one decoding leaf: a run of tokens that see each other causally. A sample is one
+response under construction: its lanes, in creation order, are exactly its token sequence
+(trunk, branch 1..k, join, ...). A request is a prompt and its ``n`` samples, which share the
+prompt's KV pages.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .kv import LaneKV
+from .sampling import SamplingParams
+from .structure import Action, LaneState
+
+
+class LaneStatus(str, Enum):
+    RUNNING = "running"
+    WAITING = "waiting"  # a finished branch waiting for its siblings
+    DONE = "done"
+
+
+@dataclass
+class Lane:
+    sample: Sample | None
+    kv: LaneKV
+    state: LaneState | None
+    start_position: int
+    branch: int | None = None
+    siblings: list[Lane] | None = None
+    fork_parent: Lane | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    forced_queue: deque[int] = field(default_factory=deque)
+    after_forced: Action | None = None
+    status: LaneStatus = LaneStatus.RUNNING
+    text_tail: str = ""
+    final_logits: torch.Tensor | None = None
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + len(self.tokens)
+
+    @property
+    def pending_positions(self) -> list[int]:
+        first = self.end_position - len(self.pending)
+        return list(range(first, first + len(self.pending)))
+
+    def append(self, token: int, logprob: float | None, forced: bool) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.forced.append(forced)
+        self.pending.append(token)
+
+    def fed(self) -> None:
+        self.pending.clear()
+
+
+@dataclass
+class Sample:
+    request: Request
+    index: int
+    generator: torch.Generator | None
+    lanes: list[Lane] = field(default_factory=list)
+    fork_tokens: list[int] = field(
+        default_factory=list
+    )  # response index of each fork's first branch token
+    truncated: bool = False
+    finished: bool = False
+    finish_reason: str = ""
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(lane.tokens) for lane in self.lanes)
+
+    @property
+    def critical_tokens(self) -> int:
+        prompt = len(self.request.prompt_ids)
+        return max((lane.end_position for lane in self.lanes), default=prompt) - prompt
+
+    def live_lanes(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.status is not LaneStatus.DONE]
+
+
+@dataclass
+class Request:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    mode: str
+    samples: list[Sample] = field(default_factory=list)
+    prompt_lane: Lane | None = None
+    arrival: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.samples) and all(s.finished for s in self.samples)
