@@ -161,6 +161,153 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _sampling(args: argparse.Namespace, **overrides: Any):
+    from .engine.sampling import SamplingParams
+
+    values = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "n": args.n,
+        "min_branches": args.min_branches,
+        "max_branches": args.max_branches,
+    }
+    values.update(overrides)
+    return SamplingParams(**values)
+
+
+def _load_engine(args: argparse.Namespace):
+    from .engine.engine import Engine
+
+    with Console(stderr=True).status("loading model"):
+        return Engine.from_pretrained(args.model, dtype=args.dtype, tags=args.tags)
+
+
+def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    budget = params.max_new_tokens * params.n * len(prompts)
+    with Progress(
+        TextColumn(f"[bold]{mode}"),
+        BarColumn(),
+        TextColumn("{task.completed} tokens"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("decode", total=budget)
+        return engine.generate(
+            prompts, params, mode=mode, progress=lambda done: progress.update(task, completed=done)
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import render
+
+    try:
+        params = _sampling(args)
+        engine = _load_engine(args)
+        graphs = _generate_with_progress(engine, [args.prompt], params, args.mode, args.json)
+    except ValueError as error:
+        print(f"npr generate: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        for graph in graphs:
+            print(json.dumps(graph.to_dict(), ensure_ascii=False))
+        return 0
+    console = Console()
+    for graph in graphs:
+        console.print(render.to_tree(graph))
+        console.print(_describe(graph))
+    console.print(_stats_line(engine.stats))
+    return 0
+
+
+def _describe(graph: ReasoningGraph) -> str:
+    m = metrics(graph)
+    meta = graph.metadata
+    return (
+        f"widths {m['widths']}  tokens {m['total_tokens']}  critical path {m['critical_path_tokens']}  "
+        f"finish {meta.get('finish_reason')}  format score {format_score(graph.response_text):+.1f}"
+    )
+
+
+def _stats_line(stats) -> str:
+    d = stats.to_dict()
+    return (
+        f"{d['generated_tokens']} tokens in {d['wall_time']:.2f} s = {d['tokens_per_s']:.1f} tok/s; "
+        f"{d['decode_steps']} decode steps, {d['mean_lanes_per_step']:.2f} lanes/step, peak KV pages {d['peak_kv_pages']}"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded model answers a bundled question in constrained mode; then the same number
+    of tokens is decoded sequentially, and the two speeds are compared."""
+    from importlib.resources import files
+
+    from . import render
+
+    question = (
+        args.prompt or files("npr_graph").joinpath("data/demo_question.txt").read_text().strip()
+    )
+    engine = _load_engine(args)
+    console = Console()
+    console.print(f"[bold]question:[/] {question}")
+    params = _sampling(
+        args, max_step_tokens=args.step_tokens, max_plan_tokens=24, max_takeaway_tokens=48
+    )
+    graphs = _generate_with_progress(engine, [question], params, "constrained", False)
+    parallel = engine.stats
+    graph = graphs[0]
+    console.print(render.to_tree(graph))
+    console.print(_describe(graph))
+    tokens = parallel.generated_tokens
+    sequential_params = _sampling(args, max_new_tokens=tokens, max_total_tokens=tokens, n=1)
+    sequential_params = type(sequential_params)(
+        **{**sequential_params.__dict__, "ignore_eos": True}
+    )
+    _generate_with_progress(engine, [question], sequential_params, "sequential", False)
+    sequential = engine.stats
+    console.print(f"parallel (constrained): {_stats_line(parallel)}")
+    console.print(f"sequential, same token count: {_stats_line(sequential)}")
+    speedup = (
+        parallel.tokens_per_s / sequential.tokens_per_s if sequential.tokens_per_s else float("nan")
+    )
+    console.print(
+        f"[bold]measured speedup over sequential decoding: {speedup:.2f}×[/] (wall time for {tokens} tokens)"
+    )
+    return 0
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local model directory or .gguf (default: embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=defaults.get("dtype", "float32")
+    )
+    parser.add_argument("--tags", choices=("special", "text"), default="special")
+    parser.add_argument("--seed", type=int, default=defaults.get("seed"))
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.get("max_new_tokens", 256))
+    parser.add_argument("--min-branches", type=int, default=defaults.get("min_branches", 2))
+    parser.add_argument("--max-branches", type=int, default=defaults.get("max_branches", 5))
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.get("temperature", 0.0), help="0 = greedy"
+    )
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=defaults.get("repetition_penalty", 1.0)
+    )
+    parser.add_argument("-n", type=int, default=1, help="samples of the prompt (they share its KV)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npr", description="Native parallel reasoning as explicit DAGs."
@@ -182,6 +329,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 when any trace has violations"
     )
     inspect.set_defaults(run=cmd_inspect)
+
+    generate = commands.add_parser("generate", help="decode a prompt into a reasoning DAG")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--mode", choices=("constrained", "free", "sequential"), default="constrained"
+    )
+    generate.add_argument("--json", action="store_true", help="print one graph dict per line")
+    _add_generation_options(generate, {})
+    generate.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser(
+        "demo", help="the embedded model answers a question in parallel; speedup vs sequential"
+    )
+    demo.add_argument("--prompt", default=None, help="a question instead of the bundled one")
+    demo.add_argument("--step-tokens", type=int, default=64, help="length limit of each step")
+    _add_generation_options(
+        demo,
+        {
+            "dtype": "bfloat16",
+            "max_new_tokens": 200,
+            "min_branches": 3,
+            "max_branches": 3,
+            "repetition_penalty": 1.02,
+            "seed": 0,
+        },
+    )
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -90,6 +90,7 @@ class Engine:
         special = _tags_are_special(tokenizer)
         self.format = Format(tokenizer, special=special)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.logits_processor = None
         self._pieces: dict[int, str] = {}
         self.stats = EngineStats()
 
@@ -142,11 +143,14 @@ class Engine:
         mode: str = "free",
         chat: bool | None = None,
         progress=None,
+        logits_processor=None,
     ) -> list[ReasoningGraph]:
         """Decode every prompt (``params.n`` samples each) and return their graphs, prompt by
         prompt. ``mode``: ``free`` (the model chooses; invalid forks decode sequentially and are
         recorded), ``constrained`` (the grammar decides which tags may come next; needs tags as
-        special tokens), ``sequential`` (plain autoregressive decoding)."""
+        special tokens), ``sequential`` (plain autoregressive decoding). ``logits_processor(context,
+        logits) -> logits`` may reshape what is sampled (``context``: the ids the lane attends to);
+        recorded log-probs stay those of the model."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "constrained" and not self.format.special:
@@ -173,6 +177,7 @@ class Engine:
                 )
             requests.append(Request(index, ids, p, mode, arrival=index))
         self.stats = EngineStats()
+        self.logits_processor = logits_processor
         start = time.perf_counter()
         self._run(requests, progress)
         self.stats.wall_time = time.perf_counter() - start
@@ -316,13 +321,23 @@ class Engine:
         if not to_sample:
             return
         constraints = [self._constraints(lane) for lane in to_sample]
+        logits = torch.stack([lane.final_logits for lane in to_sample])
+        scores = None
+        if self.logits_processor is not None:
+            scores = torch.stack(
+                [
+                    self.logits_processor(lane.context(), row.clone())
+                    for lane, row in zip(to_sample, logits, strict=True)
+                ]
+            )
         tokens, logprobs = select_tokens(
-            torch.stack([lane.final_logits for lane in to_sample]),
+            logits,
             [lane.sample.request.params for lane in to_sample],
             [lane.sample.generator for lane in to_sample],
             [c[0] for c in constraints],
             [c[1] for c in constraints],
             [c[2] for c in constraints],
+            scores,
         )
         for lane, token, logprob in zip(to_sample, tokens.tolist(), logprobs.tolist(), strict=True):
             if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
@@ -479,6 +494,7 @@ class Engine:
             join([s.kv for s in siblings], prefix=lane.fork_parent.kv),
             state,
             node_start(s.end_position for s in siblings),
+            joined=list(siblings),
         )
         joined.forced_queue.extend(self.format.encode(opener))
         for sibling in siblings:

@@ -34,6 +34,7 @@ class Lane:
     branch: int | None = None
     siblings: list[Lane] | None = None
     fork_parent: Lane | None = None
+    joined: list[Lane] | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     forced: list[bool] = field(default_factory=list)
@@ -61,6 +62,18 @@ class Lane:
 
     def fed(self) -> None:
         self.pending.clear()
+
+    def context(self) -> list[int]:
+        """Every token this lane attends to, in sequence order: the prompt, its ancestors, itself."""
+        if self.joined:
+            before = self.joined[0].fork_parent.context() + [
+                t for lane in self.joined for t in lane.tokens
+            ]
+        elif self.fork_parent is not None:
+            before = self.fork_parent.context()
+        else:
+            before = list(self.sample.request.prompt_ids)
+        return before + self.tokens
 
 
 @dataclass

@@ -102,21 +102,24 @@ def select_tokens(
     allowed: Sequence[list[int] | None],
     banned: Sequence[list[int] | None],
     penalized: Sequence[list[int] | None],
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of ``logits [B, V]``; return ``(tokens [B], logprobs [B])``.
 
     ``allowed[b]`` restricts row ``b`` to a structural choice, ``banned[b]`` excludes ids (tags
     the format does not allow here); ``penalized[b]`` lists the ids that row's repetition
-    penalty applies to.
+    penalty applies to. ``scores`` (logits after user processors) are what is picked from when
+    given; log-probs always come from ``logits``.
     """
     logits = logits.float()
+    picked = None if scores is None else scores.float()
     temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
     logprobs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
     tokens = torch.empty(len(params), dtype=torch.long)
     for row, (p, generator, allow, seen) in enumerate(
         zip(params, generators, allowed, penalized, strict=True)
     ):
-        scores = logits[row].clone()
+        scores = (logits if picked is None else picked)[row].clone()
         if seen is not None:
             apply_repetition_penalty(scores, seen, p.repetition_penalty)
         if allow is not None:

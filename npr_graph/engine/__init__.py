@@ -1,0 +1,1 @@
+"""The parallel executor: paged KV, lanes, scheduler, model runner."""

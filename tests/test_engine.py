@@ -1,0 +1,284 @@
+"""The executor on tiny random-weight models: consistency with training, fork/join, budgets."""
+
+import copy
+
+import pytest
+import torch
+
+import npr_graph as ng
+from npr_graph.engine.engine import Engine
+from npr_graph.engine.sampling import SamplingParams
+from npr_graph.engine.structure import Format
+from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+SHORT = dict(max_plan_tokens=4, max_step_tokens=10, max_takeaway_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = copy.deepcopy(default_tokenizer())
+    return tok
+
+
+@pytest.fixture(scope="module")
+def special_tokenizer(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "npr")
+    return tok
+
+
+def make_engine(family, tok, **kwargs):
+    model = tiny_model(family, tokenizer=tok)
+    return Engine(
+        model,
+        tok,
+        page_size=kwargs.pop("page_size", 4),
+        num_pages=kwargs.pop("num_pages", 2048),
+        **kwargs,
+    )
+
+
+def dense_logprobs(model, graph):
+    """One dense forward of the plain model with the graph's mask and positions."""
+    ids = torch.tensor(graph.token_ids)[None]
+    mask = ng.attention_mask(graph)[None, None]
+    if getattr(model.config, "sliding_window", None) and "sliding_attention" in getattr(
+        model.config, "layer_types", []
+    ):
+        window = ng.attention_mask(graph, sliding_window=model.config.sliding_window)[None, None]
+        mask = {"full_attention": mask, "sliding_attention": window}
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=ng.position_ids(graph)[None]
+        ).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    start = graph.prompt_num_tokens
+    return logprobs[start - 1 : -1].gather(1, ids[0, start:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_forward_reproduces_engine_logprobs(family, special_tokenizer):
+    engine = make_engine(family, special_tokenizer)
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=60, min_branches=2, max_branches=4, seed=7, n=2, **SHORT
+    )
+    graphs = engine.generate(
+        ["What is 2+2?", "Name three primes."], params, mode="constrained", chat=False
+    )
+    assert len(graphs) == 4
+    for graph in graphs:
+        assert graph.metadata["layout_consistent"]
+        assert graph.metadata["forks"] >= 1 and ng.metrics(graph)["is_parallel"]
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+    assert engine.pool.num_used == 0, "every page is freed when all requests finish"
+    assert engine.model.config._attn_implementation == "sdpa", (
+        "the engine leaves the model as it was"
+    )
+
+
+def test_forced_tokens_are_the_engine_written_ones(special_tokenizer):
+    engine = make_engine("llama", special_tokenizer)
+    params = SamplingParams(
+        temperature=0, max_new_tokens=80, min_branches=3, max_branches=3, **SHORT
+    )
+    (graph,) = engine.generate(["Q"], params, mode="constrained", chat=False)
+    fmt = Format(special_tokenizer, special=True)
+    for step_index, step in enumerate(graph.nodes_of("step")):
+        header = fmt.encode(f"<step>\n{step_index + 1}:")
+        span = slice(step.token_start, step.token_start + len(header))
+        assert graph.token_ids[span] == header
+        assert all(graph.forced[span])
+    takeaway = graph.nodes_of("takeaway")[0]
+    assert graph.forced[takeaway.token_start]
+    assert ng.metrics(graph)["widths"][0] == 3
+    assert ng.validate(graph, "lenient") == []
+    sampled = [i for i, f in enumerate(graph.forced) if not f and i >= graph.prompt_num_tokens]
+    assert sampled, "the model writes the contents"
+
+
+def test_same_seed_same_graph(special_tokenizer):
+    engine = make_engine("qwen3", special_tokenizer)
+    params = SamplingParams(temperature=1.0, max_new_tokens=50, seed=11, **SHORT)
+    first = engine.generate(["Q"], params, mode="constrained", chat=False)[0]
+    second = engine.generate(["Q"], params, mode="constrained", chat=False)[0]
+    other = engine.generate(
+        ["Q"],
+        SamplingParams(temperature=1.0, max_new_tokens=50, seed=12, **SHORT),
+        mode="constrained",
+        chat=False,
+    )[0]
+    assert first.token_ids == second.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_budgets_truncate_cleanly(special_tokenizer):
+    engine = make_engine("llama", special_tokenizer)
+    params = SamplingParams(
+        temperature=0,
+        max_new_tokens=20,
+        max_step_tokens=50,
+        max_plan_tokens=3,
+        min_branches=2,
+        max_branches=2,
+    )
+    (graph,) = engine.generate(["Q"], params, mode="constrained", chat=False)
+    assert graph.metadata["truncated"] and graph.metadata["finish_reason"] == "length"
+    steps = graph.nodes_of("step")
+    assert len(steps) == 2 and all(s.close_tag is not None for s in steps), (
+        "open branches get their closing tag"
+    )
+    assert graph.metadata["critical_path_tokens"] <= 20 + 4
+    total = SamplingParams(
+        temperature=0,
+        max_new_tokens=200,
+        max_total_tokens=30,
+        max_plan_tokens=3,
+        max_step_tokens=50,
+    )
+    (graph,) = engine.generate(["Q"], total, mode="constrained", chat=False)
+    assert graph.metadata["truncated"] and graph.metadata["total_tokens"] <= 30 + 8
+    assert engine.pool.num_used == 0
+
+
+def test_small_pool_preempts_and_resumes(special_tokenizer):
+    params = SamplingParams(
+        temperature=0, max_new_tokens=40, n=2, min_branches=2, max_branches=2, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third."]
+    roomy = make_engine("llama", special_tokenizer).generate(
+        prompts, params, mode="constrained", chat=False
+    )
+    tight = make_engine("llama", special_tokenizer, num_pages=64)
+    graphs = tight.generate(prompts, params, mode="constrained", chat=False)
+    assert tight.stats.preemptions > 0
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in roomy]
+    assert tight.pool.num_used == 0
+
+
+def test_pool_too_small_for_one_request_is_a_clear_error(special_tokenizer):
+    engine = make_engine("llama", special_tokenizer, num_pages=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.generate(
+            ["a prompt that needs more than two pages of four slots"], SamplingParams(), chat=False
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_branches": 4, "max_branches": 2}, "min_branches"),
+    ],
+)
+def test_invalid_sampling_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_and_modes(tokenizer, special_tokenizer):
+    engine = make_engine("llama", special_tokenizer)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate(["  "], chat=False)
+    with pytest.raises(ValueError, match="context"):
+        engine.generate(["x " * 5000], SamplingParams(max_new_tokens=10), chat=False)
+    with pytest.raises(ValueError, match="mode"):
+        engine.generate(["Q"], mode="wild", chat=False)
+    text_engine = make_engine("llama", tokenizer)
+    with pytest.raises(ValueError, match="special tokens"):
+        text_engine.generate(["Q"], mode="constrained", chat=False)
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        make_engine("llama", no_template).generate(["Q"], chat=True)
+
+
+def scripted(tok, fmt, prompt_ids, lanes):
+    """A logits processor that makes the model write a chosen trace in free mode: ``lanes`` are
+    the token sequences each lane should see (prompt + ancestors + own)."""
+    targets = [list(prompt_ids) + seq for seq in lanes]
+
+    def processor(context, logits):
+        for target in targets:
+            if len(context) < len(target) and target[: len(context)] == context:
+                out = torch.full_like(logits, float("-inf"))
+                out[target[len(context)]] = 0.0
+                return out
+        return logits
+
+    return processor
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special-tags", "text-tags"])
+def test_free_mode_forks_on_the_models_own_tags(special, tokenizer, special_tokenizer):
+    tok = special_tokenizer if special else tokenizer
+    engine = make_engine("llama", tok)
+    fmt = Format(tok, special=special)
+    enc = fmt.encode
+    prompt = enc("Q")
+    trunk = enc("<guideline>\n<plan>1: add</plan>\n<plan>2: count</plan>\n</guideline>") + enc("\n")
+    step1 = enc("<step>\n1:") + enc(" two plus two is four</step>") + enc("\n")
+    step2 = enc("<step>\n2:") + enc(" count four apples</step>") + enc("\n")
+    join = enc("<takeaway>\n") + enc("both give four</takeaway>") + enc(" so \\boxed{4}")
+    eos = sorted(engine.eos_ids)[0]
+    lanes = [trunk, trunk + step1, trunk + step2, trunk + step1 + step2 + join + [eos]]
+    processor = scripted(tok, fmt, prompt, lanes)
+    params = SamplingParams(temperature=0, max_new_tokens=200)
+    (graph,) = engine.generate([prompt], params, mode="free", logits_processor=processor)
+    assert graph.token_ids[len(prompt) :] == trunk + step1 + step2 + join + [eos]
+    assert graph.metadata["forks"] == 1 and graph.metadata["layout_consistent"]
+    assert ng.metrics(graph)["widths"] == [2]
+    (block,) = graph.blocks
+    step_nodes = [graph[b[0]] for b in block.branches]
+    assert step_nodes[0].parents == step_nodes[1].parents
+    engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+    assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+    forced = [
+        graph.forced[i]
+        for i in range(
+            step_nodes[1].token_start, step_nodes[1].token_start + len(enc("<step>\n2:"))
+        )
+    ]
+    assert all(forced)
+
+
+def test_free_mode_invalid_fork_decodes_sequentially(special_tokenizer):
+    tok = special_tokenizer
+    engine = make_engine("llama", tok)
+    fmt = Format(tok, special=True)
+    enc = fmt.encode
+    prompt = enc("Q")
+    plans = "".join(f"<plan>{i}: idea</plan>" for i in range(1, 8))
+    text = enc(f"<guideline>{plans}</guideline>") + enc(
+        "<step>1: a</step><step>2: b</step><takeaway>done</takeaway> ok"
+    )
+    eos = sorted(engine.eos_ids)[0]
+    processor = scripted(tok, fmt, prompt, [text + [eos]])
+    (graph,) = engine.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_new_tokens=200),
+        mode="free",
+        logits_processor=processor,
+    )
+    assert graph.metadata["forks"] == 0
+    assert any("invalid fork" in v for v in graph.metadata["engine_violations"])
+    assert graph.metadata["layout_consistent"]
+    assert torch.equal(ng.position_ids(graph), torch.arange(graph.num_tokens)), (
+        "decoded sequentially, laid out sequentially"
+    )
+    assert "too_many_branches" in [v.code for v in ng.validate(graph)]
+
+
+def test_sequential_mode_is_causal(special_tokenizer):
+    engine = make_engine("qwen2", special_tokenizer)
+    (graph,) = engine.generate(
+        ["Q"], SamplingParams(temperature=0, max_new_tokens=16), mode="sequential", chat=False
+    )
+    assert graph.metadata["layout_consistent"] and graph.metadata["total_tokens"] == 16
+    assert torch.equal(
+        ng.attention_mask(graph),
+        torch.ones(graph.num_tokens, graph.num_tokens, dtype=torch.bool).tril(),
+    )
