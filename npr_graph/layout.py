@@ -66,11 +66,10 @@ def position_ids(graph: ReasoningGraph, mode: str = "native") -> torch.Tensor:
     _check_mode(mode)
     if mode == "official":
         return _official_positions(graph)
-    lengths = torch.tensor(_token_lengths(graph), dtype=torch.long)
-    starts = torch.tensor(node_starts(graph), dtype=torch.long)
-    token_starts = torch.tensor([n.token_start for n in graph.nodes], dtype=torch.long)
-    shift = torch.repeat_interleave(starts - token_starts, lengths)
-    return torch.arange(int(lengths.sum())) + shift
+    out: list[int] = []
+    for node, start in zip(graph.nodes, node_starts(graph), strict=True):
+        out.extend(range(start, start + node.num_tokens))
+    return torch.tensor(out, dtype=torch.long)
 
 
 @dataclass
@@ -90,10 +89,11 @@ class CompactMask:
         return int(self.segment.numel())
 
     def to_dense(self) -> torch.Tensor:
-        """The ``BoolTensor[L, L]`` mask (True = may attend)."""
-        length = self.num_tokens
-        causal = torch.ones(length, length, dtype=torch.bool).tril_()
-        return causal & self.visible[self.segment[:, None], self.segment[None, :]]
+        """The ``BoolTensor[L, L]`` mask (True = may attend), filled one segment run at a time."""
+        dense = torch.empty(self.num_tokens, self.num_tokens, dtype=torch.bool)
+        for start, end in self.segment_spans():
+            dense[start:end] = self.visible[self.segment[start], self.segment]
+        return dense.tril_()
 
     def allows(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Elementwise rule over index tensors; the ``mask_mod`` of flex attention."""
@@ -164,9 +164,10 @@ def compact_mask(graph: ReasoningGraph, mode: str = "native") -> CompactMask:
     _check_mode(mode)
     if mode == "official":
         return _official_mask(graph)
-    lengths = torch.tensor(_token_lengths(graph), dtype=torch.long)
-    segment = torch.repeat_interleave(torch.arange(len(graph.nodes)), lengths)
-    return CompactMask(segment, node_visibility(graph))
+    segment: list[int] = []
+    for node, length in enumerate(_token_lengths(graph)):
+        segment.extend([node] * length)
+    return CompactMask(torch.tensor(segment, dtype=torch.long), node_visibility(graph))
 
 
 def attention_mask(
@@ -261,7 +262,9 @@ def _official_positions(graph: ReasoningGraph) -> torch.Tensor:
         else:
             run_starts.append(token)
             run_bases.append(base)
-    bounds = [*run_starts, graph.num_tokens]
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:], strict=False)])
-    shift = torch.repeat_interleave(torch.tensor(run_bases) - torch.tensor(run_starts), lengths)
-    return torch.arange(graph.num_tokens) + shift
+    out: list[int] = []
+    for start, end, base in zip(
+        run_starts, [*run_starts[1:], graph.num_tokens], run_bases, strict=True
+    ):
+        out.extend(range(base, base + end - start))
+    return torch.tensor(out, dtype=torch.long)

@@ -14,6 +14,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Protocol
 
 from lark import Token, Transformer_NonRecursive
@@ -692,34 +693,34 @@ class _Builder:
 
 # -- token alignment ----------------------------------------------------------------------------
 def decode_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-    """Per-token text whose concatenation is exactly ``tokenizer.decode(ids)``.
+    """Per-token text whose concatenation is exactly the decode of ``ids``.
 
     Decoding each id alone is exact for byte-level BPE vocabularies and cached per id; where it is
     not (SentencePiece spaces, UTF-8 split across tokens) an incremental decode with a small window
     attributes each character to the token that completes it.
     """
-    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    full = _decode(tokenizer, ids, kwargs)
+    decode = _decoder(tokenizer)
+    full = decode(ids)
     cache: dict[int, str] = {}
     pieces = []
     for token_id in ids:
         piece = cache.get(token_id)
         if piece is None:
-            piece = cache[token_id] = _decode(tokenizer, [token_id], kwargs)
+            piece = cache[token_id] = decode([token_id])
         pieces.append(piece)
     if "".join(pieces) == full:
         return pieces
     pieces = []
-    prefix, read, emitted = 0, 0, ""
+    prefix, emitted = 0, ""
     for index in range(len(ids)):
-        text = _decode(tokenizer, ids[prefix : index + 1], kwargs)
+        text = decode(ids[prefix : index + 1])
         if text.endswith("\ufffd") and index + 1 < len(ids):
             pieces.append("")
             continue
         pieces.append(text[len(emitted) :])
         if index + 1 - prefix > 6:
-            prefix, read = index + 1 - 4, index + 1
-            emitted = _decode(tokenizer, ids[prefix:read], kwargs)
+            prefix = index + 1 - 4
+            emitted = decode(ids[prefix : index + 1])
         else:
             emitted = text
     if "".join(pieces) != full:
@@ -727,33 +728,47 @@ def decode_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def _decode(tokenizer: Tokenizer, ids: Sequence[int], kwargs: dict[str, Any]) -> str:
-    try:
-        return tokenizer.decode(list(ids), **kwargs)
-    except TypeError:
-        return tokenizer.decode(list(ids))
+def _decoder(tokenizer: Tokenizer):
+    """ids -> text, special tokens kept, no clean-up; the Rust tokenizer directly when there is one
+    (it skips transformers' per-id Python checks)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode"):
+        return lambda ids: backend.decode(list(ids), skip_special_tokens=False)
+
+    def decode(ids: Sequence[int]) -> str:
+        try:
+            return tokenizer.decode(
+                list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        except TypeError:
+            return tokenizer.decode(list(ids))
+
+    return decode
 
 
-def _token_starts(nodes: list[Node], pieces: list[str], prompt_tokens: int) -> None:
+def _token_starts(
+    nodes: list[Node], pieces: list[str], offsets: list[int], prompt_tokens: int
+) -> None:
     """Give each node its token span: a token belongs to the node holding its first
-    non-whitespace character, so a tag token never lands in the node before the tag."""
-    anchors = []
-    offset = 0
-    for piece in pieces:
-        stripped = piece.lstrip()
-        anchors.append(offset + (len(piece) - len(stripped) if stripped else 0))
-        offset += len(piece)
+    non-whitespace character (its first character when all whitespace), so a tag token never
+    lands in the node before the tag. Only the token straddling a node's start needs a look."""
+    count = len(pieces)
     starts = []
     for node in nodes:
         if node.kind is NodeKind.PROMPT:
             starts.append(0)
-        else:
-            starts.append(
-                max(prompt_tokens, bisect_left(anchors, node.char_start, lo=prompt_tokens))
-            )
+            continue
+        first = bisect_left(offsets, node.char_start, prompt_tokens, count)
+        if first > prompt_tokens:
+            piece = pieces[first - 1]
+            stripped = piece.lstrip()
+            anchor = offsets[first - 1] + (len(piece) - len(stripped) if stripped else 0)
+            if anchor >= node.char_start:
+                first -= 1
+        starts.append(first)
     if starts:
         starts[0] = 0
-    for node, start, end in zip(nodes, starts, starts[1:] + [len(pieces)], strict=True):
+    for node, start, end in zip(nodes, starts, starts[1:] + [count], strict=True):
         node.token_start, node.token_end = start, max(start, end)
 
 
@@ -834,11 +849,9 @@ def parse(
         violations=violations,
     )
     if pieces is not None:
-        _token_starts(graph.nodes, pieces, len(prompt))
+        offsets = list(accumulate(map(len, pieces), initial=0))
+        _token_starts(graph.nodes, pieces, offsets, len(prompt))
         graph.token_ids = prompt + ids
-        offsets = [0]
-        for piece in pieces:
-            offsets.append(offsets[-1] + len(piece))
         graph.token_offsets = offsets
         graph.prompt_num_tokens = len(prompt)
     return graph

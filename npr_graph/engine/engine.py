@@ -125,10 +125,10 @@ class Engine:
                 )
             if template and chat is not False:
                 messages = [{"role": "user", "content": prompt}]
-                ids = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
                 )
-                ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:

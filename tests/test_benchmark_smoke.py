@@ -1,0 +1,115 @@
+"""Smoke test of the foundation benchmark at a tiny size: the functions run, and the plain
+reference token loop agrees with the library's ``official`` layout. Correctness only; no timing
+is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from npr_graph import attention_mask, parse, position_ids, validate
+from npr_graph.tokenizers import CharTokenizer
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("graph")
+reference = _load("reference_mask")
+
+PROMPT = "User: count the pairs (a, b) with a < b.\nAssistant: "
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CharTokenizer(special_tags=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trace_is_well_formed(tokenizer, seed):
+    text = bench.make_trace(tokenizer, 2000, seed=seed)
+    assert text == bench.make_trace(tokenizer, 2000, seed=seed)  # deterministic
+    graph = parse(text)
+    assert validate(graph) == []
+    assert len(graph.blocks) >= 2
+    assert all(2 <= block.width <= 5 for block in graph.blocks)
+    assert "\\boxed{" in text
+    assert 1500 < len(tokenizer.encode(text)) < 2500
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_loop_equals_official_mode(tokenizer, seed):
+    text = bench.make_trace(tokenizer, 2000, seed=seed, blocks=3)
+    prompt = tokenizer.encode(PROMPT)
+    ids = tokenizer.encode(text)
+    tags = reference.tag_token_ids(tokenizer)
+    graph = parse(ids, tokenizer=tokenizer, prompt_ids=prompt)
+    full = prompt + ids
+    mask = reference.reference_attention_mask(full, tags, start=len(prompt))
+    positions = reference.reference_position_ids(full, tags, start=len(prompt))
+    assert torch.equal(mask, attention_mask(graph, mode="official"))
+    assert torch.equal(positions, position_ids(graph, mode="official"))
+    # the official layout really differs from plain causal/sequential here
+    assert not torch.equal(mask, torch.ones_like(mask).tril())
+    assert not torch.equal(positions, torch.arange(len(full)))
+
+
+def test_reference_needs_single_token_tags():
+    with pytest.raises(ValueError, match="single tokens"):
+        reference.tag_token_ids(CharTokenizer(special_tags=False))
+
+
+def test_run_and_report(tokenizer, capsys):
+    results = bench.run(
+        quick=True,
+        repeats=1,
+        tokens=2048,
+        sizes=(1024, 2048),
+        throughput_mb=0.05,
+        tokenizer=tokenizer,
+        special=tokenizer,
+        prompt=PROMPT,
+    )
+    pipeline = results["pipeline"]
+    assert pipeline["violations"] == []
+    assert set(pipeline["stages_ms"]) == {
+        "parse_ids",
+        "parse_ids_lenient",
+        "decode_pieces",
+        "parse_text",
+        "validate",
+        "position_ids",
+        "compact_mask",
+    }
+    assert [row["target_tokens"] for row in results["masks"]] == [1024, 2048]
+    for row in results["masks"]:
+        assert row["dense_bytes"] == row["tokens"] ** 2
+        assert row["compact_bytes"] < row["dense_bytes"]
+    assert results["throughput"]["bytes"] > 40_000
+    assert results["reference"]["mask_equal"]
+    assert results["reference"]["positions_equal"]
+    if "hotspots" in results:
+        assert results["hotspots"]
+    bench.print_report(results)
+    out = capsys.readouterr().out
+    assert "(d) reference token loop" in out
+    json.loads(json.dumps(results, default=str))
+
+
+def test_quick_skips_large_dense(tokenizer):
+    rows = bench.bench_masks(tokenizer, (512, 1024), repeats=1, dense_max=512)
+    assert rows[0]["dense_ms"] is not None
+    assert rows[1]["dense_ms"] is None and rows[1]["dense_bytes"] is None
