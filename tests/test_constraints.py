@@ -19,7 +19,11 @@ def test_valid_traces_have_no_violations():
         ("<plan>2: use", "<plan>3: use", "plan_numbering"),
         ("<step>\n2: x=", "<step>\n1: x=", "step_numbering"),
         ("Both agree", "<plan>Both agree", "tag_in_content"),
-        ("<step>\n1: x^2-5x+6=(x-2)(x-3), so x=2 or x=3.\n</step>", "<step>\n1: </step>", "empty_content"),
+        (
+            "<step>\n1: x^2-5x+6=(x-2)(x-3), so x=2 or x=3.\n</step>",
+            "<step>\n1: </step>",
+            "empty_content",
+        ),
         ("</guideline>\n", "</guideline>\nchatter\n", "stray_text"),
         ("\\boxed{5}", "5", "missing_answer"),
         ("\\boxed{5}", "\\boxed{5} or \\boxed{6}", "multiple_answers"),
@@ -34,14 +38,18 @@ def test_each_rule_is_reported(old, new, code):
 
 
 def test_branch_count_and_limits():
-    two_plans_one_step = NPR_TRACE.replace("<step>\n2: x=(5±√(25-24))/2 gives 3 and 2.\n</step>\n", "")
+    two_plans_one_step = NPR_TRACE.replace(
+        "<step>\n2: x=(5±√(25-24))/2 gives 3 and 2.\n</step>\n", ""
+    )
     assert "branch_count" in codes(two_plans_one_step)
     plans = "".join(f"<plan>{i}: idea {i}</plan>" for i in range(1, 7))
     steps = "".join(f"<step>{i}: doing {i}</step>" for i in range(1, 7))
     wide = f"<guideline>{plans}</guideline>{steps}<takeaway>merge all</takeaway>\\boxed{{1}}"
     assert codes(wide) == ["too_many_branches"]
     assert codes(wide, max_branches=6) == []
-    no_plans = "<guideline>think</guideline><step>1: go on</step><takeaway>done now</takeaway>\\boxed{1}"
+    no_plans = (
+        "<guideline>think</guideline><step>1: go on</step><takeaway>done now</takeaway>\\boxed{1}"
+    )
     assert {"no_plans", "stray_text"} <= set(codes(no_plans))
 
 

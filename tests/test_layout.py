@@ -10,7 +10,11 @@ SMALL = "<guideline><plan>1: a</plan><plan>2: b</plan></guideline>\n<step>1: xx<
 
 @pytest.fixture
 def small(char_tokenizer):
-    return ng.parse(char_tokenizer.encode(SMALL), tokenizer=char_tokenizer, prompt_ids=char_tokenizer.encode("Q?"))
+    return ng.parse(
+        char_tokenizer.encode(SMALL),
+        tokenizer=char_tokenizer,
+        prompt_ids=char_tokenizer.encode("Q?"),
+    )
 
 
 def test_native_positions_by_hand(small):
@@ -72,7 +76,9 @@ def test_compact_mask_matches_dense_and_packs(small, char_tokenizer):
         compact = ng.compact_mask(small, mode)
         dense = ng.attention_mask(small, mode)
         assert torch.equal(compact.to_dense(), dense)
-        q, k = torch.meshgrid(torch.arange(dense.shape[0]), torch.arange(dense.shape[0]), indexing="ij")
+        q, k = torch.meshgrid(
+            torch.arange(dense.shape[0]), torch.arange(dense.shape[0]), indexing="ij"
+        )
         assert torch.equal(compact.allows(q, k), dense)
     other = ng.parse(char_tokenizer.encode("plain \\boxed{1}"), tokenizer=char_tokenizer)
     packed = CompactMask.concat([ng.compact_mask(small), ng.compact_mask(other)])
@@ -107,11 +113,19 @@ def test_flex_attention_block_mask_equals_dense_sdpa(small):
 
 
 def test_nested_visibility(char_tokenizer):
-    graph = ng.parse(char_tokenizer.encode(MULTIVERSE_TRACE), tokenizer=char_tokenizer, grammar="multiverse")
+    graph = ng.parse(
+        char_tokenizer.encode(MULTIVERSE_TRACE), tokenizer=char_tokenizer, grammar="multiverse"
+    )
     visible = node_visibility(graph)
     outer, inner = graph.blocks
     path2 = outer.branches[1][0]
-    for node in [*outer.branches[0], *inner.header, *inner.items, *inner.branches[0], *inner.branches[1]]:
+    for node in [
+        *outer.branches[0],
+        *inner.header,
+        *inner.items,
+        *inner.branches[0],
+        *inner.branches[1],
+    ]:
         assert not visible[path2, node] and not visible[node, path2]
     inner_a, inner_b = inner.branches[0][0], inner.branches[1][0]
     assert not visible[inner_b, inner_a]

@@ -141,7 +141,9 @@ def test_token_spans_with_special_tag_tokens(char_tokenizer):
     assert graph.token_ids == prompt + ids
     assert graph.response_text == NPR_TRACE
     for node in graph.nodes:
-        assert char_tokenizer.decode(graph.token_ids[node.token_start : node.token_end]) == node.text
+        assert (
+            char_tokenizer.decode(graph.token_ids[node.token_start : node.token_end]) == node.text
+        )
     step = graph.nodes_of("step")[0]
     assert graph.token_ids[step.token_start] == char_tokenizer.tag_ids["<step>"]
 
