@@ -353,8 +353,10 @@ class Engine:
         if state is None:
             return None, None, None
         allowed, banned = state.choices(self.format, params)
-        if state.mode == "constrained" and state.phase is not Phase.TEXT:
-            banned = (banned or []) + sorted(self.eos_ids)
+        if state.mode == "constrained":
+            banned = (banned or []) + self.format.spelled_tags(lane.text_tail)
+            if state.phase is not Phase.TEXT:
+                banned += sorted(self.eos_ids)
         penalized = None
         if state.phase is Phase.STEP and params.repetition_penalty != 1.0 and state.element_tokens:
             penalized = lane.tokens[-state.element_tokens :]

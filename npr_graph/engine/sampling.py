@@ -112,24 +112,24 @@ def select_tokens(
     given; log-probs always come from ``logits``.
     """
     logits = logits.float()
-    picked = None if scores is None else scores.float()
+    picked = logits if scores is None else scores.float()
     temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
     logprobs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
     tokens = torch.empty(len(params), dtype=torch.long)
-    for row, (p, generator, allow, seen) in enumerate(
-        zip(params, generators, allowed, penalized, strict=True)
-    ):
-        scores = (logits if picked is None else picked)[row].clone()
-        if seen is not None:
-            apply_repetition_penalty(scores, seen, p.repetition_penalty)
+    rows = zip(params, generators, allowed, banned, penalized, strict=True)
+    for row, (p, generator, allow, ban, seen) in enumerate(rows):
+        choice = picked[row].clone()
+        if seen:
+            apply_repetition_penalty(choice, torch.tensor(sorted(set(seen))), p.repetition_penalty)
         if allow is not None:
-            keep = torch.full_like(scores, float("-inf"))
+            keep = torch.full_like(choice, float("-inf"))
             keep[allow] = 0.0
-            scores = scores + keep
+            choice = choice + keep
+        if ban:
+            choice[ban] = float("-inf")
         if p.greedy:
-            tokens[row] = int(torch.argmax(scores))
+            tokens[row] = int(torch.argmax(choice))
             continue
-        scores = filter_top_k_top_p(scores / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(scores, dim=-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
+        choice = filter_top_k_top_p(choice / p.temperature, p.top_k, p.top_p)
+        tokens[row] = int(torch.multinomial(torch.softmax(choice, dim=-1), 1, generator=generator))
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)

@@ -64,6 +64,7 @@ class Format:
                     self.tag_ids[text] = ids[0]
         self.all_tag_ids = sorted(self.tag_ids.values())
         self._encoded: dict[str, list[int]] = {}
+        self._closers: list[tuple[int, str]] | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of engine-written text (tags as single tokens when special)."""
@@ -86,6 +87,22 @@ class Format:
     def others_banned(self, keep: str | None) -> list[int]:
         """Every tag id except ``keep``'s."""
         return [i for t, i in self.tag_ids.items() if t != keep]
+
+    def spelled_tags(self, tail: str) -> list[int]:
+        """Ids of ordinary tokens that would complete a tag spelled out in text after ``tail``
+        (the parser cannot tell a spelled ``<step>`` from the special token)."""
+        if self._closers is None:
+            from ..parse import decode_pieces
+
+            ids = list(range(len(self.tokenizer)))
+            pieces = decode_pieces(self.tokenizer, ids) if ids else []
+            self._closers = [
+                (i, p)
+                for i, p in zip(ids, pieces, strict=True)
+                if ">" in p and i not in self.tag_ids.values()
+            ]
+        tail = tail[-LONGEST_TAG:]
+        return [i for i, piece in self._closers if completed_tags(tail + piece, piece)]
 
 
 def completed_tags(tail: str, piece: str) -> list[str]:
