@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npr_graph.engine.engine import Engine  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
-from npr_graph.engine.structure import NPR_TAGS  # noqa: E402
 from npr_graph.models import load_model  # noqa: E402
 
 QUESTION = (
@@ -34,8 +33,9 @@ QUESTION = (
 
 
 def forced_structure(engine: Engine):
-    """Bans closing tags and EOS, so every element runs to its limit and counts are exact."""
-    banned = [engine.format.tag_ids[f"</{name}>"] for name in NPR_TAGS] + sorted(engine.eos_ids)
+    """Bans the elements' closing tags and EOS: every element runs to its limit, counts are exact."""
+    closers = ("</plan>", "</step>", "</takeaway>")
+    banned = [engine.format.tag_ids[tag] for tag in closers] + sorted(engine.eos_ids)
 
     def processor(context, logits):
         logits[banned] = float("-inf")

@@ -37,17 +37,21 @@ class StepPlan:
     key_positions: torch.Tensor | None = None  # [B, T]
 
     def __post_init__(self) -> None:
-        self._windowed: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int | None, int], torch.Tensor] = {}
 
-    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
-        """The mask, narrowed for sliding-window layers to keys less than ``sliding_window``
-        positions behind the query (built once per step and window size)."""
-        if sliding_window is None:
-            return self.mask
-        if sliding_window not in self._windowed:
-            distance = self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
-            self._windowed[sliding_window] = self.mask & (distance < sliding_window)
-        return self._windowed[sliding_window]
+    def mask_for(self, sliding_window: int | None, groups: int) -> torch.Tensor:
+        """The mask for ``groups`` query heads per KV head, narrowed for sliding-window layers to
+        keys less than ``sliding_window`` positions behind the query; built once per step."""
+        key = (sliding_window, groups)
+        if key not in self._masks:
+            mask = self.mask
+            if sliding_window is not None:
+                distance = (
+                    self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
+                )
+                mask = mask & (distance < sliding_window)
+            self._masks[key] = mask.repeat(1, 1, groups, 1) if groups > 1 else mask
+        return self._masks[key]
 
 
 class KVCache:
@@ -97,16 +101,14 @@ def paged_attention(
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     keys, values = plan.kv.keys[layer], plan.kv.values[layer]
-    keys[plan.write_slots] = key.transpose(1, 2).reshape(-1, kv_heads, dim).to(keys.dtype)
-    values[plan.write_slots] = value.transpose(1, 2).reshape(-1, kv_heads, dim).to(values.dtype)
+    keys[plan.write_slots] = key.transpose(1, 2).reshape(-1, kv_heads, dim)
+    values[plan.write_slots] = value.transpose(1, 2).reshape(-1, kv_heads, dim)
     lane_keys = keys[plan.read_slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
     lane_values = values[plan.read_slots].permute(0, 2, 1, 3)
     groups = heads // kv_heads
     # GQA without repeating K/V: the query heads of one KV head become extra query rows.
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)
-    mask = plan.mask_for(kwargs.get("sliding_window"))
-    if groups > 1:
-        mask = mask.repeat(1, 1, groups, 1)
+    mask = plan.mask_for(kwargs.get("sliding_window"), groups)
     out = F.scaled_dot_product_attention(
         grouped, lane_keys, lane_values, attn_mask=mask, scale=scaling
     )

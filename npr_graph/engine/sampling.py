@@ -127,6 +127,9 @@ def select_tokens(
             choice = choice + keep
         if ban:
             choice[ban] = float("-inf")
+        if not torch.isfinite(choice).any():  # a processor left nothing the format allows
+            choice = torch.full_like(choice, float("-inf"))
+            choice[allow] = logits[row, allow]
         if p.greedy:
             tokens[row] = int(torch.argmax(choice))
             continue
