@@ -69,15 +69,16 @@ def hf_generate(model, prompt_ids: list[int], batch: int, tokens: int) -> float:
 
 
 def run_width(engine: Engine, prompt_ids: list[int], width: int, step_tokens: int) -> dict:
+    # A short header and join, long steps: the block dominates, as in long reasoning branches.
     params = SamplingParams(
         temperature=0,
         min_branches=width,
         max_branches=width,
         max_blocks=1,
-        max_plan_tokens=8,
+        max_plan_tokens=2,
         max_step_tokens=step_tokens,
-        max_takeaway_tokens=16,
-        max_new_tokens=8 * width + step_tokens + 48,
+        max_takeaway_tokens=4,
+        max_new_tokens=7 * width + step_tokens + 12,
         max_total_tokens=100_000,
         ignore_eos=True,
     )
@@ -150,11 +151,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--widths", default="2,4,8")
-    parser.add_argument("--step-tokens", type=int, default=128)
+    parser.add_argument("--step-tokens", type=int, default=256)
     args = parser.parse_args()
     dtypes = ["bfloat16"] if args.quick else args.dtypes.split(",")
     widths = [2, 8] if args.quick else [int(w) for w in args.widths.split(",")]
-    step_tokens = 48 if args.quick else args.step_tokens
+    step_tokens = 64 if args.quick else args.step_tokens
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     }

@@ -421,15 +421,17 @@ def _pick(candidates: list, where: int):
     return candidates[where % len(candidates)]
 
 
-def _edit(
-    spec: TraceSpec, where: int, edit: Callable[[BlockSpec, int], None], pick=None
-) -> TraceSpec:
-    """A deep copy of ``spec`` with ``edit(block, where)`` applied to one block (any, or one that
-    ``pick`` accepts)."""
+def _edit(spec: TraceSpec, where: int, edit: Callable[[BlockSpec, int], None]) -> TraceSpec:
+    """A deep copy of ``spec`` with ``edit(block, rest)`` applied to the block ``where`` picks;
+    ``rest`` is what is left of ``where`` to pick a spot inside the block."""
     spec = copy.deepcopy(spec)
-    blocks = [b for b in walk(spec) if pick is None or pick(b)]
-    edit(_pick(blocks, where), where // max(len(blocks), 1))
+    blocks = list(walk(spec))
+    edit(_pick(blocks, where), where // len(blocks))
     return spec
+
+
+def _block_number(spec: TraceSpec, where: int) -> int:
+    return where % sum(1 for _ in walk(spec))
 
 
 def _leaf_steps(spec: TraceSpec) -> list[tuple[int, int]]:
@@ -572,19 +574,19 @@ def _drop(parts: list[Piece], keep: Callable[[Piece], bool]) -> str:
 
 def _missing_join(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) -> str:
     parts = pieces(spec, grammar, ws)
-    block = where % sum(1 for _ in walk(spec))
+    block = _block_number(spec, where)
     return _drop(parts, lambda p: not (p.part == "join" and p.block == block))
 
 
 def _missing_header(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) -> str:
     parts = pieces(spec, grammar, ws)
-    block = where % sum(1 for _ in walk(spec))
+    block = _block_number(spec, where)
     return _drop(parts, lambda p: not (p.part in ("header", "item") and p.block == block))
 
 
 def _missing_branches(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) -> str:
     parts = pieces(spec, grammar, ws)
-    block = where % sum(1 for _ in walk(spec))
+    block = _block_number(spec, where)
     inside = [i for i, p in enumerate(parts) if p.part == "branch" and p.block == block]
     return _text(parts[: inside[0]] + parts[inside[-1] + 1 :])
 
@@ -605,7 +607,7 @@ def _unexpected_join(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) 
     ends = [i for i, p in enumerate(parts) if p.role == "tag" and p.closing and p.part == "join"]
     target = _pick(ends, where)
     join = TAGS[grammar].join
-    extra = Piece(f"\n<{join}>\nagain\n</{join}>", "tag")
+    extra = Piece(f"\n<{join}>\nagain\n</{join}>", "body")
     return _text(parts[: target + 1] + [extra] + parts[target + 1 :])
 
 
