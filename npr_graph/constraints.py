@@ -125,7 +125,8 @@ def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
         heads = [nodes[branch[0]] for branch in block.branches if branch]
         if not spec.nesting and block.depth > 0:
             out.append(_violation("nesting", f"{spec.header} nested inside a {spec.branch}", first))
-        if block.header and not plans:
+        has_header = any(nodes[i].kind.value == spec.header for i in block.header)
+        if has_header and not plans:
             out.append(_violation("no_plans", f"<{spec.header}> holds no <{spec.item}>", first))
         if len(plans) > max_branches:
             out.append(

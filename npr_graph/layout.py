@@ -210,21 +210,36 @@ def _branch_spans(graph: ReasoningGraph) -> list[list[tuple[int, int]]]:
 
 
 def _official_mask(graph: ReasoningGraph) -> CompactMask:
-    segment = torch.zeros(graph.num_tokens, dtype=torch.long)
-    groups: list[list[int]] = []
-    count = 1  # segment 0: everything outside branch spans
-    for block_spans in _branch_spans(graph):
-        ids = list(range(count, count + len(block_spans)))
-        for segment_id, (start, end) in zip(ids, block_spans, strict=True):
-            segment[start:end] = segment_id
-        groups.append(ids)
-        count += len(ids)
+    """Segments are runs of tokens with the same branch memberships (a nested branch's tokens
+    also lie in the enclosing branch); two segments are hidden from each other when they sit in
+    different branches of one block."""
+    spans = [
+        (start, end, block, branch)
+        for block, block_spans in enumerate(_branch_spans(graph))
+        for branch, (start, end) in enumerate(block_spans)
+    ]
+    bounds = sorted(
+        {0, graph.num_tokens, *(s for s, _, _, _ in spans), *(e for _, e, _, _ in spans)}
+    )
+    memberships: list[frozenset[tuple[int, int]]] = []
+    ids: dict[frozenset[tuple[int, int]], int] = {}
+    segment: list[int] = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        member = frozenset(
+            (block, branch) for s, e, block, branch in spans if s <= start and end <= e
+        )
+        if member not in ids:
+            ids[member] = len(memberships)
+            memberships.append(member)
+        segment.extend([ids[member]] * (end - start))
+    count = len(memberships)
     visible = torch.ones(count, count, dtype=torch.bool)
-    for ids in groups:
-        if ids:
-            index = torch.tensor(ids)
-            visible[index[:, None], index[None, :]] = torch.eye(len(ids), dtype=torch.bool)
-    return CompactMask(segment, visible)
+    for a, first in enumerate(memberships):
+        blocks = dict(first)
+        for b, second in enumerate(memberships):
+            if any(block in blocks and blocks[block] != branch for block, branch in second):
+                visible[a, b] = False
+    return CompactMask(torch.tensor(segment, dtype=torch.long), visible)
 
 
 def _official_positions(graph: ReasoningGraph) -> torch.Tensor:

@@ -11,6 +11,7 @@ trace the strict grammar accepts.
 from __future__ import annotations
 
 import re
+import sys
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ import grammar as grammars
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 
 MAX_DEPTH = 32
-"""Deepest block nesting the parser follows; deeper tags are content (lenient) or an error."""
+"""Block nesting levels the parser follows by default; deeper tags are content (lenient) or an
+error (strict). ``parse(max_depth=...)`` accepts up to ``DEPTH_LIMIT``."""
+DEPTH_LIMIT = 1024
 
 LABEL = re.compile(r"\s*(\d+(?:\.\d+)*)\s*[:.)]")
 
@@ -333,7 +336,13 @@ class _Builder:
 
     def build(self, elements: list[Element], frontier: tuple[int, ...]) -> None:
         root = _Scope(NodeKind.TEXT, depth=0, block_depth=0, is_root=True)
-        self._scope(elements, 0, len(self.text), frontier, root)
+        # The walk recurses a few frames per nesting level, bounded by max_depth.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 200 + 8 * self.max_depth))
+        try:
+            self._scope(elements, 0, len(self.text), frontier, root)
+        finally:
+            sys.setrecursionlimit(limit)
         self._fill_blocks()
 
     # Element positions are relative to the response; nodes and violations index the full text.
@@ -392,7 +401,8 @@ class _Builder:
             return frontier
         gap = self.text[start:end]
         rest = gap.lstrip()
-        if self.nodes:
+        # The prompt is not the model's: whitespace that opens the response stays in the response.
+        if self.nodes and self.nodes[-1].kind is not NodeKind.PROMPT:
             if not rest:
                 self.nodes[-1].char_end = end + self.offset
                 return frontier
@@ -457,7 +467,7 @@ class _Builder:
         if scope.reuse is not None:
             block, scope.reuse = scope.reuse, None
         else:
-            if scope.block_depth > self.max_depth:
+            if scope.block_depth >= self.max_depth:
                 line = self.text.count("\n", 0, element.start) + 1
                 raise ParseError(
                     f"blocks nested deeper than {self.max_depth} levels",
@@ -792,6 +802,8 @@ def parse(
     another: their branches then depend on each other in order, as in plain decoding.
     """
     spec = dialect(grammar)
+    if not 1 <= max_depth <= DEPTH_LIMIT:
+        raise ValueError(f"max_depth must be in 1..{DEPTH_LIMIT}, got {max_depth}")
     ids: list[int] | None = None
     if isinstance(text_or_ids, str):
         response = text_or_ids

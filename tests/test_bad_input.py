@@ -216,12 +216,6 @@ def test_deep_nesting_is_cut_at_the_depth_limit():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="parse: with max_depth raised, a valid trace nested a few hundred levels deep "
-    "overflows the builder's recursion instead of parsing or raising ParseError",
-)
 @pytest.mark.parametrize("lenient", [False, True])
 def test_raised_depth_limit_does_not_overflow_the_stack(lenient):
     text = nested_multiverse(300)
@@ -233,12 +227,6 @@ def test_raised_depth_limit_does_not_overflow_the_stack(lenient):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse: strict mode accepts 33 nested levels (Block.depth up to MAX_DEPTH) while "
-    "lenient mode reports too_deep from 33 levels on (it stops at depth MAX_DEPTH - 1), so the "
-    "two modes disagree on a trace the strict grammar accepts",
-)
 def test_depth_limit_is_the_same_in_both_modes():
     text = nested_multiverse(33)
     try:

@@ -148,8 +148,6 @@ def _codes(text: str, grammar: str) -> set[str]:
 # Other rules a mutation is allowed to bring along because of a known validator bug, each pinned
 # by a strict xfail test below; the property itself stays strict for every other case.
 KNOWN_BUGS: dict[tuple[str, str], set[str]] = {
-    # test_missing_goal_reports_only_missing_header
-    ("multiverse", "missing_header"): {"no_plans"},
     # test_unclosed_nested_path_reports_only_unclosed_tag
     ("multiverse", "unclosed_tag"): {"missing_join", "tag_in_content", "unmatched_close_tag"},
 }
@@ -225,11 +223,6 @@ def test_strict_grammar_rejects_exactly_the_syntax_mutations(grammar, data):
         assert graph.to_dict() == parse(text, grammar=grammar, lenient=True).to_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="constraints: a Multiverse block without <Goal> also reports no_plans, because "
-    "Block.header holds the <Parallel> open node (NPR reports only missing_header)",
-)
 def test_missing_goal_reports_only_missing_header():
     text = (
         "<Parallel>\n<Path>\n1: a\n</Path>\n<Conclusion>\nb\n</Conclusion>\n</Parallel>\n\\boxed{1}"
@@ -458,12 +451,6 @@ NESTED = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layout: official mask of a nested Multiverse block lets a later sibling path see "
-    "the nested block's path tokens (they get the nested block's segment id, which no sibling "
-    "group masks)",
-)
 def test_official_mask_hides_nested_paths_from_sibling_paths():
     tokenizer = CharTokenizer()
     graph = parse(tokenizer.encode(NESTED), grammar="multiverse", tokenizer=tokenizer)
@@ -504,11 +491,6 @@ def test_critical_path_is_longest_weighted_path(shape):
         assert found["widths"] == [b.width for b in graph.blocks]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse: whitespace that starts the response is appended to the prompt node, so "
-    "metrics count it as prompt and the prompt node spans response tokens",
-)
 def test_prompt_node_stays_within_the_prompt():
     tokenizer = CharTokenizer()
     response = "\n\n" + render(TraceSpec("", [BlockSpec(["a"], ["b"], "c")], "\\boxed{1}"))
