@@ -386,6 +386,20 @@ class _Builder:
             **fields,
         )
 
+    def _opening(self, element: Element, parents: tuple[int, ...], **fields: Any) -> int:
+        """The node of an element's open tag (and the whitespace after it)."""
+        span = (element.start + self.offset, element.open_end + self.offset)
+        return self._emit(
+            KINDS[element.tag], element.start, element.open_end, parents, open_tag=span, **fields
+        )
+
+    def _closing(self, element: Element, parents: tuple[int, ...], **fields: Any) -> int:
+        """The node of an element's close tag, after its nested elements."""
+        span = (element.close_start + self.offset, element.end + self.offset)
+        return self._emit(
+            KINDS[element.tag], element.close_start, element.end, parents, close_tag=span, **fields
+        )
+
     def _note(self, code: str, message: str, start: int, end: int) -> None:
         self.violations.append(Violation(code, message, start + self.offset, end + self.offset))
 
@@ -512,17 +526,8 @@ class _Builder:
     def _wrapper(
         self, element: Element, frontier: tuple[int, ...], block: Block
     ) -> tuple[int, ...]:
-        kind = KINDS[element.tag]
-        opened = self._emit(
-            kind,
-            element.start,
-            element.open_end,
-            frontier,
-            block=block.index,
-            part="open",
-            depth=block.depth,
-            open_tag=(element.start + self.offset, element.open_end + self.offset),
-        )
+        fields = {"block": block.index, "depth": block.depth}
+        opened = self._opening(element, frontier, part="open", **fields)
         inner = _Scope(
             NodeKind.TEXT,
             block.depth,
@@ -535,31 +540,11 @@ class _Builder:
         frontier = self._scope(element.children, element.open_end, content_end, (opened,), inner)
         if element.close_start is None:
             return frontier
-        closed = self._emit(
-            kind,
-            element.close_start,
-            element.end,
-            frontier,
-            block=block.index,
-            part="close",
-            depth=block.depth,
-            close_tag=(element.close_start + self.offset, element.end + self.offset),
-        )
-        return (closed,)
+        return (self._closing(element, frontier, part="close", **fields),)
 
     def _header(self, element: Element, frontier: tuple[int, ...], block: Block) -> tuple[int, ...]:
-        kind, offset = KINDS[element.tag], self.offset
         fields = {"block": block.index, "depth": block.depth}
-        opened = self._emit(
-            kind,
-            element.start,
-            element.open_end,
-            frontier,
-            part="open",
-            open_tag=(element.start + offset, element.open_end + offset),
-            **fields,
-        )
-        frontier = (opened,)
+        frontier = (self._opening(element, frontier, part="open", **fields),)
         stray = _Scope(NodeKind.TEXT, block.depth, block.depth, block=block.index)
         cursor = element.open_end
         for item in element.children:
@@ -570,16 +555,7 @@ class _Builder:
         if element.close_start is None:
             return self._gap(cursor, element.end, frontier, stray)
         frontier = self._gap(cursor, element.close_start, frontier, stray)
-        closed = self._emit(
-            kind,
-            element.close_start,
-            element.end,
-            frontier,
-            part="close",
-            close_tag=(element.close_start + offset, element.end + offset),
-            **fields,
-        )
-        return (closed,)
+        return (self._closing(element, frontier, part="close", **fields),)
 
     def _is_sequential(self, block: Block) -> bool:
         return self.sequential is True or (
@@ -588,30 +564,17 @@ class _Builder:
 
     def _branch(self, element: Element, current: _OpenBlock) -> tuple[int, ...]:
         block, index = current.block, len(current.branch_ends)
-        kind = KINDS[element.tag]
+        fields = {"block": block.index, "branch": index, "depth": block.depth}
         fork = current.fork
         if current.branch_ends and self._is_sequential(block):
             fork = current.branch_ends[-1]
         if not element.children:
-            return (
-                self._element(
-                    kind, element, fork, block=block.index, branch=index, depth=block.depth
-                ),
-            )
-        opened = self._emit(
-            kind,
-            element.start,
-            element.open_end,
-            fork,
-            block=block.index,
-            branch=index,
-            depth=block.depth,
-            open_tag=(element.start + self.offset, element.open_end + self.offset),
-        )
+            return (self._element(KINDS[element.tag], element, fork, **fields),)
+        opened = self._opening(element, fork, **fields)
         label = LABEL.match(self.text, element.open_end, element.open_end + 64)
         self.nodes[opened].label = label.group(1) if label else None
         inner = _Scope(
-            kind,
+            KINDS[element.tag],
             block.depth,
             block.depth + 1,
             block=block.index,
@@ -623,22 +586,12 @@ class _Builder:
         frontier = self._scope(element.children, element.open_end, content_end, (opened,), inner)
         if element.close_start is None:
             return frontier
-        close_tag = (element.close_start + self.offset, element.end + self.offset)
         if inner.segment is not None and inner.segment == len(self.nodes) - 1:
-            self.nodes[-1].char_end = close_tag[1]
-            self.nodes[-1].close_tag = close_tag
+            last = self.nodes[-1]
+            last.close_tag = (element.close_start + self.offset, element.end + self.offset)
+            last.char_end = last.close_tag[1]
             return frontier
-        closed = self._emit(
-            kind,
-            element.close_start,
-            element.end,
-            frontier,
-            block=block.index,
-            branch=index,
-            depth=block.depth,
-            close_tag=close_tag,
-        )
-        return (closed,)
+        return (self._closing(element, frontier, **fields),)
 
     def _branch_gap(self, start: int, end: int, current: _OpenBlock) -> None:
         """Text after a branch and before its sibling or join stays inside that branch."""
