@@ -20,16 +20,9 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-TAGS = (
-    "<guideline>",
-    "</guideline>",
-    "<plan>",
-    "</plan>",
-    "<step>",
-    "</step>",
-    "<takeaway>",
-    "</takeaway>",
-)
+from .parse import DIALECTS
+
+TAGS = DIALECTS["npr"].tag_texts
 
 _TAG = re.compile("|".join(map(re.escape, TAGS)))
 _PLAN = re.compile(r"<plan>(.*?)</plan>", re.DOTALL)

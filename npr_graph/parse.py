@@ -66,8 +66,19 @@ class Dialect:
 
     @property
     def tags(self) -> tuple[str, ...]:
+        """Element kinds, outermost role first."""
         roles = (self.wrapper, self.header, self.item, self.branch, self.join)
         return tuple(tag for tag in roles if tag)
+
+    @property
+    def tag_names(self) -> tuple[str, ...]:
+        """The tag names as written in traces (Multiverse capitalises them)."""
+        return tuple(tag.capitalize() if self.name == "multiverse" else tag for tag in self.tags)
+
+    @property
+    def tag_texts(self) -> tuple[str, ...]:
+        """Every tag as text, each opening tag followed by its closing tag."""
+        return tuple(text for name in self.tag_names for text in (f"<{name}>", f"</{name}>"))
 
 
 DIALECTS = {

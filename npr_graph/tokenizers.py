@@ -10,8 +10,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-NPR_TAGS = ("guideline", "plan", "step", "takeaway")
-MULTIVERSE_TAGS = ("Parallel", "Goal", "Outline", "Path", "Conclusion")
+from .parse import DIALECTS
+
+NPR_TAGS = DIALECTS["npr"].tag_names
+MULTIVERSE_TAGS = DIALECTS["multiverse"].tag_names
 TAG_BASE = 0x110000  # first id past the Unicode range
 
 

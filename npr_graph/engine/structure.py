@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-NPR_TAGS = ("guideline", "plan", "step", "takeaway")
-TAG_PATTERN = re.compile(r"</?(?:guideline|plan|step|takeaway)>")
+from ..parse import DIALECTS
+
+NPR_TAGS = DIALECTS["npr"].tag_names
+TAG_PATTERN = re.compile(r"</?(?:" + "|".join(NPR_TAGS) + r")>")
 LONGEST_TAG = max(len(f"</{t}>") for t in NPR_TAGS)
 
 MODES = ("free", "constrained", "sequential")
