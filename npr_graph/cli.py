@@ -260,9 +260,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     console = Console()
     console.print(f"[bold]question:[/] {question}")
-    params = _sampling(
-        args, max_step_tokens=args.step_tokens, max_plan_tokens=24, max_takeaway_tokens=48
-    )
+    params = _sampling(args)
     graphs = _generate_with_progress(engine, [question], params, "constrained", False)
     parallel = engine.stats
     graph = graphs[0]
@@ -373,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
             "max_branches": 3,
             "repetition_penalty": 1.02,
             "seed": 0,
+            "temperature": 0.7,
+            "plan_tokens": 24,
+            "step_tokens": 64,
+            "takeaway_tokens": 40,
         },
     )
     demo.set_defaults(run=cmd_demo)
