@@ -23,16 +23,9 @@ from typing import Any
 
 import torch
 
-NPR_TAG_TEXTS = (
-    "<guideline>",
-    "</guideline>",
-    "<plan>",
-    "</plan>",
-    "<step>",
-    "</step>",
-    "<takeaway>",
-    "</takeaway>",
-)
+from npr_graph.parse import DIALECTS
+
+NPR_TAG_TEXTS = DIALECTS["npr"].tag_texts
 
 
 def tag_token_ids(tokenizer: Any) -> dict[str, int]:

@@ -25,8 +25,11 @@ from npr_graph import (
     validate,
 )
 from npr_graph.graph import check_partition
+from npr_graph.parse import DIALECTS
 from npr_graph.strategies import BlockSpec, TraceSpec, render
 from npr_graph.tokenizers import CharTokenizer
+
+ALL_TAG_TEXTS = DIALECTS["npr"].tag_texts + DIALECTS["multiverse"].tag_texts
 
 MB = 1_000_000
 
@@ -118,24 +121,7 @@ def test_binary_garbage(grammar, seed):
 def test_garbage_laced_with_tags(grammar):
     rng = random.Random(7)
     tags = [
-        "<guideline>",
-        "</guideline>",
-        "<plan>",
-        "</plan>",
-        "<step>",
-        "</step>",
-        "<takeaway>",
-        "</takeaway>",
-        "<Parallel>",
-        "</Parallel>",
-        "<Goal>",
-        "</Goal>",
-        "<Outline>",
-        "</Outline>",
-        "<Path>",
-        "</Path>",
-        "<Conclusion>",
-        "</Conclusion>",
+        *ALL_TAG_TEXTS,
         "\\boxed{",
         "}",
     ]

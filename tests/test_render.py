@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from npr_graph import render
 from npr_graph.graph import NodeKind, ReasoningGraph, Violation
-from npr_graph.parse import parse
+from npr_graph.parse import DIALECTS, parse
 from npr_graph.render import to_dot, to_mermaid, to_svg, to_tree, tree_text
 
 TRACES = Path(__file__).resolve().parents[1] / "examples" / "traces"
@@ -354,24 +354,8 @@ def test_tree_text_is_markup_safe() -> None:
 
 # -- property: any text renders to valid documents ----------------------------------------------
 PIECES = [
-    "<guideline>",
-    "</guideline>",
-    "<plan>",
-    "</plan>",
-    "<step>",
-    "</step>",
-    "<takeaway>",
-    "</takeaway>",
-    "<Parallel>",
-    "</Parallel>",
-    "<Goal>",
-    "</Goal>",
-    "<Outline>",
-    "</Outline>",
-    "<Path>",
-    "</Path>",
-    "<Conclusion>",
-    "</Conclusion>",
+    *DIALECTS["npr"].tag_texts,
+    *DIALECTS["multiverse"].tag_texts,
     "1: ",
     "2.1: ",
     "\n",
