@@ -22,7 +22,7 @@ import torch
 from ..graph import ReasoningGraph
 from ..layout import node_start, position_ids
 from ..parse import decode_pieces, parse
-from .kv import LaneKV, PagePool, PoolExhausted, join
+from .kv import LaneKV, PagePool, join
 from .lanes import Lane, LaneStatus, Request, Sample
 from .runner import ModelRunner
 from .sampling import SamplingParams, select_tokens
@@ -449,8 +449,6 @@ class Engine:
                 self._fork(lane, action.width)
         elif action.kind is Kind.BRANCH_DONE:
             self._branch_done(lane)
-        elif action.kind is Kind.FINISH:
-            self._finish_lane(lane, "stop")
 
     def _fork(self, lane: Lane, width: int) -> None:
         sample = lane.sample
@@ -582,4 +580,4 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-__all__ = ["Engine", "EngineStats", "PoolExhausted", "SamplingParams"]
+__all__ = ["Engine", "EngineStats", "SamplingParams"]

@@ -38,7 +38,6 @@ class Kind(str, Enum):
     CONTINUE = "continue"
     FORK = "fork"
     BRANCH_DONE = "branch_done"
-    FINISH = "finish"
 
 
 @dataclass
@@ -64,9 +63,9 @@ class Format:
                             f"tags='special' needs {text} as one token; load the model with tags='special'"
                         )
                     self.tag_ids[text] = ids[0]
-        self.all_tag_ids = sorted(self.tag_ids.values())
         self._encoded: dict[str, list[int]] = {}
         self._closers: list[tuple[int, str]] | None = None
+        self._self_contained: list[tuple[int, str]] = []
 
     def encode(self, text: str) -> list[int]:
         """Token ids of engine-written text (tags as single tokens when special)."""
@@ -103,8 +102,11 @@ class Format:
                 for i, p in zip(ids, pieces, strict=True)
                 if ">" in p and i not in self.tag_ids.values()
             ]
+            self._self_contained = [(i, p) for i, p in self._closers if "<" in p]
         tail = tail[-LONGEST_TAG:]
-        return [i for i, piece in self._closers if completed_tags(tail + piece, piece)]
+        # Without a "<" in the tail, only a token holding its own "<" can complete a tag.
+        candidates = self._closers if "<" in tail else self._self_contained
+        return [i for i, piece in candidates if completed_tags(tail + piece, piece)]
 
 
 def completed_tags(tail: str, piece: str) -> list[str]:
