@@ -378,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     demo.set_defaults(run=cmd_demo)
+
+    from . import evaluate, viewer
+
+    evaluate.add_parser(commands)
+    viewer.add_parser(commands)
+
+    from papo.cli import add_commands as add_training_commands
+
+    add_training_commands(commands)
     return parser
 
 

@@ -1,0 +1,1007 @@
+"""``npr eval``: accuracy, parallelism and speed of a model on a problem set.
+
+Per problem, the engine decodes ``n`` samples in one call (they share the prompt's KV); each
+sample's answer is checked with the training reward code (:mod:`papo.rewards`), its graph measured
+(:func:`npr_graph.metrics`), and the ``n`` lines are appended to a part file in one write and
+fsynced. A run that stops (killed, crashed) is resumed by running the same command again:
+problems whose ``n`` samples are all on disk are skipped, partial ones are redone, and the final
+merge keeps exactly one complete group per problem. With ``--baseline sequential`` every problem is
+decoded a second time in sequential mode, for the speedup.
+
+Under ``torchrun --nproc_per_node N`` each rank builds its own engine (GPU ``LOCAL_RANK`` when
+CUDA is present) and takes every N-th unfinished problem; rank 0 merges the ranks' part files
+into ``samples.jsonl`` and writes ``summary.json`` and ``report.md``. The summary is computed from
+the merged sample lines alone, so it has the same schema as a single-process run.
+
+Output (``--out DIR``): ``config.json`` (the settings a resumed run must match), ``samples.jsonl``
+(one line per sample: problem id, graph dict, extracted answer, correct, metrics),
+``summary.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .graph import ReasoningGraph
+
+PROBLEM_FIELDS = ("problem", "question", "prompt")
+ANSWER_FIELDS = ("answer", "final_answer", "solution")
+ID_FIELDS = ("id", "unique_id", "problem_id", "idx")
+MODES = {"parallel": "free", "constrained": "constrained", "sequential": "sequential"}
+SUMMARY_KEYS = (
+    "avg_at_n",
+    "pass_at_k",
+    "best_at_n",
+    "maj_at_n",
+    "format_valid_rate",
+    "parallel_rate",
+    "mean_width",
+    "tokens_per_s",
+    "speedup_vs_sequential",
+    "n",
+    "problems",
+)
+#: Settings that change what a sample is; a resumed run must agree on all of them.
+RUN_IDENTITY = (
+    "model",
+    "data",
+    "n",
+    "mode",
+    "prompt",
+    "baseline",
+    "reward",
+    "fields",
+    "chat",
+    "dtype",
+    "tags",
+    "sampling",
+)
+SAMPLES = "samples.jsonl"
+PART_GLOB = "samples.part-*.jsonl"
+#: Ranks wait for the slowest one at the end; a long evaluation must not trip gloo's default.
+DIST_TIMEOUT = timedelta(hours=24)
+
+
+class EvalError(Exception):
+    """A problem with the inputs or the output directory; the message says which."""
+
+
+# --------------------------------------------------------------------------------------------------
+# problems
+
+
+@dataclass
+class Problem:
+    """``index``: position in the data file (the sampling seed derives from it); ``id``: the
+    record's id field, else the index as text."""
+
+    index: int
+    id: str
+    question: str
+    reference: str
+
+
+def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of a .json, .jsonl or .parquet file; bad lines -> errors."""
+    if not path.is_file():
+        raise EvalError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as error:
+            raise EvalError(
+                f"{path}: reading .parquet needs pyarrow (pip install pyarrow)"
+            ) from error
+        try:
+            table = pq.read_table(path)
+        except Exception as error:
+            raise EvalError(f"{path}: not a readable parquet file ({error})") from error
+        for number, record in enumerate(table.to_pylist(), start=1):
+            yield f"{path}:row {number}", record
+        return
+    try:
+        text = path.read_text("utf-8", errors="replace")
+    except OSError as error:
+        raise EvalError(f"{path}: {error.strerror or error}") from error
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                errors.append(f"{path}:{number}: not JSON ({error.msg})")
+        return
+    if suffix != ".json":
+        raise EvalError(f"{path}: expected a .json, .jsonl or .parquet file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EvalError(f"{path}:{error.lineno}: not JSON ({error.msg})") from error
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise EvalError(f"{path}: expected a list of problems (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise EvalError(f"{path}: expected a list of problems")
+    for number, record in enumerate(data, start=1):
+        yield f"{path}: item {number}", record
+
+
+def _pick(record: dict[str, Any], override: str | None, names: Sequence[str]) -> tuple[str, Any]:
+    for name in [override] if override else names:
+        value = record.get(name)
+        if value is not None and (not isinstance(value, str) or value.strip()):
+            return name, value
+    return "", None
+
+
+def load_problems(
+    path: str | os.PathLike[str],
+    *,
+    fields: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> tuple[list[Problem], list[str]]:
+    """Problems of a data file and the errors met reading it (``"file:line: why"``).
+
+    The question is read from the first of ``problem``/``question``/``prompt`` present, the
+    reference from ``answer``/``final_answer``, else from the last ``\\boxed{}`` of ``solution``;
+    ``fields`` (keys ``problem``, ``answer``, ``id``) names other fields. A record without a
+    question or a reference is reported and skipped; ``limit`` keeps the first valid problems.
+    Raises :class:`EvalError` when the file cannot be read at all.
+    """
+    from papo.rewards import extract_answer
+
+    fields = fields or {}
+    errors: list[str] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for index, (where, record) in enumerate(read_records(Path(path), errors)):
+        if limit is not None and len(problems) >= limit:
+            break
+        if not isinstance(record, dict):
+            errors.append(f"{where}: not an object")
+            continue
+        _, question = _pick(record, fields.get("problem"), PROBLEM_FIELDS)
+        if not isinstance(question, str):
+            wanted = fields.get("problem") or "/".join(PROBLEM_FIELDS)
+            errors.append(f"{where}: no problem text (field {wanted})")
+            continue
+        name, answer = _pick(record, fields.get("answer"), ANSWER_FIELDS)
+        if name == "solution" and isinstance(answer, str):
+            answer = extract_answer(answer)
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            wanted = fields.get("answer") or "/".join(ANSWER_FIELDS)
+            errors.append(f"{where}: no answer (field {wanted}, or a \\boxed{{}} in solution)")
+            continue
+        _, given_id = _pick(record, fields.get("id"), ID_FIELDS)
+        problem_id = str(given_id) if given_id is not None else str(index)
+        if problem_id in seen:
+            errors.append(f"{where}: duplicate id {problem_id!r}; using {problem_id}#{index}")
+            problem_id = f"{problem_id}#{index}"
+        seen.add(problem_id)
+        problems.append(Problem(index, problem_id, question, str(answer)))
+    return problems, errors
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator (Codex paper): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks_for(n: int) -> list[int]:
+    """1, 2, 4, ... up to n."""
+    return [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+
+
+def parallel_widths(graph: ReasoningGraph) -> list[int]:
+    """Per block, how many branches ran side by side: those whose first node has the same parents
+    as the first branch's (a block decoded one branch after another counts 1)."""
+    widths = []
+    for block in graph.blocks:
+        heads = [graph.nodes[branch[0]].parents for branch in block.branches if branch]
+        widths.append(sum(1 for parents in heads if parents == heads[0]) if heads else 0)
+    return widths
+
+
+def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]:
+    """Shape, size and format validity of one sampled graph.
+
+    ``parallel``: a block of >= 2 branches was written (the trigger rate counts these);
+    ``executed_parallel``: >= 2 of them were decoded side by side. ``format_valid``: NPR output
+    passes ``format_score`` (0.0); Multiverse output has a block and no strict violation; plain
+    reasoning has a ``\\boxed{}`` answer.
+    """
+    from papo.rewards import extract_answer
+
+    from .constraints import validate
+    from .format import format_score
+    from .metrics import metrics
+
+    m = metrics(graph)
+    executed = parallel_widths(graph)
+    response = graph.response_text
+    fmt = format_score(response) if grammar == "npr" else None
+    violations = validate(graph, "strict") if grammar else []
+    if grammar == "npr":
+        valid = fmt == 0.0
+    elif grammar == "multiverse":
+        valid = bool(graph.blocks) and not violations
+    else:
+        valid = extract_answer(response) is not None
+    meta = graph.metadata
+    return {
+        "tokens": m["total_tokens"],
+        "critical_path_tokens": m["critical_path_tokens"],
+        "theoretical_speedup": m["theoretical_speedup"],
+        "blocks": m["blocks"],
+        "widths": m["widths"],
+        "parallel_widths": executed,
+        "max_width": m["max_width"],
+        "mean_width": m["mean_width"],
+        "parallel": m["is_parallel"],
+        "executed_parallel": any(width >= 2 for width in executed),
+        "format_score": fmt,
+        "format_valid": valid,
+        "violations": [v.to_dict() for v in violations],
+        "finish_reason": meta.get("finish_reason"),
+        "truncated": meta.get("truncated", False),
+    }
+
+
+def _majority(samples: Sequence[dict[str, Any]], timeout_s: float) -> tuple[str | None, bool]:
+    """The most frequent answer (answers grouped by math equivalence; ties go to the answer seen
+    first) and whether it is correct. Samples without a parsed answer do not vote."""
+    from papo.rewards import verify
+
+    clusters: list[list[dict[str, Any]]] = []
+    for sample in samples:
+        answer = sample["answer"]
+        if answer is None or not sample["parsed"]:
+            continue
+        for cluster in clusters:
+            head = cluster[0]["answer"]
+            if answer == head or verify(answer, head, timeout_s=timeout_s):
+                cluster.append(sample)
+                break
+        else:
+            clusters.append([sample])
+    if not clusters:
+        return None, False
+    best = max(clusters, key=len)  # max keeps the first of equal-sized clusters
+    return best[0]["answer"], bool(best[0]["correct"])
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _rate(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def summarize(
+    records: Sequence[dict[str, Any]],
+    *,
+    n: int,
+    info: dict[str, Any] | None = None,
+    errors: Sequence[str] = (),
+    timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    """The summary of sample lines: aggregates, then ``per_problem``. Pure: the same lines give
+    the same summary whichever process (or how many) produced them."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record["problem_id"], []).append(record)
+    ks = ks_for(n)
+    per_problem = []
+    for problem_id, samples in groups.items():
+        samples = sorted(samples, key=lambda r: r["sample"])
+        count, correct = len(samples), sum(bool(s["correct"]) for s in samples)
+        majority, majority_correct = _majority(samples, timeout_s)
+        group = samples[0]["group"]
+        baseline = group.get("baseline")
+        per_problem.append(
+            {
+                "id": problem_id,
+                "index": samples[0]["problem_index"],
+                "reference": samples[0]["reference"],
+                "samples": count,
+                "correct": correct,
+                "avg": correct / count,
+                "pass_at_k": {str(k): pass_at_k(count, correct, k) for k in ks if k <= count},
+                "majority": majority,
+                "majority_correct": majority_correct,
+                "format_valid": sum(s["metrics"]["format_valid"] for s in samples) / count,
+                "parallel": sum(s["metrics"]["parallel"] for s in samples) / count,
+                "tokens": group["generated_tokens"],
+                "wall_time_s": group["wall_time"],
+                "tokens_per_s": group["tokens_per_s"],
+                "baseline_tokens_per_s": baseline["tokens_per_s"] if baseline else None,
+                "baseline_wall_time_s": baseline["wall_time"] if baseline else None,
+            }
+        )
+    per_problem.sort(key=lambda p: p["index"])
+    samples = [r for p in per_problem for r in groups[p["id"]]]
+    metrics = [s["metrics"] for s in samples]
+    widths = [w for m in metrics for w in m["widths"]]
+    tokens = sum(p["tokens"] for p in per_problem)
+    wall = sum(p["wall_time_s"] for p in per_problem)
+    tokens_per_s = tokens / wall if wall > 0 else 0.0
+    baseline = None
+    baselines = [s["group"]["baseline"] for s in samples if s["sample"] == 0]
+    if baselines and all(b is not None for b in baselines):
+        base_tokens = sum(b["generated_tokens"] for b in baselines)
+        base_wall = sum(b["wall_time"] for b in baselines)
+        base_correct = sum(b["correct"] for b in baselines)
+        base_samples = sum(b["samples"] for b in baselines)
+        baseline = {
+            "mode": "sequential",
+            "tokens": base_tokens,
+            "wall_time_s": base_wall,
+            "tokens_per_s": base_tokens / base_wall if base_wall > 0 else 0.0,
+            "avg_at_n": base_correct / base_samples if base_samples else None,
+        }
+    unparsed = [
+        {"problem_id": s["problem_id"], "sample": s["sample"], "answer": s["answer"]}
+        for s in samples
+        if not s["parsed"]
+    ]
+    count = len(per_problem)
+    summary: dict[str, Any] = {
+        "avg_at_n": _mean(p["avg"] for p in per_problem),
+        "pass_at_k": {
+            str(k): _mean(p["pass_at_k"][str(k)] for p in per_problem if str(k) in p["pass_at_k"])
+            for k in ks
+        },
+        "best_at_n": _mean(float(p["correct"] > 0) for p in per_problem),
+        "maj_at_n": _mean(float(p["majority_correct"]) for p in per_problem),
+        "format_valid_rate": _mean(float(m["format_valid"]) for m in metrics),
+        "parallel_rate": _mean(float(m["parallel"]) for m in metrics),
+        "executed_parallel_rate": _mean(float(m["executed_parallel"]) for m in metrics),
+        "mean_width": _mean(widths),
+        "max_width": max(widths, default=0),
+        "tokens": tokens,
+        "mean_tokens": _mean(m["tokens"] for m in metrics),
+        "mean_critical_path_tokens": _mean(m["critical_path_tokens"] for m in metrics),
+        "wall_time_s": wall,
+        "tokens_per_s": tokens_per_s,
+        "baseline": baseline,
+        "speedup_vs_sequential": (
+            tokens_per_s / baseline["tokens_per_s"]
+            if baseline and baseline["tokens_per_s"] > 0
+            else None
+        ),
+        "latency_speedup_vs_sequential": (
+            baseline["wall_time_s"] / wall if baseline and wall > 0 else None
+        ),
+        "n": n,
+        "problems": count,
+        "samples": len(samples),
+        "unparsed_answers": len(unparsed),
+        "unparsed": unparsed,
+        "errors": list(errors),
+        **(info or {}),
+        "per_problem": per_problem,
+    }
+    return summary
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
+    """A readable report of a summary: settings and the aggregate table, then (``details``) the
+    problems, the answers that could not be parsed and the input errors."""
+    n = summary["n"]
+    lines = [
+        f"# Evaluation: {summary.get('data', '')}",
+        "",
+        f"model `{summary.get('model')}`, mode `{summary.get('mode')}`, prompt "
+        f"`{summary.get('prompt')}`, n = {n}, {summary['problems']} problems, "
+        f"{summary['samples']} samples",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| avg@{n} | {_pct(summary['avg_at_n'])} |",
+        *(f"| pass@{k} | {_pct(v)} |" for k, v in summary["pass_at_k"].items()),
+        f"| best@{n} | {_pct(summary['best_at_n'])} |",
+        f"| maj@{n} | {_pct(summary['maj_at_n'])} |",
+        f"| format valid | {_pct(summary['format_valid_rate'])} |",
+        f"| parallel trigger rate | {_pct(summary['parallel_rate'])} |",
+        f"| executed in parallel | {_pct(summary['executed_parallel_rate'])} |",
+        f"| branch width mean / max | {_num(summary['mean_width'])} / {summary['max_width']} |",
+        f"| tokens generated | {summary['tokens']} |",
+        f"| mean tokens / critical path per sample | {_num(summary['mean_tokens'], 1)} / "
+        f"{_num(summary['mean_critical_path_tokens'], 1)} |",
+        f"| decode wall time | {_num(summary['wall_time_s'], 1, ' s')} |",
+        f"| tokens/s | {_num(summary['tokens_per_s'], 1)} |",
+    ]
+    baseline = summary.get("baseline")
+    if baseline:
+        lines += [
+            f"| sequential baseline tokens/s | {_num(baseline['tokens_per_s'], 1)} |",
+            f"| sequential baseline avg@{n} | {_pct(baseline['avg_at_n'])} |",
+            f"| speedup vs sequential (tokens/s) | {_num(summary['speedup_vs_sequential'])}× |",
+            f"| speedup vs sequential (wall time) | "
+            f"{_num(summary['latency_speedup_vs_sequential'])}× |",
+        ]
+    lines += [
+        f"| unparsed answers | {summary['unparsed_answers']} |",
+    ]
+    if not details:
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "## Problems",
+        "",
+        "| id | reference | correct | majority | format valid | parallel | tokens | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in summary["per_problem"]:
+        cells = [
+            str(p["id"]),
+            f"`{p['reference']}`",
+            f"{p['correct']}/{p['samples']}",
+            f"`{p['majority']}`" + (" ✓" if p["majority_correct"] else ""),
+            _pct(p["format_valid"]),
+            _pct(p["parallel"]),
+            str(p["tokens"]),
+            _num(p["tokens_per_s"], 1),
+        ]
+        lines.append(
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        )
+    if summary["unparsed"]:
+        lines += ["", "## Answers that could not be parsed (counted as wrong)", ""]
+        lines += [
+            f"- problem {u['problem_id']} sample {u['sample']}: "
+            + (
+                "no \\boxed{} answer"
+                if u["answer"] is None
+                else f"`{u['answer']}`"
+                if u["answer"].strip()
+                else "empty \\boxed{}"
+            )
+            for u in summary["unparsed"]
+        ]
+    if summary["errors"]:
+        lines += ["", "## Input errors", ""] + [f"- {e}" for e in summary["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class EvalConfig:
+    data: str
+    model: str | None = None  # None: the embedded default
+    n: int = 8
+    mode: str = "parallel"
+    prompt: str = "npr"
+    out: str | None = None
+    limit: int | None = None
+    baseline: str | None = None
+    reward: str = "accuracy"
+    fields: dict[str, str] = field(default_factory=dict)
+    chat: bool | None = None
+    dtype: str = "float32"
+    tags: str = "special"
+    device: str | None = None
+    verify_timeout_s: float = 5.0
+    quiet: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise EvalError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.baseline not in (None, "sequential"):
+            raise EvalError(f"unknown baseline {self.baseline!r}; the only one is 'sequential'")
+        if self.n < 1:
+            raise EvalError("n must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise EvalError("limit must be >= 1")
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        prompt = Path(self.prompt).stem
+        return Path("out") / "eval" / f"{Path(self.data).stem}-{self.mode}-{prompt}"
+
+    def identity(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["data"] = str(Path(self.data).resolve())
+        return {key: values[key] for key in RUN_IDENTITY}
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this module created the process group (and destroys it)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _init_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned)
+
+
+def _device(config: EvalConfig) -> str:
+    if config.device:
+        return config.device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Valid lines of samples.jsonl and every part file; a line cut short by a kill is skipped."""
+    found = []
+    for path in [out / SAMPLES, *sorted(out.glob(PART_GLOB))]:
+        if not path.is_file():
+            continue
+        records = []
+        for line in path.read_text("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "problem_id" in record and "sample" in record:
+                records.append(record)
+        found.append((path, records))
+    return found
+
+
+def _complete_groups(
+    files: list[tuple[Path, list[dict[str, Any]]]], n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Per problem, the first file's group holding all ``n`` samples once (a problem a kill cut
+    short is absent, so it is decoded again)."""
+    complete: dict[str, list[dict[str, Any]]] = {}
+    for _, records in files:
+        by_problem: dict[str, dict[int, dict[str, Any]]] = {}
+        for record in records:
+            by_problem.setdefault(record["problem_id"], {})[record["sample"]] = record
+        for problem_id, samples in by_problem.items():
+            if problem_id not in complete and set(samples) == set(range(n)):
+                complete[problem_id] = [samples[i] for i in range(n)]
+    return complete
+
+
+def _check_config(out: Path, config: EvalConfig) -> None:
+    path = out / "config.json"
+    identity = config.identity()
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text("utf-8"))
+        except json.JSONDecodeError:
+            stored = None
+        if stored != json.loads(json.dumps(identity)):
+            raise EvalError(
+                f"{out} holds a run with other settings (see {path}); use another --out "
+                "or delete that directory"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=1) + "\n", "utf-8")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, path)
+
+
+class _Evaluator:
+    """Decodes and scores one problem at a time on one engine."""
+
+    def __init__(self, engine: Any, config: EvalConfig):
+        from papo import rewards
+
+        from .engine.sampling import SamplingParams
+        from .prompts import load_template
+
+        self.engine = engine
+        self.config = config
+        self.template = load_template(config.prompt)
+        self.reward = rewards.get(config.reward)
+        self.params = SamplingParams(**{**config.sampling, "n": config.n})
+
+    def _params(self, problem: Problem):
+        import dataclasses
+
+        seed = self.params.seed
+        # One seed per problem: a resumed or sharded run samples exactly what a whole run would.
+        return dataclasses.replace(self.params, seed=None if seed is None else seed + problem.index)
+
+    def _decode(self, prompt: str, params: Any, mode: str) -> tuple[list[ReasoningGraph], dict]:
+        graphs = self.engine.generate([prompt], params, mode=mode, chat=self.config.chat)
+        stats = self.engine.stats
+        return graphs, {
+            "wall_time": stats.wall_time,
+            "generated_tokens": stats.generated_tokens,
+            "tokens_per_s": stats.tokens_per_s,
+            "decode_steps": stats.decode_steps,
+        }
+
+    def _metrics_graph(self, graph: ReasoningGraph) -> ReasoningGraph:
+        """The engine's graph, or for Multiverse output a re-parse of the same tokens with the
+        Multiverse grammar (the engine decodes Multiverse blocks sequentially, so marked so)."""
+        if self.template.grammar != "multiverse" or graph.token_ids is None:
+            return graph
+        from .parse import parse
+
+        reparsed = parse(
+            graph.token_ids[graph.prompt_num_tokens :],
+            grammar="multiverse",
+            tokenizer=self.engine.tokenizer,
+            prompt_ids=graph.token_ids[: graph.prompt_num_tokens],
+            lenient=True,
+            sequential=True,
+        )
+        reparsed.logprobs, reparsed.forced = graph.logprobs, graph.forced
+        reparsed.metadata = dict(graph.metadata)
+        return reparsed
+
+    def run(self, problem: Problem) -> list[dict[str, Any]]:
+        prompt = self.template.render(problem.question)
+        params = self._params(problem)
+        graphs, group = self._decode(prompt, params, MODES[self.config.mode])
+        records = []
+        for index, graph in enumerate(graphs):
+            graph = self._metrics_graph(graph)
+            reward = self.reward(
+                graph.response_text, problem.reference, timeout_s=self.config.verify_timeout_s
+            )
+            records.append(
+                {
+                    "problem_id": problem.id,
+                    "problem_index": problem.index,
+                    "sample": index,
+                    "reference": problem.reference,
+                    "answer": reward.answer,
+                    "correct": reward.correct,
+                    "parsed": reward.parsed,
+                    "reward": reward.score,
+                    "metrics": sample_metrics(graph, self.template.grammar),
+                    "group": group,
+                    "graph": graph.to_dict(),
+                }
+            )
+        group["baseline"] = None
+        if self.config.baseline == "sequential":
+            base_graphs, base = self._decode(prompt, params, "sequential")
+            base["samples"] = len(base_graphs)
+            base["correct"] = sum(
+                self.reward(
+                    g.response_text, problem.reference, timeout_s=self.config.verify_timeout_s
+                ).correct
+                for g in base_graphs
+            )
+            group["baseline"] = base
+        return records
+
+
+def _progress(enabled: bool, total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def run_eval(
+    config: EvalConfig,
+    *,
+    engine: Any = None,
+    on_problem: Callable[[Problem, list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate (or resume evaluating) ``config`` and return the summary, on every rank.
+
+    ``engine`` replaces loading ``config.model`` (tests pass tiny ones); ``on_problem`` is called
+    after each problem's lines are on disk. Raises :class:`EvalError` for unusable inputs.
+    """
+    dist = _init_distributed()
+    try:
+        return _run(config, dist, engine, on_problem)
+    finally:
+        if dist.owned:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _run(
+    config: EvalConfig,
+    dist: _Dist,
+    engine: Any,
+    on_problem: Callable[[Problem, list[dict[str, Any]]], None] | None,
+) -> dict[str, Any]:
+    from .prompts import load_template
+
+    out = config.out_dir()
+    failure = None
+    try:
+        load_template(config.prompt)
+        problems, errors = load_problems(config.data, fields=config.fields, limit=config.limit)
+        if not problems:
+            raise EvalError(f"{config.data}: no problems to evaluate")
+        if dist.rank == 0:
+            _check_config(out, config)
+    except (EvalError, OSError, ValueError) as error:
+        failure = str(error)
+    # Every rank stops on rank 0's verdict, so that none waits for a rank that gave up.
+    failure = dist.broadcast(failure) or failure
+    if failure:
+        raise EvalError(failure)
+
+    # Rank 0 decides what is left, before any rank writes: every rank then shards the same list.
+    done = set(_complete_groups(_read_sample_files(out), config.n)) if dist.rank == 0 else None
+    done = dist.broadcast(done)
+    todo = [p for p in problems if p.id not in done][dist.rank :: dist.world]
+    if todo:
+        if engine is None:
+            from .engine.engine import Engine
+
+            engine = Engine.from_pretrained(
+                config.model, dtype=config.dtype, tags=config.tags, device=_device(config)
+            )
+        evaluator = _Evaluator(engine, config)
+        part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
+        show = not config.quiet and dist.rank == 0
+        with part.open("a", encoding="utf-8") as handle, _progress(show, len(todo)) as progress:
+            task = progress.add_task("", total=len(todo))
+            for problem in todo:
+                progress.update(task, description=f"problem {problem.id}")
+                records = evaluator.run(problem)
+                # One write per problem, then fsync: a kill leaves whole groups or a cut group
+                # (redone on resume), never a group that looks complete but is not.
+                handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                handle.flush()
+                os.fsync(handle.fileno())
+                progress.advance(task)
+                if on_problem is not None:
+                    on_problem(problem, records)
+    dist.barrier()
+
+    result: dict[str, Any] | str | None = None
+    if dist.rank == 0:
+        try:
+            result = _merge_and_summarize(out, config, problems, errors, dist.world)
+        except Exception as error:  # told to the other ranks too, then raised here
+            result = f"merging the results failed: {error!r}"
+            if not dist.active:
+                raise
+    result = dist.broadcast(result)
+    if isinstance(result, str):
+        raise EvalError(result)
+    return result
+
+
+def _merge_and_summarize(
+    out: Path, config: EvalConfig, problems: list[Problem], errors: list[str], world: int
+) -> dict[str, Any]:
+    files = _read_sample_files(out)
+    groups = _complete_groups(files, config.n)
+    order = {p.id: p.index for p in problems}
+    # Problems of earlier runs outside this run's selection (another --limit) are kept on disk.
+    ordered = sorted(groups.items(), key=lambda kv: (order.get(kv[0], math.inf), kv[0]))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, g in ordered for r in g)
+    _write_atomic(out / SAMPLES, text)
+    for path, _ in files:
+        if path.name != SAMPLES:
+            path.unlink(missing_ok=True)
+    selected = [r for p in problems if p.id in groups for r in groups[p.id]]
+    info = {
+        "model": config.model or "default",
+        "data": config.data,
+        "mode": config.mode,
+        "prompt": config.prompt,
+        "reward": config.reward,
+        "world_size": world,
+        "sampling": {**config.sampling, "n": config.n},
+    }
+    summary = summarize(
+        selected, n=config.n, info=info, errors=errors, timeout_s=config.verify_timeout_s
+    )
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    _write_atomic(out / "report.md", markdown_report(summary))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``npr eval`` on the ``npr`` command's subparsers."""
+    parser = commands.add_parser(
+        "eval",
+        help="accuracy, parallel trigger rate and speed on a problem set",
+        description="Evaluate a model on problems from a .json, .jsonl or .parquet file. "
+        "Run it again with the same arguments to resume an interrupted run; under torchrun the "
+        "problems are sharded across ranks.",
+    )
+    parser.add_argument("--model", default="default", help="local model dir, .gguf or 'default'")
+    parser.add_argument("--data", required=True, help="problems: .json, .jsonl or .parquet")
+    parser.add_argument("--limit", type=int, default=None, help="first N problems")
+    parser.add_argument("--n", "-n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--mode", choices=tuple(MODES), default="parallel")
+    parser.add_argument("--prompt", default="npr", help="npr, multiverse, cot or a template file")
+    parser.add_argument("--out", default=None, help="output dir (default out/eval/<data>-<mode>-…)")
+    parser.add_argument("--baseline", choices=("sequential",), default=None)
+    parser.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="KEY=NAME",
+        help="read KEY (problem, answer, id) from field NAME",
+    )
+    parser.add_argument("--reward", default="accuracy", help="reward that decides correctness")
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--tags", choices=("special", "text"), default="special")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--max-total-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-branches", type=int, default=2)
+    parser.add_argument("--max-branches", type=int, default=4)
+    parser.add_argument("--plan-tokens", type=int, default=48)
+    parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument("--takeaway-tokens", type=int, default=128)
+    parser.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per check")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    parser.set_defaults(run=cmd_eval)
+
+
+def _parse_fields(pairs: Sequence[str]) -> dict[str, str]:
+    fields = {}
+    for pair in pairs:
+        key, sep, name = pair.partition("=")
+        if not sep or key not in ("problem", "answer", "id") or not name:
+            raise EvalError(f"--field takes KEY=NAME with KEY one of problem, answer, id: {pair!r}")
+        fields[key] = name
+    return fields
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "max_total_tokens": args.max_total_tokens,
+        "seed": args.seed,
+        "min_branches": args.min_branches,
+        "max_branches": args.max_branches,
+        "max_plan_tokens": args.plan_tokens,
+        "max_step_tokens": args.step_tokens,
+        "max_takeaway_tokens": args.takeaway_tokens,
+    }
+    return EvalConfig(
+        data=args.data,
+        model=None if args.model in (None, "default") else args.model,
+        n=args.n,
+        mode=args.mode,
+        prompt=args.prompt,
+        out=args.out,
+        limit=args.limit,
+        baseline=args.baseline,
+        reward=args.reward,
+        fields=_parse_fields(args.field),
+        chat=False if args.no_chat else None,
+        dtype=args.dtype,
+        tags=args.tags,
+        device=args.device,
+        verify_timeout_s=args.verify_timeout,
+        quiet=args.quiet,
+        sampling=sampling,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        from .engine.sampling import SamplingParams
+
+        SamplingParams(**config.sampling)  # bad sampling values fail before the model loads
+        if args.threads:
+            # On a shared CPU one thread per process can be 10x faster than contended threads.
+            import torch
+
+            torch.set_num_threads(args.threads)
+        summary = run_eval(config)
+    except (EvalError, ValueError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"npr eval: {message}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    for error in summary["errors"]:
+        print(f"npr eval: {error}", file=sys.stderr)
+    if summary["unparsed_answers"]:
+        print(
+            f"npr eval: {summary['unparsed_answers']} answer(s) could not be parsed "
+            "(counted as wrong; listed in summary.json and report.md)",
+            file=sys.stderr,
+        )
+    if not config.quiet:
+        print(markdown_report(summary, details=False))
+    print(f"results in {config.out_dir()}/ (samples.jsonl, summary.json, report.md)")
+    return 1 if summary["errors"] else 0

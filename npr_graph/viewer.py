@@ -1,0 +1,265 @@
+"""``npr view``: one self-contained HTML page showing sampled reasoning DAGs.
+
+The page (template ``npr_graph/data/viewer.html``: inline CSS and JavaScript, no network fetch)
+lists the samples with filters (all, correct, incorrect, invalid format) and draws the selected
+one: blocks with their branches side by side, parent edges, the critical path in bold, nodes with
+violations in red; clicking a node shows its full text. Per-sample metrics are listed beside it.
+
+Everything the page needs is computed here, in Python, and embedded as JSON: the nesting of
+nodes into blocks and branches (:func:`layout_tree`), the critical path (:func:`critical_path`),
+strict violations. The JavaScript only builds DOM from it (node text always through
+``textContent``, so trace text cannot inject markup).
+
+Input lines may be ``npr eval`` samples (a ``graph`` field), graph dicts (``nodes``), or records
+with a ``text``/``response`` field (parsed leniently, grammar detected from the tags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from .graph import ReasoningGraph
+
+TEXT_FIELDS = ("text", "response", "output", "completion")
+PLACEHOLDER = "__NPR_VIEWER_DATA__"
+#: Node text beyond this is cut in the page (the detail panel says so); keeps pages loadable.
+MAX_NODE_CHARS = 20_000
+
+
+def _lengths(graph: ReasoningGraph) -> list[int]:
+    if graph.tokenized:
+        return [node.num_tokens for node in graph.nodes]
+    return [node.char_end - node.char_start for node in graph.nodes]
+
+
+def critical_path(graph: ReasoningGraph) -> list[int]:
+    """Node ids of the longest dependency chain, in order: from the node that ends last, back
+    through the parent each node's start comes from (its latest-ending parent)."""
+    from .layout import node_starts
+
+    if not graph.nodes:
+        return []
+    lengths = _lengths(graph)
+    starts = node_starts(graph, lengths)
+    ends = [start + length for start, length in zip(starts, lengths, strict=True)]
+    node = max(range(len(ends)), key=lambda i: (ends[i], i))
+    path = [node]
+    while graph.nodes[node].parents:
+        node = max(graph.nodes[node].parents, key=lambda p: (ends[p], p))
+        path.append(node)
+    return path[::-1]
+
+
+def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
+    """The response as nested items: ``{"node": id}`` or ``{"block": index, "header": [...],
+    "branches": [[...], ...], "footer": [...]}``, each list holding items in text order.
+
+    A node belongs to its innermost block: to the header (guideline and plans, or goal and
+    outlines), to a branch (steps, paths; a nested block sits in the branch holding it), or to
+    the footer (takeaway, conclusion, closing segments)."""
+    slots: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+
+    def put(slot: Any, first: int, item: dict[str, Any]) -> None:
+        slots.setdefault(slot, []).append((first, item))
+
+    block_items = {}
+    for block in graph.blocks:
+        branch_ids = {i: b for b, branch in enumerate(block.branches) for i in branch}
+        header = set(block.header) | set(block.items)
+        first_branch = min(branch_ids, default=None)
+        for node in graph.nodes:
+            if node.block != block.index:
+                continue
+            if node.id in header:
+                slot = (block.index, "header")
+            elif node.id in branch_ids:
+                slot = (block.index, branch_ids[node.id])
+            elif node.branch is not None and node.branch < len(block.branches):
+                slot = (block.index, node.branch)
+            elif first_branch is not None and node.id < first_branch:
+                slot = (block.index, "header")
+            else:
+                slot = (block.index, "footer")
+            put(slot, node.id, {"node": node.id})
+        members = [n.id for n in graph.nodes if n.block == block.index]
+        item = {"block": block.index, "header": [], "branches": [], "footer": []}
+        block_items[block.index] = item
+        parent_slot = tuple(block.parent) if block.parent is not None else None
+        put(parent_slot, min(members, default=0), item)
+    for node in graph.nodes:
+        if node.block is None:
+            put(None, node.id, {"node": node.id})
+
+    def ordered(slot: Any) -> list[dict[str, Any]]:
+        return [item for _, item in sorted(slots.get(slot, []), key=lambda pair: pair[0])]
+
+    for block in graph.blocks:
+        item = block_items[block.index]
+        item["header"] = ordered((block.index, "header"))
+        item["branches"] = [ordered((block.index, b)) for b in range(len(block.branches))]
+        item["footer"] = ordered((block.index, "footer"))
+    return ordered(None)
+
+
+def _status(record: dict[str, Any]) -> dict[str, Any]:
+    correct = record.get("correct")
+    metrics = record.get("metrics") or {}
+    valid = metrics.get("format_valid")
+    return {"correct": correct if isinstance(correct, bool) else None, "format_valid": valid}
+
+
+def _metric_rows(record: dict[str, Any], graph: ReasoningGraph) -> list[list[str]]:
+    from .metrics import metrics as graph_metrics
+
+    shown = dict(graph_metrics(graph))
+    shown.update({k: v for k, v in (record.get("metrics") or {}).items() if k != "violations"})
+    for key in ("reward", "answer", "reference", "correct", "parsed"):
+        if key in record:
+            shown[key] = record[key]
+    for key in ("finish_reason", "mode", "forks"):
+        if key in graph.metadata and key not in shown:
+            shown[key] = graph.metadata[key]
+    rows = []
+    for key, value in shown.items():
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        rows.append([key, value if isinstance(value, str) else json.dumps(value)])
+    return rows
+
+
+def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> dict[str, Any]:
+    """What the page shows of one sample: plain JSON data."""
+    from .constraints import validate
+
+    violations = validate(graph, "strict") if graph.grammar else []
+    marks: dict[int, list[str]] = {}
+    for v in violations:
+        if v.node is not None:
+            marks.setdefault(v.node, []).append(f"{v.code}: {v.message}")
+    lengths = _lengths(graph)
+    critical = critical_path(graph)
+    nodes = []
+    for node, length in zip(graph.nodes, lengths, strict=True):
+        text = node.text
+        nodes.append(
+            {
+                "id": node.id,
+                "kind": node.kind.value,
+                "label": node.label,
+                "part": node.part,
+                "parents": list(node.parents),
+                "size": length,
+                "text": text[:MAX_NODE_CHARS],
+                "cut": len(text) > MAX_NODE_CHARS,
+                "violations": marks.get(node.id, []),
+            }
+        )
+    status = _status(record)
+    if status["format_valid"] is None:
+        status["format_valid"] = not violations
+    return {
+        "title": title,
+        **status,
+        "answer": record.get("answer"),
+        "reference": record.get("reference"),
+        "unit": "tokens" if graph.tokenized else "chars",
+        "grammar": graph.grammar,
+        "nodes": nodes,
+        "layout": layout_tree(graph),
+        "critical": critical,
+        "violations": [v.to_dict() for v in violations],
+        "metrics": _metric_rows(record, graph),
+    }
+
+
+def _graph_of(record: Any) -> tuple[dict[str, Any], ReasoningGraph]:
+    from .cli import detect_grammar
+    from .parse import parse
+
+    if not isinstance(record, dict):
+        raise ValueError("not an object")
+    if isinstance(record.get("graph"), dict):
+        return record, ReasoningGraph.from_dict(record["graph"])
+    if isinstance(record.get("nodes"), list):
+        return {}, ReasoningGraph.from_dict(record)
+    for name in TEXT_FIELDS:
+        if isinstance(record.get(name), str):
+            text = record[name]
+            return record, parse(text, grammar=detect_grammar(text), lenient=True)
+    raise ValueError(f"no graph, graph dict or text field ({', '.join(TEXT_FIELDS)})")
+
+
+def load_views(path: Path, errors: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Page data for each usable line of a JSONL file; bad lines go to ``errors`` with their
+    line numbers."""
+    try:
+        text = path.read_text("utf-8", errors="replace")
+    except OSError as error:
+        raise FileNotFoundError(f"{path}: {error.strerror or error}") from error
+    views = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if limit is not None and len(views) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            record, graph = _graph_of(json.loads(line))
+        except json.JSONDecodeError as error:
+            errors.append(f"{path}:{number}: not JSON ({error.msg})")
+            continue
+        except ValueError as error:
+            errors.append(f"{path}:{number}: {error}")
+            continue
+        if "problem_id" in record:
+            title = f"{record['problem_id']} · sample {record.get('sample', 0)}"
+        else:
+            title = str(record.get("id", f"{path.name}:{number}"))
+        views.append(sample_view(record, graph, title))
+    return views
+
+
+def render_page(views: list[dict[str, Any]], title: str = "npr view") -> str:
+    """The HTML page with ``views`` embedded (``<`` escaped, so no text can close the script)."""
+    template = files("npr_graph").joinpath("data/viewer.html").read_text("utf-8")
+    data = json.dumps({"title": title, "samples": views}, ensure_ascii=False)
+    data = data.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return template.replace(PLACEHOLDER, data)
+
+
+def write_page(sources: list[str], output: str | Path, limit: int | None = None) -> list[str]:
+    """Write the page for the samples of ``sources``; returns the input errors (bad lines)."""
+    errors: list[str] = []
+    views: list[dict[str, Any]] = []
+    for source in sources:
+        views += load_views(Path(source), errors, limit)
+    title = ", ".join(Path(s).name for s in sources)
+    Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
+    return errors
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``npr view`` on the ``npr`` command's subparsers."""
+    parser = commands.add_parser(
+        "view", help="write an HTML page showing sampled DAGs (from npr eval's samples.jsonl)"
+    )
+    parser.add_argument("files", nargs="+", help="JSONL: eval samples, graph dicts or text lines")
+    parser.add_argument("-o", "--output", default="view.html", help="the HTML file to write")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples of each file")
+    parser.set_defaults(run=cmd_view)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    try:
+        errors = write_page(args.files, args.output, args.limit)
+    except (FileNotFoundError, OSError) as error:
+        print(f"npr view: {error}", file=sys.stderr)
+        return 2
+    for error in errors:
+        print(f"npr view: {error}", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 1 if errors else 0

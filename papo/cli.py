@@ -1,0 +1,114 @@
+"""``npr train {zero,sft,papo}`` and ``npr sample``: the training stages from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from .config import STAGES, load_config, parse_value
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import run
+
+    console = Console(stderr=True)
+    try:
+        config = load_config(args.config, args.stage, _overrides(args.set))
+        history = run(config, resume=args.resume, console=console)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    done = [h for h in history if h.get("skipped") is None]
+    console.print(
+        f"trained {len(done)} steps ({len(history) - len(done)} skipped); "
+        f"checkpoints and metrics in {config.output_dir}"
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from npr_graph.engine.engine import Engine
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.models import load_model
+    from npr_graph.prompts import load_template
+
+    from .problems import read_problems
+    from .rejection import rejection_sample
+
+    console = Console(stderr=True)
+    try:
+        problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
+        template = load_template(args.prompt)
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            n=args.tries,
+            seed=args.seed,
+        )
+        model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    engine = Engine(model, tokenizer)
+    with open(args.out, "w") as out:
+
+        def write(record: dict) -> None:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+
+        _, report = rejection_sample(
+            engine, problems, template, params, mode=args.mode, on_record=write
+        )
+    json.dump(report.to_dict(), sys.stdout)
+    print()
+    console.print(f"accepted {report.accepted} of {report.problems} problems -> {args.out}")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="run a training stage: zero (DAPO, text tags), sft, papo"
+    )
+    train.add_argument("stage", choices=STAGES)
+    train.add_argument("--config", default=None, help="a .toml or .json file of settings")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.set_defaults(run=cmd_train)
+
+    sample = commands.add_parser(
+        "sample", help="rejection sampling: keep the first correct, well-formatted trajectory"
+    )
+    sample.add_argument("--data", required=True, help="problems (.jsonl/.json/.parquet)")
+    sample.add_argument("--out", required=True, help="accepted traces (.jsonl) for `npr train sft`")
+    sample.add_argument("--model", default=None, help="model directory (default: embedded)")
+    sample.add_argument("--tags", choices=("text", "special"), default="text")
+    sample.add_argument(
+        "--mode", choices=("sequential", "free", "constrained"), default="sequential"
+    )
+    sample.add_argument("--prompt", default="npr", help="npr | multiverse | cot | a template file")
+    sample.add_argument("--tries", type=int, default=8)
+    sample.add_argument("--limit", type=int, default=None)
+    sample.add_argument("--max-new-tokens", type=int, default=1024)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    sample.add_argument("--prompt-field", default=None)
+    sample.add_argument("--answer-field", default=None)
+    sample.set_defaults(run=cmd_sample)

@@ -1,0 +1,184 @@
+"""Training configuration: one dataclass per run, read from a TOML or JSON file.
+
+Defaults follow the NPR reference per stage (see :data:`STAGE_DEFAULTS`); anything in the file
+or in ``--set key=value`` overrides them. Unknown keys and bad values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from npr_graph.prompts import BUILTIN
+
+STAGES = ("zero", "sft", "papo")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "papo"
+    # model and data
+    model: str | None = None  # a local model directory; None = the embedded SmolLM2
+    tags: str = "special"  # "special" | "text"
+    dtype: str = "float32"
+    data: str = ""
+    prompt_field: str | None = None  # default: problem / question / prompt
+    answer_field: str | None = None  # default: answer / solution
+    response_field: str = "response"  # SFT traces
+    prompt_template: str = (
+        "{problem}"  # text with {problem}, a built-in (npr, multiverse, cot) or a file
+    )
+    chat: bool | None = None  # apply the tokenizer's chat template (None: when it has one)
+    output_dir: str = "runs/train"
+    seed: int = 0
+    # schedule
+    steps: int | None = None  # RL: required; SFT: default one pass over the data x epochs
+    epochs: int = 1
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 16
+    batch_size: int = 16  # SFT traces per step
+    lr: float = 1e-7
+    lr_schedule: str = "constant"  # "constant" | "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    row_tokens: int = 8192  # packed row length
+    # rollouts
+    mode: str = "free"  # engine mode: free | constrained | sequential
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    min_branches: int = 2
+    max_branches: int = 5
+    max_blocks: int = 4
+    max_plan_tokens: int = 48
+    max_step_tokens: int = 160
+    max_takeaway_tokens: int = 96
+    kv_pages: int = 4096
+    page_size: int = 16
+    # objective
+    reward: str = "accuracy"
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0 = off)
+    overlong_factor: float = 1.0
+    advantage: str = "papo"
+    branch_lambda: float = 0.5
+    loss: str = "papo"
+    clip: tuple[float, float] | None = None
+    aggregation: str = "token-mean"
+    kl_coef: float = 0.0
+    mini_batches: int = 1  # optimizer updates per step; all but the first are off-policy
+    drop_invalid: bool = True  # drop structurally invalid rollouts (counted, not penalized)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # bookkeeping
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    log_every: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.clip is not None:
+            self.clip = tuple(self.clip)  # type: ignore[assignment]
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
+            (self.tags in ("special", "text"), "tags must be 'special' or 'text'"),
+            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.mode in ("free", "constrained", "sequential"), "mode must be free, constrained or sequential"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+            (self.steps is None or self.steps >= 1, "steps must be >= 1"),
+            (self.prompts_per_step >= 1 and self.samples_per_prompt >= 1, "batch sizes must be >= 1"),
+            (self.batch_size >= 1 and self.epochs >= 1, "batch_size and epochs must be >= 1"),
+            (self.lr >= 0 and 0 <= self.warmup_ratio < 1, "need lr >= 0 and 0 <= warmup_ratio < 1"),
+            (self.row_tokens >= 16, "row_tokens must be >= 16"),
+            (self.mini_batches >= 1, "mini_batches must be >= 1"),
+            (self.clip is None or len(self.clip) == 2, "clip is [low, high]"),
+            ("{problem}" in self.prompt_template or self.prompt_template in BUILTIN
+             or Path(self.prompt_template).is_file(),
+             "prompt_template is text with {problem}, a built-in template name or a file"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid training config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# What the NPR reference uses per stage; a config file overrides any of them.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "zero": dict(
+        tags="text",
+        mode="sequential",
+        reward="npr_zero",
+        advantage="grpo",
+        loss="ppo_clip",
+        clip=(0.2, 0.28),
+        dynamic_sampling=True,
+        drop_invalid=False,
+        lr=1e-6,
+    ),
+    "sft": dict(
+        tags="special",
+        loss="sft",
+        lr=1e-6,
+        lr_schedule="cosine",
+        warmup_ratio=0.05,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+    ),
+    "papo": dict(
+        tags="special",
+        mode="free",
+        reward="accuracy",
+        advantage="papo",
+        loss="papo",
+        lr=1e-7,
+        lr_schedule="constant",
+        drop_invalid=True,
+    ),
+}
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON when they parse as JSON (numbers, booleans, lists, null), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(
+    path: str | Path | None, stage: str, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Stage defaults, then the file (``.toml`` or ``.json``), then ``overrides``."""
+    values: dict[str, Any] = dict(STAGE_DEFAULTS.get(stage, {}))
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read config {path}: {error.strerror or error}") from error
+        try:
+            loaded = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"config {path} does not parse: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path} must hold a table of settings")
+        if loaded.get("stage", stage) != stage:
+            raise ValueError(f"config {path} is for stage {loaded['stage']!r}, not {stage!r}")
+        values.update(loaded)
+    values.update(overrides or {})
+    values["stage"] = stage
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"invalid training config: {error}") from error

@@ -1,0 +1,467 @@
+"""npr eval: problem loading, metrics, the run on a tiny model, resume, sharding, bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NPR_TRACE, ROOT
+
+import npr_graph as ng
+from npr_graph.cli import main
+from npr_graph.evaluate import (
+    SUMMARY_KEYS,
+    EvalConfig,
+    EvalError,
+    load_problems,
+    parallel_widths,
+    pass_at_k,
+    run_eval,
+    summarize,
+)
+from npr_graph.graph import ReasoningGraph
+from npr_graph.prompts import load_template
+
+PROBLEMS = [
+    {"id": "p1", "problem": "What is $1+1$?", "answer": "2"},
+    {"id": "p2", "question": "Compute $\\frac{1}{2}+\\frac{1}{2}$.", "answer": "1"},
+    {"id": "p3", "problem": "What is 3 squared?", "solution": "It is $\\boxed{9}$."},
+]
+SAMPLING = dict(
+    temperature=1.0,
+    top_p=1.0,
+    max_new_tokens=40,
+    seed=0,
+    min_branches=2,
+    max_branches=3,
+    max_plan_tokens=4,
+    max_step_tokens=10,
+    max_takeaway_tokens=6,
+)
+CLI_SAMPLING = [
+    "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "40", "--seed", "0",
+    "--max-branches", "3", "--plan-tokens", "4", "--step-tokens", "10", "--takeaway-tokens", "6",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: the CI machine has two cores, and threads of tiny models only contend.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama with the embedded model's tokenizer (tags as special tokens,
+    chat template kept), saved like any local checkpoint."""
+    from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+
+    tokenizer = copy.deepcopy(default_tokenizer())
+    add_tag_tokens(tiny_model("llama", tokenizer=tokenizer), tokenizer, "npr")
+    model = tiny_model("llama", tokenizer=tokenizer)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from npr_graph.engine import Engine
+
+    return Engine.from_pretrained(str(tiny_dir))
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return path
+
+
+def config(data: Path, out: Path, **overrides) -> EvalConfig:
+    values = dict(
+        data=str(data), n=2, mode="constrained", out=str(out), quiet=True, sampling=SAMPLING
+    )
+    values.update(overrides)
+    return EvalConfig(**values)
+
+
+def read_samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def response_ids(record: dict) -> list[int]:
+    graph = record["graph"]
+    return graph["token_ids"][graph["prompt_num_tokens"] :]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_is_the_unbiased_estimator() -> None:
+    # The probability that k samples drawn without replacement from n hold a correct one.
+    for n, c, k in itertools.product(range(1, 7), range(7), range(1, 7)):
+        if c > n or k > n:
+            continue
+        draws = list(itertools.combinations([True] * c + [False] * (n - c), k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_parallel_widths_count_branches_decoded_side_by_side() -> None:
+    assert parallel_widths(ng.parse(NPR_TRACE, lenient=True)) == [2]
+    assert parallel_widths(ng.parse(NPR_TRACE, lenient=True, sequential=True)) == [1]
+
+
+def _record(problem: str, index: int, sample: int, answer, correct: bool, **metrics) -> dict:
+    group = {"wall_time": 2.0, "generated_tokens": 100, "tokens_per_s": 50.0}
+    group["baseline"] = {
+        "wall_time": 4.0,
+        "generated_tokens": 100,
+        "tokens_per_s": 25.0,
+        "samples": 4,
+        "correct": 1,
+    }
+    base = {
+        "tokens": 25,
+        "critical_path_tokens": 20,
+        "widths": [2],
+        "parallel": True,
+        "executed_parallel": True,
+        "format_valid": True,
+    }
+    return {
+        "problem_id": problem,
+        "problem_index": index,
+        "sample": sample,
+        "reference": "1/2",
+        "answer": answer,
+        "correct": correct,
+        "parsed": answer is not None,
+        "metrics": {**base, **metrics},
+        "group": group,
+    }
+
+
+def test_summary_aggregates() -> None:
+    records = [
+        _record("a", 0, 0, "\\frac12", True),
+        _record("a", 0, 1, "0.5", True, format_valid=False),
+        _record("a", 0, 2, "3", False, widths=[], parallel=False),
+        _record("a", 0, 3, None, False),
+        _record("b", 1, 0, "7", False),
+        _record("b", 1, 1, "7", False),
+        _record("b", 1, 2, "8", False, widths=[3, 4]),
+        _record("b", 1, 3, "1/2", False),
+    ]
+    summary = summarize(records, n=4)
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["avg_at_n"] == pytest.approx((2 / 4 + 0) / 2)
+    assert summary["pass_at_k"] == pytest.approx(
+        {"1": 0.25, "2": (1 - 1 / 6) / 2, "4": 0.5}
+    )  # C(2,2)/C(4,2) = 1/6
+    assert summary["best_at_n"] == 0.5
+    # a: \frac12 and 0.5 are one answer (2 votes): correct; b: 7 wins, wrong
+    assert summary["maj_at_n"] == 0.5
+    assert [p["majority"] for p in summary["per_problem"]] == ["\\frac12", "7"]
+    assert summary["format_valid_rate"] == 7 / 8
+    assert summary["parallel_rate"] == 7 / 8
+    assert summary["mean_width"] == pytest.approx((2 * 6 + 3 + 4) / 8)
+    assert summary["max_width"] == 4
+    assert summary["tokens_per_s"] == 50.0 and summary["baseline"]["tokens_per_s"] == 25.0
+    assert summary["speedup_vs_sequential"] == 2.0
+    assert summary["latency_speedup_vs_sequential"] == 2.0
+    assert summary["unparsed_answers"] == 1
+    assert summary["unparsed"] == [{"problem_id": "a", "sample": 3, "answer": None}]
+    assert summary["n"] == 4 and summary["problems"] == 2 and summary["samples"] == 8
+
+
+# --- problems and prompts -----------------------------------------------------------------------
+
+
+def test_load_problems_reads_the_usual_fields(tmp_path, data) -> None:
+    problems, errors = load_problems(data)
+    assert errors == []
+    assert [(p.id, p.reference) for p in problems] == [("p1", "2"), ("p2", "1"), ("p3", "9")]
+    assert problems[1].question.startswith("Compute")
+    # a .json list, wrapped in an object, with field overrides and a limit
+    records = [{"q": "one?", "final": "1", "key": "x"}, {"q": "two?", "final": "2", "key": "y"}]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"rows": records}))
+    fields = {"problem": "q", "answer": "final", "id": "key"}
+    problems, errors = load_problems(wrapped, fields=fields, limit=1)
+    assert errors == [] and [(p.id, p.question, p.reference) for p in problems] == [
+        ("x", "one?", "1")
+    ]
+
+
+def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"problem": "fine?", "answer": "1"}),
+        "{not json",
+        json.dumps({"problem": "no answer here"}),
+        json.dumps({"answer": "3"}),
+        json.dumps(["a list"]),
+        json.dumps({"problem": "solution without a box", "solution": "it is 4"}),
+        "",
+        json.dumps({"problem": "also fine?", "answer": "5"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    problems, errors = load_problems(path)
+    assert [p.reference for p in problems] == ["1", "5"]
+    assert [p.index for p in problems] == [0, 5]
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert "not JSON" in errors[0] and "no answer" in errors[1] and "no problem" in errors[2]
+
+
+def test_load_problems_parquet(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    rows = {"id": ["p1", "p2"], "question": ["one?", None], "answer": ["1", "2"]}
+    pq.write_table(pa.table(rows), path)
+    problems, errors = load_problems(path)
+    assert [(p.id, p.reference) for p in problems] == [("p1", "1")]
+    assert errors == [f"{path}:row 2: no problem text (field problem/question/prompt)"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.jsonl", None, "no such file"),
+        ("broken.json", "[{", "not JSON"),
+        ("scalar.json", "3", "list of problems"),
+        ("data.csv", "a,b", "expected a .json"),
+    ],
+)
+def test_load_problems_unreadable_files(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(EvalError, match=message):
+        load_problems(path)
+
+
+def test_prompt_templates(tmp_path) -> None:
+    for name, grammar in [("npr", "npr"), ("multiverse", "multiverse"), ("cot", None)]:
+        template = load_template(name)
+        assert template.grammar == grammar and "\\boxed{}" in template.text
+        rendered = template.render("Find $\\{x\\}$ in {braces}.")
+        assert rendered.endswith("Find $\\{x\\}$ in {braces}.") and "{problem}" not in rendered
+    assert (
+        "<guideline>" in load_template("npr").text
+        and "<Parallel>" in load_template("multiverse").text
+    )
+    custom = tmp_path / "mine.txt"
+    custom.write_text("Answer with <step> tags.")
+    template = load_template(str(custom))
+    assert template.grammar == "npr" and template.render("Q?") == "Answer with <step> tags.\n\nQ?"
+    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+        load_template(str(tmp_path / "nope.txt"))
+
+
+# --- runs on a tiny model -----------------------------------------------------------------------
+
+
+def test_eval_run_outputs_and_schema(tmp_path, data, engine) -> None:
+    out = tmp_path / "run"
+    summary = run_eval(config(data, out, baseline="sequential"), engine=engine)
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["n"] == 2 and summary["problems"] == 3 and summary["samples"] == 6
+    assert set(summary["pass_at_k"]) == {"1", "2"}
+    # constrained decoding keeps the layout; a sample cut by the budget may still lose points
+    assert 0 < summary["format_valid_rate"] <= 1
+    assert summary["parallel_rate"] == 1.0 and summary["executed_parallel_rate"] == 1.0
+    assert summary["mean_width"] >= 2
+    assert summary["tokens_per_s"] > 0 and summary["speedup_vs_sequential"] > 0
+    assert summary["baseline"]["mode"] == "sequential"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    report = (out / "report.md").read_text()
+    assert "avg@2" in report and "speedup vs sequential" in report and "| p3 |" in report
+
+    records = read_samples(out)
+    assert [(r["problem_id"], r["sample"]) for r in records] == [
+        (p, s) for p in ("p1", "p2", "p3") for s in (0, 1)
+    ]
+    for record in records:
+        graph = ReasoningGraph.from_dict(record["graph"])
+        assert graph.metadata["mode"] == "constrained"
+        # the chat template is applied (SmolLM2's starts with <|im_start|>)
+        assert graph.text.startswith("<|im_start|>")
+        assert record["metrics"]["tokens"] == len(response_ids(record))
+        assert record["correct"] is False and record["parsed"] is False  # random weights
+        assert record["group"]["baseline"]["samples"] == 2
+    assert summary["unparsed_answers"] == 6
+    assert not list(out.glob("samples.part-*")), "part files are merged away"
+
+    # Run again: everything is on disk, nothing is decoded, the summary is the same.
+    calls = []
+    again = run_eval(
+        config(data, out, baseline="sequential"),
+        engine=engine,
+        on_problem=lambda *a: calls.append(a),
+    )
+    assert calls == [] and again == summary
+
+
+def test_eval_modes_and_prompts(tmp_path, data, engine) -> None:
+    sequential = run_eval(
+        config(data, tmp_path / "seq", mode="sequential", prompt="cot", chat=False, limit=2),
+        engine=engine,
+    )
+    assert sequential["problems"] == 2 and sequential["parallel_rate"] == 0.0
+    record = read_samples(tmp_path / "seq")[0]
+    assert record["graph"]["metadata"]["mode"] == "sequential"
+    assert record["graph"]["text"].startswith("Solve the problem below."), "--no-chat"
+    multiverse = run_eval(
+        config(data, tmp_path / "mv", mode="parallel", prompt="multiverse", limit=1),
+        engine=engine,
+    )
+    assert multiverse["problems"] == 1
+    assert read_samples(tmp_path / "mv")[0]["graph"]["grammar"] == "multiverse"
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path, data, engine) -> None:
+    """A crash after the first problem: the rerun decodes only the rest, and the samples are the
+    ones an uninterrupted run produces (one seed per problem)."""
+    clean = tmp_path / "clean"
+    run_eval(config(data, clean), engine=engine)
+
+    out = tmp_path / "crashed"
+
+    def crash(problem, records):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config(data, out), engine=engine, on_problem=crash)
+    assert not (out / "samples.jsonl").exists() and len(list(out.glob("samples.part-*"))) == 1
+    resumed = []
+    run_eval(config(data, out), engine=engine, on_problem=lambda p, r: resumed.append(p.id))
+    assert resumed == ["p2", "p3"]
+    got, want = read_samples(out), read_samples(clean)
+    assert [(r["problem_id"], r["sample"]) for r in got] == [
+        (r["problem_id"], r["sample"]) for r in want
+    ]
+    assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
+    out = tmp_path / "run"
+    run_eval(config(data, out, limit=1), engine=engine)
+    with pytest.raises(EvalError, match="other settings"):
+        run_eval(config(data, out, n=3, limit=1), engine=engine)
+
+
+def _cli_args(tiny_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        # -n, not --n: torchrun's parser would take --n for an ambiguous prefix of its own options
+        "eval", "--model", str(tiny_dir), "--data", str(data), "-n", "2",
+        "--mode", "constrained", "--out", str(out), "--quiet", *CLI_SAMPLING, *extra,
+    ]  # fmt: skip
+
+
+def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
+    code = main(_cli_args(tiny_dir, tmp_path / "missing.jsonl", tmp_path / "o1"))
+    assert code == 2 and "no such file" in capsys.readouterr().err
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        json.dumps(PROBLEMS[0]) + "\n{oops\n" + json.dumps({"problem": "no answer"}) + "\n"
+    )
+    code = main(_cli_args(tiny_dir, mixed, tmp_path / "o2"))
+    err = capsys.readouterr().err
+    assert code == 1, "input errors make the exit code 1; the good problem is still evaluated"
+    assert f"{mixed}:2: not JSON" in err and f"{mixed}:3: no answer" in err
+    assert "could not be parsed" in err
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["problems"] == 1 and len(summary["errors"]) == 2
+
+    code = main(_cli_args(tiny_dir, mixed, tmp_path / "o2", "--temperature", "0.5"))
+    assert code == 2 and "other settings" in capsys.readouterr().err
+    code = main(_cli_args(tiny_dir, mixed, tmp_path / "o3", "--prompt", "/no/such/prompt"))
+    assert code == 2 and "neither a built-in" in capsys.readouterr().err
+    code = main(_cli_args(tiny_dir, mixed, tmp_path / "o4", "--field", "question"))
+    assert code == 2 and "KEY=NAME" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_run_resumes(tmp_path, tiny_dir, engine) -> None:
+    """SIGKILL a real `npr eval` process midway, run it again: every problem has its n samples
+    exactly once, equal to an uninterrupted run's."""
+    problems = [
+        {"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)
+    ]
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "npr_graph.cli", *_cli_args(tiny_dir, data, out)]
+    process = subprocess.Popen(command, env=_env(), cwd=tmp_path, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            lines = sum(len(p.read_text().splitlines()) for p in out.glob("samples.part-*"))
+            if lines >= 2:  # at least one problem written
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (out / "summary.json").exists()
+    written = sum(len(p.read_text().splitlines()) for p in out.glob("samples.part-*"))
+    assert 2 <= written < 12
+
+    result = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = read_samples(out)
+    assert [(r["problem_id"], r["sample"]) for r in got] == [
+        (f"q{i}", s) for i in range(6) for s in (0, 1)
+    ]
+    clean = tmp_path / "clean"
+    run_eval(config(data, clean), engine=engine)
+    assert [response_ids(r) for r in got] == [response_ids(r) for r in read_samples(clean)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_into_one_summary(tmp_path, tiny_dir, data, engine) -> None:
+    """`torchrun --nproc_per_node 2` on gloo: problems split across two CPU ranks, merged into a
+    summary of the same schema and values as a single-process run."""
+    single = run_eval(config(data, tmp_path / "single", baseline="sequential"), engine=engine)
+    out = tmp_path / "sharded"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "npr_graph.cli",
+        *_cli_args(tiny_dir, data, out, "--baseline", "sequential"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads((out / "summary.json").read_text())
+    assert sharded.keys() == single.keys()
+    assert sharded["world_size"] == 2 and single["world_size"] == 1
+    same = ("avg_at_n", "pass_at_k", "best_at_n", "maj_at_n", "format_valid_rate", "parallel_rate")
+    assert {k: sharded[k] for k in same + ("n", "problems")} == {
+        k: single[k] for k in same + ("n", "problems")
+    }
+    records = read_samples(out)
+    assert [(r["problem_id"], r["sample"]) for r in records] == [
+        (p, s) for p in ("p1", "p2", "p3") for s in (0, 1)
+    ]
+    assert [response_ids(r) for r in records] == [
+        response_ids(r) for r in read_samples(tmp_path / "single")
+    ]
+    assert not list(out.glob("samples.part-*"))

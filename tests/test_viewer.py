@@ -1,0 +1,221 @@
+"""npr view: the page's data (layout, critical path, violations), bad input, and the page itself
+in a real headless browser (Debian's chromium driven by playwright)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import MULTIVERSE_TRACE, NPR_TRACE, ROOT
+
+import npr_graph as ng
+from npr_graph.cli import main
+from npr_graph.viewer import critical_path, layout_tree, load_views, render_page
+
+BROKEN = (
+    "<guideline>\n<plan>1: add</plan>\n<plan>2: multiply</plan>\n</guideline>\n"
+    "<step>\n1: 2+3 = 5\n</step>\n<takeaway>\nonly one step ran\n</takeaway>\n\\boxed{5}"
+)
+WRONG = NPR_TRACE.replace("\\boxed{5}", "\\boxed{6}").replace("sum 5", "sum 6")
+SECRET = "a node text with </script><script>alert(1)</script> & <b>markup</b>"
+
+
+def sample_line(text: str, problem: str, sample: int, correct: bool, valid: bool) -> str:
+    """A line shaped like npr eval's samples.jsonl."""
+    graph = ng.parse(text, lenient=True)
+    record = {
+        "problem_id": problem,
+        "sample": sample,
+        "reference": "5",
+        "answer": ng.boxed_answers(text)[-1],
+        "correct": correct,
+        "parsed": True,
+        "reward": 1.0 if correct else -1.0,
+        "metrics": {"format_valid": valid, "format_score": ng.format_score(text)},
+        "graph": graph.to_dict(),
+    }
+    return json.dumps(record)
+
+
+@pytest.fixture
+def samples_file(tmp_path) -> Path:
+    path = tmp_path / "samples.jsonl"
+    lines = [
+        sample_line(NPR_TRACE, "roots", 0, True, True),
+        sample_line(WRONG, "roots", 1, False, True),
+        sample_line(BROKEN, "roots", 2, True, False),
+        sample_line(NPR_TRACE.replace("Both agree", SECRET), "roots", 3, True, True),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- page data ----------------------------------------------------------------------------------
+
+
+def test_layout_puts_branches_side_by_side_and_nests_blocks() -> None:
+    graph = ng.parse(NPR_TRACE, lenient=True)
+    assert layout_tree(graph) == [
+        {
+            "block": 0,
+            "header": [{"node": 0}, {"node": 1}, {"node": 2}, {"node": 3}],
+            "branches": [[{"node": 4}], [{"node": 5}]],
+            "footer": [{"node": 6}],
+        },
+        {"node": 7},
+    ]
+    nested = layout_tree(ng.parse(MULTIVERSE_TRACE, grammar="multiverse", lenient=True))
+    first_path = nested[0]["branches"][0]
+    assert [item.get("block") for item in first_path] == [None, 1, None], (
+        "the nested block sits inside the path that holds it, between its segments"
+    )
+
+    # every node appears exactly once
+    def ids(items):
+        for item in items:
+            if "node" in item:
+                yield item["node"]
+            else:
+                for part in (item["header"], *item["branches"], item["footer"]):
+                    yield from ids(part)
+
+    assert sorted(ids(nested)) == list(range(20))
+
+
+def test_critical_path_follows_the_longest_branch() -> None:
+    graph = ng.parse(NPR_TRACE, lenient=True)
+    path = critical_path(graph)
+    assert path == [0, 1, 2, 3, 4, 6, 7], "step 1 is the longer step"
+    ends = ng.metrics(graph)["critical_path_tokens"]
+    assert sum(graph.nodes[i].char_end - graph.nodes[i].char_start for i in path) == ends
+
+
+def test_bad_lines_are_reported_with_line_numbers(tmp_path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        json.dumps({"text": NPR_TRACE}) + "\n{oops\n" + json.dumps({"other": 1}) + "\n"
+        + json.dumps(ng.parse(BROKEN, lenient=True).to_dict()) + "\n"
+    )  # fmt: skip
+    errors: list[str] = []
+    views = load_views(path, errors)
+    assert len(views) == 2
+    assert errors[0].startswith(f"{path}:2: not JSON") and errors[1].startswith(
+        f"{path}:3: no graph"
+    )
+    assert views[1]["format_valid"] is False and views[1]["violations"]
+
+
+def test_page_is_self_contained_and_escapes_text(samples_file) -> None:
+    errors: list[str] = []
+    page = render_page(load_views(samples_file, errors))
+    assert errors == []
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", page)
+    # the only URL is the SVG namespace name, which is never fetched
+    assert set(re.findall(r"https?://[^\s\"'<>)]+", page)) == {"http://www.w3.org/2000/svg"}
+    assert "</script><script>alert(1)" not in page
+    assert page.count("</script>") == 2
+
+
+def test_cli_view(tmp_path, samples_file, capsys) -> None:
+    output = tmp_path / "page.html"
+    assert main(["view", str(samples_file), "-o", str(output)]) == 0
+    assert output.is_file() and "roots · sample 2" in output.read_text()
+    assert main(["view", str(tmp_path / "missing.jsonl"), "-o", str(output)]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+# --- in a real browser --------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "out" / "test-artifacts"
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh user-data dir
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+            viewport={"width": 1400, "height": 900},
+        )
+        page = context.new_page()
+        requests: list[str] = []
+        page_errors: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda error: page_errors.append(str(error)))
+        yield page, requests, page_errors
+        context.close()
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(tmp_path, samples_file, browser_page) -> None:
+    page, requests, page_errors = browser_page
+    html = tmp_path / "page.html"
+    assert main(["view", str(samples_file), "-o", str(html)]) == 0
+    page.goto(html.as_uri())
+
+    assert page.locator("#samples li").count() == 4
+    assert page.inner_text("#sample-title") == "roots · sample 0"
+    # blocks with branches side by side: the two steps share a row
+    steps = page.locator("#graph .branches .node.k-step")
+    assert steps.count() == 2
+    first, second = steps.nth(0).bounding_box(), steps.nth(1).bounding_box()
+    assert abs(first["y"] - second["y"]) < 1 and second["x"] > first["x"] + first["width"]
+    # the critical path is marked, and drawn as edges
+    assert page.locator(".node.critical").count() == 7
+    assert page.locator("#edges path.critical").count() == 6
+
+    # clicking a node shows its text
+    graph = ng.parse(NPR_TRACE, lenient=True)
+    steps.nth(1).click()
+    assert page.inner_text("#detail-text").strip() == graph.nodes[5].text.strip()
+    assert "step 2" in page.inner_text("#detail-title")
+
+    # markup in node text is shown as text, never run
+    page.locator("#samples li", has_text="sample 3").click()
+    page.locator(".node.k-takeaway").click()
+    assert SECRET in page.inner_text("#detail-text")
+    assert page.locator("#graph b").count() == 0
+
+    # filters
+    page.click("button[data-filter=incorrect]")
+    assert page.locator("#samples li").all_inner_texts()[0].startswith("roots · sample 1")
+    assert page.locator("#samples li").count() == 1
+    page.click("button[data-filter=invalid]")
+    assert page.locator("#samples li").count() == 1
+    assert page.inner_text("#sample-title") == "roots · sample 2"
+    # the invalid sample's violations are highlighted and listed
+    assert page.locator(".node.violation").count() >= 1
+    assert "branch_count: 1 steps for 2 plans" in page.inner_text("#violations")
+    page.locator(".node.violation").first.click()
+    assert page.locator("#detail-violations li").count() >= 1
+    page.click("button[data-filter=correct]")
+    assert page.locator("#samples li").count() == 3
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "viewer.png"
+    page.click("button[data-filter=all]")
+    page.locator("#samples li").first.click()
+    page.locator(".node.k-step").first.click()
+    page.screenshot(path=str(screenshot))
+    print(f"viewer screenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000
+
+    assert page_errors == []
+    assert all(url.startswith("file://") for url in requests), requests
