@@ -9,7 +9,7 @@ rebuilt per layer and no lane is handled in a Python loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,6 +35,9 @@ class StepPlan:
     kv: KVCache
     query_positions: torch.Tensor | None = None  # [B, Q], for sliding-window layers
     key_positions: torch.Tensor | None = None  # [B, T]
+    # Decode steps only: the attention backend's planned kernel (backends.py), run by every
+    # layer instead of the gather + SDPA below; it returns None to leave a layer to them.
+    decode: Callable[..., torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         self._masks: dict[tuple[int | None, int], torch.Tensor] = {}
@@ -103,6 +106,10 @@ def paged_attention(
     keys, values = plan.kv.keys[layer], plan.kv.values[layer]
     keys[plan.write_slots] = key.transpose(1, 2).reshape(-1, kv_heads, dim)
     values[plan.write_slots] = value.transpose(1, 2).reshape(-1, kv_heads, dim)
+    if plan.decode is not None and q_len == 1 and kwargs.get("sliding_window") is None:
+        out = plan.decode(query[:, :, 0], keys, values, scaling)
+        if out is not None:
+            return out[:, None], None
     lane_keys = keys[plan.read_slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
     lane_values = values[plan.read_slots].permute(0, 2, 1, 3)
     groups = heads // kv_heads

@@ -22,6 +22,7 @@ import torch
 from ..graph import ReasoningGraph
 from ..layout import node_start, position_ids
 from ..parse import decode_pieces, parse
+from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
 from .lanes import Lane, LaneStatus, Request, Sample
 from .runner import ModelRunner
@@ -71,6 +72,7 @@ class Engine:
         kv_memory_bytes: int = 512 * 2**20,
         max_lanes: int = 64,
         device: torch.device | str = "cpu",
+        attention_backend: str | AttentionBackend = "auto",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -85,7 +87,8 @@ class Engine:
             probe = ModelRunner.bytes_per_slot(model)
             num_pages = max(8, kv_memory_bytes // (probe * page_size))
         self.pool = PagePool(num_pages, page_size)
-        self.runner = ModelRunner(model, self.pool, self.device)
+        self.attention_backend = make_backend(attention_backend, self.device)
+        self.runner = ModelRunner(model, self.pool, self.device, self.attention_backend)
         self.max_lanes = max_lanes
         special = _tags_are_special(tokenizer)
         self.format = Format(tokenizer, special=special)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
+from .backends import AttentionBackend, TorchBackend
 from .kv import PagePool, slot_table
 from .lanes import Lane
 
@@ -45,7 +46,13 @@ class ModelRunner:
     returns, per lane, the logits after its last token.
     """
 
-    def __init__(self, model: torch.nn.Module, pool: PagePool, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: PagePool,
+        device: torch.device | str = "cpu",
+        backend: AttentionBackend | None = None,
+    ):
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
@@ -62,6 +69,8 @@ class ModelRunner:
         )
         self.slot_positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.needs_positions = bool(getattr(_text_config(model), "sliding_window", None))
+        self.backend = backend or TorchBackend()
+        self.backend.attach(model, self.device)
 
     @staticmethod
     def bytes_per_slot(model: torch.nn.Module) -> int:
@@ -78,7 +87,7 @@ class ModelRunner:
         for lane, count in zip(lanes, counts, strict=True):
             write.append(lane.kv.append_slots(count))
         self._apply_copies()
-        table = slot_table([lane.kv for lane in lanes], device=self.device)
+        table = slot_table([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
         batch = len(lanes)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
@@ -99,11 +108,14 @@ class ModelRunner:
         ]  # padding rows: anything real
         positions = positions.to(self.device)
         write_slots = write_slots.flatten().to(self.device)
-        plan = StepPlan(write_slots, table.slots, visible[:, None].to(self.device), self.kv)
+        read_slots = table.slots.to(self.device)
+        plan = StepPlan(write_slots, read_slots, visible[:, None].to(self.device), self.kv)
+        if width == 1:
+            plan.decode = self.backend.plan_decode(lanes, table)
         if self.needs_positions:
             self.slot_positions[write_slots] = positions.flatten()
             plan.query_positions = positions
-            plan.key_positions = self.slot_positions[table.slots]
+            plan.key_positions = self.slot_positions[read_slots]
         with torch.inference_mode(), attention_implementation(self.model):
             out = self.model(
                 input_ids=input_ids.to(self.device),
@@ -114,7 +126,8 @@ class ModelRunner:
             )
         for lane in lanes:
             lane.fed()
-        return out.logits[:, -1].float()
+        # Sampling runs on the CPU (per-sample CPU generators); a no-op copy on a CPU model.
+        return out.logits[:, -1].float().cpu()
 
     def _apply_copies(self) -> None:
         copies = self.pool.drain_copies()

@@ -1,0 +1,479 @@
+"""GPU decode benchmark: attention backends of the engine against transformers ``generate``.
+
+A random-weight model with Qwen3-4B's shape (36 layers, hidden 2560, 32 query / 8 KV heads of
+128, vocabulary 151936) in bf16, built on the GPU from its config (nothing is downloaded), and a
+byte-level tokenizer with the format's tags as special tokens. The attention part first, then
+the engine parts backend by backend (flashinfer, triton, torch: the best measured completely
+under a tight budget); a run is skipped once ``--time-budget`` seconds are spent (recorded):
+
+1. ``attention``: one layer's decode attention for an RL group (8 prompts x 8 samples, long
+   prompts, short own tails): flashinfer cascade vs flat, triton cascade vs flat, torch (SDPA
+   over gathered slots). CUDA-event timing, no engine around it.
+2. ``widths``: one prompt, one block of k = 2/4/8 parallel steps of ``--step-tokens`` tokens
+   each (constrained mode, exactly k plans, elements run to their limits, EOS ignored), per
+   backend; width 1 is sequential decoding of ``--step-tokens`` tokens with the same backend,
+   and speedup is tokens/s over it.
+3. ``rl_group``: 8 prompts x 8 samples of a width-2 block, prompts long enough that the shared
+   prefix dominates; cascade vs flat per backend.
+4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine).
+
+    python benchmarks/gpu_decode.py [--quick] [--out DIR] [--time-budget 300] [--backends ...]
+
+``--quick`` shrinks the model and the lengths so the script runs on a CPU in seconds (CI smoke).
+Results go to ``DIR/gpu_decode.json`` and a table to ``DIR/gpu_decode.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npr_graph.engine.backends import (  # noqa: E402
+    FlashInferBackend,
+    TorchBackend,
+    TritonBackend,
+    flashinfer_installed,
+    triton_installed,
+)
+from npr_graph.engine.engine import Engine  # noqa: E402
+from npr_graph.engine.kv import LaneKV, PagePool, slot_table  # noqa: E402
+from npr_graph.engine.sampling import SamplingParams  # noqa: E402
+from npr_graph.models import add_tag_tokens  # noqa: E402
+
+QWEN3_4B = dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151_936,
+    max_position_embeddings=40_960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+QUICK = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024)  # fmt: skip
+# What the GPU tests' small models share with Qwen3-4B: the kernels FlashInfer compiles (bf16,
+# head dim 128, 4 query heads per KV head), so one JIT compile serves tests and benchmark.
+JIT_SHAPE = dict(QWEN3_4B, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                 num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
+BACKENDS = ("flashinfer", "flashinfer-flat", "triton", "triton-flat", "torch")
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 tokens plus EOS), built in memory: any text
+    encodes, ids past its vocabulary decode to empty text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|eos|>")
+
+
+def build_model(config_fields: dict, device: str, dtype: torch.dtype, tokenizer):
+    """Random weights, initialised directly on the device (a 4B model in seconds)."""
+    import transformers
+
+    fields = dict(config_fields, bos_token_id=tokenizer.eos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = transformers.Qwen3Config(**fields)
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Qwen3ForCausalLM._from_config(
+            config, dtype=dtype, attn_implementation="sdpa"
+        )
+    add_tag_tokens(model, tokenizer, "npr")
+    return model.eval()
+
+
+def make_backend(name: str):
+    return {
+        "torch": TorchBackend,
+        "triton": lambda: TritonBackend(cascade=True),
+        "triton-flat": lambda: TritonBackend(cascade=False),
+        "flashinfer": lambda: FlashInferBackend(cascade=True),
+        "flashinfer-flat": lambda: FlashInferBackend(cascade=False),
+    }[name]()
+
+
+def available(name: str, device: str) -> bool:
+    if name == "torch":
+        return True
+    if device != "cuda":
+        return False
+    return flashinfer_installed() if name.startswith("flashinfer") else triton_installed()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- 1. attention alone --------------------------------------------------------------------------
+def attention_case(model, prompts: int, samples: int, prompt_tokens: int, tail_tokens: int):
+    """KV views of an RL group: each prompt forked into samples with their own tails."""
+    config = model.config
+    pool = PagePool(4 + prompts * (prompt_tokens // 16 + samples * (tail_tokens // 16 + 2)), 16)
+    lanes, keys = [], [[], []]
+    for p in range(prompts):
+        prompt = LaneKV(pool)
+        prompt.append_slots(prompt_tokens)
+        for s, lane in enumerate(prompt.fork(samples)):
+            lane.append_slots(tail_tokens)
+            lanes.append(lane)
+            keys[0].append(p)
+            keys[1].append((p, s))
+    table = slot_table(lanes)
+    slots = pool.num_pages * pool.page_size
+    shape = (slots, config.num_key_value_heads, config.head_dim)
+    return table, keys, shape
+
+
+def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
+    torch.manual_seed(0)
+    config = model.config
+    out = []
+    table, keys, shape = attention_case(model, *args.attention_case)
+    k_cache = torch.randn(shape, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    query = torch.randn(len(table.lengths), config.num_attention_heads, config.head_dim,
+                        device=device, dtype=dtype)  # fmt: skip
+    scale = config.head_dim**-0.5
+    lanes = [_FakeLane(p, s) for p, s in keys[1]]
+    for name in backends:
+        if budget.spent():
+            out.append({"part": "attention", "backend": name, "skipped": "time budget"})
+            continue
+        if name == "torch":  # what the torch path runs per layer: SDPA over gathered slots
+            fn = _sdpa_fn(table, device)
+        else:
+            backend = make_backend(name)
+            backend.attach(model, torch.device(device))
+            fn = backend.plan_decode(lanes, table)
+        seconds = _time_it(lambda fn=fn: fn(query, k_cache, v_cache, scale), device, args.repeats)
+        prefix, tail = args.attention_case[2], args.attention_case[3]
+        out.append({"part": "attention", "backend": name, "ms": seconds * 1e3,
+                    "queries": len(table.lengths), "prefix_tokens": prefix,
+                    "tail_tokens": tail})  # fmt: skip
+        print(f"attention  {name:16s} {seconds * 1e3:8.3f} ms", flush=True)
+    return out
+
+
+def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
+    """Compile (JIT) and run each backend's kernels once on a small case, timed."""
+    model = build_model(JIT_SHAPE, device, dtype, tokenizer)
+    table, keys, shape = attention_case(model, 2, 2, 64, 16)
+    lanes = [_FakeLane(p, s) for p, s in keys[1]]
+    config = model.config
+    k_cache = torch.randn(shape, device=device, dtype=dtype)
+    query = torch.randn(len(lanes), config.num_attention_heads, config.head_dim,
+                        device=device, dtype=dtype)  # fmt: skip
+    out = []
+    for name in backends:
+        if name == "torch":
+            continue
+        start = time.perf_counter()
+        backend = make_backend(name)
+        backend.attach(model, torch.device(device))
+        backend.plan_decode(lanes, table)(query, k_cache, k_cache, config.head_dim**-0.5)
+        sync(device)
+        seconds = time.perf_counter() - start
+        out.append({"part": "jit", "backend": name, "seconds": seconds})
+        print(f"jit        {name:16s} compiled and ran in {seconds:.1f} s", flush=True)
+    return out
+
+
+class _FakeLane:
+    """What the planner reads of an engine lane: its request and sample."""
+
+    class _Sample:
+        def __init__(self, request):
+            self.request = request
+
+    _requests: dict = {}
+
+    def __init__(self, prompt, sample):
+        self.sample = _FakeLane._Sample(_FakeLane._requests.setdefault(prompt, object()))
+        self.sample.index = sample
+
+
+def _sdpa_fn(table, device):
+    slots, mask = table.slots.to(device), table.mask.to(device)
+
+    def run(query, k_cache, v_cache, scale):
+        b, heads, dim = query.shape
+        kv_heads = k_cache.shape[1]
+        k = k_cache[slots].permute(0, 2, 1, 3)
+        v = v_cache[slots].permute(0, 2, 1, 3)
+        q = query.reshape(b, kv_heads, heads // kv_heads, dim)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], scale=scale
+        )
+
+    return run
+
+
+def _time_it(fn, device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    sync(device)
+    if device != "cuda":
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 1e3 / repeats
+
+
+# -- 2./3. the engine ------------------------------------------------------------------------------
+def forced_structure(engine: Engine):
+    """Bans the elements' closing tags and EOS: every element runs to its limit, so each run
+    decodes exactly the planned token counts (as benchmarks/decode.py does)."""
+    closers = ("</plan>", "</step>", "</takeaway>")
+    banned = [engine.format.tag_ids[tag] for tag in closers] + sorted(engine.eos_ids)
+
+    def processor(context, logits):
+        logits[banned] = float("-inf")
+        return logits
+
+    return processor
+
+
+def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, step_tokens,
+               kv_bytes) -> dict:  # fmt: skip
+    """One block of ``width`` steps per sample (constrained, structure forced); width 1 is plain
+    sequential decoding of ``step_tokens`` tokens."""
+    engine = Engine(model, tokenizer, device=device, attention_backend=make_backend(backend_name),
+                    kv_memory_bytes=kv_bytes, max_lanes=512)  # fmt: skip
+    if width == 1:
+        params = SamplingParams(temperature=1.0, seed=0, n=n, max_new_tokens=step_tokens,
+                                ignore_eos=True)  # fmt: skip
+        mode, processor = "sequential", None
+    else:
+        # A short header and join, long steps: the block dominates, as in long reasoning.
+        params = SamplingParams(temperature=1.0, seed=0, n=n, min_branches=width,
+                                max_branches=width, max_blocks=1, max_plan_tokens=2,
+                                max_step_tokens=step_tokens, max_takeaway_tokens=4,
+                                max_new_tokens=7 * width + step_tokens + 12,
+                                max_total_tokens=10**7, ignore_eos=True)  # fmt: skip
+        mode, processor = "constrained", forced_structure(engine)
+    sync(device)
+    graphs = engine.generate(prompts, params, mode=mode, chat=False, logits_processor=processor)
+    sync(device)
+    stats = engine.stats
+    steps = stats.decode_steps + stats.prefill_steps
+    return {
+        "generated_tokens": stats.generated_tokens,
+        "decode_steps": stats.decode_steps,
+        "wall_s": stats.wall_time,
+        "tokens_per_s": stats.tokens_per_s,
+        "ms_per_step": 1e3 * stats.wall_time / max(steps, 1),
+        "mean_lanes_per_step": stats.to_dict()["mean_lanes_per_step"],
+        "widths": sorted({b.width for g in graphs for b in g.blocks}),
+    }
+
+
+def prompt_text(tokens: int, seed: int) -> str:
+    """About ``tokens`` byte tokens of varied text (distinct prompts share no KV)."""
+    words = [f"w{(seed * 7919 + i * 104729) % 10007}" for i in range(tokens // 6 + 1)]
+    return " ".join(words)[:tokens]
+
+
+def bench_widths(model, tokenizer, device, backends, args, budget) -> list[dict]:
+    out = []
+    for backend in backends:
+        for width in args.widths:
+            row = {"part": "widths", "backend": backend, "width": width,
+                   "step_tokens": args.step_tokens}  # fmt: skip
+            if budget.spent():
+                out.append({**row, "skipped": "time budget"})
+                continue
+            row |= run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 0)],
+                              n=1, width=width, step_tokens=args.step_tokens,
+                              kv_bytes=args.kv_bytes)  # fmt: skip
+            base = next((r for r in out if r.get("backend") == backend and r.get("width") == 1
+                         and "tokens_per_s" in r), None)  # sequential, run first  # fmt: skip
+            if base:
+                row["speedup_vs_width1"] = row["tokens_per_s"] / base["tokens_per_s"]
+            out.append(row)
+            print(f"widths     {backend:16s} k={width} {row['tokens_per_s']:9.1f} tok/s "
+                  f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
+    return out
+
+
+def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dict]:
+    out = []
+    prompts_n, samples = args.rl_group
+    prompts = [prompt_text(args.rl_prompt_tokens, seed) for seed in range(prompts_n)]
+    for backend in backends:
+        row = {"part": "rl_group", "backend": backend, "prompts": prompts_n, "samples": samples,
+               "prompt_tokens": args.rl_prompt_tokens, "step_tokens": args.rl_step_tokens}  # fmt: skip
+        if budget.spent():
+            out.append({**row, "skipped": "time budget"})
+            continue
+        row |= run_engine(model, tokenizer, device, backend, prompts=prompts, n=samples, width=2,
+                          step_tokens=args.rl_step_tokens, kv_bytes=args.kv_bytes)  # fmt: skip
+        out.append(row)
+        print(f"rl_group   {backend:16s} {row['tokens_per_s']:9.1f} tok/s "
+              f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
+    return out
+
+
+def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
+    row = {"part": "generate", "backend": "transformers", "batch": 1, "tokens": args.step_tokens}
+    if budget.spent():
+        return [{**row, "skipped": "time budget"}]
+    ids = torch.tensor([tokenizer.encode(prompt_text(64, 0))], device=device)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, do_sample=True)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                       max_new_tokens=args.step_tokens, min_new_tokens=args.step_tokens)  # fmt: skip
+        sync(device)
+    seconds = time.perf_counter() - start
+    row |= {"wall_s": seconds, "tokens_per_s": args.step_tokens / seconds,
+            "ms_per_step": 1e3 * seconds / args.step_tokens}  # fmt: skip
+    print(f"generate   transformers     {row['tokens_per_s']:9.1f} tok/s "
+          f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
+    return [row]
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.perf_counter() + seconds
+
+    def spent(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| part | backend | case | tokens/s | ms/step (attention: ms) | speedup |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in results:
+        if r["part"] == "jit":
+            continue
+        case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
+                "attention": "{queries} queries", "generate": "batch 1"}[r["part"]]  # fmt: skip
+        case = case.format(**r) if "{" in case else case
+        if "skipped" in r:
+            lines.append(
+                f"| {r['part']} | {r['backend']} | {case} | skipped ({r['skipped']}) | | |"
+            )
+            continue
+        tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else ""
+        ms = f"{r.get('ms_per_step', r.get('ms', 0)):.3f}"
+        speed = f"{r['speedup_vs_width1']:.2f}x" if "speedup_vs_width1" in r else ""
+        lines.append(f"| {r['part']} | {r['backend']} | {case} | {tps} | {ms} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and lengths (CPU smoke)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--parts", default="attention,widths,rl_group,generate",
+                        help="any of jit,attention,widths,rl_group,generate")  # fmt: skip
+    parser.add_argument("--widths", default="1,2,4,8")
+    parser.add_argument("--step-tokens", type=int, default=1024)
+    parser.add_argument("--rl-group", default="8x8", help="prompts x samples")
+    parser.add_argument("--rl-prompt-tokens", type=int, default=2048)
+    parser.add_argument("--rl-step-tokens", type=int, default=256)
+    parser.add_argument("--attention-case", default="8,8,4096,256",
+                        help="prompts,samples,prefix tokens,tail tokens")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kv-gib", type=float, default=16.0)
+    parser.add_argument("--time-budget", type=float, default=300.0, help="seconds; then skip")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the result files")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.step_tokens, args.rl_prompt_tokens, args.rl_step_tokens = 12, 40, 6
+        args.rl_group, args.attention_case, args.repeats, args.widths = "2x2", "2,2,64,8", 2, "1,2"
+        args.kv_gib = 0.05
+    args.widths = [int(w) for w in args.widths.split(",")]
+    args.rl_group = tuple(int(x) for x in args.rl_group.split("x"))
+    args.attention_case = tuple(int(x) for x in args.attention_case.split(","))
+    args.kv_bytes = int(args.kv_gib * 2**30)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = [b for b in wanted if available(b, device)]
+    parts = set(args.parts.split(","))
+
+    budget = Budget(args.time_budget)
+    tokenizer = byte_tokenizer()
+    start = time.perf_counter()
+    shape = QUICK if args.quick else QWEN3_4B
+    model = build_model(shape, device, dtype, tokenizer) if parts - {"jit"} else None
+    sync(device)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "model": "Qwen3-4B shape, random weights" if not args.quick else "quick (tiny) shape",
+        "model_build_s": time.perf_counter() - start,
+        "backends_run": backends,
+        "backends_missing": [b for b in wanted if b not in backends],
+        "cuda_graphs": "not used",
+        "args": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"
+        },  # fmt: skip
+    }
+    for package in ("triton", "flashinfer"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as such
+            info[package] = None
+    print(json.dumps({k: info[k] for k in ("date", "device", "torch", "triton", "flashinfer")}))
+    results: list[dict] = []
+    if "jit" in parts:
+        results += warm_up(tokenizer, device, dtype, backends)
+    if "attention" in parts:
+        results += bench_attention(model, device, dtype, backends, args, budget)
+    # Backend by backend, the best one first, so a tight budget still measures it completely;
+    # transformers generate comes after the first backend.
+    for index, backend in enumerate(b for b in backends if not b.endswith("-flat")):
+        if "widths" in parts:
+            results += bench_widths(model, tokenizer, device, [backend], args, budget)
+        if "rl_group" in parts:
+            pair = [backend] + [f"{backend}-flat"] * (f"{backend}-flat" in backends)
+            results += bench_rl_group(model, tokenizer, device, pair, args, budget)
+        if index == 0 and "generate" in parts:
+            results += bench_generate(model, tokenizer, device, args, budget)
+    info["total_s"] = time.perf_counter() - start
+    report = table(results)
+    print(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_decode.json").write_text(json.dumps({"info": info, "results": results},
+                                                             indent=1))  # fmt: skip
+        (args.out / "gpu_decode.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

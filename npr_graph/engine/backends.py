@@ -1,0 +1,329 @@
+"""Attention backends for decode steps: torch (reference), Triton and FlashInfer, cascade or flat.
+
+The torch path (:func:`.attention.paged_attention`: SDPA over each lane's gathered slots) runs
+every step and stays the reference. A backend may take over *decode* steps (one new token per
+lane): once per step, :meth:`AttentionBackend.plan_decode` turns the lanes' KV views into a plan
+and returns the callable that every layer then runs on its query and KV tensors. Prefill and
+multi-token steps, sliding-window layers and a scale other than the planned one use the torch
+path.
+
+Cascade levels (see :mod:`kernels.attention`) come from the lanes' KV views: lanes are grouped
+by request (an RL group of n samples shares the prompt's pages), then by sample (the branches of
+a block share the reasoning prefix up to the fork), then each lane alone (its own tail). A
+level's KV for a group is the slot prefix all its lanes share beyond the previous level, so fork
+and join need nothing special: a join lane lists its prefix and every branch's pages, and shares
+with nobody until it forks again. KV lists are slot lists (page size 1 over the cache viewed as
+``[slots, 1, Hkv, D]``): a join view starts branches mid-page, which a page table of whole pages
+cannot express, and slot-level tables cost decode kernels nothing measurable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from kernels.attention import DecodeLevel, cascade_decode_attention
+
+from .kv import SlotTable
+
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+# query [B, Hq, D], keys / values [slots, Hkv, D] of one layer, scale -> output [B, Hq, D]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# -- planning -------------------------------------------------------------------------------------
+def flat_level(table: SlotTable) -> DecodeLevel:
+    """One level, one group per lane over its whole view: plain paged batch decode."""
+    lengths = table.lengths.to(torch.int32)
+    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=indptr[1:])
+    return DecodeLevel(
+        torch.arange(len(lengths) + 1, dtype=torch.int32),
+        indptr,
+        table.slots[table.mask].to(torch.int32),
+        torch.ones(len(lengths), dtype=torch.int32),
+        int(lengths.max()) if len(lengths) else 0,
+        1,
+    )
+
+
+def cascade_levels(table: SlotTable, group_keys: Sequence[Sequence[Hashable]]) -> list[DecodeLevel]:
+    """Cascade levels for lanes (queries) in table order.
+
+    ``group_keys[l][i]``: lane i's group at level l (e.g. its request, then its sample); each
+    maximal run of equal consecutive keys is a candidate group. A group attends at its level to
+    the slot prefix its lanes share beyond the previous level; a candidate whose lanes share
+    nothing more splits into single lanes that take one token of their own there (no level may
+    hold an empty KV list: kernels disagree on empty segments). A level where no group holds two
+    lanes is dropped. The last level gives every lane the rest of its view.
+    """
+    slots, lengths = table.slots, table.lengths.tolist()
+    num_lanes = len(lengths)
+    cuts = [0] * num_lanes  # view tokens already covered by earlier levels
+    levels = []
+    for depth, keys in enumerate(group_keys):
+        later = len(group_keys) - depth  # levels after this one, each needs >= 1 token
+        groups, new_cuts, shared_any = [], list(cuts), False
+        for lo, hi in _runs(keys):
+            prev = cuts[lo]
+            cap = min(lengths[lo:hi]) - later
+            shared = _common_prefix(slots[lo:hi], cap) if hi - lo > 1 else 0
+            if hi - lo > 1 and shared > prev and all(c == prev for c in cuts[lo:hi]):
+                groups.append((lo, hi, prev, shared))
+                new_cuts[lo:hi] = [shared] * (hi - lo)
+                shared_any = True
+            else:
+                for i in range(lo, hi):
+                    if lengths[i] - cuts[i] <= later:
+                        raise ValueError(f"lane {i} is too short for {len(group_keys) + 1} levels")
+                    groups.append((i, i + 1, cuts[i], cuts[i] + 1))
+                    new_cuts[i] = cuts[i] + 1
+        if shared_any:
+            levels.append(_level(slots, groups))
+            cuts = new_cuts
+    levels.append(_level(slots, [(i, i + 1, cuts[i], lengths[i]) for i in range(num_lanes)]))
+    return levels
+
+
+def _runs(keys: Sequence[Hashable]) -> list[tuple[int, int]]:
+    runs, lo = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[lo]:
+            runs.append((lo, i))
+            lo = i
+    return runs
+
+
+def _common_prefix(rows: torch.Tensor, cap: int) -> int:
+    """How many leading slots all rows share (at most ``cap``)."""
+    if cap <= 0:
+        return 0
+    same = (rows[:, :cap] == rows[:1, :cap]).all(dim=0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else cap
+
+
+def _level(slots: torch.Tensor, groups: list[tuple[int, int, int, int]]) -> DecodeLevel:
+    """``groups``: (first lane, end lane, first view token, end view token) in lane order."""
+    qo = torch.tensor([0] + [hi for _, hi, _, _ in groups], dtype=torch.int32)
+    sizes = torch.tensor([end - start for _, _, start, end in groups], dtype=torch.int32)
+    kv = torch.zeros(len(groups) + 1, dtype=torch.int32)
+    torch.cumsum(sizes, 0, out=kv[1:])
+    indices = torch.cat([slots[lo, start:end] for lo, _, start, end in groups]).to(torch.int32)
+    return DecodeLevel(
+        qo,
+        kv,
+        indices,
+        torch.ones(len(groups), dtype=torch.int32),
+        int(sizes.max()),
+        max(hi - lo for lo, hi, _, _ in groups),
+    )
+
+
+def lane_group_keys(lanes: Sequence) -> list[list[Hashable]]:
+    """Level keys of engine lanes: their request, then their sample (a lane without a sample,
+    i.e. a prompt being prefilled, is its own group)."""
+    requests = [id(lane.sample.request) if lane.sample else id(lane) for lane in lanes]
+    samples = [id(lane.sample) if lane.sample else id(lane) for lane in lanes]
+    return [requests, samples]
+
+
+# -- backends -------------------------------------------------------------------------------------
+class AttentionBackend:
+    """Base class; as it is, the torch reference: plans nothing, every layer runs SDPA over
+    the lanes' gathered slots."""
+
+    name = "torch"
+
+    def attach(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Called once by the model runner."""
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.dtype = next(model.parameters()).dtype
+        self.device = device
+        scales = {
+            float(m.scaling)
+            for m in model.modules()
+            if isinstance(getattr(m, "scaling", None), (int, float))
+        }  # the attention layers' softmax scale, planned before their forward
+        self.scale = scales.pop() if len(scales) == 1 else None
+
+    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
+        """Once per decode step; ``table`` on the CPU. None: use the torch path this step."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+
+class _LevelsBackend(AttentionBackend):
+    def __init__(self, cascade: bool = True) -> None:
+        self.cascade = cascade
+
+    def levels(self, lanes: Sequence, table: SlotTable) -> list[DecodeLevel]:
+        if self.cascade:
+            try:
+                return cascade_levels(table, lane_group_keys(lanes))
+            except ValueError:  # a view too short to split (one-token prompts)
+                pass
+        return [flat_level(table)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cascade={self.cascade})"
+
+
+class TritonBackend(_LevelsBackend):
+    """Cascade (or flat) decode with the Triton kernels of :mod:`kernels.attention`.
+
+    ``kernels="torch"`` runs the same plan through the kernels' torch references (CPU tests of
+    the planning at sizes the Triton interpreter is too slow for)."""
+
+    name = "triton"
+
+    def __init__(self, cascade: bool = True, kernels: str = "triton") -> None:
+        super().__init__(cascade)
+        self.kernels = kernels
+
+    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
+        levels = [lv.to(self.device, non_blocking=True) for lv in self.levels(lanes, table)]
+        planned, kernel_backend, launch = self.scale, self.kernels, None
+        if kernel_backend == "triton":  # grids and splits once per step, not per layer
+            from kernels import attention_triton
+
+            launch = attention_triton.plan_launch(
+                levels, self.num_heads, self.kv_heads, self.device
+            )
+
+        def decode(query, keys, values, scale):
+            if planned is not None and scale != planned:
+                return None
+            return cascade_decode_attention(
+                query, keys, values, levels, scale=scale, backend=kernel_backend, launch=launch
+            )
+
+        return decode
+
+
+class FlashInferBackend(_LevelsBackend):
+    """FlashInfer: ``MultiLevelCascadeAttentionWrapper`` over the cascade levels (``cascade``),
+    else ``BatchDecodeWithPagedKVCacheWrapper`` over each lane's whole view. Planned once per
+    step, run by every layer; the cache is viewed as pages of one slot (``[slots, 1, Hkv, D]``)."""
+
+    name = "flashinfer"
+
+    def __init__(self, cascade: bool = True, workspace_bytes: int = 128 * 2**20) -> None:
+        super().__init__(cascade)
+        self.workspace_bytes = workspace_bytes
+        self._wrappers: dict[int, object] = {}
+
+    def attach(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().attach(model, device)
+        import flashinfer
+
+        self._flashinfer = flashinfer
+        self._workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=device)
+
+    def _wrapper(self, num_levels: int):
+        if num_levels not in self._wrappers:
+            fi = self._flashinfer
+            if num_levels == 0:
+                self._wrappers[0] = fi.BatchDecodeWithPagedKVCacheWrapper(
+                    self._workspace, "NHD", use_tensor_cores=True
+                )
+            else:
+                self._wrappers[num_levels] = fi.MultiLevelCascadeAttentionWrapper(
+                    num_levels, self._workspace, "NHD"
+                )
+        return self._wrappers[num_levels]
+
+    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
+        if self.scale is None:
+            return None
+        levels = [lv.to(self.device) for lv in self.levels(lanes, table)]
+        shape = (self.num_heads, self.kv_heads, self.head_dim, 1)  # page size 1
+        dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        if self.cascade:
+            wrapper = self._wrapper(len(levels))
+            wrapper.plan(
+                [lv.qo_indptr for lv in levels],
+                [lv.kv_indptr for lv in levels],
+                [lv.kv_indices for lv in levels],
+                [lv.kv_last_page_len for lv in levels],
+                *shape,
+                causal=False,
+                sm_scale=self.scale,
+                **dtypes,
+            )
+        else:
+            (level,) = levels
+            wrapper = self._wrapper(0)
+            wrapper.plan(
+                level.kv_indptr,
+                level.kv_indices,
+                level.kv_last_page_len,
+                *shape,
+                sm_scale=self.scale,
+                **dtypes,
+            )
+        planned = self.scale
+
+        def decode(query, keys, values, scale):
+            if scale != planned:
+                return None
+            pages = (keys.unsqueeze(1), values.unsqueeze(1))  # [slots, 1, Hkv, D]: NHD, page 1
+            return wrapper.run(query.contiguous(), pages)
+
+        return decode
+
+
+def flashinfer_installed() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def make_backend(
+    spec: str | AttentionBackend = "auto", device: torch.device | str = "cpu"
+) -> AttentionBackend:
+    """A backend instance from its name: ``auto`` picks flashinfer when CUDA and flashinfer are
+    present, else triton on CUDA, else torch; an instance is returned as it is."""
+    if isinstance(spec, AttentionBackend):
+        return spec
+    if spec not in BACKENDS:
+        raise ValueError(f"unknown attention backend {spec!r}; choose one of {', '.join(BACKENDS)}")
+    cuda = torch.device(device).type == "cuda"
+    if spec == "auto":
+        if cuda and flashinfer_installed():
+            spec = "flashinfer"
+        elif cuda and triton_installed():
+            spec = "triton"
+        else:
+            spec = "torch"
+    if spec in ("triton", "flashinfer") and not cuda:
+        from kernels import _triton
+
+        if spec == "flashinfer" or not _triton.available("cpu"):
+            raise ValueError(
+                f"the {spec} attention backend needs a CUDA device"
+                + (" (or TRITON_INTERPRET=1 for triton)" if spec == "triton" else "")
+            )
+    if spec == "flashinfer" and not flashinfer_installed():
+        raise ValueError("the flashinfer backend needs flashinfer (pip install -e '.[gpu]')")
+    if spec == "triton" and not triton_installed():
+        raise ValueError("the triton backend needs triton (pip install -e '.[gpu]')")
+    return {"torch": TorchBackend, "triton": TritonBackend, "flashinfer": FlashInferBackend}[spec]()

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, on a fresh GPU machine, in under 8 minutes (see docs/GPU.md):
+#
+#   1. wheels  install from .whl/ (scripts/fetch_gpu_wheels.sh) what this machine lacks
+#   2. env     nvidia-smi, Python, torch / triton / flashinfer / transformers versions
+#   3. jit     compile the FlashInfer kernels the engine uses (bf16, head dim 128), timed
+#   4. tests   pytest -m gpu, then the kernel and backend tests on the GPU
+#   5. bench   benchmarks/gpu_decode.py with a time budget
+#
+# Results go to --out (default: $OUT, else ./gpu_results): at most 8 files, flat.
+#
+#   scripts/gpu_check.sh [--dry-run] [--out DIR] [--wheels DIR] [--budget SECONDS] [--skip STEP]
+#
+# --dry-run runs nowhere near a GPU: it lists the steps and their commands, validates the wheels
+# folder (one version per package, size), and collects the gpu tests without running them.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DRY=0
+OUT_DIR="${OUT:-$ROOT/gpu_results}"
+WHEELS="$ROOT/.whl"
+BUDGET=460          # seconds for the whole script; the benchmark gets what is left
+SKIP=""
+PYTHON="${PYTHON:-python3}"
+SITE=/tmp/npr_site
+TEST_FILES=(tests/test_kernels.py tests/test_backends.py)
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) DRY=1; shift ;;
+        --out) OUT_DIR="$2"; shift 2 ;;
+        --wheels) WHEELS="$2"; shift 2 ;;
+        --budget) BUDGET="$2"; shift 2 ;;
+        --skip) SKIP="$SKIP,$2"; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$OUT_DIR"
+START=$SECONDS
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+STATUS=0
+
+say() { echo "[gpu_check $(( SECONDS - START ))s] $*" | tee -a "$SUMMARY"; }
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
+# run STEP LOG TIMEOUT CMD...: run (or, dry, print) a command with a time limit, log its output
+run() {
+    local step=$1 log=$2 limit=$3; shift 3
+    if (( DRY )); then
+        say "$step: would run (timeout ${limit}s, log $(basename "$log")): $*"
+        return 0
+    fi
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    say "$step: exit $rc after $(( SECONDS - t0 ))s ($(basename "$log"))"
+    tail -n 15 "$log"
+    return $rc
+}
+
+# -- 1. wheels -------------------------------------------------------------------------------------
+# Lists each wheel with what this interpreter has: "install" when missing or another version,
+# "present" otherwise; fails on two versions of one package or more than 64 MiB in all.
+wheel_plan() {
+    "$PYTHON" - "$WHEELS" <<'EOF'
+import importlib.metadata as md, pathlib, re, sys
+folder = pathlib.Path(sys.argv[1])
+wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+if not wheels:
+    print(f"no wheels in {folder}: nothing to install (flashinfer parts will skip if absent)")
+    sys.exit(0)
+seen, total, bad = {}, 0, False
+for wheel in wheels:
+    name, version = wheel.name.split("-")[:2]
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        print(f"ERROR: two versions of {key}: {seen[key]} and {wheel.name}")
+        bad = True
+    seen[key] = wheel.name
+    total += wheel.stat().st_size
+    try:
+        have = md.version(key)
+    except md.PackageNotFoundError:
+        have = None
+    action = "present" if have == version else "install"
+    print(f"{action:8s} {key}=={version} (have: {have})\t{wheel.name}")
+print(f"total {total / 2**20:.1f} MiB in {len(wheels)} wheels")
+if total > 64 * 2**20:
+    print("ERROR: over 64 MiB, more than a device call carries")
+    bad = True
+sys.exit(1 if bad else 0)
+EOF
+}
+
+say "step 1/5 wheels: $WHEELS"
+PLAN=$(wheel_plan)
+PLAN_RC=$?
+echo "$PLAN" | tee -a "$SUMMARY"
+if (( PLAN_RC )); then
+    say "wheels: invalid folder, stopping"
+    exit 1
+fi
+TO_INSTALL=$(echo "$PLAN" | awk '$1 == "install" {print $NF}')
+if [[ -n "$TO_INSTALL" ]]; then
+    cmd=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+         --target "$SITE")
+    for wheel in $TO_INSTALL; do cmd+=("$WHEELS/$wheel"); done
+    run wheels "$OUT_DIR/env.txt" 120 "${cmd[@]}" || { say "wheels: install failed"; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# -- 2. env ----------------------------------------------------------------------------------------
+say "step 2/5 env"
+if (( ! DRY )); then
+    {
+        nvidia-smi || echo "nvidia-smi failed"
+        "$PYTHON" - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+for name in ("triton", "flashinfer", "tvm_ffi", "transformers", "lark"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"), module.__file__)
+    except Exception as error:  # noqa: BLE001
+        print(name, "MISSING", repr(error))
+EOF
+    } >>"$OUT_DIR/env.txt" 2>&1
+    cat "$OUT_DIR/env.txt"
+fi
+# Compile FlashInfer only for this GPU (sm_90a on an H100/H200), with every core.
+if (( ! DRY )); then
+    ARCH=$("$PYTHON" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}.{b}" + ("a" if a >= 9 else ""))' 2>/dev/null)
+    export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-$ARCH}"
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    say "env: FLASHINFER_CUDA_ARCH_LIST=$FLASHINFER_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+fi
+
+# -- 3. jit ----------------------------------------------------------------------------------------
+say "step 3/5 jit"
+if skipped jit; then say "jit: skipped"; else
+    # The small models of the gpu tests compile the same kernels as the benchmark's model.
+    run jit "$OUT_DIR/jit.log" 240 "$PYTHON" benchmarks/gpu_decode.py --parts jit || STATUS=1
+fi
+
+# -- 4. tests --------------------------------------------------------------------------------------
+say "step 4/5 tests"
+if (( DRY )); then
+    # Collection needs no GPU: the gpu tests are there and would run.
+    "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${TEST_FILES[@]}" \
+        | tee -a "$SUMMARY" | tail -n 3
+    (( PIPESTATUS[0] == 0 )) || { say "tests: collection failed"; STATUS=1; }
+fi
+if skipped tests; then say "tests: skipped"; else
+    run tests "$OUT_DIR/tests_gpu.log" 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
+        -o addopts="-ra" "${TEST_FILES[@]}" || STATUS=1
+    run tests "$OUT_DIR/tests_cuda.log" 150 "$PYTHON" -m pytest -q -p no:cacheprovider \
+        -m "not gpu" -o addopts="-ra" "${TEST_FILES[@]}" || STATUS=1
+fi
+
+# -- 5. bench --------------------------------------------------------------------------------------
+say "step 5/5 bench"
+BENCH_TIME=$(( $(left) - 40 ))
+(( BENCH_TIME < 60 )) && BENCH_TIME=60
+if (( DRY )); then
+    "$PYTHON" benchmarks/gpu_decode.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
+fi
+if skipped bench; then say "bench: skipped"; else
+    # The script stops starting new runs at its budget; the timeout is the hard stop.
+    run bench "$OUT_DIR/bench.log" $(( BENCH_TIME + 30 )) "$PYTHON" benchmarks/gpu_decode.py \
+        --time-budget "$BENCH_TIME" --out "$OUT_DIR" || STATUS=1
+fi
+if (( ! DRY )) && [[ -f "$OUT_DIR/gpu_decode.md" ]]; then cat "$OUT_DIR/gpu_decode.md"; fi
+
+say "done: status $STATUS, $(( SECONDS - START ))s, results in $OUT_DIR"
+exit $STATUS

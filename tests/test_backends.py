@@ -1,0 +1,425 @@
+"""Attention backends: cascade planning from KV views, backend choice, and equivalence with the
+torch backend through fork and join (on the CPU: Triton under its interpreter, FlashInfer's
+wrappers through a stand-in with their documented semantics; on CUDA: the real thing, ``gpu``)."""
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import npr_graph as ng  # noqa: E402
+from kernels.attention import DecodeLevel, cascade_decode_attention, paged_decode_reference  # noqa: E402
+from npr_graph.engine import backends  # noqa: E402
+from npr_graph.engine.backends import (  # noqa: E402
+    FlashInferBackend,
+    TorchBackend,
+    TritonBackend,
+    cascade_levels,
+    flat_level,
+    make_backend,
+)
+from npr_graph.engine.engine import Engine  # noqa: E402
+from npr_graph.engine.kv import LaneKV, PagePool, join, slot_table  # noqa: E402
+from npr_graph.engine.sampling import SamplingParams  # noqa: E402
+from npr_graph.models import add_tag_tokens, tiny_model  # noqa: E402
+
+SHORT = dict(max_plan_tokens=4, max_step_tokens=10, max_takeaway_tokens=6)
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("_bench_gpu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_decode = _load_benchmark()
+# The GPU tests' models: FlashInfer compiles kernels per head dim and dtype; these match the
+# benchmark's Qwen3-4B shape (head dim 128, 4 query heads per KV head) so one compile serves both.
+GPU_SHAPE = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+
+
+@pytest.fixture(scope="module")
+def special_tokenizer():
+    """A byte-level tokenizer built in memory, tags added as special tokens: nothing to download,
+    so the same tests run on a bare GPU machine."""
+    tok = gpu_decode.byte_tokenizer()
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "npr")
+    return tok
+
+
+# -- cascade planning ---------------------------------------------------------------------------
+def _rl_group_lanes():
+    """Two requests: one with 3 samples (the first forked into 2 branches, one of which forked
+    again), one with a single sample; plus a join lane. Returns (lanes, keys, pool)."""
+    pool = PagePool(256, 4)
+    prompt_a, prompt_b = LaneKV(pool), LaneKV(pool)
+    prompt_a.append_slots(10)  # 2 full pages + a partial one, shared by the samples
+    prompt_b.append_slots(7)
+    samples = prompt_a.fork(3)
+    for i, s in enumerate(samples):
+        s.append_slots(3 + i)
+    branches = samples[0].fork(2)
+    for i, b in enumerate(branches):
+        b.append_slots(5 + 2 * i)
+    nested = branches[1].fork(2)
+    for n in nested:
+        n.append_slots(2)
+    joined_src = samples[1].fork(2)
+    for b in joined_src:
+        b.append_slots(6)
+    joined = join(joined_src)
+    joined.append_slots(1)
+    (b_sample,) = prompt_b.fork(1)
+    b_sample.append_slots(4)
+    lanes = [branches[0], *nested, joined, samples[2], b_sample]
+    for lane in lanes:  # this step's token
+        lane.append_slots(1)
+    keys = [["a"] * 5 + ["b"], ["a0", "a0", "a0", "a1", "a2", "b0"]]
+    return lanes, keys, pool
+
+
+def test_cascade_levels_cover_every_view_exactly_once():
+    lanes, keys, pool = _rl_group_lanes()
+    pool.check(lanes)
+    table = slot_table(lanes)
+    levels = cascade_levels(table, keys)
+    assert len(levels) == 3
+    seen = [[] for _ in lanes]
+    for level in levels:
+        qo, kv = level.qo_indptr.tolist(), level.kv_indptr.tolist()
+        assert qo[-1] == len(lanes) and len(qo) == len(kv)
+        assert (level.kv_last_page_len == 1).all()
+        for g in range(level.num_groups):
+            assert kv[g + 1] > kv[g], "no level holds an empty KV list"
+            for q in range(qo[g], qo[g + 1]):
+                seen[q] += level.kv_indices[kv[g] : kv[g + 1]].tolist()
+    for lane, slots in zip(lanes, seen, strict=True):
+        assert slots == lane.flat_slots(), "levels in order rebuild the lane's view"
+    top, middle, _ = levels
+    # Request a's lanes share the prompt's two full pages (its partial page was copied on write).
+    assert top.qo_indptr.tolist()[:2] == [0, 5] and top.kv_indptr.tolist()[1] == 8
+    # Sample a0's three lanes (branch 0 and the nested fork under branch 1) share to the fork.
+    assert middle.qo_indptr.tolist()[:2] == [0, 3]
+
+
+def test_cascade_without_sharing_is_flat():
+    pool = PagePool(64, 4)
+    lanes = []
+    for n in (5, 9, 3):
+        lane = LaneKV(pool)
+        lane.append_slots(n)
+        lanes.append(lane)
+    table = slot_table(lanes)
+    (level,) = cascade_levels(table, [["x", "y", "z"], [1, 2, 3]])
+    flat = flat_level(table)
+    for a, b in zip(vars(level).values(), vars(flat).values(), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_cascade_attention_equals_attention_over_each_view():
+    lanes, keys, _ = _rl_group_lanes()
+    table = slot_table(lanes)
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(256 * 4, 2, 16, generator=gen)
+    v_cache = torch.randn(256 * 4, 2, 16, generator=gen)
+    query = torch.randn(len(lanes), 4, 16, generator=gen)
+    want = paged_decode_reference(query, k_cache, v_cache, flat_level(table))[0]
+    levels = cascade_levels(table, keys)
+    got = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The same, as SDPA over gathered slots computes it (the torch backend).
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query.view(len(lanes), 2, 2, 16),
+        k_cache[table.slots].permute(0, 2, 1, 3),
+        v_cache[table.slots].permute(0, 2, 1, 3),
+        attn_mask=table.mask[:, None, None, :],
+    ).reshape(len(lanes), 4, 16)
+    torch.testing.assert_close(got, sdpa, rtol=1e-5, atol=1e-5)
+
+
+# -- choosing a backend -------------------------------------------------------------------------
+def test_auto_picks_by_device_and_installed_packages(monkeypatch):
+    assert isinstance(make_backend("auto", "cpu"), TorchBackend)
+    assert isinstance(make_backend("torch", "cuda"), TorchBackend)
+    custom = TritonBackend(cascade=False)
+    assert make_backend(custom) is custom
+    monkeypatch.setattr(backends, "flashinfer_installed", lambda: False)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    assert isinstance(make_backend("auto", "cuda"), TritonBackend)
+    monkeypatch.setattr(backends, "triton_installed", lambda: False)
+    assert isinstance(make_backend("auto", "cuda"), TorchBackend)
+    monkeypatch.setattr(backends, "flashinfer_installed", lambda: True)
+    assert isinstance(make_backend("auto", "cuda"), FlashInferBackend)
+
+
+def test_backend_errors_are_clear(monkeypatch):
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        make_backend("xformers")
+    with pytest.raises(ValueError, match="CUDA"):
+        make_backend("flashinfer", "cpu")
+    monkeypatch.setattr(backends, "flashinfer_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[gpu\]'"):
+        make_backend("flashinfer", "cuda")
+
+
+def test_engine_default_is_the_torch_path(special_tokenizer):
+    engine = Engine(tiny_model("llama", tokenizer=special_tokenizer), special_tokenizer)
+    assert (
+        engine.attention_backend.name == "torch"
+        and engine.runner.backend is engine.attention_backend
+    )
+
+
+# -- equivalence through fork and join ------------------------------------------------------------
+def dense_logprobs(model, graph):
+    """One dense forward of the plain model with the graph's mask and positions."""
+    ids = torch.tensor(graph.token_ids)[None].to(model.device)
+    mask = ng.attention_mask(graph)[None, None].to(model.device)
+    if getattr(model.config, "sliding_window", None) and "sliding_attention" in getattr(
+        model.config, "layer_types", []
+    ):
+        window = ng.attention_mask(graph, sliding_window=model.config.sliding_window)
+        mask = {"full_attention": mask, "sliding_attention": window[None, None].to(model.device)}
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=ng.position_ids(graph)[None].to(model.device),
+        ).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    start = graph.prompt_num_tokens
+    return logprobs[start - 1 : -1].gather(1, ids[0, start:, None]).squeeze(1).cpu()
+
+
+def generate_and_check(
+    family,
+    tokenizer,
+    backend,
+    *,
+    tolerance,
+    device="cpu",
+    dtype=torch.float32,
+    max_new_tokens=36,
+    prompts=("What is 2+2?", "Primes?"),
+    n=2,
+    **model_overrides,
+):
+    model = tiny_model(family, tokenizer=tokenizer, dtype=dtype, **model_overrides).to(device)
+    engine = Engine(
+        model, tokenizer, page_size=4, num_pages=512, device=device, attention_backend=backend
+    )
+    planned = []
+    original = engine.runner.backend.plan_decode
+
+    def spy(lanes, table):
+        planned.append(len(lanes))
+        return original(lanes, table)
+
+    engine.runner.backend.plan_decode = spy
+    params = SamplingParams(
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        min_branches=2,
+        max_branches=3,
+        seed=7,
+        n=n,
+        **SHORT,
+    )
+    graphs = engine.generate(list(prompts), params, mode="constrained", chat=False)
+    assert planned and max(planned) > n, "decode steps ran through the backend, forks too"
+    for graph in graphs:
+        assert graph.metadata["layout_consistent"]
+        assert graph.metadata["forks"] >= 1
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        error = (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max().item()
+        assert error <= tolerance, f"{family} {backend}: log-prob error {error}"
+    if max_new_tokens >= 36:
+        assert any(g.nodes_of("takeaway") for g in graphs), "a join happened"
+    assert engine.pool.num_used == 0
+    return graphs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("cascade", [True, False])
+def test_level_plans_reproduce_the_dense_forward(family, cascade, special_tokenizer):
+    """The triton backend's plans, run by the kernels' torch references (fast on the CPU)."""
+    backend = TritonBackend(cascade=cascade, kernels="torch")
+    generate_and_check(family, special_tokenizer, backend, tolerance=1e-4, num_hidden_layers=2)
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton is not installed")
+def test_triton_backend_reproduces_the_dense_forward(special_tokenizer):
+    """The Triton kernels themselves (interpreted on the CPU, so one layer, one prompt, two
+    samples and a short generation: the prompt level and the fork's levels)."""
+    generate_and_check(
+        "qwen3",
+        special_tokenizer,
+        TritonBackend(),
+        tolerance=1e-4,
+        device="cuda" if CUDA else "cpu",
+        max_new_tokens=26,
+        prompts=["Primes?"],
+        num_hidden_layers=1,
+    )
+
+
+class _FakeFlashInfer(types.ModuleType):
+    """FlashInfer's two wrappers as documented (plan once, run per layer, page tables in CSR
+    form, NHD layout), computed by the kernels' torch references; records the calls."""
+
+    def __init__(self):
+        super().__init__("flashinfer")
+        self.calls = []
+        fake = self
+
+        class _Wrapper:
+            def __init__(self, *args, **kwargs):
+                self.levels = None
+
+            def _check(self, kwargs, page_size):
+                assert page_size == 1 and kwargs["sm_scale"] > 0
+                assert kwargs["q_data_type"] == kwargs["kv_data_type"]
+
+            def run(self, q, paged_kv_cache):
+                k_cache, v_cache = paged_kv_cache
+                assert k_cache.dim() == 4 and k_cache.shape[1] == 1, "NHD pages of one slot"
+                fake.calls.append("run")
+                return cascade_decode_attention(
+                    q, k_cache, v_cache, self.levels, scale=self.scale, backend="torch"
+                )
+
+        class MultiLevelCascadeAttentionWrapper(_Wrapper):
+            def __init__(self, num_levels, workspace, kv_layout="NHD"):
+                assert kv_layout == "NHD"
+                self.num_levels = num_levels
+
+            def plan(
+                self,
+                qo_arr,
+                kv_indptr_arr,
+                kv_indices_arr,
+                last_arr,
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                page_size,
+                **kwargs,
+            ):
+                assert len(qo_arr) == self.num_levels and not kwargs["causal"]
+                self._check(kwargs, page_size)
+                fake.calls.append(f"plan{self.num_levels}")
+                self.scale = kwargs["sm_scale"]
+                self.levels = [
+                    DecodeLevel(*arrays, 0, 0)
+                    for arrays in zip(qo_arr, kv_indptr_arr, kv_indices_arr, last_arr, strict=True)
+                ]
+
+        class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+            def plan(
+                self,
+                indptr,
+                indices,
+                last_page_len,
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                page_size,
+                **kwargs,
+            ):
+                self._check(kwargs, page_size)
+                fake.calls.append("plan_flat")
+                self.scale = kwargs["sm_scale"]
+                qo = torch.arange(len(indptr), dtype=torch.int32)
+                self.levels = [DecodeLevel(qo, indptr, indices, last_page_len, 0, 0)]
+
+        self.MultiLevelCascadeAttentionWrapper = MultiLevelCascadeAttentionWrapper
+        self.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_flashinfer_backend_plans_once_per_step_and_runs_per_layer(
+    cascade, special_tokenizer, monkeypatch
+):
+    fake = _FakeFlashInfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    generate_and_check(
+        "llama",
+        special_tokenizer,
+        FlashInferBackend(cascade=cascade),
+        tolerance=1e-4,
+        num_hidden_layers=2,
+    )
+    plans = [c for c in fake.calls if c != "run"]
+    assert fake.calls.count("run") == 2 * len(plans), "one plan per step, one run per layer"
+    if cascade:
+        assert {"plan2", "plan3"} & set(plans), "shared prompts and prefixes became levels"
+    else:
+        assert set(plans) == {"plan_flat"}
+
+
+# -- on a GPU -------------------------------------------------------------------------------------
+GPU_FAMILIES = ["qwen3", "llama"]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+@pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_reproduce_the_dense_forward(family, backend, dtype, special_tokenizer):
+    if backend == "flashinfer" and not backends.flashinfer_installed():
+        pytest.skip("flashinfer is not installed")
+    if backend == "flashinfer" and dtype == torch.float32:
+        pytest.skip("flashinfer kernels take fp16/bf16")
+    tolerance = 2e-3 if dtype == torch.float32 else 0.15
+    generate_and_check(
+        family,
+        special_tokenizer,
+        backend,
+        tolerance=tolerance,
+        device="cuda",
+        dtype=dtype,
+        max_new_tokens=64,
+        **GPU_SHAPE,
+    )
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+def test_gpu_backends_agree_with_the_torch_backend_token_for_token(family, special_tokenizer):
+    """Same seed, bf16: each backend samples the torch backend's tokens (where the distributions
+    are this close, sampling with one generator picks the same ids) and its log-probs."""
+    runs = {}
+    names = ["torch", "triton"] + (["flashinfer"] if backends.flashinfer_installed() else [])
+    for name in names:
+        runs[name] = generate_and_check(
+            family,
+            special_tokenizer,
+            name,
+            tolerance=0.15,
+            device="cuda",
+            dtype=torch.bfloat16,
+            max_new_tokens=64,
+            **GPU_SHAPE,
+        )
+    reference = runs.pop("torch")
+    for name, graphs in runs.items():
+        for want, got in zip(reference, graphs, strict=True):
+            n = min(len(want.token_ids), len(got.token_ids))
+            prefix = next((i for i in range(n) if want.token_ids[i] != got.token_ids[i]), n)
+            a = torch.tensor(want.logprobs[want.prompt_num_tokens : prefix], dtype=torch.float)
+            b = torch.tensor(got.logprobs[got.prompt_num_tokens : prefix], dtype=torch.float)
+            assert (a - b).abs().max().item() <= 0.1, f"{name} vs torch"

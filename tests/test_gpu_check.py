@@ -1,0 +1,95 @@
+"""The GPU check script and benchmark, without a GPU: the dry run lists the steps, validates the
+wheels folder and collects the gpu tests; the benchmark runs at a tiny size on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _dry_run(tmp_path: Path, wheels: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(wheels)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def _wheel(folder: Path, name: str, version: str) -> None:
+    folder.mkdir(exist_ok=True)
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(
+            f"{name}-{version}.dist-info/METADATA", f"Name: {name}\nVersion: {version}\n"
+        )
+
+
+def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
+    wheels = tmp_path / "whl"
+    _wheel(wheels, "lark", "0.0.1")  # another version than installed: would be installed
+    _wheel(wheels, "pytest", __import__("pytest").__version__)  # already here: left alone
+    result = _dry_run(tmp_path, wheels)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for step in (
+        "step 1/5 wheels",
+        "step 2/5 env",
+        "step 3/5 jit",
+        "step 4/5 tests",
+        "step 5/5 bench",
+    ):
+        assert step in out
+    assert "install  lark==0.0.1" in out and "present  pytest==" in out
+    assert "pip install" in out and "lark-0.0.1-py3-none-any.whl" in out
+    assert "pytest" in out and "-m gpu" in out and "benchmarks/gpu_decode.py" in out
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "test_gpu_backends_reproduce_the_dense_forward" in summary, "gpu tests collected"
+    assert "test_gpu_kernels_at_model_shapes" in summary
+    assert "done: status 0" in summary
+
+
+def test_dry_run_rejects_two_versions_of_one_package(tmp_path):
+    wheels = tmp_path / "whl"
+    _wheel(wheels, "lark", "1.0.0")
+    _wheel(wheels, "lark", "1.1.0")
+    result = _dry_run(tmp_path, wheels)
+    assert result.returncode != 0
+    assert "two versions of lark" in result.stdout
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.pop(0)
+    code = gpu_decode.main(
+        ["--quick", "--device", "cpu", "--parts", "attention,widths", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_decode.json").read_text())
+    rows = {(r["part"], r.get("width")): r for r in report["results"]}
+    assert rows[("attention", None)]["ms"] > 0
+    assert rows[("widths", 1)]["generated_tokens"] == 12, "sequential: exactly the step tokens"
+    assert rows[("widths", 2)]["widths"] == [2] and rows[("widths", 2)]["speedup_vs_width1"] > 0
+    assert "flashinfer" in report["info"]["backends_missing"]
+    assert (tmp_path / "gpu_decode.md").read_text().startswith("| part |")
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".whl").is_dir(), reason="no .whl folder (scripts/fetch_gpu_wheels.sh)"
+)
+def test_fetched_wheels_fit_one_device_call():
+    wheels = list((ROOT / ".whl").glob("*.whl"))
+    assert sum(w.stat().st_size for w in wheels) < 60 * 2**20

@@ -1,0 +1,293 @@
+"""Kernels against their plain torch references.
+
+Without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (set below, before
+any kernel module is imported), at tiny shapes: the interpreter is slow. With CUDA they run on the
+GPU at the same shapes (and the ``gpu`` tests add larger ones).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import reference_logprobs, token_logprobs, triton_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not triton_available(DEVICE), reason="triton is not installed (pip install -e '.[dev]')"
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+# -- token_logprobs -------------------------------------------------------------------------------
+def _logprob_case(n=37, dim=48, vocab=101, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (0.3 * torch.randn(vocab, dim, generator=gen)).to(DEVICE, dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(DEVICE)
+    return hidden, weight, targets, gen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_token_logprobs_match_full_logits(backend, with_entropy):
+    hidden, weight, targets, gen = _logprob_case()
+    g_lp = torch.randn(len(targets), generator=gen).to(DEVICE)
+    g_ent = torch.randn(len(targets), generator=gen).to(DEVICE)
+    # chunk_size 16 splits 37 tokens into 3 chunks, the last one partial.
+    logprobs, entropy = token_logprobs(
+        hidden,
+        weight,
+        targets,
+        temperature=0.7,
+        chunk_size=16,
+        with_entropy=with_entropy,
+        backend=backend,
+    )
+    ref_lp, ref_ent = reference_logprobs(hidden, weight, targets, temperature=0.7)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == targets.shape
+    torch.testing.assert_close(logprobs, ref_lp, rtol=1e-5, atol=1e-5)
+    loss = (logprobs * g_lp).sum()
+    ref_loss = (ref_lp * g_lp).sum()
+    if with_entropy:
+        torch.testing.assert_close(entropy, ref_ent, rtol=1e-5, atol=1e-5)
+        loss = loss + (entropy * g_ent).sum()
+        ref_loss = ref_loss + (ref_ent * g_ent).sum()
+    else:
+        assert entropy is None
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref_grads = torch.autograd.grad(ref_loss, [hidden, weight])
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_token_logprobs_keeps_leading_dims_and_low_precision():
+    hidden, weight, targets, _ = _logprob_case(n=24, dtype=torch.bfloat16)
+    logprobs, entropy = token_logprobs(
+        hidden.reshape(2, 12, -1),
+        weight,
+        targets.reshape(2, 12),
+        with_entropy=True,
+        backend="torch",
+    )
+    ref_lp, ref_ent = reference_logprobs(hidden, weight, targets)
+    assert logprobs.shape == (2, 12) and logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs.flatten(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.flatten(), ref_ent, rtol=1e-5, atol=1e-5)
+    logprobs.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+
+
+def test_token_logprobs_gradient_of_one_input_only():
+    hidden, weight, targets, _ = _logprob_case(n=10)
+    frozen = weight.detach()
+    logprobs, _ = token_logprobs(hidden, frozen, targets, chunk_size=4, backend="torch")
+    logprobs.sum().backward()
+    ref, _ = reference_logprobs(hidden.detach().requires_grad_(), frozen, targets)
+    assert hidden.grad is not None and frozen.grad is None
+    torch.testing.assert_close(logprobs, ref)
+
+
+def test_token_logprobs_rejects_bad_arguments():
+    hidden, weight, targets, _ = _logprob_case(n=4)
+    with pytest.raises(ValueError, match="backend"):
+        token_logprobs(hidden, weight, targets, backend="cuda")
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(hidden, weight, targets, temperature=0.0)
+
+
+# -- merge_states ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_states_equals_attention_over_the_union(backend):
+    """Attention over [A, B, C] equals the merge of attention over A, B and C; an empty segment
+    (lse = -inf) is neutral, and a query whose segments are all empty gets 0 and -inf."""
+    from kernels.attention import merge_states
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 3, 16, generator=gen)
+    k, v = torch.randn(2, 12, 3, 16, generator=gen).unbind(0)
+    bounds = [(0, 4), (4, 4), (4, 12)]  # the middle segment is empty
+    scores = torch.einsum("nhd,thd->nht", q, k) / 4.0
+    parts, lses = [], []
+    for lo, hi in bounds:
+        s = scores[..., lo:hi]
+        lse = torch.logsumexp(s, -1) if hi > lo else torch.full(s.shape[:2], -torch.inf)
+        out = torch.einsum("nht,thd->nhd", torch.softmax(s, -1), v[lo:hi]) if hi > lo else q * 0
+        parts.append(out)
+        lses.append(lse)
+    values, lse = torch.stack(parts, 1).to(DEVICE), torch.stack(lses, 1).to(DEVICE)
+    lse[0] = -torch.inf  # query 0: nothing to attend to
+    merged, merged_lse = merge_states(values, lse, backend=backend)
+    full = torch.einsum("nht,thd->nhd", torch.softmax(scores, -1), v)
+    torch.testing.assert_close(merged[1:].cpu(), full[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_lse[1:].cpu(), torch.logsumexp(scores, -1)[1:])
+    assert (merged[0] == 0).all() and torch.isneginf(merged_lse[0]).all()
+
+
+# -- paged decode ---------------------------------------------------------------------------------
+def _paged_case(page_size, seed=2, dtype=torch.float32):
+    """8 queries (4 heads over 2 KV heads) in 4 groups, one group with an empty KV list."""
+    gen = torch.Generator().manual_seed(seed)
+    pages, kv_heads, dim = 24, 2, 16
+    k_cache = torch.randn(pages, page_size, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(pages, page_size, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    query = torch.randn(8, 2 * kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    counts = [3, 0, 5, 2]
+    kv_indptr = torch.tensor([0, 3, 3, 8, 10], dtype=torch.int32)
+    kv_indices = torch.randperm(pages - 1, generator=gen)[: sum(counts)].to(torch.int32) + 1
+    last = torch.tensor([1, 1, page_size, max(1, page_size - 1)], dtype=torch.int32)
+    qo_indptr = torch.tensor([0, 1, 3, 6, 8], dtype=torch.int32)
+    return query, k_cache, v_cache, kv_indptr, kv_indices, last, qo_indptr
+
+
+def _dense_decode(query, k_cache, v_cache, kv_indptr, kv_indices, last, qo_indptr):
+    """Per query: gather its slots, repeat KV heads, softmax attention (the plainest form)."""
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = query.shape[1] // kv_heads
+    outs = []
+    for g in range(len(last)):
+        pages = kv_indices[kv_indptr[g] : kv_indptr[g + 1]].long().tolist()
+        slots = [p * page_size + o for p in pages for o in range(page_size)]
+        slots = slots[: max(0, len(slots) - page_size + int(last[g]))] if pages else []
+        keys = k_cache.reshape(-1, kv_heads, k_cache.shape[-1])[slots].float()
+        values = v_cache.reshape(-1, kv_heads, v_cache.shape[-1])[slots].float()
+        for q in query[qo_indptr[g] : qo_indptr[g + 1]].float():
+            if not slots:
+                outs.append(torch.zeros_like(q))
+                continue
+            k = keys.repeat_interleave(groups, dim=1)
+            scores = torch.einsum("hd,thd->ht", q, k) / q.shape[-1] ** 0.5
+            v = values.repeat_interleave(groups, dim=1)
+            outs.append(torch.einsum("ht,thd->hd", torch.softmax(scores, -1), v))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size, splits", [(1, None), (4, None), (4, 3)])
+def test_paged_decode_matches_dense_attention(backend, page_size, splits):
+    from kernels.attention import paged_decode_attention
+
+    case = _paged_case(page_size)
+    out, lse = paged_decode_attention(*case, num_splits=splits, backend=backend)
+    torch.testing.assert_close(out.cpu(), _dense_decode(*case).cpu(), rtol=1e-4, atol=1e-5)
+    assert (
+        torch.isneginf(lse[1:3]).all()
+        and torch.isfinite(lse[:1]).all()
+        and torch.isfinite(lse[3:]).all()
+    )
+
+
+def test_paged_decode_flat_cache_is_page_size_one():
+    from kernels.attention import paged_decode_attention
+
+    query, k_cache, v_cache, indptr, indices, last, qo = _paged_case(4)
+    slots = torch.cat(
+        [
+            (indices[indptr[g] : indptr[g + 1]].long()[:, None] * 4 + torch.arange(4)).flatten()[
+                : max(0, 4 * int(indptr[g + 1] - indptr[g]) - 4 + int(last[g]))
+            ]
+            for g in range(len(last))
+        ]
+    ).to(torch.int32)
+    sizes = torch.tensor([3 * 4 - 3, 0, 5 * 4, 2 * 4 - 1], dtype=torch.int32)
+    slot_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), sizes.cumsum(0).to(torch.int32)])
+    flat = paged_decode_attention(
+        query,
+        k_cache.flatten(0, 1),
+        v_cache.flatten(0, 1),
+        slot_indptr,
+        slots,
+        torch.ones(4, dtype=torch.int32),
+        qo,
+        backend="torch",
+    )
+    paged = paged_decode_attention(
+        query, k_cache, v_cache, indptr, indices, last, qo, backend="torch"
+    )
+    torch.testing.assert_close(flat, paged)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
+    """Level 1: 6 queries in 2 groups each sharing a prefix; level 2: each query's own tail."""
+    from kernels.attention import DecodeLevel, cascade_decode_attention, paged_decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    slots_total, kv_heads, dim = 200, 2, 16
+    k_cache = torch.randn(slots_total, kv_heads, dim, generator=gen).to(DEVICE)
+    v_cache = torch.randn(slots_total, kv_heads, dim, generator=gen).to(DEVICE)
+    query = torch.randn(6, 4, dim, generator=gen).to(DEVICE)
+    prefixes = [torch.arange(10, 40), torch.arange(50, 57)]
+    tails = [torch.arange(100 + 10 * i, 103 + 10 * i + i) for i in range(6)]
+    owner = [0, 0, 0, 0, 1, 1]
+
+    def level(qo, lists):
+        sizes = torch.tensor([len(x) for x in lists])
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(torch.int32)
+        return DecodeLevel(
+            torch.tensor(qo, dtype=torch.int32),
+            indptr,
+            torch.cat(lists).to(torch.int32),
+            torch.ones(len(lists), dtype=torch.int32),
+            int(sizes.max()),
+            max(b - a for a, b in zip(qo, qo[1:], strict=False)),
+        )
+
+    levels = [level([0, 4, 6], prefixes), level(list(range(7)), tails)]
+    got = cascade_decode_attention(
+        query, k_cache, v_cache, [lv.to(DEVICE) for lv in levels], backend=backend
+    )
+    whole = [torch.cat([prefixes[owner[i]], tails[i]]) for i in range(6)]
+    flat = level(list(range(7)), whole)
+    want, _ = paged_decode_attention(
+        query,
+        k_cache,
+        v_cache,
+        flat.kv_indptr,
+        flat.kv_indices,
+        flat.kv_last_page_len,
+        backend="torch",
+    )
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+
+
+# -- larger shapes on a GPU -----------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernels_at_model_shapes():
+    """Qwen3-4B-like heads (32 query / 8 KV heads of 128) in bf16 with long contexts; and the
+    log-prob kernel with a 151k vocabulary."""
+    from kernels.attention import paged_decode_attention
+
+    torch.manual_seed(0)
+    pages, page_size = 2048, 16
+    k_cache = torch.randn(pages, page_size, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    query = torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.randint(1, 200, (16,))
+    kv_indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int().cuda()
+    kv_indices = torch.randperm(pages - 1)[: int(lengths.sum())].int().cuda() + 1
+    last = torch.randint(1, page_size + 1, (16,), dtype=torch.int32, device="cuda")
+    got, _ = paged_decode_attention(
+        query, k_cache, v_cache, kv_indptr, kv_indices, last, backend="triton"
+    )
+    want, _ = paged_decode_attention(
+        query, k_cache, v_cache, kv_indptr, kv_indices, last, backend="torch"
+    )
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+    hidden = torch.randn(3000, 2560, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.02 * torch.randn(151_936, 2560, device="cuda")).bfloat16().requires_grad_()
+    targets = torch.randint(0, 151_936, (3000,), device="cuda")
+    results = {}
+    for backend in ("torch", "triton"):
+        lp, ent = token_logprobs(hidden, weight, targets, with_entropy=True, backend=backend)
+        grads = torch.autograd.grad(lp.sum() + ent.sum(), [hidden, weight])
+        results[backend] = (lp, ent, *grads)
+    for a, b in zip(results["torch"], results["triton"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
