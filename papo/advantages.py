@@ -1,0 +1,207 @@
+"""Advantage estimators: pure tensor (and graph) functions in a name registry.
+
+Sample-level estimators are called as ``fn(rewards, group_ids)`` with 1-D tensors (one entry per
+sample; samples of one prompt share a group id) and return one advantage per sample:
+
+- ``grpo``: ``(r - mean of the group) / (std of the group + eps)``;
+- ``papo``: ``(r - mean of the group) / (std of the whole batch + eps)`` (the NPR reference).
+
+Standard deviations are torch's default (unbiased); a group of one sample has no baseline and gets
+advantage 0, and a batch whose rewards are all equal gets advantage 0 everywhere.
+
+The graph-level estimator ``branch`` (:func:`branch_advantages`) spreads a sample's advantage over the tokens
+of its graph and adds a sibling-relative term to step nodes (see its docstring). Any
+sample-level estimator can serve as its outcome term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from npr_graph.graph import NodeKind, ReasoningGraph
+
+EPS = 1e-6
+
+SampleEstimator = Callable[..., torch.Tensor]
+_ESTIMATORS: dict[str, SampleEstimator] = {}
+
+
+def register(name: str) -> Callable[[SampleEstimator], SampleEstimator]:
+    def decorate(fn: SampleEstimator) -> SampleEstimator:
+        _ESTIMATORS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get(name: str) -> SampleEstimator:
+    """The sample-level estimator registered as ``name``."""
+    try:
+        return _ESTIMATORS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown advantage estimator {name!r}; known: {', '.join(sorted(_ESTIMATORS))}"
+        ) from None
+
+
+def names() -> list[str]:
+    return sorted(_ESTIMATORS)
+
+
+def _check(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError("rewards and group_ids must be 1-D tensors of the same length")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite")
+
+
+def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per sample: the mean and unbiased std of its group's rewards, and its group's size."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    rewards = rewards.double()
+    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, rewards)
+    means = sums / counts
+    squares = torch.zeros(len(counts), dtype=torch.float64).index_add_(
+        0, inverse, (rewards - means[inverse]) ** 2
+    )
+    stds = torch.where(counts > 1, squares / (counts - 1).clamp(min=1), 0.0).sqrt()
+    return means[inverse], stds[inverse], counts[inverse]
+
+
+@register("grpo")
+def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    _check(rewards, group_ids)
+    mean, std, size = group_stats(rewards, group_ids)
+    advantage = (rewards.double() - mean) / (std + eps)
+    return torch.where(size > 1, advantage, 0.0).to(rewards.dtype)
+
+
+@register("papo")
+def papo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    _check(rewards, group_ids)
+    mean, _, size = group_stats(rewards, group_ids)
+    batch_std = rewards.double().std() if rewards.numel() > 1 else torch.tensor(0.0)
+    advantage = (rewards.double() - mean) / (batch_std + eps)
+    return torch.where(size > 1, advantage, 0.0).to(rewards.dtype)
+
+
+# -- graph-level credit assignment ---------------------------------------------------------------
+BranchScorer = Callable[[str, str], float | None]
+
+
+def stated_result_scorer(step_text: str, reference: str) -> float | None:
+    """+1 when the step's own stated result (its boxed value, else its final number) verifies
+    against the reference answer, -1 when it states a different one, None when it states none."""
+    from .rewards import stated_result, verify
+
+    result = stated_result(step_text)
+    if result is None:
+        return None
+    return 1.0 if verify(result, reference) else -1.0
+
+
+def step_scores(
+    graph: ReasoningGraph, reference: str, scorer: BranchScorer = stated_result_scorer
+) -> dict[int, float]:
+    """The sibling-relative term's raw score of every step node, block by block: the scorer's
+    value, or the mean of the block's stated scores for steps stating none (so they get no
+    branch term). Blocks where no step states a result are left out."""
+    scores: dict[int, float] = {}
+    for block in graph.blocks:
+        steps = [
+            node_id
+            for branch in block.branches
+            for node_id in branch
+            if graph.nodes[node_id].kind is NodeKind.STEP
+        ]
+        stated = {i: scorer(graph.nodes[i].content, reference) for i in steps}
+        known = [s for s in stated.values() if s is not None]
+        if not known:
+            continue
+        mean = sum(known) / len(known)
+        scores.update({i: mean if s is None else s for i, s in stated.items()})
+    return scores
+
+
+def branch_terms(
+    graph: ReasoningGraph, reference: str, scorer: BranchScorer = stated_result_scorer
+) -> dict[int, float]:
+    """Per step node: ``s_b - mean of its block's s``; these sum to zero within every block."""
+    scores = step_scores(graph, reference, scorer)
+    terms: dict[int, float] = {}
+    for block in graph.blocks:
+        members = [i for branch in block.branches for i in branch if i in scores]
+        if not members:
+            continue
+        mean = sum(scores[i] for i in members) / len(members)
+        terms.update({i: scores[i] - mean for i in members})
+    return terms
+
+
+def branch_advantages(
+    graphs: Sequence[ReasoningGraph],
+    references: Sequence[str],
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    lam: float = 0.5,
+    outcome: str = "papo",
+    scorer: BranchScorer = stated_result_scorer,
+) -> list[torch.Tensor]:
+    """Per graph, one advantage per response token (``FloatTensor[num_tokens - prompt]``).
+
+    Every node's tokens carry the sample's outcome advantage (estimator ``outcome``); the tokens
+    of a step node also get ``lam * (s_b - mean of the block's s)``, where ``s`` is the branch
+    scorer's value (default: does the step's own stated result verify against the reference).
+    With ``lam = 0`` this is the outcome estimator broadcast over tokens."""
+    if not len(graphs) == len(references) == len(rewards):
+        raise ValueError("give one reference and one reward per graph")
+    outcome_advantages = get(outcome)(rewards, group_ids)
+    return [
+        spread(graph, float(advantage), reference, lam=lam, scorer=scorer)
+        for graph, reference, advantage in zip(graphs, references, outcome_advantages, strict=True)
+    ]
+
+
+def spread(
+    graph: ReasoningGraph,
+    outcome_advantage: float,
+    reference: str | None = None,
+    *,
+    lam: float = 0.0,
+    scorer: BranchScorer = stated_result_scorer,
+) -> torch.Tensor:
+    """One sample's per-response-token advantages: the outcome advantage on every token, plus
+    ``lam`` times the branch term on step nodes (needs ``reference`` when ``lam != 0``)."""
+    start = graph.prompt_num_tokens
+    tokens = torch.full((graph.num_tokens - start,), outcome_advantage, dtype=torch.float32)
+    if lam != 0.0:
+        if reference is None:
+            raise ValueError("branch credit needs the reference answer")
+        for node_id, term in branch_terms(graph, reference, scorer).items():
+            node = graph.nodes[node_id]
+            tokens[node.token_start - start : node.token_end - start] += lam * term
+    return tokens
+
+
+branch_advantages.graph_level = True  # type: ignore[attr-defined]
+register("branch")(branch_advantages)
+
+
+def token_advantages(
+    name: str,
+    graphs: Sequence[ReasoningGraph],
+    references: Sequence[str],
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    **options,
+) -> list[torch.Tensor]:
+    """Per-token advantages of every graph from the estimator ``name``: ``branch`` is graph-level,
+    every other name is a sample-level estimator broadcast over the sample's response tokens."""
+    estimator = get(name)
+    if getattr(estimator, "graph_level", False):
+        return estimator(graphs, references, rewards, group_ids, **options)
+    per_sample = estimator(rewards, group_ids, **options)
+    return [spread(g, float(a)) for g, a in zip(graphs, per_sample, strict=True)]

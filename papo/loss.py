@@ -1,0 +1,233 @@
+"""Policy losses and aggregations: pure tensor functions in name registries.
+
+Every function works on flat token tensors (the tokens of one packed row or of a whole
+micro-batch): ``logprobs[N]`` (with grad), ``advantages[N]``, ``mask[N]`` (True where a token
+takes loss: response tokens the model sampled, never engine-written ones) and ``sample_index[N]``
+(which sample a token belongs to, for sequence-level aggregation).
+
+``papo`` is the NPR objective: the strictly on-policy ratio ``exp(logp - stopgrad(logp))``, which
+is 1 in value and has the gradient of ``logp``, so no clipping ever drops a gradient. For stale
+mini-batches (``old_logprobs`` given) it clips PPO-style, but never on structural tag tokens: the
+structure must keep its gradient. ``ppo_clip`` is the DAPO/GRPO clipped surrogate on every token.
+``sft`` is the negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+Aggregation = Callable[..., torch.Tensor]
+_AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
+    def decorate(fn: Aggregation) -> Aggregation:
+        _AGGREGATIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+def aggregation(name: str) -> Aggregation:
+    try:
+        return _AGGREGATIONS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown aggregation {name!r}; known: {', '.join(sorted(_AGGREGATIONS))}"
+        ) from None
+
+
+@register_aggregation("token-mean")
+def token_mean(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    sample_index: torch.Tensor | None = None,
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Sum over masked tokens divided by their count (or by ``normalizer``: the token count of
+    the whole batch when it is split across micro-batches or ranks)."""
+    total = (values * mask).sum()
+    count = mask.sum() if normalizer is None else normalizer
+    return total / max(float(count), 1.0)
+
+
+@register_aggregation("seq-mean")
+def seq_mean(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    sample_index: torch.Tensor | None = None,
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Mean over each sample's masked tokens, then the sum over samples divided by their count
+    (or by ``normalizer``, the number of samples in the whole batch)."""
+    if sample_index is None:
+        raise ValueError("seq-mean aggregation needs sample_index")
+    _, inverse = torch.unique(sample_index, return_inverse=True)
+    count = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(count, dtype=values.dtype).index_add(0, inverse, values * mask)
+    sizes = torch.zeros(count, dtype=values.dtype).index_add(0, inverse, mask.to(values.dtype))
+    present = sizes > 0
+    per_sample = sums[present] / sizes[present]
+    samples = int(present.sum()) if normalizer is None else normalizer
+    return per_sample.sum() / max(float(samples), 1.0)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+PolicyLoss = Callable[..., LossOutput]
+_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    def decorate(fn: PolicyLoss) -> PolicyLoss:
+        _LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+def get(name: str) -> PolicyLoss:
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown policy loss {name!r}; known: {', '.join(sorted(_LOSSES))}"
+        ) from None
+
+
+def names() -> list[str]:
+    return sorted(_LOSSES)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate ``exp(r) - r - 1`` with ``r = ref - logp``:
+    non-negative, unbiased, low variance (Schulman's k3)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def _finish(
+    per_token: torch.Tensor,
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation_name: str,
+    sample_index: torch.Tensor | None,
+    normalizer: float | None,
+    ref_logprobs: torch.Tensor | None,
+    kl_coef: float,
+    stats: dict[str, float],
+) -> LossOutput:
+    aggregate = aggregation(aggregation_name)
+    mask = mask.to(per_token.dtype)
+    loss = aggregate(per_token, mask, sample_index, normalizer)
+    if ref_logprobs is not None and kl_coef:
+        kl = kl_k3(logprobs, ref_logprobs.to(logprobs.dtype))
+        kl_loss = aggregate(kl, mask, sample_index, normalizer)
+        loss = loss + kl_coef * kl_loss
+        stats["kl"] = float(kl_loss.detach())
+    stats["tokens"] = float(mask.sum())
+    return LossOutput(loss, stats)
+
+
+@register("papo")
+def papo_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    structural: torch.Tensor | None = None,
+    clip: tuple[float, float] | None = None,
+    aggregation: str = "token-mean",
+    sample_index: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> LossOutput:
+    """``-ratio * A`` with the on-policy ratio; PPO clipping only for stale batches (``old_logprobs``
+    and ``clip`` given), never on ``structural`` tokens."""
+    advantages = advantages.to(logprobs.dtype)
+    baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - baseline)
+    per_token = -ratio * advantages
+    stats: dict[str, float] = {}
+    if clip is not None and old_logprobs is not None:
+        clipped = -torch.clamp(ratio, 1 - clip[0], 1 + clip[1]) * advantages
+        surrogate = torch.maximum(per_token, clipped)
+        if structural is not None:
+            surrogate = torch.where(structural, per_token, surrogate)
+        was_clipped = (surrogate != per_token) & mask
+        stats["clip_fraction"] = float(was_clipped.sum()) / max(float(mask.sum()), 1.0)
+        per_token = surrogate
+    return _finish(
+        per_token,
+        logprobs,
+        mask,
+        aggregation,
+        sample_index,
+        normalizer,
+        ref_logprobs,
+        kl_coef,
+        stats,
+    )
+
+
+@register("ppo_clip")
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    clip: tuple[float, float] = (0.2, 0.28),
+    aggregation: str = "token-mean",
+    sample_index: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    **_: object,
+) -> LossOutput:
+    """The clipped surrogate on every token (DAPO's clip-higher: ``clip = (low, high)``)."""
+    advantages = advantages.to(logprobs.dtype)
+    baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - baseline)
+    unclipped = -ratio * advantages
+    clipped = -torch.clamp(ratio, 1 - clip[0], 1 + clip[1]) * advantages
+    per_token = torch.maximum(unclipped, clipped)
+    stats = {
+        "clip_fraction": float(((per_token != unclipped) & mask).sum())
+        / max(float(mask.sum()), 1.0)
+    }
+    return _finish(
+        per_token,
+        logprobs,
+        mask,
+        aggregation,
+        sample_index,
+        normalizer,
+        ref_logprobs,
+        kl_coef,
+        stats,
+    )
+
+
+@register("sft")
+def sft_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    aggregation: str = "token-mean",
+    sample_index: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    **_: object,
+) -> LossOutput:
+    """Negative log-likelihood of the masked tokens (advantages are ignored)."""
+    return _finish(-logprobs, logprobs, mask, aggregation, sample_index, normalizer, None, 0.0, {})

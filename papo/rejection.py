@@ -1,0 +1,105 @@
+"""NPR-Beta data: rejection sampling from an NPR-Zero model.
+
+For each problem the model samples up to ``tries`` trajectories (as one group of ``n = tries``
+samples sharing the prompt's KV, which gives the same samples as trying one after another with
+per-sample seeds); the first, in sample order, whose answer is correct and whose format score is
+exactly 0 is kept. Problems without an accepted trajectory are counted, not written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from npr_graph.engine.engine import Engine
+from npr_graph.engine.sampling import SamplingParams
+from npr_graph.format import format_score
+from npr_graph.prompts import PromptTemplate
+
+from .problems import Problem
+from .rewards import get as get_reward
+
+
+@dataclass
+class SamplingReport:
+    problems: int = 0
+    accepted: int = 0
+    samples: int = 0
+    correct: int = 0
+    format_valid: int = 0
+    tries_used: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "problems": self.problems,
+            "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.problems if self.problems else 0.0,
+            "samples": self.samples,
+            "correct_rate": self.correct / self.samples if self.samples else 0.0,
+            "format_valid_rate": self.format_valid / self.samples if self.samples else 0.0,
+            "mean_tries": sum(self.tries_used) / len(self.tries_used) if self.tries_used else 0.0,
+        }
+
+
+def strip_eos(text: str, eos: str | None) -> str:
+    if eos and text.endswith(eos):
+        return text[: -len(eos)]
+    return text
+
+
+def rejection_sample(
+    engine: Engine,
+    problems: list[Problem],
+    template: PromptTemplate,
+    params: SamplingParams,
+    *,
+    mode: str = "sequential",
+    chat: bool | None = None,
+    batch: int = 8,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], SamplingReport]:
+    """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records, and the counts.
+    ``params.n`` is the number of tries per problem."""
+    accuracy = get_reward("accuracy")
+    eos = getattr(engine.tokenizer, "eos_token", None)
+    report = SamplingReport()
+    accepted = []
+    for start in range(0, len(problems), batch):
+        chunk = problems[start : start + batch]
+        graphs = engine.generate(
+            [template.render(p.prompt) for p in chunk], params, mode=mode, chat=chat
+        )
+        for offset, problem in enumerate(chunk):
+            report.problems += 1
+            group = [g for g in graphs if g.metadata["prompt_index"] == offset]
+            group.sort(key=lambda g: g.metadata["sample_index"])
+            chosen = None
+            for tries, graph in enumerate(group, start=1):
+                response = strip_eos(graph.response_text, eos)
+                correct = accuracy(response, problem.answer).correct
+                valid = format_score(response) == 0
+                report.samples += 1
+                report.correct += correct
+                report.format_valid += valid
+                if chosen is None and correct and valid:
+                    chosen = {
+                        "id": problem.id,
+                        "prompt": problem.prompt,
+                        "response": response,
+                        "answer": problem.answer,
+                        "tries": tries,
+                    }
+            if chosen is not None:
+                report.accepted += 1
+                report.tries_used.append(chosen["tries"])
+                accepted.append(chosen)
+                if on_record is not None:
+                    on_record(chosen)
+    return accepted, report
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

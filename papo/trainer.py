@@ -1,0 +1,526 @@
+"""The three NPR training stages on one loop: rollouts or traces in, one optimizer step out.
+
+- ``zero`` (NPR-Zero): RL with DAPO on an instruct model, tags as plain text; sequential
+  rollouts, reward ``npr_zero`` (accuracy when the format check passes, the format penalty when it
+  fails), GRPO advantages, clip-higher surrogate, dynamic sampling (groups with equal rewards are
+  dropped), optional overlong penalty.
+- ``sft`` (NPR-Beta): parallel SFT on accepted traces (see :mod:`papo.rejection`) with tags as
+  special tokens, loss on the response only, mask and positions from the graph.
+- ``papo`` (NPR): RL on rollouts from the parallel executor, ``n`` samples per prompt sharing the
+  prompt's KV; structurally invalid rollouts are dropped and counted; PAPO advantages (or the
+  graph-level ``branch`` estimator); the strictly on-policy objective, token-mean, no KL.
+
+Both RL stages train on exactly what the engine sampled: the graphs' token ids (never
+re-tokenized text), the engine's positions (the foundation's native rule) and loss only on the
+tokens the model chose (engine-written ``forced`` tokens are masked). Each step logs
+``logprob_gap``, the largest difference between the training forward's log-probs and the
+engine's on the trained tokens (0 up to float error when training is on-policy).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import npr_graph as ng
+from npr_graph.engine.engine import Engine
+from npr_graph.engine.sampling import SamplingParams
+from npr_graph.models import load_model
+from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
+
+from . import advantages as advantage_estimators
+from . import checkpoint, rewards
+from . import loss as losses
+from .config import TrainConfig
+from .data import pack
+from .distributed import World, init_world
+from .forward import row_logprobs
+from .logs import StepLogger
+from .problems import Trace, read_problems, read_traces
+
+
+@dataclass
+class Rollout:
+    """One sampled graph and what the trainer knows about it."""
+
+    problem: int  # global index of its problem (the group id)
+    graph: ng.ReasoningGraph
+    reward: rewards.Reward
+    valid: bool
+    response_tokens: int
+
+
+class Trainer:
+    """Runs one stage. ``model``/``tokenizer`` may be given (tests, examples); otherwise they are
+    loaded from ``config.model`` with ``config.tags``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        world: World | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.config = config
+        self.world = world or init_world()
+        self.console = console or Console(stderr=True)
+        dtype = getattr(torch, config.dtype)
+        if model is None:
+            model, tokenizer = load_model(config.model, dtype=dtype, tags=config.tags)
+        elif tokenizer is None:
+            raise ValueError("give the tokenizer with the model")
+        self.model, self.tokenizer = model, tokenizer
+        self.output_dir = Path(config.output_dir)
+        self.engine = Engine(
+            model, tokenizer, page_size=config.page_size, num_pages=config.kv_pages
+        )
+        self.model.eval()  # no dropout: rollouts and the training forward see the same network
+        # the KL term's reference is the policy as training starts, frozen
+        self.reference = (
+            copy.deepcopy(model).requires_grad_(False).eval() if config.kl_coef > 0 else None
+        )
+        self.reward_fn = rewards.get(config.reward)
+        self.loss_fn = losses.get(config.loss)
+        if config.advantage != "branch":
+            advantage_estimators.get(config.advantage)  # fail early on unknown names
+        self.template = _template(config.prompt_template)
+        if config.stage == "sft":
+            self.traces = read_traces(config.data, config.prompt_field, config.response_field)
+            self.graphs = [self._trace_graph(trace) for trace in self.traces]
+            per_epoch = math.ceil(len(self.traces) / config.batch_size)
+            self.total_steps = config.steps or per_epoch * config.epochs
+            self.items = len(self.traces)
+            self.per_step = config.batch_size
+        else:
+            self.problems = read_problems(config.data, config.prompt_field, config.answer_field)
+            if config.steps is None:
+                raise ValueError("RL stages need 'steps' in the config")
+            self.total_steps = config.steps
+            self.items = len(self.problems)
+            self.per_step = config.prompts_per_step
+        if self.items == 0:
+            raise ValueError(f"{config.data}: no usable records")
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.skipped = 0
+        self.logger = StepLogger(
+            self.output_dir,
+            enabled=self.world.is_main,
+            tensorboard=config.tensorboard,
+            console=self.console,
+        )
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The data items of ``step``: consecutive slices of per-epoch permutations, a pure
+        function of (seed, step), so a resumed run reads exactly what an uninterrupted one would."""
+        start = step * self.per_step
+        out = []
+        for position in range(start, start + self.per_step):
+            epoch, offset = divmod(position, self.items)
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+            out.append(int(torch.randperm(self.items, generator=generator)[offset]))
+        return out
+
+    # -- running -----------------------------------------------------------------------------
+    def train(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Run to ``total_steps`` (continuing from the latest checkpoint with ``resume``; stopping
+        early after step ``stop_after``) and return the metrics of the steps run."""
+        if resume:
+            self._resume()
+        history = []
+        save_every = self.config.save_every
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        try:
+            while self.step < end:
+                metrics = self.train_step()
+                self.step += 1
+                history.append(metrics)
+                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    self.logger.log(self.step, metrics)
+                if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
+                    self.save()
+        finally:
+            self.logger.close()
+        return history
+
+    def train_step(self) -> dict[str, Any]:
+        if self.config.stage == "sft":
+            return self._sft_step()
+        return self._rl_step()
+
+    def save(self) -> Path | None:
+        path = None
+        if self.world.is_main:
+            state = {
+                "data_position": self.step * self.per_step,
+                "skipped_steps": self.skipped,
+                "config": self.config.to_dict(),
+            }
+            path = checkpoint.save(
+                self.output_dir / "checkpoints",
+                self.step,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                state,
+            )
+        self.world.barrier()
+        return path
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.output_dir / "checkpoints")
+        if path is None:
+            self.console.print("no checkpoint to resume from; starting at step 0")
+            return
+        state = checkpoint.load(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.skipped = state.get("skipped_steps", 0)
+        self.logger.truncate_after(self.step)
+        self.console.print(f"resumed from {path} at step {self.step}")
+
+    # -- SFT ---------------------------------------------------------------------------------
+    def _trace_graph(self, trace: Trace) -> ng.ReasoningGraph:
+        prompt_ids = self.engine.encode_prompt(self.template.render(trace.prompt), self.config.chat)
+        response_ids = self.tokenizer.encode(trace.response, add_special_tokens=False)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not response_ids or response_ids[-1] != eos):
+            response_ids.append(eos)
+        # parse takes the response ids; with prompt_ids the graph spans prompt + response
+        return ng.parse(response_ids, tokenizer=self.tokenizer, prompt_ids=prompt_ids, lenient=True)
+
+    def _sft_step(self) -> dict[str, Any]:
+        indices = self.world.shard(self.batch_indices(self.step))
+        graphs = [self.graphs[i] for i in indices]
+        start = time.perf_counter()
+        result = self._optimize(graphs, [None] * len(graphs), temperature=1.0)
+        return {
+            **result,
+            "traces": len(indices) * self.world.size,
+            "time_s": time.perf_counter() - start,
+        }
+
+    # -- RL ----------------------------------------------------------------------------------
+    def rollout(self, indices: list[int], step: int) -> tuple[list[Rollout], float]:
+        """Sample ``samples_per_prompt`` graphs for each problem; returns them and the time."""
+        c = self.config
+        prompts = [self.template.render(self.problems[i].prompt) for i in indices]
+        params = [
+            SamplingParams(
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=c.top_k,
+                max_new_tokens=c.max_new_tokens,
+                n=c.samples_per_prompt,
+                seed=(c.seed * 1_000_003 + step) * 1_000_003 + index,
+                min_branches=c.min_branches,
+                max_branches=c.max_branches,
+                max_blocks=c.max_blocks,
+                max_plan_tokens=c.max_plan_tokens,
+                max_step_tokens=c.max_step_tokens,
+                max_takeaway_tokens=c.max_takeaway_tokens,
+            )
+            for index in indices
+        ]
+        if not prompts:
+            return [], 0.0
+        graphs = self.engine.generate(prompts, params, mode=c.mode, chat=c.chat)
+        wall = self.engine.stats.wall_time
+        out = []
+        for graph in graphs:
+            problem = indices[graph.metadata["prompt_index"]]
+            response = graph.response_text
+            reward = self.reward_fn(response, self.problems[problem].answer)
+            tokens = graph.num_tokens - graph.prompt_num_tokens
+            if c.overlong_buffer:
+                penalty = rewards.overlong_penalty(
+                    tokens, c.max_new_tokens, c.overlong_buffer, c.overlong_factor
+                )
+                reward = rewards.Reward(
+                    reward.score + penalty,
+                    reward.correct,
+                    reward.answer,
+                    reward.format_score,
+                    reward.parsed,
+                )
+            out.append(Rollout(problem, graph, reward, _structurally_valid(graph), tokens))
+        return out, wall
+
+    def _rl_step(self) -> dict[str, Any]:
+        c = self.config
+        world = self.world
+        indices = world.shard(self.batch_indices(self.step))
+        rollouts, wall = self.rollout(indices, self.step)
+        # every rank sees every rollout's summary: advantages use batch-wide statistics
+        summaries = [(r.problem, r.reward.score, r.valid, r.reward.correct) for r in rollouts]
+        gathered = world.gather((summaries, wall, [_shape(r.graph) for r in rollouts]))
+        everything = [s for part, _, _ in gathered for s in part]
+        shapes = [s for _, _, part in gathered for s in part]
+        kept = [(not c.drop_invalid) or valid for _, _, valid, _ in everything]
+        dropped = len(kept) - sum(kept)
+        if c.dynamic_sampling:
+            kept = _keep_informative_groups(everything, kept)
+        filtered = len(everything) - dropped - sum(kept)
+        metrics = _rollout_metrics(everything, shapes, dropped, filtered, gathered, c)
+        if not any(kept):
+            self.skipped += 1
+            return {**metrics, **self._skip("no rollout left to train on")}
+        scores = torch.tensor([s[1] for s, k in zip(everything, kept, strict=True) if k])
+        groups = torch.tensor([s[0] for s, k in zip(everything, kept, strict=True) if k])
+        outcome_name = "papo" if c.advantage == "branch" else c.advantage
+        outcome = advantage_estimators.get(outcome_name)(scores, groups)
+        # this rank's rollouts sit at a known offset of the gathered list
+        offset = sum(len(part) for part, _, _ in gathered[: world.rank])
+        kept_before = [sum(kept[:i]) for i in range(len(kept) + 1)]
+        graphs, token_advantages = [], []
+        lam = c.branch_lambda if c.advantage == "branch" else 0.0
+        for local, rollout in enumerate(rollouts):
+            position = offset + local
+            if not kept[position]:
+                continue
+            value = float(outcome[kept_before[position]])
+            graphs.append(rollout.graph)
+            token_advantages.append(
+                advantage_estimators.spread(
+                    rollout.graph, value, self.problems[rollout.problem].answer, lam=lam
+                )
+            )
+        # the engine records log-probs at the sampling temperature (1 when greedy)
+        temperature = c.temperature if c.temperature > 0 else 1.0
+        result = self._optimize(graphs, token_advantages, temperature)
+        return {**metrics, **result}
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def _optimize(
+        self,
+        graphs: list[ng.ReasoningGraph],
+        token_advantages: list[torch.Tensor | None],
+        temperature: float,
+    ) -> dict[str, Any]:
+        """One training step: ``mini_batches`` optimizer updates over the step's samples. The
+        first update is on-policy; later ones see a policy the first already moved (stale), so
+        they use the engine's log-probs as the old policy (clipped when ``clip`` is set)."""
+        count = self.config.mini_batches
+        parts = [
+            self._update(graphs[i::count], token_advantages[i::count], temperature, stale=i > 0)
+            for i in range(count)
+        ]
+        done = [p for p in parts if p.get("skipped") is None]
+        with warnings.catch_warnings():  # a step whose updates were all skipped took none
+            warnings.simplefilter("ignore", UserWarning)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()  # the schedule follows steps, taken or skipped
+        if not done:
+            self.skipped += 1
+            return {
+                "loss": None,
+                "grad_norm": None,
+                "lr": lr,
+                "skipped": parts[0]["skipped"],
+                "skipped_steps": self.skipped,
+            }
+        tokens = sum(p["trained_tokens"] for p in done)
+        return {
+            "loss": sum(p["loss"] for p in done) / len(done),
+            "grad_norm": max(p["grad_norm"] for p in done),
+            "lr": lr,
+            "trained_tokens": tokens,
+            "entropy": sum(p["entropy_sum"] for p in done) / max(tokens, 1),
+            "logprob_gap": parts[0].get("logprob_gap"),
+            "clip_fraction": sum(p["clip_fraction"] for p in done) / len(done),
+            "kl": sum(p["kl"] for p in done) / len(done),
+            "rows": sum(p["rows"] for p in done),
+            "skipped_updates": len(parts) - len(done),
+            "skipped": None,
+            "skipped_steps": self.skipped,
+        }
+
+    def _update(
+        self,
+        graphs: list[ng.ReasoningGraph],
+        token_advantages: list[torch.Tensor | None],
+        temperature: float,
+        stale: bool,
+    ) -> dict[str, Any]:
+        c = self.config
+        world = self.world
+        rows = pack(graphs, token_advantages, max_tokens=c.row_tokens) if graphs else []
+        local_tokens = sum(int(row.loss_mask.sum()) for row in rows)
+        normalizer = world.sum(local_tokens if c.aggregation == "token-mean" else len(graphs))
+        # the strictly on-policy ratio exp(logp - stopgrad(logp)) unless the batch is stale;
+        # DAPO's clipped surrogate always measures against the rollout policy
+        use_old = stale or c.loss == "ppo_clip"
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, gap, entropy_sum, clipped, kl, bad = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        for row in rows:
+            logprobs, entropy = row_logprobs(
+                self.model, row, temperature=temperature, with_entropy=True
+            )
+            scored = row.scored
+            mask = row.loss_mask[scored]
+            old = row.old_logprobs[scored]
+            reference = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    reference, _ = row_logprobs(self.reference, row, temperature=temperature)
+            out = self.loss_fn(
+                logprobs,
+                row.advantages[scored],
+                mask,
+                old_logprobs=_known(old) if use_old else None,
+                structural=row.structural[scored],
+                clip=c.clip,
+                aggregation=c.aggregation,
+                sample_index=row.sample_index[scored],
+                normalizer=normalizer,
+                ref_logprobs=reference,
+                kl_coef=c.kl_coef,
+            )
+            if not torch.isfinite(out.loss):
+                bad = 1.0
+                break
+            out.loss.backward()
+            total_loss += float(out.loss.detach())
+            entropy_sum += float((entropy.detach() * mask).sum())
+            clipped += out.stats.get("clip_fraction", 0.0) * float(mask.sum())
+            kl += out.stats.get("kl", 0.0)
+            if mask.any() and not torch.isnan(old[mask]).any():
+                gap = max(gap, float((logprobs.detach()[mask] - old[mask]).abs().max()))
+        if world.sum(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"skipped": "non-finite loss"}
+        world.all_reduce_grads(self.model)
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm
+            )
+        )
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"skipped": "non-finite gradient"}
+        self.optimizer.step()
+        tokens = world.sum(local_tokens)
+        return {
+            "loss": world.sum(total_loss),
+            "grad_norm": grad_norm,
+            "trained_tokens": int(tokens),
+            "entropy_sum": world.sum(entropy_sum),
+            "logprob_gap": max(world.gather(gap)),
+            "clip_fraction": world.sum(clipped) / max(tokens, 1.0),
+            "kl": world.sum(kl),
+            "rows": int(world.sum(len(rows))),
+            "skipped": None,
+        }
+
+    def _skip(self, reason: str) -> dict[str, Any]:
+        with warnings.catch_warnings():  # no optimizer step was taken, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the schedule follows steps, taken or skipped
+        return {
+            "loss": None,
+            "grad_norm": None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped": reason,
+            "skipped_steps": self.skipped,
+        }
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _template(value: str) -> PromptTemplate:
+    """A literal template holding ``{problem}``, a built-in name (npr, multiverse, cot) or a file."""
+    if PLACEHOLDER in value:
+        return PromptTemplate("inline", value, None)
+    return load_template(value)
+
+
+def _known(old: torch.Tensor) -> torch.Tensor | None:
+    """The engine's log-probs, or None when any is unknown (SFT traces were not sampled)."""
+    if torch.isnan(old).any():
+        return None
+    return old
+
+
+def _structurally_valid(graph: ng.ReasoningGraph) -> bool:
+    """No structural violation (the lenient profile) and no fork the engine had to refuse."""
+    if graph.metadata.get("engine_violations"):
+        return False
+    return not ng.validate(graph, "lenient")
+
+
+def _shape(graph: ng.ReasoningGraph) -> dict[str, Any]:
+    m = ng.metrics(graph)
+    return {
+        "parallel": m["is_parallel"],
+        "widths": m["widths"],
+        "format_valid": ng.format_score(graph.response_text) == 0,
+        "tokens": m["total_tokens"],
+    }
+
+
+def _keep_informative_groups(everything: list[tuple], kept: list[bool]) -> list[bool]:
+    """DAPO dynamic sampling: drop every group whose kept rewards are all equal."""
+    scores: dict[int, set[float]] = {}
+    for (problem, score, _, _), keep in zip(everything, kept, strict=True):
+        if keep:
+            scores.setdefault(problem, set()).add(score)
+    return [
+        keep and len(scores[problem]) > 1
+        for (problem, *_), keep in zip(everything, kept, strict=True)
+    ]
+
+
+def _rollout_metrics(everything, shapes, dropped, filtered, gathered, config) -> dict[str, Any]:
+    count = max(len(everything), 1)
+    widths = [w for s in shapes for w in s["widths"]]
+    tokens = sum(s["tokens"] for s in shapes)
+    wall = max((w for _, w, _ in gathered), default=0.0)
+    return {
+        "rollouts": len(everything),
+        "reward": sum(s[1] for s in everything) / count,
+        "accuracy": sum(1 for s in everything if s[3]) / count,
+        "format_valid_rate": sum(1 for s in shapes if s["format_valid"]) / count,
+        "dropped_rollouts": dropped,
+        "filtered_rollouts": filtered,
+        "parallel_rate": sum(1 for s in shapes if s["parallel"]) / count,
+        "mean_width": sum(widths) / len(widths) if widths else 0.0,
+        "rollout_tokens": tokens,
+        "rollout_tokens_per_s": tokens / wall if wall > 0 else 0.0,
+    }
+
+
+def run(
+    config: TrainConfig, resume: bool = False, console: Console | None = None
+) -> list[dict[str, Any]]:
+    """Build a trainer for ``config`` and train (what ``npr train`` runs)."""
+    trainer = Trainer(config, console=console)
+    if trainer.world.is_main:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    return trainer.train(resume=resume)

@@ -1,0 +1,114 @@
+"""Advantage estimators: sample-level formulas and graph-level branch credit properties."""
+
+import pytest
+import torch
+from conftest import NPR_TRACE
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import npr_graph as ng
+from npr_graph import strategies as ngs
+from npr_graph.graph import NodeKind
+from npr_graph.tokenizers import CharTokenizer
+from papo import advantages
+
+TOKENIZER = CharTokenizer()
+
+
+def test_grpo_and_papo_formulas():
+    rewards = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    group0 = rewards[:3]
+    grpo = advantages.get("grpo")(rewards, groups)
+    expected0 = (group0 - group0.mean()) / (group0.std() + 1e-6)
+    assert torch.allclose(grpo[:3], expected0)
+    assert torch.equal(grpo[3:], torch.zeros(3)), "a group with equal rewards has no signal"
+    papo = advantages.get("papo")(rewards, groups)
+    assert torch.allclose(papo[:3], (group0 - group0.mean()) / (rewards.std() + 1e-6))
+    assert torch.equal(papo[3:], torch.zeros(3))
+
+
+def test_singleton_groups_and_registry():
+    rewards = torch.tensor([1.0, -1.0])
+    assert torch.equal(advantages.get("grpo")(rewards, torch.tensor([0, 1])), torch.zeros(2))
+    assert {"grpo", "papo", "branch"} <= set(advantages.names())
+    with pytest.raises(KeyError, match="known: branch, grpo, papo"):
+        advantages.get("nope")
+    with pytest.raises(ValueError, match="finite"):
+        advantages.get("papo")(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]))
+
+
+@given(
+    rewards=st.lists(st.sampled_from([-1.0, 1.0, 0.5, 0.0]), min_size=2, max_size=24),
+    groups=st.integers(1, 4),
+)
+def test_group_advantages_sum_to_zero_per_group(rewards, groups):
+    rewards_t = torch.tensor(rewards)
+    group_ids = torch.arange(len(rewards)) % groups
+    for name in ("grpo", "papo"):
+        adv = advantages.get(name)(rewards_t, group_ids)
+        for g in range(groups):
+            assert abs(float(adv[group_ids == g].sum())) < 1e-4
+
+
+def _graph(text: str):
+    return ng.parse(TOKENIZER.encode(text), tokenizer=TOKENIZER)
+
+
+def random_scorer(seed: int):
+    import random
+
+    rng = random.Random(seed)
+
+    def score(text: str, reference: str):
+        return rng.choice([1.0, -1.0, None])
+
+    return score
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=ngs.traces("npr"), seed=st.integers(0, 10**6), lam=st.floats(0.1, 2.0))
+def test_branch_credit_properties(pair, seed, lam):
+    _, text = pair
+    graphs = [_graph(text), _graph(text)]
+    rewards = torch.tensor([1.0, -1.0])
+    groups = torch.tensor([0, 0])
+    outcome = advantages.get("papo")(rewards, groups)
+    per_token = advantages.get("branch")(
+        graphs, ["5", "5"], rewards, groups, lam=lam, scorer=random_scorer(seed)
+    )
+    for graph, tokens, base in zip(graphs, per_token, outcome, strict=True):
+        assert tokens.shape == (graph.num_tokens - graph.prompt_num_tokens,)
+        for node in graph.response_nodes():
+            span = tokens[node.token_start : node.token_end]
+            if node.kind is not NodeKind.STEP:
+                assert torch.all(span == float(base)), "shared nodes carry the outcome advantage"
+        for block in graph.blocks:
+            terms = [
+                float(tokens[graph.nodes[i].token_start]) - float(base)
+                for branch in block.branches
+                for i in branch
+                if graph.nodes[i].kind is NodeKind.STEP and graph.nodes[i].num_tokens
+            ]
+            assert abs(sum(terms)) < 1e-4, "branch terms sum to zero within a block"
+    zero = advantages.get("branch")(
+        graphs, ["5", "5"], rewards, groups, lam=0.0, scorer=random_scorer(seed)
+    )
+    for tokens, base in zip(zero, outcome, strict=True):
+        assert torch.equal(tokens, torch.full_like(tokens, float(base))), "lam=0 equals papo"
+
+
+def test_branch_default_scorer_rewards_the_step_that_verifies():
+    graph = _graph(NPR_TRACE.replace("gives 3 and 2.", "gives \\boxed{7}."))
+    # step 1 states no boxed value but ends in a number; step 2 states a wrong boxed value
+    terms = advantages.branch_terms(graph, "3")
+    steps = graph.nodes_of("step")
+    assert terms[steps[0].id] > 0 > terms[steps[1].id]
+    assert abs(sum(terms.values())) < 1e-9
+    rewards, groups = torch.tensor([1.0, -1.0]), torch.tensor([0, 0])
+    tokens = advantages.token_advantages(
+        "branch", [graph, graph], ["3", "3"], rewards, groups, lam=0.5
+    )[0]
+    base = float(advantages.get("papo")(rewards, groups)[0])
+    start = steps[0].token_start - graph.prompt_num_tokens
+    assert float(tokens[start]) == pytest.approx(base + 0.5 * terms[steps[0].id])

@@ -1,0 +1,334 @@
+"""The training loop on tiny random-weight models: stages, logging, checkpoints, bad steps."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+from papo import checkpoint, rewards, trainer
+from papo.config import load_config
+from papo.trainer import Trainer
+
+SHORT = dict(
+    max_new_tokens=40,
+    max_plan_tokens=4,
+    max_step_tokens=8,
+    max_takeaway_tokens=6,
+    min_branches=2,
+    max_branches=3,
+    kv_pages=1024,
+    page_size=4,
+)
+TRACE = (
+    "<guideline>\n<plan>1: add</plan>\n<plan>2: check</plan>\n</guideline>\n"
+    "<step>\n1: 2+3=5\n</step>\n<step>\n2: 5-3=2 ok\n</step>\n"
+    "<takeaway>\nboth steps give 5\n</takeaway>\nThe answer is \\boxed{5}."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    text = copy.deepcopy(default_tokenizer())
+    special = copy.deepcopy(text)
+    add_tag_tokens(tiny_model("llama", tokenizer=special), special, "npr")
+    return {"text": text, "special": special}
+
+
+def make_model(tokenizer, seed=0):
+    return tiny_model("llama", tokenizer=tokenizer, seed=seed)
+
+
+@pytest.fixture
+def problems(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    rows = [
+        {"problem": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in [(2, 3), (4, 4), (1, 6)]
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def traces(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    rows = [{"prompt": f"What is 2+3? ({i})", "response": TRACE} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@rewards.register("test_length")
+def length_reward(response: str, reference: str, **_) -> rewards.Reward:
+    """A reward with spread even for a random model: shorter responses score higher."""
+    return rewards.Reward(-len(response) / 100, False, None, None, False)
+
+
+def papo_config(data, out, **overrides):
+    values = dict(
+        data=str(data),
+        output_dir=str(out),
+        steps=2,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        mode="constrained",
+        temperature=1.0,
+        lr=1e-3,
+        chat=False,
+        tensorboard=True,
+        reward="test_length",
+        **SHORT,
+    )
+    values.update(overrides)
+    return load_config(None, "papo", values)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_papo_steps_log_and_checkpoint(problems, tmp_path, tokenizers):
+    model = make_model(tokenizers["special"])
+    before = weights(model)
+    run = Trainer(
+        papo_config(problems, tmp_path / "run"), model=model, tokenizer=tokenizers["special"]
+    )
+    history = run.train()
+    assert len(history) == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    for key in (
+        "reward",
+        "accuracy",
+        "format_valid_rate",
+        "dropped_rollouts",
+        "parallel_rate",
+        "mean_width",
+        "rollout_tokens_per_s",
+        "loss",
+        "grad_norm",
+        "lr",
+    ):
+        assert key in lines[0], key
+    assert lines[0]["rollouts"] == 4
+    assert lines[0]["parallel_rate"] == 1.0, "constrained rollouts always fork"
+    assert lines[0]["mean_width"] >= 2
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    latest = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    assert latest is not None and latest.name == "step_0000002"
+    assert (latest / "model.safetensors").exists()
+    assert lines[0]["logprob_gap"] <= 1e-4, "training log-probs are the engine's"
+    assert all(x["skipped"] is None and x["grad_norm"] > 0 for x in lines)
+    assert any(not torch.equal(before[k], v) for k, v in weights(model).items())
+
+
+def test_resume_continues_exactly(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "whole", steps=4, save_every=2)
+    whole = Trainer(config, model=make_model(tok), tokenizer=tok)
+    whole_history = whole.train()
+
+    config = papo_config(problems, tmp_path / "split", steps=4, save_every=2)
+    first = Trainer(config, model=make_model(tok), tokenizer=tok)
+    first.train(stop_after=2)
+    # a fresh process: different initial weights, resumed from the checkpoint
+    second = Trainer(config, model=make_model(tok, seed=99), tokenizer=tok)
+    resumed_history = second.train(resume=True)
+    assert len(resumed_history) == 2
+    for key, value in weights(whole.model).items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    assert all(x["grad_norm"] > 0 for x in whole_history), "every step updates the weights"
+    for a, b in zip(whole_history[2:], resumed_history, strict=True):
+        assert a["loss"] == b["loss"] and a["reward"] == b["reward"]
+    logged = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [1, 2, 3, 4]
+
+
+def test_all_invalid_rollouts_skip_the_step(problems, tmp_path, tokenizers, monkeypatch):
+    monkeypatch.setattr(trainer, "_structurally_valid", lambda graph: False)
+    model = make_model(tokenizers["special"])
+    before = weights(model)
+    run = Trainer(
+        papo_config(problems, tmp_path / "r", steps=1), model=model, tokenizer=tokenizers["special"]
+    )
+    (metrics,) = run.train()
+    assert metrics["skipped"] == "no rollout left to train on"
+    assert metrics["dropped_rollouts"] == 4 and metrics["skipped_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+
+
+def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    model = make_model(tok)
+    run = Trainer(papo_config(problems, tmp_path / "r", steps=1), model=model, tokenizer=tok)
+    real = run.loss_fn
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    run.loss_fn = poisoned
+    before = weights(model)
+    (metrics,) = run.train()
+    assert metrics["skipped"] == "non-finite loss"
+    assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+    fresh = make_model(tok, seed=5)
+    state = checkpoint.load(
+        checkpoint.latest(tmp_path / "r" / "checkpoints"), fresh, run.optimizer, run.scheduler
+    )
+    assert state["skipped_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in weights(fresh).items())
+
+
+def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    config = load_config(
+        None,
+        "sft",
+        dict(
+            data=str(traces),
+            output_dir=str(tmp_path / "sft"),
+            steps=6,
+            batch_size=2,
+            lr=2e-2,
+            warmup_ratio=0.0,
+            chat=False,
+            tensorboard=False,
+        ),
+    )
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    graph = run.graphs[0]
+    assert [n.kind.value for n in graph.nodes_of("step")] == ["step", "step"]
+    history = run.train()
+    losses = [x["loss"] for x in history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert history[0]["lr"] == pytest.approx(2e-2)
+    assert history[-1]["lr"] < history[0]["lr"], "cosine schedule"
+
+
+def test_zero_stage_uses_text_tags_and_dapo(problems, tmp_path, tokenizers):
+    tok = tokenizers["text"]
+    config = load_config(
+        None,
+        "zero",
+        dict(
+            data=str(problems),
+            output_dir=str(tmp_path / "zero"),
+            steps=1,
+            prompts_per_step=2,
+            samples_per_prompt=3,
+            max_new_tokens=24,
+            overlong_buffer=8,
+            chat=False,
+            tensorboard=False,
+            kv_pages=1024,
+            page_size=4,
+        ),
+    )
+    assert config.tags == "text" and config.mode == "sequential" and config.clip == (0.2, 0.28)
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    (metrics,) = run.train()
+    assert metrics["rollouts"] == 6
+    # a random model never writes a valid format: every reward is a format penalty in (0, -2],
+    # possibly minus the overlong penalty
+    assert -3.0 <= metrics["reward"] < 0
+    assert metrics["format_valid_rate"] == 0.0
+
+
+def test_bad_data_is_a_clear_error(tmp_path, tokenizers):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "1+1"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no answer"):
+        Trainer(
+            papo_config(path, tmp_path / "x"),
+            model=make_model(tokenizers["special"]),
+            tokenizer=tokenizers["special"],
+        )
+    with pytest.raises(ValueError, match="unknown config keys: learning_rate"):
+        load_config(None, "papo", {"learning_rate": 1})
+
+
+@pytest.mark.parametrize("stage", ["zero", "sft", "papo"])
+def test_example_configs_load(stage):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{stage}.toml"
+    config = load_config(path, stage)
+    assert config.stage == stage
+    assert config.tags == ("text" if stage == "zero" else "special")
+
+
+class ScriptedEngine:
+    """Returns fixed responses as graphs, the way the engine orders its samples."""
+
+    def __init__(self, responses):
+        self.responses = responses
+        self.tokenizer = type("T", (), {"eos_token": "<eos>"})()
+
+    def generate(self, prompts, params, mode, chat=None):
+        import npr_graph as ng
+
+        graphs = []
+        for index, _ in enumerate(prompts):
+            for sample in range(params.n):
+                graph = ng.parse(self.responses[index][sample] + "<eos>", lenient=True)
+                graph.metadata.update(prompt_index=index, sample_index=sample)
+                graphs.append(graph)
+        return graphs
+
+
+def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from papo.problems import Problem
+    from papo.rejection import rejection_sample
+
+    wrong = TRACE.replace("\\boxed{5}", "\\boxed{6}")
+    unformatted = "2+3 is \\boxed{5}"
+    second_ok = TRACE.replace("both steps", "the steps")
+    engine = ScriptedEngine(
+        [[wrong, unformatted, TRACE, second_ok], [wrong, wrong, unformatted, wrong]]
+    )
+    problems = [Problem("a", "What is 2+3?", "5"), Problem("b", "What is 2+5?", "7")]
+    accepted, report = rejection_sample(
+        engine, problems, load_template("npr"), SamplingParams(n=4), mode="sequential"
+    )
+    assert accepted == [
+        {"id": "a", "prompt": "What is 2+3?", "response": TRACE, "answer": "5", "tries": 3}
+    ]
+    summary = report.to_dict()
+    assert summary["problems"] == 2 and summary["accepted"] == 1 and summary["samples"] == 8
+    assert summary["mean_tries"] == 3
+
+
+def test_train_cli_reports_bad_configs(tmp_path, capsys):
+    from npr_graph.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('steps = "many"\n')
+    assert main(["train", "papo", "--config", str(config)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["train", "sft", "--set", "data=/nonexistent.jsonl"]) == 2
+
+
+def test_stale_mini_batches_clip_against_the_rollout_policy(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    config = papo_config(
+        problems, tmp_path / "mb", steps=1, mini_batches=2, clip=[0.2, 0.28], lr=5e-2
+    )
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    (metrics,) = run.train()
+    assert metrics["skipped"] is None and metrics["skipped_updates"] == 0
+    assert metrics["logprob_gap"] <= 1e-4, "the first mini-batch is on-policy"
+    assert 0.0 <= metrics["clip_fraction"] <= 1.0
+
+
+def test_kl_to_the_initial_policy(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "kl", steps=2, kl_coef=0.1, lr=5e-2)
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    first, second = run.train()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6), "the policy starts at the reference"
+    assert first["grad_norm"] > 0 and second["kl"] > 0
+    assert all(not p.requires_grad for p in run.reference.parameters())
