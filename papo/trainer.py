@@ -75,6 +75,27 @@ class Trainer:
         self.config = config
         self.world = world or init_world()
         self.console = console or Console(stderr=True)
+        # everything that can be wrong with the inputs fails before the slow model load
+        self.reward_fn = rewards.get(config.reward)
+        self.loss_fn = losses.get(config.loss)
+        if config.advantage != "branch":
+            advantage_estimators.get(config.advantage)
+        self.template = _template(config.prompt_template)
+        if config.stage == "sft":
+            self.traces = read_traces(config.data, config.prompt_field, config.response_field)
+            self.items = len(self.traces)
+            per_epoch = math.ceil(self.items / config.batch_size)
+            self.total_steps = config.steps or per_epoch * config.epochs
+            self.per_step = config.batch_size
+        else:
+            if config.steps is None:
+                raise ValueError("RL stages need 'steps' in the config")
+            self.problems = read_problems(config.data, config.prompt_field, config.answer_field)
+            self.items = len(self.problems)
+            self.total_steps = config.steps
+            self.per_step = config.prompts_per_step
+        if self.items == 0:
+            raise ValueError(f"{config.data}: no usable records")
         dtype = getattr(torch, config.dtype)
         if model is None:
             model, tokenizer = load_model(config.model, dtype=dtype, tags=config.tags)
@@ -90,27 +111,8 @@ class Trainer:
         self.reference = (
             copy.deepcopy(model).requires_grad_(False).eval() if config.kl_coef > 0 else None
         )
-        self.reward_fn = rewards.get(config.reward)
-        self.loss_fn = losses.get(config.loss)
-        if config.advantage != "branch":
-            advantage_estimators.get(config.advantage)  # fail early on unknown names
-        self.template = _template(config.prompt_template)
         if config.stage == "sft":
-            self.traces = read_traces(config.data, config.prompt_field, config.response_field)
             self.graphs = [self._trace_graph(trace) for trace in self.traces]
-            per_epoch = math.ceil(len(self.traces) / config.batch_size)
-            self.total_steps = config.steps or per_epoch * config.epochs
-            self.items = len(self.traces)
-            self.per_step = config.batch_size
-        else:
-            self.problems = read_problems(config.data, config.prompt_field, config.answer_field)
-            if config.steps is None:
-                raise ValueError("RL stages need 'steps' in the config")
-            self.total_steps = config.steps
-            self.items = len(self.problems)
-            self.per_step = config.prompts_per_step
-        if self.items == 0:
-            raise ValueError(f"{config.data}: no usable records")
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
