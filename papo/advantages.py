@@ -17,37 +17,20 @@ sample-level estimator can serve as its outcome term.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from npr_graph.graph import NodeKind, ReasoningGraph
 
+from .registry import Registry
+
 EPS = 1e-6
 
-SampleEstimator = Callable[..., torch.Tensor]
-_ESTIMATORS: dict[str, SampleEstimator] = {}
-
-
-def register(name: str) -> Callable[[SampleEstimator], SampleEstimator]:
-    def decorate(fn: SampleEstimator) -> SampleEstimator:
-        _ESTIMATORS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get(name: str) -> SampleEstimator:
-    """The sample-level estimator registered as ``name``."""
-    try:
-        return _ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown advantage estimator {name!r}; known: {', '.join(sorted(_ESTIMATORS))}"
-        ) from None
-
-
-def names() -> list[str]:
-    return sorted(_ESTIMATORS)
+_ESTIMATORS: Registry[Callable[..., Any]] = Registry("advantage estimator")
+register = _ESTIMATORS.register
+get = _ESTIMATORS.get
+names = _ESTIMATORS.names
 
 
 def _check(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:

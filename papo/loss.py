@@ -19,25 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .registry import Registry
+
 Aggregation = Callable[..., torch.Tensor]
-_AGGREGATIONS: dict[str, Aggregation] = {}
-
-
-def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
-    def decorate(fn: Aggregation) -> Aggregation:
-        _AGGREGATIONS[name] = fn
-        return fn
-
-    return decorate
-
-
-def aggregation(name: str) -> Aggregation:
-    try:
-        return _AGGREGATIONS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown aggregation {name!r}; known: {', '.join(sorted(_AGGREGATIONS))}"
-        ) from None
+_AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")
+register_aggregation = _AGGREGATIONS.register
+aggregation = _AGGREGATIONS.get
 
 
 @register_aggregation("token-mean")
@@ -82,28 +69,10 @@ class LossOutput:
 
 
 PolicyLoss = Callable[..., LossOutput]
-_LOSSES: dict[str, PolicyLoss] = {}
-
-
-def register(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    def decorate(fn: PolicyLoss) -> PolicyLoss:
-        _LOSSES[name] = fn
-        return fn
-
-    return decorate
-
-
-def get(name: str) -> PolicyLoss:
-    try:
-        return _LOSSES[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown policy loss {name!r}; known: {', '.join(sorted(_LOSSES))}"
-        ) from None
-
-
-def names() -> list[str]:
-    return sorted(_LOSSES)
+_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+register = _LOSSES.register
+get = _LOSSES.get
+names = _LOSSES.names
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -136,6 +105,31 @@ def _finish(
     return LossOutput(loss, stats)
 
 
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    clip: tuple[float, float] | None,
+    mask: torch.Tensor,
+    exempt: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token ``-ratio * A``, with ``ratio = exp(logp - old)`` (``old = stopgrad(logp)`` when
+    not given); with ``clip = (low, high)``, the PPO pessimum of the clipped and unclipped terms,
+    except on ``exempt`` tokens."""
+    advantages = advantages.to(logprobs.dtype)
+    baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - baseline)
+    unclipped = -ratio * advantages
+    if clip is None:
+        return unclipped, {}
+    clipped = -torch.clamp(ratio, 1 - clip[0], 1 + clip[1]) * advantages
+    per_token = torch.maximum(unclipped, clipped)
+    if exempt is not None:
+        per_token = torch.where(exempt, unclipped, per_token)
+    fraction = float(((per_token != unclipped) & mask).sum()) / max(float(mask.sum()), 1.0)
+    return per_token, {"clip_fraction": fraction}
+
+
 @register("papo")
 def papo_loss(
     logprobs: torch.Tensor,
@@ -153,19 +147,10 @@ def papo_loss(
 ) -> LossOutput:
     """``-ratio * A`` with the on-policy ratio; PPO clipping only for stale batches (``old_logprobs``
     and ``clip`` given), never on ``structural`` tokens."""
-    advantages = advantages.to(logprobs.dtype)
-    baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - baseline)
-    per_token = -ratio * advantages
-    stats: dict[str, float] = {}
-    if clip is not None and old_logprobs is not None:
-        clipped = -torch.clamp(ratio, 1 - clip[0], 1 + clip[1]) * advantages
-        surrogate = torch.maximum(per_token, clipped)
-        if structural is not None:
-            surrogate = torch.where(structural, per_token, surrogate)
-        was_clipped = (surrogate != per_token) & mask
-        stats["clip_fraction"] = float(was_clipped.sum()) / max(float(mask.sum()), 1.0)
-        per_token = surrogate
+    stale_clip = clip if old_logprobs is not None else None
+    per_token, stats = clipped_surrogate(
+        logprobs, advantages, old_logprobs, stale_clip, mask, exempt=structural
+    )
     return _finish(
         per_token,
         logprobs,
@@ -195,16 +180,7 @@ def ppo_clip_loss(
     **_: object,
 ) -> LossOutput:
     """The clipped surrogate on every token (DAPO's clip-higher: ``clip = (low, high)``)."""
-    advantages = advantages.to(logprobs.dtype)
-    baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - baseline)
-    unclipped = -ratio * advantages
-    clipped = -torch.clamp(ratio, 1 - clip[0], 1 + clip[1]) * advantages
-    per_token = torch.maximum(unclipped, clipped)
-    stats = {
-        "clip_fraction": float(((per_token != unclipped) & mask).sum())
-        / max(float(mask.sum()), 1.0)
-    }
+    per_token, stats = clipped_surrogate(logprobs, advantages, old_logprobs, clip, mask)
     return _finish(
         per_token,
         logprobs,

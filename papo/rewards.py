@@ -32,10 +32,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
+
+from .registry import Registry
 
 __all__ = [
     "Reward",
@@ -324,29 +325,10 @@ def verify(prediction: str | None, reference: str, *, timeout_s: float = 5.0) ->
 # --------------------------------------------------------------------------------------------------
 # registry
 
-_REWARDS: dict[str, RewardFn] = {}
-
-
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register a reward function under ``name`` (a later registration replaces it)."""
-
-    def decorate(fn: RewardFn) -> RewardFn:
-        _REWARDS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get(name: str) -> RewardFn:
-    """The reward function registered as ``name``; KeyError listing the known names otherwise."""
-    try:
-        return _REWARDS[name]
-    except KeyError:
-        raise KeyError(f"unknown reward {name!r}; known: {', '.join(sorted(_REWARDS))}") from None
-
-
-def names() -> list[str]:
-    return sorted(_REWARDS)
+_REWARDS: Registry[RewardFn] = Registry("reward")
+register = _REWARDS.register
+get = _REWARDS.get
+names = _REWARDS.names
 
 
 def _answer_check(response: str, reference: str, timeout_s: float) -> tuple[str | None, _Outcome]:

@@ -276,7 +276,7 @@ def test_register_a_custom_reward() -> None:
         assert get("test_constant") is constant
         assert "test_constant" in names()
     finally:
-        rewards._REWARDS.pop("test_constant")
+        rewards._REWARDS.unregister("test_constant")
 
 
 # --- overlong penalty ---------------------------------------------------------------------------
