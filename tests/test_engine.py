@@ -90,6 +90,9 @@ def test_forced_tokens_are_the_engine_written_ones(special_tokenizer):
         span = slice(step.token_start, step.token_start + len(header))
         assert graph.token_ids[span] == header
         assert all(graph.forced[span])
+    for plan_index, plan in enumerate(graph.nodes_of("plan")):
+        label = f"{plan_index + 1}:"
+        assert plan.content.startswith(label) and not plan.content.startswith(label * 2)
     takeaway = graph.nodes_of("takeaway")[0]
     assert graph.forced[takeaway.token_start]
     assert ng.metrics(graph)["widths"][0] == 3

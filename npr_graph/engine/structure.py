@@ -207,7 +207,8 @@ class LaneState:
         if tag == "<guideline>" and phase is Phase.TEXT:
             self.phase, self.plans = Phase.GUIDELINE, 0
             self.blocks += 1
-            return Action(), "\n<plan>1:" if constrained else ""
+            # the forced <plan> then gets its "1:" from the <plan> transition below
+            return Action(), "\n<plan>" if constrained else ""
         if tag == "<plan>" and phase is Phase.GUIDELINE:
             self.phase, self.element_tokens = Phase.PLAN, 0
             return Action(), f"{self.plans + 1}:" if constrained else ""
