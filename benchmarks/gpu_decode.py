@@ -16,6 +16,11 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
 3. ``rl_group``: 8 prompts x 8 samples of a width-2 block, prompts long enough that the shared
    prefix dominates; cascade vs flat per backend.
 4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine).
+5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
+   operators printed; kernel launches and host milliseconds per step recorded).
+
+The order of the run: jit, attention, then per backend widths (then, for the first backend,
+profile and generate) and rl_group. The result files are rewritten after every part.
 
     python benchmarks/gpu_decode.py [--quick] [--out DIR] [--time-budget 300] [--backends ...]
 
@@ -299,7 +304,7 @@ def prompt_text(tokens: int, seed: int) -> str:
     return " ".join(words)[:tokens]
 
 
-def bench_widths(model, tokenizer, device, backends, args, budget) -> list[dict]:
+def bench_widths(model, tokenizer, device, backends, args, budget, save=None) -> list[dict]:
     out = []
     for backend in backends:
         for width in args.widths:
@@ -318,6 +323,37 @@ def bench_widths(model, tokenizer, device, backends, args, budget) -> list[dict]
             out.append(row)
             print(f"widths     {backend:16s} k={width} {row['tokens_per_s']:9.1f} tok/s "
                   f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
+            if save is not None:
+                save(out)
+    return out
+
+
+def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]:
+    """Where a decode step's time goes: a torch profile of a short sequential run and a short
+    width-4 block with ``backend``, the top operators printed (to ``bench.log``) and the totals
+    of host time per category recorded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    row = {"part": "profile", "backend": backend, "step_tokens": args.profile_tokens}
+    if budget.spent():
+        return [{**row, "skipped": "time budget"}]
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device == "cuda")
+    out = []
+    for width in (1, 4):
+        with profile(activities=activities) as prof:
+            stats = run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 1)],
+                               n=1, width=width, step_tokens=args.profile_tokens,
+                               kv_bytes=args.kv_bytes)  # fmt: skip
+        averages = prof.key_averages()
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(f"profile    {backend} width {width}: {stats['ms_per_step']:.2f} ms/step")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+        print(averages.table(sort_by=sort, row_limit=12))
+        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+        steps = max(stats["decode_steps"], 1)
+        out.append({**row, "width": width, **stats,
+                    "kernel_launches_per_step": launches / steps,
+                    "host_ms_per_step": sum(e.self_cpu_time_total for e in averages) / 1e3 / steps})  # fmt: skip
     return out
 
 
@@ -374,6 +410,7 @@ def table(results: list[dict]) -> str:
         if r["part"] == "jit":
             continue
         case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
+                "profile": f"profiled, width {r.get('width')}",
                 "attention": "{queries} queries", "generate": "batch 1"}[r["part"]]  # fmt: skip
         case = case.format(**r) if "{" in case else case
         if "skipped" in r:
@@ -393,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths (CPU smoke)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--parts", default="attention,widths,rl_group,generate",
-                        help="any of jit,attention,widths,rl_group,generate")  # fmt: skip
+    parser.add_argument("--parts", default="attention,widths,profile,generate,rl_group",
+                        help="any of jit,attention,widths,profile,generate,rl_group")  # fmt: skip
     parser.add_argument("--widths", default="1,2,4,8")
     parser.add_argument("--step-tokens", type=int, default=1024)
     parser.add_argument("--rl-group", default="8x8", help="prompts x samples")
@@ -403,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-case", default="8,8,4096,256",
                         help="prompts,samples,prefix tokens,tail tokens")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile-tokens", type=int, default=48,
+                        help="tokens per step of the profiled runs")  # fmt: skip
     parser.add_argument("--kv-gib", type=float, default=16.0)
     parser.add_argument("--time-budget", type=float, default=300.0, help="seconds; then skip")
     parser.add_argument("--out", type=Path, default=None, help="folder for the result files")
     args = parser.parse_args(argv)
     if args.quick:
         args.step_tokens, args.rl_prompt_tokens, args.rl_step_tokens = 12, 40, 6
+        args.profile_tokens = 6
         args.rl_group, args.attention_case, args.repeats, args.widths = "2x2", "2,2,64,8", 2, "1,2"
         args.kv_gib = 0.05
     args.widths = [int(w) for w in args.widths.split(",")]
@@ -450,28 +490,41 @@ def main(argv: list[str] | None = None) -> int:
             info[package] = None
     print(json.dumps({k: info[k] for k in ("date", "device", "torch", "triton", "flashinfer")}))
     results: list[dict] = []
+
+    def save(pending: list[dict] = ()) -> None:
+        """Rewrite the result files after every part: a run killed at its hard time limit
+        still leaves what it measured."""
+        info["total_s"] = time.perf_counter() - start
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_decode.json").write_text(
+                json.dumps({"info": info, "results": results + list(pending)}, indent=1)
+            )
+            (args.out / "gpu_decode.md").write_text(table(results + list(pending)) + "\n")
+
     if "jit" in parts:
         results += warm_up(tokenizer, device, dtype, backends)
+        save()
     if "attention" in parts:
         results += bench_attention(model, device, dtype, backends, args, budget)
+        save()
     # Backend by backend, the best one first, so a tight budget still measures it completely;
-    # transformers generate comes after the first backend.
+    # the profile and transformers generate come after the first backend's widths.
     for index, backend in enumerate(b for b in backends if not b.endswith("-flat")):
         if "widths" in parts:
-            results += bench_widths(model, tokenizer, device, [backend], args, budget)
+            results += bench_widths(model, tokenizer, device, [backend], args, budget, save)
+        if index == 0 and "profile" in parts:
+            results += profile_steps(model, tokenizer, device, backend, args, budget)
+            save()
+        if index == 0 and "generate" in parts:
+            results += bench_generate(model, tokenizer, device, args, budget)
+            save()
         if "rl_group" in parts:
             pair = [backend] + [f"{backend}-flat"] * (f"{backend}-flat" in backends)
             results += bench_rl_group(model, tokenizer, device, pair, args, budget)
-        if index == 0 and "generate" in parts:
-            results += bench_generate(model, tokenizer, device, args, budget)
-    info["total_s"] = time.perf_counter() - start
-    report = table(results)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_decode.json").write_text(json.dumps({"info": info, "results": results},
-                                                             indent=1))  # fmt: skip
-        (args.out / "gpu_decode.md").write_text(report + "\n")
+            save()
+    save()
+    print(table(results))
     return 0
 
 

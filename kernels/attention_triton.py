@@ -14,7 +14,8 @@ import triton.language as tl
 from . import _triton
 from .attention import DecodeLevel, _flat_cache
 
-NEG = -1.0e30  # finite "minus infinity" for running maxima (no inf - inf)
+# Globals read inside kernels must be constexpr for the compiler (the interpreter does not care).
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no inf - inf)
 MAX_STATES = 256  # partial states per query, all levels and splits together
 
 

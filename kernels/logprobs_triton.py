@@ -8,7 +8,8 @@ import triton.language as tl
 
 from . import _triton
 
-NEG = -1.0e30  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
+# Globals read inside kernels must be constexpr for the compiler (the interpreter does not care).
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
 
 
 @triton.jit

@@ -10,6 +10,7 @@
 # Results go to --out (default: $OUT, else ./gpu_results): at most 8 files, flat.
 #
 #   scripts/gpu_check.sh [--dry-run] [--out DIR] [--wheels DIR] [--budget SECONDS] [--skip STEP]
+#                        [--bench-args "ARGS"]   (passed on to benchmarks/gpu_decode.py)
 #
 # --dry-run runs nowhere near a GPU: it lists the steps and their commands, validates the wheels
 # folder (one version per package, size), and collects the gpu tests without running them.
@@ -22,6 +23,7 @@ OUT_DIR="${OUT:-$ROOT/gpu_results}"
 WHEELS="$ROOT/.whl"
 BUDGET=460          # seconds for the whole script; the benchmark gets what is left
 SKIP=""
+BENCH_ARGS=""
 PYTHON="${PYTHON:-python3}"
 SITE=/tmp/npr_site
 TEST_FILES=(tests/test_kernels.py tests/test_backends.py)
@@ -33,7 +35,8 @@ while [[ $# -gt 0 ]]; do
         --wheels) WHEELS="$2"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
         --skip) SKIP="$SKIP,$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --bench-args) BENCH_ARGS="$2"; shift 2 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -175,7 +178,7 @@ fi
 if skipped bench; then say "bench: skipped"; else
     # The script stops starting new runs at its budget; the timeout is the hard stop.
     run bench "$OUT_DIR/bench.log" $(( BENCH_TIME + 30 )) "$PYTHON" benchmarks/gpu_decode.py \
-        --time-budget "$BENCH_TIME" --out "$OUT_DIR" || STATUS=1
+        --time-budget "$BENCH_TIME" --out "$OUT_DIR" $BENCH_ARGS || STATUS=1
 fi
 if (( ! DRY )) && [[ -f "$OUT_DIR/gpu_decode.md" ]]; then cat "$OUT_DIR/gpu_decode.md"; fi
 

@@ -75,14 +75,18 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     finally:
         sys.path.pop(0)
     code = gpu_decode.main(
-        ["--quick", "--device", "cpu", "--parts", "attention,widths", "--out", str(tmp_path)]
-    )
+        ["--quick", "--device", "cpu", "--parts", "attention,widths,profile", "--out",
+         str(tmp_path)]
+    )  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "gpu_decode.json").read_text())
     rows = {(r["part"], r.get("width")): r for r in report["results"]}
     assert rows[("attention", None)]["ms"] > 0
     assert rows[("widths", 1)]["generated_tokens"] == 12, "sequential: exactly the step tokens"
     assert rows[("widths", 2)]["widths"] == [2] and rows[("widths", 2)]["speedup_vs_width1"] > 0
+    profiled = [r for r in report["results"] if r["part"] == "profile"]
+    assert [r["width"] for r in profiled] == [1, 4]
+    assert profiled[0]["generated_tokens"] == 6 and profiled[1]["host_ms_per_step"] > 0
     assert "flashinfer" in report["info"]["backends_missing"]
     assert (tmp_path / "gpu_decode.md").read_text().startswith("| part |")
 

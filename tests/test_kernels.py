@@ -5,7 +5,9 @@ any kernel module is imported), at tiny shapes: the interpreter is slow. With CU
 GPU at the same shapes (and the ``gpu`` tests add larger ones).
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +293,24 @@ def test_gpu_kernels_at_model_shapes():
         results[backend] = (lp, ent, *grads)
     for a, b in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs code the compiler rejects (a plain global read in a kernel broke
+    every kernel on the first H200 run): compile each kernel to an sm_90 cubin here."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--dtypes", "bf16,fp32"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "12 kernel variants, 0 failed (sm_90)" in result.stdout
