@@ -5,6 +5,10 @@ directory (safetensors weights, config, tokenizer), the optimizer and scheduler 
 states and ``state.json`` (step, data position, metrics so far). It is written under a temporary
 name and renamed into place, and ``latest`` (a one-line file, itself replaced atomically) names
 the newest complete one, so a run killed mid-write leaves the previous checkpoint intact.
+
+A sharded (FSDP2) run writes the same format: the weights come from its full replica and the
+optimizer state is gathered to full tensors (:func:`full_optimizer_state`), so sharded and
+unsharded runs resume from each other's checkpoints (:func:`load_optimizer_state` re-shards).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 LATEST = "latest"
 
@@ -50,8 +55,12 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    *,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``directory`` and point ``latest`` at it."""
+    """Write checkpoint ``step`` under ``directory`` and point ``latest`` at it. ``model`` must
+    hold full weights; ``optimizer_state`` replaces ``optimizer.state_dict()`` (a sharded run
+    passes :func:`full_optimizer_state`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:07d}"
@@ -63,7 +72,7 @@ def save(
         tokenizer.save_pretrained(temporary)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -94,7 +103,9 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states in place; returns ``state.json``."""
+    """Restore weights, optimizer, scheduler and RNG states in place; returns ``state.json``.
+    ``model`` takes full weights (a sharded run passes its replica); the optimizer may be over
+    sharded parameters."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
@@ -112,7 +123,60 @@ def load(
             f"checkpoint {path} does not fit the model: missing {untied_missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    optimizer.load_state_dict(trainer["optimizer"])
+    load_optimizer_state(optimizer, trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])
     return state
+
+
+def full_optimizer_state(
+    optimizer: torch.optim.Optimizer, keep: bool = True
+) -> dict[str, Any] | None:
+    """``optimizer.state_dict()`` with every sharded (DTensor) state gathered into a full tensor:
+    what an unsharded run's optimizer would hold. A collective when the parameters are sharded
+    (every rank calls it); only where ``keep`` is the result kept (on CPU) and returned."""
+    packed = optimizer.state_dict()
+    states: dict[int, dict[str, Any]] = {}
+    # a fixed order on every rank: each DTensor's full_tensor() is one all-gather
+    for index in sorted(packed["state"]):
+        entry = {}
+        for key in sorted(packed["state"][index]):
+            value = packed["state"][index][key]
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+                value = value.cpu() if keep else None
+            entry[key] = value
+        states[index] = entry
+    if not keep:
+        return None
+    return {"state": states, "param_groups": packed["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load an optimizer state in the unsharded format (full tensors), sharding each per-parameter
+    tensor like its parameter where the parameters are DTensors (local slicing, no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        optimizer.load_state_dict(saved)
+        return
+    states: dict[Any, dict[str, Any]] = {}
+    for index, entry in saved["state"].items():
+        param = params[int(index)]
+        states[index] = {
+            key: _shard_like(value, param) if key != "step" else value
+            for key, value in entry.items()
+        }
+    optimizer.load_state_dict({"state": states, "param_groups": saved["param_groups"]})
+
+
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    if (
+        not isinstance(param, DTensor)
+        or not isinstance(value, torch.Tensor)
+        or isinstance(value, DTensor)
+        or value.shape != param.shape
+    ):
+        return value
+    return distribute_tensor(
+        value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+    )

@@ -16,6 +16,7 @@ import tomllib
 from npr_graph.prompts import BUILTIN
 
 STAGES = ("zero", "sft", "papo")
+SHARDING = ("none", "fsdp2")
 
 
 @dataclass
@@ -75,6 +76,9 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer updates per step; all but the first are off-policy
     drop_invalid: bool = True  # drop structurally invalid rollouts (counted, not penalized)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # parallelism: "none" = every rank holds the whole model; "fsdp2" = the training copy is
+    # sharded over the ranks and a full replica per rank serves rollouts (see papo.distributed)
+    sharding: str = "none"
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     log_every: int = 1
@@ -96,6 +100,7 @@ class TrainConfig:
             (self.lr >= 0 and 0 <= self.warmup_ratio < 1, "need lr >= 0 and 0 <= warmup_ratio < 1"),
             (self.row_tokens >= 16, "row_tokens must be >= 16"),
             (self.mini_batches >= 1, "mini_batches must be >= 1"),
+            (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}"),
             (self.clip is None or len(self.clip) == 2, "clip is [low, high]"),
             ("{problem}" in self.prompt_template or self.prompt_template in BUILTIN
              or Path(self.prompt_template).is_file(),

@@ -6,6 +6,17 @@ its own samples; gradients are then summed across ranks, the loss having been di
 batch. The all-reduce is explicit rather than through ``DistributedDataParallel`` because ranks
 may hold different numbers of packed rows (or none, when all their rollouts were dropped), which
 DDP's per-backward synchronization cannot express.
+
+With ``sharding = "fsdp2"`` the training copy of the policy is sharded over the ranks with
+torch's FSDP2 (:func:`shard_policy`: one unit per decoder layer, one root unit for the rest), so
+each rank keeps ``1/N`` of the weights, gradients and optimizer states. The rollout engine needs
+full weights, so each rank also keeps an unsharded *replica* that :func:`gather_full_weights`
+refreshes after every optimizer step: the trade is one full copy of the weights per rank in
+exchange for sharding the gradients and the two AdamW moments (4 full copies become
+``1 + 4/N``, plus one layer's gathered weights at a time during the training forward/backward).
+FSDP2 all-gathers in every forward and reduce-scatters in every backward, so the trainer runs the
+same number of row passes on every rank, padding with zero-loss rows; the reduce-scatter sums (no
+division by the world size) because the loss is already divided by the global token count.
 """
 
 from __future__ import annotations
@@ -16,6 +27,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .data import PackedRow
+from .forward import row_logprobs
 
 
 @dataclass(frozen=True)
@@ -87,3 +102,79 @@ def init_world() -> World:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class ShardedForward(torch.nn.Module):
+    """The FSDP2 root unit: it owns the policy, and its ``forward`` is the packed-row training
+    forward. The root must be a module whose ``forward`` is called, because FSDP2 gathers the
+    root's parameters (embeddings, final norm, head) in that call's pre-hook, and
+    :func:`~papo.forward.row_logprobs` calls the decoder and reads the head's weight directly
+    rather than calling the policy's own ``forward``."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, row: PackedRow, temperature: float, with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return row_logprobs(self.policy, row, temperature=temperature, with_entropy=with_entropy)
+
+
+def shard_policy(policy: torch.nn.Module, world: World) -> ShardedForward:
+    """Shard ``policy`` in place with FSDP2 over all ranks (every rank calls this with the same
+    weights) and return the root unit to run the training forward through."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = getattr(policy.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError("sharding 'fsdp2' needs a decoder with a 'layers' list")
+    device_type = next(policy.parameters()).device.type
+    mesh = init_device_mesh(device_type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    root = fully_shard(ShardedForward(policy), mesh=mesh)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            # the loss is already divided by the global token count: gradients must be summed
+            module.set_gradient_divide_factor(1.0)
+            # gloo implements neither AVG nor PREMUL_SUM; with factor 1 no division runs at all
+            module.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def _matched_parameters(
+    first: torch.nn.Module, second: torch.nn.Module
+) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    pairs = []
+    for (name, a), (other, b) in zip(
+        first.named_parameters(), second.named_parameters(), strict=True
+    ):
+        if name != other or a.shape != b.shape:
+            raise ValueError(f"parameters do not line up: {name} {a.shape} vs {other} {b.shape}")
+        pairs.append((a, b))
+    return pairs
+
+
+@torch.no_grad()
+def gather_full_weights(sharded: torch.nn.Module, replica: torch.nn.Module) -> None:
+    """Copy the full values of ``sharded``'s parameters into ``replica`` (an unsharded model of
+    the same architecture). A collective: every rank calls it, one all-gather per parameter."""
+    for source, target in _matched_parameters(sharded, replica):
+        target.copy_(source.full_tensor() if isinstance(source, DTensor) else source)
+
+
+@torch.no_grad()
+def scatter_full_weights(replica: torch.nn.Module, sharded: torch.nn.Module) -> None:
+    """Set ``sharded``'s parameters from ``replica``'s full values (identical on every rank):
+    each rank keeps its own shard, so nothing is communicated."""
+    for target, source in _matched_parameters(sharded, replica):
+        if isinstance(target, DTensor):
+            source = distribute_tensor(
+                source.detach().to(target.device),
+                target.device_mesh,
+                target.placements,
+                src_data_rank=None,
+            )
+        target.copy_(source)

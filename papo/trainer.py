@@ -15,6 +15,10 @@ re-tokenized text), the engine's positions (the foundation's native rule) and lo
 tokens the model chose (engine-written ``forced`` tokens are masked). Each step logs
 ``logprob_gap``, the largest difference between the training forward's log-probs and the
 engine's on the trained tokens (0 up to float error when training is on-policy).
+
+With ``sharding = "fsdp2"`` (several ranks) the policy trains sharded and the engine samples from
+a full replica refreshed after every optimizer step (see :mod:`papo.distributed` for the memory
+trade); updates, metrics and checkpoints are those of the unsharded run.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from npr_graph.models import load_model
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
 
 from . import advantages as advantage_estimators
-from . import checkpoint, rewards
+from . import checkpoint, distributed, rewards
 from . import loss as losses
 from .config import TrainConfig
-from .data import pack
+from .data import PackedRow, pack
 from .distributed import World, init_world
 from .forward import row_logprobs
 from .logs import StepLogger
@@ -103,13 +107,29 @@ class Trainer:
             raise ValueError("give the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(config.output_dir)
+        if config.sharding == "fsdp2" and not self.world.distributed:
+            self.console.print("sharding 'fsdp2' with one process: training unsharded")
+        self.sharded = config.sharding == "fsdp2" and self.world.distributed
+        # sharded: the engine samples from a full replica (one extra copy of the weights per rank)
+        self.replica: torch.nn.Module | None = None
+        self.sharded_forward: distributed.ShardedForward | None = None
+        self.padding_row: PackedRow | None = None
+        if self.sharded:
+            self.replica = copy.deepcopy(model).requires_grad_(False).eval()
+            self.sharded_forward = distributed.shard_policy(model, self.world)
+            # the shards came from each rank's own copy; the replica follows what was sharded
+            distributed.gather_full_weights(model, self.replica)
+            self.padding_row = _padding_row(tokenizer)
+        self.rollout_model = self.replica if self.replica is not None else model
         self.engine = Engine(
-            model, tokenizer, page_size=config.page_size, num_pages=config.kv_pages
+            self.rollout_model, tokenizer, page_size=config.page_size, num_pages=config.kv_pages
         )
         self.model.eval()  # no dropout: rollouts and the training forward see the same network
         # the KL term's reference is the policy as training starts, frozen
         self.reference = (
-            copy.deepcopy(model).requires_grad_(False).eval() if config.kl_coef > 0 else None
+            copy.deepcopy(self.rollout_model).requires_grad_(False).eval()
+            if config.kl_coef > 0
+            else None
         )
         if config.stage == "sft":
             self.graphs = [self._trace_graph(trace) for trace in self.traces]
@@ -179,6 +199,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        optimizer_state = None
+        if self.sharded:  # every rank takes part in gathering the sharded optimizer state
+            optimizer_state = checkpoint.full_optimizer_state(
+                self.optimizer, keep=self.world.is_main
+            )
         if self.world.is_main:
             state = {
                 "data_position": self.step * self.per_step,
@@ -188,11 +213,12 @@ class Trainer:
             path = checkpoint.save(
                 self.output_dir / "checkpoints",
                 self.step,
-                self.model,
+                self.rollout_model,
                 self.tokenizer,
                 self.optimizer,
                 self.scheduler,
                 state,
+                optimizer_state=optimizer_state,
             )
         self.world.barrier()
         return path
@@ -202,7 +228,9 @@ class Trainer:
         if path is None:
             self.console.print("no checkpoint to resume from; starting at step 0")
             return
-        state = checkpoint.load(path, self.model, self.optimizer, self.scheduler)
+        state = checkpoint.load(path, self.rollout_model, self.optimizer, self.scheduler)
+        if self.replica is not None:
+            distributed.scatter_full_weights(self.replica, self.model)
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         self.logger.truncate_after(self.step)
@@ -359,6 +387,7 @@ class Trainer:
             "clip_fraction": sum(p["clip_fraction"] for p in done) / len(done),
             "kl": sum(p["kl"] for p in done) / len(done),
             "rows": sum(p["rows"] for p in done),
+            **({"padding_rows": sum(p["padding_rows"] for p in done)} if self.sharded else {}),
             "skipped_updates": len(parts) - len(done),
             "skipped": None,
             "skipped_steps": self.skipped,
@@ -379,12 +408,19 @@ class Trainer:
         # the strictly on-policy ratio exp(logp - stopgrad(logp)) unless the batch is stale;
         # DAPO's clipped surrogate always measures against the rollout policy
         use_old = stale or c.loss == "ppo_clip"
+        # sharded: every forward and backward is a collective, so all ranks run as many passes
+        # as the rank with the most rows, the extra ones on a padding row with zero loss
+        passes = max(world.gather(len(rows))) if self.sharded else len(rows)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, gap, entropy_sum, clipped, kl, bad = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        for row in rows:
-            logprobs, entropy = row_logprobs(
-                self.model, row, temperature=temperature, with_entropy=True
-            )
+        for index in range(passes):
+            if index >= len(rows) or bad:
+                assert self.padding_row is not None
+                logprobs, _ = self._row_logprobs(self.padding_row, temperature)
+                (logprobs.sum() * 0.0).backward()  # exactly zero gradient
+                continue
+            row = rows[index]
+            logprobs, entropy = self._row_logprobs(row, temperature)
             scored = row.scored
             mask = row.loss_mask[scored]
             old = row.old_logprobs[scored]
@@ -407,7 +443,11 @@ class Trainer:
             )
             if not torch.isfinite(out.loss):
                 bad = 1.0
-                break
+                if not self.sharded:
+                    break
+                # the gradient is discarded below; the backward keeps the collectives in step
+                (logprobs.sum() * 0.0).backward()
+                continue
             out.loss.backward()
             total_loss += float(out.loss.detach())
             entropy_sum += float((entropy.detach() * mask).sum())
@@ -418,7 +458,9 @@ class Trainer:
         if world.sum(bad):
             self.optimizer.zero_grad(set_to_none=True)
             return {"skipped": "non-finite loss"}
-        world.all_reduce_grads(self.model)
+        if not self.sharded:  # FSDP2's reduce-scatter has already summed the gradients
+            world.all_reduce_grads(self.model)
+        # on DTensor gradients this is the global norm
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm
@@ -428,6 +470,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return {"skipped": "non-finite gradient"}
         self.optimizer.step()
+        if self.replica is not None:
+            distributed.gather_full_weights(self.model, self.replica)
         tokens = world.sum(local_tokens)
         return {
             "loss": world.sum(total_loss),
@@ -438,8 +482,16 @@ class Trainer:
             "clip_fraction": world.sum(clipped) / max(tokens, 1.0),
             "kl": world.sum(kl),
             "rows": int(world.sum(len(rows))),
+            **({"padding_rows": int(world.sum(passes - len(rows)))} if self.sharded else {}),
             "skipped": None,
         }
+
+    def _row_logprobs(
+        self, row: PackedRow, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.sharded_forward is not None:
+            return self.sharded_forward(row, temperature, with_entropy=True)
+        return row_logprobs(self.model, row, temperature=temperature, with_entropy=True)
 
     def _skip(self, reason: str) -> dict[str, Any]:
         with warnings.catch_warnings():  # no optimizer step was taken, on purpose
@@ -455,6 +507,13 @@ class Trainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _padding_row(tokenizer) -> PackedRow:
+    """A two-token row (one scored position) for the padding passes of sharded training."""
+    token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    graph = ng.parse([token], tokenizer=tokenizer, prompt_ids=[token], lenient=True)
+    return pack([graph], [None], max_tokens=16)[0]
+
+
 def _template(value: str) -> PromptTemplate:
     """A literal template holding ``{problem}``, a built-in name (npr, multiverse, cot) or a file."""
     if PLACEHOLDER in value:

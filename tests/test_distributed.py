@@ -1,18 +1,22 @@
-"""`npr train` under torchrun: 2 CPU processes on gloo match 1 process with the same batch."""
+"""`npr train` under torchrun: 2 CPU processes on gloo match 1 process with the same batch, with
+every rank holding the whole model and with the model sharded by FSDP2 (`sharding = "fsdp2"`)."""
 
 import copy
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+from papo.config import load_config
 
-pytestmark = pytest.mark.slow
+LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +34,6 @@ def setup(tmp_path_factory):
         for a, b in [(2, 3), (4, 5), (6, 7), (3, 3)]
     ]
     problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # a reward with spread even for a random model, so every step has non-zero advantages
-    (root / "launcher.py").write_text(
-        "import sys\n"
-        "from papo import rewards\n"
-        "@rewards.register('test_length')\n"
-        "def length(response, reference, **_):\n"
-        "    return rewards.Reward(-len(response) / 100, False, None, None, False)\n"
-        "from npr_graph.cli import main\n"
-        "raise SystemExit(main(sys.argv[1:]))\n"
-    )
     config = root / "papo.toml"
     config.write_text(
         f"""
@@ -61,6 +55,14 @@ tensorboard = false
 reward = "test_length"
 """
     )
+    # 3 prompts over 2 ranks and a graph per row: rank 0 trains 4 rows, rank 1 only 2
+    uneven = root / "uneven.toml"
+    uneven.write_text(
+        config.read_text()
+        .replace("prompts_per_step = 4", "prompts_per_step = 3")
+        .replace("max_new_tokens = 80", "max_new_tokens = 40")
+        + "row_tokens = 16\nsave_every = 1\n"
+    )
     return root, config
 
 
@@ -71,18 +73,35 @@ def run(command, root):
     return result
 
 
+def metrics(directory):
+    return [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(history):
+    return [{k: v for k, v in m.items() if not k.endswith("_per_s")} for m in history]
+
+
+def weights(directory, step):
+    return load_file(str(directory / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+def optimizer_state(directory, step):
+    path = directory / "checkpoints" / f"step_{step:07d}" / "trainer.pt"
+    return torch.load(path, weights_only=False)["optimizer"]
+
+
+@pytest.mark.slow
 def test_two_ranks_match_one(setup):
     root, config = setup
     single = root / "single"
     run(
-        [sys.executable, str(root / "launcher.py"), "train", "papo", "--config", str(config),
+        [sys.executable, str(LAUNCHER), "train", "papo", "--config", str(config),
          "--set", f"output_dir={single}"],
         root,
     )  # fmt: skip
     double = root / "double"
     run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(root / "launcher.py"), "train", "papo", "--config", str(config),
+        [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
          "--set", f"output_dir={double}"],
         root,
     )  # fmt: skip
@@ -100,3 +119,103 @@ def test_two_ranks_match_one(setup):
     final_two = load_file(str(double / "checkpoints" / "step_0000002" / "model.safetensors"))
     for key, value in final_one.items():
         assert torch.allclose(value, final_two[key], atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_one_process_and_resumes(setup):
+    """Two ranks with FSDP2 (rank 1 holding fewer rows than rank 0) against one unsharded
+    process; then both resume step 2 from the sharded run's step-1 checkpoint; and a NaN loss on
+    rank 1 only skips the step on both ranks."""
+    root, _ = setup
+    uneven = root / "uneven.toml"
+    sharded, sharded_resumed = root / "fsdp2", root / "fsdp2_resumed"
+    sharded_nan = root / "fsdp2_nan"
+    run(
+        [*TORCHRUN, str(LAUNCHER),
+         "train", "papo", "--config", str(uneven), "--set", f"output_dir={sharded}", "--set", "sharding=fsdp2",
+         "--then", "fork", str(sharded), str(sharded_resumed), "1",
+         "--then", "train", "papo", "--config", str(uneven), "--set", f"output_dir={sharded_resumed}",
+         "--set", "sharding=fsdp2", "--resume",
+         "--then", "train", "papo", "--config", str(uneven), "--set", f"output_dir={sharded_nan}",
+         "--set", "sharding=fsdp2", "--set", "loss=test_papo_nan_once_on_rank_1"],
+        root,
+    )  # fmt: skip
+    single, single_resumed = root / "single_uneven", root / "single_from_fsdp2"
+    run(
+        [sys.executable, str(LAUNCHER),
+         "train", "papo", "--config", str(uneven), "--set", f"output_dir={single}",
+         "--then", "fork", str(sharded), str(single_resumed), "1",
+         "--then", "train", "papo", "--config", str(uneven), "--set", f"output_dir={single_resumed}",
+         "--resume"],
+        root,
+    )  # fmt: skip
+
+    # (a) the same updates as one process: metrics and weights, and the ranks were uneven
+    one, two = metrics(single), metrics(sharded)
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a["rollouts"] == b["rollouts"] == 6
+        assert a["skipped"] is None and b["skipped"] is None and a["grad_norm"] > 0
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-9)
+        assert a["trained_tokens"] == b["trained_tokens"]
+        assert a["rows"] == b["rows"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert "padding_rows" not in one[0]
+    assert all(b["padding_rows"] > 0 for b in two)  # the short rank ran padding passes
+    initial = load_file(str(root / "model" / "model.safetensors"))
+    final_one, final_two = weights(single, 2), weights(sharded, 2)
+    assert final_one.keys() == final_two.keys() == initial.keys()
+    moved = max(float((final_one[k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-4  # training changed the weights, so the comparison below means something
+    for key, value in final_one.items():
+        assert torch.allclose(value, final_two[key], atol=1e-5), key
+
+    # (b) the engine samples from a full replica equal to the sharded weights after the last step
+    check = json.loads((sharded / "replica_check.json").read_text())
+    assert check["sharded"] and check["engine_uses_replica"]
+    assert check["engine_dtensors"] == 0 and check["trained_dtensors"] > 0
+    assert check["replica_vs_trained"] == 0.0
+    assert check["replica_vs_initial"] > 1e-4
+    resumed_check = json.loads((sharded_resumed / "replica_check.json").read_text())
+    assert resumed_check["replica_vs_trained"] == 0.0
+
+    # (c) the sharded checkpoint has the unsharded format (full optimizer tensors) ...
+    state_one, state_two = optimizer_state(single, 1), optimizer_state(sharded, 1)
+    assert state_one["param_groups"] == state_two["param_groups"]
+    assert state_one["state"].keys() == state_two["state"].keys()
+    for index, entry in state_one["state"].items():
+        assert entry.keys() == state_two["state"][index].keys()
+        for key, value in entry.items():
+            other = state_two["state"][index][key]
+            assert type(other) is torch.Tensor and other.shape == value.shape, (index, key)
+            assert torch.allclose(value, other, rtol=1e-4, atol=1e-12), (index, key)
+    # ... resuming it sharded continues exactly ...
+    assert untimed(metrics(sharded_resumed)) == untimed(two)
+    for key, value in final_two.items():
+        assert torch.equal(value, weights(sharded_resumed, 2)[key]), key
+    resumed_state = optimizer_state(sharded_resumed, 2)
+    for index, entry in optimizer_state(sharded, 2)["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, resumed_state["state"][index][key]), (index, key)
+    # ... and resuming it unsharded in one process gives the unsharded run's step 2
+    assert [m["loss"] for m in metrics(single_resumed)] == pytest.approx(
+        [m["loss"] for m in one], abs=1e-5
+    )
+    final_resumed = weights(single_resumed, 2)
+    for key, value in final_one.items():
+        assert torch.allclose(value, final_resumed[key], atol=1e-5), key
+
+    # a non-finite loss on rank 1 alone: both ranks skip that update and stay in step after it
+    nan = metrics(sharded_nan)
+    assert [m["skipped"] for m in nan] == ["non-finite loss", None]
+    assert nan[1]["grad_norm"] > 0 and nan[1]["rows"] == two[1]["rows"]
+    assert json.loads((sharded_nan / "replica_check.json").read_text())["replica_vs_trained"] == 0.0
+
+
+def test_sharding_config_is_validated():
+    assert load_config(None, "papo", {"sharding": "fsdp2"}).sharding == "fsdp2"
+    assert load_config(None, "papo").sharding == "none"
+    for bad in ("fsdp", "FSDP2", "", 2, None):
+        with pytest.raises(ValueError, match="sharding must be one of none, fsdp2"):
+            load_config(None, "papo", {"sharding": bad})

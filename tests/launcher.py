@@ -1,0 +1,119 @@
+"""Runs ``npr`` commands in one process (under torchrun: on every rank) for the distributed tests.
+
+Usage: ``launcher.py COMMAND [--then COMMAND ...]``. A command is an ``npr`` CLI command line
+(``train papo --config ...``) or ``fork SOURCE TARGET STEP``, which starts run directory TARGET
+from SOURCE's checkpoint of step STEP (rank 0 copies, every rank waits), ready for ``--resume``.
+
+The reward ``test_length`` is registered (it has spread even for a random model, so every step has
+non-zero advantages), and the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
+that its first call on rank 1 returns NaN). After every ``Trainer.train`` the launcher writes ``replica_check.json`` to
+the run's output directory: how the engine's weights compare with the trained (possibly sharded)
+weights and with the initial ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+
+from npr_graph.cli import main
+from papo import loss as losses
+from papo import rewards
+from papo.trainer import Trainer
+
+
+@rewards.register("test_length")
+def length(response: str, reference: str, **_: Any) -> rewards.Reward:
+    return rewards.Reward(-len(response) / 100, False, None, None, False)
+
+
+_nan_returned = False
+
+
+@losses.register("test_papo_nan_once_on_rank_1")
+def papo_nan_once_on_rank_1(*args: Any, **kwargs: Any) -> losses.LossOutput:
+    global _nan_returned
+    out = losses.get("papo")(*args, **kwargs)
+    if dist.is_initialized() and dist.get_rank() == 1 and not _nan_returned:
+        _nan_returned = True
+        return losses.LossOutput(out.loss * float("nan"), out.stats)
+    return out
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _replica_check(trainer: Trainer) -> dict[str, Any]:
+    """Collective under torchrun: every rank gathers each sharded parameter."""
+    initial = load_file(str(Path(trainer.config.model) / "model.safetensors"))
+    engine_params = dict(trainer.engine.model.named_parameters())
+    to_sharded, to_initial, dtensors = 0.0, 0.0, 0
+    for name, param in trainer.model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        dtensors += isinstance(param, DTensor)
+        replica = engine_params[name]
+        to_sharded = max(to_sharded, float((replica - full).abs().max()))
+        to_initial = max(to_initial, float((replica - initial[name]).abs().max()))
+    return {
+        "sharded": trainer.sharded,
+        "engine_uses_replica": trainer.engine.model is trainer.replica,
+        "engine_dtensors": sum(isinstance(p, DTensor) for p in engine_params.values()),
+        "trained_dtensors": dtensors,
+        "replica_vs_trained": to_sharded,
+        "replica_vs_initial": to_initial,
+    }
+
+
+_train = Trainer.train
+
+
+def _train_and_check(self: Trainer, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    history = _train(self, *args, **kwargs)
+    with torch.no_grad():
+        report = _replica_check(self)
+    if _is_main():
+        (self.output_dir / "replica_check.json").write_text(json.dumps(report))
+    return history
+
+
+Trainer.train = _train_and_check  # type: ignore[method-assign]
+
+
+def fork(source: str, target: str, step: int) -> None:
+    if _is_main():
+        name = f"step_{step:07d}"
+        checkpoints = Path(target) / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        shutil.copytree(Path(source) / "checkpoints" / name, checkpoints / name)
+        (checkpoints / "latest").write_text(name + "\n")
+        shutil.copy(Path(source) / "metrics.jsonl", Path(target) / "metrics.jsonl")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run(argv: list[str]) -> int:
+    commands: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            commands.append([])
+        else:
+            commands[-1].append(arg)
+    for command in commands:
+        if command[0] == "fork":
+            fork(command[1], command[2], int(command[3]))
+        elif (code := main(command)) != 0:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(sys.argv[1:]))
