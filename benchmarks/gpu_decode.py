@@ -15,7 +15,8 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    and speedup is tokens/s over it.
 3. ``rl_group``: 8 prompts x 8 samples of a width-2 block, prompts long enough that the shared
    prefix dominates; cascade vs flat per backend.
-4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine).
+4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine)
+   and at batch k for the widest k (batching alone, the reference for the engine's width k).
 5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
    operators printed; kernel launches and host milliseconds per step recorded).
 
@@ -376,23 +377,32 @@ def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dic
 
 
 def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
-    row = {"part": "generate", "backend": "transformers", "batch": 1, "tokens": args.step_tokens}
-    if budget.spent():
-        return [{**row, "skipped": "time budget"}]
+    """transformers ``generate`` at batch 1 (the sequential baseline) and at the widest engine
+    width (what batching alone gives: the engine's width-k run should be at least as fast)."""
+    out = []
     ids = torch.tensor([tokenizer.encode(prompt_text(64, 0))], device=device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, do_sample=True)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                       max_new_tokens=args.step_tokens, min_new_tokens=args.step_tokens)  # fmt: skip
-        sync(device)
-    seconds = time.perf_counter() - start
-    row |= {"wall_s": seconds, "tokens_per_s": args.step_tokens / seconds,
-            "ms_per_step": 1e3 * seconds / args.step_tokens}  # fmt: skip
-    print(f"generate   transformers     {row['tokens_per_s']:9.1f} tok/s "
-          f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
-    return [row]
+    for batch in sorted({1, max(args.widths)}):
+        row = {"part": "generate", "backend": "transformers", "batch": batch,
+               "tokens": args.step_tokens}  # fmt: skip
+        if budget.spent():
+            out.append({**row, "skipped": "time budget"})
+            continue
+        rows = ids.expand(batch, -1)
+        with torch.inference_mode():
+            sync(device)
+            start = time.perf_counter()
+            model.generate(rows, attention_mask=torch.ones_like(rows), do_sample=True,
+                           max_new_tokens=args.step_tokens, min_new_tokens=args.step_tokens)  # fmt: skip
+            sync(device)
+        seconds = time.perf_counter() - start
+        row |= {"wall_s": seconds, "tokens_per_s": batch * args.step_tokens / seconds,
+                "ms_per_step": 1e3 * seconds / args.step_tokens}  # fmt: skip
+        out.append(row)
+        print(f"generate   transformers b{batch:<3}  {row['tokens_per_s']:9.1f} tok/s "
+              f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
+    return out
 
 
 class Budget:
@@ -411,7 +421,7 @@ def table(results: list[dict]) -> str:
             continue
         case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
                 "profile": f"profiled, width {r.get('width')}",
-                "attention": "{queries} queries", "generate": "batch 1"}[r["part"]]  # fmt: skip
+                "attention": "{queries} queries", "generate": "batch {batch}"}[r["part"]]  # fmt: skip
         case = case.format(**r) if "{" in case else case
         if "skipped" in r:
             lines.append(

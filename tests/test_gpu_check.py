@@ -75,7 +75,7 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     finally:
         sys.path.pop(0)
     code = gpu_decode.main(
-        ["--quick", "--device", "cpu", "--parts", "attention,widths,profile", "--out",
+        ["--quick", "--device", "cpu", "--parts", "attention,widths,profile,generate", "--out",
          str(tmp_path)]
     )  # fmt: skip
     assert code == 0
@@ -87,6 +87,8 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     profiled = [r for r in report["results"] if r["part"] == "profile"]
     assert [r["width"] for r in profiled] == [1, 4]
     assert profiled[0]["generated_tokens"] == 6 and profiled[1]["host_ms_per_step"] > 0
+    generated = [r for r in report["results"] if r["part"] == "generate"]
+    assert [r["batch"] for r in generated] == [1, 2] and generated[1]["tokens_per_s"] > 0
     assert "flashinfer" in report["info"]["backends_missing"]
     assert (tmp_path / "gpu_decode.md").read_text().startswith("| part |")
 
