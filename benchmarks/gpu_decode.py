@@ -6,9 +6,9 @@ byte-level tokenizer with the format's tags as special tokens. The attention par
 the engine parts backend by backend (flashinfer, triton, torch: the best measured completely
 under a tight budget); a run is skipped once ``--time-budget`` seconds are spent (recorded):
 
-1. ``attention``: one layer's decode attention for an RL group (8 prompts x 8 samples, long
-   prompts, short own tails): flashinfer cascade vs flat, triton cascade vs flat, torch (SDPA
-   over gathered slots). CUDA-event timing, no engine around it.
+1. ``attention``: one layer's decode attention for RL groups (8 prompts x 8 samples over 4k
+   prompts, and 2 x 64 over 16k prompts; short own tails): flashinfer cascade vs flat, triton
+   cascade vs flat, torch (SDPA over gathered slots). CUDA-event timing, no engine around it.
 2. ``widths``: one prompt, one block of k = 2/4/8 parallel steps of ``--step-tokens`` tokens
    each (constrained mode, exactly k plans, elements run to their limits, EOS ignored), per
    backend; width 1 is sequential decoding of ``--step-tokens`` tokens with the same backend,
@@ -150,10 +150,20 @@ def attention_case(model, prompts: int, samples: int, prompt_tokens: int, tail_t
 
 
 def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
+    out = []
+    for case in args.attention_case:
+        out += _bench_attention_case(model, device, dtype, backends, args, budget, case)
+    return out
+
+
+def _bench_attention_case(model, device, dtype, backends, args, budget, case) -> list[dict]:
     torch.manual_seed(0)
     config = model.config
+    prompts, samples, prefix, tail = case
+    row = {"part": "attention", "prompts": prompts, "samples": samples, "queries": prompts * samples,
+           "prefix_tokens": prefix, "tail_tokens": tail}  # fmt: skip
     out = []
-    table, keys, shape = attention_case(model, *args.attention_case)
+    table, keys, shape = attention_case(model, *case)
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     query = torch.randn(len(table.lengths), config.num_attention_heads, config.head_dim,
@@ -162,7 +172,7 @@ def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
     lanes = [_FakeLane(p, s) for p, s in keys[1]]
     for name in backends:
         if budget.spent():
-            out.append({"part": "attention", "backend": name, "skipped": "time budget"})
+            out.append({**row, "backend": name, "skipped": "time budget"})
             continue
         if name == "torch":  # what the torch path runs per layer: SDPA over gathered slots
             fn = _sdpa_fn(table, device)
@@ -171,11 +181,9 @@ def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
             backend.attach(model, torch.device(device))
             fn = backend.plan_decode(lanes, table)
         seconds = _time_it(lambda fn=fn: fn(query, k_cache, v_cache, scale), device, args.repeats)
-        prefix, tail = args.attention_case[2], args.attention_case[3]
-        out.append({"part": "attention", "backend": name, "ms": seconds * 1e3,
-                    "queries": len(table.lengths), "prefix_tokens": prefix,
-                    "tail_tokens": tail})  # fmt: skip
-        print(f"attention  {name:16s} {seconds * 1e3:8.3f} ms", flush=True)
+        out.append({**row, "backend": name, "ms": seconds * 1e3})
+        print(f"attention  {name:16s} {prompts}x{samples} prefix {prefix:6d} "
+              f"{seconds * 1e3:8.3f} ms", flush=True)  # fmt: skip
     return out
 
 
@@ -421,7 +429,8 @@ def table(results: list[dict]) -> str:
             continue
         case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
                 "profile": f"profiled, width {r.get('width')}",
-                "attention": "{queries} queries", "generate": "batch {batch}"}[r["part"]]  # fmt: skip
+                "attention": "{prompts}x{samples}, prefix {prefix_tokens}",
+                "generate": "batch {batch}"}[r["part"]]  # fmt: skip
         case = case.format(**r) if "{" in case else case
         if "skipped" in r:
             lines.append(
@@ -447,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-group", default="8x8", help="prompts x samples")
     parser.add_argument("--rl-prompt-tokens", type=int, default=2048)
     parser.add_argument("--rl-step-tokens", type=int, default=256)
-    parser.add_argument("--attention-case", default="8,8,4096,256",
-                        help="prompts,samples,prefix tokens,tail tokens")  # fmt: skip
+    # The second case's shared prompts (4.3 GB of flat KV reads per layer) cannot hide in L2.
+    parser.add_argument("--attention-case", default="8,8,4096,256;2,64,16384,256",
+                        help="prompts,samples,prefix tokens,tail tokens; several: ';'")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-tokens", type=int, default=48,
                         help="tokens per step of the profiled runs")  # fmt: skip
@@ -463,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_gib = 0.05
     args.widths = [int(w) for w in args.widths.split(",")]
     args.rl_group = tuple(int(x) for x in args.rl_group.split("x"))
-    args.attention_case = tuple(int(x) for x in args.attention_case.split(","))
+    args.attention_case = [
+        tuple(int(x) for x in case.split(",")) for case in args.attention_case.split(";") if case
+    ]
     args.kv_bytes = int(args.kv_gib * 2**30)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
