@@ -558,6 +558,16 @@ class _Dist:
 
             dist.barrier()
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's value, on every rank."""
         if not self.active:
@@ -806,10 +816,11 @@ def _run(
     done = set(_complete_groups(_read_sample_files(out), config.n)) if dist.rank == 0 else None
     done = dist.broadcast(done)
     todo = [p for p in problems if p.id not in done][dist.rank :: dist.world]
+    not_run: list[tuple[int, str]] = []  # problems whose prompt the engine cannot take
     if todo:
-        if engine is None:
-            from .engine.engine import Engine
+        from .engine.engine import Engine, PromptError
 
+        if engine is None:
             engine = Engine.from_pretrained(
                 config.model, dtype=config.dtype, tags=config.tags, device=_device(config)
             )
@@ -820,7 +831,12 @@ def _run(
             task = progress.add_task("", total=len(todo))
             for problem in todo:
                 progress.update(task, description=f"problem {problem.id}")
-                records = evaluator.run(problem)
+                try:
+                    records = evaluator.run(problem)
+                except PromptError as error:
+                    not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
+                    progress.advance(task)
+                    continue
                 # One write per problem, then fsync: a kill leaves whole groups or a cut group
                 # (redone on resume), never a group that looks complete but is not.
                 handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -829,12 +845,15 @@ def _run(
                 progress.advance(task)
                 if on_problem is not None:
                     on_problem(problem, records)
-    dist.barrier()
+    # A collective, so also the barrier before rank 0 merges what every rank wrote.
+    not_run = sorted(item for part in dist.gather(not_run) for item in part)
 
     result: dict[str, Any] | str | None = None
     if dist.rank == 0:
         try:
-            result = _merge_and_summarize(out, config, problems, errors, dist.world)
+            result = _merge_and_summarize(
+                out, config, problems, errors + [line for _, line in not_run], dist.world
+            )
         except Exception as error:  # told to the other ranks too, then raised here
             result = f"merging the results failed: {error!r}"
             if not dist.active:

@@ -356,6 +356,25 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, data, engine) -> N
     assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
 
 
+def test_prompt_longer_than_the_context_is_reported_and_the_rest_evaluated(
+    tmp_path, engine
+) -> None:
+    words = " ".join(["seven"] * engine.max_positions)
+    rows = [PROBLEMS[0], {"id": "long", "problem": f"Add: {words}", "answer": "1"}, PROBLEMS[2]]
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    summary = run_eval(config(data, out), engine=engine)
+    assert summary["problems"] == 2 and summary["samples"] == 4
+    assert {r["problem_id"] for r in read_samples(out)} == {"p1", "p3"}
+    [error] = summary["errors"]
+    assert error.startswith("problem long: not evaluated: the prompt has ")
+    assert f"exceeds the model's context of {engine.max_positions}" in error
+    # a resume retries it (and reports it again) without redoing the others
+    again = run_eval(config(data, out), engine=engine)
+    assert again["errors"] == [error] and again["samples"] == 4
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
     out = tmp_path / "run"
     run_eval(config(data, out, limit=1), engine=engine)

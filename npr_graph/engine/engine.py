@@ -30,6 +30,11 @@ from .sampling import SamplingParams, select_tokens
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
 
 
+class PromptError(ValueError):
+    """A prompt this engine cannot run: empty, longer than the model's context with its token
+    budget, or larger than the KV pool. Other prompts of a run can still go ahead."""
+
+
 @dataclass
 class EngineStats:
     prefill_steps: int = 0
@@ -120,7 +125,7 @@ class Engine:
             ids = [int(i) for i in prompt]
         else:
             if not prompt.strip():
-                raise ValueError("empty prompt")
+                raise PromptError("empty prompt")
             template = getattr(self.tokenizer, "chat_template", None)
             if chat and not template:
                 raise ValueError(
@@ -135,7 +140,7 @@ class Engine:
             else:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
-            raise ValueError("empty prompt")
+            raise PromptError("empty prompt")
         return ids
 
     def generate(
@@ -169,14 +174,16 @@ class Engine:
         requests = []
         for index, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
             ids = self.encode_prompt(prompt, chat)
+            which = f"prompt {index}" if len(prompts) > 1 else "the prompt"
             if len(ids) + p.max_new_tokens > self.max_positions:
-                raise ValueError(
-                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
+                raise PromptError(
+                    f"{which} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
                     f"it exceeds the model's context of {self.max_positions}"
                 )
             if self._pages_for(len(ids)) + p.n > self.pool.num_usable:
-                raise ValueError(
-                    f"prompt {index} ({len(ids)} tokens) does not fit the KV pool of {self.pool.num_usable} pages"
+                raise PromptError(
+                    f"{which} ({len(ids)} tokens) does not fit the KV pool of "
+                    f"{self.pool.num_usable} pages"
                 )
             requests.append(Request(index, ids, p, mode, arrival=index))
         self.stats = EngineStats()
