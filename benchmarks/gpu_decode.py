@@ -17,6 +17,7 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    prefix dominates; cascade vs flat per backend.
 4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine)
    and at batch k for the widest k (batching alone, the reference for the engine's width k).
+   ``flashinfer-graphs`` runs flat FlashInfer with decode steps replayed as CUDA graphs.
 5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
    operators printed; kernel launches and host milliseconds per step recorded).
 
@@ -74,7 +75,8 @@ QUICK = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 # head dim 128, 4 query heads per KV head), so one JIT compile serves tests and benchmark.
 JIT_SHAPE = dict(QWEN3_4B, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
-BACKENDS = ("flashinfer", "flashinfer-flat", "triton", "triton-flat", "torch")
+# "flashinfer-graphs": flat FlashInfer decode steps replayed as CUDA graphs (engine cuda_graphs).
+BACKENDS = ("flashinfer", "flashinfer-graphs", "flashinfer-flat", "triton", "triton-flat", "torch")
 
 
 def byte_tokenizer():
@@ -113,6 +115,7 @@ def make_backend(name: str):
         "triton-flat": lambda: TritonBackend(cascade=False),
         "flashinfer": lambda: FlashInferBackend(cascade=True),
         "flashinfer-flat": lambda: FlashInferBackend(cascade=False),
+        "flashinfer-graphs": lambda: FlashInferBackend(cascade=False),
     }[name]()
 
 
@@ -171,6 +174,8 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
     scale = config.head_dim**-0.5
     lanes = [_FakeLane(p, s) for p, s in keys[1]]
     for name in backends:
+        if name.endswith("-graphs"):  # the same kernel as flat; graphs change the engine only
+            continue
         if budget.spent():
             out.append({**row, "backend": name, "skipped": "time budget"})
             continue
@@ -198,7 +203,7 @@ def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
                         device=device, dtype=dtype)  # fmt: skip
     out = []
     for name in backends:
-        if name == "torch":
+        if name == "torch" or name.endswith("-graphs"):
             continue
         start = time.perf_counter()
         backend = make_backend(name)
@@ -278,7 +283,8 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
     """One block of ``width`` steps per sample (constrained, structure forced); width 1 is plain
     sequential decoding of ``step_tokens`` tokens."""
     engine = Engine(model, tokenizer, device=device, attention_backend=make_backend(backend_name),
-                    kv_memory_bytes=kv_bytes, max_lanes=512)  # fmt: skip
+                    kv_memory_bytes=kv_bytes, max_lanes=512,
+                    cuda_graphs=backend_name.endswith("-graphs"))  # fmt: skip
     if width == 1:
         params = SamplingParams(temperature=1.0, seed=0, n=n, max_new_tokens=step_tokens,
                                 ignore_eos=True)  # fmt: skip
@@ -322,9 +328,14 @@ def bench_widths(model, tokenizer, device, backends, args, budget, save=None) ->
             if budget.spent():
                 out.append({**row, "skipped": "time budget"})
                 continue
-            row |= run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 0)],
-                              n=1, width=width, step_tokens=args.step_tokens,
-                              kv_bytes=args.kv_bytes)  # fmt: skip
+            try:
+                row |= run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 0)],
+                                  n=1, width=width, step_tokens=args.step_tokens,
+                                  kv_bytes=args.kv_bytes)  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
+                out.append({**row, "error": repr(error)[:1000]})
+                print(f"widths     {backend:16s} k={width} failed: {error!r}", flush=True)
+                break
             base = next((r for r in out if r.get("backend") == backend and r.get("width") == 1
                          and "tokens_per_s" in r), None)  # sequential, run first  # fmt: skip
             if base:
@@ -376,8 +387,14 @@ def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dic
         if budget.spent():
             out.append({**row, "skipped": "time budget"})
             continue
-        row |= run_engine(model, tokenizer, device, backend, prompts=prompts, n=samples, width=2,
-                          step_tokens=args.rl_step_tokens, kv_bytes=args.kv_bytes)  # fmt: skip
+        try:
+            row |= run_engine(model, tokenizer, device, backend, prompts=prompts, n=samples,
+                              width=2, step_tokens=args.rl_step_tokens,
+                              kv_bytes=args.kv_bytes)  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
+            out.append({**row, "error": repr(error)[:1000]})
+            print(f"rl_group   {backend:16s} failed: {error!r}", flush=True)
+            continue
         out.append(row)
         print(f"rl_group   {backend:16s} {row['tokens_per_s']:9.1f} tok/s "
               f"{row['ms_per_step']:7.2f} ms/step", flush=True)  # fmt: skip
@@ -432,10 +449,9 @@ def table(results: list[dict]) -> str:
                 "attention": "{prompts}x{samples}, prefix {prefix_tokens}",
                 "generate": "batch {batch}"}[r["part"]]  # fmt: skip
         case = case.format(**r) if "{" in case else case
-        if "skipped" in r:
-            lines.append(
-                f"| {r['part']} | {r['backend']} | {case} | skipped ({r['skipped']}) | | |"
-            )
+        if "skipped" in r or "error" in r:
+            why = f"skipped ({r['skipped']})" if "skipped" in r else "failed (see the JSON)"
+            lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | |")
             continue
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else ""
         ms = f"{r.get('ms_per_step', r.get('ms', 0)):.3f}"

@@ -327,6 +327,25 @@ class _FakeFlashInfer(types.ModuleType):
                 ]
 
         class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+            def __init__(
+                self,
+                workspace,
+                kv_layout="NHD",
+                use_cuda_graph=False,
+                use_tensor_cores=False,
+                paged_kv_indptr_buffer=None,
+                paged_kv_indices_buffer=None,
+                paged_kv_last_page_len_buffer=None,
+            ):
+                assert kv_layout == "NHD"
+                self.graph_mode = use_cuda_graph
+                self.buffers = (
+                    paged_kv_indptr_buffer,
+                    paged_kv_indices_buffer,
+                    paged_kv_last_page_len_buffer,
+                )
+                assert not use_cuda_graph or all(b is not None for b in self.buffers)
+
             def plan(
                 self,
                 indptr,
@@ -339,10 +358,25 @@ class _FakeFlashInfer(types.ModuleType):
                 **kwargs,
             ):
                 self._check(kwargs, page_size)
-                fake.calls.append("plan_flat")
                 self.scale = kwargs["sm_scale"]
+                if self.graph_mode:  # the page table goes into the fixed buffers, as documented
+                    fixed_indptr, fixed_indices, fixed_last = self.buffers
+                    assert len(indptr) == len(fixed_indptr), "batch size is fixed in graph mode"
+                    fixed_indptr.copy_(indptr)
+                    fixed_indices[: len(indices)].copy_(indices)
+                    fixed_last.copy_(last_page_len)
+                    fake.calls.append("plan_graph")
+                    return
+                fake.calls.append("plan_flat")
                 qo = torch.arange(len(indptr), dtype=torch.int32)
                 self.levels = [DecodeLevel(qo, indptr, indices, last_page_len, 0, 0)]
+
+            def run(self, q, paged_kv_cache):
+                if self.graph_mode:  # a replayed kernel sees only the buffers
+                    indptr, indices, last = self.buffers
+                    qo = torch.arange(len(indptr), dtype=torch.int32)
+                    self.levels = [DecodeLevel(qo, indptr, indices[: int(indptr[-1])], last, 0, 0)]
+                return super().run(q, paged_kv_cache)
 
         self.MultiLevelCascadeAttentionWrapper = MultiLevelCascadeAttentionWrapper
         self.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
@@ -367,6 +401,79 @@ def test_flashinfer_backend_plans_once_per_step_and_runs_per_layer(
         assert {"plan2", "plan3"} & set(plans), "shared prompts and prefixes became levels"
     else:
         assert set(plans) == {"plan_flat"}
+
+
+class _ReplayGraph:
+    """Stands in for a CUDA graph on the CPU: ``capture`` runs the step once and keeps its output
+    tensor; ``replay`` runs it again into that same tensor, so every input must come through the
+    static buffers, as in a real replay."""
+
+    def capture(self, fn):
+        self.fn = fn
+        self.output = fn()
+        return self.output
+
+    def replay(self):
+        with torch.inference_mode():  # the output is an inference tensor, as the step made it
+            self.output.copy_(self.fn())
+
+
+def test_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, monkeypatch):
+    fake = _FakeFlashInfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=2)
+    engine = Engine(
+        model,
+        special_tokenizer,
+        page_size=4,
+        num_pages=512,
+        attention_backend=FlashInferBackend(cascade=True),
+        max_lanes=10,
+    )
+    engine.runner.enable_graphs(10, graph_factory=_ReplayGraph)
+    graphs = engine.runner.graphs
+    assert graphs.buckets == [1, 2, 4, 8, 10]
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=36, min_branches=2, max_branches=3, seed=7, n=2, **SHORT
+    )
+    results = engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained", chat=False)
+    assert graphs.replays == engine.stats.decode_steps > 0, "every decode step replayed a graph"
+    assert 1 <= graphs.captures <= len(graphs.buckets), "one capture per bucket used"
+    assert fake.calls.count("plan_graph") == graphs.replays
+    assert not {"plan2", "plan3", "plan_flat"} & set(fake.calls), "no eager decode plan"
+    for graph in results:
+        assert graph.metadata["layout_consistent"] and graph.metadata["forks"] >= 1
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        error = (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max().item()
+        assert error <= 1e-4, f"log-prob error {error}"
+    assert any(g.nodes_of("takeaway") for g in results), "a join happened"
+    assert engine.pool.num_used == 0
+
+
+def test_cuda_graph_bucket_grows_its_page_table(special_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", _FakeFlashInfer())
+    from npr_graph.engine import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "INITIAL_SLOTS_PER_LANE", 8)  # outgrown after a few tokens
+    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=1)
+    engine = Engine(model, special_tokenizer, page_size=4, num_pages=256,
+                    attention_backend=FlashInferBackend(cascade=False))  # fmt: skip
+    engine.runner.enable_graphs(4, graph_factory=_ReplayGraph)
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    (graph,) = engine.generate(["Count: one two three"], params, mode="sequential", chat=False)
+    assert engine.runner.graphs.captures >= 2, "the bucket was re-captured with a larger table"
+    error = (dense_logprobs(engine.model, graph) - torch.tensor(
+        graph.logprobs[graph.prompt_num_tokens :])).abs().max().item()  # fmt: skip
+    assert error <= 1e-4
+
+
+def test_cuda_graphs_need_a_capable_backend_and_device(special_tokenizer):
+    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="CUDA device"):
+        Engine(model, special_tokenizer, num_pages=64, cuda_graphs=True)
+    engine = Engine(model, special_tokenizer, num_pages=64, attention_backend="torch")
+    with pytest.raises(ValueError, match="cannot run in a CUDA graph"):
+        engine.runner.enable_graphs(4, graph_factory=_ReplayGraph)
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
@@ -423,3 +530,36 @@ def test_gpu_backends_agree_with_the_torch_backend_token_for_token(family, speci
             a = torch.tensor(want.logprobs[want.prompt_num_tokens : prefix], dtype=torch.float)
             b = torch.tensor(got.logprobs[got.prompt_num_tokens : prefix], dtype=torch.float)
             assert (a - b).abs().max().item() <= 0.1, f"{name} vs torch"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+def test_gpu_cuda_graph_decode_matches_eager_flashinfer(family, special_tokenizer):
+    """Real CUDA graphs: the same kernels replayed, so the same tokens as eager flat FlashInfer
+    (bf16, same seed) and log-probs within bf16 noise of the dense forward."""
+    if not backends.flashinfer_installed():
+        pytest.skip("flashinfer is not installed")
+    model = tiny_model(family, tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE).to(
+        "cuda"
+    )
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=64, min_branches=2, max_branches=3, seed=7, n=3, **SHORT
+    )
+    runs = []
+    for cuda_graphs in (False, True):
+        engine = Engine(model, special_tokenizer, page_size=4, num_pages=2048, device="cuda",
+                        attention_backend=FlashInferBackend(cascade=False),
+                        cuda_graphs=cuda_graphs)  # fmt: skip
+        runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",
+                                    chat=False))  # fmt: skip
+        if cuda_graphs:
+            assert engine.runner.graphs.replays == engine.stats.decode_steps > 0
+        assert engine.pool.num_used == 0
+    for eager, graphed in zip(*runs, strict=True):
+        assert graphed.token_ids == eager.token_ids
+        a = torch.tensor(eager.logprobs[eager.prompt_num_tokens :], dtype=torch.float)
+        b = torch.tensor(graphed.logprobs[graphed.prompt_num_tokens :], dtype=torch.float)
+        assert (a - b).abs().max().item() <= 1e-2
+        error = (dense_logprobs(model, graphed) - b).abs().max().item()
+        assert error <= 0.15, f"{family}: log-prob error {error}"

@@ -26,6 +26,7 @@ import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
+from .graphs import GraphDecoder
 from .kv import SlotTable
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
@@ -161,6 +162,15 @@ class AttentionBackend:
         """Once per decode step; ``table`` on the CPU. None: use the torch path this step."""
         return None
 
+    def can_graph(self) -> bool:
+        """Whether :meth:`graph_decoder` works (after :meth:`attach`)."""
+        return False
+
+    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+        """A decode of exactly ``batch`` lanes over fixed page-table buffers of ``capacity``
+        indices, for a CUDA graph to record (:mod:`.graphs`)."""
+        raise NotImplementedError(f"the {self.name} backend has no CUDA-graph decode")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -287,6 +297,54 @@ class FlashInferBackend(_LevelsBackend):
             return wrapper.run(query.contiguous(), pages)
 
         return decode
+
+    def can_graph(self) -> bool:
+        return self.scale is not None  # one softmax scale for all layers, planned ahead
+
+    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+        """Flat decode (cascade levels change shape from step to step, a graph cannot)."""
+        return _FlashInferGraphDecoder(self, batch, capacity)
+
+
+class _FlashInferGraphDecoder(GraphDecoder):
+    """Flat FlashInfer decode in CUDA-graph mode: the wrapper keeps the page table in the
+    buffers given at construction, so a recorded ``run`` replays over whatever ``plan`` last
+    wrote there."""
+
+    def __init__(self, backend: FlashInferBackend, batch: int, capacity: int) -> None:
+        device = backend.device
+        self.backend = backend
+        self.capacity = capacity
+        self.indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.last_page_len = torch.ones(batch, dtype=torch.int32, device=device)
+        self.wrapper = backend._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend._workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=True,
+            paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len,
+        )
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
+        b = self.backend
+        self.wrapper.plan(
+            indptr.to(b.device),
+            indices.to(b.device),
+            last_page_len.to(b.device),
+            b.num_heads,
+            b.kv_heads,
+            b.head_dim,
+            1,  # page size 1, as in plan_decode
+            sm_scale=b.scale,
+            q_data_type=b.dtype,
+            kv_data_type=b.dtype,
+        )
+
+    def decode(self, query, keys, values, scale) -> torch.Tensor:
+        return self.wrapper.run(query.contiguous(), (keys.unsqueeze(1), values.unsqueeze(1)))
 
 
 def flashinfer_installed() -> bool:

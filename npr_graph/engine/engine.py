@@ -78,6 +78,7 @@ class Engine:
         max_lanes: int = 64,
         device: torch.device | str = "cpu",
         attention_backend: str | AttentionBackend = "auto",
+        cuda_graphs: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -94,6 +95,8 @@ class Engine:
         self.pool = PagePool(num_pages, page_size)
         self.attention_backend = make_backend(attention_backend, self.device)
         self.runner = ModelRunner(model, self.pool, self.device, self.attention_backend)
+        if cuda_graphs:  # decode steps replay recorded graphs (graphs.py); flashinfer, CUDA only
+            self.runner.enable_graphs(max_lanes)
         self.max_lanes = max_lanes
         special = _tags_are_special(tokenizer)
         self.format = Format(tokenizer, special=special)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
-from .backends import AttentionBackend, TorchBackend
+from .backends import AttentionBackend, TorchBackend, flat_level
+from .graphs import CudaGraph, DecodeGraphs
 from .kv import PagePool, slot_table
 from .lanes import Lane
 
@@ -71,6 +72,30 @@ class ModelRunner:
         self.needs_positions = bool(getattr(_text_config(model), "sliding_window", None))
         self.backend = backend or TorchBackend()
         self.backend.attach(model, self.device)
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_graphs(
+        self, max_batch: int, graph_factory: Callable[[], CudaGraph] | None = None
+    ) -> None:
+        """Run decode steps of up to ``max_batch`` lanes as CUDA graphs (:mod:`.graphs`).
+        ``graph_factory`` replaces ``torch.cuda.CUDAGraph`` (tests on the CPU)."""
+        if graph_factory is None and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if self.needs_positions:
+            raise ValueError("CUDA graphs do not support sliding-window attention layers")
+        if not self.backend.can_graph():
+            raise ValueError(
+                f"the {self.backend.name} attention backend cannot run in a CUDA graph "
+                "(use flashinfer)"
+            )
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv,
+            self.backend.graph_decoder,
+            max_batch,
+            self.device,
+            graph_factory,
+        )
 
     @staticmethod
     def bytes_per_slot(model: torch.nn.Module) -> int:
@@ -98,6 +123,15 @@ class ModelRunner:
             input_ids[row, width - count :] = torch.tensor(lane.pending)
             positions[row, width - count :] = torch.tensor(lane.pending_positions)
             write_slots[row, width - count :] = torch.tensor(write[row])
+        if width == 1 and self.graphs is not None:
+            level = flat_level(table)
+            logits = self.graphs.step(
+                input_ids, positions, write_slots[:, 0], level.kv_indptr, level.kv_indices
+            )
+            if logits is not None:
+                for lane in lanes:
+                    lane.fed()
+                return logits
         # Query j of a row is view token (length - width + j); it sees view tokens up to itself.
         query_index = table.lengths[:, None] - width + torch.arange(width)
         visible = table.mask[:, None, :] & (

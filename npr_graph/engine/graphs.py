@@ -1,0 +1,179 @@
+"""CUDA graphs for decode steps.
+
+On a GPU a decode step of a few-billion-parameter model is bound by the host: transformers
+launches a few dozen kernels per layer from Python, and at batch 1 a Qwen3-4B step took 47 ms on
+an H200 against a ~2 ms memory floor (docs/GPU.md). A CUDA graph records the whole forward once
+and replays it with one launch.
+
+A graph replays fixed kernels on fixed memory, so decode steps are padded to a few batch sizes
+(buckets) and each bucket owns static buffers: token ids, positions, the slots the new keys and
+values go to, and the attention backend's page table (:meth:`GraphDecoder.plan` rewrites it in
+place before each replay). Padding rows decode a dummy token at position 0 over the scratch slot
+(slot 0, which no lane owns) and their logits are dropped. The attention backend must be able to
+run with fixed buffers (:attr:`AttentionBackend.graph_decoder`); today FlashInfer's flat decode
+does. Prefill, multi-token steps and sliding-window models run eagerly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attention import KVCache, StepPlan, attention_implementation
+
+# Batch sizes a decode step is padded to (then multiples of 32 up to the engine's lane limit).
+SMALL_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48)
+INITIAL_SLOTS_PER_LANE = 2048  # page-table room per lane; a bucket is re-captured if outgrown
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The padded batch sizes for at most ``max_batch`` lanes, ascending."""
+    sizes = [b for b in SMALL_BUCKETS if b < max_batch]
+    size = 64
+    while size < max_batch:
+        sizes.append(size)
+        size += 32
+    return sizes + [max_batch] if max_batch >= 1 else []
+
+
+class GraphDecoder:
+    """What a backend gives a captured decode: ``plan(indptr, indices, last_page_len)`` once per
+    step, writing into buffers that stay put, and ``decode(query, keys, values, scale)`` per
+    layer, the call recorded in the graph. ``capacity``: how many KV indices the buffers hold."""
+
+    capacity: int
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
+        raise NotImplementedError
+
+    def decode(self, query, keys, values, scale) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CudaGraph:
+    """``torch.cuda.CUDAGraph`` behind two calls: ``capture(fn)`` (warm-up runs on a side stream,
+    then the recording; returns ``fn``'s output, the tensor every replay overwrites) and
+    ``replay()``."""
+
+    def __init__(self, pool=None) -> None:
+        self.pool = pool
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, autotuning) stays out
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            output = fn()
+        return output
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+@dataclass
+class _Captured:
+    graph: CudaGraph
+    decoder: GraphDecoder
+    input_ids: torch.Tensor  # [B, 1]
+    positions: torch.Tensor  # [B, 1]
+    write_slots: torch.Tensor  # [B]
+    logits: torch.Tensor  # [B, V], overwritten by every replay
+
+
+class DecodeGraphs:
+    """Captured decode steps of one model runner, one per bucket, captured on first use."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVCache,
+        make_decoder: Callable[[int, int], GraphDecoder],
+        max_batch: int,
+        device: torch.device,
+        graph_factory: Callable[[], CudaGraph] | None = None,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.make_decoder = make_decoder
+        self.buckets = buckets(max_batch)
+        self.device = device
+        self._pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
+        self.graph_factory = graph_factory or (lambda: CudaGraph(self._pool))
+        self.captured: dict[int, _Captured] = {}
+        self.captures = 0  # how many graphs were recorded (re-captures included)
+        self.replays = 0
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        write_slots: torch.Tensor,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """One decode step of ``B`` lanes (``input_ids``/``positions`` ``[B, 1]``, ``write_slots``
+        ``[B]``, the lanes' flat page table ``indptr [B + 1]``/``indices``, all on the CPU) by
+        replaying its bucket's graph; ``logits [B, V]`` float32 on the CPU, or None when no
+        bucket fits ``B`` (the caller runs the step eagerly)."""
+        batch = input_ids.shape[0]
+        size = self.bucket(batch)
+        if size is None:
+            return None
+        pad = size - batch
+        # Padding rows read one slot each: the scratch slot 0.
+        indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=indptr.dtype)])
+        indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype)])
+        last_page_len = torch.ones(size, dtype=torch.int32)
+        entry = self.captured.get(size)
+        if entry is None or indices.numel() > entry.decoder.capacity:
+            capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * indices.numel())
+            entry = self._prepare(size, capacity)
+        padding = torch.zeros(pad, 1, dtype=torch.long)
+        entry.input_ids.copy_(torch.cat([input_ids, padding]), non_blocking=True)
+        entry.positions.copy_(torch.cat([positions, padding]), non_blocking=True)
+        entry.write_slots.copy_(torch.cat([write_slots, padding[:, 0]]), non_blocking=True)
+        entry.decoder.plan(indptr, indices, last_page_len)
+        if size not in self.captured:
+            entry.logits = entry.graph.capture(self._forward(entry))
+            self.captured[size] = entry
+            self.captures += 1
+        entry.graph.replay()
+        self.replays += 1
+        return entry.logits[:batch].float().cpu()
+
+    def _prepare(self, size: int, capacity: int) -> _Captured:
+        self.captured.pop(size, None)
+        zeros = dict(dtype=torch.long, device=self.device)
+        return _Captured(
+            graph=self.graph_factory(),
+            decoder=self.make_decoder(size, capacity),
+            input_ids=torch.zeros(size, 1, **zeros),
+            positions=torch.zeros(size, 1, **zeros),
+            write_slots=torch.zeros(size, **zeros),
+            logits=torch.empty(0),
+        )
+
+    def _forward(self, entry: _Captured) -> Callable[[], torch.Tensor]:
+        plan = StepPlan(entry.write_slots, None, None, self.kv, decode=entry.decoder.decode)
+
+        def forward() -> torch.Tensor:
+            with torch.inference_mode(), attention_implementation(self.model):
+                out = self.model(
+                    input_ids=entry.input_ids,
+                    position_ids=entry.positions,
+                    use_cache=False,
+                    logits_to_keep=1,
+                    npr_plan=plan,
+                )
+            return out.logits[:, -1]
+
+        return forward
