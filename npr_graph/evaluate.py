@@ -516,6 +516,9 @@ class EvalConfig:
     dtype: str = "float32"
     tags: str = "special"
     device: str | None = None
+    cuda_graphs: bool = (
+        False  # decode steps as CUDA graphs (speed only: not part of a run's identity)
+    )
     verify_timeout_s: float = 5.0
     quiet: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -822,7 +825,11 @@ def _run(
 
         if engine is None:
             engine = Engine.from_pretrained(
-                config.model, dtype=config.dtype, tags=config.tags, device=_device(config)
+                config.model,
+                dtype=config.dtype,
+                tags=config.tags,
+                device=_device(config),
+                cuda_graphs=config.cuda_graphs,
             )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
@@ -929,6 +936,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tags", choices=("special", "text"), default="special")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
     parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (flashinfer)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -988,6 +998,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         dtype=args.dtype,
         tags=args.tags,
         device=args.device,
+        cuda_graphs=args.cuda_graphs,
         verify_timeout_s=args.verify_timeout,
         quiet=args.quiet,
         sampling=sampling,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import NPR_TRACE, ROOT
 
 import npr_graph as ng
@@ -412,6 +413,9 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
     assert code == 2 and "neither a built-in" in capsys.readouterr().err
     code = main(_cli_args(tiny_dir, mixed, tmp_path / "o4", "--field", "question"))
     assert code == 2 and "KEY=NAME" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = main(_cli_args(tiny_dir, mixed, tmp_path / "o5", "--cuda-graphs"))
+        assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.slow
