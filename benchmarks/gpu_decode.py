@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.attention import DecodeLevel  # noqa: E402
 from npr_graph.engine.backends import (  # noqa: E402
     FlashInferBackend,
     TorchBackend,
@@ -180,15 +181,60 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             out.append({**row, "backend": name, "skipped": "time budget"})
             continue
         if name == "torch":  # what the torch path runs per layer: SDPA over gathered slots
-            fn = _sdpa_fn(table, device)
+            planners = [(name, lambda: _sdpa_fn(table, device))]
         else:
             backend = make_backend(name)
             backend.attach(model, torch.device(device))
-            fn = backend.plan_decode(lanes, table)
-        seconds = _time_it(lambda fn=fn: fn(query, k_cache, v_cache, scale), device, args.repeats)
-        out.append({**row, "backend": name, "ms": seconds * 1e3})
-        print(f"attention  {name:16s} {prompts}x{samples} prefix {prefix:6d} "
-              f"{seconds * 1e3:8.3f} ms", flush=True)  # fmt: skip
+            planners = [(name, lambda b=backend: b.plan_decode(lanes, table))]
+            if name.startswith("flashinfer"):
+                # The engine's page tables have one-slot pages (a join view starts mid-page);
+                # this case's segments start on page boundaries, so the same levels as whole
+                # pages tell what the page size costs.
+                levels = _whole_pages(backend.levels(lanes, table), PAGE)
+                if levels is not None:
+                    levels = [lv.to(device) for lv in levels]
+                    planners.append((f"{name}-p{PAGE}",
+                                     lambda b=backend, lv=levels: b.plan_levels(lv, PAGE)))  # fmt: skip
+        # Each variant is timed right after its plan: FlashInfer wrappers are reused.
+        for label, plan in planners:
+            try:
+                fn = plan()
+                seconds = _time_it(lambda fn=fn: fn(query, k_cache, v_cache, scale), device,
+                                   args.repeats)  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - recorded; the other variants go on
+                out.append({**row, "backend": label, "error": repr(error)[:1000]})
+                print(f"attention  {label:20s} failed: {error!r}", flush=True)
+                continue
+            out.append({**row, "backend": label, "ms": seconds * 1e3})
+            print(f"attention  {label:20s} {prompts}x{samples} prefix {prefix:6d} "
+                  f"{seconds * 1e3:8.3f} ms", flush=True)  # fmt: skip
+    return out
+
+
+PAGE = 16  # the engine's page size (attention_case allocates pages of 16 slots)
+
+
+def _whole_pages(levels, page: int):
+    """``levels`` (one-slot pages) as tables of ``page``-slot pages, or None when a group's
+    slots do not run page by page from a page boundary."""
+    out = []
+    for level in levels:
+        bounds = level.kv_indptr.tolist()
+        indptr, pages, last = [0], [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            slots = level.kv_indices[lo:hi].long()
+            count = -(-len(slots) // page)
+            first = slots[::page]
+            expected = (first[:, None] + torch.arange(page)).flatten()[: len(slots)]
+            if int(first[0]) % page or not torch.equal(slots, expected):
+                return None
+            pages.append(first // page)
+            indptr.append(indptr[-1] + count)
+            last.append(len(slots) - page * (count - 1))
+        out.append(DecodeLevel(level.qo_indptr, torch.tensor(indptr, dtype=torch.int32),
+                               torch.cat(pages).to(torch.int32),
+                               torch.tensor(last, dtype=torch.int32), level.max_kv_len,
+                               level.max_group_size))  # fmt: skip
     return out
 
 

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -99,3 +100,37 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
 def test_fetched_wheels_fit_one_device_call():
     wheels = list((ROOT / ".whl").glob("*.whl"))
     assert sum(w.stat().st_size for w in wheels) < 60 * 2**20
+
+
+def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
+    """The benchmark's page-size comparison converts the engine's one-slot page tables to whole
+    pages; attention over either table must be the same."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.pop(0)
+    from kernels.attention import cascade_decode_attention
+    from npr_graph.engine.backends import TritonBackend
+
+    tokenizer = gpu_decode.byte_tokenizer()
+    model = gpu_decode.build_model(gpu_decode.QUICK, "cpu", torch.float32, tokenizer)
+    table, keys, shape = gpu_decode.attention_case(model, 2, 3, 64, 37)
+    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
+    for cascade in (True, False):
+        levels = TritonBackend(cascade=cascade, kernels="torch").levels(lanes, table)
+        assert len(levels) == (2 if cascade else 1)
+        paged = gpu_decode._whole_pages(levels, 16)
+        assert paged is not None and paged[0].kv_indices.numel() * 16 >= levels[0].max_kv_len
+        want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
+        pages = [t.view(-1, 16, *t.shape[1:]) for t in (k_cache, v_cache)]
+        got = cascade_decode_attention(query, *pages, paged, backend="torch")
+        torch.testing.assert_close(got, want)
+    # a group starting mid-page cannot be a table of whole pages
+    odd = levels[0]
+    odd = type(odd)(odd.qo_indptr, odd.kv_indptr, odd.kv_indices + 1, odd.kv_last_page_len,
+                    odd.max_kv_len, odd.max_group_size)  # fmt: skip
+    assert gpu_decode._whole_pages([odd], 16) is None

@@ -263,7 +263,12 @@ class FlashInferBackend(_LevelsBackend):
         if self.scale is None:
             return None
         levels = [lv.to(self.device) for lv in self.levels(lanes, table)]
-        shape = (self.num_heads, self.kv_heads, self.head_dim, 1)  # page size 1
+        return self.plan_levels(levels, page_size=1)
+
+    def plan_levels(self, levels: list[DecodeLevel], page_size: int) -> DecodeFn:
+        """Plan ``levels`` (page tables of ``page_size``-slot pages, on the device); the engine
+        uses pages of one slot, other sizes are for benchmarks."""
+        shape = (self.num_heads, self.kv_heads, self.head_dim, page_size)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.cascade:
             wrapper = self._wrapper(len(levels))
@@ -293,7 +298,8 @@ class FlashInferBackend(_LevelsBackend):
         def decode(query, keys, values, scale):
             if scale != planned:
                 return None
-            pages = (keys.unsqueeze(1), values.unsqueeze(1))  # [slots, 1, Hkv, D]: NHD, page 1
+            # [slots, Hkv, D] as NHD pages [slots / page_size, page_size, Hkv, D]
+            pages = tuple(t.view(-1, page_size, *t.shape[1:]) for t in (keys, values))
             return wrapper.run(query.contiguous(), pages)
 
         return decode
