@@ -1,10 +1,16 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from npr_graph.tokenizers import CharTokenizer
+# Without CUDA, Triton kernels run in its interpreter, which must be chosen before Triton is first
+# imported, whichever test file imports it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from npr_graph.tokenizers import CharTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

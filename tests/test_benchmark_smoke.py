@@ -113,3 +113,18 @@ def test_quick_skips_large_dense(tokenizer):
     rows = bench.bench_masks(tokenizer, (512, 1024), repeats=1, dense_max=512)
     assert rows[0]["dense_ms"] is not None
     assert rows[1]["dense_ms"] is None and rows[1]["dense_bytes"] is None
+
+
+def test_step_planning_benchmark_compares_equal_tables():
+    """The cached slot table the engine builds equals the one rebuilt from segments (the
+    benchmark asserts it), after forks and appends; the rows carry what the benchmark reports."""
+    planning = _load("step_planning")
+    row = planning.bench(4, 300, repeats=2)
+    assert row["lanes"] == 4 and row["slot_table_cached_ms"] > 0 and row["speedup"] > 0
+    lanes = planning.group(3, 280)
+    for step in range(20):  # appends cross page boundaries; forks copy the cache
+        for lane in lanes:
+            lane.append_slots(1 + step % 3)
+        assert torch.equal(
+            planning.slot_table(lanes).slots, planning.rebuilt_slot_table(lanes).slots
+        )

@@ -30,24 +30,34 @@ class StepPlan:
     """
 
     write_slots: torch.Tensor
-    read_slots: torch.Tensor
-    mask: torch.Tensor
+    read_slots: torch.Tensor | None  # None until ``gather`` builds it (see gather_inputs)
+    mask: torch.Tensor | None
     kv: KVCache
     query_positions: torch.Tensor | None = None  # [B, Q], for sliding-window layers
     key_positions: torch.Tensor | None = None  # [B, T]
     # Decode steps only: the attention backend's planned kernel (backends.py), run by every
     # layer instead of the gather + SDPA below; it returns None to leave a layer to them.
     decode: Callable[..., torch.Tensor | None] | None = None
+    # Builds (read_slots, mask) on first use: a decode step run by ``decode`` never needs them.
+    gather: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         self._masks: dict[tuple[int | None, int], torch.Tensor] = {}
+
+    def gather_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(read_slots, mask)``, built now if they were left to ``gather``."""
+        if self.read_slots is None:
+            if self.gather is None:
+                raise RuntimeError("this step was planned without gather indices")
+            self.read_slots, self.mask = self.gather()
+        return self.read_slots, self.mask
 
     def mask_for(self, sliding_window: int | None, groups: int) -> torch.Tensor:
         """The mask for ``groups`` query heads per KV head, narrowed for sliding-window layers to
         keys less than ``sliding_window`` positions behind the query; built once per step."""
         key = (sliding_window, groups)
         if key not in self._masks:
-            mask = self.mask
+            mask = self.gather_inputs()[1]
             if sliding_window is not None:
                 distance = (
                     self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
@@ -110,8 +120,9 @@ def paged_attention(
         out = plan.decode(query[:, :, 0], keys, values, scaling)
         if out is not None:
             return out[:, None], None
-    lane_keys = keys[plan.read_slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
-    lane_values = values[plan.read_slots].permute(0, 2, 1, 3)
+    read_slots, _ = plan.gather_inputs()
+    lane_keys = keys[read_slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
+    lane_values = values[read_slots].permute(0, 2, 1, 3)
     groups = heads // kv_heads
     # GQA without repeating K/V: the query heads of one KV head become extra query rows.
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)

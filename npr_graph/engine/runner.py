@@ -132,24 +132,28 @@ class ModelRunner:
                 for lane in lanes:
                     lane.fed()
                 return logits
-        # Query j of a row is view token (length - width + j); it sees view tokens up to itself.
-        query_index = table.lengths[:, None] - width + torch.arange(width)
-        visible = table.mask[:, None, :] & (
-            torch.arange(table.slots.shape[1])[None, None, :] <= query_index[:, :, None]
-        )
-        visible |= (query_index < 0)[:, :, None] & table.mask[
-            :, None, :
-        ]  # padding rows: anything real
         positions = positions.to(self.device)
         write_slots = write_slots.flatten().to(self.device)
-        read_slots = table.slots.to(self.device)
-        plan = StepPlan(write_slots, read_slots, visible[:, None].to(self.device), self.kv)
+
+        def gather() -> tuple[torch.Tensor, torch.Tensor]:
+            # Query j of a row is view token (length - width + j); it sees view tokens up to
+            # itself. Padding rows (query index < 0) see anything real.
+            query_index = table.lengths[:, None] - width + torch.arange(width)
+            visible = table.mask[:, None, :] & (
+                torch.arange(table.slots.shape[1])[None, None, :] <= query_index[:, :, None]
+            )
+            visible |= (query_index < 0)[:, :, None] & table.mask[:, None, :]
+            return table.slots.to(self.device), visible[:, None].to(self.device)
+
+        plan = StepPlan(write_slots, None, None, self.kv, gather=gather)
         if width == 1:
             plan.decode = self.backend.plan_decode(lanes, table)
+        if plan.decode is None or self.needs_positions:
+            plan.gather_inputs()  # every layer gathers: build the indices before the forward
         if self.needs_positions:
             self.slot_positions[write_slots] = positions.flatten()
             plan.query_positions = positions
-            plan.key_positions = self.slot_positions[read_slots]
+            plan.key_positions = self.slot_positions[plan.read_slots]
         with torch.inference_mode(), attention_implementation(self.model):
             out = self.model(
                 input_ids=input_ids.to(self.device),

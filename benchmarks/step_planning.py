@@ -1,0 +1,110 @@
+"""Host time the engine spends planning one decode step, at RL-group sizes.
+
+On a GPU a decode step is bound by the host (docs/GPU.md), so the per-step work of the runner
+counts: appending each lane's slot, the slot table of every lane's view, and the attention
+backend's page table. This times, side by side in one run, the slot table built as the engine
+builds it (each lane's flat slots cached and appended to) against rebuilding it from the lanes'
+segments every step (how it was built before), and the flat page table.
+
+    python benchmarks/step_planning.py [--cases 8x1024,64x2304,128x4352] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npr_graph.engine.backends import cascade_levels, flat_level  # noqa: E402
+from npr_graph.engine.kv import LaneKV, PagePool, SlotTable, slot_table  # noqa: E402
+
+
+def rebuilt_slot_table(lanes: list[LaneKV]) -> SlotTable:
+    """The slot table from the lanes' segments, every step (the engine's earlier approach)."""
+    bases, sizes, lengths = [], [], []
+    for lane in lanes:
+        ps = lane.pool.page_size
+        for seg in lane.segments:
+            if seg.size:
+                bases.append(seg.page * ps + seg.start)
+                sizes.append(seg.size)
+        lengths.append(lane.num_tokens)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    mask = torch.arange(max(lengths, default=0)) < lens[:, None]
+    slots = torch.zeros(mask.shape, dtype=torch.long)
+    base_t, size_t = torch.tensor(bases), torch.tensor(sizes)
+    delta = torch.ones(int(size_t.sum()), dtype=torch.long)
+    first = torch.cumsum(size_t, 0) - size_t
+    delta[first] = base_t - torch.cat([base_t.new_zeros(1), base_t[:-1] + size_t[:-1] - 1])
+    slots[mask] = torch.cumsum(delta, 0)
+    return SlotTable(slots, mask, lens)
+
+
+def group(lanes: int, tokens: int) -> list[LaneKV]:
+    """One prompt forked into ``lanes`` samples, each with 256 tokens of its own."""
+    pool = PagePool(4 + lanes * (tokens // 16 + 20), 16)
+    prompt = LaneKV(pool)
+    prompt.append_slots(tokens - 256)
+    out = prompt.fork(lanes)
+    for lane in out:
+        lane.append_slots(256)
+    return out
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
+    lanes = group(lanes_n, tokens)
+
+    def step_cached():
+        for lane in lanes:
+            lane.append_slots(1)
+        return slot_table(lanes)
+
+    def step_rebuilt():
+        for lane in lanes:
+            lane.append_slots(1)
+        return rebuilt_slot_table(lanes)
+
+    cached = timed(step_cached, repeats)
+    rebuilt = timed(step_rebuilt, repeats)
+    table = slot_table(lanes)
+    assert torch.equal(table.slots, rebuilt_slot_table(lanes).slots)
+    keys = [[0] * lanes_n, list(range(lanes_n))]
+    return {
+        "lanes": lanes_n,
+        "tokens": tokens,
+        "slot_table_cached_ms": cached,
+        "slot_table_rebuilt_ms": rebuilt,
+        "speedup": rebuilt / cached,
+        "flat_level_ms": timed(lambda: flat_level(table), repeats),
+        "cascade_levels_ms": timed(lambda: cascade_levels(table, keys), repeats),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="8x1024,64x2304,128x4352", help="lanes x view tokens")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for case in args.cases.split(","):
+        lanes, tokens = (int(x) for x in case.split("x"))
+        print(json.dumps({k: round(v, 3) for k, v in bench(lanes, tokens, args.repeats).items()}))
+
+
+if __name__ == "__main__":
+    main()
