@@ -79,6 +79,8 @@ class TrainConfig:
     # parallelism: "none" = every rank holds the whole model; "fsdp2" = the training copy is
     # sharded over the ranks and a full replica per rank serves rollouts (see papo.distributed)
     sharding: str = "none"
+    # None: cuda:LOCAL_RANK when CUDA is present, else cpu (model, engine and training forward)
+    device: str | None = None
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     log_every: int = 1
@@ -102,6 +104,8 @@ class TrainConfig:
             (self.mini_batches >= 1, "mini_batches must be >= 1"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}"),
             (self.clip is None or len(self.clip) == 2, "clip is [low, high]"),
+            (self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
+             f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             ("{problem}" in self.prompt_template or self.prompt_template in BUILTIN
              or Path(self.prompt_template).is_file(),
              "prompt_template is text with {problem}, a built-in template name or a file"),

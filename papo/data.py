@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -40,6 +40,16 @@ class PackedRow:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> PackedRow:
+        """The row with its per-position tensors on ``device`` (the compact mask stays on the
+        CPU: the attention plan is made there)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
 
     def response_slices(self) -> list[tuple[int, slice]]:
         """``(sample, positions)`` of each sample's scored positions, in row order."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -101,11 +102,14 @@ class Trainer:
         if self.items == 0:
             raise ValueError(f"{config.data}: no usable records")
         dtype = getattr(torch, config.dtype)
+        self.device = torch.device(config.device or _default_device())
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r}: CUDA is not available here")
         if model is None:
             model, tokenizer = load_model(config.model, dtype=dtype, tags=config.tags)
         elif tokenizer is None:
             raise ValueError("give the tokenizer with the model")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = model.to(self.device), tokenizer
         self.output_dir = Path(config.output_dir)
         if config.sharding == "fsdp2" and not self.world.distributed:
             self.console.print("sharding 'fsdp2' with one process: training unsharded")
@@ -119,10 +123,14 @@ class Trainer:
             self.sharded_forward = distributed.shard_policy(model, self.world)
             # the shards came from each rank's own copy; the replica follows what was sharded
             distributed.gather_full_weights(model, self.replica)
-            self.padding_row = _padding_row(tokenizer)
+            self.padding_row = _padding_row(tokenizer).to(self.device)
         self.rollout_model = self.replica if self.replica is not None else model
         self.engine = Engine(
-            self.rollout_model, tokenizer, page_size=config.page_size, num_pages=config.kv_pages
+            self.rollout_model,
+            tokenizer,
+            page_size=config.page_size,
+            num_pages=config.kv_pages,
+            device=self.device,
         )
         self.model.eval()  # no dropout: rollouts and the training forward see the same network
         # the KL term's reference is the policy as training starts, frozen
@@ -419,7 +427,7 @@ class Trainer:
                 logprobs, _ = self._row_logprobs(self.padding_row, temperature)
                 (logprobs.sum() * 0.0).backward()  # exactly zero gradient
                 continue
-            row = rows[index]
+            row = rows[index].to(self.device)
             logprobs, entropy = self._row_logprobs(row, temperature)
             scored = row.scored
             mask = row.loss_mask[scored]
@@ -507,6 +515,12 @@ class Trainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
 def _padding_row(tokenizer) -> PackedRow:
     """A two-token row (one scored position) for the padding passes of sharded training."""
     token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

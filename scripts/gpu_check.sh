@@ -4,7 +4,7 @@
 #   1. wheels  install from .whl/ (scripts/fetch_gpu_wheels.sh) what this machine lacks
 #   2. env     nvidia-smi, Python, torch / triton / flashinfer / transformers versions
 #   3. jit     compile the FlashInfer kernels the engine uses (bf16, head dim 128), timed
-#   4. tests   pytest -m gpu, then the kernel and backend tests on the GPU
+#   4. tests   pytest -m gpu, then the kernel, backend and training tests on the GPU
 #   5. bench   benchmarks/gpu_decode.py with a time budget
 #
 # Results go to --out (default: $OUT, else ./gpu_results): at most 8 files, flat.
@@ -26,7 +26,7 @@ SKIP=""
 BENCH_ARGS=""
 PYTHON="${PYTHON:-python3}"
 SITE=/tmp/npr_site
-TEST_FILES=(tests/test_kernels.py tests/test_backends.py)
+TEST_FILES=(tests/test_kernels.py tests/test_backends.py tests/test_gpu_training.py)
 
 while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -332,3 +332,33 @@ def test_kl_to_the_initial_policy(problems, tmp_path, tokenizers):
     assert first["kl"] == pytest.approx(0.0, abs=1e-6), "the policy starts at the reference"
     assert first["grad_norm"] > 0 and second["kl"] > 0
     assert all(not p.requires_grad for p in run.reference.parameters())
+
+
+def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, capsys):
+    from npr_graph.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_model(tokenizers["text"]).save_pretrained(model_dir)
+    tokenizers["text"].save_pretrained(model_dir)
+    out = tmp_path / "accepted.jsonl"
+    args = ["sample", "--data", str(problems), "--out", str(out), "--model", str(model_dir),
+            "--tries", "2", "--limit", "2", "--max-new-tokens", "8", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert out.exists()  # a random model is rarely right: accepted traces may well be none
+    assert main([*args[:-2], "--device", "tpu"]) == 2
+    assert "device" in capsys.readouterr().err
+
+
+def test_trainer_device_is_validated(traces, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
+        load_config(None, "sft", dict(data=str(traces), output_dir=str(tmp_path), device="tpu"))
+    config = load_config(
+        None, "sft", dict(data=str(traces), output_dir=str(tmp_path), device="cpu", steps=1)
+    )
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    assert run.device == torch.device("cpu") and run.engine.device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        config.device = "cuda:0"
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Trainer(config, model=make_model(tok), tokenizer=tok)
