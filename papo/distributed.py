@@ -61,7 +61,9 @@ class World:
     def sum(self, value: float) -> float:
         if not self.distributed:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        # NCCL reduces only CUDA tensors (init_world set this rank's device)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return float(tensor)
 
