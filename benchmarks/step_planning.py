@@ -22,7 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npr_graph.engine.backends import cascade_levels, flat_level  # noqa: E402
-from npr_graph.engine.kv import LaneKV, PagePool, SlotTable, slot_table  # noqa: E402
+from npr_graph.engine.kv import (  # noqa: E402
+    LaneKV,
+    PagePool,
+    SlotTable,
+    _concat_ranges,
+    slot_table,
+)
 
 
 def rebuilt_slot_table(lanes: list[LaneKV]) -> SlotTable:
@@ -38,11 +44,7 @@ def rebuilt_slot_table(lanes: list[LaneKV]) -> SlotTable:
     lens = torch.tensor(lengths, dtype=torch.long)
     mask = torch.arange(max(lengths, default=0)) < lens[:, None]
     slots = torch.zeros(mask.shape, dtype=torch.long)
-    base_t, size_t = torch.tensor(bases), torch.tensor(sizes)
-    delta = torch.ones(int(size_t.sum()), dtype=torch.long)
-    first = torch.cumsum(size_t, 0) - size_t
-    delta[first] = base_t - torch.cat([base_t.new_zeros(1), base_t[:-1] + size_t[:-1] - 1])
-    slots[mask] = torch.cumsum(delta, 0)
+    slots[mask] = _concat_ranges(bases, sizes)
     return SlotTable(slots, mask, lens)
 
 

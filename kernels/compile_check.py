@@ -19,85 +19,59 @@ from collections.abc import Iterator, Sequence
 DTYPES = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
 
 
-def _cases(
-    dtypes: Sequence[str] = tuple(DTYPES),
-) -> Iterator[tuple[str, object, dict[str, str], dict[str, object]]]:
-    """(label, kernel, signature, constexprs) at the launch settings used on a GPU."""
+Case = tuple[str, object, dict[str, str], dict[str, object]]
+
+
+def _case(label: str, kernel, types: dict[str, str], constexprs: dict[str, object]) -> Case:
+    """(label, kernel, signature, constexprs); arguments not in ``types`` are int32 scalars."""
+    signature = {name: types.get(name, "i32") for name in kernel.arg_names}
+    signature.update({name: "constexpr" for name in constexprs})
+    return label, kernel, signature, constexprs
+
+
+def _cases(dtypes: Sequence[str] = tuple(DTYPES)) -> Iterator[Case]:
+    """Every kernel at the launch settings used on a GPU."""
     from . import attention_triton, logprobs_triton
 
     for dtype in dtypes:
         precision = DTYPES[dtype]
+        decode_types = dict(
+            query=f"*{dtype}", k_cache=f"*{dtype}", v_cache=f"*{dtype}", out_values="*fp32",
+            out_lse="*fp32", qo_indptr="*i32", kv_indptr="*i32", kv_indices="*i32",
+            kv_last_page_len="*i32", scale="fp32",
+        )  # fmt: skip
         for block_q in (16, 64):
-            signature = {name: "i32" for name in attention_triton._decode_kernel.arg_names}
-            signature.update(
-                query=f"*{dtype}",
-                k_cache=f"*{dtype}",
-                v_cache=f"*{dtype}",
-                out_values="*fp32",
-                out_lse="*fp32",
-                qo_indptr="*i32",
-                kv_indptr="*i32",
-                kv_indices="*i32",
-                kv_last_page_len="*i32",
-                scale="fp32",
-            )
             constexprs = dict(
                 HEAD_DIM=128, GQ=4, PAGE=16, BLOCK_Q=block_q, BLOCK_T=64, BLOCK_D=128,
                 UPCAST=False, PRECISION=precision,
             )  # fmt: skip
-            for name in constexprs:
-                signature[name] = "constexpr"
-            yield (
-                f"decode {dtype} BLOCK_Q={block_q}",
-                attention_triton._decode_kernel,
-                (signature),
-                constexprs,
-            )
-
-        signature = {name: "i32" for name in attention_triton._merge_kernel.arg_names}
-        signature.update(values="*fp32", lse="*fp32", out_values=f"*{dtype}", out_lse="*fp32")
-        constexprs = dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_D=128)
-        signature.update({name: "constexpr" for name in constexprs})
-        yield f"merge {dtype}", attention_triton._merge_kernel, signature, constexprs
-
+            yield _case(f"decode {dtype} BLOCK_Q={block_q}", attention_triton._decode_kernel,
+                        decode_types, constexprs)  # fmt: skip
+        yield _case(
+            f"merge {dtype}",
+            attention_triton._merge_kernel,
+            dict(values="*fp32", lse="*fp32", out_values=f"*{dtype}", out_lse="*fp32"),
+            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_D=128),
+        )
+        logprob_types = dict(
+            hidden=f"*{dtype}", weight=f"*{dtype}", targets="*i64", max_out="*fp32",
+            sum_out="*fp32", target_out="*fp32", entropy_out="*fp32", inv_temperature="fp32",
+        )  # fmt: skip
         for with_entropy in (False, True):
-            signature = {name: "i32" for name in logprobs_triton._forward_kernel.arg_names}
-            signature.update(
-                hidden=f"*{dtype}",
-                weight=f"*{dtype}",
-                targets="*i64",
-                max_out="*fp32",
-                sum_out="*fp32",
-                target_out="*fp32",
-                entropy_out="*fp32",
-                inv_temperature="fp32",
-            )
             constexprs = dict(
                 BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, WITH_ENTROPY=with_entropy, UPCAST=False,
                 PRECISION=precision,
             )  # fmt: skip
-            signature.update({name: "constexpr" for name in constexprs})
-            yield (
-                f"logprobs {dtype} entropy={with_entropy}",
-                logprobs_triton._forward_kernel,
-                (signature),
-                constexprs,
-            )
+            yield _case(f"logprobs {dtype} entropy={with_entropy}",
+                        logprobs_triton._forward_kernel, logprob_types, constexprs)  # fmt: skip
 
+    grad_types = dict(
+        logits="*fp32", targets="*i64", lse="*fp32", entropy="*fp32", grad_logprobs="*fp32",
+        grad_entropy="*fp32", inv_temperature="fp32",
+    )  # fmt: skip
     for with_entropy in (False, True):
-        signature = {name: "i32" for name in logprobs_triton._logit_grad_kernel.arg_names}
-        signature.update(
-            logits="*fp32", targets="*i64", lse="*fp32", entropy="*fp32",
-            grad_logprobs="*fp32", grad_entropy="*fp32", inv_temperature="fp32",
-        )  # fmt: skip
-        constexprs = dict(BLOCK_V=1024, WITH_ENTROPY=with_entropy)
-        signature.update({name: "constexpr" for name in constexprs})
-        yield (
-            f"logit_grad entropy={with_entropy}",
-            logprobs_triton._logit_grad_kernel,
-            (signature),
-            constexprs,
-        )
+        yield _case(f"logit_grad entropy={with_entropy}", logprobs_triton._logit_grad_kernel,
+                    grad_types, dict(BLOCK_V=1024, WITH_ENTROPY=with_entropy))  # fmt: skip
 
 
 def compile_all(

@@ -597,13 +597,9 @@ def _init_distributed() -> _Dist:
 
 
 def _device(config: EvalConfig) -> str:
-    if config.device:
-        return config.device
-    import torch
+    from .models import default_device
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
+    return config.device or default_device()
 
 
 def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:

@@ -425,6 +425,15 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return resolved
 
 
+def default_device() -> str:
+    """``cuda:LOCAL_RANK`` when CUDA is present (one GPU per torchrun rank), else ``cpu``."""
+    import os
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,

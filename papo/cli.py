@@ -40,11 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from npr_graph.engine.engine import Engine
     from npr_graph.engine.sampling import SamplingParams
-    from npr_graph.models import load_model
+    from npr_graph.models import default_device, load_model
     from npr_graph.prompts import load_template
 
     from .problems import read_problems
@@ -62,7 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or default_device()
         engine = Engine(model.to(device), tokenizer, device=device)
     # torch raises RuntimeError for a bad device string, AssertionError for CUDA in a CPU build
     except (ValueError, FileNotFoundError, RuntimeError, AssertionError) as error:
@@ -113,7 +111,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    sample.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    sample.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
     sample.add_argument("--prompt-field", default=None)
     sample.add_argument("--answer-field", default=None)
     sample.set_defaults(run=cmd_sample)

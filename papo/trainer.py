@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from rich.console import Console
 import npr_graph as ng
 from npr_graph.engine.engine import Engine
 from npr_graph.engine.sampling import SamplingParams
-from npr_graph.models import load_model
+from npr_graph.models import default_device, load_model
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
 
 from . import advantages as advantage_estimators
@@ -102,7 +101,7 @@ class Trainer:
         if self.items == 0:
             raise ValueError(f"{config.data}: no usable records")
         dtype = getattr(torch, config.dtype)
-        self.device = torch.device(config.device or _default_device())
+        self.device = torch.device(config.device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r}: CUDA is not available here")
         if model is None:
@@ -515,12 +514,6 @@ class Trainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
 def _padding_row(tokenizer) -> PackedRow:
     """A two-token row (one scored position) for the padding passes of sharded training."""
     token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

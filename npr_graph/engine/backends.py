@@ -288,24 +288,32 @@ class FlashInferBackend(_LevelsBackend):
         else:
             (level,) = levels
             wrapper = self._wrapper(0)
-            wrapper.plan(
-                level.kv_indptr,
-                level.kv_indices,
-                level.kv_last_page_len,
-                *shape,
-                sm_scale=self.scale,
-                **dtypes,
+            self.plan_flat(
+                wrapper, level.kv_indptr, level.kv_indices, level.kv_last_page_len, page_size
             )
         planned = self.scale
 
         def decode(query, keys, values, scale):
             if scale != planned:
                 return None
-            # [slots, Hkv, D] as NHD pages [slots / page_size, page_size, Hkv, D]
-            pages = tuple(t.view(-1, page_size, *t.shape[1:]) for t in (keys, values))
-            return wrapper.run(query.contiguous(), pages)
+            return wrapper.run(query.contiguous(), _pages(keys, values, page_size))
 
         return decode
+
+    def plan_flat(self, wrapper, indptr, indices, last_page_len, page_size: int = 1) -> None:
+        """Plan a ``BatchDecodeWithPagedKVCacheWrapper`` (eager or in CUDA-graph mode)."""
+        wrapper.plan(
+            indptr.to(self.device),
+            indices.to(self.device),
+            last_page_len.to(self.device),
+            self.num_heads,
+            self.kv_heads,
+            self.head_dim,
+            page_size,
+            sm_scale=self.scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     def can_graph(self) -> bool:
         return self.scale is not None  # one softmax scale for all layers, planned ahead
@@ -338,22 +346,15 @@ class _FlashInferGraphDecoder(GraphDecoder):
         )
 
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
-        b = self.backend
-        self.wrapper.plan(
-            indptr.to(b.device),
-            indices.to(b.device),
-            last_page_len.to(b.device),
-            b.num_heads,
-            b.kv_heads,
-            b.head_dim,
-            1,  # page size 1, as in plan_decode
-            sm_scale=b.scale,
-            q_data_type=b.dtype,
-            kv_data_type=b.dtype,
-        )
+        self.backend.plan_flat(self.wrapper, indptr, indices, last_page_len)
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
-        return self.wrapper.run(query.contiguous(), (keys.unsqueeze(1), values.unsqueeze(1)))
+        return self.wrapper.run(query.contiguous(), _pages(keys, values, 1))
+
+
+def _pages(keys: torch.Tensor, values: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:
+    """A layer's ``[slots, Hkv, D]`` cache as FlashInfer's NHD pages ``[pages, page_size, Hkv, D]``."""
+    return tuple(t.view(-1, page_size, *t.shape[1:]) for t in (keys, values))
 
 
 def flashinfer_installed() -> bool:

@@ -238,8 +238,8 @@ class LaneKV:
         """The view's flat slots as int64 ``[num_tokens]`` (a view of a cache: do not modify)."""
         if self._num_cached != self.num_tokens:
             ps = self.pool.page_size
-            bases = [seg.page * ps + seg.start for seg in self._segments if seg.size]
-            sizes = [seg.size for seg in self._segments if seg.size]
+            filled = [seg for seg in self._segments if seg.size]
+            bases, sizes = [s.page * ps + s.start for s in filled], [s.size for s in filled]
             cache = np.zeros(2 * self.num_tokens, dtype=np.int64)
             cache[: self.num_tokens] = _concat_ranges(bases, sizes).numpy()
             self._slot_cache, self._num_cached = cache, self.num_tokens
