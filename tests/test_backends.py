@@ -437,10 +437,14 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, 
         temperature=1.0, max_new_tokens=36, min_branches=2, max_branches=3, seed=7, n=2, **SHORT
     )
     results = engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained", chat=False)
-    assert graphs.replays == engine.stats.decode_steps > 0, "every decode step replayed a graph"
+    # A step feeding more tokens than the largest bucket (forks: every branch feeds its header)
+    # runs eagerly; every other decode step replays a graph.
+    graphable = sum(fed <= graphs.buckets[-1] for fed in engine.stats.fed_per_step)
+    assert graphs.replays == graphable > 0, "every decode step within the buckets replayed a graph"
     assert 1 <= graphs.captures <= len(graphs.buckets), "one capture per bucket used"
     assert fake.calls.count("plan_graph") == graphs.replays
-    assert not {"plan2", "plan3", "plan_flat"} & set(fake.calls), "no eager decode plan"
+    eager_plans = sum(call.startswith("plan") and call != "plan_graph" for call in fake.calls)
+    assert eager_plans == engine.stats.decode_steps - graphable, "eager plans only beyond them"
     for graph in results:
         assert graph.metadata["layout_consistent"] and graph.metadata["forks"] >= 1
         engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
@@ -554,7 +558,9 @@ def test_gpu_cuda_graph_decode_matches_eager_flashinfer(family, special_tokenize
         runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",
                                     chat=False))  # fmt: skip
         if cuda_graphs:
-            assert engine.runner.graphs.replays == engine.stats.decode_steps > 0
+            largest = engine.runner.graphs.buckets[-1]
+            graphable = sum(fed <= largest for fed in engine.stats.fed_per_step)
+            assert engine.runner.graphs.replays == graphable > 0
         assert engine.pool.num_used == 0
     for eager, graphed in zip(*runs, strict=True):
         assert graphed.token_ids == eager.token_ids

@@ -285,3 +285,85 @@ def test_sequential_mode_is_causal(special_tokenizer):
         ng.attention_mask(graph),
         torch.ones(graph.num_tokens, graph.num_tokens, dtype=torch.bool).tril(),
     )
+
+
+def _record_fed_chunks(engine):
+    """Wrap the runner so every step records, per lane, the (token, forced) pairs it fed."""
+    chunks: dict[int, list[list[bool]]] = {}
+    step = engine.runner.step
+
+    def recording(lanes, earlier=True):
+        for lane in (lane for lane in lanes if lane.sample is not None):  # not prompts
+            fed = lane.forced[len(lane.forced) - len(lane.pending) :]
+            chunks.setdefault(id(lane), []).append(list(fed))
+        return step(lanes, earlier)
+
+    engine.runner.step = recording
+    return chunks
+
+
+@pytest.mark.parametrize("tags", ["special", "text"])
+def test_engine_written_text_is_fed_with_the_token_before_it(tags, tokenizer, special_tokenizer):
+    """Forced text costs no decode step of its own: it rides in the step of the token it
+    follows (a lane's first step feeds its header alone), and is still scored exactly."""
+    tok = special_tokenizer if tags == "special" else tokenizer
+    engine = make_engine("qwen3", tok)
+    fmt = engine.format
+    closers = (
+        [fmt.encode(t)[-1] for t in ("</plan>", "</step>", "</takeaway>")] if fmt.special else []
+    )
+    banned = closers + sorted(engine.eos_ids)
+
+    def run_to_limits(context, logits):
+        logits[banned] = float("-inf")
+        return logits
+
+    chunks = _record_fed_chunks(engine)
+    mode = "constrained" if fmt.special else "free"
+    params = SamplingParams(
+        temperature=1.0,
+        seed=3,
+        max_new_tokens=70,
+        min_branches=3,
+        max_branches=3,
+        max_blocks=1,
+        **SHORT,
+    )
+    prompt = "Q" if fmt.special else "Q <guideline><plan>1: a</plan><plan>2: b</plan></guideline>"
+    (graph,) = engine.generate(
+        [prompt],
+        params,
+        mode=mode,
+        chat=False,
+        logits_processor=run_to_limits if fmt.special else None,
+    )
+    fed = [chunk for lane_chunks in chunks.values() for chunk in lane_chunks]
+    assert all(all(chunk[1:]) for chunk in fed), "only engine-written tokens ride behind a token"
+    later = [chunk for lane_chunks in chunks.values() for chunk in lane_chunks[1:]]
+    if fmt.special:
+        (takeaway,) = graph.nodes_of("takeaway")
+        assert graph.metadata["forks"] == 1 and takeaway.close_tag is not None
+        assert all(not chunk[0] for chunk in later), (
+            "after its first step a lane leads with a sample"
+        )
+        assert max(len(c) for c in fed) >= 3, "a header is fed in one step"
+        responses = len(graph.token_ids) - graph.prompt_num_tokens
+        assert engine.stats.decode_steps < responses - sum(graph.forced) + 3
+    engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+    assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("rows", [16, 0], ids=["one-row-per-token", "padded"])
+def test_multi_token_feeds_score_every_token(rows, special_tokenizer):
+    """Feeds of several tokens per lane, run as one decode row per token or left-padded, give the
+    logits after every fed token: equal to the dense forward's."""
+    engine = make_engine("llama", special_tokenizer)
+    engine.runner.max_rows_per_lane = rows
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_new_tokens=60, n=3, min_branches=2, max_branches=3, **SHORT
+    )
+    graphs = engine.generate(["A question", "B"], params, mode="constrained", chat=False)
+    for graph in graphs:
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+    assert engine.pool.num_used == 0

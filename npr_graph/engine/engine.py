@@ -3,7 +3,9 @@
 Every step, the running lanes of all requests decode in one batched forward. A lane forks when
 its guideline closes (one branch lane per plan, sharing the prefix's pages), and the branches
 join into one lane for the takeaway once all have closed their step. Engine-written tokens
-(step headers, the takeaway opener, separators, closing tags) are flagged ``forced``.
+(step headers, the takeaway opener, separators, closing tags) are flagged ``forced``; they are
+appended right behind the token that called for them and fed in the same step, so they cost no
+decode step of their own.
 
 A token's log-prob is taken from the logits of the token before it in the sample's sequence,
 which is what one dense forward over the finished graph computes: the first token of branch
@@ -45,6 +47,7 @@ class EngineStats:
     peak_kv_pages: int = 0
     preemptions: int = 0
     lanes_per_step: list[int] = field(default_factory=list)
+    fed_per_step: list[int] = field(default_factory=list)  # tokens: a lane feeds forced text too
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,6 +64,7 @@ class EngineStats:
             "peak_kv_pages": self.peak_kv_pages,
             "preemptions": self.preemptions,
             "mean_lanes_per_step": sum(self.lanes_per_step) / max(len(self.lanes_per_step), 1),
+            "mean_fed_per_step": sum(self.fed_per_step) / max(len(self.fed_per_step), 1),
         }
 
 
@@ -228,10 +232,12 @@ class Engine:
             lanes = self._make_room(lanes, running, waiting)
             if not lanes:
                 continue
+            self.stats.fed_per_step.append(sum(len(lane.pending) for lane in lanes))
             logits = self.runner.step(lanes)
             self.stats.decode_steps += 1
             self.stats.lanes_per_step.append(len(lanes))
-            self._advance(lanes, logits)
+            self._score_fed(lanes, logits.earlier)
+            self._advance(lanes, logits.last)
             if progress is not None:
                 progress(sum(s.total_tokens for r in running for s in r.samples))
             running = [r for r in running if not self._settle(r)]
@@ -294,7 +300,7 @@ class Engine:
             for token in request.prompt_ids:
                 lane.append(token, None, False)
             prompt_lanes.append(lane)
-        logits = self.runner.step(prompt_lanes)
+        logits = self.runner.step(prompt_lanes, earlier=False).last
         self.stats.prefill_steps += 1
         trunks, rows = [], []
         for request, lane, row in zip(requests, prompt_lanes, logits, strict=True):
@@ -387,7 +393,27 @@ class Engine:
             piece = self._pieces[token] = decode_pieces(self.tokenizer, [token])[0]
         return piece
 
+    def _score_fed(self, lanes: list[Lane], earlier: list[torch.Tensor | None]) -> None:
+        """Log-probs of the tokens fed after another token in the same step (engine-written
+        text, written right behind the token before it): from the logits after that token."""
+        for lane, logits in zip(lanes, earlier, strict=True):
+            if logits is None or lane.sample is None:
+                continue
+            count = logits.shape[0]
+            first = len(lane.tokens) - count
+            temperature = lane.sample.request.params.temperature or 1.0
+            targets = torch.tensor(lane.tokens[first:])
+            scores = torch.log_softmax(logits / temperature, dim=-1)
+            lane.logprobs[first:] = scores.gather(1, targets[:, None])[:, 0].tolist()
+
     def _write(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
+        """Append a token, then any text the engine writes after it: all are fed in one step
+        (the forced tokens are scored from that step's logits, :meth:`_score_fed`)."""
+        self._append(lane, token, logprob, forced)
+        while lane.forced_queue and lane.status is LaneStatus.RUNNING:
+            self._append(lane, lane.forced_queue.popleft(), None, True)
+
+    def _append(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
         """Append a token; let the format react (forced text, fork, branch end); check budgets."""
         lane.append(token, logprob, forced)
         sample = lane.sample
@@ -474,9 +500,10 @@ class Engine:
             child.forced_queue.extend(self.format.encode(header))
             children.append(child)
         lane.status = LaneStatus.DONE
-        for index, child in enumerate(children):
+        for child in children:  # all live before any writes: a budget hit must close them all
             child.siblings = children
             sample.lanes.append(child)
+        for index, child in enumerate(children):
             token = child.forced_queue.popleft()
             self._write(
                 child,

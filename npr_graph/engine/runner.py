@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
 from .backends import AttentionBackend, TorchBackend, flat_level
 from .graphs import CudaGraph, DecodeGraphs
-from .kv import PagePool, slot_table
+from .kv import PagePool, SlotTable, slot_table
 from .lanes import Lane
+
+
+class StepLogits(NamedTuple):
+    """Logits of one step: ``last [B, V]`` after each lane's last fed token; ``earlier[b]``
+    ``[c - 1, V]`` after the lane's other fed tokens when it fed ``c > 1`` short of a prompt
+    (the scores of engine-written tokens fed in one go), else None."""
+
+    last: torch.Tensor
+    earlier: list[torch.Tensor | None]
 
 
 @dataclass
@@ -42,10 +52,13 @@ class ModelShape:
 class ModelRunner:
     """Owns the KV tensors; feeds each lane's pending tokens and returns next-token logits.
 
-    A step takes lanes with one or more pending tokens (prompts, or one token while decoding),
-    left-pads them to the longest, writes their keys and values into the lanes' slots and
-    returns, per lane, the logits after its last token.
+    A step takes lanes with one or more pending tokens and writes their keys and values into the
+    lanes' slots. Prompts are left-padded to the longest; a step whose lanes feed a few tokens
+    each (a sampled token and the engine-written text after it) runs one decode row per token.
     """
+
+    # Longer feeds (prompts) run padded: a row per token would gather [tokens, view] slots.
+    max_rows_per_lane = 16
 
     def __init__(
         self,
@@ -104,34 +117,80 @@ class ModelRunner:
         itemsize = next(model.parameters()).element_size()
         return 2 * shape.num_layers * shape.kv_heads * shape.head_dim * itemsize
 
-    def step(self, lanes: Sequence[Lane]) -> torch.Tensor:
-        """Feed every lane's pending tokens; return ``logits [B, V]`` (float32) after each."""
+    def step(self, lanes: Sequence[Lane], earlier: bool = True) -> StepLogits:
+        """Feed every lane's pending tokens; return the logits (float32, on the CPU) after each
+        (after every fed token with ``earlier``; prompts need only the last)."""
         counts = [len(lane.pending) for lane in lanes]
         width = max(counts)
-        write = []
-        for lane, count in zip(lanes, counts, strict=True):
-            write.append(lane.kv.append_slots(count))
+        write = [lane.kv.append_slots(count) for lane, count in zip(lanes, counts, strict=True)]
         self._apply_copies()
         table = slot_table([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
+        if earlier and 1 < width <= self.max_rows_per_lane:
+            return self._step_as_rows(lanes, counts, write, table)
         batch = len(lanes)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
-        write_slots = torch.zeros(
-            batch, width, dtype=torch.long
-        )  # padding writes to scratch slot 0
+        write_slots = torch.zeros(batch, width, dtype=torch.long)  # padding: scratch slot 0
         for row, (lane, count) in enumerate(zip(lanes, counts, strict=True)):
             input_ids[row, width - count :] = torch.tensor(lane.pending)
             positions[row, width - count :] = torch.tensor(lane.pending_positions)
             write_slots[row, width - count :] = torch.tensor(write[row])
+        keep = width if earlier else 1
+        logits = self._forward(lanes, table, input_ids, positions, write_slots, keep)
+        for lane in lanes:
+            lane.fed()
+        rows = [
+            logits[row, width - count : width - 1] if count > 1 and earlier else None
+            for row, count in enumerate(counts)
+        ]
+        return StepLogits(logits[:, -1], rows)
+
+    def _step_as_rows(
+        self, lanes: Sequence[Lane], counts: list[int], write: list[list[int]], table: SlotTable
+    ) -> StepLogits:
+        """A lane feeding ``c`` tokens becomes ``c`` decode rows, row ``j`` seeing the lane's view
+        up to its ``j``-th new token: no padding, and the step stays a decode step that the
+        backend's plan (and a CUDA graph) can run. Every row's logits come back."""
+        per_lane = torch.tensor(counts)
+        row_lane = torch.repeat_interleave(torch.arange(len(lanes)), per_lane)
+        ends = torch.cumsum(per_lane, 0)
+        behind = ends[row_lane] - 1 - torch.arange(len(row_lane))  # new tokens after the row's
+        lengths = table.lengths[row_lane] - behind
+        slots = table.slots[row_lane]
+        rows_table = SlotTable(slots, torch.arange(slots.shape[1]) < lengths[:, None], lengths)
+        rows = [lane for lane, count in zip(lanes, counts, strict=True) for _ in range(count)]
+        input_ids = torch.tensor([t for lane in lanes for t in lane.pending])[:, None]
+        positions = torch.tensor([p for lane in lanes for p in lane.pending_positions])[:, None]
+        write_slots = torch.tensor([s for slots in write for s in slots])[:, None]
+        logits = self._forward(rows, rows_table, input_ids, positions, write_slots)[:, 0]
+        for lane in lanes:
+            lane.fed()
+        last = (ends - 1).tolist()
+        earlier = [
+            logits[end - count : end - 1] if count > 1 else None
+            for end, count in zip(ends.tolist(), counts, strict=True)
+        ]
+        return StepLogits(logits[last], earlier)
+
+    def _forward(
+        self,
+        lanes: Sequence[Lane],
+        table: SlotTable,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        write_slots: torch.Tensor,
+        keep: int = 1,
+    ) -> torch.Tensor:
+        """One forward of ``[B, W]`` tokens (left-padded); logits ``[B, keep, V]`` after each
+        row's last ``keep`` tokens."""
+        width = input_ids.shape[1]
         if width == 1 and self.graphs is not None:
             level = flat_level(table)
             logits = self.graphs.step(
                 input_ids, positions, write_slots[:, 0], level.kv_indptr, level.kv_indices
             )
             if logits is not None:
-                for lane in lanes:
-                    lane.fed()
-                return logits
+                return logits[:, None]
         positions = positions.to(self.device)
         write_slots = write_slots.flatten().to(self.device)
 
@@ -159,13 +218,11 @@ class ModelRunner:
                 input_ids=input_ids.to(self.device),
                 position_ids=positions,
                 use_cache=False,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 npr_plan=plan,
             )
-        for lane in lanes:
-            lane.fed()
         # Sampling runs on the CPU (per-sample CPU generators); a no-op copy on a CPU model.
-        return out.logits[:, -1].float().cpu()
+        return out.logits.float().cpu()
 
     def _apply_copies(self) -> None:
         copies = self.pool.drain_copies()
