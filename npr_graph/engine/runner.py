@@ -194,7 +194,9 @@ class ModelRunner:
         positions = positions.to(self.device)
         write_slots = write_slots.flatten().to(self.device)
 
-        def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if width == 1 and bool(table.mask.all()):  # every row sees its whole view
+                return table.slots.to(self.device), None
             # Query j of a row is view token (length - width + j); it sees view tokens up to
             # itself. Padding rows (query index < 0) see anything real.
             query_index = table.lengths[:, None] - width + torch.arange(width)
