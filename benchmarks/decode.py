@@ -7,6 +7,7 @@ total token count N. In the same run, for the same N tokens: transformers ``gene
 per row) as the ceiling of what batching alone gives on this machine.
 
     python benchmarks/decode.py [--quick] [--json] [--dtypes bfloat16,float32] [--widths 2,4,8]
+                                [--step-tokens 256] [--repeats 1]   (medians of N back-to-back runs)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -104,7 +106,8 @@ def run_width(engine: Engine, prompt_ids: list[int], width: int, step_tokens: in
     }
 
 
-def bench_dtype(dtype: str, widths: list[int], step_tokens: int) -> dict:
+def bench_dtype(dtype: str, widths: list[int], step_tokens: int, repeats: int = 1) -> dict:
+    """Per width: the four runs back to back, ``repeats`` times; each side's median time."""
     model, tokenizer = load_model(None, dtype=dtype, tags="special")
     engine = Engine(model, tokenizer)
     prompt_ids = engine.encode_prompt(QUESTION)
@@ -114,27 +117,35 @@ def bench_dtype(dtype: str, widths: list[int], step_tokens: int) -> dict:
     )
     rows = {}
     for width in widths:
-        parallel = run_width(engine, prompt_ids, width, step_tokens)
-        tokens = parallel["tokens"]
-        sequential = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=True)
-        (graph,), engine_seq = timed(
-            lambda p=sequential: engine.generate([prompt_ids], p, mode="sequential")
-        )
-        assert len(graph.token_ids) - graph.prompt_num_tokens == tokens
-        hf_1 = hf_generate(model, prompt_ids, 1, tokens)
-        per_row = -(-tokens // width)
-        hf_k = hf_generate(model, prompt_ids, width, per_row)
+        times: dict[str, list[float]] = {"parallel": [], "engine_seq": [], "hf_1": [], "hf_k": []}
+        for _ in range(repeats):
+            parallel = run_width(engine, prompt_ids, width, step_tokens)
+            times["parallel"].append(parallel["seconds"])
+            tokens = parallel["tokens"]
+            sequential = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=True)
+            (graph,), seconds = timed(
+                lambda p=sequential: engine.generate([prompt_ids], p, mode="sequential")
+            )
+            times["engine_seq"].append(seconds)
+            assert len(graph.token_ids) - graph.prompt_num_tokens == tokens
+            times["hf_1"].append(hf_generate(model, prompt_ids, 1, tokens))
+            per_row = -(-tokens // width)
+            times["hf_k"].append(hf_generate(model, prompt_ids, width, per_row))
+        par, engine_seq, hf_1, hf_k = (statistics.median(times[k]) for k in times)
         rows[width] = {
             "tokens": tokens,
+            "repeats": repeats,
             "hf_batch1_tok_s": tokens / hf_1,
             f"hf_batch{width}_tok_s": per_row * width / hf_k,
             "engine_sequential_tok_s": tokens / engine_seq,
-            "engine_parallel_tok_s": parallel["tok_s"],
+            "engine_parallel_tok_s": tokens / par,
             "ceiling": (per_row * width / hf_k) / (tokens / hf_1),
-            "speedup_vs_hf": parallel["tok_s"] / (tokens / hf_1),
-            "speedup_vs_engine_sequential": parallel["tok_s"] / (tokens / engine_seq),
-            "engine_vs_hf_batch_k": parallel["tok_s"] / (per_row * width / hf_k),
-            "seq_latency_ratio": (engine_seq / tokens) / (hf_1 / tokens),
+            "speedup_vs_hf": hf_1 / par,
+            "speedup_vs_engine_sequential": engine_seq / par,
+            "engine_vs_hf_batch_k": (tokens / par) / (per_row * width / hf_k),
+            "seq_latency_ratio": engine_seq / hf_1,
+            "engine_parallel_decode_steps": parallel["decode_steps"],
+            f"hf_batch{width}_decode_steps": per_row,
             "peak_kv_pages": parallel["peak_kv_pages"],
             "naive_kv_pages": parallel["naive_kv_pages"],
         }
@@ -152,6 +163,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--widths", default="2,4,8")
     parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run each side N times, report medians"
+    )
     args = parser.parse_args()
     dtypes = ["bfloat16"] if args.quick else args.dtypes.split(",")
     widths = [2, 8] if args.quick else [int(w) for w in args.widths.split(",")]
@@ -160,11 +174,14 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     }
     for dtype in dtypes:
-        results[dtype] = bench_dtype(dtype, widths, step_tokens)
+        results[dtype] = bench_dtype(dtype, widths, step_tokens, args.repeats)
     summary = {
         "ceiling": {w: r["ceiling"] for w, r in results[dtypes[0]].items()},
         "speedup_vs_hf": {w: r["speedup_vs_hf"] for w, r in results[dtypes[0]].items()},
         "seq_latency_ratio": min(r["seq_latency_ratio"] for r in results[dtypes[0]].values()),
+        "engine_vs_hf_batch_k": {
+            w: r["engine_vs_hf_batch_k"] for w, r in results[dtypes[0]].items()
+        },
     }
     if args.json:
         print(json.dumps({**summary, "dtype": dtypes[0], "results": results}))
@@ -172,14 +189,15 @@ def main() -> None:
     print(results["machine"])
     for dtype in dtypes:
         print(f"\n{dtype}: tokens/s (same total tokens per width)")
-        header = f"{'width':>5} {'tokens':>6} {'HF b1':>7} {'HF bk':>7} {'eng seq':>8} {'eng par':>8} {'par/seq':>8} {'par/HFbk':>8} {'seq lat':>8} {'KV pages':>12}"
+        header = f"{'width':>5} {'tokens':>6} {'HF b1':>7} {'HF bk':>7} {'eng seq':>8} {'eng par':>8} {'par/seq':>8} {'par/HFbk':>8} {'seq lat':>8} {'KV pages':>12} {'steps par/HFbk':>15}"
         print(header)
         for width, r in results[dtype].items():
             print(
                 f"{width:>5} {r['tokens']:>6} {r['hf_batch1_tok_s']:>7.1f} {r[f'hf_batch{width}_tok_s']:>7.1f} "
                 f"{r['engine_sequential_tok_s']:>8.1f} {r['engine_parallel_tok_s']:>8.1f} "
                 f"{r['speedup_vs_engine_sequential']:>7.2f}x {r['engine_vs_hf_batch_k']:>7.2f}x {r['seq_latency_ratio']:>8.2f} "
-                f"{r['peak_kv_pages']:>5} / {r['naive_kv_pages']:<5}"
+                f"{r['peak_kv_pages']:>5} / {r['naive_kv_pages']:<5} "
+                f"{r['engine_parallel_decode_steps']:>7} / {r[f'hf_batch{width}_decode_steps']:<6}"
             )
 
 

@@ -128,3 +128,17 @@ def test_step_planning_benchmark_compares_equal_tables():
         assert torch.equal(
             planning.slot_table(lanes).slots, planning.rebuilt_slot_table(lanes).slots
         )
+
+
+def test_decode_benchmark_runs_on_the_embedded_model(smollm2_tokenizer):
+    """benchmarks/decode.py at a tiny size on SmolLM2: every side decodes the same token count,
+    the engine's width-2 block takes fewer steps than tokens and stores the prefix once."""
+    decode = _load("decode")
+    rows = decode.bench_dtype("float32", [2], step_tokens=6)
+    row = rows[2]
+    assert row["tokens"] > 2 * 6, "two 6-token steps and the plans, tags and takeaway"
+    assert row["engine_parallel_decode_steps"] < row["tokens"]
+    assert row["hf_batch2_decode_steps"] == -(-row["tokens"] // 2)
+    assert row["peak_kv_pages"] <= row["naive_kv_pages"]
+    for key in ("hf_batch1_tok_s", "hf_batch2_tok_s", "engine_sequential_tok_s", "ceiling"):
+        assert row[key] > 0
