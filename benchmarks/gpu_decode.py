@@ -355,6 +355,7 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
         "tokens_per_s": stats.tokens_per_s,
         "ms_per_step": 1e3 * stats.wall_time / max(steps, 1),
         "mean_lanes_per_step": stats.to_dict()["mean_lanes_per_step"],
+        "mean_fed_per_step": stats.to_dict()["mean_fed_per_step"],
         "widths": sorted({b.width for g in graphs for b in g.blocks}),
     }
 

@@ -367,3 +367,22 @@ def test_multi_token_feeds_score_every_token(rows, special_tokenizer):
         engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
         assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
     assert engine.pool.num_used == 0
+
+
+def test_a_lone_lane_on_contiguous_slots_reads_a_view_of_the_cache(special_tokenizer, monkeypatch):
+    from npr_graph.engine import runner as runner_module
+
+    assert runner_module._slot_range(torch.tensor([4, 5, 6])) == (4, 7)
+    assert runner_module._slot_range(torch.tensor([4, 6, 7])) is None
+    assert runner_module._slot_range(torch.tensor([4, 3, 6])) is None
+    ranges = []
+    slot_range = runner_module._slot_range
+    monkeypatch.setattr(
+        runner_module, "_slot_range", lambda slots: ranges.append(slot_range(slots)) or ranges[-1]
+    )
+    engine = make_engine("qwen3", special_tokenizer)
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=30, ignore_eos=True)
+    (graph,) = engine.generate(["What is 2+2?"], params, mode="sequential", chat=False)
+    assert sum(r is not None for r in ranges) > 20, "sequential decoding reads views"
+    engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+    assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4

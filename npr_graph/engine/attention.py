@@ -41,6 +41,9 @@ class StepPlan:
     decode: Callable[..., torch.Tensor | None] | None = None
     # Builds (read_slots, mask) on first use: a decode step run by ``decode`` never needs them.
     gather: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # One lane whose view is the slot range [lo, hi) (sequential decoding from a fresh pool):
+    # layers read a view of the cache instead of gathering it.
+    read_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self._masks: dict[tuple[int | None, int], torch.Tensor] = {}
@@ -124,11 +127,16 @@ def paged_attention(
         out = plan.decode(query[:, :, 0], keys, values, scaling)
         if out is not None:
             return out[:, None], None
-    read_slots, _ = plan.gather_inputs()
-    # index_select of the flat slots: about half the cost of indexing with the [B, T] table
-    flat, shape = read_slots.flatten(), (*read_slots.shape, kv_heads, dim)
-    lane_keys = keys.index_select(0, flat).view(shape).permute(0, 2, 1, 3)  # [B, Hkv, T, D]
-    lane_values = values.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
+    if plan.read_range is not None:
+        lo, hi = plan.read_range
+        lane_keys = keys[lo:hi][None].permute(0, 2, 1, 3)  # [1, Hkv, T, D]
+        lane_values = values[lo:hi][None].permute(0, 2, 1, 3)
+    else:
+        read_slots, _ = plan.gather_inputs()
+        # index_select of the flat slots: about half the cost of indexing with the [B, T] table
+        flat, shape = read_slots.flatten(), (*read_slots.shape, kv_heads, dim)
+        lane_keys = keys.index_select(0, flat).view(shape).permute(0, 2, 1, 3)  # [B, Hkv, T, D]
+        lane_values = values.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
     groups = heads // kv_heads
     # GQA without repeating K/V: the query heads of one KV head become extra query rows.
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)

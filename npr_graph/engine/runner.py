@@ -207,6 +207,8 @@ class ModelRunner:
             return table.slots.to(self.device), visible[:, None].to(self.device)
 
         plan = StepPlan(write_slots, None, None, self.kv, gather=gather)
+        if len(lanes) == 1 and not self.needs_positions:
+            plan.read_range = _slot_range(table.slots[0])
         if width == 1:
             plan.decode = self.backend.plan_decode(lanes, table)
         if plan.decode is None or self.needs_positions:
@@ -235,6 +237,14 @@ class ModelRunner:
         target = torch.cat([torch.arange(c.dst * size, c.dst * size + c.num_slots) for c in copies])
         self.kv.copy_slots(source.to(self.device), target.to(self.device))
         self.slot_positions[target] = self.slot_positions[source]
+
+
+def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
+    """``(lo, hi)`` when ``slots`` is exactly ``lo, lo + 1, ..., hi - 1``."""
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    if hi - lo != len(slots) or not bool((slots[1:] - slots[:-1] == 1).all()):
+        return None
+    return lo, hi
 
 
 def _text_config(model: torch.nn.Module):
