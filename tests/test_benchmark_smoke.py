@@ -138,7 +138,6 @@ def test_decode_benchmark_runs_on_the_embedded_model(smollm2_tokenizer):
     row = rows[2]
     assert row["tokens"] > 2 * 6, "two 6-token steps and the plans, tags and takeaway"
     assert row["engine_parallel_decode_steps"] < row["tokens"]
-    assert row["hf_batch2_decode_steps"] == -(-row["tokens"] // 2)
     assert row["peak_kv_pages"] <= row["naive_kv_pages"]
     for key in ("hf_batch1_tok_s", "hf_batch2_tok_s", "engine_sequential_tok_s", "ceiling"):
         assert row[key] > 0

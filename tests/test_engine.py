@@ -229,9 +229,15 @@ def test_free_mode_forks_on_the_models_own_tags(special, tokenizer, special_toke
     eos = sorted(engine.eos_ids)[0]
     lanes = [trunk, trunk + step1, trunk + step2, trunk + step1 + step2 + join + [eos]]
     processor = scripted(tok, fmt, prompt, lanes)
+    chunks = _record_fed_chunks(engine)
     params = SamplingParams(temperature=0, max_new_tokens=200)
     (graph,) = engine.generate([prompt], params, mode="free", logits_processor=processor)
     assert graph.token_ids[len(prompt) :] == trunk + step1 + step2 + join + [eos]
+    fed = [chunk for lane_chunks in chunks.values() for chunk in lane_chunks]
+    assert all(all(chunk[1:]) for chunk in fed), "only engine-written tokens ride behind a token"
+    header = len(enc("<step>\n1:"))
+    firsts = [lane_chunks[0] for lane_chunks in chunks.values()]
+    assert sum(c == [True] * header for c in firsts) == 2, "each branch's header in one step"
     assert graph.metadata["forks"] == 1 and graph.metadata["layout_consistent"]
     assert ng.metrics(graph)["widths"] == [2]
     (block,) = graph.blocks
@@ -302,24 +308,19 @@ def _record_fed_chunks(engine):
     return chunks
 
 
-@pytest.mark.parametrize("tags", ["special", "text"])
-def test_engine_written_text_is_fed_with_the_token_before_it(tags, tokenizer, special_tokenizer):
+def test_engine_written_text_is_fed_with_the_token_before_it(special_tokenizer):
     """Forced text costs no decode step of its own: it rides in the step of the token it
-    follows (a lane's first step feeds its header alone), and is still scored exactly."""
-    tok = special_tokenizer if tags == "special" else tokenizer
-    engine = make_engine("qwen3", tok)
-    fmt = engine.format
-    closers = (
-        [fmt.encode(t)[-1] for t in ("</plan>", "</step>", "</takeaway>")] if fmt.special else []
-    )
-    banned = closers + sorted(engine.eos_ids)
+    follows (a lane's first step feeds its header alone), and is still scored exactly.
+    (Tags as text: ``test_free_mode_forks_on_the_models_own_tags``.)"""
+    engine = make_engine("qwen3", special_tokenizer)
+    closers = ("</plan>", "</step>", "</takeaway>")
+    banned = [engine.format.tag_ids[t] for t in closers] + sorted(engine.eos_ids)
 
     def run_to_limits(context, logits):
         logits[banned] = float("-inf")
         return logits
 
     chunks = _record_fed_chunks(engine)
-    mode = "constrained" if fmt.special else "free"
     params = SamplingParams(
         temperature=1.0,
         seed=3,
@@ -329,26 +330,18 @@ def test_engine_written_text_is_fed_with_the_token_before_it(tags, tokenizer, sp
         max_blocks=1,
         **SHORT,
     )
-    prompt = "Q" if fmt.special else "Q <guideline><plan>1: a</plan><plan>2: b</plan></guideline>"
     (graph,) = engine.generate(
-        [prompt],
-        params,
-        mode=mode,
-        chat=False,
-        logits_processor=run_to_limits if fmt.special else None,
+        ["Q"], params, mode="constrained", chat=False, logits_processor=run_to_limits
     )
     fed = [chunk for lane_chunks in chunks.values() for chunk in lane_chunks]
     assert all(all(chunk[1:]) for chunk in fed), "only engine-written tokens ride behind a token"
     later = [chunk for lane_chunks in chunks.values() for chunk in lane_chunks[1:]]
-    if fmt.special:
-        (takeaway,) = graph.nodes_of("takeaway")
-        assert graph.metadata["forks"] == 1 and takeaway.close_tag is not None
-        assert all(not chunk[0] for chunk in later), (
-            "after its first step a lane leads with a sample"
-        )
-        assert max(len(c) for c in fed) >= 3, "a header is fed in one step"
-        responses = len(graph.token_ids) - graph.prompt_num_tokens
-        assert engine.stats.decode_steps < responses - sum(graph.forced) + 3
+    (takeaway,) = graph.nodes_of("takeaway")
+    assert graph.metadata["forks"] == 1 and takeaway.close_tag is not None
+    assert all(not chunk[0] for chunk in later), "after its first step a lane leads with a sample"
+    assert max(len(c) for c in fed) >= 3, "a header is fed in one step"
+    responses = len(graph.token_ids) - graph.prompt_num_tokens
+    assert engine.stats.decode_steps < responses - sum(graph.forced) + 3
     engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
     assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
 

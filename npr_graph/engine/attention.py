@@ -40,15 +40,15 @@ class StepPlan:
     # layer instead of the gather + SDPA below; it returns None to leave a layer to them.
     decode: Callable[..., torch.Tensor | None] | None = None
     # Builds (read_slots, mask) on first use: a decode step run by ``decode`` never needs them.
-    gather: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
-    # One lane whose view is the slot range [lo, hi) (sequential decoding from a fresh pool):
-    # layers read a view of the cache instead of gathering it.
+    gather: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # A lone lane whose view is the slot range [lo, hi) (its pages happen to be consecutive, as
+    # in sequential decoding): layers read a view of the cache instead of gathering it.
     read_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self._masks: dict[tuple[int | None, int], torch.Tensor] = {}
 
-    def gather_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(read_slots, mask)``, built now if they were left to ``gather``."""
         if self.read_slots is None:
             if self.gather is None:

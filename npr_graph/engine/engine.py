@@ -28,7 +28,7 @@ from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
 from .lanes import Lane, LaneStatus, Request, Sample
 from .runner import ModelRunner
-from .sampling import SamplingParams, select_tokens
+from .sampling import SamplingParams, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
 
 
@@ -232,10 +232,10 @@ class Engine:
             lanes = self._make_room(lanes, running, waiting)
             if not lanes:
                 continue
-            self.stats.fed_per_step.append(sum(len(lane.pending) for lane in lanes))
-            logits = self.runner.step(lanes)
             self.stats.decode_steps += 1
             self.stats.lanes_per_step.append(len(lanes))
+            self.stats.fed_per_step.append(sum(len(lane.pending) for lane in lanes))
+            logits = self.runner.step(lanes)
             self._score_fed(lanes, logits.earlier)
             self._advance(lanes, logits.last)
             if progress is not None:
@@ -384,8 +384,13 @@ class Engine:
     def _logprob(self, lane: Lane, logits: torch.Tensor | None, token: int) -> float | None:
         if logits is None:
             return None
-        temperature = lane.sample.request.params.temperature or 1.0
-        return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
+        return self._logprobs(lane, logits[None], [token])[0]
+
+    @staticmethod
+    def _logprobs(lane: Lane, logits: torch.Tensor, tokens: list[int]) -> list[float]:
+        temperature = lane.sample.request.params.scoring_temperature
+        temperatures = torch.full((len(tokens),), temperature)
+        return token_logprobs(logits, torch.tensor(tokens), temperatures).tolist()
 
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
@@ -397,14 +402,9 @@ class Engine:
         """Log-probs of the tokens fed after another token in the same step (engine-written
         text, written right behind the token before it): from the logits after that token."""
         for lane, logits in zip(lanes, earlier, strict=True):
-            if logits is None or lane.sample is None:
-                continue
-            count = logits.shape[0]
-            first = len(lane.tokens) - count
-            temperature = lane.sample.request.params.temperature or 1.0
-            targets = torch.tensor(lane.tokens[first:])
-            scores = torch.log_softmax(logits / temperature, dim=-1)
-            lane.logprobs[first:] = scores.gather(1, targets[:, None])[:, 0].tolist()
+            if logits is not None:
+                first = len(lane.tokens) - logits.shape[0]
+                lane.logprobs[first:] = self._logprobs(lane, logits, lane.tokens[first:])
 
     def _write(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
         """Append a token, then any text the engine writes after it: all are fed in one step

@@ -17,8 +17,8 @@ from .lanes import Lane
 
 class StepLogits(NamedTuple):
     """Logits of one step: ``last [B, V]`` after each lane's last fed token; ``earlier[b]``
-    ``[c - 1, V]`` after the lane's other fed tokens when it fed ``c > 1`` short of a prompt
-    (the scores of engine-written tokens fed in one go), else None."""
+    ``[c - 1, V]`` after lane b's other fed tokens when it fed ``c > 1`` (they score the
+    engine-written tokens fed behind a token), None otherwise and for prompts."""
 
     last: torch.Tensor
     earlier: list[torch.Tensor | None]
@@ -207,12 +207,12 @@ class ModelRunner:
             return table.slots.to(self.device), visible[:, None].to(self.device)
 
         plan = StepPlan(write_slots, None, None, self.kv, gather=gather)
-        if len(lanes) == 1 and not self.needs_positions:
-            plan.read_range = _slot_range(table.slots[0])
         if width == 1:
             plan.decode = self.backend.plan_decode(lanes, table)
         if plan.decode is None or self.needs_positions:
             plan.gather_inputs()  # every layer gathers: build the indices before the forward
+            if len(lanes) == 1 and not self.needs_positions:
+                plan.read_range = _slot_range(table.slots[0])
         if self.needs_positions:
             self.slot_positions[write_slots] = positions.flatten()
             plan.query_positions = positions

@@ -67,6 +67,11 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def scoring_temperature(self) -> float:
+        """The temperature recorded log-probs use: 1 when greedy."""
+        return 1.0 if self.greedy else self.temperature
+
+    @property
     def total_budget(self) -> int:
         return self.max_total_tokens or self.max_new_tokens * self.max_branches
 
@@ -95,6 +100,15 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor
+) -> torch.Tensor:
+    """The recorded log-prob of ``tokens [N]`` under ``logits [N, V]``, row ``i`` at
+    ``temperatures[i]`` (``SamplingParams.scoring_temperature``)."""
+    scores = torch.log_softmax(logits.float() / temperatures[:, None], dim=-1)
+    return scores.gather(1, tokens[:, None])[:, 0]
+
+
 def select_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -113,8 +127,6 @@ def select_tokens(
     """
     logits = logits.float()
     picked = logits if scores is None else scores.float()
-    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
-    logprobs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
     tokens = torch.empty(len(params), dtype=torch.long)
     rows = zip(params, generators, allowed, banned, penalized, strict=True)
     for row, (p, generator, allow, ban, seen) in enumerate(rows):
@@ -135,4 +147,5 @@ def select_tokens(
             continue
         choice = filter_top_k_top_p(choice / p.temperature, p.top_k, p.top_p)
         tokens[row] = int(torch.multinomial(torch.softmax(choice, dim=-1), 1, generator=generator))
-    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+    temperatures = torch.tensor([p.scoring_temperature for p in params])
+    return tokens, token_logprobs(logits, tokens, temperatures)
