@@ -34,16 +34,11 @@ QUESTION = (
 )
 
 
-def forced_structure(engine: Engine):
-    """Bans the elements' closing tags and EOS: every element runs to its limit, counts are exact."""
+def forced_structure(engine: Engine) -> tuple[int, ...]:
+    """Token ids to suppress (``SamplingParams.suppress_tokens``): the elements' closing tags and
+    EOS, so every element runs to its limit and each run decodes exactly the planned counts."""
     closers = ("</plan>", "</step>", "</takeaway>")
-    banned = [engine.format.tag_ids[tag] for tag in closers] + sorted(engine.eos_ids)
-
-    def processor(context, logits):
-        logits[banned] = float("-inf")
-        return logits
-
-    return processor
+    return tuple(engine.format.tag_ids[tag] for tag in closers) + tuple(sorted(engine.eos_ids))
 
 
 def timed(fn):
@@ -83,12 +78,9 @@ def run_width(engine: Engine, prompt_ids: list[int], width: int, step_tokens: in
         max_new_tokens=7 * width + step_tokens + 12,
         max_total_tokens=100_000,
         ignore_eos=True,
+        suppress_tokens=forced_structure(engine),
     )
-    (graph,), seconds = timed(
-        lambda: engine.generate(
-            [prompt_ids], params, mode="constrained", logits_processor=forced_structure(engine)
-        )
-    )
+    (graph,), seconds = timed(lambda: engine.generate([prompt_ids], params, mode="constrained"))
     total = len(graph.token_ids) - graph.prompt_num_tokens
     widths = [b.width for b in graph.blocks]
     assert widths == [width], widths

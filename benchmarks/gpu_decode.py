@@ -311,17 +311,11 @@ def _time_it(fn, device, repeats: int) -> float:
 
 
 # -- 2./3. the engine ------------------------------------------------------------------------------
-def forced_structure(engine: Engine):
-    """Bans the elements' closing tags and EOS: every element runs to its limit, so each run
-    decodes exactly the planned token counts (as benchmarks/decode.py does)."""
+def forced_structure(engine: Engine) -> tuple[int, ...]:
+    """Token ids to suppress (``SamplingParams.suppress_tokens``): the elements' closing tags and
+    EOS, so every element runs to its limit and each run decodes exactly the planned counts."""
     closers = ("</plan>", "</step>", "</takeaway>")
-    banned = [engine.format.tag_ids[tag] for tag in closers] + sorted(engine.eos_ids)
-
-    def processor(context, logits):
-        logits[banned] = float("-inf")
-        return logits
-
-    return processor
+    return tuple(engine.format.tag_ids[tag] for tag in closers) + tuple(sorted(engine.eos_ids))
 
 
 def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, step_tokens,
@@ -334,17 +328,18 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
     if width == 1:
         params = SamplingParams(temperature=1.0, seed=0, n=n, max_new_tokens=step_tokens,
                                 ignore_eos=True)  # fmt: skip
-        mode, processor = "sequential", None
+        mode = "sequential"
     else:
         # A short header and join, long steps: the block dominates, as in long reasoning.
         params = SamplingParams(temperature=1.0, seed=0, n=n, min_branches=width,
                                 max_branches=width, max_blocks=1, max_plan_tokens=2,
                                 max_step_tokens=step_tokens, max_takeaway_tokens=4,
                                 max_new_tokens=7 * width + step_tokens + 12,
-                                max_total_tokens=10**7, ignore_eos=True)  # fmt: skip
-        mode, processor = "constrained", forced_structure(engine)
+                                max_total_tokens=10**7, ignore_eos=True,
+                                suppress_tokens=forced_structure(engine))  # fmt: skip
+        mode = "constrained"
     sync(device)
-    graphs = engine.generate(prompts, params, mode=mode, chat=False, logits_processor=processor)
+    graphs = engine.generate(prompts, params, mode=mode, chat=False)
     sync(device)
     stats = engine.stats
     steps = stats.decode_steps + stats.prefill_steps

@@ -4,7 +4,7 @@
 #   1. wheels  install from .whl/ (scripts/fetch_gpu_wheels.sh) what this machine lacks
 #   2. env     nvidia-smi, Python, torch / triton / flashinfer / transformers versions
 #   3. jit     compile the FlashInfer kernels the engine uses (bf16, head dim 128), timed
-#   4. tests   pytest -m gpu, then the kernel, backend and training tests on the GPU
+#   4. tests   pytest -m gpu, then the kernel, backend, sampling and training tests on the GPU
 #   5. bench   benchmarks/gpu_decode.py with a time budget
 #
 # Results go to --out (default: $OUT, else ./gpu_results): at most 8 files, flat.
@@ -26,7 +26,7 @@ SKIP=""
 BENCH_ARGS=""
 PYTHON="${PYTHON:-python3}"
 SITE=/tmp/npr_site
-TEST_FILES=(tests/test_kernels.py tests/test_backends.py tests/test_gpu_training.py)
+TEST_FILES=(tests/test_kernels.py tests/test_backends.py tests/test_sampling.py tests/test_gpu_training.py)
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -170,10 +170,18 @@ fi
 
 # -- 5. bench --------------------------------------------------------------------------------------
 say "step 5/5 bench"
+if ! skipped bench; then
+    # Token selection on the GPU against the row-by-row CPU loop it replaced (seconds); its
+    # lines go to the summary (the device tool brings back at most 8 files).
+    run bench "/tmp/npr_sampling.log" 90 "$PYTHON" benchmarks/sampling.py --device cuda \
+        --rows 8,64 --repeats 3 || STATUS=1
+    if (( ! DRY )); then cat /tmp/npr_sampling.log >>"$SUMMARY"; fi
+fi
 BENCH_TIME=$(( $(left) - 40 ))
 (( BENCH_TIME < 60 )) && BENCH_TIME=60
 if (( DRY )); then
     "$PYTHON" benchmarks/gpu_decode.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
+    "$PYTHON" benchmarks/sampling.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
 fi
 if skipped bench; then say "bench: skipped"; else
     # The script stops starting new runs at its budget; the timeout is the hard stop.

@@ -141,3 +141,19 @@ def test_decode_benchmark_runs_on_the_embedded_model(smollm2_tokenizer):
     assert row["peak_kv_pages"] <= row["naive_kv_pages"]
     for key in ("hf_batch1_tok_s", "hf_batch2_tok_s", "engine_sequential_tok_s", "ceiling"):
         assert row[key] > 0
+
+
+def test_sampling_benchmark_runs_and_both_sides_agree(capsys):
+    """benchmarks/sampling.py at a tiny size: every setting timed on both sides; the script
+    stops when the row-by-row loop and the batched selection pick different greedy tokens."""
+    sampling = _load("sampling")
+    assert sampling.main(["--vocab", "500", "--rows", "1,3", "--repeats", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out[out.index("{") :])["results"]
+    assert len(results) == 2 * len(sampling.SETTINGS)
+    assert all(r["row_by_row_ms"] > 0 and r["batched_ms"] > 0 for r in results)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    inputs = sampling.case(3, 500, dict(temperature=0), "cpu")
+    old, _ = sampling.row_by_row(*inputs[:2], generators, *inputs[2:])
+    new, _ = sampling.batched(*inputs[:2], generators, *inputs[2:])
+    assert torch.equal(old, new)

@@ -379,3 +379,89 @@ def test_a_lone_lane_on_contiguous_slots_reads_a_view_of_the_cache(special_token
     assert sum(r is not None for r in ranges) > 20, "sequential decoding reads views"
     engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
     assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+
+
+def test_finished_lanes_do_not_pin_their_steps_logits(special_tokenizer, monkeypatch):
+    """A [rows, V] step tensor lives as long as a row of it is referenced: a waiting branch keeps
+    at most its own row (the last branch's scores the join), a forked or finished lane none."""
+    engine = make_engine("qwen3", special_tokenizer)
+    vocab = engine.runner.shape.vocab_size
+    checked, kept = [], []
+    branch_done = Engine._branch_done
+
+    def checking(self, lane):
+        branch_done(self, lane)
+        assert lane.fork_parent.final_logits is None
+        for sibling in lane.siblings:
+            if sibling.status.value == "waiting" and sibling.final_logits is not None:
+                assert sibling is lane.siblings[-1]
+                assert sibling.final_logits.untyped_storage().nbytes() == 4 * vocab
+                kept.append(sibling)
+        checked.append(lane)
+
+    monkeypatch.setattr(Engine, "_branch_done", checking)
+    close = engine.format.tag_ids["</step>"]
+    last_header = engine.format.encode("<step>\n3:")
+
+    def last_branch_ends_first(context, logits):
+        window = len(last_header)
+        if any(context[i : i + window] == last_header for i in range(len(context) - window + 1)):
+            logits[close] += 100.0
+        return logits
+
+    params = SamplingParams(
+        temperature=1.0, seed=6, max_new_tokens=60, n=4, min_branches=3, max_branches=3, **SHORT
+    )
+    graphs = engine.generate(
+        ["A question"],
+        params,
+        mode="constrained",
+        chat=False,
+        logits_processor=last_branch_ends_first,
+    )
+    assert len(checked) >= 3 and all(g.metadata["forks"] >= 1 for g in graphs)
+    assert kept, "a last branch waited for its siblings"
+    for graph in graphs:
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+
+
+def test_engine_written_tokens_are_scored_in_one_batch_per_step(special_tokenizer, monkeypatch):
+    """The log-probs of a step's engine-written tokens (headers, closing tags, the join opener)
+    come from one batched computation: one copy to the host per step, not one per token."""
+    from npr_graph.engine import engine as engine_module
+
+    calls = []
+    token_logprobs = engine_module.token_logprobs
+
+    def counting(logits, tokens, temperatures):
+        calls.append(len(tokens))
+        return token_logprobs(logits, tokens, temperatures)
+
+    monkeypatch.setattr(engine_module, "token_logprobs", counting)
+    engine = make_engine("llama", special_tokenizer)
+    params = SamplingParams(
+        temperature=0, max_new_tokens=80, min_branches=3, max_branches=3, n=2, **SHORT
+    )
+    graphs = engine.generate(["Q"], params, mode="constrained", chat=False)
+    steps = engine.stats.decode_steps + engine.stats.prefill_steps
+    assert len(calls) <= steps and max(calls) > 1
+    forced = sum(f for g in graphs for f in g.forced[g.prompt_num_tokens :])
+    assert sum(calls) == forced, "every engine-written token is scored exactly once"
+    assert all(lp is not None for g in graphs for lp in g.logprobs[g.prompt_num_tokens :])
+
+
+def test_spelled_tags_match_a_brute_force_scan(special_tokenizer):
+    """Constrained mode bans ordinary tokens that would finish a tag spelled in text; the fast
+    path (no "<" in the tail) must ban exactly what scanning every token would."""
+    from npr_graph.engine.structure import completed_tags
+
+    fmt = Format(special_tokenizer, special=True)
+    fmt.spelled_tags("")
+    pieces = dict(fmt._closers)
+    assert pieces, "the vocabulary has tokens with '>'"
+    tails = ["", "plain words", "x = 3", "a <", "<ste", "</pla", "<guideline", "1 < 2 and 3 > 2"]
+    for tail in tails:
+        brute = sorted(i for i, p in pieces.items() if completed_tags(tail + p, p))
+        assert sorted(fmt.spelled_tags(tail)) == brute, tail
+    assert fmt.spelled_tags("<step"), "a tail that spells a tag's start is completed by \">\""

@@ -1,6 +1,12 @@
+import pytest
 import torch
 
-from npr_graph.engine.sampling import SamplingParams, filter_top_k_top_p, select_tokens
+from npr_graph.engine.sampling import (
+    SamplingParams,
+    filter_top_k_top_p,
+    sample_from,
+    select_tokens,
+)
 from npr_graph.engine.structure import Kind, LaneState, Phase, completed_tags
 
 
@@ -47,12 +53,94 @@ def test_repetition_penalty_and_processor_scores_only_change_the_pick():
     assert token == 2 and abs(logprob - torch.log_softmax(logits, -1)[2].item()) < 1e-6
 
 
+def reference_filter(row, top_k, top_p):
+    """One row, the plain way: top-k (ties at the k-th kept), then the top-p nucleus."""
+    row = row.clone()
+    if top_k:
+        row[row < torch.topk(row, top_k).values[-1]] = float("-inf")
+    if top_p < 1.0:
+        ranked, order = torch.sort(row, descending=True)
+        probs = ranked.softmax(-1)
+        row[order[probs.cumsum(-1) - probs > top_p]] = float("-inf")
+    return row
+
+
 def test_top_k_and_top_p_filters():
-    logits = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)[2:]).all()
-    kept = filter_top_k_top_p(logits, 0, 0.7)
-    assert not torch.isinf(kept[:2]).any() and torch.isinf(kept[2:]).all()
-    assert torch.equal(filter_top_k_top_p(logits, 0, 1.0), logits)
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3)
+    kept = filter_top_k_top_p(logits, [2, 0, 0], [1.0, 0.7, 1.0])
+    assert torch.isinf(kept[0, 2:]).all() and not torch.isinf(kept[0, :2]).any()
+    assert not torch.isinf(kept[1, :2]).any() and torch.isinf(kept[1, 2:]).all()
+    assert torch.equal(kept[2], logits[2])
+    assert filter_top_k_top_p(logits, [0] * 3, [1.0] * 3) is logits
+
+
+def test_batched_filters_match_the_row_by_row_rule():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=generator).round(decimals=1)  # ties at the k-th value
+    top_k, top_p = [0, 3, 7, 0, 5, 40], [0.9, 1.0, 0.5, 0.3, 1.0, 0.99]
+    batched = filter_top_k_top_p(logits, top_k, top_p)
+    for row, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
+        assert torch.equal(batched[row], reference_filter(logits[row], k, p)), row
+
+
+def test_inverse_cdf_sampling_picks_the_interval_of_the_uniform():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 6)
+    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.7499, 0.75, 1 - 2**-24])
+    assert sample_from(probs, uniforms).tolist() == [1, 1, 3, 3, 4, 4]
+    # Unnormalized rows, and the top uniform never lands on a trailing token of probability 0.
+    assert sample_from(3 * probs[:1], torch.tensor([1 - 2**-24])).tolist() == [4]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    draws = sample_from(probs.expand(20000, 4), torch.rand(20000, generator=generator))
+    counts = torch.bincount(draws, minlength=4).float() / 20000
+    assert counts[1] == 0 and torch.allclose(counts, probs, atol=0.015)
+
+
+def test_a_row_picks_the_same_token_alone_and_in_any_batch():
+    """Batching is only a speed-up: each row's pick and log-prob are those it gets alone."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 30, generator=generator) * 3
+    rows = [
+        (SamplingParams(temperature=0), None, None, None),
+        (SamplingParams(temperature=0.7, top_k=5, seed=1), None, [0, 1], None),
+        (SamplingParams(temperature=1.3, top_p=0.8, seed=2), [3, 4, 5, 9], None, None),
+        (SamplingParams(temperature=0, repetition_penalty=1.5), None, None, [7, 7, 8]),
+        (SamplingParams(temperature=1.0, suppress_tokens=(2, 3), seed=3), None, [4], [2]),
+        (SamplingParams(temperature=0.5, seed=4), [11], None, None),
+    ]
+
+    def pick_rows(indices, seeds):
+        chosen = [rows[i] for i in indices]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return select_tokens(
+            logits[indices], [c[0] for c in chosen], generators,
+            [c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen],
+        )  # fmt: skip
+
+    everything = list(range(len(rows)))
+    tokens, logprobs = pick_rows(everything, [100 + i for i in everything])
+    for order in (everything, everything[::-1], [4, 1, 5]):
+        batch_tokens, batch_logprobs = pick_rows(order, [100 + i for i in order])
+        assert batch_tokens.tolist() == tokens[order].tolist()
+        assert torch.allclose(batch_logprobs, logprobs[order])
+    for i in everything:
+        alone_token, alone_logprob = pick_rows([i], [100 + i])
+        assert int(alone_token) == int(tokens[i]) and torch.allclose(alone_logprob, logprobs[i])
+    assert int(tokens[5]) == 11
+    assert int(tokens[4]) not in (2, 3, 4)
+
+
+def test_suppressed_tokens_are_never_picked_but_keep_their_logprob():
+    logits = torch.tensor([5.0, 0.0, 0.0])
+    params = SamplingParams(temperature=0, suppress_tokens=[0])
+    token, logprob = pick(logits, params)
+    assert token in (1, 2) and abs(logprob - torch.log_softmax(logits, -1)[token].item()) < 1e-6
+    assert params.suppress_tokens == (0,)
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        SamplingParams(suppress_tokens=(-1,))
 
 
 def test_seeded_sampling_is_reproducible():
@@ -61,6 +149,33 @@ def test_seeded_sampling_is_reproducible():
     assert [pick(logits, params, seed=s)[0] for s in range(20)] == [
         pick(logits, params, seed=s)[0] for s in range(20)
     ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_selection_on_the_gpu_matches_the_cpu():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 151936, generator=generator) * 4
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, seed=i)
+        for i, (t, k, p) in enumerate(
+            [(0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9)] * 2
+        )
+    ]
+    allowed = [None, None, None, None, [5, 6, 7], None, None, None]
+    banned = [None, [1, 2], None, None, None, None, None, [3]]
+
+    def run(device):
+        generators = [torch.Generator().manual_seed(i) for i in range(8)]
+        return select_tokens(logits.to(device), params, generators, allowed, banned, [None] * 8)
+
+    cpu_tokens, cpu_logprobs = run("cpu")
+    gpu_tokens, gpu_logprobs = run("cuda")
+    assert gpu_tokens.device.type == "cuda"
+    # Sums over 152k entries may round differently: the picks agree but for a rare boundary.
+    assert (gpu_tokens.cpu() == cpu_tokens).float().mean() >= 7 / 8
+    same = gpu_tokens.cpu() == cpu_tokens
+    assert torch.allclose(gpu_logprobs.cpu()[same], cpu_logprobs[same], atol=1e-4)
 
 
 def test_completed_tags_only_counts_tags_ending_in_the_new_piece():

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,13 @@ from .lanes import Lane, LaneStatus, Request, Sample
 from .runner import ModelRunner
 from .sampling import SamplingParams, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
+
+
+class _Unscored(NamedTuple):
+    lane: Lane
+    index: int
+    logits: torch.Tensor
+    tokens: list[int]
 
 
 class PromptError(ValueError):
@@ -107,6 +115,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.logits_processor = None
         self._pieces: dict[int, str] = {}
+        self._unscored: list[_Unscored] = []
         self.stats = EngineStats()
 
     @classmethod
@@ -238,6 +247,7 @@ class Engine:
             logits = self.runner.step(lanes)
             self._score_fed(lanes, logits.earlier)
             self._advance(lanes, logits.last)
+            self._score_pending()
             if progress is not None:
                 progress(sum(s.total_tokens for r in running for s in r.samples))
             running = [r for r in running if not self._settle(r)]
@@ -319,6 +329,7 @@ class Engine:
                 trunks.append(trunk)
                 rows.append(row)
         self._advance(trunks, torch.stack(rows))
+        self._score_pending()
 
     def _advance(self, lanes: list[Lane], logits: torch.Tensor) -> None:
         """Each lane was just fed: act on its finished forced text, or write its next token."""
@@ -332,7 +343,7 @@ class Engine:
                 self._act(lane, action)
             elif lane.forced_queue:
                 token = lane.forced_queue.popleft()
-                self._write(lane, token, self._logprob(lane, row, token), forced=True)
+                self._write(lane, token, forced=True, scored_from=row)
             elif lane.state is not None and lane.state.closing:
                 self._close_next(lane, row)
             else:
@@ -362,7 +373,7 @@ class Engine:
             if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
                 self._end_of_sequence(lane, token, logprob)
             else:
-                self._write(lane, token, logprob, forced=False)
+                self._write(lane, token, forced=False, logprob=logprob)
 
     def _constraints(
         self, lane: Lane
@@ -381,16 +392,31 @@ class Engine:
             penalized = lane.tokens[-state.element_tokens :]
         return allowed, banned, penalized
 
-    def _logprob(self, lane: Lane, logits: torch.Tensor | None, token: int) -> float | None:
-        if logits is None:
-            return None
-        return self._logprobs(lane, logits[None], [token])[0]
+    def _score_later(self, lane: Lane, index: int, logits: torch.Tensor) -> None:
+        """Record that ``lane.tokens[index : index + len(logits)]`` are scored by ``logits
+        [n, V]``: every such log-prob of a step is computed in one batch when it ends."""
+        tokens = list(lane.tokens[index : index + logits.shape[0]])
+        self._unscored.append(_Unscored(lane, index, logits, tokens))
 
-    @staticmethod
-    def _logprobs(lane: Lane, logits: torch.Tensor, tokens: list[int]) -> list[float]:
-        temperature = lane.sample.request.params.scoring_temperature
-        temperatures = torch.full((len(tokens),), temperature)
-        return token_logprobs(logits, torch.tensor(tokens), temperatures).tolist()
+    def _score_pending(self) -> None:
+        """Log-probs of the step's engine-written tokens: one batched computation where the
+        logits are and one copy of the values to the host."""
+        if not self._unscored:
+            return
+        pending, self._unscored = self._unscored, []
+        logits = torch.cat([entry.logits for entry in pending])
+        tokens = [token for entry in pending for token in entry.tokens]
+        temperatures = [
+            entry.lane.sample.request.params.scoring_temperature
+            for entry in pending
+            for _ in entry.tokens
+        ]
+        values = token_logprobs(logits, tokens, temperatures).tolist()
+        at = 0
+        for entry in pending:
+            count = len(entry.tokens)
+            entry.lane.logprobs[entry.index : entry.index + count] = values[at : at + count]
+            at += count
 
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
@@ -403,13 +429,23 @@ class Engine:
         text, written right behind the token before it): from the logits after that token."""
         for lane, logits in zip(lanes, earlier, strict=True):
             if logits is not None:
-                first = len(lane.tokens) - logits.shape[0]
-                lane.logprobs[first:] = self._logprobs(lane, logits, lane.tokens[first:])
+                self._score_later(lane, len(lane.tokens) - logits.shape[0], logits)
 
-    def _write(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
-        """Append a token, then any text the engine writes after it: all are fed in one step
-        (the forced tokens are scored from that step's logits, :meth:`_score_fed`)."""
+    def _write(
+        self,
+        lane: Lane,
+        token: int,
+        forced: bool,
+        logprob: float | None = None,
+        scored_from: torch.Tensor | None = None,
+    ) -> None:
+        """Append a token (its log-prob given, or computed at the step's end from the logits
+        ``scored_from`` it follows), then any text the engine writes after it: all are fed in one
+        step (the forced tokens are scored from that step's logits, :meth:`_score_fed`)."""
+        index = len(lane.tokens)
         self._append(lane, token, logprob, forced)
+        if scored_from is not None:
+            self._score_later(lane, index, scored_from[None])
         while lane.forced_queue and lane.status is LaneStatus.RUNNING:
             self._append(lane, lane.forced_queue.popleft(), None, True)
 
@@ -461,7 +497,7 @@ class Engine:
             return
         ids = self.format.encode(tag)
         lane.forced_queue.extend(ids[1:])
-        self._write(lane, ids[0], self._logprob(lane, logits, ids[0]), forced=True)
+        self._write(lane, ids[0], forced=True, scored_from=logits)
 
     def _truncate(self, sample: Sample, reason: str, hard: bool = False) -> None:
         """Budget exhausted: close what is open in every lane, then stop (no new forks/joins)."""
@@ -475,6 +511,7 @@ class Engine:
 
     def _finish_lane(self, lane: Lane, reason: str) -> None:
         lane.status = LaneStatus.DONE
+        lane.final_logits = None
         if lane.kv.alive:
             lane.kv.release()
         if not lane.sample.finish_reason:
@@ -505,12 +542,11 @@ class Engine:
             sample.lanes.append(child)
         for index, child in enumerate(children):
             token = child.forced_queue.popleft()
+            # Branch i > 0 is scored from branch i - 1's last logits when that ends.
             self._write(
-                child,
-                token,
-                self._logprob(child, lane.final_logits, token) if index == 0 else None,
-                forced=True,
+                child, token, forced=True, scored_from=lane.final_logits if index == 0 else None
             )
+        lane.final_logits = None
 
     def _branch_done(self, lane: Lane) -> None:
         lane.status = LaneStatus.WAITING
@@ -518,7 +554,14 @@ class Engine:
         following = lane.branch + 1
         if following < len(siblings):
             successor = siblings[following]
-            successor.logprobs[0] = self._logprob(successor, lane.final_logits, successor.tokens[0])
+            if lane.final_logits is not None:
+                self._score_later(successor, 0, lane.final_logits[None])
+        # A waiting branch must not pin its step's [rows, V] logits: only the last branch's row
+        # is needed later (it scores the join's first token).
+        if following < len(siblings) or lane.final_logits is None:
+            lane.final_logits = None
+        else:
+            lane.final_logits = lane.final_logits.clone()
         if any(s.status is not LaneStatus.WAITING for s in siblings):
             return
         sample = lane.sample
@@ -541,7 +584,7 @@ class Engine:
             sibling.status = LaneStatus.DONE
         sample.lanes.append(joined)
         token = joined.forced_queue.popleft()
-        self._write(joined, token, self._logprob(joined, last.final_logits, token), forced=True)
+        self._write(joined, token, forced=True, scored_from=last.final_logits)
         for sibling in siblings:
             sibling.final_logits = None
 

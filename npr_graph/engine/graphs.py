@@ -122,7 +122,7 @@ class DecodeGraphs:
     ) -> torch.Tensor | None:
         """One decode step of ``B`` lanes (``input_ids``/``positions`` ``[B, 1]``, ``write_slots``
         ``[B]``, the lanes' flat page table ``indptr [B + 1]``/``indices``, all on the CPU) by
-        replaying its bucket's graph; ``logits [B, V]`` float32 on the CPU, or None when no
+        replaying its bucket's graph; ``logits [B, V]`` float32 on the device, or None when no
         bucket fits ``B`` (the caller runs the step eagerly)."""
         batch = input_ids.shape[0]
         size = self.bucket(batch)
@@ -148,7 +148,8 @@ class DecodeGraphs:
             self.captures += 1
         entry.graph.replay()
         self.replays += 1
-        return entry.logits[:batch].float().cpu()
+        # A copy: the next replay overwrites the captured output, and lanes keep their rows.
+        return entry.logits[:batch].to(torch.float32, copy=True)
 
     def _prepare(self, size: int, capacity: int) -> _Captured:
         self.captured.pop(size, None)

@@ -118,8 +118,9 @@ class ModelRunner:
         return 2 * shape.num_layers * shape.kv_heads * shape.head_dim * itemsize
 
     def step(self, lanes: Sequence[Lane], earlier: bool = True) -> StepLogits:
-        """Feed every lane's pending tokens; return the logits (float32, on the CPU) after each
-        (after every fed token with ``earlier``; prompts need only the last)."""
+        """Feed every lane's pending tokens; return the logits (float32, on the model's device:
+        sampling runs there) after each (after every fed token with ``earlier``; prompts need only
+        the last)."""
         counts = [len(lane.pending) for lane in lanes]
         width = max(counts)
         write = [lane.kv.append_slots(count) for lane, count in zip(lanes, counts, strict=True)]
@@ -225,8 +226,7 @@ class ModelRunner:
                 logits_to_keep=keep,
                 npr_plan=plan,
             )
-        # Sampling runs on the CPU (per-sample CPU generators); a no-op copy on a CPU model.
-        return out.logits.float().cpu()
+        return out.logits.float()
 
     def _apply_copies(self) -> None:
         copies = self.pool.drain_copies()

@@ -3,6 +3,11 @@
 The log-prob the engine records for a token is ``log_softmax(logits / temperature)`` of the full
 distribution (temperature 1 when greedy), before top-k, top-p, penalties and structural
 constraints: exactly what a training forward computes for the same token.
+
+Selection runs where the logits are (the GPU on a CUDA model) as a few batched tensor operations
+over all rows; only the picked ids and their log-probs come back to the host. Randomness is one
+uniform per sampled row, drawn from the sample's own CPU generator (inverse-CDF sampling), so a
+seeded sample's stream does not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class SamplingParams:
     the current step (the NPR reference uses 1.02 there). ``max_new_tokens`` bounds the critical
     path (what a reader waits for), ``max_total_tokens`` all tokens over all branches (default:
     ``max_new_tokens`` times ``max_branches``). ``n`` samples of one prompt share its KV.
+    ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
     """
 
     temperature: float = 1.0
@@ -38,8 +44,10 @@ class SamplingParams:
     max_step_tokens: int = 160
     max_takeaway_tokens: int = 96
     ignore_eos: bool = False
+    suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "suppress_tokens", tuple(self.suppress_tokens))
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -56,6 +64,10 @@ class SamplingParams:
             (
                 min(self.max_plan_tokens, self.max_step_tokens, self.max_takeaway_tokens) >= 1,
                 "element limits must be >= 1",
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.suppress_tokens),
+                "suppress_tokens must be token ids (ints >= 0)",
             ),
         ]
         for ok, message in checks:
@@ -76,37 +88,76 @@ class SamplingParams:
         return self.max_total_tokens or self.max_new_tokens * self.max_branches
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
-    """In place, the usual rule: divide positive logits of seen tokens by ``penalty``, multiply
-    negative ones."""
-    if penalty == 1.0 or seen.numel() == 0:
+def apply_repetition_penalty(
+    logits: torch.Tensor, penalized: Sequence[list[int] | None], penalties: Sequence[float]
+) -> None:
+    """In place on ``logits [B, V]``, the usual rule on the ids ``penalized[b]`` of row ``b``:
+    divide positive logits by ``penalties[b]``, multiply negative ones."""
+    rows, ids, factors = [], [], []
+    for row, (seen, penalty) in enumerate(zip(penalized, penalties, strict=True)):
+        if seen and penalty != 1.0:
+            unique = sorted(set(seen))
+            rows += [row] * len(unique)
+            ids += unique
+            factors += [penalty] * len(unique)
+    if not rows:
         return
-    values = logits[seen]
-    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    index = (_on(rows, logits.device), _on(ids, logits.device))
+    factor = torch.tensor(factors, dtype=logits.dtype).to(logits.device)
+    values = logits[index]
+    logits[index] = torch.where(values > 0, values / factor, values * factor)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """``logits [V]`` with everything outside the top-k and the top-p nucleus set to -inf."""
-    if top_k and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        cumulative = probs.cumsum(-1)
-        drop = cumulative - probs > top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
+def filter_top_k_top_p(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+) -> torch.Tensor:
+    """``logits [B, V]`` with everything outside row ``b``'s top-``top_k[b]`` (0: off; ties at
+    the k-th value kept) and then outside its top-``top_p[b]`` nucleus set to -inf."""
+    vocab = logits.shape[-1]
+    if not any(0 < k < vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    device = logits.device
+    ranked, order = torch.sort(logits, dim=-1, descending=True)
+    k = _on([k if 0 < k < vocab else vocab for k in top_k], device)
+    kth = ranked.gather(1, (k - 1)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+    probs = ranked.softmax(-1)
+    # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
+    nucleus = torch.tensor([p if p < 1.0 else float("inf") for p in top_p]).to(device)
+    drop_ranked = probs.cumsum(-1) - probs > nucleus[:, None]
+    drop = torch.zeros_like(drop_ranked).scatter_(1, order, drop_ranked)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row of ``probs [B, V]`` (unnormalized is fine) the token
+    whose cumulative-probability interval holds ``uniforms[b]`` in [0, 1) of the row's total.
+    One uniform per row keeps a sample's stream reproducible whatever it is batched with."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(
+        uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+    )
+    # The first interval ending beyond the target: tokens of probability 0 have empty ones.
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor
+    logits: torch.Tensor,
+    tokens: torch.Tensor | Sequence[int],
+    temperatures: torch.Tensor | Sequence[float],
 ) -> torch.Tensor:
     """The recorded log-prob of ``tokens [N]`` under ``logits [N, V]``, row ``i`` at
-    ``temperatures[i]`` (``SamplingParams.scoring_temperature``)."""
-    scores = torch.log_softmax(logits.float() / temperatures[:, None], dim=-1)
-    return scores.gather(1, tokens[:, None])[:, 0]
+    ``temperatures[i]`` (``SamplingParams.scoring_temperature``), on the logits' device:
+    ``log_softmax(logits / t)[token]``, without writing a ``[N, V]`` result."""
+    device = logits.device
+    tokens = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    scaled = logits.float()
+    temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
+    if bool((temperatures != 1.0).any()):  # on the host: greedy and t = 1 skip a [N, V] pass
+        scaled = scaled / temperatures.to(device)[:, None]
+    return (scaled.gather(1, tokens[:, None]) - scaled.logsumexp(-1, keepdim=True))[:, 0]
 
 
 def select_tokens(
@@ -118,34 +169,60 @@ def select_tokens(
     penalized: Sequence[list[int] | None],
     scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of ``logits [B, V]``; return ``(tokens [B], logprobs [B])``.
+    """Pick one token per row of ``logits [B, V]``; return ``(tokens [B], logprobs [B])`` on the
+    logits' device.
 
     ``allowed[b]`` restricts row ``b`` to a structural choice, ``banned[b]`` excludes ids (tags
-    the format does not allow here); ``penalized[b]`` lists the ids that row's repetition
-    penalty applies to. ``scores`` (logits after user processors) are what is picked from when
-    given; log-probs always come from ``logits``.
+    the format does not allow here) besides ``params[b].suppress_tokens``; ``penalized[b]`` lists
+    the ids that row's repetition penalty applies to. ``scores`` (logits after user processors)
+    are what is picked from when given; log-probs always come from ``logits``. A row left with
+    nothing to pick (a processor or the bans removed all it allows) picks from the allowed logits.
     """
+    rows, vocab = logits.shape
+    device = logits.device
     logits = logits.float()
-    picked = logits if scores is None else scores.float()
-    tokens = torch.empty(len(params), dtype=torch.long)
-    rows = zip(params, generators, allowed, banned, penalized, strict=True)
-    for row, (p, generator, allow, ban, seen) in enumerate(rows):
-        choice = picked[row].clone()
-        if seen:
-            apply_repetition_penalty(choice, torch.tensor(sorted(set(seen))), p.repetition_penalty)
-        if allow is not None:
-            keep = torch.full_like(choice, float("-inf"))
-            keep[allow] = 0.0
-            choice = choice + keep
-        if ban:
-            choice[ban] = float("-inf")
-        if not torch.isfinite(choice).any():  # a processor left nothing the format allows
-            choice = torch.full_like(choice, float("-inf"))
-            choice[allow] = logits[row, allow]
-        if p.greedy:
-            tokens[row] = int(torch.argmax(choice))
-            continue
-        choice = filter_top_k_top_p(choice / p.temperature, p.top_k, p.top_p)
-        tokens[row] = int(torch.multinomial(torch.softmax(choice, dim=-1), 1, generator=generator))
-    temperatures = torch.tensor([p.scoring_temperature for p in params])
-    return tokens, token_logprobs(logits, tokens, temperatures)
+    choice = (logits if scores is None else scores.float()).clone()
+    apply_repetition_penalty(choice, penalized, [p.repetition_penalty for p in params])
+    excluded = [[*(b or ()), *p.suppress_tokens] for b, p in zip(banned, params, strict=True)]
+    allow = None
+    if any(a is not None for a in allowed):
+        allow = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        allow[_on([r for r, a in enumerate(allowed) if a is None], device)] = True
+        allow[
+            _pairs([(r, i) for r, a in enumerate(allowed) if a is not None for i in a], device)
+        ] = True
+        choice.masked_fill_(~allow, float("-inf"))
+    choice[_pairs([(r, i) for r, ids in enumerate(excluded) for i in ids], device)] = float("-inf")
+    if scores is not None or any(
+        a is not None and not set(a) - set(ids) for a, ids in zip(allowed, excluded, strict=True)
+    ):
+        fallback = logits if allow is None else logits.masked_fill(~allow, float("-inf"))
+        nothing_left = ~torch.isfinite(choice).any(-1, keepdim=True)
+        choice = torch.where(nothing_left, fallback, choice)
+
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        tokens = choice.argmax(-1)
+    else:
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
+        picked_by_argmax = choice.argmax(-1) if any(greedy) else None
+        choice.div_(temperature.to(device)[:, None])
+        choice = filter_top_k_top_p(choice, [p.top_k for p in params], [p.top_p for p in params])
+        weights = (choice - choice.amax(-1, keepdim=True)).exp_()  # unnormalized probabilities
+        uniforms = [
+            0.0 if p.greedy else float(torch.rand((), generator=g))
+            for p, g in zip(params, generators, strict=True)
+        ]
+        tokens = sample_from(weights, torch.tensor(uniforms).to(device))
+        if picked_by_argmax is not None:
+            tokens = torch.where(_on(greedy, device, torch.bool), picked_by_argmax, tokens)
+    return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
+
+
+def _on(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _pairs(index: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = torch.tensor(index, dtype=torch.long).reshape(-1, 2).to(device)
+    return pairs[:, 0], pairs[:, 1]

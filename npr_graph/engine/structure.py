@@ -65,7 +65,7 @@ class Format:
                     self.tag_ids[text] = ids[0]
         self._encoded: dict[str, list[int]] = {}
         self._closers: list[tuple[int, str]] | None = None
-        self._self_contained: list[tuple[int, str]] = []
+        self._self_contained: list[int] = []
 
     def encode(self, text: str) -> list[int]:
         """Token ids of engine-written text (tags as single tokens when special)."""
@@ -102,11 +102,12 @@ class Format:
                 for i, p in zip(ids, pieces, strict=True)
                 if ">" in p and i not in self.tag_ids.values()
             ]
-            self._self_contained = [(i, p) for i, p in self._closers if "<" in p]
+            # A tag that starts inside a token's piece does not depend on the text before it.
+            self._self_contained = [i for i, p in self._closers if "<" in p and completed_tags(p, p)]
         tail = tail[-LONGEST_TAG:]
-        # Without a "<" in the tail, only a token holding its own "<" can complete a tag.
-        candidates = self._closers if "<" in tail else self._self_contained
-        return [i for i, piece in candidates if completed_tags(tail + piece, piece)]
+        if "<" not in tail:  # only a token holding its own "<" can complete a tag
+            return list(self._self_contained)
+        return [i for i, piece in self._closers if completed_tags(tail + piece, piece)]
 
 
 def completed_tags(tail: str, piece: str) -> list[str]:
