@@ -351,6 +351,8 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
         "ms_per_step": 1e3 * stats.wall_time / max(steps, 1),
         "mean_lanes_per_step": stats.to_dict()["mean_lanes_per_step"],
         "mean_fed_per_step": stats.to_dict()["mean_fed_per_step"],
+        "forward_ms_per_decode_step": 1e3 * stats.forward_time / max(stats.decode_steps, 1),
+        "pick_ms_per_decode_step": 1e3 * stats.pick_time / max(stats.decode_steps, 1),
         "widths": sorted({b.width for g in graphs for b in g.blocks}),
     }
 
@@ -481,8 +483,8 @@ class Budget:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| part | backend | case | tokens/s | ms/step (attention: ms) | speedup |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| part | backend | case | tokens/s | ms/step (attention: ms) | forward / pick ms | speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         if r["part"] == "jit":
             continue
@@ -493,12 +495,17 @@ def table(results: list[dict]) -> str:
         case = case.format(**r) if "{" in case else case
         if "skipped" in r or "error" in r:
             why = f"skipped ({r['skipped']})" if "skipped" in r else "failed (see the JSON)"
-            lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | |")
+            lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | | |")
             continue
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else ""
         ms = f"{r.get('ms_per_step', r.get('ms', 0)):.3f}"
         speed = f"{r['speedup_vs_width1']:.2f}x" if "speedup_vs_width1" in r else ""
-        lines.append(f"| {r['part']} | {r['backend']} | {case} | {tps} | {ms} | {speed} |")
+        split = ""
+        if "forward_ms_per_decode_step" in r:
+            split = f"{r['forward_ms_per_decode_step']:.2f} / {r['pick_ms_per_decode_step']:.2f}"
+        lines.append(
+            f"| {r['part']} | {r['backend']} | {case} | {tps} | {ms} | {split} | {speed} |"
+        )
     return "\n".join(lines)
 
 

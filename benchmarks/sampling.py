@@ -2,8 +2,8 @@
 (``npr_graph.engine.sampling.select_tokens``) against the row-by-row loop it replaced, which first
 copied every row's logits to the host (the engine before this benchmark was written).
 
-Both sides pick from the same ``[rows, vocab]`` float32 logits with one seeded generator per row,
-the way the engine calls them: a constrained lane's banned tags on every row, repetition penalties
+Both sides pick from the same ``[rows, vocab]`` float32 logits with one seed per row (a CPU
+generator before, a counter-based noise stream now), the way the engine calls them: a constrained lane's banned tags on every row, repetition penalties
 on a quarter of them. Times are medians over ``--repeats`` side-by-side rounds.
 
     python benchmarks/sampling.py [--device cpu|cuda] [--vocab 151936] [--rows 1,8,64] [--json]
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npr_graph.engine.sampling import SamplingParams, select_tokens  # noqa: E402
+from npr_graph.engine.sampling import NoiseStream, SamplingParams, select_tokens  # noqa: E402
 
 SETTINGS = {
     "greedy": dict(temperature=0),
@@ -31,8 +31,9 @@ SETTINGS = {
 }
 
 
-def row_by_row(logits, params, generators, allowed, banned, penalized):
+def row_by_row(logits, params, seeds, allowed, banned, penalized):
     """The engine's selection before batching: logits to the host, then one row at a time."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     logits = logits.float().cpu()
     tokens = torch.empty(len(params), dtype=torch.long)
     rows = zip(params, generators, allowed, banned, penalized, strict=True)
@@ -66,8 +67,9 @@ def row_by_row(logits, params, generators, allowed, banned, penalized):
     return tokens, scores.gather(1, tokens[:, None])[:, 0].tolist()
 
 
-def batched(logits, params, generators, allowed, banned, penalized):
-    tokens, logprobs = select_tokens(logits, params, generators, allowed, banned, penalized)
+def batched(logits, params, seeds, allowed, banned, penalized):
+    streams = [NoiseStream.seeded(seed) for seed in seeds]
+    tokens, logprobs = select_tokens(logits, params, streams, allowed, banned, penalized)
     return torch.tensor(tokens.tolist()), logprobs.tolist()  # what reaches the host
 
 
@@ -81,11 +83,11 @@ def case(rows: int, vocab: int, setting: dict, device: str):
 
 
 def timed(fn, logits, params, allowed, banned, penalized, device) -> float:
-    generators = [torch.Generator().manual_seed(i) for i in range(len(params))]
+    seeds = list(range(len(params)))
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn(logits, params, generators, allowed, banned, penalized)
+    fn(logits, params, seeds, allowed, banned, penalized)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -106,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             for fn in (row_by_row, batched):  # warm-up
                 timed(fn, *inputs, args.device)
             if name == "greedy":  # both sides must pick the same tokens
-                generators = [None] * rows
-                old_tokens, _ = row_by_row(*inputs[:2], generators, *inputs[2:])
-                new_tokens, _ = batched(*inputs[:2], generators, *inputs[2:])
+                seeds = list(range(rows))
+                old_tokens, _ = row_by_row(*inputs[:2], seeds, *inputs[2:])
+                new_tokens, _ = batched(*inputs[:2], seeds, *inputs[2:])
                 if not torch.equal(old_tokens, new_tokens):
                     raise SystemExit(f"greedy picks differ at {rows} rows")
             old, new = [], []

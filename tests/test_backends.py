@@ -211,7 +211,7 @@ def generate_and_check(
     tolerance,
     device="cpu",
     dtype=torch.float32,
-    max_new_tokens=36,
+    max_new_tokens=48,
     prompts=("What is 2+2?", "Primes?"),
     n=2,
     **model_overrides,
@@ -245,7 +245,7 @@ def generate_and_check(
         engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
         error = (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max().item()
         assert error <= tolerance, f"{family} {backend}: log-prob error {error}"
-    if max_new_tokens >= 36:
+    if max_new_tokens >= 48:  # room for three plans and a step on the critical path
         assert any(g.nodes_of("takeaway") for g in graphs), "a join happened"
     assert engine.pool.num_used == 0
     return graphs
@@ -434,7 +434,7 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, 
     graphs = engine.runner.graphs
     assert graphs.buckets == [1, 2, 4, 8, 10]
     params = SamplingParams(
-        temperature=1.0, max_new_tokens=36, min_branches=2, max_branches=3, seed=7, n=2, **SHORT
+        temperature=1.0, max_new_tokens=48, min_branches=2, max_branches=3, seed=7, n=2, **SHORT
     )
     results = engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained", chat=False)
     # A step feeding more tokens than the largest bucket (forks: every branch feeds its header)

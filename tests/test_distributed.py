@@ -189,7 +189,10 @@ def test_fsdp2_matches_one_process_and_resumes(setup):
         for key, value in entry.items():
             other = state_two["state"][index][key]
             assert type(other) is torch.Tensor and other.shape == value.shape, (index, key)
-            assert torch.allclose(value, other, rtol=1e-4, atol=1e-12), (index, key)
+            # Sharded gradients are summed in another order: an entry far below the tensor's
+            # largest differs by float32 rounding of that scale, not of its own.
+            scale = float(value.abs().max())
+            assert torch.allclose(value, other, rtol=1e-4, atol=1e-6 * scale), (index, key)
     # ... resuming it sharded continues exactly ...
     assert untimed(metrics(sharded_resumed)) == untimed(two)
     for key, value in final_two.items():

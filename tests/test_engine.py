@@ -444,8 +444,11 @@ def test_engine_written_tokens_are_scored_in_one_batch_per_step(special_tokenize
         temperature=0, max_new_tokens=80, min_branches=3, max_branches=3, n=2, **SHORT
     )
     graphs = engine.generate(["Q"], params, mode="constrained", chat=False)
-    steps = engine.stats.decode_steps + engine.stats.prefill_steps
+    stats = engine.stats
+    steps = stats.decode_steps + stats.prefill_steps
     assert len(calls) <= steps and max(calls) > 1
+    assert stats.forward_time > 0 and stats.pick_time > 0
+    assert stats.forward_time + stats.pick_time <= stats.wall_time
     forced = sum(f for g in graphs for f in g.forced[g.prompt_num_tokens :])
     assert sum(calls) == forced, "every engine-written token is scored exactly once"
     assert all(lp is not None for g in graphs for lp in g.logprobs[g.prompt_num_tokens :])
@@ -464,4 +467,4 @@ def test_spelled_tags_match_a_brute_force_scan(special_tokenizer):
     for tail in tails:
         brute = sorted(i for i, p in pieces.items() if completed_tags(tail + p, p))
         assert sorted(fmt.spelled_tags(tail)) == brute, tail
-    assert fmt.spelled_tags("<step"), "a tail that spells a tag's start is completed by \">\""
+    assert fmt.spelled_tags("<step"), 'a tail that spells a tag\'s start is completed by ">"'

@@ -85,6 +85,15 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     assert rows[("attention", None)]["ms"] > 0
     assert rows[("widths", 1)]["generated_tokens"] == 12, "sequential: exactly the step tokens"
     assert rows[("widths", 2)]["widths"] == [2] and rows[("widths", 2)]["speedup_vs_width1"] > 0
+    split = (
+        rows[("widths", 2)]["forward_ms_per_decode_step"]
+        + rows[("widths", 2)]["pick_ms_per_decode_step"]
+    )
+    assert (
+        0
+        < split
+        <= rows[("widths", 2)]["ms_per_step"] * (1 + 1 / rows[("widths", 2)]["decode_steps"])
+    )
     profiled = [r for r in report["results"] if r["part"] == "profile"]
     assert [r["width"] for r in profiled] == [1, 4]
     assert profiled[0]["generated_tokens"] == 6 and profiled[1]["host_ms_per_step"] > 0

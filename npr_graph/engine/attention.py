@@ -156,6 +156,9 @@ def attention_implementation(model: torch.nn.Module, name: str = ATTENTION_NAME)
     model the caller handed over is left as it was."""
     config = model.config
     previous = config._attn_implementation
+    if previous == name:  # nested (a step inside Engine.generate): the setter is not free
+        yield
+        return
     config._attn_implementation = name
     try:
         yield

@@ -25,11 +25,12 @@ import torch
 from ..graph import ReasoningGraph
 from ..layout import node_start, position_ids
 from ..parse import decode_pieces, parse
+from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
 from .lanes import Lane, LaneStatus, Request, Sample
 from .runner import ModelRunner
-from .sampling import SamplingParams, select_tokens, token_logprobs
+from .sampling import NoiseStream, SamplingParams, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
 
 
@@ -56,6 +57,11 @@ class EngineStats:
     preemptions: int = 0
     lanes_per_step: list[int] = field(default_factory=list)
     fed_per_step: list[int] = field(default_factory=list)  # tokens: a lane feeds forced text too
+    # Decode steps split in two: feeding the lanes (on a GPU: planning and launching the
+    # forward) and picking (selection, scoring, the format's reaction; on a GPU it includes
+    # waiting for the forward). The rest of wall_time is prefill and scheduling.
+    forward_time: float = 0.0
+    pick_time: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +79,8 @@ class EngineStats:
             "preemptions": self.preemptions,
             "mean_lanes_per_step": sum(self.lanes_per_step) / max(len(self.lanes_per_step), 1),
             "mean_fed_per_step": sum(self.fed_per_step) / max(len(self.fed_per_step), 1),
+            "forward_time": self.forward_time,
+            "pick_time": self.pick_time,
         }
 
 
@@ -205,7 +213,8 @@ class Engine:
         self.stats = EngineStats()
         self.logits_processor = logits_processor
         start = time.perf_counter()
-        self._run(requests, progress)
+        with attention_implementation(self.model):
+            self._run(requests, progress)
         self.stats.wall_time = time.perf_counter() - start
         self.stats.peak_kv_pages = self.pool.peak_used
         graphs = [self._graph(sample) for request in requests for sample in request.samples]
@@ -244,10 +253,14 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.lanes_per_step.append(len(lanes))
             self.stats.fed_per_step.append(sum(len(lane.pending) for lane in lanes))
+            started = time.perf_counter()
             logits = self.runner.step(lanes)
+            fed = time.perf_counter()
             self._score_fed(lanes, logits.earlier)
             self._advance(lanes, logits.last)
             self._score_pending()
+            self.stats.forward_time += fed - started
+            self.stats.pick_time += time.perf_counter() - fed
             if progress is not None:
                 progress(sum(s.total_tokens for r in running for s in r.samples))
             running = [r for r in running if not self._settle(r)]
@@ -316,10 +329,11 @@ class Engine:
         for request, lane, row in zip(requests, prompt_lanes, logits, strict=True):
             params = request.params
             for index, kv in enumerate(lane.kv.fork(params.n)):
-                generator = None
-                if params.seed is not None:
-                    generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
-                sample = Sample(request, index, generator)
+                if params.seed is None:
+                    noise = NoiseStream.unseeded()
+                else:
+                    noise = NoiseStream.seeded(params.seed * 1_000_003 + index)
+                sample = Sample(request, index, noise)
                 state = None if request.mode == "sequential" else LaneState(request.mode)
                 trunk = Lane(sample, kv, state, node_start([len(request.prompt_ids)]))
                 if state is not None:
@@ -363,7 +377,7 @@ class Engine:
         tokens, logprobs = select_tokens(
             logits,
             [lane.sample.request.params for lane in to_sample],
-            [lane.sample.generator for lane in to_sample],
+            [lane.sample.noise for lane in to_sample],
             [c[0] for c in constraints],
             [c[1] for c in constraints],
             [c[2] for c in constraints],

@@ -15,7 +15,7 @@ from enum import Enum
 import torch
 
 from .kv import LaneKV
-from .sampling import SamplingParams
+from .sampling import NoiseStream, SamplingParams
 from .structure import Action, LaneState
 
 
@@ -80,7 +80,7 @@ class Lane:
 class Sample:
     request: Request
     index: int
-    generator: torch.Generator | None
+    noise: NoiseStream
     lanes: list[Lane] = field(default_factory=list)
     fork_tokens: list[int] = field(
         default_factory=list

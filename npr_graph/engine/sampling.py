@@ -5,13 +5,17 @@ distribution (temperature 1 when greedy), before top-k, top-p, penalties and str
 constraints: exactly what a training forward computes for the same token.
 
 Selection runs where the logits are (the GPU on a CUDA model) as a few batched tensor operations
-over all rows; only the picked ids and their log-probs come back to the host. Randomness is one
-uniform per sampled row, drawn from the sample's own CPU generator (inverse-CDF sampling), so a
-seeded sample's stream does not depend on what it is batched with.
+over all rows; only the picked ids and their log-probs come back to the host. Sampling is the
+Gumbel-max race, ``argmax(logits / t + G)``, with each row's noise ``G`` a pure function of a key
+derived from (the sample's seed, its draw count): a seeded sample's tokens do not depend on what
+it is batched with. A race keeps picks stable under tiny changes of the logits (another batch
+shape, another kernel, another world size), where inverse-CDF sampling over a running sum of
+10^5 probabilities flips about 1% of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +31,9 @@ class SamplingParams:
     path (what a reader waits for), ``max_total_tokens`` all tokens over all branches (default:
     ``max_new_tokens`` times ``max_branches``). ``n`` samples of one prompt share its KV.
     ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
+    ``seed`` fixes every sample's tokens on a given kind of device (sample ``i`` of a prompt uses
+    ``seed * 1_000_003 + i``), whatever else runs in the same batch; unseeded samples draw their
+    keys from torch's global generator.
     """
 
     temperature: float = 1.0
@@ -130,17 +137,65 @@ def filter_top_k_top_p(
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: for each row of ``probs [B, V]`` (unnormalized is fine) the token
-    whose cumulative-probability interval holds ``uniforms[b]`` in [0, 1) of the row's total.
-    One uniform per row keeps a sample's stream reproducible whatever it is batched with."""
-    cdf = probs.float().cumsum(-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(
-        uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
-    )
-    # The first interval ending beyond the target: tokens of probability 0 have empty ones.
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+_M31 = (1 << 31) - 1
+
+
+def _mix31(x):
+    """A bijection on [0, 2^31), on Python ints and int64 tensors alike (products stay < 2^63)."""
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M31
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _M31
+    return x ^ (x >> 15)
+
+
+@dataclass
+class NoiseStream:
+    """The randomness of one sample: draw ``i`` is keyed by ``(key, i)`` alone. The 62-bit key
+    makes two samples' streams practically never coincide (each draw's row key has 31 bits)."""
+
+    key: int
+    draws: int = 0
+
+    @classmethod
+    def seeded(cls, seed: int) -> NoiseStream:
+        digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+        return cls(int.from_bytes(digest, "little") >> 2)
+
+    @classmethod
+    def unseeded(cls) -> NoiseStream:
+        """A key from torch's global generator (``torch.manual_seed`` makes it repeatable)."""
+        return cls(int(torch.randint(0, 1 << 62, (), dtype=torch.int64)))
+
+    def next_key(self) -> int:
+        """The row key of the next draw, in [0, 2^31)."""
+        self.draws += 1
+        low, high = self.key & _M31, self.key >> 31
+        return _mix31(low ^ _mix31((self.draws ^ high) & _M31))
+
+
+def gumbel_noise(row_keys: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise ``[B, vocab]`` (float32, finite) on ``device``, row ``b`` a pure
+    function of ``row_keys[b]`` on a given kind of device. On a GPU one batched hash of (key,
+    token id) makes it (:func:`hashed_gumbel_noise`); on the CPU, where integer hashing costs twice
+    a generator's draws, each row comes from a CPU generator seeded with its key."""
+    if torch.device(device).type != "cpu":
+        return hashed_gumbel_noise(torch.tensor(row_keys, dtype=torch.int64).to(device), vocab)
+    noise = torch.empty(len(row_keys), vocab)
+    for row, key in enumerate(row_keys):
+        noise[row].exponential_(generator=torch.Generator().manual_seed(key))
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
+
+
+def hashed_gumbel_noise(row_keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise ``[B, vocab]`` (float32, on ``row_keys``' device), entry ``(b, i)`` a
+    pure function of ``row_keys[b]`` and ``i`` on any device. Uniforms come from 31 hash bits,
+    the exponential from whichever of ``u`` and ``1 - u`` is exact, so |G| < 23."""
+    index = torch.arange(vocab, dtype=torch.int64, device=row_keys.device)
+    bits = _mix31((index[None, :] * 0x9E3779B1 + row_keys[:, None]) & _M31)
+    below_half = bits < (1 << 30)
+    low = (bits.float() + 0.5) * 2.0**-31  # u
+    high = ((_M31 - bits).float() + 0.5) * 2.0**-31  # 1 - u
+    exponential = torch.where(below_half, -torch.log(low), -torch.log1p(-high))
+    return -torch.log(exponential)
 
 
 def token_logprobs(
@@ -163,7 +218,7 @@ def token_logprobs(
 def select_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    streams: Sequence[NoiseStream],
     allowed: Sequence[list[int] | None],
     banned: Sequence[list[int] | None],
     penalized: Sequence[list[int] | None],
@@ -200,22 +255,14 @@ def select_tokens(
         nothing_left = ~torch.isfinite(choice).any(-1, keepdim=True)
         choice = torch.where(nothing_left, fallback, choice)
 
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        tokens = choice.argmax(-1)
-    else:
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled:
         temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
-        picked_by_argmax = choice.argmax(-1) if any(greedy) else None
         choice.div_(temperature.to(device)[:, None])
         choice = filter_top_k_top_p(choice, [p.top_k for p in params], [p.top_p for p in params])
-        weights = (choice - choice.amax(-1, keepdim=True)).exp_()  # unnormalized probabilities
-        uniforms = [
-            0.0 if p.greedy else float(torch.rand((), generator=g))
-            for p, g in zip(params, generators, strict=True)
-        ]
-        tokens = sample_from(weights, torch.tensor(uniforms).to(device))
-        if picked_by_argmax is not None:
-            tokens = torch.where(_on(greedy, device, torch.bool), picked_by_argmax, tokens)
+        keys = [streams[row].next_key() for row in sampled]
+        choice[_on(sampled, device)] += gumbel_noise(keys, vocab, device)  # greedy: no noise
+    tokens = choice.argmax(-1)
     return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
 
 

@@ -103,7 +103,9 @@ class Format:
                 if ">" in p and i not in self.tag_ids.values()
             ]
             # A tag that starts inside a token's piece does not depend on the text before it.
-            self._self_contained = [i for i, p in self._closers if "<" in p and completed_tags(p, p)]
+            self._self_contained = [
+                i for i, p in self._closers if "<" in p and completed_tags(p, p)
+            ]
         tail = tail[-LONGEST_TAG:]
         if "<" not in tail:  # only a token holding its own "<" can complete a tag
             return list(self._self_contained)
