@@ -6,7 +6,12 @@ Both sides pick from the same ``[rows, vocab]`` float32 logits with one seed per
 generator before, a counter-based noise stream now), the way the engine calls them: a constrained lane's banned tags on every row, repetition penalties
 on a quarter of them. Times are medians over ``--repeats`` side-by-side rounds.
 
-    python benchmarks/sampling.py [--device cpu|cuda] [--vocab 151936] [--rows 1,8,64] [--json]
+``--logits model`` takes the rows from the embedded SmolLM2 instead of random numbers: its
+next-token logits at successive positions of a short text (real, peaked distributions, whose
+top-p nuclei are small; random logits are flat, with nuclei of thousands of tokens).
+
+    python benchmarks/sampling.py [--device cpu|cuda] [--vocab 151936] [--rows 1,8,64]
+                                  [--logits random|model] [--json]
 """
 
 from __future__ import annotations
@@ -73,9 +78,30 @@ def batched(logits, params, seeds, allowed, banned, penalized):
     return torch.tensor(tokens.tolist()), logprobs.tolist()  # what reaches the host
 
 
-def case(rows: int, vocab: int, setting: dict, device: str):
+TEXT = (
+    "The train left the station at nine and covered the first hundred and eighty kilometres in "
+    "two hours. After a short stop it went on, slower now, through hills and small towns, and "
+    "reached the coast in the early afternoon, where the passengers stepped out into the wind."
+)
+
+
+def model_logits(rows: int) -> torch.Tensor:
+    """The embedded model's next-token logits at the first ``rows`` positions of ``TEXT``."""
+    from npr_graph.models import load_model
+
+    model, tokenizer = load_model(tags="text")
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    ids = (ids * (rows // len(ids) + 1))[:rows]
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def case(rows: int, vocab: int, setting: dict, device: str, real: torch.Tensor | None = None):
     generator = torch.Generator().manual_seed(rows)
-    logits = (torch.randn(rows, vocab, generator=generator) * 3).to(device)
+    if real is not None:
+        logits = real[:rows].to(device)
+    else:
+        logits = (torch.randn(rows, vocab, generator=generator) * 3).to(device)
     params = [SamplingParams(repetition_penalty=1.02, **setting)] * rows
     banned = [list(range(8))] * rows
     penalized = [list(range(100, 260)) if row % 4 == 0 else None for row in range(rows)]
@@ -99,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=151936, help="Qwen3's by default")
     parser.add_argument("--rows", default="1,8,64")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--logits", choices=("random", "model"), default="random")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    real = None
+    if args.logits == "model":
+        real = model_logits(max(int(r) for r in args.rows.split(",")))
+        args.vocab = real.shape[-1]
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
         for name, setting in SETTINGS.items():
-            inputs = case(rows, args.vocab, setting, args.device)
+            inputs = case(rows, args.vocab, setting, args.device, real)
             for fn in (row_by_row, batched):  # warm-up
                 timed(fn, *inputs, args.device)
             if name == "greedy":  # both sides must pick the same tokens
@@ -121,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "vocab": args.vocab,
                 "setting": name,
+                "logits": args.logits,
                 "row_by_row_ms": 1e3 * statistics.median(old),
                 "batched_ms": 1e3 * statistics.median(new),
             }

@@ -8,6 +8,7 @@ from npr_graph.engine.sampling import (
     gumbel_noise,
     hashed_gumbel_noise,
     select_tokens,
+    truncate,
 )
 from npr_graph.engine.structure import Kind, LaneState, Phase, completed_tags
 
@@ -83,6 +84,45 @@ def test_batched_filters_match_the_row_by_row_rule():
     batched = filter_top_k_top_p(logits, top_k, top_p)
     for row, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
         assert torch.equal(batched[row], reference_filter(logits[row], k, p)), row
+
+
+def test_filters_over_candidates_match_the_row_by_row_rule():
+    """Peaked rows keep their nucleus among the first 256 candidates (a partial sort), a broad
+    one among 4096; a nucleus past those, or a top-k with ties past them, sorts whole rows."""
+    generator = torch.Generator().manual_seed(5)
+    vocab = 20000
+    peaked = torch.randn(4, vocab, generator=generator) * 3
+    peaked[:, :40] += 15.0
+    broad = torch.randn(2, vocab, generator=generator) * 0.01
+    broad[:, :2000] += 5.0  # 94% of the mass on 2,000 tokens
+    tied = torch.zeros(1, vocab)
+    tied[0, :10] = 5.0
+    logits = torch.cat([peaked, broad, tied])
+    top_k, top_p = [0, 50, 0, 0, 0, 0, 300], [0.9, 1.0, 0.5, 1.0, 0.9, 0.95, 1.0]
+    cases = {(0, 1, 2, 3): 256, (4,): 4096, (5,): None, (6,): None, tuple(range(7)): None}
+    for rows, size in cases.items():
+        k, p = [top_k[r] for r in rows], [top_p[r] for r in rows]
+        ids = truncate(logits[list(rows)], k, p)[1]
+        assert (None if ids is None else ids.shape[1]) == size, rows
+        batched = filter_top_k_top_p(logits[list(rows)], k, p)
+        for i, row in enumerate(rows):
+            assert torch.equal(batched[i], reference_filter(logits[row], top_k[row], top_p[row]))
+
+
+def test_a_race_among_candidates_is_the_full_race():
+    """With top-p or top-k on every sampled row, only the candidates race, with the noise the
+    full race gives them (the GPU's hashed noise): the picks are the full race's."""
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, 3000, generator=generator) * 3
+    logits[:, :30] += 12.0
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=k) for k in [0, 20] * 32]
+    streams = [NoiseStream.seeded(row) for row in range(64)]
+    none = [None] * 64
+    tokens, _ = select_tokens(logits, params, streams, none, none, none)
+    keys = torch.tensor([NoiseStream.seeded(row).next_key() for row in range(64)])
+    kept = filter_top_k_top_p(logits / 0.8, [p.top_k for p in params], [0.9] * 64)
+    full_race = (kept + hashed_gumbel_noise(keys, 3000)).argmax(-1)
+    assert torch.equal(tokens, full_race)
 
 
 @pytest.mark.parametrize("hashed", [True, False], ids=["hashed (GPU)", "generator (CPU)"])

@@ -115,26 +115,73 @@ def apply_repetition_penalty(
     logits[index] = torch.where(values > 0, values / factor, values * factor)
 
 
+# Most top-k sets and nuclei are small: rank this many candidates first (a partial sort), and
+# sort whole rows only when a row's nucleus reaches past them.
+NUCLEUS_CANDIDATES = (256, 4096)
+
+
 def filter_top_k_top_p(
     logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
 ) -> torch.Tensor:
     """``logits [B, V]`` with everything outside row ``b``'s top-``top_k[b]`` (0: off; ties at
     the k-th value kept) and then outside its top-``top_p[b]`` nucleus set to -inf."""
+    values, ids = truncate(logits, top_k, top_p)
+    if ids is None:
+        return values
+    full = torch.full_like(logits, float("-inf"))
+    untrimmed = _on(
+        [p >= 1.0 and not 0 < k < logits.shape[-1] for k, p in zip(top_k, top_p, strict=True)],
+        logits.device,
+        torch.bool,
+    )
+    full = torch.where(untrimmed[:, None], logits, full)
+    return full.scatter_(1, ids, torch.where(untrimmed[:, None], logits.gather(1, ids), values))
+
+
+def truncate(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`filter_top_k_top_p`, in the cheapest form: ``(values [B, V], None)``, or
+    ``(values [B, n], ids [B, n])`` when every trimmed row's survivors are among its ``n`` best
+    candidates (``values`` -inf where dropped). In the second form rows without top-k or top-p
+    keep only their candidates: a caller may take it only when those rows need no more (greedy)."""
     vocab = logits.shape[-1]
-    if not any(0 < k < vocab for k in top_k) and all(p >= 1.0 for p in top_p):
-        return logits
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    if all(k == vocab for k in ks) and all(p >= 1.0 for p in top_p):
+        return logits, None
     device = logits.device
-    ranked, order = torch.sort(logits, dim=-1, descending=True)
-    k = _on([k if 0 < k < vocab else vocab for k in top_k], device)
-    kth = ranked.gather(1, (k - 1)[:, None])
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    ranked = ranked.masked_fill(ranked < kth, float("-inf"))
-    probs = ranked.softmax(-1)
     # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
     nucleus = torch.tensor([p if p < 1.0 else float("inf") for p in top_p]).to(device)
-    drop_ranked = probs.cumsum(-1) - probs > nucleus[:, None]
-    drop = torch.zeros_like(drop_ranked).scatter_(1, order, drop_ranked)
-    return logits.masked_fill(drop, float("-inf"))
+    trimmed = _on(
+        [k < vocab or p < 1.0 for k, p in zip(ks, top_p, strict=True)], device, torch.bool
+    )
+    largest_k = max((k for k in ks if k < vocab), default=0)
+    for size in [c for c in NUCLEUS_CANDIDATES if largest_k <= c < vocab] + [vocab]:
+        if size < vocab:
+            ranked, order = logits.topk(size, dim=-1)
+        else:
+            ranked, order = torch.sort(logits, dim=-1, descending=True)
+        k = _on([k - 1 if k < vocab else 0 for k in ks], device)
+        kth = torch.where(
+            _on([k < vocab for k in ks], device, torch.bool)[:, None],
+            ranked.gather(1, k[:, None]),
+            float("-inf"),
+        )
+        kept = logits.masked_fill(logits < kth, float("-inf"))
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+        probs = (ranked - kept.logsumexp(-1, keepdim=True)).exp()
+        cumulative = probs.cumsum(-1)
+        drop = cumulative - probs > nucleus[:, None]
+        if size == vocab:
+            return kept.masked_fill(
+                torch.zeros_like(drop).scatter_(1, order, drop), float("-inf")
+            ), None
+        # Covered: each trimmed row's top-k cut or nucleus ends within the candidates.
+        beyond = ranked[:, -1] < kth[:, 0]  # top-k already cut inside
+        covered = beyond | (cumulative[:, -1] > nucleus)
+        if bool((covered | ~trimmed).all()):
+            return ranked.masked_fill(drop, float("-inf")), order
+    raise AssertionError("unreachable: the last size sorts whole rows")
 
 
 _M31 = (1 << 31) - 1
@@ -185,12 +232,14 @@ def gumbel_noise(row_keys: Sequence[int], vocab: int, device: torch.device) -> t
     return noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
 
 
-def hashed_gumbel_noise(row_keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise ``[B, vocab]`` (float32, on ``row_keys``' device), entry ``(b, i)`` a
-    pure function of ``row_keys[b]`` and ``i`` on any device. Uniforms come from 31 hash bits,
-    the exponential from whichever of ``u`` and ``1 - u`` is exact, so |G| < 23."""
-    index = torch.arange(vocab, dtype=torch.int64, device=row_keys.device)
-    bits = _mix31((index[None, :] * 0x9E3779B1 + row_keys[:, None]) & _M31)
+def hashed_gumbel_noise(row_keys: torch.Tensor, tokens: int | torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float32, on ``row_keys``' device) for token ids ``tokens [B, n]``
+    (or all ``tokens`` ids: ``[B, tokens]``), entry ``(b, id)`` a pure function of
+    ``row_keys[b]`` and ``id`` on any device. Uniforms come from 31 hash bits, the exponential
+    from whichever of ``u`` and ``1 - u`` is exact, so |G| < 23."""
+    if isinstance(tokens, int):
+        tokens = torch.arange(tokens, dtype=torch.int64, device=row_keys.device)[None, :]
+    bits = _mix31((tokens * 0x9E3779B1 + row_keys[:, None]) & _M31)
     below_half = bits < (1 << 30)
     low = (bits.float() + 0.5) * 2.0**-31  # u
     high = ((_M31 - bits).float() + 0.5) * 2.0**-31  # 1 - u
@@ -256,13 +305,26 @@ def select_tokens(
         choice = torch.where(nothing_left, fallback, choice)
 
     sampled = [row for row, p in enumerate(params) if not p.greedy]
-    if sampled:
+    if not sampled:
+        tokens = choice.argmax(-1)
+    else:
         temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
         choice.div_(temperature.to(device)[:, None])
-        choice = filter_top_k_top_p(choice, [p.top_k for p in params], [p.top_p for p in params])
+        top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
         keys = [streams[row].next_key() for row in sampled]
-        choice[_on(sampled, device)] += gumbel_noise(keys, vocab, device)  # greedy: no noise
-    tokens = choice.argmax(-1)
+        trimmed = all(0 < top_k[row] < vocab or top_p[row] < 1.0 for row in sampled)
+        values, ids = (
+            truncate(choice, top_k, top_p)
+            if trimmed
+            else (filter_top_k_top_p(choice, top_k, top_p), None)
+        )
+        rows = _on(sampled, device)
+        if ids is None:
+            values[rows] += gumbel_noise(keys, vocab, device)  # greedy rows: no noise
+            tokens = values.argmax(-1)
+        else:  # race among the candidates only, with the noise a full race would give them
+            values[rows] += hashed_gumbel_noise(_on(keys, device), ids[rows])
+            tokens = ids.gather(1, values.argmax(-1, keepdim=True))[:, 0]
     return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
 
 
