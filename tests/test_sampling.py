@@ -206,9 +206,11 @@ def test_picks_survive_tiny_changes_of_the_logits(noise_kind):
 
 
 def test_a_row_picks_the_same_token_alone_and_in_any_batch():
-    """Batching is only a speed-up: each row's pick and log-prob are those it gets alone."""
+    """Batching is only a speed-up: each row's pick and log-prob are those it gets alone, also
+    when its batch races over candidates (every sampled row trimmed) and when it does not."""
     generator = torch.Generator().manual_seed(2)
-    logits = torch.randn(6, 30, generator=generator) * 3
+    logits = torch.randn(6, 600, generator=generator) * 3
+    logits[:, :20] += 6.0  # peaked: top-k and top-p cuts end among the first candidates
     rows = [
         (SamplingParams(temperature=0), None, None, None),
         (SamplingParams(temperature=0.7, top_k=5, seed=1), None, [0, 1], None),
@@ -228,7 +230,7 @@ def test_a_row_picks_the_same_token_alone_and_in_any_batch():
 
     everything = list(range(len(rows)))
     tokens, logprobs = pick_rows(everything, [100 + i for i in everything])
-    for order in (everything, everything[::-1], [4, 1, 5]):
+    for order in (everything, everything[::-1], [4, 1, 5], [1, 2], [0, 2, 3]):
         batch_tokens, batch_logprobs = pick_rows(order, [100 + i for i in order])
         assert batch_tokens.tolist() == tokens[order].tolist()
         assert torch.allclose(batch_logprobs, logprobs[order])

@@ -220,10 +220,11 @@ class NoiseStream:
 
 
 def gumbel_noise(row_keys: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise ``[B, vocab]`` (float32, finite) on ``device``, row ``b`` a pure
-    function of ``row_keys[b]`` on a given kind of device. On a GPU one batched hash of (key,
-    token id) makes it (:func:`hashed_gumbel_noise`); on the CPU, where integer hashing costs twice
-    a generator's draws, each row comes from a CPU generator seeded with its key."""
+    """Standard Gumbel noise ``[B, vocab]`` (float32, finite) on ``device`` for rows that race
+    over the whole vocabulary, row ``b`` a pure function of ``row_keys[b]`` on a given kind of
+    device. On a GPU one batched hash of (key, token id) makes it (:func:`hashed_gumbel_noise`);
+    on the CPU, where integer hashing costs twice a generator's draws, each row comes from a CPU
+    generator seeded with its key."""
     if torch.device(device).type != "cpu":
         return hashed_gumbel_noise(torch.tensor(row_keys, dtype=torch.int64).to(device), vocab)
     noise = torch.empty(len(row_keys), vocab)
@@ -311,19 +312,24 @@ def select_tokens(
         temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
         choice.div_(temperature.to(device)[:, None])
         top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
-        keys = [streams[row].next_key() for row in sampled]
-        trimmed = all(0 < top_k[row] < vocab or top_p[row] < 1.0 for row in sampled)
-        values, ids = (
-            truncate(choice, top_k, top_p)
-            if trimmed
-            else (filter_top_k_top_p(choice, top_k, top_p), None)
-        )
-        rows = _on(sampled, device)
+        keys = {row: streams[row].next_key() for row in sampled}
+        # A row with top-k or top-p races with hashed noise on every device, so that its picks
+        # do not depend on whether its batch races over candidates or whole rows.
+        trimmed = [row for row in sampled if 0 < top_k[row] < vocab or top_p[row] < 1.0]
+        plain = [row for row in sampled if row not in set(trimmed)]
+        if plain:
+            values = filter_top_k_top_p(choice, top_k, top_p)
+            values[_on(plain, device)] += gumbel_noise([keys[r] for r in plain], vocab, device)
+            ids = None
+        else:
+            values, ids = truncate(choice, top_k, top_p)
+        if trimmed:
+            rows = _on(trimmed, device)
+            where = vocab if ids is None else ids[rows]
+            values[rows] += hashed_gumbel_noise(_on([keys[r] for r in trimmed], device), where)
         if ids is None:
-            values[rows] += gumbel_noise(keys, vocab, device)  # greedy rows: no noise
-            tokens = values.argmax(-1)
-        else:  # race among the candidates only, with the noise a full race would give them
-            values[rows] += hashed_gumbel_noise(_on(keys, device), ids[rows])
+            tokens = values.argmax(-1)  # greedy rows race without noise
+        else:  # only the candidates raced, with the noise a full race would give them
             tokens = ids.gather(1, values.argmax(-1, keepdim=True))[:, 0]
     return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
 
