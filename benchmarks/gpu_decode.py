@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.decode import forced_structure  # noqa: E402
 from kernels.attention import DecodeLevel  # noqa: E402
 from npr_graph.engine.backends import (  # noqa: E402
     FlashInferBackend,
@@ -311,13 +312,6 @@ def _time_it(fn, device, repeats: int) -> float:
 
 
 # -- 2./3. the engine ------------------------------------------------------------------------------
-def forced_structure(engine: Engine) -> tuple[int, ...]:
-    """Token ids to suppress (``SamplingParams.suppress_tokens``): the elements' closing tags and
-    EOS, so every element runs to its limit and each run decodes exactly the planned counts."""
-    closers = ("</plan>", "</step>", "</takeaway>")
-    return tuple(engine.format.tag_ids[tag] for tag in closers) + tuple(sorted(engine.eos_ids))
-
-
 def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, step_tokens,
                kv_bytes) -> dict:  # fmt: skip
     """One block of ``width`` steps per sample (constrained, structure forced); width 1 is plain

@@ -35,10 +35,15 @@ from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_
 
 
 class _Unscored(NamedTuple):
+    """``lane.tokens[index : index + len(logits)]``, to be scored by ``logits [n, V]``."""
+
     lane: Lane
     index: int
     logits: torch.Tensor
-    tokens: list[int]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.lane.tokens[self.index : self.index + self.logits.shape[0]]
 
 
 class PromptError(ValueError):
@@ -409,8 +414,7 @@ class Engine:
     def _score_later(self, lane: Lane, index: int, logits: torch.Tensor) -> None:
         """Record that ``lane.tokens[index : index + len(logits)]`` are scored by ``logits
         [n, V]``: every such log-prob of a step is computed in one batch when it ends."""
-        tokens = list(lane.tokens[index : index + logits.shape[0]])
-        self._unscored.append(_Unscored(lane, index, logits, tokens))
+        self._unscored.append(_Unscored(lane, index, logits))
 
     def _score_pending(self) -> None:
         """Log-probs of the step's engine-written tokens: one batched computation where the
@@ -428,7 +432,7 @@ class Engine:
         values = token_logprobs(logits, tokens, temperatures).tolist()
         at = 0
         for entry in pending:
-            count = len(entry.tokens)
+            count = entry.logits.shape[0]
             entry.lane.logprobs[entry.index : entry.index + count] = values[at : at + count]
             at += count
 
@@ -566,15 +570,13 @@ class Engine:
         lane.status = LaneStatus.WAITING
         siblings = lane.siblings
         following = lane.branch + 1
+        # A waiting branch must not pin its step's [rows, V] logits: only the last branch keeps
+        # its own row (it scores the join's first token).
         if following < len(siblings):
-            successor = siblings[following]
             if lane.final_logits is not None:
-                self._score_later(successor, 0, lane.final_logits[None])
-        # A waiting branch must not pin its step's [rows, V] logits: only the last branch's row
-        # is needed later (it scores the join's first token).
-        if following < len(siblings) or lane.final_logits is None:
+                self._score_later(siblings[following], 0, lane.final_logits[None])
             lane.final_logits = None
-        else:
+        elif lane.final_logits is not None:
             lane.final_logits = lane.final_logits.clone()
         if any(s.status is not LaneStatus.WAITING for s in siblings):
             return

@@ -140,11 +140,11 @@ class ModelRunner:
         logits = self._forward(lanes, table, input_ids, positions, write_slots, keep)
         for lane in lanes:
             lane.fed()
-        rows = [
+        before_last = [
             logits[row, width - count : width - 1] if count > 1 and earlier else None
             for row, count in enumerate(counts)
         ]
-        return StepLogits(logits[:, -1], rows)
+        return StepLogits(logits[:, -1], before_last)
 
     def _step_as_rows(
         self, lanes: Sequence[Lane], counts: list[int], write: list[list[int]], table: SlotTable

@@ -128,14 +128,14 @@ def filter_top_k_top_p(
     values, ids = truncate(logits, top_k, top_p)
     if ids is None:
         return values
-    full = torch.full_like(logits, float("-inf"))
-    untrimmed = _on(
-        [p >= 1.0 and not 0 < k < logits.shape[-1] for k, p in zip(top_k, top_p, strict=True)],
-        logits.device,
-        torch.bool,
-    )
-    full = torch.where(untrimmed[:, None], logits, full)
-    return full.scatter_(1, ids, torch.where(untrimmed[:, None], logits.gather(1, ids), values))
+    # An untrimmed row's candidates carry its logits unchanged; its other tokens stay too.
+    trimmed = _on(_trims(top_k, top_p, logits.shape[-1]), logits.device, torch.bool)
+    return logits.masked_fill(trimmed[:, None], float("-inf")).scatter_(1, ids, values)
+
+
+def _trims(top_k: Sequence[int], top_p: Sequence[float], vocab: int) -> list[bool]:
+    """Whether each row has a top-k or a top-p cut."""
+    return [0 < k < vocab or p < 1.0 for k, p in zip(top_k, top_p, strict=True)]
 
 
 def truncate(
@@ -146,27 +146,22 @@ def truncate(
     candidates (``values`` -inf where dropped). In the second form rows without top-k or top-p
     keep only their candidates: a caller may take it only when those rows need no more (greedy)."""
     vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else vocab for k in top_k]
-    if all(k == vocab for k in ks) and all(p >= 1.0 for p in top_p):
+    trims = _trims(top_k, top_p, vocab)
+    if not any(trims):
         return logits, None
     device = logits.device
+    cuts = [k for k in top_k if 0 < k < vocab]
+    has_k = _on([0 < k < vocab for k in top_k], device, torch.bool)[:, None]
+    kth_index = _on([k - 1 if 0 < k < vocab else 0 for k in top_k], device)[:, None]
     # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
     nucleus = torch.tensor([p if p < 1.0 else float("inf") for p in top_p]).to(device)
-    trimmed = _on(
-        [k < vocab or p < 1.0 for k, p in zip(ks, top_p, strict=True)], device, torch.bool
-    )
-    largest_k = max((k for k in ks if k < vocab), default=0)
-    for size in [c for c in NUCLEUS_CANDIDATES if largest_k <= c < vocab] + [vocab]:
+    trimmed = _on(trims, device, torch.bool)
+    for size in [c for c in NUCLEUS_CANDIDATES if max(cuts, default=0) <= c < vocab] + [vocab]:
         if size < vocab:
             ranked, order = logits.topk(size, dim=-1)
         else:
             ranked, order = torch.sort(logits, dim=-1, descending=True)
-        k = _on([k - 1 if k < vocab else 0 for k in ks], device)
-        kth = torch.where(
-            _on([k < vocab for k in ks], device, torch.bool)[:, None],
-            ranked.gather(1, k[:, None]),
-            float("-inf"),
-        )
+        kth = torch.where(has_k, ranked.gather(1, kth_index), float("-inf"))
         kept = logits.masked_fill(logits < kth, float("-inf"))
         ranked = ranked.masked_fill(ranked < kth, float("-inf"))
         probs = (ranked - kept.logsumexp(-1, keepdim=True)).exp()
@@ -315,8 +310,9 @@ def select_tokens(
         keys = {row: streams[row].next_key() for row in sampled}
         # A row with top-k or top-p races with hashed noise on every device, so that its picks
         # do not depend on whether its batch races over candidates or whole rows.
-        trimmed = [row for row in sampled if 0 < top_k[row] < vocab or top_p[row] < 1.0]
-        plain = [row for row in sampled if row not in set(trimmed)]
+        trims = _trims(top_k, top_p, vocab)
+        trimmed = [row for row in sampled if trims[row]]
+        plain = [row for row in sampled if not trims[row]]
         if plain:
             values = filter_top_k_top_p(choice, top_k, top_p)
             values[_on(plain, device)] += gumbel_noise([keys[r] for r in plain], vocab, device)
