@@ -8,7 +8,8 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
 
 1. ``attention``: one layer's decode attention for RL groups (8 prompts x 8 samples over 4k
    prompts, and 2 x 64 over 16k prompts; short own tails): flashinfer cascade vs flat, triton
-   cascade vs flat, torch (SDPA over gathered slots). CUDA-event timing, no engine around it.
+   cascade vs flat, torch (SDPA over gathered slots). CUDA-event timing of back-to-back calls
+   and, from the profiler, the time the GPU spends in their kernels; no engine around it.
 2. ``widths``: one prompt, one block of k = 2/4/8 parallel steps of ``--step-tokens`` tokens
    each (constrained mode, exactly k plans, elements run to their limits, EOS ignored), per
    backend; width 1 is sequential decoding of ``--step-tokens`` tokens with the same backend,
@@ -187,6 +188,12 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             backend = make_backend(name)
             backend.attach(model, torch.device(device))
             planners = [(name, lambda b=backend: b.plan_decode(lanes, table))]
+            if name.startswith("triton"):
+                # The tiles are a guess made without a GPU: the same plan with other tiles
+                for block_t, warps, stages in args.triton_tiles:
+                    planners.append((f"{name}-t{block_t}w{warps}s{stages}",
+                                     lambda b=backend, tiles=(block_t, warps, stages):
+                                     _triton_plan(b, lanes, table, *tiles)))  # fmt: skip
             if name.startswith("flashinfer"):
                 # The engine's page tables have one-slot pages (a join view starts mid-page);
                 # this case's segments start on page boundaries, so the same levels as whole
@@ -206,13 +213,38 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
                 out.append({**row, "backend": label, "error": repr(error)[:1000]})
                 print(f"attention  {label:20s} failed: {error!r}", flush=True)
                 continue
-            out.append({**row, "backend": label, "ms": seconds * 1e3})
+            result = {**row, "backend": label, "ms": seconds * 1e3}
+            if device == "cuda":
+                try:
+                    result |= _kernel_time(lambda fn=fn: fn(query, k_cache, v_cache, scale),
+                                           args.repeats)  # fmt: skip
+                except Exception as error:  # noqa: BLE001 - the event timing stands alone
+                    result["kernel_error"] = repr(error)[:1000]
+            out.append(result)
+            kernels = f"{result['kernel_ms']:8.3f} ms in kernels" if "kernel_ms" in result else ""
             print(f"attention  {label:20s} {prompts}x{samples} prefix {prefix:6d} "
-                  f"{seconds * 1e3:8.3f} ms", flush=True)  # fmt: skip
+                  f"{seconds * 1e3:8.3f} ms {kernels}", flush=True)  # fmt: skip
     return out
 
 
 PAGE = 16  # the engine's page size (attention_case allocates pages of 16 slots)
+
+
+def _triton_plan(backend, lanes, table, block_t: int, warps: int, stages: int):
+    """The Triton backend's decode for these lanes with other KV tiles, warps and stages."""
+    from kernels.attention import cascade_decode_attention
+    from kernels.attention_triton import plan_launch
+
+    levels = [lv.to(backend.device) for lv in backend.levels(lanes, table)]
+    launch = plan_launch(levels, backend.num_heads, backend.kv_heads, backend.device)
+    launch = launch._replace(block_t=block_t, warps=warps, stages=stages)
+
+    def decode(query, keys, values, scale):
+        return cascade_decode_attention(
+            query, keys, values, levels, scale=scale, backend="triton", launch=launch
+        )
+
+    return decode
 
 
 def _whole_pages(levels, page: int):
@@ -309,6 +341,28 @@ def _time_it(fn, device, repeats: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return begin.elapsed_time(end) / 1e3 / repeats
+
+
+def _kernel_time(fn, repeats: int) -> dict:
+    """The GPU's own time for one call of ``fn``: the summed durations of its kernels (and
+    copies), from the profiler. Event timing of back-to-back calls measures the host instead
+    when launching a call's kernels takes longer than running them, as with a cascade's
+    several launches per layer; an engine step overlaps that host work with the rest of the
+    model, or replays it as a CUDA graph."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not device_events:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    total_us = sum(e.time_range.elapsed_us() for e in device_events)
+    return {"kernel_ms": total_us / 1e3 / repeats, "kernels_per_call": len(device_events) / repeats}
 
 
 # -- 2./3. the engine ------------------------------------------------------------------------------
@@ -477,7 +531,7 @@ class Budget:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| part | backend | case | tokens/s | ms/step (attention: ms) | forward / pick ms | speedup |",
+    lines = ["| part | backend | case | tokens/s | ms/step (attention: ms, GPU kernels) | forward / pick ms | speedup |",
              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         if r["part"] == "jit":
@@ -493,6 +547,8 @@ def table(results: list[dict]) -> str:
             continue
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else ""
         ms = f"{r.get('ms_per_step', r.get('ms', 0)):.3f}"
+        if "kernel_ms" in r:
+            ms += f" ({r['kernel_ms']:.3f} in {r['kernels_per_call']:.0f} kernels)"
         speed = f"{r['speedup_vs_width1']:.2f}x" if "speedup_vs_width1" in r else ""
         split = ""
         if "forward_ms_per_decode_step" in r:
@@ -518,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     # The second case's shared prompts (4.3 GB of flat KV reads per layer) cannot hide in L2.
     parser.add_argument("--attention-case", default="8,8,4096,256;2,64,16384,256",
                         help="prompts,samples,prefix tokens,tail tokens; several: ';'")  # fmt: skip
+    parser.add_argument("--triton-tiles", default="32/4/3,64/4/2,64/4/4,64/8/3,128/4/3,128/8/3",
+                        help="attention: also time the triton backends with these KV tile sizes "
+                             "/ warps / pipeline stages ('' for none)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-tokens", type=int, default=48,
                         help="tokens per step of the profiled runs")  # fmt: skip
@@ -531,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rl_group, args.attention_case, args.repeats, args.widths = "2x2", "2,2,64,8", 2, "1,2"
         args.kv_gib = 0.05
     args.widths = [int(w) for w in args.widths.split(",")]
+    args.triton_tiles = [
+        tuple(int(x) for x in tiles.split("/")) for tiles in args.triton_tiles.split(",") if tiles
+    ]
     args.rl_group = tuple(int(x) for x in args.rl_group.split("x"))
     args.attention_case = [
         tuple(int(x) for x in case.split(",")) for case in args.attention_case.split(";") if case

@@ -236,6 +236,7 @@ class Launch(NamedTuple):
     warps: int
     levels: list[tuple[DecodeLevel, int, int]]  # (level, query blocks, splits)
     total_states: int
+    stages: int | None = None  # software-pipelining depth; None: Triton's default
 
 
 def plan_launch(
@@ -285,7 +286,8 @@ def decode_partials(
     gq = heads // kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     launch = launch or plan_launch(levels, heads, kv_heads, query.device, num_splits)
-    block_q, block_t, warps, plans, total_states = launch
+    block_q, block_t, warps, plans, total_states, stages = launch
+    pipelining = {} if stages is None else {"num_stages": stages}
     out = torch.empty(nq, total_states, heads, dim, dtype=torch.float32, device=query.device)
     out_lse = torch.empty(nq, total_states, heads, dtype=torch.float32, device=query.device)
     offset = 0
@@ -325,6 +327,7 @@ def decode_partials(
                 UPCAST=_triton.upcast_dots(),
                 PRECISION=_triton.dot_precision(query.dtype),
                 num_warps=warps,
+                **pipelining,
             )
         offset += splits
     return out, out_lse

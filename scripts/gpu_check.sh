@@ -90,7 +90,10 @@ for wheel in wheels:
         have = None
     action = "present" if have == version else "install"
     print(f"{action:8s} {key}=={version} (have: {have})\t{wheel.name}")
-print(f"total {total / 2**20:.1f} MiB in {len(wheels)} wheels")
+for archive in sorted(folder.glob("flashinfer-aot-*.tar.xz")):  # prebuilt kernels, step 2
+    total += archive.stat().st_size
+    print(f"archive  {archive.name} ({archive.stat().st_size / 2**20:.1f} MiB)")
+print(f"total {total / 2**20:.1f} MiB in {len(wheels)} wheels and archives")
 if total > 64 * 2**20:
     print("ERROR: over 64 MiB, more than a device call carries")
     bad = True
@@ -145,17 +148,44 @@ if (( ! DRY )); then
     export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
     say "env: FLASHINFER_CUDA_ARCH_LIST=$FLASHINFER_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 fi
+# Prebuilt FlashInfer kernels (scripts/build_flashinfer_aot.sh) for this flashinfer and this GPU go
+# to FlashInfer's ahead-of-time folder; it loads them from there, and JIT-compiles what is missing.
+FLASHINFER_VERSION=$("$PYTHON" -c 'import importlib.metadata as md; print(md.version("flashinfer-python"))' 2>/dev/null)
+if (( DRY )); then  # no GPU to ask: the wheel's version and the H100/H200 architecture
+    FLASHINFER_VERSION=$(ls "$WHEELS"/flashinfer_python-*.whl 2>/dev/null | head -1 | xargs -r basename | cut -d- -f2)
+    ARCH=9.0a
+fi
+AOT_ARCHIVE="$WHEELS/flashinfer-aot-$FLASHINFER_VERSION-sm${ARCH//./}.tar.xz"
+if [[ -z "$FLASHINFER_VERSION" ]]; then
+    say "env: no flashinfer, no prebuilt kernels"
+elif [[ ! -f "$AOT_ARCHIVE" ]]; then
+    say "env: no prebuilt kernels ($(basename "$AOT_ARCHIVE")): FlashInfer compiles them (jit)"
+elif (( DRY )); then
+    say "env: would unpack $(basename "$AOT_ARCHIVE") into flashinfer/data/aot: $(tar -tJf "$AOT_ARCHIVE" | grep -c '\.so$') modules"
+else
+    AOT_DIR="$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("flashinfer").submodule_search_locations[0])')/data/aot"
+    mkdir -p "$AOT_DIR" && tar -C "$AOT_DIR" -xJf "$AOT_ARCHIVE" \
+        && say "env: prebuilt kernels unpacked into $AOT_DIR: $(cd "$AOT_DIR" && ls -d */ | tr -d / | tr '\n' ' ')" \
+        || say "env: could not unpack $(basename "$AOT_ARCHIVE"); FlashInfer compiles the kernels"
+fi
+# What FlashInfer compiled itself (absent from the prebuilt kernels): modules in its JIT cache.
+jit_built() {
+    local found
+    found=$(find "${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer" -name '*.so' -printf '%f ' 2>/dev/null)
+    say "$1: FlashInfer modules compiled at run time: ${found:-none}"
+}
 
 # -- 3. jit ----------------------------------------------------------------------------------------
 say "step 3/5 jit"
 if skipped jit; then say "jit: skipped"; else
     # The small models of the gpu tests compile the same kernels as the benchmark's model.
     run jit "$OUT_DIR/jit.log" 240 "$PYTHON" benchmarks/gpu_decode.py --parts jit || STATUS=1
+    (( DRY )) || jit_built jit
 fi
 
 # -- 4. tests --------------------------------------------------------------------------------------
 say "step 4/5 tests"
-if (( DRY )); then
+if (( DRY )) && ! skipped tests; then
     # Collection needs no GPU: the gpu tests are there and would run.
     "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${TEST_FILES[@]}" \
         | tee -a "$SUMMARY" | tail -n 3
@@ -190,5 +220,6 @@ if skipped bench; then say "bench: skipped"; else
 fi
 if (( ! DRY )) && [[ -f "$OUT_DIR/gpu_decode.md" ]]; then cat "$OUT_DIR/gpu_decode.md"; fi
 
+(( DRY )) || jit_built done
 say "done: status $STATUS, $(( SECONDS - START ))s, results in $OUT_DIR"
 exit $STATUS

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -15,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
-def _dry_run(tmp_path: Path, wheels: Path) -> subprocess.CompletedProcess:
+def _dry_run(tmp_path: Path, wheels: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("OUT", None)
     return subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(wheels)],
+        ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(wheels)]
+        + list(args),
         capture_output=True,
         text=True,
         env=env,
@@ -36,10 +38,25 @@ def _wheel(folder: Path, name: str, version: str) -> None:
         )
 
 
+def _aot_archive(folder: Path, version: str, modules: list[str]) -> Path:
+    """A prebuilt-kernel archive as scripts/build_flashinfer_aot.sh writes it."""
+    stage = folder.parent / f"stage-{version}"
+    for name in modules:
+        (stage / name).mkdir(parents=True)
+        (stage / name / f"{name}.so").write_bytes(b"\x7fELF")
+    (stage / "MANIFEST").write_text(f"flashinfer-python {version}\n")
+    archive = folder / f"flashinfer-aot-{version}-sm90a.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(stage, arcname=".")
+    return archive
+
+
 def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
     wheels = tmp_path / "whl"
     _wheel(wheels, "lark", "0.0.1")  # another version than installed: would be installed
     _wheel(wheels, "pytest", __import__("pytest").__version__)  # already here: left alone
+    _wheel(wheels, "flashinfer_python", "0.6.18.post1")
+    archive = _aot_archive(wheels, "0.6.18.post1", ["batch_prefill_a", "cascade"])
     result = _dry_run(tmp_path, wheels)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -54,10 +71,22 @@ def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
     assert "install  lark==0.0.1" in out and "present  pytest==" in out
     assert "pip install" in out and "lark-0.0.1-py3-none-any.whl" in out
     assert "pytest" in out and "-m gpu" in out and "benchmarks/gpu_decode.py" in out
+    assert f"would unpack {archive.name} into flashinfer/data/aot: 2 modules" in out
+    assert f"archive  {archive.name}" in out, "counted with the wheels"
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "test_gpu_backends_reproduce_the_dense_forward" in summary, "gpu tests collected"
     assert "test_gpu_kernels_at_model_shapes" in summary
     assert "done: status 0" in summary
+
+
+def test_dry_run_without_prebuilt_kernels_of_the_flashinfer_version_leaves_them_to_jit(tmp_path):
+    wheels = tmp_path / "whl"
+    _wheel(wheels, "flashinfer_python", "0.6.18.post1")
+    _aot_archive(wheels, "0.6.1", ["stale"])  # another version's kernels
+    result = _dry_run(tmp_path, wheels, "--skip", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no prebuilt kernels (flashinfer-aot-0.6.18.post1-sm90a.tar.xz)" in result.stdout
+    assert "tests: skipped" in result.stdout and "collected" not in result.stdout
 
 
 def test_dry_run_rejects_two_versions_of_one_package(tmp_path):
@@ -107,8 +136,8 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     not (ROOT / ".whl").is_dir(), reason="no .whl folder (scripts/fetch_gpu_wheels.sh)"
 )
 def test_fetched_wheels_fit_one_device_call():
-    wheels = list((ROOT / ".whl").glob("*.whl"))
-    assert sum(w.stat().st_size for w in wheels) < 60 * 2**20
+    carried = list((ROOT / ".whl").glob("*.whl")) + list((ROOT / ".whl").glob("*.tar.xz"))
+    assert sum(f.stat().st_size for f in carried) < 60 * 2**20
 
 
 def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
@@ -143,3 +172,30 @@ def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
     odd = type(odd)(odd.qo_indptr, odd.kv_indptr, odd.kv_indices + 1, odd.kv_last_page_len,
                     odd.max_kv_len, odd.max_group_size)  # fmt: skip
     assert gpu_decode._whole_pages([odd], 16) is None
+
+
+def test_benchmark_triton_tile_variants_attend_like_the_torch_reference():
+    """The attention part's sweep of Triton tiles (under the interpreter here) computes the same
+    attention as the plan it varies."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.pop(0)
+    from kernels.attention import cascade_decode_attention
+    from npr_graph.engine.backends import TritonBackend
+
+    tokenizer = gpu_decode.byte_tokenizer()
+    model = gpu_decode.build_model(gpu_decode.QUICK, "cpu", torch.float32, tokenizer)
+    table, keys, shape = gpu_decode.attention_case(model, 2, 3, 40, 9)
+    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
+    backend = TritonBackend(cascade=True)
+    backend.attach(model, torch.device("cpu"))
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
+    levels = backend.levels(lanes, table)
+    want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
+    decode = gpu_decode._triton_plan(backend, lanes, table, block_t=32, warps=2, stages=2)
+    got = decode(query, k_cache, v_cache, model.config.head_dim**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

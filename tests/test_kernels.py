@@ -256,6 +256,16 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
         backend="torch",
     )
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+    if backend == "triton":  # other tiles and pipelining (the benchmark's sweep): same result
+        from kernels.attention_triton import plan_launch
+
+        device_levels = [lv.to(DEVICE) for lv in levels]
+        launch = plan_launch(device_levels, 4, kv_heads, query.device)
+        retuned = launch._replace(block_t=32, warps=2, stages=2)
+        got = cascade_decode_attention(
+            query, k_cache, v_cache, device_levels, backend=backend, launch=retuned
+        )
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
 
 
 # -- larger shapes on a GPU -----------------------------------------------------------------------
