@@ -128,14 +128,15 @@ class ModelRunner:
         table = slot_table([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
         if earlier and 1 < width <= self.max_rows_per_lane:
             return self._step_as_rows(lanes, counts, write, table)
-        batch = len(lanes)
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
-        positions = torch.zeros(batch, width, dtype=torch.long)
-        write_slots = torch.zeros(batch, width, dtype=torch.long)  # padding: scratch slot 0
-        for row, (lane, count) in enumerate(zip(lanes, counts, strict=True)):
-            input_ids[row, width - count :] = torch.tensor(lane.pending)
-            positions[row, width - count :] = torch.tensor(lane.pending_positions)
-            write_slots[row, width - count :] = torch.tensor(write[row])
+        # Left padding: token 0 at position 0, written to the scratch slot 0.
+        pads = [[0] * (width - count) for count in counts]
+        input_ids = torch.tensor(
+            [pad + lane.pending for pad, lane in zip(pads, lanes, strict=True)]
+        )
+        positions = torch.tensor(
+            [pad + lane.pending_positions for pad, lane in zip(pads, lanes, strict=True)]
+        )
+        write_slots = torch.tensor([pad + slots for pad, slots in zip(pads, write, strict=True)])
         keep = width if earlier else 1
         logits = self._forward(lanes, table, input_ids, positions, write_slots, keep)
         for lane in lanes:
