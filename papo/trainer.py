@@ -349,8 +349,8 @@ class Trainer:
                     rollout.graph, value, self.problems[rollout.problem].answer, lam=lam
                 )
             )
-        # the engine records log-probs at the sampling temperature (1 when greedy)
-        temperature = c.temperature if c.temperature > 0 else 1.0
+        # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
+        temperature = SamplingParams(temperature=c.temperature).scoring_temperature
         result = self._optimize(graphs, token_advantages, temperature)
         return {**metrics, **result}
 
