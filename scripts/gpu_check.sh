@@ -2,8 +2,9 @@
 # The GPU checks in one go, on a fresh GPU machine, in under 8 minutes (see docs/GPU.md):
 #
 #   1. wheels  install from .whl/ (scripts/fetch_gpu_wheels.sh) what this machine lacks
-#   2. env     nvidia-smi, Python, torch / triton / flashinfer / transformers versions
-#   3. jit     compile the FlashInfer kernels the engine uses (bf16, head dim 128), timed
+#   2. env     nvidia-smi, Python, torch / triton / flashinfer / transformers versions; unpacks
+#              prebuilt FlashInfer kernels (scripts/build_flashinfer_aot.sh) when .whl/ has them
+#   3. jit     load or compile the FlashInfer kernels the engine uses (bf16, head dim 128), timed
 #   4. tests   pytest -m gpu, then the kernel, backend, sampling and training tests on the GPU
 #   5. bench   benchmarks/gpu_decode.py with a time budget
 #
@@ -36,7 +37,7 @@ while [[ $# -gt 0 ]]; do
         --budget) BUDGET="$2"; shift 2 ;;
         --skip) SKIP="$SKIP,$2"; shift 2 ;;
         --bench-args) BENCH_ARGS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done

@@ -98,12 +98,32 @@ def test_dry_run_rejects_two_versions_of_one_package(tmp_path):
     assert "two versions of lark" in result.stdout
 
 
-def test_benchmark_runs_at_a_tiny_size(tmp_path):
+def _gpu_decode():
+    """The benchmark script as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_decode
     finally:
         sys.path.pop(0)
+    return gpu_decode
+
+
+def _attention_inputs(gpu_decode, prefix: int, tail: int):
+    """The benchmark's attention case for 2 prompts x 3 samples at the quick model's shape:
+    ``(model, slot table, lanes, query, k_cache, v_cache)``."""
+    model = gpu_decode.build_model(
+        gpu_decode.QUICK, "cpu", torch.float32, gpu_decode.byte_tokenizer()
+    )
+    table, keys, shape = gpu_decode.attention_case(model, 2, 3, prefix, tail)
+    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
+    return model, table, lanes, query, k_cache, v_cache
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path):
+    gpu_decode = _gpu_decode()
     code = gpu_decode.main(
         ["--quick", "--device", "cpu", "--parts", "attention,widths,profile,generate", "--out",
          str(tmp_path)]
@@ -143,21 +163,11 @@ def test_fetched_wheels_fit_one_device_call():
 def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
     """The benchmark's page-size comparison converts the engine's one-slot page tables to whole
     pages; attention over either table must be the same."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_decode
-    finally:
-        sys.path.pop(0)
+    gpu_decode = _gpu_decode()
     from kernels.attention import cascade_decode_attention
     from npr_graph.engine.backends import TritonBackend
 
-    tokenizer = gpu_decode.byte_tokenizer()
-    model = gpu_decode.build_model(gpu_decode.QUICK, "cpu", torch.float32, tokenizer)
-    table, keys, shape = gpu_decode.attention_case(model, 2, 3, 64, 37)
-    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
-    torch.manual_seed(0)
-    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
-    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
+    model, table, lanes, query, k_cache, v_cache = _attention_inputs(gpu_decode, 64, 37)
     for cascade in (True, False):
         levels = TritonBackend(cascade=cascade, kernels="torch").levels(lanes, table)
         assert len(levels) == (2 if cascade else 1)
@@ -177,23 +187,13 @@ def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
 def test_benchmark_triton_tile_variants_attend_like_the_torch_reference():
     """The attention part's sweep of Triton tiles (under the interpreter here) computes the same
     attention as the plan it varies."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_decode
-    finally:
-        sys.path.pop(0)
+    gpu_decode = _gpu_decode()
     from kernels.attention import cascade_decode_attention
     from npr_graph.engine.backends import TritonBackend
 
-    tokenizer = gpu_decode.byte_tokenizer()
-    model = gpu_decode.build_model(gpu_decode.QUICK, "cpu", torch.float32, tokenizer)
-    table, keys, shape = gpu_decode.attention_case(model, 2, 3, 40, 9)
-    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
+    model, table, lanes, query, k_cache, v_cache = _attention_inputs(gpu_decode, 40, 9)
     backend = TritonBackend(cascade=True)
     backend.attach(model, torch.device("cpu"))
-    torch.manual_seed(0)
-    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
-    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
     levels = backend.levels(lanes, table)
     want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
     decode = gpu_decode._triton_plan(backend, lanes, table, block_t=32, warps=2, stages=2)
