@@ -43,6 +43,7 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$OUT_DIR"
 START=$SECONDS
+START_TIME=$(date +%s)
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
 STATUS=0
@@ -169,10 +170,12 @@ else
         && say "env: prebuilt kernels unpacked into $AOT_DIR: $(cd "$AOT_DIR" && ls -d */ | tr -d / | tr '\n' ' ')" \
         || say "env: could not unpack $(basename "$AOT_ARCHIVE"); FlashInfer compiles the kernels"
 fi
-# What FlashInfer compiled itself (absent from the prebuilt kernels): modules in its JIT cache.
+# What FlashInfer compiled itself during this run (absent from the prebuilt kernels): modules
+# written to its JIT cache since the start.
 jit_built() {
     local found
-    found=$(find "${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer" -name '*.so' -printf '%f ' 2>/dev/null)
+    found=$(find "${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer" -name '*.so' \
+        -newermt "@$START_TIME" -printf '%f ' 2>/dev/null)
     say "$1: FlashInfer modules compiled at run time: ${found:-none}"
 }
 
