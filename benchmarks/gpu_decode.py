@@ -190,10 +190,10 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             planners = [(name, lambda b=backend: b.plan_decode(lanes, table))]
             if name.startswith("triton"):
                 # The tiles are a guess made without a GPU: the same plan with other tiles
-                for block_t, warps, stages in args.triton_tiles:
-                    planners.append((f"{name}-t{block_t}w{warps}s{stages}",
-                                     lambda b=backend, tiles=(block_t, warps, stages):
-                                     _triton_plan(b, lanes, table, *tiles)))  # fmt: skip
+                for tiles in args.triton_tiles:
+                    planners.append((f"{name}-q{tiles[0]}t{tiles[1]}w{tiles[2]}s{tiles[3]}",
+                                     lambda b=backend, tiles=tiles: _triton_plan(b, lanes, table,
+                                                                                 tiles)))  # fmt: skip
             if name.startswith("flashinfer"):
                 # The engine's page tables have one-slot pages (a join view starts mid-page);
                 # this case's segments start on page boundaries, so the same levels as whole
@@ -228,16 +228,18 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
 
 
 PAGE = 16  # the engine's page size (attention_case allocates pages of 16 slots)
+# Triton tiles to try beside the backend's own choice: query rows / KV tokens / warps / stages.
+TRITON_TILES = "16/64/4/3,32/64/4/3,64/32/4/3,64/64/4/2,64/64/4/4,64/64/8/3,64/128/4/3,64/128/8/3"
 
 
-def _triton_plan(backend, lanes, table, block_t: int, warps: int, stages: int):
-    """The Triton backend's decode for these lanes with other KV tiles, warps and stages."""
+def _triton_plan(backend, lanes, table, tiles: tuple[int, int, int, int]):
+    """The Triton backend's decode for these lanes with other ``(block_q, block_t, warps,
+    stages)``."""
     from kernels.attention import cascade_decode_attention
     from kernels.attention_triton import plan_launch
 
     levels = [lv.to(backend.device) for lv in backend.levels(lanes, table)]
-    launch = plan_launch(levels, backend.num_heads, backend.kv_heads, backend.device)
-    launch = launch._replace(block_t=block_t, warps=warps, stages=stages)
+    launch = plan_launch(levels, backend.num_heads, backend.kv_heads, backend.device, tiles=tiles)
 
     def decode(query, keys, values, scale):
         return cascade_decode_attention(
@@ -574,9 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     # The second case's shared prompts (4.3 GB of flat KV reads per layer) cannot hide in L2.
     parser.add_argument("--attention-case", default="8,8,4096,256;2,64,16384,256",
                         help="prompts,samples,prefix tokens,tail tokens; several: ';'")  # fmt: skip
-    parser.add_argument("--triton-tiles", default="32/4/3,64/4/2,64/4/4,64/8/3,128/4/3,128/8/3",
-                        help="attention: also time the triton backends with these KV tile sizes "
-                             "/ warps / pipeline stages ('' for none)")  # fmt: skip
+    parser.add_argument("--triton-tiles", default=TRITON_TILES,
+                        help="attention: also time the triton backends with these query rows / "
+                             "KV tokens per tile / warps / pipeline stages ('' for none)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-tokens", type=int, default=48,
                         help="tokens per step of the profiled runs")  # fmt: skip

@@ -245,9 +245,15 @@ def plan_launch(
     kv_heads: int,
     device: torch.device,
     num_splits: int | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> Launch:
+    """Grids, splits and tiles for ``levels``. ``tiles``: ``(block_q, block_t, warps, stages)``
+    instead of the defaults below, which were chosen without measurements on a GPU."""
     gq = heads // kv_heads
-    if _triton.interpreting():
+    stages = None
+    if tiles is not None:
+        block_q, block_t, warps, stages = tiles
+    elif _triton.interpreting():
         block_q, block_t, warps = 16, 64, 1  # few, wide tiles: the interpreter pays per op
     else:
         widest = gq * max((lv.max_group_size for lv in levels), default=1)
@@ -262,7 +268,7 @@ def plan_launch(
     total = sum(splits for _, _, splits in entries)
     if total > MAX_STATES:
         raise ValueError(f"{total} partial states per query exceed {MAX_STATES}")
-    return Launch(block_q, block_t, warps, entries, total)
+    return Launch(block_q, block_t, warps, entries, total, stages)
 
 
 def decode_partials(

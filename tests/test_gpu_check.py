@@ -196,6 +196,6 @@ def test_benchmark_triton_tile_variants_attend_like_the_torch_reference():
     backend.attach(model, torch.device("cpu"))
     levels = backend.levels(lanes, table)
     want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
-    decode = gpu_decode._triton_plan(backend, lanes, table, block_t=32, warps=2, stages=2)
+    decode = gpu_decode._triton_plan(backend, lanes, table, tiles=(32, 32, 2, 2))
     got = decode(query, k_cache, v_cache, model.config.head_dim**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

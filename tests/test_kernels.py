@@ -260,8 +260,7 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
         from kernels.attention_triton import plan_launch
 
         device_levels = [lv.to(DEVICE) for lv in levels]
-        launch = plan_launch(device_levels, 4, kv_heads, query.device)
-        retuned = launch._replace(block_t=32, warps=2, stages=2)
+        retuned = plan_launch(device_levels, 4, kv_heads, query.device, tiles=(32, 32, 2, 2))
         got = cascade_decode_attention(
             query, k_cache, v_cache, device_levels, backend=backend, launch=retuned
         )
