@@ -188,8 +188,9 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             backend = make_backend(name)
             backend.attach(model, torch.device(device))
             planners = [(name, lambda b=backend: b.plan_decode(lanes, table))]
-            if name.startswith("triton"):
+            if name.startswith("triton") and case == args.attention_case[0]:
                 # The tiles are a guess made without a GPU: the same plan with other tiles
+                # (on the first case only, to save device time)
                 for tiles in args.triton_tiles:
                     planners.append((f"{name}-q{tiles[0]}t{tiles[1]}w{tiles[2]}s{tiles[3]}",
                                      lambda b=backend, tiles=tiles: _triton_plan(b, lanes, table,
