@@ -192,9 +192,10 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
                 # The tiles are a guess made without a GPU: the same plan with other tiles
                 # (on the first case only, to save device time)
                 for tiles in args.triton_tiles:
+                    tuned = TritonBackend(cascade=backend.cascade, tiles=tiles)
+                    tuned.attach(model, torch.device(device))
                     planners.append((f"{name}-q{tiles[0]}t{tiles[1]}w{tiles[2]}s{tiles[3]}",
-                                     lambda b=backend, tiles=tiles: _triton_plan(b, lanes, table,
-                                                                                 tiles)))  # fmt: skip
+                                     lambda b=tuned: b.plan_decode(lanes, table)))  # fmt: skip
             if name.startswith("flashinfer"):
                 # The engine's page tables have one-slot pages (a join view starts mid-page);
                 # this case's segments start on page boundaries, so the same levels as whole
@@ -231,23 +232,6 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
 PAGE = 16  # the engine's page size (attention_case allocates pages of 16 slots)
 # Triton tiles to try beside the backend's own choice: query rows / KV tokens / warps / stages.
 TRITON_TILES = "16/64/4/3,32/64/4/3,64/32/4/3,64/64/4/2,64/64/4/4,64/64/8/3,64/128/4/3,64/128/8/3"
-
-
-def _triton_plan(backend, lanes, table, tiles: tuple[int, int, int, int]):
-    """The Triton backend's decode for these lanes with other ``(block_q, block_t, warps,
-    stages)``."""
-    from kernels.attention import cascade_decode_attention
-    from kernels.attention_triton import plan_launch
-
-    levels = [lv.to(backend.device) for lv in backend.levels(lanes, table)]
-    launch = plan_launch(levels, backend.num_heads, backend.kv_heads, backend.device, tiles=tiles)
-
-    def decode(query, keys, values, scale):
-        return cascade_decode_attention(
-            query, keys, values, levels, scale=scale, backend="triton", launch=launch
-        )
-
-    return decode
 
 
 def _whole_pages(levels, page: int):
@@ -350,8 +334,8 @@ def _kernel_time(fn, repeats: int) -> dict:
     """The GPU's own time for one call of ``fn``: the summed durations of its kernels (and
     copies), from the profiler. Event timing of back-to-back calls measures the host instead
     when launching a call's kernels takes longer than running them, as with a cascade's
-    several launches per layer; an engine step overlaps that host work with the rest of the
-    model, or replays it as a CUDA graph."""
+    several launches per layer: launch cost and kernel cost are separate questions (the first
+    goes away in a CUDA graph, the second does not)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

@@ -184,18 +184,26 @@ def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
     assert gpu_decode._whole_pages([odd], 16) is None
 
 
-def test_benchmark_triton_tile_variants_attend_like_the_torch_reference():
-    """The attention part's sweep of Triton tiles (under the interpreter here) computes the same
-    attention as the plan it varies."""
-    gpu_decode = _gpu_decode()
+def test_triton_backend_with_other_tiles_attends_like_the_torch_reference(monkeypatch):
+    """The attention part's sweep of Triton tiles runs the backend with ``tiles`` (under the
+    interpreter here): the plan takes them, and the attention stays the same."""
+    from kernels import attention_triton
     from kernels.attention import cascade_decode_attention
     from npr_graph.engine.backends import TritonBackend
 
-    model, table, lanes, query, k_cache, v_cache = _attention_inputs(gpu_decode, 40, 9)
-    backend = TritonBackend(cascade=True)
+    launches = []
+    plan_launch = attention_triton.plan_launch
+
+    def recording(*args, **kwargs):
+        launches.append(plan_launch(*args, **kwargs))
+        return launches[-1]
+
+    monkeypatch.setattr(attention_triton, "plan_launch", recording)
+    model, table, lanes, query, k_cache, v_cache = _attention_inputs(_gpu_decode(), 40, 9)
+    backend = TritonBackend(cascade=True, tiles=(32, 32, 2, 2))
     backend.attach(model, torch.device("cpu"))
     levels = backend.levels(lanes, table)
     want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
-    decode = gpu_decode._triton_plan(backend, lanes, table, tiles=(32, 32, 2, 2))
-    got = decode(query, k_cache, v_cache, model.config.head_dim**-0.5)
+    got = backend.plan_decode(lanes, table)(query, k_cache, v_cache, backend.scale)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert [launch[:3] + launch[5:] for launch in launches] == [(32, 32, 2, 2)]

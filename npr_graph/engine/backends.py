@@ -202,13 +202,21 @@ class TritonBackend(_LevelsBackend):
     """Cascade (or flat) decode with the Triton kernels of :mod:`kernels.attention`.
 
     ``kernels="torch"`` runs the same plan through the kernels' torch references (CPU tests of
-    the planning at sizes the Triton interpreter is too slow for)."""
+    the planning at sizes the Triton interpreter is too slow for). ``tiles``: ``(block_q,
+    block_t, warps, stages)`` instead of the kernels' defaults (``attention_triton.plan_launch``).
+    """
 
     name = "triton"
 
-    def __init__(self, cascade: bool = True, kernels: str = "triton") -> None:
+    def __init__(
+        self,
+        cascade: bool = True,
+        kernels: str = "triton",
+        tiles: tuple[int, int, int, int] | None = None,
+    ) -> None:
         super().__init__(cascade)
         self.kernels = kernels
+        self.tiles = tiles
 
     def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
         levels = [lv.to(self.device, non_blocking=True) for lv in self.levels(lanes, table)]
@@ -217,7 +225,7 @@ class TritonBackend(_LevelsBackend):
             from kernels import attention_triton
 
             launch = attention_triton.plan_launch(
-                levels, self.num_heads, self.kv_heads, self.device
+                levels, self.num_heads, self.kv_heads, self.device, tiles=self.tiles
             )
 
         def decode(query, keys, values, scale):

@@ -156,15 +156,18 @@ def truncate(
     # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
     nucleus = torch.tensor([p if p < 1.0 else float("inf") for p in top_p]).to(device)
     trimmed = _on(trims, device, torch.bool)
+    kth = None
     for size in [c for c in NUCLEUS_CANDIDATES if max(cuts, default=0) <= c < vocab] + [vocab]:
         if size < vocab:
             ranked, order = logits.topk(size, dim=-1)
         else:
             ranked, order = torch.sort(logits, dim=-1, descending=True)
-        kth = torch.where(has_k, ranked.gather(1, kth_index), float("-inf"))
-        kept = logits.masked_fill(logits < kth, float("-inf"))
+        if kth is None:  # every ranking tried holds each row's k-th best: once for all sizes
+            kth = torch.where(has_k, ranked.gather(1, kth_index), float("-inf"))
+            kept = logits.masked_fill(logits < kth, float("-inf"))
+            log_total = kept.logsumexp(-1, keepdim=True)
         ranked = ranked.masked_fill(ranked < kth, float("-inf"))
-        probs = (ranked - kept.logsumexp(-1, keepdim=True)).exp()
+        probs = (ranked - log_total).exp()
         cumulative = probs.cumsum(-1)
         drop = cumulative - probs > nucleus[:, None]
         if size == vocab:
