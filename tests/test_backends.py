@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -282,6 +283,7 @@ class _FakeFlashInfer(types.ModuleType):
     def __init__(self):
         super().__init__("flashinfer")
         self.calls = []
+        self.in_kernel = 0  # > 0 while a stand-in kernel runs (its torch reference may sync)
         fake = self
 
         class _Wrapper:
@@ -296,9 +298,13 @@ class _FakeFlashInfer(types.ModuleType):
                 k_cache, v_cache = paged_kv_cache
                 assert k_cache.dim() == 4 and k_cache.shape[1] == 1, "NHD pages of one slot"
                 fake.calls.append("run")
-                return cascade_decode_attention(
-                    q, k_cache, v_cache, self.levels, scale=self.scale, backend="torch"
-                )
+                fake.in_kernel += 1
+                try:
+                    return cascade_decode_attention(
+                        q, k_cache, v_cache, self.levels, scale=self.scale, backend="torch"
+                    )
+                finally:
+                    fake.in_kernel -= 1
 
         class MultiLevelCascadeAttentionWrapper(_Wrapper):
             def __init__(self, num_levels, workspace, kv_layout="NHD"):
@@ -375,7 +381,10 @@ class _FakeFlashInfer(types.ModuleType):
                 if self.graph_mode:  # a replayed kernel sees only the buffers
                     indptr, indices, last = self.buffers
                     qo = torch.arange(len(indptr), dtype=torch.int32)
-                    self.levels = [DecodeLevel(qo, indptr, indices[: int(indptr[-1])], last, 0, 0)]
+                    fake.in_kernel += 1  # reading the table's length is the kernel's business
+                    used = indices[: int(indptr[-1])]
+                    fake.in_kernel -= 1
+                    self.levels = [DecodeLevel(qo, indptr, used, last, 0, 0)]
                 return super().run(q, paged_kv_cache)
 
         self.MultiLevelCascadeAttentionWrapper = MultiLevelCascadeAttentionWrapper
@@ -403,14 +412,41 @@ def test_flashinfer_backend_plans_once_per_step_and_runs_per_layer(
         assert set(plans) == {"plan_flat"}
 
 
+# Operations a CUDA graph cannot record: they copy a value to the host (``.item()``, ``bool``,
+# ``.tolist()``), need one to size their output, or copy Python data to the device.
+_HOST_SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
+               "unique", "_unique2", "lift_fresh", "lift_fresh_copy"}  # fmt: skip
+
+
+class _HostSyncProbe(TorchDispatchMode):
+    """Records the operations of :data:`_HOST_SYNCS` run outside the stand-in's kernels."""
+
+    def __init__(self, fake: _FakeFlashInfer):
+        super().__init__()
+        self.fake = fake
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.fake.in_kernel and func.__name__.split(".")[0] in _HOST_SYNCS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 class _ReplayGraph:
     """Stands in for a CUDA graph on the CPU: ``capture`` runs the step once and keeps its output
     tensor; ``replay`` runs it again into that same tensor, so every input must come through the
-    static buffers, as in a real replay."""
+    static buffers, as in a real replay. With ``probe``, the capture records what it would refuse
+    to record (:class:`_HostSyncProbe`)."""
+
+    probe: _HostSyncProbe | None = None
 
     def capture(self, fn):
         self.fn = fn
-        self.output = fn()
+        if self.probe is None:
+            self.output = fn()
+        else:
+            with self.probe:
+                self.output = fn()
         return self.output
 
     def replay(self):
@@ -418,10 +454,15 @@ class _ReplayGraph:
             self.output.copy_(self.fn())
 
 
-def test_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_graph_decode_steps_reproduce_the_dense_forward(
+    family, special_tokenizer, monkeypatch
+):
     fake = _FakeFlashInfer()
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
-    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=2)
+    probe = _HostSyncProbe(fake)
+    monkeypatch.setattr(_ReplayGraph, "probe", probe)
+    model = tiny_model(family, tokenizer=special_tokenizer, num_hidden_layers=2)
     engine = Engine(
         model,
         special_tokenizer,
@@ -452,6 +493,7 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, 
         assert error <= 1e-4, f"log-prob error {error}"
     assert any(g.nodes_of("takeaway") for g in results), "a join happened"
     assert engine.pool.num_used == 0
+    assert probe.seen == [], "a recorded decode step must not wait for the host"
 
 
 def test_cuda_graph_bucket_grows_its_page_table(special_tokenizer, monkeypatch):
