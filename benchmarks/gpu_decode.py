@@ -202,7 +202,6 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
                 # pages tell what the page size costs.
                 levels = _whole_pages(backend.levels(lanes, table), PAGE)
                 if levels is not None:
-                    levels = [lv.to(device) for lv in levels]
                     planners.append((f"{name}-p{PAGE}",
                                      lambda b=backend, lv=levels: b.plan_levels(lv, PAGE)))  # fmt: skip
         # Each variant is timed right after its plan: FlashInfer wrappers are reused.

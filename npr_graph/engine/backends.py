@@ -273,12 +273,13 @@ class FlashInferBackend(_LevelsBackend):
     def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
         if self.scale is None:
             return None
-        levels = [lv.to(self.device) for lv in self.levels(lanes, table)]
-        return self.plan_levels(levels, page_size=1)
+        return self.plan_levels(self.levels(lanes, table), page_size=1)
 
     def plan_levels(self, levels: list[DecodeLevel], page_size: int) -> DecodeFn:
-        """Plan ``levels`` (page tables of ``page_size``-slot pages, on the device); the engine
-        uses pages of one slot, other sizes are for benchmarks."""
+        """Plan ``levels`` (page tables of ``page_size``-slot pages); the engine uses pages of
+        one slot, other sizes are for benchmarks. The tables stay on the host: FlashInfer plans
+        from host copies of them and moves them to the device itself, so a table on the device
+        would cost a copy back and a wait for the GPU per array and level."""
         shape = (self.num_heads, self.kv_heads, self.head_dim, page_size)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.cascade:
@@ -309,11 +310,12 @@ class FlashInferBackend(_LevelsBackend):
         return decode
 
     def plan_flat(self, wrapper, indptr, indices, last_page_len, page_size: int = 1) -> None:
-        """Plan a ``BatchDecodeWithPagedKVCacheWrapper`` (eager or in CUDA-graph mode)."""
+        """Plan a ``BatchDecodeWithPagedKVCacheWrapper`` (eager or in CUDA-graph mode) from a
+        page table on the host (see :meth:`plan_levels`)."""
         wrapper.plan(
-            indptr.to(self.device),
-            indices.to(self.device),
-            last_page_len.to(self.device),
+            indptr,
+            indices,
+            last_page_len,
             self.num_heads,
             self.kv_heads,
             self.head_dim,
