@@ -55,7 +55,7 @@ from npr_graph.engine.backends import (  # noqa: E402
     triton_installed,
 )
 from npr_graph.engine.engine import Engine  # noqa: E402
-from npr_graph.engine.kv import LaneKV, PagePool, slot_table  # noqa: E402
+from npr_graph.engine.kv import LaneKV, PagePool, SlotViews  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens  # noqa: E402
 
@@ -149,10 +149,9 @@ def attention_case(model, prompts: int, samples: int, prompt_tokens: int, tail_t
             lanes.append(lane)
             keys[0].append(p)
             keys[1].append((p, s))
-    table = slot_table(lanes)
     slots = pool.num_pages * pool.page_size
     shape = (slots, config.num_key_value_heads, config.head_dim)
-    return table, keys, shape
+    return SlotViews.of(lanes), keys, shape
 
 
 def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
@@ -169,10 +168,10 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
     row = {"part": "attention", "prompts": prompts, "samples": samples, "queries": prompts * samples,
            "prefix_tokens": prefix, "tail_tokens": tail}  # fmt: skip
     out = []
-    table, keys, shape = attention_case(model, *case)
+    views, keys, shape = attention_case(model, *case)
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    query = torch.randn(len(table.lengths), config.num_attention_heads, config.head_dim,
+    query = torch.randn(len(views.lengths), config.num_attention_heads, config.head_dim,
                         device=device, dtype=dtype)  # fmt: skip
     scale = config.head_dim**-0.5
     lanes = [_FakeLane(p, s) for p, s in keys[1]]
@@ -183,11 +182,11 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             out.append({**row, "backend": name, "skipped": "time budget"})
             continue
         if name == "torch":  # what the torch path runs per layer: SDPA over gathered slots
-            planners = [(name, lambda: _sdpa_fn(table, device))]
+            planners = [(name, lambda: _sdpa_fn(views.table, device))]
         else:
             backend = make_backend(name)
             backend.attach(model, torch.device(device))
-            planners = [(name, lambda b=backend: b.plan_decode(lanes, table))]
+            planners = [(name, lambda b=backend: b.plan_decode(lanes, views))]
             if name.startswith("triton") and case == args.attention_case[0]:
                 # The tiles are a guess made without a GPU: the same plan with other tiles
                 # (on the first case only, to save device time)
@@ -195,12 +194,12 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
                     tuned = TritonBackend(cascade=backend.cascade, tiles=tiles)
                     tuned.attach(model, torch.device(device))
                     planners.append((f"{name}-q{tiles[0]}t{tiles[1]}w{tiles[2]}s{tiles[3]}",
-                                     lambda b=tuned: b.plan_decode(lanes, table)))  # fmt: skip
+                                     lambda b=tuned: b.plan_decode(lanes, views)))  # fmt: skip
             if name.startswith("flashinfer"):
                 # The engine's page tables have one-slot pages (a join view starts mid-page);
                 # this case's segments start on page boundaries, so the same levels as whole
                 # pages tell what the page size costs.
-                levels = _whole_pages(backend.levels(lanes, table), PAGE)
+                levels = _whole_pages(backend.levels(lanes, views), PAGE)
                 if levels is not None:
                     planners.append((f"{name}-p{PAGE}",
                                      lambda b=backend, lv=levels: b.plan_levels(lv, PAGE)))  # fmt: skip
@@ -260,7 +259,7 @@ def _whole_pages(levels, page: int):
 def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
     """Compile (JIT) and run each backend's kernels once on a small case, timed."""
     model = build_model(JIT_SHAPE, device, dtype, tokenizer)
-    table, keys, shape = attention_case(model, 2, 2, 64, 16)
+    views, keys, shape = attention_case(model, 2, 2, 64, 16)
     lanes = [_FakeLane(p, s) for p, s in keys[1]]
     config = model.config
     k_cache = torch.randn(shape, device=device, dtype=dtype)
@@ -273,7 +272,7 @@ def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
         start = time.perf_counter()
         backend = make_backend(name)
         backend.attach(model, torch.device(device))
-        backend.plan_decode(lanes, table)(query, k_cache, k_cache, config.head_dim**-0.5)
+        backend.plan_decode(lanes, views)(query, k_cache, k_cache, config.head_dim**-0.5)
         sync(device)
         seconds = time.perf_counter() - start
         out.append({"part": "jit", "backend": name, "seconds": seconds})

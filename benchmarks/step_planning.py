@@ -1,10 +1,15 @@
 """Host time the engine spends planning one decode step, at RL-group sizes.
 
 On a GPU a decode step is bound by the host (docs/GPU.md), so the per-step work of the runner
-counts: appending each lane's slot, the slot table of every lane's view, and the attention
-backend's page table. This times, side by side in one run, the slot table built as the engine
-builds it (each lane's flat slots cached and appended to) against rebuilding it from the lanes'
-segments every step (how it was built before), and the flat page table.
+counts: appending each lane's slot, the views of every lane, and the attention backend's page
+table. This times, side by side in one run:
+
+* the padded slot table (the torch path) as the engine builds it (each lane's flat slots cached
+  and appended to) against rebuilding it from the lanes' segments every step (how it was built
+  before);
+* the kernels' flat page table built from the cached views directly (``SlotViews``: the lanes'
+  slot lists concatenated) against padding them into the table and cutting each row out again
+  (how it was built before), and the cascade levels.
 
     python benchmarks/step_planning.py [--cases 8x1024,64x2304,128x4352] [--repeats 20]
 """
@@ -26,6 +31,7 @@ from npr_graph.engine.kv import (  # noqa: E402
     LaneKV,
     PagePool,
     SlotTable,
+    SlotViews,
     _concat_ranges,
     slot_table,
 )
@@ -46,6 +52,17 @@ def rebuilt_slot_table(lanes: list[LaneKV]) -> SlotTable:
     slots = torch.zeros(mask.shape, dtype=torch.long)
     slots[mask] = _concat_ranges(bases, sizes)
     return SlotTable(slots, mask, lens)
+
+
+def padded_page_table(lanes: list[LaneKV]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat page table (indptr, indices) cut out of the padded slot table (the engine's
+    earlier approach)."""
+    table = slot_table(lanes)
+    lengths = table.lengths.to(torch.int32)
+    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=indptr[1:])
+    rows = [row[:n] for row, n in zip(table.slots, lengths.tolist(), strict=True)]
+    return indptr, torch.cat(rows).to(torch.int32)
 
 
 def group(lanes: int, tokens: int) -> list[LaneKV]:
@@ -84,15 +101,22 @@ def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
     rebuilt = timed(step_rebuilt, repeats)
     table = slot_table(lanes)
     assert torch.equal(table.slots, rebuilt_slot_table(lanes).slots)
+    level = flat_level(SlotViews.of(lanes))
+    indptr, indices = padded_page_table(lanes)
+    assert torch.equal(level.kv_indptr, indptr) and torch.equal(level.kv_indices, indices)
     keys = [[0] * lanes_n, list(range(lanes_n))]
+    page_table = timed(lambda: flat_level(SlotViews.of(lanes)), repeats)
+    padded = timed(lambda: padded_page_table(lanes), repeats)
     return {
         "lanes": lanes_n,
         "tokens": tokens,
         "slot_table_cached_ms": cached,
         "slot_table_rebuilt_ms": rebuilt,
         "speedup": rebuilt / cached,
-        "flat_level_ms": timed(lambda: flat_level(table), repeats),
-        "cascade_levels_ms": timed(lambda: cascade_levels(table, keys), repeats),
+        "page_table_ms": page_table,
+        "page_table_from_padded_ms": padded,
+        "page_table_speedup": padded / page_table,
+        "cascade_levels_ms": timed(lambda: cascade_levels(SlotViews.of(lanes), keys), repeats),
     }
 
 

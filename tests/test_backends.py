@@ -27,7 +27,7 @@ from npr_graph.engine.backends import (  # noqa: E402
     make_backend,
 )
 from npr_graph.engine.engine import Engine  # noqa: E402
-from npr_graph.engine.kv import LaneKV, PagePool, join, slot_table  # noqa: E402
+from npr_graph.engine.kv import LaneKV, PagePool, SlotViews, join  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens, tiny_model  # noqa: E402
 
@@ -94,8 +94,7 @@ def _rl_group_lanes():
 def test_cascade_levels_cover_every_view_exactly_once():
     lanes, keys, pool = _rl_group_lanes()
     pool.check(lanes)
-    table = slot_table(lanes)
-    levels = cascade_levels(table, keys)
+    levels = cascade_levels(SlotViews.of(lanes), keys)
     assert len(levels) == 3
     seen = [[] for _ in lanes]
     for level in levels:
@@ -122,22 +121,23 @@ def test_cascade_without_sharing_is_flat():
         lane = LaneKV(pool)
         lane.append_slots(n)
         lanes.append(lane)
-    table = slot_table(lanes)
-    (level,) = cascade_levels(table, [["x", "y", "z"], [1, 2, 3]])
-    flat = flat_level(table)
+    views = SlotViews.of(lanes)
+    (level,) = cascade_levels(views, [["x", "y", "z"], [1, 2, 3]])
+    flat = flat_level(views)
     for a, b in zip(vars(level).values(), vars(flat).values(), strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def test_cascade_attention_equals_attention_over_each_view():
     lanes, keys, _ = _rl_group_lanes()
-    table = slot_table(lanes)
+    views = SlotViews.of(lanes)
+    table = views.table
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(256 * 4, 2, 16, generator=gen)
     v_cache = torch.randn(256 * 4, 2, 16, generator=gen)
     query = torch.randn(len(lanes), 4, 16, generator=gen)
-    want = paged_decode_reference(query, k_cache, v_cache, flat_level(table))[0]
-    levels = cascade_levels(table, keys)
+    want = paged_decode_reference(query, k_cache, v_cache, flat_level(views))[0]
+    levels = cascade_levels(views, keys)
     got = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # The same, as SDPA over gathered slots computes it (the torch backend).
@@ -224,9 +224,9 @@ def generate_and_check(
     planned = []
     original = engine.runner.backend.plan_decode
 
-    def spy(lanes, table):
+    def spy(lanes, views):
         planned.append(len(lanes))
-        return original(lanes, table)
+        return original(lanes, views)
 
     engine.runner.backend.plan_decode = spy
     params = SamplingParams(

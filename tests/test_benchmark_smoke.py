@@ -116,11 +116,13 @@ def test_quick_skips_large_dense(tokenizer):
 
 
 def test_step_planning_benchmark_compares_equal_tables():
-    """The cached slot table the engine builds equals the one rebuilt from segments (the
-    benchmark asserts it), after forks and appends; the rows carry what the benchmark reports."""
+    """The cached slot table the engine builds equals the one rebuilt from segments, and its
+    page table the one cut out of the padded table (the benchmark asserts both), after forks and
+    appends; the rows carry what the benchmark reports."""
     planning = _load("step_planning")
     row = planning.bench(4, 300, repeats=2)
     assert row["lanes"] == 4 and row["slot_table_cached_ms"] > 0 and row["speedup"] > 0
+    assert row["page_table_ms"] > 0 and row["page_table_speedup"] > 0
     lanes = planning.group(3, 280)
     for step in range(20):  # appends cross page boundaries; forks copy the cache
         for lane in lanes:
@@ -128,6 +130,22 @@ def test_step_planning_benchmark_compares_equal_tables():
         assert torch.equal(
             planning.slot_table(lanes).slots, planning.rebuilt_slot_table(lanes).slots
         )
+        level = planning.flat_level(planning.SlotViews.of(lanes))
+        indptr, indices = planning.padded_page_table(lanes)
+        assert torch.equal(level.kv_indptr, indptr) and torch.equal(level.kv_indices, indices)
+
+
+def test_engine_host_benchmark_splits_steps_into_host_and_model_time():
+    host = _load("engine_host")
+    rows = host.main(["--widths", "1,2", "--step-tokens", "8", "--repeats", "1"])
+    assert [(r["backend"], r["width"]) for r in rows] == [
+        ("torch", 1), ("torch", 2), ("planned", 1), ("planned", 2)
+    ]  # fmt: skip
+    for row in rows:
+        assert row["host_ms_per_step"] > 0 and row["model_ms_per_step"] > 0
+    # the structure is forced: both paths decode the same steps
+    assert rows[0]["decode_steps"] == rows[2]["decode_steps"] == 7
+    assert rows[1]["decode_steps"] == rows[3]["decode_steps"] > 7
 
 
 def test_decode_benchmark_runs_on_the_embedded_model(smollm2_tokenizer):

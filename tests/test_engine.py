@@ -69,7 +69,11 @@ def test_dense_forward_reproduces_engine_logprobs(family, special_tokenizer):
     assert len(graphs) == 4
     for graph in graphs:
         assert graph.metadata["layout_consistent"]
-        assert graph.metadata["forks"] >= 1 and ng.metrics(graph)["is_parallel"]
+        metrics = ng.metrics(graph)
+        assert graph.metadata["forks"] >= 1 and metrics["is_parallel"]
+        # the engine's running counts (budgets read them) are the graph's own measures
+        assert graph.metadata["critical_path_tokens"] == metrics["critical_path_tokens"]
+        assert graph.metadata["total_tokens"] == metrics["total_tokens"]
         engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
         assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
     assert engine.pool.num_used == 0, "every page is freed when all requests finish"

@@ -110,16 +110,16 @@ def _gpu_decode():
 
 def _attention_inputs(gpu_decode, prefix: int, tail: int):
     """The benchmark's attention case for 2 prompts x 3 samples at the quick model's shape:
-    ``(model, slot table, lanes, query, k_cache, v_cache)``."""
+    ``(model, slot views, lanes, query, k_cache, v_cache)``."""
     model = gpu_decode.build_model(
         gpu_decode.QUICK, "cpu", torch.float32, gpu_decode.byte_tokenizer()
     )
-    table, keys, shape = gpu_decode.attention_case(model, 2, 3, prefix, tail)
+    views, keys, shape = gpu_decode.attention_case(model, 2, 3, prefix, tail)
     lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
     torch.manual_seed(0)
     k_cache, v_cache = torch.randn(shape), torch.randn(shape)
     query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
-    return model, table, lanes, query, k_cache, v_cache
+    return model, views, lanes, query, k_cache, v_cache
 
 
 def test_benchmark_runs_at_a_tiny_size(tmp_path):
@@ -167,9 +167,9 @@ def test_benchmark_page_tables_of_whole_pages_attend_like_one_slot_pages():
     from kernels.attention import cascade_decode_attention
     from npr_graph.engine.backends import TritonBackend
 
-    model, table, lanes, query, k_cache, v_cache = _attention_inputs(gpu_decode, 64, 37)
+    model, views, lanes, query, k_cache, v_cache = _attention_inputs(gpu_decode, 64, 37)
     for cascade in (True, False):
-        levels = TritonBackend(cascade=cascade, kernels="torch").levels(lanes, table)
+        levels = TritonBackend(cascade=cascade, kernels="torch").levels(lanes, views)
         assert len(levels) == (2 if cascade else 1)
         paged = gpu_decode._whole_pages(levels, 16)
         assert paged is not None and paged[0].kv_indices.numel() * 16 >= levels[0].max_kv_len
@@ -199,11 +199,11 @@ def test_triton_backend_with_other_tiles_attends_like_the_torch_reference(monkey
         return launches[-1]
 
     monkeypatch.setattr(attention_triton, "plan_launch", recording)
-    model, table, lanes, query, k_cache, v_cache = _attention_inputs(_gpu_decode(), 40, 9)
+    model, views, lanes, query, k_cache, v_cache = _attention_inputs(_gpu_decode(), 40, 9)
     backend = TritonBackend(cascade=True, tiles=(32, 32, 2, 2))
     backend.attach(model, torch.device("cpu"))
-    levels = backend.levels(lanes, table)
+    levels = backend.levels(lanes, views)
     want = cascade_decode_attention(query, k_cache, v_cache, levels, backend="torch")
-    got = backend.plan_decode(lanes, table)(query, k_cache, v_cache, backend.scale)
+    got = backend.plan_decode(lanes, views)(query, k_cache, v_cache, backend.scale)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert [launch[:3] + launch[5:] for launch in launches] == [(32, 32, 2, 2)]

@@ -15,6 +15,7 @@ from npr_graph.engine.kv import (
     PagePool,
     PoolExhausted,
     Segment,
+    SlotViews,
     join,
     slot_table,
 )
@@ -68,6 +69,10 @@ class Shadow:
             got = [self.mem[s] for s in table.slots[i, :n].tolist()]
             assert got == self.tokens[id(lane)], f"lane {i}: {lane}"
             assert table.slots[i, :n].tolist() == lane.flat_slots()
+        views = SlotViews.of(lanes)  # what the kernels' page tables are built from
+        for i, lane in enumerate(lanes):
+            lo, hi = views.indptr[i : i + 2].tolist()
+            assert views.indices[lo:hi].tolist() == lane.flat_slots()
 
 
 def _prompt(pool: PagePool, sh: Shadow, n: int) -> LaneKV:
@@ -316,6 +321,23 @@ def test_slot_table_padding_and_order():
     assert t.lengths.tolist() == [3, 1]
     empty = slot_table([])
     assert empty.slots.shape == (0, 0)
+
+
+def test_slot_views_lists_and_prefixes():
+    pool = PagePool(16, 2)
+    x, y = LaneKV(pool), LaneKV(pool)
+    sx, sy = x.append_slots(3), y.append_slots(2)
+    views = SlotViews.of([x, y])
+    assert views.lengths == [3, 2]
+    assert views.indptr.tolist() == [0, 3, 5] and views.indptr.dtype == torch.int32
+    assert views.indices.tolist() == sx + sy and views.indices.dtype == torch.int32
+    assert views.table.slots.tolist() == [sx, sy + [0]]
+    x.append_slots(2)  # a later append leaves this step's views as they were
+    assert SlotViews.of([x, y]).indices.tolist() != views.indices.tolist()
+    assert views.rows[0].tolist() == sx
+    rows = views.prefixes([0, 0, 1], [1, 3, 2])
+    assert rows.indices.tolist() == sx[:1] + sx + sy and rows.lengths == [1, 3, 2]
+    assert SlotViews.of([]).indptr.tolist() == [0] and SlotViews.of([]).indices.numel() == 0
 
 
 def test_check_detects_violations():

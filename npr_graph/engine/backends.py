@@ -22,12 +22,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
 from .graphs import GraphDecoder
-from .kv import SlotTable
+from .kv import SlotViews
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
@@ -36,26 +37,21 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Ten
 
 
 # -- planning -------------------------------------------------------------------------------------
-def flat_level(table: SlotTable) -> DecodeLevel:
+def flat_level(views: SlotViews) -> DecodeLevel:
     """One level, one group per lane over its whole view: plain paged batch decode."""
-    lengths = table.lengths.to(torch.int32)
-    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=indptr[1:])
-    # row slices and one cat: boolean-mask indexing of [B, L] costs ~10x more on a CPU
-    rows = [row[:n] for row, n in zip(table.slots, lengths.tolist(), strict=True)]
-    indices = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    batch = len(views.lengths)
     return DecodeLevel(
-        torch.arange(len(lengths) + 1, dtype=torch.int32),
-        indptr,
-        indices.to(torch.int32),
-        torch.ones(len(lengths), dtype=torch.int32),
-        int(lengths.max()) if len(lengths) else 0,
+        torch.arange(batch + 1, dtype=torch.int32),
+        views.indptr,
+        views.indices,
+        torch.ones(batch, dtype=torch.int32),
+        max(views.lengths, default=0),
         1,
     )
 
 
-def cascade_levels(table: SlotTable, group_keys: Sequence[Sequence[Hashable]]) -> list[DecodeLevel]:
-    """Cascade levels for lanes (queries) in table order.
+def cascade_levels(views: SlotViews, group_keys: Sequence[Sequence[Hashable]]) -> list[DecodeLevel]:
+    """Cascade levels for lanes (queries) in view order.
 
     ``group_keys[l][i]``: lane i's group at level l (e.g. its request, then its sample); each
     maximal run of equal consecutive keys is a candidate group. A group attends at its level to
@@ -64,7 +60,7 @@ def cascade_levels(table: SlotTable, group_keys: Sequence[Sequence[Hashable]]) -
     hold an empty KV list: kernels disagree on empty segments). A level where no group holds two
     lanes is dropped. The last level gives every lane the rest of its view.
     """
-    slots, lengths = table.slots, table.lengths.tolist()
+    rows, lengths = views.rows, views.lengths
     num_lanes = len(lengths)
     cuts = [0] * num_lanes  # view tokens already covered by earlier levels
     levels = []
@@ -74,7 +70,7 @@ def cascade_levels(table: SlotTable, group_keys: Sequence[Sequence[Hashable]]) -
         for lo, hi in _runs(keys):
             prev = cuts[lo]
             cap = min(lengths[lo:hi]) - later
-            shared = _common_prefix(slots[lo:hi], cap) if hi - lo > 1 else 0
+            shared = _common_prefix(rows[lo:hi], cap) if hi - lo > 1 else 0
             if hi - lo > 1 and shared > prev and all(c == prev for c in cuts[lo:hi]):
                 groups.append((lo, hi, prev, shared))
                 new_cuts[lo:hi] = [shared] * (hi - lo)
@@ -86,9 +82,9 @@ def cascade_levels(table: SlotTable, group_keys: Sequence[Sequence[Hashable]]) -
                     groups.append((i, i + 1, cuts[i], cuts[i] + 1))
                     new_cuts[i] = cuts[i] + 1
         if shared_any:
-            levels.append(_level(slots, groups))
+            levels.append(_level(rows, groups))
             cuts = new_cuts
-    levels.append(_level(slots, [(i, i + 1, cuts[i], lengths[i]) for i in range(num_lanes)]))
+    levels.append(_level(rows, [(i, i + 1, cuts[i], lengths[i]) for i in range(num_lanes)]))
     return levels
 
 
@@ -101,28 +97,32 @@ def _runs(keys: Sequence[Hashable]) -> list[tuple[int, int]]:
     return runs
 
 
-def _common_prefix(rows: torch.Tensor, cap: int) -> int:
+def _common_prefix(rows: Sequence[np.ndarray], cap: int) -> int:
     """How many leading slots all rows share (at most ``cap``)."""
     if cap <= 0:
         return 0
-    same = (rows[:, :cap] == rows[:1, :cap]).all(dim=0)
-    differ = (~same).nonzero()
-    return int(differ[0]) if len(differ) else cap
+    first = rows[0][:cap]
+    shared = cap
+    for row in rows[1:]:
+        differ = np.flatnonzero(row[:shared] != first[:shared])
+        if len(differ):
+            shared = int(differ[0])
+    return shared
 
 
-def _level(slots: torch.Tensor, groups: list[tuple[int, int, int, int]]) -> DecodeLevel:
+def _level(rows: Sequence[np.ndarray], groups: list[tuple[int, int, int, int]]) -> DecodeLevel:
     """``groups``: (first lane, end lane, first view token, end view token) in lane order."""
     qo = torch.tensor([0] + [hi for _, hi, _, _ in groups], dtype=torch.int32)
-    sizes = torch.tensor([end - start for _, _, start, end in groups], dtype=torch.int32)
-    kv = torch.zeros(len(groups) + 1, dtype=torch.int32)
-    torch.cumsum(sizes, 0, out=kv[1:])
-    indices = torch.cat([slots[lo, start:end] for lo, _, start, end in groups]).to(torch.int32)
+    sizes = [end - start for _, _, start, end in groups]
+    kv = np.zeros(len(groups) + 1, dtype=np.int32)
+    kv[1:] = np.cumsum(sizes)
+    indices = np.concatenate([rows[lo][start:end] for lo, _, start, end in groups])
     return DecodeLevel(
         qo,
-        kv,
-        indices,
+        torch.from_numpy(kv),
+        torch.from_numpy(indices.astype(np.int32)),
         torch.ones(len(groups), dtype=torch.int32),
-        int(sizes.max()),
+        max(sizes),
         max(hi - lo for lo, hi, _, _ in groups),
     )
 
@@ -161,8 +161,9 @@ class AttentionBackend:
         }  # the attention layers' softmax scale, planned before their forward
         self.scale = scales.pop() if len(scales) == 1 else None
 
-    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
-        """Once per decode step; ``table`` on the CPU. None: use the torch path this step."""
+    def plan_decode(self, lanes: Sequence, views: SlotViews) -> DecodeFn | None:
+        """Once per decode step, from the lanes' KV views (on the host). None: use the torch
+        path this step."""
         return None
 
     def can_graph(self) -> bool:
@@ -186,13 +187,13 @@ class _LevelsBackend(AttentionBackend):
     def __init__(self, cascade: bool = True) -> None:
         self.cascade = cascade
 
-    def levels(self, lanes: Sequence, table: SlotTable) -> list[DecodeLevel]:
+    def levels(self, lanes: Sequence, views: SlotViews) -> list[DecodeLevel]:
         if self.cascade:
             try:
-                return cascade_levels(table, lane_group_keys(lanes))
+                return cascade_levels(views, lane_group_keys(lanes))
             except ValueError:  # a view too short to split (one-token prompts)
                 pass
-        return [flat_level(table)]
+        return [flat_level(views)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cascade={self.cascade})"
@@ -218,8 +219,8 @@ class TritonBackend(_LevelsBackend):
         self.kernels = kernels
         self.tiles = tiles
 
-    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
-        levels = [lv.to(self.device, non_blocking=True) for lv in self.levels(lanes, table)]
+    def plan_decode(self, lanes: Sequence, views: SlotViews) -> DecodeFn | None:
+        levels = [lv.to(self.device, non_blocking=True) for lv in self.levels(lanes, views)]
         planned, kernel_backend, launch = self.scale, self.kernels, None
         if kernel_backend == "triton":  # grids and splits once per step, not per layer
             from kernels import attention_triton
@@ -270,10 +271,10 @@ class FlashInferBackend(_LevelsBackend):
                 )
         return self._wrappers[num_levels]
 
-    def plan_decode(self, lanes: Sequence, table: SlotTable) -> DecodeFn | None:
+    def plan_decode(self, lanes: Sequence, views: SlotViews) -> DecodeFn | None:
         if self.scale is None:
             return None
-        return self.plan_levels(self.levels(lanes, table), page_size=1)
+        return self.plan_levels(self.levels(lanes, views), page_size=1)
 
     def plan_levels(self, levels: list[DecodeLevel], page_size: int) -> DecodeFn:
         """Plan ``levels`` (page tables of ``page_size``-slot pages); the engine uses pages of

@@ -343,7 +343,7 @@ class Engine:
                 trunk = Lane(sample, kv, state, node_start([len(request.prompt_ids)]))
                 if state is not None:
                     trunk.forced_queue.extend(self.format.encode(state.opening()))
-                sample.lanes.append(trunk)
+                sample.add_lane(trunk)
                 request.samples.append(sample)
                 trunks.append(trunk)
                 rows.append(row)
@@ -557,7 +557,7 @@ class Engine:
         lane.status = LaneStatus.DONE
         for child in children:  # all live before any writes: a budget hit must close them all
             child.siblings = children
-            sample.lanes.append(child)
+            sample.add_lane(child)
         for index, child in enumerate(children):
             token = child.forced_queue.popleft()
             # Branch i > 0 is scored from branch i - 1's last logits when that ends.
@@ -598,7 +598,7 @@ class Engine:
         joined.forced_queue.extend(self.format.encode(opener))
         for sibling in siblings:
             sibling.status = LaneStatus.DONE
-        sample.lanes.append(joined)
+        sample.add_lane(joined)
         token = joined.forced_queue.popleft()
         self._write(joined, token, forced=True, scored_from=last.final_logits)
         for sibling in siblings:

@@ -234,8 +234,9 @@ class LaneKV:
             s for g in self._segments for s in range(g.page * ps + g.start, g.page * ps + g.end)
         ]
 
-    def slot_tensor(self) -> torch.Tensor:
-        """The view's flat slots as int64 ``[num_tokens]`` (a view of a cache: do not modify)."""
+    def slot_array(self) -> np.ndarray:
+        """The view's flat slots as int64 ``[num_tokens]`` (a view of a cache: do not modify;
+        later appends leave it as it is)."""
         if self._num_cached != self.num_tokens:
             ps = self.pool.page_size
             filled = [seg for seg in self._segments if seg.size]
@@ -243,7 +244,11 @@ class LaneKV:
             cache = np.zeros(2 * self.num_tokens, dtype=np.int64)
             cache[: self.num_tokens] = _concat_ranges(bases, sizes).numpy()
             self._slot_cache, self._num_cached = cache, self.num_tokens
-        return torch.from_numpy(self._slot_cache[: self.num_tokens])
+        return self._slot_cache[: self.num_tokens]
+
+    def slot_tensor(self) -> torch.Tensor:
+        """:meth:`slot_array` as a tensor sharing its memory."""
+        return torch.from_numpy(self.slot_array())
 
     def _cache_append(self, first: int, slots: list[int]) -> None:
         """Record ``slots`` for view positions from ``first`` (if the cache reaches there)."""
@@ -429,18 +434,67 @@ def _concat_ranges(bases: list[int], sizes: list[int]) -> torch.Tensor:
     return out
 
 
+class SlotViews:
+    """The KV views of one step's rows: ``rows[b]`` holds row b's flat slots in view order
+    (int64 numpy, shared with the lanes' caches: read only). Each consumer builds the form it
+    needs once, on first use: the torch path a padded table (:attr:`table`), kernels' page
+    tables the concatenated lists (:attr:`indptr`, :attr:`indices`), which cost a fraction of
+    padding to the longest view and cutting the rows out again."""
+
+    def __init__(self, rows: list[np.ndarray]) -> None:
+        self.rows = rows
+        self.lengths = [len(row) for row in rows]
+        self._table: SlotTable | None = None
+        self._lists: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, lanes: Sequence[LaneKV]) -> SlotViews:
+        rows = []
+        for lane in lanes:
+            lane._live()
+            rows.append(lane.slot_array())
+        return cls(rows)
+
+    def prefixes(self, rows: Sequence[int], lengths: Sequence[int]) -> SlotViews:
+        """Views of the first ``lengths[j]`` slots of row ``rows[j]``."""
+        return SlotViews([self.rows[r][:n] for r, n in zip(rows, lengths, strict=True)])
+
+    @property
+    def table(self) -> SlotTable:
+        """Padded to the longest view (pad: slot 0), with its mask."""
+        if self._table is None:
+            lens = torch.tensor(self.lengths, dtype=torch.long)
+            mask = torch.arange(max(self.lengths, default=0)) < lens[:, None]
+            if self.rows:
+                rows = [torch.from_numpy(row) for row in self.rows]
+                slots = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            else:
+                slots = torch.zeros(mask.shape, dtype=torch.long)
+            self._table = SlotTable(slots, mask, lens)
+        return self._table
+
+    @property
+    def indptr(self) -> torch.Tensor:
+        """int32 ``[B + 1]``: row b's slots are ``indices[indptr[b] : indptr[b + 1]]``."""
+        return self._concatenated()[0]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """int32 ``[sum of lengths]``: every row's slots, row after row."""
+        return self._concatenated()[1]
+
+    def _concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._lists is None:
+            indptr = np.zeros(len(self.rows) + 1, dtype=np.int32)
+            indptr[1:] = np.cumsum(self.lengths)
+            indices = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=np.int64)
+            self._lists = torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int32))
+        return self._lists
+
+
 def slot_table(lanes: Sequence[LaneKV], device: torch.device | str | None = None) -> SlotTable:
     """Flat slot indices of each lane's view, in view order, padded to the longest view."""
-    rows = []
-    for lane in lanes:
-        lane._live()
-        rows.append(lane.slot_tensor())
-    lens = torch.tensor([len(row) for row in rows], dtype=torch.long)
-    mask = torch.arange(int(lens.max()) if rows else 0) < lens[:, None]
-    if rows:
-        slots = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    else:
-        slots = torch.zeros(mask.shape, dtype=torch.long)
-    if device is not None:
-        slots, mask, lens = slots.to(device), mask.to(device), lens.to(device)
-    return SlotTable(slots, mask, lens)
+    table = SlotViews.of(lanes).table
+    if device is None:
+        return table
+    return SlotTable(*(t.to(device) for t in table))

@@ -59,6 +59,8 @@ class Lane:
         self.logprobs.append(logprob)
         self.forced.append(forced)
         self.pending.append(token)
+        if self.sample is not None:
+            self.sample.count_token(self.end_position)
 
     def fed(self) -> None:
         self.pending.clear()
@@ -89,15 +91,28 @@ class Sample:
     finished: bool = False
     finish_reason: str = ""
     violations: list[str] = field(default_factory=list)
+    # Kept as tokens arrive: budgets are checked after every token, and a sample of many blocks
+    # has many lanes to sum over.
+    total_tokens: int = 0
+    end_position: int = field(init=False)  # the largest end position of its lanes
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(len(lane.tokens) for lane in self.lanes)
+    def __post_init__(self) -> None:
+        self.end_position = len(self.request.prompt_ids)
+
+    def add_lane(self, lane: Lane) -> None:
+        """Add a lane of this sample (its tokens are counted as it appends them)."""
+        self.lanes.append(lane)
+        self.end_position = max(self.end_position, lane.end_position)
+
+    def count_token(self, end_position: int) -> None:
+        """A lane of this sample appended a token and now ends at ``end_position``."""
+        self.total_tokens += 1
+        self.end_position = max(self.end_position, end_position)
 
     @property
     def critical_tokens(self) -> int:
-        prompt = len(self.request.prompt_ids)
-        return max((lane.end_position for lane in self.lanes), default=prompt) - prompt
+        """Tokens on the longest dependency chain after the prompt (the native end position)."""
+        return self.end_position - len(self.request.prompt_ids)
 
     def live_lanes(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.status is not LaneStatus.DONE]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
 from .backends import AttentionBackend, TorchBackend, flat_level
 from .graphs import CudaGraph, DecodeGraphs
-from .kv import PagePool, SlotTable, slot_table
+from .kv import PagePool, SlotViews
 from .lanes import Lane
 
 
@@ -125,9 +127,9 @@ class ModelRunner:
         width = max(counts)
         write = [lane.kv.append_slots(count) for lane, count in zip(lanes, counts, strict=True)]
         self._apply_copies()
-        table = slot_table([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
+        views = SlotViews.of([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
         if earlier and 1 < width <= self.max_rows_per_lane:
-            return self._step_as_rows(lanes, counts, write, table)
+            return self._step_as_rows(lanes, counts, write, views)
         # Left padding: token 0 at position 0, written to the scratch slot 0.
         pads = [[0] * (width - count) for count in counts]
         input_ids = torch.tensor(
@@ -138,7 +140,7 @@ class ModelRunner:
         )
         write_slots = torch.tensor([pad + slots for pad, slots in zip(pads, write, strict=True)])
         keep = width if earlier else 1
-        logits = self._forward(lanes, table, input_ids, positions, write_slots, keep)
+        logits = self._forward(lanes, views, input_ids, positions, write_slots, keep)
         for lane in lanes:
             lane.fed()
         before_last = [
@@ -148,36 +150,37 @@ class ModelRunner:
         return StepLogits(logits[:, -1], before_last)
 
     def _step_as_rows(
-        self, lanes: Sequence[Lane], counts: list[int], write: list[list[int]], table: SlotTable
+        self, lanes: Sequence[Lane], counts: list[int], write: list[list[int]], views: SlotViews
     ) -> StepLogits:
         """A lane feeding ``c`` tokens becomes ``c`` decode rows, row ``j`` seeing the lane's view
         up to its ``j``-th new token: no padding, and the step stays a decode step that the
         backend's plan (and a CUDA graph) can run. Every row's logits come back."""
-        per_lane = torch.tensor(counts)
-        row_lane = torch.repeat_interleave(torch.arange(len(lanes)), per_lane)
-        ends = torch.cumsum(per_lane, 0)
-        behind = ends[row_lane] - 1 - torch.arange(len(row_lane))  # new tokens after the row's
-        lengths = table.lengths[row_lane] - behind
-        slots = table.slots[row_lane]
-        rows_table = SlotTable(slots, torch.arange(slots.shape[1]) < lengths[:, None], lengths)
-        rows = [lane for lane, count in zip(lanes, counts, strict=True) for _ in range(count)]
+        row_lane = [b for b, count in enumerate(counts) for _ in range(count)]
+        row_length = [
+            length - count + 1 + j
+            for length, count in zip(views.lengths, counts, strict=True)
+            for j in range(count)
+        ]
+        rows = [lanes[b] for b in row_lane]
         input_ids = torch.tensor([t for lane in lanes for t in lane.pending])[:, None]
         positions = torch.tensor([p for lane in lanes for p in lane.pending_positions])[:, None]
         write_slots = torch.tensor([s for slots in write for s in slots])[:, None]
-        logits = self._forward(rows, rows_table, input_ids, positions, write_slots)[:, 0]
+        logits = self._forward(
+            rows, views.prefixes(row_lane, row_length), input_ids, positions, write_slots
+        )[:, 0]
         for lane in lanes:
             lane.fed()
-        last = (ends - 1).tolist()
+        ends = list(itertools.accumulate(counts))
         earlier = [
             logits[end - count : end - 1] if count > 1 else None
-            for end, count in zip(ends.tolist(), counts, strict=True)
+            for end, count in zip(ends, counts, strict=True)
         ]
-        return StepLogits(logits[last], earlier)
+        return StepLogits(logits[[end - 1 for end in ends]], earlier)
 
     def _forward(
         self,
         lanes: Sequence[Lane],
-        table: SlotTable,
+        views: SlotViews,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         write_slots: torch.Tensor,
@@ -187,7 +190,7 @@ class ModelRunner:
         row's last ``keep`` tokens."""
         width = input_ids.shape[1]
         if width == 1 and self.graphs is not None:
-            level = flat_level(table)
+            level = flat_level(views)
             logits = self.graphs.step(
                 input_ids, positions, write_slots[:, 0], level.kv_indptr, level.kv_indices
             )
@@ -197,6 +200,7 @@ class ModelRunner:
         write_slots = write_slots.flatten().to(self.device)
 
         def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
+            table = views.table
             if width == 1 and bool(table.mask.all()):  # every row sees its whole view
                 return table.slots.to(self.device), None
             # Query j of a row is view token (length - width + j); it sees view tokens up to
@@ -210,11 +214,11 @@ class ModelRunner:
 
         plan = StepPlan(write_slots, None, None, self.kv, gather=gather)
         if width == 1:
-            plan.decode = self.backend.plan_decode(lanes, table)
+            plan.decode = self.backend.plan_decode(lanes, views)
         if plan.decode is None or self.needs_positions:
             plan.gather_inputs()  # every layer gathers: build the indices before the forward
             if len(lanes) == 1 and not self.needs_positions:
-                plan.read_range = _slot_range(table.slots[0])
+                plan.read_range = _slot_range(views.rows[0])
         if self.needs_positions:
             self.slot_positions[write_slots] = positions.flatten()
             plan.query_positions = positions
@@ -240,10 +244,10 @@ class ModelRunner:
         self.slot_positions[target] = self.slot_positions[source]
 
 
-def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
+def _slot_range(slots: np.ndarray) -> tuple[int, int] | None:
     """``(lo, hi)`` when ``slots`` is exactly ``lo, lo + 1, ..., hi - 1``."""
     lo, hi = int(slots[0]), int(slots[-1]) + 1
-    if hi - lo != len(slots) or not bool((slots[1:] - slots[:-1] == 1).all()):
+    if hi - lo != len(slots) or not bool((np.diff(slots) == 1).all()):
         return None
     return lo, hi
 

@@ -34,6 +34,10 @@ class Phase(str, Enum):
     CLOSED = "closed"  # a lane that forked, or a branch that closed its step
 
 
+# The elements with a length limit, and the tags that close them.
+ELEMENT_CLOSERS = {Phase.PLAN: "</plan>", Phase.STEP: "</step>", Phase.TAKEAWAY: "</takeaway>"}
+
+
 class Kind(str, Enum):
     CONTINUE = "continue"
     FORK = "fork"
@@ -66,6 +70,7 @@ class Format:
         self._encoded: dict[str, list[int]] = {}
         self._closers: list[tuple[int, str]] | None = None
         self._self_contained: list[int] = []
+        self._others: dict[str | None, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of engine-written text (tags as single tokens when special)."""
@@ -86,8 +91,10 @@ class Format:
         return self._encoded[text]
 
     def others_banned(self, keep: str | None) -> list[int]:
-        """Every tag id except ``keep``'s."""
-        return [i for t, i in self.tag_ids.items() if t != keep]
+        """Every tag id except ``keep``'s (a new list: callers extend it)."""
+        if keep not in self._others:
+            self._others[keep] = [i for t, i in self.tag_ids.items() if t != keep]
+        return list(self._others[keep])
 
     def spelled_tags(self, tail: str) -> list[int]:
         """Ids of ordinary tokens that would complete a tag spelled out in text after ``tail``
@@ -114,6 +121,8 @@ class Format:
 
 def completed_tags(tail: str, piece: str) -> list[str]:
     """Tags that end inside ``piece``, the newest text of ``tail`` (which ends with it)."""
+    if ">" not in piece:  # a tag ends with its ">"
+        return []
     start = len(tail) - len(piece)
     return [m.group() for m in TAG_PATTERN.finditer(tail) if m.end() > start]
 
@@ -156,9 +165,7 @@ class LaneState:
             if self.plans >= params.min_branches:
                 allowed.append(fmt.tag_ids["</guideline>"])
             return allowed, None
-        closing = {Phase.PLAN: "</plan>", Phase.STEP: "</step>", Phase.TAKEAWAY: "</takeaway>"}.get(
-            self.phase
-        )
+        closing = ELEMENT_CLOSERS.get(self.phase)
         if closing is not None:
             return None, fmt.others_banned(closing)
         keep = "<guideline>" if self.blocks < params.max_blocks else None
@@ -166,14 +173,14 @@ class LaneState:
 
     def element_limit(self, params) -> str | None:
         """Closing text to force when the current element reached its length limit."""
-        limits = {
-            Phase.PLAN: (params.max_plan_tokens, "</plan>"),
-            Phase.STEP: (params.max_step_tokens, "</step>"),
-            Phase.TAKEAWAY: (params.max_takeaway_tokens, "</takeaway>"),
-        }
-        if self.mode != "constrained" or self.phase not in limits:
+        closing = ELEMENT_CLOSERS.get(self.phase)
+        if self.mode != "constrained" or closing is None:
             return None
-        limit, closing = limits[self.phase]
+        limit = {
+            Phase.PLAN: params.max_plan_tokens,
+            Phase.STEP: params.max_step_tokens,
+            Phase.TAKEAWAY: params.max_takeaway_tokens,
+        }[self.phase]
         return closing if self.element_tokens >= limit else None
 
     def closing_tag(self) -> str | None:

@@ -1,0 +1,105 @@
+"""The engine's host work per decode step: a step's time outside the model's forward.
+
+Once a GPU replays the forward as a CUDA graph, what the host does around it (scheduling, slot
+lists and page tables, the attention plan, selection, the format) is what widening a block pays
+for. This runs a tiny random-weight Qwen3 on the CPU, where the forward is cheap, and times every
+call of ``model.forward``; the rest of the decode steps' wall time is the engine's. A width-k
+block (structure forced, ``--step-tokens`` per step) against sequential decoding, with the torch
+path and with a planned backend (``TritonBackend(kernels="torch")``: the Triton plan, run through
+the kernels' torch references, so no GPU or interpreter is needed).
+
+    python benchmarks/engine_host.py [--widths 1,8] [--step-tokens 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpu_decode  # noqa: E402
+
+from npr_graph.engine import Engine, SamplingParams  # noqa: E402
+from npr_graph.engine.backends import TritonBackend  # noqa: E402
+
+BACKENDS = {"torch": lambda: "torch", "planned": lambda: TritonBackend(kernels="torch")}
+
+
+class TimedForward:
+    """Wraps ``model.forward`` and sums the seconds spent in it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.forward = model.forward
+        self.seconds = 0.0
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def run(model, tokenizer, timer: TimedForward, backend: str, width: int, step_tokens: int) -> dict:
+    engine = Engine(model, tokenizer, attention_backend=BACKENDS[backend](), max_lanes=512)
+    if width == 1:
+        params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=step_tokens,
+                                ignore_eos=True)  # fmt: skip
+        mode = "sequential"
+    else:
+        params = SamplingParams(temperature=1.0, seed=0, min_branches=width, max_branches=width,
+                                max_blocks=1, max_plan_tokens=2, max_step_tokens=step_tokens,
+                                max_takeaway_tokens=4, max_new_tokens=7 * width + step_tokens + 12,
+                                max_total_tokens=10**7, ignore_eos=True,
+                                suppress_tokens=gpu_decode.forced_structure(engine))  # fmt: skip
+        mode = "constrained"
+    timer.seconds = 0.0
+    engine.generate([gpu_decode.prompt_text(64, 0)], params, mode=mode, chat=False)
+    stats = engine.stats
+    steps = max(stats.decode_steps, 1)
+    return {
+        "backend": backend,
+        "width": width,
+        "decode_steps": stats.decode_steps,
+        "ms_per_step": 1e3 * stats.wall_time / steps,
+        "host_ms_per_step": 1e3 * (stats.wall_time - timer.seconds) / steps,
+        "model_ms_per_step": 1e3 * timer.seconds / steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="1,8")
+    parser.add_argument("--backends", default="torch,planned")
+    parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; the best is kept")
+    parser.add_argument("--layers", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    tokenizer = gpu_decode.byte_tokenizer()
+    config = dict(gpu_decode.QUICK, num_hidden_layers=args.layers)
+    model = gpu_decode.build_model(config, "cpu", torch.float32, tokenizer)
+    timer = TimedForward(model)
+    rows = []
+    for backend in args.backends.split(","):
+        for width in (int(w) for w in args.widths.split(",")):
+            run(model, tokenizer, timer, backend, width, 16)  # warm-up
+            runs = [run(model, tokenizer, timer, backend, width, args.step_tokens)
+                    for _ in range(args.repeats)]  # fmt: skip
+            best = min(runs, key=lambda r: r["host_ms_per_step"])
+            rows.append(best)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                              for k, v in best.items()}), flush=True)  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
