@@ -307,8 +307,9 @@ def select_tokens(
     if not sampled:
         tokens = choice.argmax(-1)
     else:
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
-        choice.div_(temperature.to(device)[:, None])
+        temperatures = [1.0 if p.greedy else p.temperature for p in params]
+        if any(t != 1.0 for t in temperatures):
+            choice.div_(torch.tensor(temperatures).to(device)[:, None])
         top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
         keys = {row: streams[row].next_key() for row in sampled}
         # A row with top-k or top-p races with hashed noise on every device, so that its picks
@@ -318,7 +319,11 @@ def select_tokens(
         plain = [row for row in sampled if not trims[row]]
         if plain:
             values = filter_top_k_top_p(choice, top_k, top_p)
-            values[_on(plain, device)] += gumbel_noise([keys[r] for r in plain], vocab, device)
+            noise = gumbel_noise([keys[r] for r in plain], vocab, device)
+            if len(plain) == rows:  # the usual step: no row to leave out
+                values += noise
+            else:
+                values[_on(plain, device)] += noise
             ids = None
         else:
             values, ids = truncate(choice, top_k, top_p)
