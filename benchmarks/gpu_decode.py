@@ -18,7 +18,8 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    prefix dominates; cascade vs flat per backend.
 4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine)
    and at batch k for the widest k (batching alone, the reference for the engine's width k).
-   ``flashinfer-graphs`` runs flat FlashInfer with decode steps replayed as CUDA graphs.
+   ``flashinfer-graphs`` and ``triton-graphs`` run flat decode with the decode steps replayed
+   as CUDA graphs.
 5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
    operators printed; kernel launches and host milliseconds per step recorded).
 
@@ -78,8 +79,9 @@ QUICK = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 # head dim 128, 4 query heads per KV head), so one JIT compile serves tests and benchmark.
 JIT_SHAPE = dict(QWEN3_4B, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
-# "flashinfer-graphs": flat FlashInfer decode steps replayed as CUDA graphs (engine cuda_graphs).
-BACKENDS = ("flashinfer", "flashinfer-graphs", "flashinfer-flat", "triton", "triton-flat", "torch")
+# "*-graphs": flat decode steps replayed as CUDA graphs (Engine(cuda_graphs=True)).
+BACKENDS = ("flashinfer", "flashinfer-graphs", "flashinfer-flat", "triton", "triton-graphs",
+            "triton-flat", "torch")  # fmt: skip
 
 
 def byte_tokenizer():
@@ -119,6 +121,7 @@ def make_backend(name: str):
         "flashinfer": lambda: FlashInferBackend(cascade=True),
         "flashinfer-flat": lambda: FlashInferBackend(cascade=False),
         "flashinfer-graphs": lambda: FlashInferBackend(cascade=False),
+        "triton-graphs": lambda: TritonBackend(cascade=False),
     }[name]()
 
 
@@ -606,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_build_s": time.perf_counter() - start,
         "backends_run": backends,
         "backends_missing": [b for b in wanted if b not in backends],
-        "cuda_graphs": "not used",
+        "cuda_graphs": [b for b in backends if b.endswith("-graphs")] or "not used",
         "args": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"
         },  # fmt: skip

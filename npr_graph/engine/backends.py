@@ -238,6 +238,14 @@ class TritonBackend(_LevelsBackend):
 
         return decode
 
+    def can_graph(self) -> bool:
+        # The kernels read every length from the device; the torch references read the host.
+        return self.kernels == "triton" and self.scale is not None
+
+    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+        """Flat decode over fixed buffers (cascade levels change shape from step to step)."""
+        return _TritonGraphDecoder(self, batch, capacity)
+
 
 class FlashInferBackend(_LevelsBackend):
     """FlashInfer: ``MultiLevelCascadeAttentionWrapper`` over the cascade levels (``cascade``),
@@ -361,6 +369,40 @@ class _FlashInferGraphDecoder(GraphDecoder):
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         return self.wrapper.run(query.contiguous(), _pages(keys, values, 1))
+
+
+class _TritonGraphDecoder(GraphDecoder):
+    """Flat Triton decode over a page table in fixed buffers. The kernels take each lane's KV
+    length from the table on the device and split it over a fixed number of programs (planned
+    for ``capacity / batch`` tokens per lane; splits past a lane's length add nothing), so a
+    recorded launch serves any table that fits."""
+
+    def __init__(self, backend: TritonBackend, batch: int, capacity: int) -> None:
+        from kernels import attention_triton
+
+        device = backend.device
+        self.capacity = capacity
+        self.level = DecodeLevel(
+            torch.arange(batch + 1, dtype=torch.int32, device=device),
+            torch.zeros(batch + 1, dtype=torch.int32, device=device),
+            torch.zeros(capacity, dtype=torch.int32, device=device),
+            torch.ones(batch, dtype=torch.int32, device=device),
+            max(1, capacity // batch),
+            1,
+        )
+        self.launch = attention_triton.plan_launch(
+            [self.level], backend.num_heads, backend.kv_heads, device, tiles=backend.tiles
+        )
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
+        self.level.kv_indptr.copy_(indptr, non_blocking=True)
+        self.level.kv_indices[: len(indices)].copy_(indices, non_blocking=True)
+        self.level.kv_last_page_len.copy_(last_page_len, non_blocking=True)
+
+    def decode(self, query, keys, values, scale) -> torch.Tensor:
+        return cascade_decode_attention(
+            query, keys, values, [self.level], scale=scale, backend="triton", launch=self.launch
+        )
 
 
 def _pages(keys: torch.Tensor, values: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:

@@ -10,8 +10,9 @@ A graph replays fixed kernels on fixed memory, so decode steps are padded to a f
 values go to, and the attention backend's page table (:meth:`GraphDecoder.plan` rewrites it in
 place before each replay). Padding rows decode a dummy token at position 0 over the scratch slot
 (slot 0, which no lane owns) and their logits are dropped. The attention backend must be able to
-run with fixed buffers (:attr:`AttentionBackend.graph_decoder`); today FlashInfer's flat decode
-does. Prefill, multi-token steps and sliding-window models run eagerly as before.
+run with fixed buffers (:attr:`AttentionBackend.graph_decoder`): FlashInfer's flat decode in its
+CUDA-graph mode, or the Triton kernels, which read every length from the device. Prefill, steps
+too wide for the largest bucket and sliding-window models run eagerly as before.
 """
 
 from __future__ import annotations

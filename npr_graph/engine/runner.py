@@ -101,7 +101,7 @@ class ModelRunner:
         if not self.backend.can_graph():
             raise ValueError(
                 f"the {self.backend.name} attention backend cannot run in a CUDA graph "
-                "(use flashinfer)"
+                "(use flashinfer or triton)"
             )
         self.graphs = DecodeGraphs(
             self.model,
