@@ -18,8 +18,8 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    prefix dominates; cascade vs flat per backend.
 4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine)
    and at batch k for the widest k (batching alone, the reference for the engine's width k).
-   ``flashinfer-graphs`` and ``triton-graphs`` run flat decode with the decode steps replayed
-   as CUDA graphs.
+   ``flashinfer-graphs`` (flat), ``triton-graphs`` (cascade) and ``triton-flat-graphs`` replay
+   the decode steps as CUDA graphs.
 5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
    operators printed; kernel launches and host milliseconds per step recorded).
 
@@ -79,9 +79,10 @@ QUICK = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 # head dim 128, 4 query heads per KV head), so one JIT compile serves tests and benchmark.
 JIT_SHAPE = dict(QWEN3_4B, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
-# "*-graphs": flat decode steps replayed as CUDA graphs (Engine(cuda_graphs=True)).
+# "*-graphs": decode steps replayed as CUDA graphs (Engine(cuda_graphs=True)); FlashInfer's are
+# flat, Triton's cascade unless "-flat".
 BACKENDS = ("flashinfer", "flashinfer-graphs", "flashinfer-flat", "triton", "triton-graphs",
-            "triton-flat", "torch")  # fmt: skip
+            "triton-flat", "triton-flat-graphs", "torch")  # fmt: skip
 
 
 def byte_tokenizer():
@@ -121,7 +122,8 @@ def make_backend(name: str):
         "flashinfer": lambda: FlashInferBackend(cascade=True),
         "flashinfer-flat": lambda: FlashInferBackend(cascade=False),
         "flashinfer-graphs": lambda: FlashInferBackend(cascade=False),
-        "triton-graphs": lambda: TritonBackend(cascade=False),
+        "triton-graphs": lambda: TritonBackend(cascade=True),
+        "triton-flat-graphs": lambda: TritonBackend(cascade=False),
     }[name]()
 
 

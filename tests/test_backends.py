@@ -91,20 +91,24 @@ def _rl_group_lanes():
     return lanes, keys, pool
 
 
-def test_cascade_levels_cover_every_view_exactly_once():
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cascade_levels_cover_every_view_exactly_once(fixed):
     lanes, keys, pool = _rl_group_lanes()
     pool.check(lanes)
-    levels = cascade_levels(SlotViews.of(lanes), keys)
+    levels = cascade_levels(SlotViews.of(lanes), keys, fixed=fixed)
     assert len(levels) == 3
     seen = [[] for _ in lanes]
+    empty = 0
     for level in levels:
         qo, kv = level.qo_indptr.tolist(), level.kv_indptr.tolist()
         assert qo[-1] == len(lanes) and len(qo) == len(kv)
         assert (level.kv_last_page_len == 1).all()
         for g in range(level.num_groups):
-            assert kv[g + 1] > kv[g], "no level holds an empty KV list"
+            empty += kv[g + 1] == kv[g]
             for q in range(qo[g], qo[g + 1]):
                 seen[q] += level.kv_indices[kv[g] : kv[g + 1]].tolist()
+    # Only a fixed plan (for the Triton kernels) may give a lane an empty list at a level.
+    assert (empty > 0) == fixed
     for lane, slots in zip(lanes, seen, strict=True):
         assert slots == lane.flat_slots(), "levels in order rebuild the lane's view"
     top, middle, _ = levels
@@ -112,6 +116,35 @@ def test_cascade_levels_cover_every_view_exactly_once():
     assert top.qo_indptr.tolist()[:2] == [0, 5] and top.kv_indptr.tolist()[1] == 8
     # Sample a0's three lanes (branch 0 and the nested fork under branch 1) share to the fork.
     assert middle.qo_indptr.tolist()[:2] == [0, 3]
+
+
+def test_fixed_cascade_keeps_every_level_and_pads_groups():
+    """CUDA graphs need the same number of levels and groups every step: with ``fixed`` lanes
+    that share nothing still get all three levels (empty lists but the last), and the graph
+    decoder pads each level to ``batch`` queries in ``batch`` groups."""
+    pool = PagePool(64, 4)
+    lanes = []
+    for n in (5, 9, 3):
+        lane = LaneKV(pool)
+        lane.append_slots(n)
+        lanes.append(lane)
+    views = SlotViews.of(lanes)
+    keys = [["x", "y", "z"], [1, 2, 3]]
+    first, second, last = cascade_levels(views, keys, fixed=True)
+    for level in (first, second):
+        assert level.kv_indptr.tolist() == [0, 0, 0, 0]
+    assert torch.equal(last.kv_indices, flat_level(views).kv_indices)
+    qo, kv, indices = backends._padded_groups(last, 3, 6, last=True)
+    assert qo.tolist() == [0, 1, 2, 3, 4, 5, 6] and kv.tolist() == [0, 5, 14, 17, 18, 19, 20]
+    assert indices[17:].tolist() == [0, 0, 0], "padding queries read the scratch slot"
+    qo, kv, indices = backends._padded_groups(first, 3, 6, last=False)
+    assert kv.tolist() == [0] * 7 and len(indices) == 0
+    # a group of two queries, then one padding query's group, then empty groups
+    arrays = ([0, 2], [0, 4], [7, 8, 9, 10], [1])  # qo_indptr, kv_indptr, kv_indices, last
+    pair = DecodeLevel(*(torch.tensor(a, dtype=torch.int32) for a in arrays), 4, 2)
+    qo, kv, indices = backends._padded_groups(pair, 2, 4, last=False)
+    assert qo.tolist() == [0, 2, 3, 4, 4] and kv.tolist() == [0, 4, 4, 4, 4]
+    assert indices.tolist() == [7, 8, 9, 10]
 
 
 def test_cascade_without_sharing_is_flat():
@@ -497,10 +530,14 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(
     assert probe.seen == [], "a recorded decode step must not wait for the host"
 
 
-def test_triton_cuda_graph_decode_steps_reproduce_the_dense_forward(special_tokenizer, monkeypatch):
+@pytest.mark.parametrize("cascade", [False, True])
+def test_triton_cuda_graph_decode_steps_reproduce_the_dense_forward(
+    cascade, special_tokenizer, monkeypatch
+):
     """The Triton kernels (interpreted) recorded once per bucket and replayed over the page
-    table their plan rewrites: each lane's KV length comes from the device, split over a fixed
-    number of programs (3 here, so short lanes leave splits empty)."""
+    tables their plan rewrites: each group's KV length comes from the device, split over a fixed
+    number of programs (3 here, so short lanes leave splits empty); with cascade, all three
+    levels every step, empty lists where a lane shares nothing."""
     from kernels import attention_triton
 
     monkeypatch.setattr(attention_triton, "_num_splits", lambda *args: 3)
@@ -508,7 +545,7 @@ def test_triton_cuda_graph_decode_steps_reproduce_the_dense_forward(special_toke
     monkeypatch.setattr(_ReplayGraph, "probe", probe)
     model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=1)
     engine = Engine(model, special_tokenizer, page_size=4, num_pages=256, max_lanes=4,
-                    attention_backend=TritonBackend(cascade=False))  # fmt: skip
+                    attention_backend=TritonBackend(cascade=cascade))  # fmt: skip
     engine.runner.enable_graphs(4, graph_factory=_ReplayGraph)
     params = SamplingParams(temperature=1.0, max_new_tokens=36, min_branches=2, max_branches=2,
                             seed=7, max_plan_tokens=3, max_step_tokens=6, max_takeaway_tokens=3)  # fmt: skip
@@ -609,13 +646,13 @@ def test_gpu_backends_agree_with_the_torch_backend_token_for_token(family, speci
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("family", GPU_FAMILIES)
-@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_gpu_cuda_graph_decode_matches_eager(family, backend, special_tokenizer):
+@pytest.mark.parametrize("backend, cascade", [("flashinfer", False), ("triton", False), ("triton", True)])  # fmt: skip
+def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_tokenizer):
     """Real CUDA graphs: log-probs within bf16 noise of the dense forward and of eager decoding
     with the same backend (bf16, same seed). FlashInfer replays the kernels eager decoding runs,
     so the tokens are the same; Triton's graphs split each lane's KV over a number of programs
-    fixed at capture, eager over one fitted to the step, so they agree until a last-bit
-    difference flips a pick."""
+    fixed at capture (and keep every cascade level), eager decoding fits them to the step, so
+    they agree until a last-bit difference flips a pick."""
     if backend == "flashinfer" and not backends.flashinfer_installed():
         pytest.skip("flashinfer is not installed")
     model = tiny_model(family, tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE).to(
@@ -626,7 +663,7 @@ def test_gpu_cuda_graph_decode_matches_eager(family, backend, special_tokenizer)
     )
     runs = []
     for cuda_graphs in (False, True):
-        attention = (FlashInferBackend if backend == "flashinfer" else TritonBackend)(cascade=False)
+        attention = (FlashInferBackend if backend == "flashinfer" else TritonBackend)(cascade)
         engine = Engine(model, special_tokenizer, page_size=4, num_pages=2048, device="cuda",
                         attention_backend=attention, cuda_graphs=cuda_graphs)  # fmt: skip
         runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",

@@ -27,7 +27,7 @@ import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
-from .graphs import GraphDecoder
+from .graphs import GraphDecoder, padded_flat_table
 from .kv import SlotViews
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
@@ -50,7 +50,9 @@ def flat_level(views: SlotViews) -> DecodeLevel:
     )
 
 
-def cascade_levels(views: SlotViews, group_keys: Sequence[Sequence[Hashable]]) -> list[DecodeLevel]:
+def cascade_levels(
+    views: SlotViews, group_keys: Sequence[Sequence[Hashable]], fixed: bool = False
+) -> list[DecodeLevel]:
     """Cascade levels for lanes (queries) in view order.
 
     ``group_keys[l][i]``: lane i's group at level l (e.g. its request, then its sample); each
@@ -59,6 +61,10 @@ def cascade_levels(views: SlotViews, group_keys: Sequence[Sequence[Hashable]]) -
     nothing more splits into single lanes that take one token of their own there (no level may
     hold an empty KV list: kernels disagree on empty segments). A level where no group holds two
     lanes is dropped. The last level gives every lane the rest of its view.
+
+    ``fixed``: ``len(group_keys) + 1`` levels whatever the step (for CUDA graphs), and a single
+    lane's KV list at a shared level is empty, which only kernels that take empty lists (the
+    Triton ones) may be given.
     """
     rows, lengths = views.rows, views.lengths
     num_lanes = len(lengths)
@@ -69,19 +75,21 @@ def cascade_levels(views: SlotViews, group_keys: Sequence[Sequence[Hashable]]) -
         groups, new_cuts, shared_any = [], list(cuts), False
         for lo, hi in _runs(keys):
             prev = cuts[lo]
-            cap = min(lengths[lo:hi]) - later
+            cap = min(lengths[lo:hi]) - (1 if fixed else later)
             shared = _common_prefix(rows[lo:hi], cap) if hi - lo > 1 else 0
             if hi - lo > 1 and shared > prev and all(c == prev for c in cuts[lo:hi]):
                 groups.append((lo, hi, prev, shared))
                 new_cuts[lo:hi] = [shared] * (hi - lo)
                 shared_any = True
+            elif fixed:
+                groups += [(i, i + 1, cuts[i], cuts[i]) for i in range(lo, hi)]
             else:
                 for i in range(lo, hi):
                     if lengths[i] - cuts[i] <= later:
                         raise ValueError(f"lane {i} is too short for {len(group_keys) + 1} levels")
                     groups.append((i, i + 1, cuts[i], cuts[i] + 1))
                     new_cuts[i] = cuts[i] + 1
-        if shared_any:
+        if shared_any or fixed:
             levels.append(_level(rows, groups))
             cuts = new_cuts
     levels.append(_level(rows, [(i, i + 1, cuts[i], lengths[i]) for i in range(num_lanes)]))
@@ -243,7 +251,7 @@ class TritonBackend(_LevelsBackend):
         return self.kernels == "triton" and self.scale is not None
 
     def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
-        """Flat decode over fixed buffers (cascade levels change shape from step to step)."""
+        """Cascade (or flat) decode over fixed buffers (:class:`_TritonGraphDecoder`)."""
         return _TritonGraphDecoder(self, batch, capacity)
 
 
@@ -350,6 +358,7 @@ class _FlashInferGraphDecoder(GraphDecoder):
     def __init__(self, backend: FlashInferBackend, batch: int, capacity: int) -> None:
         device = backend.device
         self.backend = backend
+        self.batch = batch
         self.capacity = capacity
         self.indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
         self.indices = torch.zeros(capacity, dtype=torch.int32, device=device)
@@ -364,45 +373,85 @@ class _FlashInferGraphDecoder(GraphDecoder):
             paged_kv_last_page_len_buffer=self.last_page_len,
         )
 
-    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
-        self.backend.plan_flat(self.wrapper, indptr, indices, last_page_len)
+    def plan(self, lanes: Sequence, views: SlotViews) -> None:
+        self.backend.plan_flat(self.wrapper, *padded_flat_table(views, self.batch))
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         return self.wrapper.run(query.contiguous(), _pages(keys, values, 1))
 
 
 class _TritonGraphDecoder(GraphDecoder):
-    """Flat Triton decode over a page table in fixed buffers. The kernels take each lane's KV
-    length from the table on the device and split it over a fixed number of programs (planned
-    for ``capacity / batch`` tokens per lane; splits past a lane's length add nothing), so a
-    recorded launch serves any table that fits."""
+    """Triton decode over page tables in fixed buffers, flat or cascade. The kernels take every
+    group's queries and KV length from the tables on the device, so one recorded launch serves
+    any step that fits: each level has room for ``batch`` groups (unused ones empty), a lane's
+    KV splits over a number of programs fixed at capture (splits past its length add nothing),
+    and cascade keeps all three levels every step (:func:`cascade_levels` with ``fixed``: a lane
+    that shares nothing at a level has an empty list there, which these kernels take)."""
 
     def __init__(self, backend: TritonBackend, batch: int, capacity: int) -> None:
         from kernels import attention_triton
 
         device = backend.device
+        self.batch = batch
         self.capacity = capacity
-        self.level = DecodeLevel(
-            torch.arange(batch + 1, dtype=torch.int32, device=device),
-            torch.zeros(batch + 1, dtype=torch.int32, device=device),
-            torch.zeros(capacity, dtype=torch.int32, device=device),
-            torch.ones(batch, dtype=torch.int32, device=device),
-            max(1, capacity // batch),
-            1,
-        )
+        self.cascade = backend.cascade
+        num_levels = 3 if self.cascade else 1  # request, sample, own tail (lane_group_keys)
+
+        def buffer(size: int, fill: int = 0) -> torch.Tensor:
+            return torch.full((size,), fill, dtype=torch.int32, device=device)
+
+        self.levels = [
+            DecodeLevel(
+                buffer(batch + 1),
+                buffer(batch + 1),
+                buffer(capacity),
+                buffer(batch, 1),
+                max(1, capacity // batch),
+                1 if depth == num_levels - 1 else batch,  # the last level: one lane per group
+            )
+            for depth in range(num_levels)
+        ]
         self.launch = attention_triton.plan_launch(
-            [self.level], backend.num_heads, backend.kv_heads, device, tiles=backend.tiles
+            self.levels, backend.num_heads, backend.kv_heads, device, tiles=backend.tiles
         )
 
-    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
-        self.level.kv_indptr.copy_(indptr, non_blocking=True)
-        self.level.kv_indices[: len(indices)].copy_(indices, non_blocking=True)
-        self.level.kv_last_page_len.copy_(last_page_len, non_blocking=True)
+    def plan(self, lanes: Sequence, views: SlotViews) -> None:
+        if self.cascade:
+            levels = cascade_levels(views, lane_group_keys(lanes), fixed=True)
+        else:
+            levels = [flat_level(views)]
+        for fixed, level in zip(self.levels, levels, strict=True):
+            qo, kv, indices = _padded_groups(
+                level, len(lanes), self.batch, last=fixed is self.levels[-1]
+            )
+            fixed.qo_indptr.copy_(qo, non_blocking=True)
+            fixed.kv_indptr.copy_(kv, non_blocking=True)
+            fixed.kv_indices[: len(indices)].copy_(indices, non_blocking=True)
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         return cascade_decode_attention(
-            query, keys, values, [self.level], scale=scale, backend="triton", launch=self.launch
+            query, keys, values, self.levels, scale=scale, backend="triton", launch=self.launch
         )
+
+
+def _padded_groups(
+    level: DecodeLevel, lanes: int, batch: int, last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A level's ``(qo_indptr, kv_indptr, kv_indices)`` for ``batch`` queries in ``batch`` groups:
+    each padding query a group of its own (over the scratch slot 0 at the ``last`` level, over
+    nothing at the others), then empty groups up to ``batch``."""
+    pad, groups = batch - lanes, level.num_groups
+    qo = torch.full((batch + 1,), batch, dtype=torch.int32)
+    qo[: groups + 1] = level.qo_indptr
+    qo[groups + 1 : groups + 1 + pad] = torch.arange(lanes + 1, batch + 1, dtype=torch.int32)
+    sizes = torch.zeros(batch, dtype=torch.int32)
+    sizes[:groups] = level.kv_indptr[1:] - level.kv_indptr[:-1]
+    if last:
+        sizes[groups : groups + pad] = 1
+    kv = torch.zeros(batch + 1, dtype=torch.int32)
+    torch.cumsum(sizes, 0, out=kv[1:])
+    indices = torch.cat([level.kv_indices, torch.zeros(pad if last else 0, dtype=torch.int32)])
+    return qo, kv, indices
 
 
 def _pages(keys: torch.Tensor, values: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:

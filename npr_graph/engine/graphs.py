@@ -17,12 +17,13 @@ too wide for the largest bucket and sliding-window models run eagerly as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
+from .kv import SlotViews
 
 # Batch sizes a decode step is padded to (then multiples of 32 up to the engine's lane limit).
 SMALL_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48)
@@ -40,17 +41,38 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class GraphDecoder:
-    """What a backend gives a captured decode: ``plan(indptr, indices, last_page_len)`` once per
-    step, writing into buffers that stay put, and ``decode(query, keys, values, scale)`` per
-    layer, the call recorded in the graph. ``capacity``: how many KV indices the buffers hold."""
+    """What a backend gives a captured decode of ``batch`` rows: ``plan(lanes, views)`` once per
+    step, writing the step's page tables into buffers that stay put (rows past the lanes' are
+    padding), and ``decode(query, keys, values, scale)`` per layer, the call recorded in the
+    graph. ``capacity``: how many KV indices each table buffer holds; a step needs at most
+    :func:`indices_needed`."""
 
+    batch: int
     capacity: int
 
-    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
+    def plan(self, lanes: Sequence, views: SlotViews) -> None:
         raise NotImplementedError
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         raise NotImplementedError
+
+
+def indices_needed(views: SlotViews, batch: int) -> int:
+    """An upper bound on the KV indices of any one page table (level) of the step, padding
+    included: each lane's view slots at most once, and one scratch slot per padding row."""
+    return sum(views.lengths) + batch - len(views.lengths)
+
+
+def padded_flat_table(
+    views: SlotViews, batch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flat page table ``(indptr [batch + 1], indices, last_page_len [batch])`` of one-slot
+    pages on the host, padding rows reading the scratch slot 0."""
+    pad = batch - len(views.lengths)
+    indptr = views.indptr
+    indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=indptr.dtype)])
+    indices = torch.cat([views.indices, torch.zeros(pad, dtype=views.indices.dtype)])
+    return indptr, indices, torch.ones(batch, dtype=torch.int32)
 
 
 class CudaGraph:
@@ -118,31 +140,28 @@ class DecodeGraphs:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         write_slots: torch.Tensor,
-        indptr: torch.Tensor,
-        indices: torch.Tensor,
+        lanes: Sequence,
+        views: SlotViews,
     ) -> torch.Tensor | None:
         """One decode step of ``B`` lanes (``input_ids``/``positions`` ``[B, 1]``, ``write_slots``
-        ``[B]``, the lanes' flat page table ``indptr [B + 1]``/``indices``, all on the CPU) by
-        replaying its bucket's graph; ``logits [B, V]`` float32 on the device, or None when no
-        bucket fits ``B`` (the caller runs the step eagerly)."""
+        ``[B]`` on the CPU, the lanes and their KV views) by replaying its bucket's graph;
+        ``logits [B, V]`` float32 on the device, or None when no bucket fits ``B`` (the caller
+        runs the step eagerly)."""
         batch = input_ids.shape[0]
         size = self.bucket(batch)
         if size is None:
             return None
         pad = size - batch
-        # Padding rows read one slot each: the scratch slot 0.
-        indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=indptr.dtype)])
-        indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype)])
-        last_page_len = torch.ones(size, dtype=torch.int32)
+        needed = indices_needed(views, size)
         entry = self.captured.get(size)
-        if entry is None or indices.numel() > entry.decoder.capacity:
-            capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * indices.numel())
+        if entry is None or needed > entry.decoder.capacity:
+            capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * needed)
             entry = self._prepare(size, capacity)
         padding = torch.zeros(pad, 1, dtype=torch.long)
         entry.input_ids.copy_(torch.cat([input_ids, padding]), non_blocking=True)
         entry.positions.copy_(torch.cat([positions, padding]), non_blocking=True)
         entry.write_slots.copy_(torch.cat([write_slots, padding[:, 0]]), non_blocking=True)
-        entry.decoder.plan(indptr, indices, last_page_len)
+        entry.decoder.plan(lanes, views)
         if size not in self.captured:
             entry.logits = entry.graph.capture(self._forward(entry))
             self.captured[size] = entry

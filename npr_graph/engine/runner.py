@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
-from .backends import AttentionBackend, TorchBackend, flat_level
+from .backends import AttentionBackend, TorchBackend
 from .graphs import CudaGraph, DecodeGraphs
 from .kv import PagePool, SlotViews
 from .lanes import Lane
@@ -190,10 +190,7 @@ class ModelRunner:
         row's last ``keep`` tokens."""
         width = input_ids.shape[1]
         if width == 1 and self.graphs is not None:
-            level = flat_level(views)
-            logits = self.graphs.step(
-                input_ids, positions, write_slots[:, 0], level.kv_indptr, level.kv_indices
-            )
+            logits = self.graphs.step(input_ids, positions, write_slots[:, 0], lanes, views)
             if logits is not None:
                 return logits[:, None]
         positions = positions.to(self.device)
