@@ -357,31 +357,40 @@ def _kernel_time(fn, repeats: int) -> dict:
 
 # -- 2./3. the engine ------------------------------------------------------------------------------
 def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, step_tokens,
-               kv_bytes) -> dict:  # fmt: skip
+               kv_bytes, warm_up: int = 0) -> dict:  # fmt: skip
     """One block of ``width`` steps per sample (constrained, structure forced); width 1 is plain
-    sequential decoding of ``step_tokens`` tokens."""
+    sequential decoding of ``step_tokens`` tokens. ``warm_up``: first the same run with steps of
+    that many tokens, untimed, on the same engine, so kernels compile (Triton's per tile shape)
+    and CUDA graphs are recorded for the batch sizes the run uses before the timing starts."""
     engine = Engine(model, tokenizer, device=device, attention_backend=make_backend(backend_name),
                     kv_memory_bytes=kv_bytes, max_lanes=512,
                     cuda_graphs=backend_name.endswith("-graphs"))  # fmt: skip
-    if width == 1:
-        params = SamplingParams(temperature=1.0, seed=0, n=n, max_new_tokens=step_tokens,
-                                ignore_eos=True)  # fmt: skip
-        mode = "sequential"
-    else:
+
+    def params_for(tokens: int) -> tuple[SamplingParams, str]:
+        if width == 1:
+            return SamplingParams(temperature=1.0, seed=0, n=n, max_new_tokens=tokens,
+                                  ignore_eos=True), "sequential"  # fmt: skip
         # A short header and join, long steps: the block dominates, as in long reasoning.
-        params = SamplingParams(temperature=1.0, seed=0, n=n, min_branches=width,
-                                max_branches=width, max_blocks=1, max_plan_tokens=2,
-                                max_step_tokens=step_tokens, max_takeaway_tokens=4,
-                                max_new_tokens=7 * width + step_tokens + 12,
-                                max_total_tokens=10**7, ignore_eos=True,
-                                suppress_tokens=forced_structure(engine))  # fmt: skip
-        mode = "constrained"
+        return SamplingParams(temperature=1.0, seed=0, n=n, min_branches=width,
+                              max_branches=width, max_blocks=1, max_plan_tokens=2,
+                              max_step_tokens=tokens, max_takeaway_tokens=4,
+                              max_new_tokens=7 * width + tokens + 12, max_total_tokens=10**7,
+                              ignore_eos=True, suppress_tokens=forced_structure(engine)
+                              ), "constrained"  # fmt: skip
+
+    if warm_up:
+        params, mode = params_for(warm_up)
+        engine.generate(prompts, params, mode=mode, chat=False)
+    graphs_before = engine.runner.graphs.captures if engine.runner.graphs else 0
+    params, mode = params_for(step_tokens)
     sync(device)
     graphs = engine.generate(prompts, params, mode=mode, chat=False)
     sync(device)
     stats = engine.stats
     steps = stats.decode_steps + stats.prefill_steps
+    recorded = engine.runner.graphs.captures - graphs_before if engine.runner.graphs else None
     return {
+        "graph_captures": recorded,  # while timed (a table outgrowing its bucket's room)
         "generated_tokens": stats.generated_tokens,
         "decode_steps": stats.decode_steps,
         "wall_s": stats.wall_time,
@@ -413,7 +422,7 @@ def bench_widths(model, tokenizer, device, backends, args, budget, save=None) ->
             try:
                 row |= run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 0)],
                                   n=1, width=width, step_tokens=args.step_tokens,
-                                  kv_bytes=args.kv_bytes)  # fmt: skip
+                                  kv_bytes=args.kv_bytes, warm_up=args.warm_up_tokens)  # fmt: skip
             except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
                 out.append({**row, "error": repr(error)[:1000]})
                 print(f"widths     {backend:16s} k={width} failed: {error!r}", flush=True)
@@ -471,8 +480,8 @@ def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dic
             continue
         try:
             row |= run_engine(model, tokenizer, device, backend, prompts=prompts, n=samples,
-                              width=2, step_tokens=args.rl_step_tokens,
-                              kv_bytes=args.kv_bytes)  # fmt: skip
+                              width=2, step_tokens=args.rl_step_tokens, kv_bytes=args.kv_bytes,
+                              warm_up=args.warm_up_tokens)  # fmt: skip
         except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
             out.append({**row, "error": repr(error)[:1000]})
             print(f"rl_group   {backend:16s} failed: {error!r}", flush=True)
@@ -570,13 +579,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-tokens", type=int, default=48,
                         help="tokens per step of the profiled runs")  # fmt: skip
+    parser.add_argument(
+        "--warm-up-tokens",
+        type=int,
+        default=16,
+        help="untimed run first, with steps this long (0: none); see run_engine",
+    )
     parser.add_argument("--kv-gib", type=float, default=16.0)
     parser.add_argument("--time-budget", type=float, default=300.0, help="seconds; then skip")
     parser.add_argument("--out", type=Path, default=None, help="folder for the result files")
     args = parser.parse_args(argv)
     if args.quick:
         args.step_tokens, args.rl_prompt_tokens, args.rl_step_tokens = 12, 40, 6
-        args.profile_tokens = 6
+        args.profile_tokens, args.warm_up_tokens = 6, 3
         args.rl_group, args.attention_case, args.repeats, args.widths = "2x2", "2,2,64,8", 2, "1,2"
         args.kv_gib = 0.05
     args.widths = [int(w) for w in args.widths.split(",")]
