@@ -231,10 +231,10 @@ def _num_splits(level: DecodeLevel, programs: int, block_t: int, device: torch.d
 class Launch(NamedTuple):
     """Grid and tile sizes of a step's levels; planned once per step, launched per layer."""
 
-    block_q: int
+    block_q: int  # query rows per tile of the widest level (each level's own: ``levels``)
     block_t: int
     warps: int
-    levels: list[tuple[DecodeLevel, int, int]]  # (level, query blocks, splits)
+    levels: list[tuple[DecodeLevel, int, int, int]]  # (level, query rows per tile, blocks, splits)
     total_states: int
     stages: int | None = None  # software-pipelining depth; None: Triton's default
 
@@ -252,23 +252,25 @@ def plan_launch(
     gq = heads // kv_heads
     stages = None
     if tiles is not None:
-        block_q, block_t, warps, stages = tiles
+        fixed_q, block_t, warps, stages = tiles
     elif _triton.interpreting():
-        block_q, block_t, warps = 16, 64, 1  # few, wide tiles: the interpreter pays per op
+        fixed_q, block_t, warps = 16, 64, 1  # few, wide tiles: the interpreter pays per op
     else:
-        widest = gq * max((lv.max_group_size for lv in levels), default=1)
-        block_q, block_t, warps = (16 if widest <= 16 else 64), 64, 4
+        fixed_q, block_t, warps = None, 64, 4
     entries = []
     for level in levels:
-        qblocks = triton.cdiv(max(level.max_group_size * gq, 1), block_q)
+        rows = max(level.max_group_size * gq, 1)  # (query, head) rows of its largest group
+        # A level of single lanes (GQA 4: 4 rows) would leave most of a 64-row tile empty.
+        block_q = fixed_q or (16 if rows <= 16 else 64)
+        qblocks = triton.cdiv(rows, block_q)
         programs = level.num_groups * qblocks * kv_heads
-        entries.append(
-            (level, qblocks, num_splits or _num_splits(level, programs, block_t, device))
-        )
-    total = sum(splits for _, _, splits in entries)
+        splits = num_splits or _num_splits(level, programs, block_t, device)
+        entries.append((level, block_q, qblocks, splits))
+    total = sum(splits for *_, splits in entries)
     if total > MAX_STATES:
         raise ValueError(f"{total} partial states per query exceed {MAX_STATES}")
-    return Launch(block_q, block_t, warps, entries, total, stages)
+    widest = max((block_q for _, block_q, _, _ in entries), default=fixed_q or 16)
+    return Launch(widest, block_t, warps, entries, total, stages)
 
 
 def decode_partials(
@@ -292,12 +294,12 @@ def decode_partials(
     gq = heads // kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     launch = launch or plan_launch(levels, heads, kv_heads, query.device, num_splits)
-    block_q, block_t, warps, plans, total_states, stages = launch
+    _, block_t, warps, plans, total_states, stages = launch
     pipelining = {} if stages is None else {"num_stages": stages}
     out = torch.empty(nq, total_states, heads, dim, dtype=torch.float32, device=query.device)
     out_lse = torch.empty(nq, total_states, heads, dtype=torch.float32, device=query.device)
     offset = 0
-    for level, qblocks, splits in plans:
+    for level, block_q, qblocks, splits in plans:
         if level.num_groups:
             _decode_kernel[(level.num_groups * qblocks, kv_heads, splits)](
                 query,

@@ -265,6 +265,36 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
             query, k_cache, v_cache, device_levels, backend=backend, launch=retuned
         )
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+        # each level with its own query tile, as plan_launch gives levels of different widths
+        from kernels.attention_triton import Launch
+
+        mixed = Launch(64, 64, 1, [(device_levels[0], 64, 1, 1), (device_levels[1], 16, 1, 1)], 2)
+        got = cascade_decode_attention(
+            query, k_cache, v_cache, device_levels, backend=backend, launch=mixed
+        )
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_plan_launch_tiles_each_level_by_its_widest_group(monkeypatch):
+    """On a GPU a level's query tile fits its widest group: a shared prefix read by 8 lanes
+    (GQA 4: 32 rows) takes 64-row tiles, each lane's own tail (4 rows) 16-row ones."""
+    from kernels import _triton
+    from kernels.attention import DecodeLevel
+    from kernels.attention_triton import plan_launch
+
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+
+    def level(groups: int, size: int) -> DecodeLevel:  # groups of ``size`` queries, 10 slots each
+        qo = torch.arange(groups + 1, dtype=torch.int32) * size
+        kv = torch.arange(groups + 1, dtype=torch.int32) * 10
+        return DecodeLevel(qo, kv, torch.zeros(groups * 10, dtype=torch.int32),
+                           torch.ones(groups, dtype=torch.int32), 10, size)  # fmt: skip
+
+    shared, own = level(2, 8), level(16, 1)
+    launch = plan_launch([shared, own], 32, 8, torch.device("cpu"))
+    assert [entry[1:3] for entry in launch.levels] == [(64, 1), (16, 1)] and launch.block_q == 64
+    tuned = plan_launch([shared, own], 32, 8, torch.device("cpu"), tiles=(32, 64, 4, 3))
+    assert [entry[1:3] for entry in tuned.levels] == [(32, 1), (32, 1)], "tiles apply to all"
 
 
 # -- larger shapes on a GPU -----------------------------------------------------------------------
