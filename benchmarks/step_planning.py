@@ -97,6 +97,11 @@ def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
             lane.append_slots(1)
         return rebuilt_slot_table(lanes)
 
+    def append_only():
+        for lane in lanes:
+            lane.append_slots(1)
+
+    append_us = timed(append_only, 10 * repeats) * 1e3 / lanes_n
     cached = timed(step_cached, repeats)
     rebuilt = timed(step_rebuilt, repeats)
     table = slot_table(lanes)
@@ -110,6 +115,7 @@ def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
     return {
         "lanes": lanes_n,
         "tokens": tokens,
+        "append_us_per_lane": append_us,
         "slot_table_cached_ms": cached,
         "slot_table_rebuilt_ms": rebuilt,
         "speedup": rebuilt / cached,

@@ -123,6 +123,7 @@ def test_step_planning_benchmark_compares_equal_tables():
     row = planning.bench(4, 300, repeats=2)
     assert row["lanes"] == 4 and row["slot_table_cached_ms"] > 0 and row["speedup"] > 0
     assert row["page_table_ms"] > 0 and row["page_table_speedup"] > 0
+    assert row["append_us_per_lane"] > 0
     lanes = planning.group(3, 280)
     for step in range(20):  # appends cross page boundaries; forks copy the cache
         for lane in lanes:

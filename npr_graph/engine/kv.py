@@ -280,6 +280,14 @@ class LaneKV:
     def append_slots(self, n: int) -> list[int]:
         """Reserve slots for ``n`` new tokens; all-or-nothing (raises PoolExhausted untouched)."""
         self._live()
+        if n == 1 and self._tail_open:  # the usual decode step: one more slot in an own tail
+            tail = self._segments[-1]
+            if tail.end < self.pool.page_size and self.pool.refcount[tail.page] == 1:
+                slot = tail.page * self.pool.page_size + tail.end
+                self._segments[-1] = Segment(tail.page, tail.start, tail.end + 1)
+                self.num_tokens += 1
+                self._cache_append(self.num_tokens - 1, [slot])
+                return [slot]
         need = self.pages_needed(n)
         if need > self.pool.num_free:
             raise PoolExhausted(need, self.pool.num_free, self.pool.num_usable)
