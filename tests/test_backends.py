@@ -118,17 +118,22 @@ def test_cascade_levels_cover_every_view_exactly_once(fixed):
     assert middle.qo_indptr.tolist()[:2] == [0, 3]
 
 
-def test_fixed_cascade_keeps_every_level_and_pads_groups():
-    """CUDA graphs need the same number of levels and groups every step: with ``fixed`` lanes
-    that share nothing still get all three levels (empty lists but the last), and the graph
-    decoder pads each level to ``batch`` queries in ``batch`` groups."""
+def _unshared_views() -> SlotViews:
+    """Three lanes of 5, 9 and 3 tokens that share no pages."""
     pool = PagePool(64, 4)
     lanes = []
     for n in (5, 9, 3):
         lane = LaneKV(pool)
         lane.append_slots(n)
         lanes.append(lane)
-    views = SlotViews.of(lanes)
+    return SlotViews.of(lanes)
+
+
+def test_fixed_cascade_keeps_every_level_and_pads_groups():
+    """CUDA graphs need the same number of levels and groups every step: with ``fixed`` lanes
+    that share nothing still get all three levels (empty lists but the last), and the graph
+    decoder pads each level to ``batch`` queries in ``batch`` groups."""
+    views = _unshared_views()
     keys = [["x", "y", "z"], [1, 2, 3]]
     first, second, last = cascade_levels(views, keys, fixed=True)
     for level in (first, second):
@@ -148,13 +153,7 @@ def test_fixed_cascade_keeps_every_level_and_pads_groups():
 
 
 def test_cascade_without_sharing_is_flat():
-    pool = PagePool(64, 4)
-    lanes = []
-    for n in (5, 9, 3):
-        lane = LaneKV(pool)
-        lane.append_slots(n)
-        lanes.append(lane)
-    views = SlotViews.of(lanes)
+    views = _unshared_views()
     (level,) = cascade_levels(views, [["x", "y", "z"], [1, 2, 3]])
     flat = flat_level(views)
     for a, b in zip(vars(level).values(), vars(flat).values(), strict=True):
