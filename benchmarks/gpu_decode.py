@@ -20,11 +20,11 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    and at batch k for the widest k (batching alone, the reference for the engine's width k).
    ``flashinfer-graphs`` (flat), ``triton-graphs`` (cascade) and ``triton-flat-graphs`` replay
    the decode steps as CUDA graphs.
-5. ``profile``: a torch profile of short sequential and width-4 runs of the first backend (top
-   operators printed; kernel launches and host milliseconds per step recorded).
+5. ``profile``: a torch profile of short sequential and width-4 runs of each backend (top
+   operators printed; kernel and graph launches and host milliseconds per step recorded).
 
-The order of the run: jit, attention, then per backend widths (then, for the first backend,
-profile and generate) and rl_group. The result files are rewritten after every part.
+The order of the run: jit, attention, then per backend widths, profile (then, for the first
+backend, generate) and rl_group. The result files are rewritten after every part.
 
     python benchmarks/gpu_decode.py [--quick] [--out DIR] [--time-budget 300] [--backends ...]
 
@@ -35,6 +35,7 @@ Results go to ``DIR/gpu_decode.json`` and a table to ``DIR/gpu_decode.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -357,11 +358,12 @@ def _kernel_time(fn, repeats: int) -> dict:
 
 # -- 2./3. the engine ------------------------------------------------------------------------------
 def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, step_tokens,
-               kv_bytes, warm_up: int = 0) -> dict:  # fmt: skip
+               kv_bytes, warm_up: int = 0, around=contextlib.nullcontext) -> dict:  # fmt: skip
     """One block of ``width`` steps per sample (constrained, structure forced); width 1 is plain
     sequential decoding of ``step_tokens`` tokens. ``warm_up``: first the same run with steps of
     that many tokens, untimed, on the same engine, so kernels compile (Triton's per tile shape)
-    and CUDA graphs are recorded for the batch sizes the run uses before the timing starts."""
+    and CUDA graphs are recorded for the batch sizes the run uses before the timing starts.
+    ``around()``: a context manager entered around the timed run only (a profiler)."""
     engine = Engine(model, tokenizer, device=device, attention_backend=make_backend(backend_name),
                     kv_memory_bytes=kv_bytes, max_lanes=512,
                     cuda_graphs=backend_name.endswith("-graphs"))  # fmt: skip
@@ -383,9 +385,10 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
         engine.generate(prompts, params, mode=mode, chat=False)
     graphs_before = engine.runner.graphs.captures if engine.runner.graphs else 0
     params, mode = params_for(step_tokens)
-    sync(device)
-    graphs = engine.generate(prompts, params, mode=mode, chat=False)
-    sync(device)
+    with around():
+        sync(device)
+        graphs = engine.generate(prompts, params, mode=mode, chat=False)
+        sync(device)
     stats = engine.stats
     steps = stats.decode_steps + stats.prefill_steps
     recorded = engine.runner.graphs.captures - graphs_before if engine.runner.graphs else None
@@ -441,8 +444,9 @@ def bench_widths(model, tokenizer, device, backends, args, budget, save=None) ->
 
 def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]:
     """Where a decode step's time goes: a torch profile of a short sequential run and a short
-    width-4 block with ``backend``, the top operators printed (to ``bench.log``) and the totals
-    of host time per category recorded."""
+    width-4 block with ``backend`` (after an untimed warm-up, so compiles and graph captures stay
+    out of it), the top operators printed (to ``bench.log``) and the totals of host time per
+    category recorded."""
     from torch.profiler import ProfilerActivity, profile
 
     row = {"part": "profile", "backend": backend, "step_tokens": args.profile_tokens}
@@ -451,19 +455,27 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device == "cuda")
     out = []
     for width in (1, 4):
-        with profile(activities=activities) as prof:
+        prof = profile(activities=activities)
+        try:
             stats = run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 1)],
                                n=1, width=width, step_tokens=args.profile_tokens,
-                               kv_bytes=args.kv_bytes)  # fmt: skip
+                               kv_bytes=args.kv_bytes, warm_up=args.warm_up_tokens,
+                               around=lambda prof=prof: prof)  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
+            out.append({**row, "width": width, "error": repr(error)[:1000]})
+            print(f"profile    {backend} width {width} failed: {error!r}", flush=True)
+            continue
         averages = prof.key_averages()
         sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
         print(f"profile    {backend} width {width}: {stats['ms_per_step']:.2f} ms/step")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
         print(averages.table(sort_by=sort, row_limit=12))
         launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+        graph_launches = sum(e.count for e in averages if e.key == "cudaGraphLaunch")
         steps = max(stats["decode_steps"], 1)
         out.append({**row, "width": width, **stats,
                     "kernel_launches_per_step": launches / steps,
+                    "graph_launches_per_step": graph_launches / steps,
                     "host_ms_per_step": sum(e.self_cpu_time_total for e in averages) / 1e3 / steps})  # fmt: skip
     return out
 
@@ -657,11 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_attention(model, device, dtype, backends, args, budget)
         save()
     # Backend by backend, the best one first, so a tight budget still measures it completely;
-    # the profile and transformers generate come after the first backend's widths.
+    # transformers generate comes after the first backend's widths and profile.
     for index, backend in enumerate(b for b in backends if not b.endswith("-flat")):
         if "widths" in parts:
             results += bench_widths(model, tokenizer, device, [backend], args, budget, save)
-        if index == 0 and "profile" in parts:
+        if "profile" in parts:
             results += profile_steps(model, tokenizer, device, backend, args, budget)
             save()
         if index == 0 and "generate" in parts:
