@@ -27,7 +27,7 @@ import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
-from .graphs import GraphDecoder, padded_flat_table
+from .graphs import GraphDecoder
 from .kv import SlotViews
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
@@ -374,7 +374,9 @@ class _FlashInferGraphDecoder(GraphDecoder):
         )
 
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
-        self.backend.plan_flat(self.wrapper, *padded_flat_table(views, self.batch))
+        _, indptr, indices = _padded_groups(flat_level(views), len(lanes), self.batch, last=True)
+        last_page_len = torch.ones(self.batch, dtype=torch.int32)
+        self.backend.plan_flat(self.wrapper, indptr, indices, last_page_len)
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         return self.wrapper.run(query.contiguous(), _pages(keys, values, 1))
@@ -395,7 +397,8 @@ class _TritonGraphDecoder(GraphDecoder):
         self.batch = batch
         self.capacity = capacity
         self.cascade = backend.cascade
-        num_levels = 3 if self.cascade else 1  # request, sample, own tail (lane_group_keys)
+        # cascade: a level per key of lane_group_keys (request, sample), then each lane's tail
+        num_levels = len(lane_group_keys(())) + 1 if self.cascade else 1
 
         def buffer(size: int, fill: int = 0) -> torch.Tensor:
             return torch.full((size,), fill, dtype=torch.int32, device=device)
@@ -437,9 +440,10 @@ class _TritonGraphDecoder(GraphDecoder):
 def _padded_groups(
     level: DecodeLevel, lanes: int, batch: int, last: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A level's ``(qo_indptr, kv_indptr, kv_indices)`` for ``batch`` queries in ``batch`` groups:
-    each padding query a group of its own (over the scratch slot 0 at the ``last`` level, over
-    nothing at the others), then empty groups up to ``batch``."""
+    """A level's ``(qo_indptr, kv_indptr, kv_indices)`` (one-slot pages, on the host) for
+    ``batch`` queries in ``batch`` groups: each padding query a group of its own (over the
+    scratch slot 0 at the ``last`` level, over nothing at the others), then empty groups up to
+    ``batch``. A flat level padded so is the flat page table of a graphed step."""
     pad, groups = batch - lanes, level.num_groups
     qo = torch.full((batch + 1,), batch, dtype=torch.int32)
     qo[: groups + 1] = level.qo_indptr

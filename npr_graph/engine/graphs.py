@@ -63,18 +63,6 @@ def indices_needed(views: SlotViews, batch: int) -> int:
     return sum(views.lengths) + batch - len(views.lengths)
 
 
-def padded_flat_table(
-    views: SlotViews, batch: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The flat page table ``(indptr [batch + 1], indices, last_page_len [batch])`` of one-slot
-    pages on the host, padding rows reading the scratch slot 0."""
-    pad = batch - len(views.lengths)
-    indptr = views.indptr
-    indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=indptr.dtype)])
-    indices = torch.cat([views.indices, torch.zeros(pad, dtype=views.indices.dtype)])
-    return indptr, indices, torch.ones(batch, dtype=torch.int32)
-
-
 class CudaGraph:
     """``torch.cuda.CUDAGraph`` behind two calls: ``capture(fn)`` (warm-up runs on a side stream,
     then the recording; returns ``fn``'s output, the tensor every replay overwrites) and

@@ -246,10 +246,6 @@ class LaneKV:
             self._slot_cache, self._num_cached = cache, self.num_tokens
         return self._slot_cache[: self.num_tokens]
 
-    def slot_tensor(self) -> torch.Tensor:
-        """:meth:`slot_array` as a tensor sharing its memory."""
-        return torch.from_numpy(self.slot_array())
-
     def _cache_append(self, first: int, slots: list[int]) -> None:
         """Record ``slots`` for view positions from ``first`` (if the cache reaches there)."""
         if self._num_cached != first:
@@ -500,9 +496,6 @@ class SlotViews:
         return self._lists
 
 
-def slot_table(lanes: Sequence[LaneKV], device: torch.device | str | None = None) -> SlotTable:
+def slot_table(lanes: Sequence[LaneKV]) -> SlotTable:
     """Flat slot indices of each lane's view, in view order, padded to the longest view."""
-    table = SlotViews.of(lanes).table
-    if device is None:
-        return table
-    return SlotTable(*(t.to(device) for t in table))
+    return SlotViews.of(lanes).table
