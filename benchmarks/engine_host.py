@@ -29,7 +29,13 @@ import gpu_decode  # noqa: E402
 from npr_graph.engine import Engine, SamplingParams  # noqa: E402
 from npr_graph.engine.backends import TritonBackend  # noqa: E402
 
-BACKENDS = {"torch": lambda: "torch", "planned": lambda: TritonBackend(kernels="torch")}
+BACKENDS = {  # Engine keyword arguments
+    "torch": lambda: dict(attention_backend="torch"),
+    "planned": lambda: dict(attention_backend=TritonBackend(kernels="torch")),
+    # The same, overlapped: on the CPU the forward does not run beside the host, so this shows
+    # what the overlapped loop itself costs (steps the engine's text waits for included).
+    "planned-overlap": lambda: dict(attention_backend=TritonBackend(kernels="torch"), overlap=True),
+}
 
 
 class TimedForward:
@@ -49,7 +55,7 @@ class TimedForward:
 
 
 def run(model, tokenizer, timer: TimedForward, backend: str, width: int, step_tokens: int) -> dict:
-    engine = Engine(model, tokenizer, attention_backend=BACKENDS[backend](), max_lanes=512)
+    engine = Engine(model, tokenizer, max_lanes=512, **BACKENDS[backend]())
     if width == 1:
         params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=step_tokens,
                                 ignore_eos=True)  # fmt: skip

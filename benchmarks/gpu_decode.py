@@ -81,9 +81,26 @@ QUICK = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 JIT_SHAPE = dict(QWEN3_4B, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
 # "*-graphs": decode steps replayed as CUDA graphs (Engine(cuda_graphs=True)); FlashInfer's are
-# flat, Triton's cascade unless "-flat".
-BACKENDS = ("flashinfer", "flashinfer-graphs", "flashinfer-flat", "triton", "triton-graphs",
-            "triton-flat", "triton-flat-graphs", "torch")  # fmt: skip
+# flat, Triton's cascade unless "-flat". "*-overlap" (any backend): Engine(overlap=True), each
+# step's forward launched before the host reads the tokens of the step before.
+BACKENDS = ("flashinfer-graphs-overlap", "flashinfer", "flashinfer-graphs", "flashinfer-flat",
+            "triton", "triton-graphs", "triton-graphs-overlap", "triton-flat",
+            "triton-flat-graphs", "torch")  # fmt: skip
+OVERLAP = "-overlap"
+
+
+def engine_only(name: str) -> bool:
+    """Variants that change the engine around the kernels, not the kernels: the attention part
+    times their kernels under their plain names."""
+    return name.endswith(("-graphs", OVERLAP))
+
+
+def engine_options(name: str) -> dict:
+    """``Engine`` keyword arguments of a benchmark backend name."""
+    overlap = name.endswith(OVERLAP)
+    kernels = name.removesuffix(OVERLAP)
+    return dict(attention_backend=make_backend(kernels), cuda_graphs=kernels.endswith("-graphs"),
+                overlap=overlap)  # fmt: skip
 
 
 def byte_tokenizer():
@@ -116,6 +133,7 @@ def build_model(config_fields: dict, device: str, dtype: torch.dtype, tokenizer)
 
 
 def make_backend(name: str):
+    name = name.removesuffix(OVERLAP)
     return {
         "torch": TorchBackend,
         "triton": lambda: TritonBackend(cascade=True),
@@ -182,7 +200,7 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
     scale = config.head_dim**-0.5
     lanes = [_FakeLane(p, s) for p, s in keys[1]]
     for name in backends:
-        if name.endswith("-graphs"):  # the same kernel as flat; graphs change the engine only
+        if engine_only(name):  # the same kernels as a plain backend
             continue
         if budget.spent():
             out.append({**row, "backend": name, "skipped": "time budget"})
@@ -273,7 +291,7 @@ def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
                         device=device, dtype=dtype)  # fmt: skip
     out = []
     for name in backends:
-        if name == "torch" or name.endswith("-graphs"):
+        if name == "torch" or engine_only(name):
             continue
         start = time.perf_counter()
         backend = make_backend(name)
@@ -364,9 +382,8 @@ def run_engine(model, tokenizer, device, backend_name, *, prompts, n, width, ste
     that many tokens, untimed, on the same engine, so kernels compile (Triton's per tile shape)
     and CUDA graphs are recorded for the batch sizes the run uses before the timing starts.
     ``around()``: a context manager entered around the timed run only (a profiler)."""
-    engine = Engine(model, tokenizer, device=device, attention_backend=make_backend(backend_name),
-                    kv_memory_bytes=kv_bytes, max_lanes=512,
-                    cuda_graphs=backend_name.endswith("-graphs"))  # fmt: skip
+    engine = Engine(model, tokenizer, device=device, kv_memory_bytes=kv_bytes, max_lanes=512,
+                    **engine_options(backend_name))  # fmt: skip
 
     def params_for(tokens: int) -> tuple[SamplingParams, str]:
         if width == 1:
@@ -638,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_build_s": time.perf_counter() - start,
         "backends_run": backends,
         "backends_missing": [b for b in wanted if b not in backends],
-        "cuda_graphs": [b for b in backends if b.endswith("-graphs")] or "not used",
+        "cuda_graphs": [b for b in backends if engine_options(b)["cuda_graphs"]] or "not used",
         "args": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"
         },  # fmt: skip

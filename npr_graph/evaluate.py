@@ -516,9 +516,9 @@ class EvalConfig:
     dtype: str = "float32"
     tags: str = "special"
     device: str | None = None
-    cuda_graphs: bool = (
-        False  # decode steps as CUDA graphs (speed only: not part of a run's identity)
-    )
+    # Speed only, not part of a run's identity: decode steps as CUDA graphs; overlapped steps.
+    cuda_graphs: bool = False
+    overlap: bool = False
     verify_timeout_s: float = 5.0
     quiet: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -826,6 +826,7 @@ def _run(
                 tags=config.tags,
                 device=_device(config),
                 cuda_graphs=config.cuda_graphs,
+                overlap=config.overlap,
             )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
@@ -932,7 +933,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tags", choices=("special", "text"), default="special")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (flashinfer)"
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps as CUDA graphs (flashinfer or triton attention)",
+    )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="launch each decode step before reading the tokens of the one before (GPU speed; "
+        "greedy output unchanged, seeded sampling draws in another order)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -995,6 +1004,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         tags=args.tags,
         device=args.device,
         cuda_graphs=args.cuda_graphs,
+        overlap=args.overlap,
         verify_timeout_s=args.verify_timeout,
         quiet=args.quiet,
         sampling=sampling,

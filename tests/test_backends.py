@@ -487,9 +487,9 @@ class _ReplayGraph:
             self.output.copy_(self.fn())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family, overlap", [("llama", False), ("qwen3", False), ("llama", True)])
 def test_cuda_graph_decode_steps_reproduce_the_dense_forward(
-    family, special_tokenizer, monkeypatch
+    family, overlap, special_tokenizer, monkeypatch
 ):
     fake = _FakeFlashInfer()
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
@@ -503,6 +503,7 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(
         num_pages=512,
         attention_backend=FlashInferBackend(cascade=True),
         max_lanes=10,
+        overlap=overlap,  # the picked tokens reach the graph's inputs on the device
     )
     engine.runner.enable_graphs(10, graph_factory=_ReplayGraph)
     graphs = engine.runner.graphs
@@ -684,3 +685,35 @@ def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_t
         engine_logprobs = torch.tensor(graphed.logprobs[graphed.prompt_num_tokens :])
         error = (dense_logprobs(model, graphed) - engine_logprobs).abs().max().item()
         assert error <= 0.15, f"{family}: log-prob error {error}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_gpu_overlapped_steps_match_the_plain_engine(backend, special_tokenizer):
+    """Overlapped graphed steps on a GPU: picked tokens go from the device into the next graph's
+    inputs, and to the host through pinned memory after that graph is queued. Greedy, bf16: the
+    plain engine's tokens (until a last-bit difference of another batch flips a pick) and
+    log-probs within bf16 noise of the dense forward."""
+    if backend == "flashinfer" and not backends.flashinfer_installed():
+        pytest.skip("flashinfer is not installed")
+    model = tiny_model("qwen3", tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE)
+    model = model.to("cuda")
+    params = SamplingParams(temperature=0, max_new_tokens=64, min_branches=2, max_branches=3,
+                            n=2, **SHORT)  # fmt: skip
+    runs = []
+    for overlap in (False, True):
+        attention = FlashInferBackend(False) if backend == "flashinfer" else TritonBackend(True)
+        engine = Engine(model, special_tokenizer, page_size=4, num_pages=2048, device="cuda",
+                        attention_backend=attention, cuda_graphs=True, overlap=overlap)  # fmt: skip
+        runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",
+                                    chat=False))  # fmt: skip
+        assert engine.runner.graphs.replays > 0 and engine.pool.num_used == 0
+    for plain, overlapped in zip(*runs, strict=True):
+        n = min(len(plain.token_ids), len(overlapped.token_ids))
+        same = next((i for i in range(n) if plain.token_ids[i] != overlapped.token_ids[i]), n)
+        assert same > plain.prompt_num_tokens + 8
+        assert overlapped.metadata["layout_consistent"] and overlapped.metadata["forks"] >= 1
+        engine_logprobs = torch.tensor(overlapped.logprobs[overlapped.prompt_num_tokens :])
+        error = (dense_logprobs(model, overlapped) - engine_logprobs).abs().max().item()
+        assert error <= 0.15, f"log-prob error {error}"

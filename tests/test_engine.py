@@ -302,11 +302,11 @@ def _record_fed_chunks(engine):
     chunks: dict[int, list[list[bool]]] = {}
     step = engine.runner.step
 
-    def recording(lanes, earlier=True):
+    def recording(lanes, earlier=True, picked=None):
         for lane in (lane for lane in lanes if lane.sample is not None):  # not prompts
             fed = lane.forced[len(lane.forced) - len(lane.pending) :]
             chunks.setdefault(id(lane), []).append(list(fed))
-        return step(lanes, earlier)
+        return step(lanes, earlier, picked)
 
     engine.runner.step = recording
     return chunks

@@ -17,11 +17,12 @@ import torch
 from conftest import NPR_TRACE, ROOT
 
 import npr_graph as ng
-from npr_graph.cli import main
+from npr_graph.cli import build_parser, main
 from npr_graph.evaluate import (
     SUMMARY_KEYS,
     EvalConfig,
     EvalError,
+    config_from_args,
     load_problems,
     parallel_widths,
     pass_at_k,
@@ -416,6 +417,19 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
     if not torch.cuda.is_available():
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o5", "--cuda-graphs"))
         assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
+
+
+def test_cli_overlapped_steps_write_the_same_greedy_samples(tmp_path, tiny_dir, data) -> None:
+    runs = {}
+    for name, extra in {"plain": (), "overlap": ("--overlap",)}.items():
+        out = tmp_path / name
+        assert (
+            main(_cli_args(tiny_dir, data, out, "--temperature", "0", "--limit", "2", *extra)) == 0
+        )
+        runs[name] = [response_ids(r) for r in read_samples(out)]
+    assert len(runs["plain"]) == 4 and runs["overlap"] == runs["plain"]
+    args = build_parser().parse_args(_cli_args(tiny_dir, data, tmp_path, "--overlap"))
+    assert config_from_args(args).overlap
 
 
 @pytest.mark.slow

@@ -421,7 +421,7 @@ def test_random_dags_shadow_model(data):
     for _ in range(data.draw(st.integers(5, 50), label="ops")):
         leaves = live()
         op = data.draw(
-            st.sampled_from(["request", "step", "fork", "join", "release", "preempt"])
+            st.sampled_from(["request", "step", "drop", "fork", "join", "release", "preempt"])
             if leaves
             else st.just("request"),
             label="op",
@@ -461,6 +461,19 @@ def test_random_dags_shadow_model(data):
                     leaf.lane.release()
                     remove(leaf)
             sh.step()
+        elif op == "drop":  # a token fed before it was known, then not kept (overlap mode)
+            leaf = data.draw(st.sampled_from(leaves), label="lane")
+            lane, used, applied = leaf.lane, pool.num_used, len(sh.copies)
+            try:
+                sh.append(lane, 1)
+            except PoolExhausted:
+                continue
+            sh.step()
+            cow = len(sh.copies) > applied
+            lane.drop_last()
+            sh.tokens[id(lane)].pop()
+            if not cow:
+                assert pool.num_used == used, "dropping the slot kept a page it opened"
         elif op == "fork":
             leaf = data.draw(st.sampled_from(leaves), label="lane")
             k = data.draw(st.integers(1, 3), label="k")

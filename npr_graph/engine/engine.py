@@ -28,10 +28,13 @@ from ..parse import decode_pieces, parse
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
-from .lanes import Lane, LaneStatus, Request, Sample
+from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
-from .sampling import NoiseStream, SamplingParams, select_tokens, token_logprobs
+from .sampling import HostCopy, NoiseStream, SamplingParams, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
+
+# Where an end of sequence ends the response; elsewhere it ends an element the engine closes.
+_EOS_KEPT = (Phase.TEXT, Phase.SEQUENTIAL_BLOCK)
 
 
 class _Unscored(NamedTuple):
@@ -104,6 +107,7 @@ class Engine:
         device: torch.device | str = "cpu",
         attention_backend: str | AttentionBackend = "auto",
         cuda_graphs: bool = False,
+        overlap: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -123,12 +127,16 @@ class Engine:
         if cuda_graphs:  # decode steps replay recorded graphs (graphs.py); flashinfer, CUDA only
             self.runner.enable_graphs(max_lanes)
         self.max_lanes = max_lanes
+        # Launch each step's forward before reading the tokens the step before it picked, so the
+        # host's work on them runs while the device computes (see _run_overlapped).
+        self.overlap = overlap
         special = _tags_are_special(tokenizer)
         self.format = Format(tokenizer, special=special)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.logits_processor = None
         self._pieces: dict[int, str] = {}
         self._unscored: list[_Unscored] = []
+        self._scoring: list[tuple[list[_Unscored], HostCopy]] = []
         self.stats = EngineStats()
 
     @classmethod
@@ -231,8 +239,13 @@ class Engine:
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, requests: list[Request], progress) -> None:
+        """Decode steps until every request is done. With ``overlap``, a step's picked tokens
+        stay on the device: the next step feeds them from there, and the host reads them while
+        that step's forward runs (:meth:`_take`); a lane whose token calls for engine-written
+        text then writes it one step later instead of behind the token."""
         waiting: deque[Request] = deque(requests)
         running: list[Request] = []
+        picked: Picked | None = None
         while waiting or running:
             admitted = self._admit(waiting, running)
             if admitted:
@@ -254,21 +267,30 @@ class Engine:
                 continue
             lanes = self._make_room(lanes, running, waiting)
             if not lanes:
+                if picked is not None:  # their lanes were preempted or cut off
+                    self._take(picked)
+                    picked = None
                 continue
             self.stats.decode_steps += 1
             self.stats.lanes_per_step.append(len(lanes))
             self.stats.fed_per_step.append(sum(len(lane.pending) for lane in lanes))
             started = time.perf_counter()
-            logits = self.runner.step(lanes)
+            logits = self.runner.step(lanes, picked=picked)
             fed = time.perf_counter()
+            if picked is not None:  # overlapped: the forward above is queued on the device
+                self._take(picked)
+                picked = None
+            self._collect_scores()
             self._score_fed(lanes, logits.earlier)
-            self._advance(lanes, logits.last)
+            picked = self._advance(lanes, logits.last, defer=self.overlap)
             self._score_pending()
             self.stats.forward_time += fed - started
             self.stats.pick_time += time.perf_counter() - fed
             if progress is not None:
                 progress(sum(s.total_tokens for r in running for s in r.samples))
             running = [r for r in running if not self._settle(r)]
+        assert picked is None, "picked tokens left unread"
+        self._collect_scores()
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.pool.page_size)
@@ -350,10 +372,17 @@ class Engine:
         self._advance(trunks, torch.stack(rows))
         self._score_pending()
 
-    def _advance(self, lanes: list[Lane], logits: torch.Tensor) -> None:
-        """Each lane was just fed: act on its finished forced text, or write its next token."""
+    def _advance(
+        self, lanes: list[Lane], logits: torch.Tensor, defer: bool = False
+    ) -> Picked | None:
+        """Each lane was just fed: act on its finished forced text, or write its next token.
+        ``defer``: leave picked tokens on the device, :data:`PICKED` in their lanes, and return
+        them (:meth:`_take` reads them)."""
         to_sample = []
         for lane, row in zip(lanes, logits, strict=True):
+            if lane.void_row:  # it fed a token that was taken back: this row follows nothing
+                lane.void_row = False
+                continue
             lane.final_logits = row
             if lane.sample.finished or lane.status is not LaneStatus.RUNNING:
                 continue
@@ -368,7 +397,7 @@ class Engine:
             else:
                 to_sample.append(lane)
         if not to_sample:
-            return
+            return None
         constraints = [self._constraints(lane) for lane in to_sample]
         logits = torch.stack([lane.final_logits for lane in to_sample])
         scores = None
@@ -388,11 +417,52 @@ class Engine:
             [c[2] for c in constraints],
             scores,
         )
+        if defer:
+            for lane in to_sample:
+                lane.append(PICKED, None, False)
+            return Picked(to_sample, tokens, logprobs, HostCopy(tokens, logprobs))
         for lane, token, logprob in zip(to_sample, tokens.tolist(), logprobs.tolist(), strict=True):
             if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
                 self._end_of_sequence(lane, token, logprob)
             else:
                 self._write(lane, token, forced=False, logprob=logprob)
+        return None
+
+    def _take(self, picked: Picked) -> None:
+        """Read the tokens a step picked on the device and write them into their lanes, whose
+        :data:`PICKED` token the next step has fed already; engine-written text that one calls
+        for waits for the step after (it was not known when that step was launched)."""
+        tokens, logprobs = picked.host.tolist()
+        for lane, token, logprob in zip(picked.lanes, tokens, logprobs, strict=True):
+            ends = token in self.eos_ids and not lane.sample.request.params.ignore_eos
+            kept = not ends or lane.state is None or lane.state.phase in _EOS_KEPT
+            if lane.status is not LaneStatus.RUNNING or lane.sample.finished or not lane.kv.alive:
+                if kept:  # cut off (budget, preemption) after it was picked: keep the record
+                    lane.tokens[-1], lane.logprobs[-1] = token, logprob
+                else:
+                    self._take_back(lane)
+            elif not kept:
+                self._take_back(lane)
+                self._end_of_sequence(lane, token, logprob)  # closes what is open
+                lane.void_row = True
+            elif ends:
+                lane.tokens[-1], lane.logprobs[-1] = token, logprob
+                self._finish_lane(lane, "stop")
+            else:
+                lane.tokens[-1], lane.logprobs[-1] = token, logprob
+                self._react(lane, token)
+
+    def _take_back(self, lane: Lane) -> None:
+        """Undo the lane's last append: a picked token the engine does not keep (an end of
+        sequence inside an element); if it was fed, its slot goes back too."""
+        lane.tokens.pop()
+        lane.logprobs.pop()
+        lane.forced.pop()
+        if lane.pending:
+            lane.pending.pop()
+        elif lane.kv.alive:
+            lane.kv.drop_last()
+        lane.sample.uncount_token()
 
     def _constraints(
         self, lane: Lane
@@ -418,7 +488,7 @@ class Engine:
 
     def _score_pending(self) -> None:
         """Log-probs of the step's engine-written tokens: one batched computation where the
-        logits are and one copy of the values to the host."""
+        logits are and one copy of the values to the host (:meth:`_collect_scores`)."""
         if not self._unscored:
             return
         pending, self._unscored = self._unscored, []
@@ -429,12 +499,21 @@ class Engine:
             for entry in pending
             for _ in entry.tokens
         ]
-        values = token_logprobs(logits, tokens, temperatures).tolist()
-        at = 0
-        for entry in pending:
-            count = entry.logits.shape[0]
-            entry.lane.logprobs[entry.index : entry.index + count] = values[at : at + count]
-            at += count
+        self._scoring.append((pending, HostCopy(token_logprobs(logits, tokens, temperatures))))
+        if not self.overlap:
+            self._collect_scores()
+
+    def _collect_scores(self) -> None:
+        """Write the log-probs :meth:`_score_pending` computed into their lanes (overlapped:
+        after the next step's forward was launched, so reading them does not hold it back)."""
+        for pending, copy in self._scoring:
+            (values,) = copy.tolist()
+            at = 0
+            for entry in pending:
+                count = entry.logits.shape[0]
+                entry.lane.logprobs[entry.index : entry.index + count] = values[at : at + count]
+                at += count
+        self._scoring.clear()
 
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
@@ -470,6 +549,11 @@ class Engine:
     def _append(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
         """Append a token; let the format react (forced text, fork, branch end); check budgets."""
         lane.append(token, logprob, forced)
+        self._react(lane, token)
+
+    def _react(self, lane: Lane, token: int) -> None:
+        """The format's reaction to the lane's last token (forced text, fork, branch end), and
+        the sample's budgets."""
         sample = lane.sample
         if lane.state is not None:
             piece = self._piece(token)
@@ -497,7 +581,7 @@ class Engine:
 
     def _end_of_sequence(self, lane: Lane, token: int, logprob: float) -> None:
         state = lane.state
-        if state is None or state.phase is Phase.TEXT or state.phase is Phase.SEQUENTIAL_BLOCK:
+        if state is None or state.phase in _EOS_KEPT:
             lane.append(token, logprob, False)
             self._finish_lane(lane, "stop")
         else:  # the model stopped inside an element: close it and carry on

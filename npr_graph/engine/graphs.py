@@ -146,7 +146,8 @@ class DecodeGraphs:
             capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * needed)
             entry = self._prepare(size, capacity)
         padding = torch.zeros(pad, 1, dtype=torch.long)
-        entry.input_ids.copy_(torch.cat([input_ids, padding]), non_blocking=True)
+        entry.input_ids[:batch].copy_(input_ids, non_blocking=True)  # picked ones: on the device
+        entry.input_ids[batch:].zero_()
         entry.positions.copy_(torch.cat([positions, padding]), non_blocking=True)
         entry.write_slots.copy_(torch.cat([write_slots, padding[:, 0]]), non_blocking=True)
         entry.decoder.plan(lanes, views)

@@ -309,6 +309,24 @@ class LaneKV:
         self._cache_append(first, out)
         return out
 
+    def drop_last(self) -> None:
+        """Take back the slot of the last :meth:`append_slots` (a token fed before it was known,
+        which turned out to be one the engine does not keep). Its page is released when nothing
+        else in the view lists it."""
+        self._live()
+        if self.num_tokens <= self.num_inherited:
+            raise RuntimeError("drop_last: the lane has no own token to drop")
+        tail = self._segments[-1]
+        if tail.size > 1:
+            self._segments[-1] = Segment(tail.page, tail.start, tail.end - 1)
+        else:  # the slot opened a fresh page (an append never leaves a shared tail page behind)
+            self._segments.pop()
+            if all(seg.page != tail.page for seg in self._segments):
+                self.pool.decref(tail.page)
+            self._tail_open = False
+        self.num_tokens -= 1
+        self._num_cached = min(self._num_cached, self.num_tokens)
+
     def fork(self, k: int) -> list[LaneKV]:
         """k children sharing every page; this lane is consumed (its references go to child 0)."""
         self._live()

@@ -11,12 +11,26 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
 from .kv import LaneKV
-from .sampling import NoiseStream, SamplingParams
+from .sampling import HostCopy, NoiseStream, SamplingParams
 from .structure import Action, LaneState
+
+# A token picked on the device and fed before the host has read it (the engine's overlapped
+# steps): the lane holds this in its tokens until then.
+PICKED = -1
+
+
+class Picked(NamedTuple):
+    """Tokens picked on the device for ``lanes``: each lane's last token is :data:`PICKED`."""
+
+    lanes: list[Lane]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    host: HostCopy
 
 
 class LaneStatus(str, Enum):
@@ -44,6 +58,7 @@ class Lane:
     status: LaneStatus = LaneStatus.RUNNING
     text_tail: str = ""
     final_logits: torch.Tensor | None = None
+    void_row: bool = False  # its row of the coming logits follows a token taken back
 
     @property
     def end_position(self) -> int:
@@ -108,6 +123,12 @@ class Sample:
         """A lane of this sample appended a token and now ends at ``end_position``."""
         self.total_tokens += 1
         self.end_position = max(self.end_position, end_position)
+
+    def uncount_token(self) -> None:
+        """A lane took back its last token (its end position is one less)."""
+        self.total_tokens -= 1
+        ends = [lane.end_position for lane in self.lanes]
+        self.end_position = max([len(self.request.prompt_ids), *ends])
 
     @property
     def critical_tokens(self) -> int:

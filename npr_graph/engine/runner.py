@@ -14,7 +14,8 @@ from .attention import KVCache, StepPlan, attention_implementation
 from .backends import AttentionBackend, TorchBackend
 from .graphs import CudaGraph, DecodeGraphs
 from .kv import PagePool, SlotViews
-from .lanes import Lane
+from .lanes import PICKED, Lane, Picked
+from .sampling import to_device
 
 
 class StepLogits(NamedTuple):
@@ -119,22 +120,26 @@ class ModelRunner:
         itemsize = next(model.parameters()).element_size()
         return 2 * shape.num_layers * shape.kv_heads * shape.head_dim * itemsize
 
-    def step(self, lanes: Sequence[Lane], earlier: bool = True) -> StepLogits:
+    def step(
+        self, lanes: Sequence[Lane], earlier: bool = True, picked: Picked | None = None
+    ) -> StepLogits:
         """Feed every lane's pending tokens; return the logits (float32, on the model's device:
         sampling runs there) after each (after every fed token with ``earlier``; prompts need only
-        the last)."""
+        the last). A pending :data:`PICKED` token is read from ``picked`` on the device."""
         counts = [len(lane.pending) for lane in lanes]
         width = max(counts)
         write = [lane.kv.append_slots(count) for lane, count in zip(lanes, counts, strict=True)]
         self._apply_copies()
         views = SlotViews.of([lane.kv for lane in lanes])  # on the CPU: masks and plans start here
         if earlier and 1 < width <= self.max_rows_per_lane:
-            return self._step_as_rows(lanes, counts, write, views)
+            return self._step_as_rows(lanes, counts, write, views, picked)
         # Left padding: token 0 at position 0, written to the scratch slot 0.
         pads = [[0] * (width - count) for count in counts]
         input_ids = torch.tensor(
             [pad + lane.pending for pad, lane in zip(pads, lanes, strict=True)]
         )
+        last = [row * width + width - 1 for row in range(len(lanes))]
+        input_ids = self._place_picked(input_ids, lanes, last, picked)
         positions = torch.tensor(
             [pad + lane.pending_positions for pad, lane in zip(pads, lanes, strict=True)]
         )
@@ -150,7 +155,12 @@ class ModelRunner:
         return StepLogits(logits[:, -1], before_last)
 
     def _step_as_rows(
-        self, lanes: Sequence[Lane], counts: list[int], write: list[list[int]], views: SlotViews
+        self,
+        lanes: Sequence[Lane],
+        counts: list[int],
+        write: list[list[int]],
+        views: SlotViews,
+        picked: Picked | None,
     ) -> StepLogits:
         """A lane feeding ``c`` tokens becomes ``c`` decode rows, row ``j`` seeing the lane's view
         up to its ``j``-th new token: no padding, and the step stays a decode step that the
@@ -163,6 +173,8 @@ class ModelRunner:
         ]
         rows = [lanes[b] for b in row_lane]
         input_ids = torch.tensor([t for lane in lanes for t in lane.pending])[:, None]
+        ends = list(itertools.accumulate(counts))
+        input_ids = self._place_picked(input_ids, lanes, [end - 1 for end in ends], picked)
         positions = torch.tensor([p for lane in lanes for p in lane.pending_positions])[:, None]
         write_slots = torch.tensor([s for slots in write for s in slots])[:, None]
         logits = self._forward(
@@ -170,12 +182,38 @@ class ModelRunner:
         )[:, 0]
         for lane in lanes:
             lane.fed()
-        ends = list(itertools.accumulate(counts))
         earlier = [
             logits[end - count : end - 1] if count > 1 else None
             for end, count in zip(ends, counts, strict=True)
         ]
-        return StepLogits(logits[[end - 1 for end in ends]], earlier)
+        last = to_device(torch.tensor([end - 1 for end in ends]), logits.device)
+        return StepLogits(logits[last], earlier)
+
+    def _place_picked(
+        self,
+        input_ids: torch.Tensor,
+        lanes: Sequence[Lane],
+        last: list[int],
+        picked: Picked | None,
+    ) -> torch.Tensor:
+        """``input_ids`` with each lane's pending :data:`PICKED` token (at flat index ``last[b]``,
+        its last) taken from ``picked.tokens``, on the device: the host has not read them."""
+        if picked is None:
+            return input_ids
+        where = {id(lane): index for index, lane in enumerate(picked.lanes)}
+        flat, source = [], []
+        for lane, at in zip(lanes, last, strict=True):
+            if lane.pending[-1] == PICKED:
+                flat.append(at)
+                source.append(where[id(lane)])
+        if not flat:
+            return input_ids
+        shape = input_ids.shape
+        input_ids = to_device(input_ids, self.device).flatten()
+        input_ids[to_device(torch.tensor(flat), self.device)] = picked.tokens[
+            to_device(torch.tensor(source), self.device)
+        ]
+        return input_ids.view(shape)
 
     def _forward(
         self,
@@ -193,13 +231,13 @@ class ModelRunner:
             logits = self.graphs.step(input_ids, positions, write_slots[:, 0], lanes, views)
             if logits is not None:
                 return logits[:, None]
-        positions = positions.to(self.device)
-        write_slots = write_slots.flatten().to(self.device)
+        positions = to_device(positions, self.device)
+        write_slots = to_device(write_slots.flatten(), self.device)
 
         def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
             table = views.table
             if width == 1 and bool(table.mask.all()):  # every row sees its whole view
-                return table.slots.to(self.device), None
+                return to_device(table.slots, self.device), None
             # Query j of a row is view token (length - width + j); it sees view tokens up to
             # itself. Padding rows (query index < 0) see anything real.
             query_index = table.lengths[:, None] - width + torch.arange(width)
@@ -207,7 +245,7 @@ class ModelRunner:
                 torch.arange(table.slots.shape[1])[None, None, :] <= query_index[:, :, None]
             )
             visible |= (query_index < 0)[:, :, None] & table.mask[:, None, :]
-            return table.slots.to(self.device), visible[:, None].to(self.device)
+            return to_device(table.slots, self.device), to_device(visible[:, None], self.device)
 
         plan = StepPlan(write_slots, None, None, self.kv, gather=gather)
         if width == 1:
@@ -222,7 +260,7 @@ class ModelRunner:
             plan.key_positions = self.slot_positions[plan.read_slots]
         with torch.inference_mode(), attention_implementation(self.model):
             out = self.model(
-                input_ids=input_ids.to(self.device),
+                input_ids=to_device(input_ids, self.device),
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=keep,
@@ -237,7 +275,8 @@ class ModelRunner:
         size = self.pool.page_size
         source = torch.cat([torch.arange(c.src * size, c.src * size + c.num_slots) for c in copies])
         target = torch.cat([torch.arange(c.dst * size, c.dst * size + c.num_slots) for c in copies])
-        self.kv.copy_slots(source.to(self.device), target.to(self.device))
+        source, target = to_device(source, self.device), to_device(target, self.device)
+        self.kv.copy_slots(source, target)
         self.slot_positions[target] = self.slot_positions[source]
 
 

@@ -110,7 +110,7 @@ def apply_repetition_penalty(
     if not rows:
         return
     index = (_on(rows, logits.device), _on(ids, logits.device))
-    factor = torch.tensor(factors, dtype=logits.dtype).to(logits.device)
+    factor = to_device(torch.tensor(factors, dtype=logits.dtype), logits.device)
     values = logits[index]
     logits[index] = torch.where(values > 0, values / factor, values * factor)
 
@@ -154,7 +154,7 @@ def truncate(
     has_k = _on([0 < k < vocab for k in top_k], device, torch.bool)[:, None]
     kth_index = _on([k - 1 if 0 < k < vocab else 0 for k in top_k], device)[:, None]
     # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
-    nucleus = torch.tensor([p if p < 1.0 else float("inf") for p in top_p]).to(device)
+    nucleus = to_device(torch.tensor([p if p < 1.0 else float("inf") for p in top_p]), device)
     trimmed = _on(trims, device, torch.bool)
     kth = None
     for size in [c for c in NUCLEUS_CANDIDATES if max(cuts, default=0) <= c < vocab] + [vocab]:
@@ -224,7 +224,7 @@ def gumbel_noise(row_keys: Sequence[int], vocab: int, device: torch.device) -> t
     on the CPU, where integer hashing costs twice a generator's draws, each row comes from a CPU
     generator seeded with its key."""
     if torch.device(device).type != "cpu":
-        return hashed_gumbel_noise(torch.tensor(row_keys, dtype=torch.int64).to(device), vocab)
+        return hashed_gumbel_noise(_on(row_keys, device, torch.int64), vocab)
     noise = torch.empty(len(row_keys), vocab)
     for row, key in enumerate(row_keys):
         noise[row].exponential_(generator=torch.Generator().manual_seed(key))
@@ -255,11 +255,11 @@ def token_logprobs(
     ``temperatures[i]`` (``SamplingParams.scoring_temperature``), on the logits' device:
     ``log_softmax(logits / t)[token]``, without writing a ``[N, V]`` result."""
     device = logits.device
-    tokens = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    tokens = to_device(torch.as_tensor(tokens, dtype=torch.long), device)
     scaled = logits.float()
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
     if bool((temperatures != 1.0).any()):  # on the host: greedy and t = 1 skip a [N, V] pass
-        scaled = scaled / temperatures.to(device)[:, None]
+        scaled = scaled / to_device(temperatures, device)[:, None]
     return (scaled.gather(1, tokens[:, None]) - scaled.logsumexp(-1, keepdim=True))[:, 0]
 
 
@@ -309,7 +309,7 @@ def select_tokens(
     else:
         temperatures = [1.0 if p.greedy else p.temperature for p in params]
         if any(t != 1.0 for t in temperatures):
-            choice.div_(torch.tensor(temperatures).to(device)[:, None])
+            choice.div_(to_device(torch.tensor(temperatures), device)[:, None])
         top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
         keys = {row: streams[row].next_key() for row in sampled}
         # A row with top-k or top-p races with hashed noise on every device, so that its picks
@@ -338,10 +338,39 @@ def select_tokens(
     return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
 
 
+class HostCopy:
+    """Tensors on their way to the host. On a GPU the copy is queued behind the work that makes
+    them (into pinned memory, with an event), so the host can queue more work before it waits
+    for them: the engine's overlapped steps launch the next forward first."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.event = None
+        if tensors and tensors[0].device.type == "cuda":
+            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, tensor in zip(pinned, tensors, strict=True):
+                host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            tensors = tuple(pinned)
+        self.tensors = tensors
+
+    def tolist(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.tolist() for t in self.tensors]
+
+
 def _on(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device)
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, without waiting for the device: a blocking copy to a
+    GPU waits for all work queued before it (the forward the overlapped engine just launched).
+    CUDA stages pageable memory before the call returns, so the source may go right away."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _pairs(index: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = torch.tensor(index, dtype=torch.long).reshape(-1, 2).to(device)
+    pairs = to_device(torch.tensor(index, dtype=torch.long).reshape(-1, 2), device)
     return pairs[:, 0], pairs[:, 1]

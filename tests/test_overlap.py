@@ -1,0 +1,150 @@
+"""Overlapped decode steps (``Engine(overlap=True)``): the next forward is launched before the
+host reads the tokens the step before it picked. Greedy decoding must write what the plain
+engine writes, token for token, with the same log-probs."""
+
+import copy
+
+import pytest
+import torch
+from test_engine import SHORT, dense_logprobs, scripted
+
+import npr_graph as ng
+from npr_graph.engine.engine import Engine
+from npr_graph.engine.lanes import PICKED
+from npr_graph.engine.sampling import SamplingParams
+from npr_graph.engine.structure import Format
+from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = copy.deepcopy(default_tokenizer())
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "npr")
+    return tok
+
+
+def run_both(family, tok, prompts, params, mode, num_pages=2048, **kwargs):
+    """The same model and requests through the plain and the overlapped engine."""
+    model = tiny_model(family, tokenizer=tok)
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(model, tok, page_size=4, num_pages=num_pages, overlap=overlap)
+        graphs = engine.generate(prompts, params, mode=mode, chat=False, **kwargs)
+        assert engine.pool.num_used == 0, "every page is freed"
+        runs[overlap] = (engine, graphs)
+    return runs
+
+
+def assert_same_output(runs):
+    (plain, want), (overlapped, got) = runs[False], runs[True]
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        assert b.token_ids == a.token_ids
+        assert PICKED not in b.token_ids
+        assert b.forced == a.forced
+        for key in ("finish_reason", "truncated", "forks", "engine_violations", "total_tokens"):
+            assert b.metadata[key] == a.metadata[key], key
+        assert b.metadata["layout_consistent"]
+        start = b.prompt_num_tokens
+        got_lp = torch.tensor(b.logprobs[start:])
+        assert (got_lp - torch.tensor(a.logprobs[start:])).abs().max() <= 1e-5
+        assert (dense_logprobs(overlapped.model, b) - got_lp).abs().max() <= 1e-4
+    return plain, overlapped
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_overlapped_constrained_blocks_match_the_plain_engine(family, tokenizer):
+    params = SamplingParams(
+        temperature=0, max_new_tokens=70, min_branches=2, max_branches=3, n=2, **SHORT
+    )
+    runs = run_both(
+        family, tokenizer, ["What is 2+2?", "Name three primes."], params, "constrained"
+    )
+    plain, overlapped = assert_same_output(runs)
+    assert any(g.metadata["forks"] for g in runs[True][1]), "through fork and join"
+    # Text the engine writes after a picked token waits one step, so there are more steps.
+    assert overlapped.stats.decode_steps > plain.stats.decode_steps
+
+
+def test_overlapped_sequential_and_budgets_match(tokenizer):
+    sequential = SamplingParams(temperature=0, max_new_tokens=16, n=3)
+    assert_same_output(run_both("qwen2", tokenizer, ["Q", "Other"], sequential, "sequential"))
+    budgets = SamplingParams(temperature=0, max_new_tokens=20, max_step_tokens=50,
+                             max_plan_tokens=3, min_branches=2, max_branches=2)  # fmt: skip
+    runs = run_both("llama", tokenizer, ["Q"], budgets, "constrained")
+    assert_same_output(runs)
+    assert runs[True][1][0].metadata["truncated"]
+    total = SamplingParams(temperature=0, max_new_tokens=200, max_total_tokens=30,
+                           max_plan_tokens=3, max_step_tokens=50)  # fmt: skip
+    assert_same_output(run_both("llama", tokenizer, ["Q"], total, "constrained"))
+
+
+def test_overlapped_preemption_matches(tokenizer):
+    params = SamplingParams(
+        temperature=0, max_new_tokens=40, n=2, min_branches=2, max_branches=2, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third."]
+    runs = run_both("llama", tokenizer, prompts, params, "constrained", num_pages=64)
+    assert runs[True][0].stats.preemptions > 0, "the pool is small enough to preempt"
+    assert_same_output(runs)
+
+
+def test_an_end_of_sequence_inside_a_step_is_taken_back(tokenizer):
+    """Free mode: the model stops inside a step. The overlapped engine has already fed that
+    token when it reads it; it takes it (and its KV slot) back and closes the step, as the plain
+    engine does without feeding it."""
+    fmt = Format(tokenizer, special=True)
+    enc = fmt.encode
+    prompt = enc("Q")
+    eos = sorted(tiny_eos(tokenizer))[0]
+    trunk = enc("<guideline>\n<plan>1: add</plan>\n<plan>2: count</plan>\n</guideline>") + enc("\n")
+    head1, head2 = enc("<step>\n1:"), enc("<step>\n2:")
+    step1 = head1 + enc(" two") + enc("</step>") + enc("\n")  # the engine's closing tag
+    step2 = head2 + enc(" count four apples</step>") + enc("\n")
+    join = enc("<takeaway>\n") + enc("four</takeaway>") + enc(" \\boxed{4}")
+    lanes = [trunk, trunk + head1 + enc(" two") + [eos], trunk + step2,
+             trunk + step1 + step2 + join + [eos]]  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=200)
+    runs = run_both("llama", tokenizer, [prompt], params, "free",
+                    logits_processor=scripted(tokenizer, fmt, prompt, lanes))  # fmt: skip
+    plain, overlapped = assert_same_output(runs)
+    (graph,) = runs[True][1]
+    assert graph.token_ids[len(prompt) :] == trunk + step1 + step2 + join + [eos]
+    assert graph.metadata["forks"] == 1 and ng.metrics(graph)["widths"] == [2]
+
+
+def tiny_eos(tokenizer):
+    return Engine(tiny_model("llama", tokenizer=tokenizer), tokenizer, num_pages=8).eos_ids
+
+
+def test_picked_tokens_are_read_after_the_next_forward_is_launched(tokenizer, monkeypatch):
+    """The point of overlapping: the host reads a step's picked tokens only once the next
+    forward, which feeds them from the device, has been launched."""
+    engine = Engine(tiny_model("llama", tokenizer=tokenizer), tokenizer, page_size=4,
+                    num_pages=512, overlap=True)  # fmt: skip
+    events = []
+    step, take = engine.runner.step, engine._take
+
+    def logged_step(lanes, *args, picked=None, **kwargs):
+        fed = sum(lane.pending[-1] == PICKED for lane in lanes)
+        events.append(("step", fed, picked is not None))
+        return step(lanes, *args, picked=picked, **kwargs)
+
+    def logged_take(picked):
+        events.append(("take", len(picked.lanes)))
+        return take(picked)
+
+    monkeypatch.setattr(engine.runner, "step", logged_step)
+    monkeypatch.setattr(engine, "_take", logged_take)
+    params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=40, min_branches=2,
+                            max_branches=2, n=2, **SHORT)  # fmt: skip
+    graphs = engine.generate(["Q"], params, mode="constrained", chat=False)
+    takes = [i for i, e in enumerate(events) if e[0] == "take"]
+    assert len(takes) > 10
+    for i in takes:
+        kind, fed, with_picked = events[i - 1]
+        assert kind == "step" and with_picked and fed == events[i][1], events[i - 1 : i + 1]
+    for graph in graphs:
+        assert PICKED not in graph.token_ids and graph.metadata["layout_consistent"]
+        engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
