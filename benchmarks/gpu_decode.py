@@ -19,7 +19,8 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
 4. ``generate``: transformers ``generate`` at batch 1 (the sequential baseline without engine)
    and at batch k for the widest k (batching alone, the reference for the engine's width k).
    ``flashinfer-graphs`` (flat), ``triton-graphs`` (cascade) and ``triton-flat-graphs`` replay
-   the decode steps as CUDA graphs.
+   the decode steps as CUDA graphs; ``*-overlap`` launches each step before the host reads the
+   tokens of the one before (``Engine(overlap=True)``).
 5. ``profile``: a torch profile of short sequential and width-4 runs of each backend (top
    operators printed; kernel and graph launches and host milliseconds per step recorded).
 

@@ -63,6 +63,8 @@ class TrainConfig:
     max_takeaway_tokens: int = 96
     kv_pages: int = 4096
     page_size: int = 16
+    cuda_graphs: bool = False  # decode steps replayed as CUDA graphs (GPU only)
+    overlap: bool = False  # each decode step launched before the last step's tokens are read
     # objective
     reward: str = "accuracy"
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0 = off)

@@ -130,6 +130,8 @@ class Trainer:
             page_size=config.page_size,
             num_pages=config.kv_pages,
             device=self.device,
+            cuda_graphs=config.cuda_graphs,
+            overlap=config.overlap,
         )
         self.model.eval()  # no dropout: rollouts and the training forward see the same network
         # the KL term's reference is the policy as training starts, frozen

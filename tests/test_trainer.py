@@ -122,6 +122,20 @@ def test_papo_steps_log_and_checkpoint(problems, tmp_path, tokenizers):
     assert any(not torch.equal(before[k], v) for k, v in weights(model).items())
 
 
+def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "overlap", steps=1, overlap=True)
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    assert run.engine.overlap
+    (metrics,) = run.train()
+    assert metrics["rollouts"] == 4 and metrics["grad_norm"] > 0
+    assert metrics["logprob_gap"] <= 1e-4, "training log-probs are the engine's"
+    if not torch.cuda.is_available():
+        config = papo_config(problems, tmp_path / "graphs", steps=1, cuda_graphs=True)
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            Trainer(config, model=make_model(tok), tokenizer=tok)
+
+
 def test_resume_continues_exactly(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = papo_config(problems, tmp_path / "whole", steps=4, save_every=2)

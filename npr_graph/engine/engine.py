@@ -5,7 +5,7 @@ its guideline closes (one branch lane per plan, sharing the prefix's pages), and
 join into one lane for the takeaway once all have closed their step. Engine-written tokens
 (step headers, the takeaway opener, separators, closing tags) are flagged ``forced``; they are
 appended right behind the token that called for them and fed in the same step, so they cost no
-decode step of their own.
+decode step of their own (with ``overlap``, behind a picked token they wait for the next step).
 
 A token's log-prob is taken from the logits of the token before it in the sample's sequence,
 which is what one dense forward over the finished graph computes: the first token of branch
@@ -128,7 +128,7 @@ class Engine:
             self.runner.enable_graphs(max_lanes)
         self.max_lanes = max_lanes
         # Launch each step's forward before reading the tokens the step before it picked, so the
-        # host's work on them runs while the device computes (see _run_overlapped).
+        # host's work on them runs while the device computes (see _run).
         self.overlap = overlap
         special = _tags_are_special(tokenizer)
         self.format = Format(tokenizer, special=special)
