@@ -29,6 +29,7 @@ from kernels.attention import DecodeLevel, cascade_decode_attention
 
 from .graphs import GraphDecoder
 from .kv import SlotViews
+from .sampling import to_device
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
@@ -266,6 +267,7 @@ class FlashInferBackend(_LevelsBackend):
         super().__init__(cascade)
         self.workspace_bytes = workspace_bytes
         self._wrappers: dict[int, object] = {}
+        self._last_plan: torch.cuda.Event | None = None
 
     def attach(self, model: torch.nn.Module, device: torch.device) -> None:
         super().attach(model, device)
@@ -301,6 +303,7 @@ class FlashInferBackend(_LevelsBackend):
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.cascade:
             wrapper = self._wrapper(len(levels))
+            self._wait_for_last_plan()
             wrapper.plan(
                 [lv.qo_indptr for lv in levels],
                 [lv.kv_indptr for lv in levels],
@@ -311,6 +314,7 @@ class FlashInferBackend(_LevelsBackend):
                 sm_scale=self.scale,
                 **dtypes,
             )
+            self._mark_plan()
         else:
             (level,) = levels
             wrapper = self._wrapper(0)
@@ -329,6 +333,7 @@ class FlashInferBackend(_LevelsBackend):
     def plan_flat(self, wrapper, indptr, indices, last_page_len, page_size: int = 1) -> None:
         """Plan a ``BatchDecodeWithPagedKVCacheWrapper`` (eager or in CUDA-graph mode) from a
         page table on the host (see :meth:`plan_levels`)."""
+        self._wait_for_last_plan()
         wrapper.plan(
             indptr,
             indices,
@@ -341,6 +346,20 @@ class FlashInferBackend(_LevelsBackend):
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
         )
+        self._mark_plan()
+
+    def _wait_for_last_plan(self) -> None:
+        """A plan writes its schedule into a pinned host buffer of the wrapper and copies it to
+        the device without waiting. An overlapped engine plans step n + 1 while step n may still
+        be queued, copy included: wait for that copy before the buffer is written again."""
+        if self._last_plan is not None:
+            self._last_plan.synchronize()
+            self._last_plan = None
+
+    def _mark_plan(self) -> None:
+        if self.device.type == "cuda":
+            self._last_plan = torch.cuda.Event()
+            self._last_plan.record()
 
     def can_graph(self) -> bool:
         return self.scale is not None  # one softmax scale for all layers, planned ahead
@@ -376,6 +395,9 @@ class _FlashInferGraphDecoder(GraphDecoder):
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
         _, indptr, indices = _padded_groups(flat_level(views), len(lanes), self.batch, last=True)
         last_page_len = torch.ones(self.batch, dtype=torch.int32)
+        # In CUDA-graph mode FlashInfer copies host indices with a blocking copy (a wait for all
+        # the device has queued); from the device its copy is queued like the rest.
+        indices = to_device(indices, self.backend.device)
         self.backend.plan_flat(self.wrapper, indptr, indices, last_page_len)
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
