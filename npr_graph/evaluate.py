@@ -941,7 +941,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--overlap",
         action="store_true",
         help="launch each decode step before reading the tokens of the one before (GPU speed; "
-        "greedy output unchanged, seeded sampling draws in another order)",
+        "the same samples)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"

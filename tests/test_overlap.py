@@ -66,6 +66,17 @@ def test_overlapped_constrained_blocks_match_the_plain_engine(family, tokenizer)
     assert overlapped.stats.decode_steps > plain.stats.decode_steps
 
 
+def test_overlapped_seeded_sampling_matches(tokenizer):
+    """A sample's draws are keyed by how many it made before, and text that waits a step
+    delays a whole sample (a lane alone: the trunk, a join) or a branch at its end: siblings
+    still draw in the same order, so seeded samples match too."""
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=70, min_branches=2,
+                            max_branches=3, n=3, **SHORT)  # fmt: skip
+    runs = run_both("qwen3", tokenizer, ["What is 2+2?", "Primes?"], params, "constrained")
+    assert_same_output(runs)
+    assert sum(g.metadata["forks"] for g in runs[True][1]) >= 4
+
+
 def test_overlapped_sequential_and_budgets_match(tokenizer):
     sequential = SamplingParams(temperature=0, max_new_tokens=16, n=3)
     assert_same_output(run_both("qwen2", tokenizer, ["Q", "Other"], sequential, "sequential"))

@@ -693,6 +693,8 @@ class Engine:
         request = sample.request
         prompt = request.prompt_ids
         ids = [t for lane in sample.lanes for t in lane.tokens]
+        if PICKED in ids:  # a picked token never read back: a bug, not a result to return
+            raise RuntimeError(f"sample {sample.index}: a picked token was not read back")
         logprobs = [lp for lane in sample.lanes for lp in lane.logprobs]
         forced = [f for lane in sample.lanes for f in lane.forced]
         engine_positions = [
