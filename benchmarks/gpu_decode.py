@@ -42,6 +42,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -460,11 +461,35 @@ def bench_widths(model, tokenizer, device, backends, args, budget, save=None) ->
     return out
 
 
+class SyncCounter:
+    """A context manager factory counting the operations that made the host wait for the GPU
+    (torch's sync debug mode: blocking copies, ``.item()``, stream syncs); ``count`` stays None
+    without CUDA."""
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not torch.cuda.is_available():
+            yield
+            return
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        self.count = sum("synchroniz" in str(w.message) for w in caught)
+
+
 def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]:
     """Where a decode step's time goes: a torch profile of a short sequential run and a short
     width-4 block with ``backend`` (after an untimed warm-up, so compiles and graph captures stay
     out of it), the top operators printed (to ``bench.log``) and the totals of host time per
-    category recorded."""
+    category recorded; then the same run again counting the host's waits for the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     row = {"part": "profile", "backend": backend, "step_tokens": args.profile_tokens}
@@ -495,6 +520,17 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
                     "kernel_launches_per_step": launches / steps,
                     "graph_launches_per_step": graph_launches / steps,
                     "host_ms_per_step": sum(e.self_cpu_time_total for e in averages) / 1e3 / steps})  # fmt: skip
+        counter = SyncCounter()
+        try:
+            counted = run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 1)],
+                                 n=1, width=width, step_tokens=args.profile_tokens,
+                                 kv_bytes=args.kv_bytes, warm_up=args.warm_up_tokens,
+                                 around=counter)  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - recorded; the profile stands
+            out[-1]["host_syncs_error"] = repr(error)[:500]
+            continue
+        if counter.count is not None:
+            out[-1]["host_syncs_per_step"] = counter.count / max(counted["decode_steps"], 1)
     return out
 
 
