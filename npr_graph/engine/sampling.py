@@ -367,8 +367,10 @@ def _on(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long)
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on ``device``, without waiting for the device: a blocking copy to a
     GPU waits for all work queued before it (the forward the overlapped engine just launched).
-    CUDA stages pageable memory before the call returns, so the source may go right away."""
-    return tensor.to(device, non_blocking=True)
+    The copy goes through pinned memory, whose block torch keeps until the copy has run."""
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _pairs(index: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
