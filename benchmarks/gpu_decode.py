@@ -135,7 +135,6 @@ def build_model(config_fields: dict, device: str, dtype: torch.dtype, tokenizer)
 
 
 def make_backend(name: str):
-    name = name.removesuffix(OVERLAP)
     return {
         "torch": TorchBackend,
         "triton": lambda: TritonBackend(cascade=True),

@@ -20,7 +20,7 @@ Each has a plain torch reference (``backend="torch"``) and a Triton kernel (``"t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +50,10 @@ class DecodeLevel:
         return self.kv_last_page_len.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DecodeLevel:
-        def move(t: Tensor) -> Tensor:
-            return t.to(device, non_blocking=non_blocking)
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def map(self, move: Callable[[Tensor], Tensor]) -> DecodeLevel:
+        """The same level with ``move`` applied to each of its tensors."""
         return DecodeLevel(
             move(self.qo_indptr),
             move(self.kv_indptr),

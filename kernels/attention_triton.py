@@ -231,12 +231,16 @@ def _num_splits(level: DecodeLevel, programs: int, block_t: int, device: torch.d
 class Launch(NamedTuple):
     """Grid and tile sizes of a step's levels; planned once per step, launched per layer."""
 
-    block_q: int  # query rows per tile of the widest level (each level's own: ``levels``)
     block_t: int
     warps: int
     levels: list[tuple[DecodeLevel, int, int, int]]  # (level, query rows per tile, blocks, splits)
     total_states: int
     stages: int | None = None  # software-pipelining depth; None: Triton's default
+
+    @property
+    def block_q(self) -> int:
+        """Query rows per tile of the widest level."""
+        return max(block_q for _, block_q, _, _ in self.levels)
 
 
 def plan_launch(
@@ -269,8 +273,7 @@ def plan_launch(
     total = sum(splits for *_, splits in entries)
     if total > MAX_STATES:
         raise ValueError(f"{total} partial states per query exceed {MAX_STATES}")
-    widest = max((block_q for _, block_q, _, _ in entries), default=fixed_q or 16)
-    return Launch(widest, block_t, warps, entries, total, stages)
+    return Launch(block_t, warps, entries, total, stages)
 
 
 def decode_partials(
@@ -294,7 +297,7 @@ def decode_partials(
     gq = heads // kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     launch = launch or plan_launch(levels, heads, kv_heads, query.device, num_splits)
-    _, block_t, warps, plans, total_states, stages = launch
+    block_t, warps, plans, total_states, stages = launch
     pipelining = {} if stages is None else {"num_stages": stages}
     out = torch.empty(nq, total_states, heads, dim, dtype=torch.float32, device=query.device)
     out_lse = torch.empty(nq, total_states, heads, dtype=torch.float32, device=query.device)

@@ -268,7 +268,7 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
         # each level with its own query tile, as plan_launch gives levels of different widths
         from kernels.attention_triton import Launch
 
-        mixed = Launch(64, 64, 1, [(device_levels[0], 64, 1, 1), (device_levels[1], 16, 1, 1)], 2)
+        mixed = Launch(64, 1, [(device_levels[0], 64, 1, 1), (device_levels[1], 16, 1, 1)], 2)
         got = cascade_decode_attention(
             query, k_cache, v_cache, device_levels, backend=backend, launch=mixed
         )

@@ -29,7 +29,7 @@ from kernels.attention import DecodeLevel, cascade_decode_attention
 
 from .graphs import GraphDecoder
 from .kv import SlotViews
-from .sampling import to_device
+from .transfer import copy_into, to_device
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
@@ -229,7 +229,7 @@ class TritonBackend(_LevelsBackend):
         self.tiles = tiles
 
     def plan_decode(self, lanes: Sequence, views: SlotViews) -> DecodeFn | None:
-        levels = [lv.to(self.device, non_blocking=True) for lv in self.levels(lanes, views)]
+        levels = [lv.map(lambda t: to_device(t, self.device)) for lv in self.levels(lanes, views)]
         planned, kernel_backend, launch = self.scale, self.kernels, None
         if kernel_backend == "triton":  # grids and splits once per step, not per layer
             from kernels import attention_triton
@@ -449,9 +449,9 @@ class _TritonGraphDecoder(GraphDecoder):
             qo, kv, indices = _padded_groups(
                 level, len(lanes), self.batch, last=fixed is self.levels[-1]
             )
-            fixed.qo_indptr.copy_(qo, non_blocking=True)
-            fixed.kv_indptr.copy_(kv, non_blocking=True)
-            fixed.kv_indices[: len(indices)].copy_(indices, non_blocking=True)
+            copy_into(fixed.qo_indptr, qo)
+            copy_into(fixed.kv_indptr, kv)
+            copy_into(fixed.kv_indices[: len(indices)], indices)
 
     def decode(self, query, keys, values, scale) -> torch.Tensor:
         return cascade_decode_attention(

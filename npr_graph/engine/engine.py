@@ -30,8 +30,9 @@ from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
-from .sampling import HostCopy, NoiseStream, SamplingParams, select_tokens, token_logprobs
+from .sampling import NoiseStream, SamplingParams, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
+from .transfer import HostCopy
 
 # Where an end of sequence ends the response; elsewhere it ends an element the engine closes.
 _EOS_KEPT = (Phase.TEXT, Phase.SEQUENTIAL_BLOCK)
@@ -434,23 +435,19 @@ class Engine:
         for waits for the step after (it was not known when that step was launched)."""
         tokens, logprobs = picked.host.tolist()
         for lane, token, logprob in zip(picked.lanes, tokens, logprobs, strict=True):
+            live = lane.status is LaneStatus.RUNNING and not lane.sample.finished
+            live = live and lane.kv.alive  # not cut off (budget, preemption) after it picked
             ends = token in self.eos_ids and not lane.sample.request.params.ignore_eos
-            kept = not ends or lane.state is None or lane.state.phase in _EOS_KEPT
-            if lane.status is not LaneStatus.RUNNING or lane.sample.finished or not lane.kv.alive:
-                if kept:  # cut off (budget, preemption) after it was picked: keep the record
-                    lane.tokens[-1], lane.logprobs[-1] = token, logprob
-                else:
-                    self._take_back(lane)
-            elif not kept:
+            if ends and live:  # as if it had not been fed: the engine decides what it means
                 self._take_back(lane)
-                self._end_of_sequence(lane, token, logprob)  # closes what is open
+                self._end_of_sequence(lane, token, logprob)
                 lane.void_row = True
-            elif ends:
-                lane.tokens[-1], lane.logprobs[-1] = token, logprob
-                self._finish_lane(lane, "stop")
+            elif ends and lane.state is not None and lane.state.phase not in _EOS_KEPT:
+                self._take_back(lane)  # an end inside an element is never kept
             else:
                 lane.tokens[-1], lane.logprobs[-1] = token, logprob
-                self._react(lane, token)
+                if live:
+                    self._react(lane, token)
 
     def _take_back(self, lane: Lane) -> None:
         """Undo the lane's last append: a picked token the engine does not keep (an end of

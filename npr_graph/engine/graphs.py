@@ -24,6 +24,7 @@ import torch
 
 from .attention import KVCache, StepPlan, attention_implementation
 from .kv import SlotViews
+from .transfer import copy_into
 
 # Batch sizes a decode step is padded to (then multiples of 32 up to the engine's lane limit).
 SMALL_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48)
@@ -95,6 +96,7 @@ class _Captured:
     positions: torch.Tensor  # [B, 1]
     write_slots: torch.Tensor  # [B]
     logits: torch.Tensor  # [B, V], overwritten by every replay
+    filled: int = 0  # rows the last step wrote; the rest hold padding (zeros)
 
 
 class DecodeGraphs:
@@ -139,17 +141,19 @@ class DecodeGraphs:
         size = self.bucket(batch)
         if size is None:
             return None
-        pad = size - batch
         needed = indices_needed(views, size)
         entry = self.captured.get(size)
         if entry is None or needed > entry.decoder.capacity:
             capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * needed)
             entry = self._prepare(size, capacity)
-        padding = torch.zeros(pad, 1, dtype=torch.long)
-        entry.input_ids[:batch].copy_(input_ids, non_blocking=True)  # picked ones: on the device
-        entry.input_ids[batch:].zero_()
-        entry.positions.copy_(torch.cat([positions, padding]), non_blocking=True)
-        entry.write_slots.copy_(torch.cat([write_slots, padding[:, 0]]), non_blocking=True)
+        # Padding rows: token 0 at position 0, written to the scratch slot 0. Token ids picked
+        # by an overlapped step come from the device.
+        buffers = (entry.input_ids, entry.positions, entry.write_slots)
+        for buffer, rows in zip(buffers, (input_ids, positions, write_slots), strict=True):
+            copy_into(buffer[:batch], rows)
+            if entry.filled > batch:  # rows a wider step wrote are padding again
+                buffer[batch : entry.filled].zero_()
+        entry.filled = batch
         entry.decoder.plan(lanes, views)
         if size not in self.captured:
             entry.logits = entry.graph.capture(self._forward(entry))

@@ -16,8 +16,9 @@ from typing import NamedTuple
 import torch
 
 from .kv import LaneKV
-from .sampling import HostCopy, NoiseStream, SamplingParams
+from .sampling import NoiseStream, SamplingParams
 from .structure import Action, LaneState
+from .transfer import HostCopy
 
 # A token picked on the device and fed before the host has read it (the engine's overlapped
 # steps): the lane holds this in its tokens until then.

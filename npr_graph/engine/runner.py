@@ -15,7 +15,7 @@ from .backends import AttentionBackend, TorchBackend
 from .graphs import CudaGraph, DecodeGraphs
 from .kv import PagePool, SlotViews
 from .lanes import PICKED, Lane, Picked
-from .sampling import to_device
+from .transfer import to_device
 
 
 class StepLogits(NamedTuple):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -338,39 +340,8 @@ def select_tokens(
     return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
 
 
-class HostCopy:
-    """Tensors on their way to the host. On a GPU the copy is queued behind the work that makes
-    them (into pinned memory, with an event), so the host can queue more work before it waits
-    for them: the engine's overlapped steps launch the next forward first."""
-
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.event = None
-        if tensors and tensors[0].device.type == "cuda":
-            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for host, tensor in zip(pinned, tensors, strict=True):
-                host.copy_(tensor, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-            tensors = tuple(pinned)
-        self.tensors = tensors
-
-    def tolist(self) -> list[list]:
-        if self.event is not None:
-            self.event.synchronize()
-        return [t.tolist() for t in self.tensors]
-
-
 def _on(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=dtype), device)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``, without waiting for the device: a blocking copy to a
-    GPU waits for all work queued before it (the forward the overlapped engine just launched).
-    The copy goes through pinned memory, whose block torch keeps until the copy has run."""
-    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _pairs(index: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
