@@ -23,9 +23,12 @@ under a tight budget); a run is skipped once ``--time-budget`` seconds are spent
    tokens of the one before (``Engine(overlap=True)``).
 5. ``profile``: a torch profile of short sequential and width-4 runs of each backend (top
    operators printed; kernel and graph launches and host milliseconds per step recorded).
+6. ``selection``: one step's token selection at 8 and 64 rows over the vocabulary, at
+   temperature 1 and with top-p: exact (the plain engine: it checks on the host whether the
+   partial sort covered each cut) against speculating (an overlapped step: nothing read).
 
-The order of the run: jit, attention, then per backend widths, profile (then, for the first
-backend, generate) and rl_group. The result files are rewritten after every part.
+The order of the run: jit, attention, selection, then per backend widths, profile (then, for
+the first backend, generate) and rl_group. The result files are rewritten after every part.
 
     python benchmarks/gpu_decode.py [--quick] [--out DIR] [--time-budget 300] [--backends ...]
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import platform
 import sys
@@ -557,6 +561,45 @@ def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dic
     return out
 
 
+def bench_selection(device, vocab, args, budget) -> list[dict]:
+    """One step's token selection over ``vocab`` ids (peaked rows, as a trained model writes:
+    the nucleus within the first candidates) at 8 and 64 rows: exact, as the plain engine
+    selects (a partial sort, then a check on the host), and speculating, as an overlapped step
+    does (4,096 candidates, nothing read on the host). Back-to-back calls, CUDA-event timed."""
+    from npr_graph.engine.sampling import NoiseStream, SamplingParams, select_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    settings = {"t=1": dict(temperature=1.0), "t=0.6,top_p=0.95": dict(temperature=0.6, top_p=0.95)}
+    out = []
+    for rows in (8, 64):
+        logits = torch.randn(rows, vocab, generator=generator) * 2
+        logits[:, :20] += 14.0
+        logits = logits.to(device)
+        none = [None] * rows
+        for name, fields in settings.items():
+            params = [SamplingParams(**fields)] * rows
+            for speculate in (False, True):
+                row = {"part": "selection", "backend": "speculating" if speculate else "exact",
+                       "rows": rows, "vocab": vocab, "sampling": name}  # fmt: skip
+                if budget.spent():
+                    out.append({**row, "skipped": "time budget"})
+                    continue
+                streams = [NoiseStream.seeded(r) for r in range(rows)]
+
+                call = functools.partial(select_tokens, logits, params, streams, none, none,
+                                         none, speculate=speculate)  # fmt: skip
+                counter = SyncCounter()
+                with counter():
+                    settled = call().settled
+                row["ms_per_call"] = _time_it(call, device, args.repeats) * 1e3
+                row["host_syncs_per_call"] = counter.count
+                row["settled"] = None if settled is None else float(settled.float().mean())
+                out.append(row)
+                print(f"selection  {rows:3d} rows {name:18s} {row['backend']:12s} "
+                      f"{row['ms_per_call']:7.3f} ms/call", flush=True)  # fmt: skip
+    return out
+
+
 def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
     """transformers ``generate`` at batch 1 (the sequential baseline) and at the widest engine
     width (what batching alone gives: the engine's width-k run should be at least as fast)."""
@@ -603,14 +646,14 @@ def table(results: list[dict]) -> str:
         case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
                 "profile": f"profiled, width {r.get('width')}",
                 "attention": "{prompts}x{samples}, prefix {prefix_tokens}",
-                "generate": "batch {batch}"}[r["part"]]  # fmt: skip
+                "generate": "batch {batch}", "selection": "{rows} rows, {sampling}"}[r["part"]]  # fmt: skip
         case = case.format(**r) if "{" in case else case
         if "skipped" in r or "error" in r:
             why = f"skipped ({r['skipped']})" if "skipped" in r else "failed (see the JSON)"
             lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | | |")
             continue
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else ""
-        ms = f"{r.get('ms_per_step', r.get('ms', 0)):.3f}"
+        ms = f"{r.get('ms_per_step', r.get('ms', r.get('ms_per_call', 0))):.3f}"
         if "kernel_ms" in r:
             ms += f" ({r['kernel_ms']:.3f} in {r['kernels_per_call']:.0f} kernels)"
         speed = f"{r['speedup_vs_width1']:.2f}x" if "speedup_vs_width1" in r else ""
@@ -629,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--parts", default="attention,widths,profile,generate,rl_group",
-                        help="any of jit,attention,widths,profile,generate,rl_group")  # fmt: skip
+                        help="any of jit,attention,selection,widths,profile,generate,rl_group")  # fmt: skip
     parser.add_argument("--widths", default="1,2,4,8")
     parser.add_argument("--step-tokens", type=int, default=1024)
     parser.add_argument("--rl-group", default="8x8", help="prompts x samples")
@@ -720,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "attention" in parts:
         results += bench_attention(model, device, dtype, backends, args, budget)
+        save()
+    if "selection" in parts:
+        results += bench_selection(device, shape["vocab_size"], args, budget)
         save()
     # Backend by backend, the best one first, so a tight budget still measures it completely;
     # transformers generate comes after the first backend's widths and profile.

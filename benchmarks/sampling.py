@@ -74,7 +74,7 @@ def row_by_row(logits, params, seeds, allowed, banned, penalized):
 
 def batched(logits, params, seeds, allowed, banned, penalized):
     streams = [NoiseStream.seeded(seed) for seed in seeds]
-    tokens, logprobs = select_tokens(logits, params, streams, allowed, banned, penalized)
+    tokens, logprobs, _ = select_tokens(logits, params, streams, allowed, banned, penalized)
     return torch.tensor(tokens.tolist()), logprobs.tolist()  # what reaches the host
 
 

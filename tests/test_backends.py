@@ -453,14 +453,15 @@ _HOST_SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", 
 class _HostSyncProbe(TorchDispatchMode):
     """Records the operations of :data:`_HOST_SYNCS` run outside the stand-in's kernels."""
 
-    def __init__(self, fake: _FakeFlashInfer | None = None):
+    def __init__(self, fake: _FakeFlashInfer | None = None, ops: set[str] = _HOST_SYNCS):
         super().__init__()
         self.fake = fake
+        self.ops = ops
         self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         in_kernel = self.fake is not None and self.fake.in_kernel
-        if not in_kernel and func.__name__.split(".")[0] in _HOST_SYNCS:
+        if not in_kernel and func.__name__.split(".")[0] in self.ops:
             self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 

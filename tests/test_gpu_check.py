@@ -125,8 +125,8 @@ def _attention_inputs(gpu_decode, prefix: int, tail: int):
 def test_benchmark_runs_at_a_tiny_size(tmp_path):
     gpu_decode = _gpu_decode()
     code = gpu_decode.main(
-        ["--quick", "--device", "cpu", "--parts", "attention,widths,profile,generate", "--out",
-         str(tmp_path)]
+        ["--quick", "--device", "cpu", "--parts", "attention,selection,widths,profile,generate",
+         "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "gpu_decode.json").read_text())
@@ -148,6 +148,14 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     assert profiled[0]["generated_tokens"] == 6 and profiled[1]["host_ms_per_step"] > 0
     generated = [r for r in report["results"] if r["part"] == "generate"]
     assert [r["batch"] for r in generated] == [1, 2] and generated[1]["tokens_per_s"] > 0
+    selection = [r for r in report["results"] if r["part"] == "selection"]
+    assert [(r["rows"], r["backend"]) for r in selection] == [
+        (rows, way) for rows in (8, 64) for _ in range(2) for way in ("exact", "speculating")
+    ]
+    assert all(r["ms_per_call"] > 0 for r in selection)
+    speculated = [r["settled"] for r in selection if r["backend"] == "speculating" and "top_p" in r["sampling"]]  # fmt: skip
+    assert speculated == [1.0, 1.0], "peaked rows: each nucleus ends among the candidates"
+    assert sum(r["settled"] is None for r in selection) == 6
     assert "flashinfer" in report["info"]["backends_missing"]
     assert (tmp_path / "gpu_decode.md").read_text().startswith("| part |")
 

@@ -67,14 +67,33 @@ def test_overlapped_constrained_blocks_match_the_plain_engine(family, tokenizer)
 
 
 def test_overlapped_seeded_sampling_matches(tokenizer):
-    """A sample's draws are keyed by how many it made before, and text that waits a step
-    delays a whole sample (a lane alone: the trunk, a join) or a branch at its end: siblings
-    still draw in the same order, so seeded samples match too."""
+    """A lane's draws are keyed by its place in the DAG and how many it made before: text that
+    waits a step changes no draw, so seeded samples match too."""
     params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=70, min_branches=2,
                             max_branches=3, n=3, **SHORT)  # fmt: skip
     runs = run_both("qwen3", tokenizer, ["What is 2+2?", "Primes?"], params, "constrained")
     assert_same_output(runs)
     assert sum(g.metadata["forks"] for g in runs[True][1]) >= 4
+
+
+@pytest.mark.parametrize("candidates", [(4096,), (3,)], ids=["flat rows", "mixed rows"])
+def test_overlapped_top_p_picks_again_what_the_candidates_miss(candidates, tokenizer, monkeypatch):
+    """An overlapped step's top-p selection speculates that each nucleus ends among its
+    candidates (checking it would wait for the forward). A tiny random model's flat rows reach
+    past 4096 candidates, and with 3 candidates only some rows do: the host picks those rows
+    again exactly, and where the token changes, the fed one is taken back (the lane is a step
+    late, mid-step too). Seeded samples still match the plain engine's."""
+    monkeypatch.setattr("npr_graph.engine.sampling.NUCLEUS_CANDIDATES", candidates)
+    params = SamplingParams(temperature=1.0, top_p=0.5, seed=4, max_new_tokens=60,
+                            min_branches=2, max_branches=3, n=2, **SHORT)  # fmt: skip
+    runs = run_both("qwen3", tokenizer, ["What is 2+2?", "Primes?"], params, "constrained")
+    plain, overlapped = assert_same_output(runs)
+    assert plain.stats.repicks == 0
+    sampled = sum(1 for g in runs[True][1] for f in g.forced[g.prompt_num_tokens :] if not f)
+    assert 0 < overlapped.stats.repicks <= sampled
+    if candidates == (3,):
+        assert overlapped.stats.repicks < sampled, "some rows settled"
+    assert sum(g.metadata["forks"] for g in runs[True][1]) >= 2
 
 
 def test_overlapped_sequential_and_budgets_match(tokenizer):

@@ -15,7 +15,7 @@ from npr_graph.engine.structure import Kind, LaneState, Phase, completed_tags
 
 def pick(logits, params, allowed=None, banned=None, penalized=None, scores=None, seed=0):
     stream = NoiseStream.seeded(seed)
-    tokens, logprobs = select_tokens(
+    tokens, logprobs, _ = select_tokens(
         logits[None], [params], [stream], [allowed], [banned], [penalized], scores
     )
     return int(tokens[0]), float(logprobs[0])
@@ -109,6 +109,78 @@ def test_filters_over_candidates_match_the_row_by_row_rule():
             assert torch.equal(batched[i], reference_filter(logits[row], top_k[row], top_p[row]))
 
 
+def test_speculation_ranks_the_largest_candidates_and_marks_the_rows_they_do_not_settle():
+    """An overlapped step's selection reads nothing on the host: it ranks 4096 candidates
+    whatever the cuts. Rows whose cut ends among them get the exact result; the others (a
+    nucleus past them, ties of a top-k past them) are marked, never silently kept."""
+    generator = torch.Generator().manual_seed(5)
+    vocab = 20000
+    peaked = torch.randn(2, vocab, generator=generator) * 3
+    peaked[:, :40] += 15.0
+    broad = torch.randn(1, vocab, generator=generator) * 0.01
+    broad[:, :2000] += 5.0  # 94% of the mass on 2,000 tokens
+    flat = torch.randn(1, vocab, generator=generator) * 0.01
+    tied = torch.zeros(1, vocab)
+    tied[0, :10] = 5.0
+    logits = torch.cat([peaked, broad, flat, tied, peaked[:1]])
+    top_k, top_p = [0, 50, 0, 0, 300, 0], [0.9, 1.0, 0.9, 0.95, 1.0, 1.0]
+    values, ids, settled = truncate(logits, top_k, top_p, speculate=True)
+    assert ids.shape == (6, 4096)
+    assert settled.tolist() == [True, True, True, False, False, True]  # the last: no cut
+    exact = filter_top_k_top_p(logits, top_k, top_p)
+    for row in (0, 1, 2):
+        assert torch.equal(exact[row].gather(0, ids[row]), values[row])
+        assert torch.isinf(exact[row]).sum() == vocab - torch.isfinite(values[row]).sum()
+    assert truncate(logits[:3], top_k[:3], top_p[:3])[2] is None, "exact: nothing to mark"
+    small = truncate(logits[:, :3000], top_k, top_p, speculate=True)
+    assert small[1] is None and small[2] is None, "no candidate set below the vocabulary"
+
+
+def test_speculated_picks_are_exact_where_settled():
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(48, 6000, generator=generator) * 3
+    logits[:24, :30] += 12.0  # peaked rows: their nucleus ends among the candidates
+    logits[36:] *= 0.02  # flat rows: it does not
+    params = [SamplingParams(temperature=t, top_p=0.9) for t in [0.7, 1.0, 0] * 16]
+    none = [None] * 48
+
+    def select(speculate):
+        streams = [NoiseStream.seeded(row) for row in range(48)]
+        return select_tokens(logits, params, streams, none, none, none, speculate=speculate)
+
+    exact, speculated = select(False), select(True)
+    assert exact.settled is None
+    settled = speculated.settled
+    assert settled[:36].all(), "peaked rows (and broad rows at these sizes) are settled"
+    assert settled.tolist()[36:] == [False, False, True] * 4, "greedy rows are always settled"
+    assert torch.equal(speculated.tokens[settled], exact.tokens[settled])
+    assert torch.equal(speculated.logprobs[settled], exact.logprobs[settled])
+
+
+def test_a_speculating_selection_reads_nothing_on_the_host():
+    """Speculation is there so that an overlapped step never waits for the device: every row
+    kind (greedy, sampled, top-k, top-p, allowed, banned, penalized) selects without a value
+    read on the host. Without it, top-p reads whether the candidates covered the cuts."""
+    from test_backends import _HOST_SYNCS, _HostSyncProbe
+
+    reads = _HOST_SYNCS - {"lift_fresh", "lift_fresh_copy"}  # copies to the device may go
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=generator)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=r)
+              for t, k, p, r in [(0, 0, 1.0, 1.0), (1.0, 0, 1.0, 1.2), (0.7, 40, 1.0, 1.0),
+                                 (1.0, 0, 0.9, 1.0), (0.6, 20, 0.95, 1.0), (0, 0, 0.5, 1.0)]]  # fmt: skip
+    allowed = [None, None, None, [5, 6, 7], None, None]
+    banned = [None, [1, 2], None, None, [9], None]
+    penalized = [None, [3, 3, 4], None, None, None, None]
+    for speculate in (True, False):
+        probe = _HostSyncProbe(ops=reads)
+        streams = [NoiseStream.seeded(row) for row in range(6)]
+        with probe:
+            select_tokens(logits, params, streams, allowed, banned, penalized,
+                          speculate=speculate)  # fmt: skip
+        assert bool(probe.seen) != speculate, probe.seen
+
+
 def test_a_race_among_candidates_is_the_full_race():
     """With top-p or top-k on every sampled row, only the candidates race, with the noise the
     full race gives them (the GPU's hashed noise): the picks are the full race's."""
@@ -118,7 +190,7 @@ def test_a_race_among_candidates_is_the_full_race():
     params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=k) for k in [0, 20] * 32]
     streams = [NoiseStream.seeded(row) for row in range(64)]
     none = [None] * 64
-    tokens, _ = select_tokens(logits, params, streams, none, none, none)
+    tokens = select_tokens(logits, params, streams, none, none, none).tokens
     keys = torch.tensor([NoiseStream.seeded(row).next_key() for row in range(64)])
     kept = filter_top_k_top_p(logits / 0.8, [p.top_k for p in params], [0.9] * 64)
     full_race = (kept + hashed_gumbel_noise(keys, 3000)).argmax(-1)
@@ -165,7 +237,7 @@ def test_sampled_frequencies_follow_the_distribution(noise_kind):
     params = [SamplingParams(temperature=1.0)] * 1000
     counts = torch.zeros(5)
     for _ in range(20):
-        tokens, _ = select_tokens(
+        tokens, _, _ = select_tokens(
             probs.log().expand(1000, 5), params, [stream] * 1000, [None] * 1000,
             [None] * 1000, [None] * 1000,
         )  # fmt: skip
@@ -229,13 +301,13 @@ def test_a_row_picks_the_same_token_alone_and_in_any_batch():
         )  # fmt: skip
 
     everything = list(range(len(rows)))
-    tokens, logprobs = pick_rows(everything, [100 + i for i in everything])
+    tokens, logprobs, _ = pick_rows(everything, [100 + i for i in everything])
     for order in (everything, everything[::-1], [4, 1, 5], [1, 2], [0, 2, 3]):
-        batch_tokens, batch_logprobs = pick_rows(order, [100 + i for i in order])
+        batch_tokens, batch_logprobs, _ = pick_rows(order, [100 + i for i in order])
         assert batch_tokens.tolist() == tokens[order].tolist()
         assert torch.allclose(batch_logprobs, logprobs[order])
     for i in everything:
-        alone_token, alone_logprob = pick_rows([i], [100 + i])
+        alone_token, alone_logprob, _ = pick_rows([i], [100 + i])
         assert int(alone_token) == int(tokens[i]) and torch.allclose(alone_logprob, logprobs[i])
     assert int(tokens[5]) == 11
     assert int(tokens[4]) not in (2, 3, 4)
@@ -288,7 +360,7 @@ def test_selection_on_the_gpu_matches_the_cpu(monkeypatch):
 
     def run(device):
         streams = [NoiseStream.seeded(i) for i in range(8)]
-        return select_tokens(logits.to(device), params, streams, allowed, banned, [None] * 8)
+        return select_tokens(logits.to(device), params, streams, allowed, banned, [None] * 8)[:2]
 
     cpu_tokens, cpu_logprobs = run("cpu")
     gpu_tokens, gpu_logprobs = run("cuda")

@@ -30,7 +30,7 @@ from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, join
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
-from .sampling import NoiseStream, SamplingParams, select_tokens, token_logprobs
+from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, token_logprobs
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
 from .transfer import HostCopy
 
@@ -64,6 +64,7 @@ class EngineStats:
     critical_path_tokens: int = 0
     peak_kv_pages: int = 0
     preemptions: int = 0
+    repicks: int = 0  # overlapped steps: rows picked again (their top-k/top-p cut reached far)
     lanes_per_step: list[int] = field(default_factory=list)
     fed_per_step: list[int] = field(default_factory=list)  # tokens: a lane feeds forced text too
     # Decode steps split in two: feeding the lanes (on a GPU: planning and launching the
@@ -86,6 +87,7 @@ class EngineStats:
             "tokens_per_s": self.tokens_per_s,
             "peak_kv_pages": self.peak_kv_pages,
             "preemptions": self.preemptions,
+            "repicks": self.repicks,
             "mean_lanes_per_step": sum(self.lanes_per_step) / max(len(self.lanes_per_step), 1),
             "mean_fed_per_step": sum(self.fed_per_step) / max(len(self.fed_per_step), 1),
             "forward_time": self.forward_time,
@@ -361,9 +363,10 @@ class Engine:
                     noise = NoiseStream.unseeded()
                 else:
                     noise = NoiseStream.seeded(params.seed * 1_000_003 + index)
-                sample = Sample(request, index, noise)
+                sample = Sample(request, index)
                 state = None if request.mode == "sequential" else LaneState(request.mode)
-                trunk = Lane(sample, kv, state, node_start([len(request.prompt_ids)]))
+                start = node_start([len(request.prompt_ids)])
+                trunk = Lane(sample, kv, state, start, noise=noise)
                 if state is not None:
                     trunk.forced_queue.extend(self.format.encode(state.opening()))
                 sample.add_lane(trunk)
@@ -409,20 +412,35 @@ class Engine:
                     for lane, row in zip(to_sample, logits, strict=True)
                 ]
             )
-        tokens, logprobs = select_tokens(
-            logits,
-            [lane.sample.request.params for lane in to_sample],
-            [lane.sample.noise for lane in to_sample],
-            [c[0] for c in constraints],
-            [c[1] for c in constraints],
-            [c[2] for c in constraints],
-            scores,
-        )
+        params = [lane.sample.request.params for lane in to_sample]
+        streams = [lane.noise for lane in to_sample]
+        before = [NoiseStream(s.key, s.draws) for s in streams] if defer else []
+
+        def select(rows: slice, streams: list[NoiseStream], speculate: bool) -> Selection:
+            return select_tokens(
+                logits[rows],
+                params[rows],
+                streams,
+                *zip(*constraints[rows], strict=True),
+                None if scores is None else scores[rows],
+                speculate=speculate,
+            )
+
+        selection = select(slice(None), streams, speculate=defer)
         if defer:
             for lane in to_sample:
                 lane.append(PICKED, None, False)
-            return Picked(to_sample, tokens, logprobs, HostCopy(tokens, logprobs))
-        for lane, token, logprob in zip(to_sample, tokens.tolist(), logprobs.tolist(), strict=True):
+
+            def repick(row: int) -> tuple[int, float]:
+                again = select(slice(row, row + 1), [before[row]], speculate=False)
+                return again.tokens.item(), again.logprobs.item()
+
+            settled = () if selection.settled is None else (selection.settled,)
+            host = HostCopy(selection.tokens, selection.logprobs, *settled)
+            return Picked(to_sample, selection.tokens, host, repick)
+        for lane, token, logprob in zip(
+            to_sample, selection.tokens.tolist(), selection.logprobs.tolist(), strict=True
+        ):
             if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
                 self._end_of_sequence(lane, token, logprob)
             else:
@@ -432,15 +450,24 @@ class Engine:
     def _take(self, picked: Picked) -> None:
         """Read the tokens a step picked on the device and write them into their lanes, whose
         :data:`PICKED` token the next step has fed already; engine-written text that one calls
-        for waits for the step after (it was not known when that step was launched)."""
-        tokens, logprobs = picked.host.tolist()
-        for lane, token, logprob in zip(picked.lanes, tokens, logprobs, strict=True):
+        for waits for the step after (it was not known when that step was launched). A row the
+        selection did not settle is picked again exactly; if that changes its token, the fed
+        one is taken back, like an end of sequence."""
+        fed, logprobs, *settled = picked.host.tolist()
+        for row, lane in enumerate(picked.lanes):
+            token, logprob = fed[row], logprobs[row]
+            if settled and not settled[0][row]:
+                self.stats.repicks += 1
+                token, logprob = picked.repick(row)
             live = lane.status is LaneStatus.RUNNING and not lane.sample.finished
             live = live and lane.kv.alive  # not cut off (budget, preemption) after it picked
             ends = token in self.eos_ids and not lane.sample.request.params.ignore_eos
-            if ends and live:  # as if it had not been fed: the engine decides what it means
+            if live and (ends or token != fed[row]):  # as if the next step had not fed it
                 self._take_back(lane)
-                self._end_of_sequence(lane, token, logprob)
+                if ends:  # the engine decides what it means
+                    self._end_of_sequence(lane, token, logprob)
+                else:
+                    self._write(lane, token, forced=False, logprob=logprob)
                 lane.void_row = True
             elif ends and lane.state is not None and lane.state.phase not in _EOS_KEPT:
                 self._take_back(lane)  # an end inside an element is never kept
@@ -632,7 +659,8 @@ class Engine:
         children = []
         for index, kv in enumerate(lane.kv.fork(width)):
             state, header = lane.state.fork_branch(index)
-            child = Lane(sample, kv, state, start, branch=index, fork_parent=lane)
+            noise = lane.noise.child(index + 1)
+            child = Lane(sample, kv, state, start, branch=index, fork_parent=lane, noise=noise)
             child.forced_queue.extend(self.format.encode(header))
             children.append(child)
         lane.status = LaneStatus.DONE
@@ -675,6 +703,7 @@ class Engine:
             state,
             node_start(s.end_position for s in siblings),
             joined=list(siblings),
+            noise=lane.fork_parent.noise.child(0),
         )
         joined.forced_queue.extend(self.format.encode(opener))
         for sibling in siblings:

@@ -9,6 +9,7 @@ prompt's KV pages.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -26,12 +27,14 @@ PICKED = -1
 
 
 class Picked(NamedTuple):
-    """Tokens picked on the device for ``lanes``: each lane's last token is :data:`PICKED`."""
+    """Tokens picked on the device for ``lanes``: each lane's last token is :data:`PICKED`.
+    ``host`` brings the tokens, their log-probs and, when the selection speculated, which rows
+    are settled (:class:`~.sampling.Selection`); ``repick(row)`` picks a row exactly."""
 
     lanes: list[Lane]
     tokens: torch.Tensor
-    logprobs: torch.Tensor
     host: HostCopy
+    repick: Callable[[int], tuple[int, float]]
 
 
 class LaneStatus(str, Enum):
@@ -50,6 +53,7 @@ class Lane:
     siblings: list[Lane] | None = None
     fork_parent: Lane | None = None
     joined: list[Lane] | None = None
+    noise: NoiseStream | None = None  # its own: draws never depend on other lanes' schedules
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     forced: list[bool] = field(default_factory=list)
@@ -98,7 +102,6 @@ class Lane:
 class Sample:
     request: Request
     index: int
-    noise: NoiseStream
     lanes: list[Lane] = field(default_factory=list)
     fork_tokens: list[int] = field(
         default_factory=list

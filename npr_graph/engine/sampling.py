@@ -7,10 +7,16 @@ constraints: exactly what a training forward computes for the same token.
 Selection runs where the logits are (the GPU on a CUDA model) as a few batched tensor operations
 over all rows; only the picked ids and their log-probs come back to the host. Sampling is the
 Gumbel-max race, ``argmax(logits / t + G)``, with each row's noise ``G`` a pure function of a key
-derived from (the sample's seed, its draw count): a seeded sample's tokens do not depend on what
-it is batched with. A race keeps picks stable under tiny changes of the logits (another batch
-shape, another kernel, another world size), where inverse-CDF sampling over a running sum of
-10^5 probabilities flips about 1% of them.
+derived from (the sample's seed, the lane's place in the DAG, the lane's draw count): a seeded
+sample's tokens depend neither on what it is batched with nor on when its lanes are scheduled.
+A race keeps picks stable under tiny changes of the logits (another batch shape, another kernel,
+another world size), where inverse-CDF sampling over a running sum of 10^5 probabilities flips
+about 1% of them.
+
+Top-k and top-p rank a few candidates per row (a partial sort) and sort whole rows only when a
+row's cut reaches past them, which the host checks. An overlapped engine step must not wait for
+the device, so it *speculates* instead: it ranks the largest candidate set, and a row whose cut
+reached past it is marked unsettled, for the engine to pick again exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,8 +41,8 @@ class SamplingParams:
     ``max_new_tokens`` times ``max_branches``). ``n`` samples of one prompt share its KV.
     ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
     ``seed`` fixes every sample's tokens on a given kind of device (sample ``i`` of a prompt uses
-    ``seed * 1_000_003 + i``), whatever else runs in the same batch; unseeded samples draw their
-    keys from torch's global generator.
+    ``seed * 1_000_003 + i``), whatever else runs in the same batch and however its lanes are
+    scheduled; unseeded samples draw their keys from torch's global generator.
     """
 
     temperature: float = 1.0
@@ -127,10 +134,19 @@ def filter_top_k_top_p(
 ) -> torch.Tensor:
     """``logits [B, V]`` with everything outside row ``b``'s top-``top_k[b]`` (0: off; ties at
     the k-th value kept) and then outside its top-``top_p[b]`` nucleus set to -inf."""
-    values, ids = truncate(logits, top_k, top_p)
-    if ids is None:
-        return values
-    # An untrimmed row's candidates carry its logits unchanged; its other tokens stay too.
+    values, ids, _ = truncate(logits, top_k, top_p)
+    return values if ids is None else _whole_rows(logits, top_k, top_p, values, ids)
+
+
+def _whole_rows(
+    logits: torch.Tensor,
+    top_k: Sequence[int],
+    top_p: Sequence[float],
+    values: torch.Tensor,
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`truncate`'s candidate form ``(values, ids)`` spread over whole rows: an untrimmed
+    row's candidates carry its logits unchanged, and its other tokens stay too."""
     trimmed = _on(_trims(top_k, top_p, logits.shape[-1]), logits.device, torch.bool)
     return logits.masked_fill(trimmed[:, None], float("-inf")).scatter_(1, ids, values)
 
@@ -141,16 +157,22 @@ def _trims(top_k: Sequence[int], top_p: Sequence[float], vocab: int) -> list[boo
 
 
 def truncate(
-    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`filter_top_k_top_p`, in the cheapest form: ``(values [B, V], None)``, or
-    ``(values [B, n], ids [B, n])`` when every trimmed row's survivors are among its ``n`` best
-    candidates (``values`` -inf where dropped). In the second form rows without top-k or top-p
-    keep only their candidates: a caller may take it only when those rows need no more (greedy)."""
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], speculate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`filter_top_k_top_p`, in the cheapest form: ``(values [B, V], None, None)``, or
+    ``(values [B, n], ids [B, n], None)`` when every trimmed row's survivors are among its ``n``
+    best candidates (``values`` -inf where dropped). In the second form rows without top-k or
+    top-p keep only their candidates: a caller may take it only when those rows need no more
+    (greedy).
+
+    ``speculate``: read nothing on the host (the check above waits for the device). Rank the
+    largest candidate set whatever the cuts, and return ``settled [B]`` (bool, on the device)
+    last: False where a trimmed row's cut reaches past the candidates, whose values then cover
+    only the candidates."""
     vocab = logits.shape[-1]
     trims = _trims(top_k, top_p, vocab)
     if not any(trims):
-        return logits, None
+        return logits, None, None
     device = logits.device
     cuts = [k for k in top_k if 0 < k < vocab]
     has_k = _on([0 < k < vocab for k in top_k], device, torch.bool)[:, None]
@@ -158,8 +180,11 @@ def truncate(
     # A nucleus of 1 keeps everything (float sums may pass 1 by an ulp).
     nucleus = to_device(torch.tensor([p if p < 1.0 else float("inf") for p in top_p]), device)
     trimmed = _on(trims, device, torch.bool)
+    sizes = [c for c in NUCLEUS_CANDIDATES if max(cuts, default=0) <= c < vocab] + [vocab]
+    if speculate:
+        sizes = sizes[-2:-1] or sizes  # the largest candidate set, else whole rows
     kth = None
-    for size in [c for c in NUCLEUS_CANDIDATES if max(cuts, default=0) <= c < vocab] + [vocab]:
+    for size in sizes:
         if size < vocab:
             ranked, order = logits.topk(size, dim=-1)
         else:
@@ -173,14 +198,18 @@ def truncate(
         cumulative = probs.cumsum(-1)
         drop = cumulative - probs > nucleus[:, None]
         if size == vocab:
-            return kept.masked_fill(
-                torch.zeros_like(drop).scatter_(1, order, drop), float("-inf")
-            ), None
-        # Covered: each trimmed row's top-k cut or nucleus ends within the candidates.
+            return (
+                kept.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf")),
+                None,
+                None,
+            )
+        # Settled: each trimmed row's top-k cut or nucleus ends within the candidates.
         beyond = ranked[:, -1] < kth[:, 0]  # top-k already cut inside
-        covered = beyond | (cumulative[:, -1] > nucleus)
-        if bool((covered | ~trimmed).all()):
-            return ranked.masked_fill(drop, float("-inf")), order
+        settled = beyond | (cumulative[:, -1] > nucleus) | ~trimmed
+        if speculate:
+            return ranked.masked_fill(drop, float("-inf")), order, settled
+        if bool(settled.all()):
+            return ranked.masked_fill(drop, float("-inf")), order, None
     raise AssertionError("unreachable: the last size sorts whole rows")
 
 
@@ -196,27 +225,35 @@ def _mix31(x):
 
 @dataclass
 class NoiseStream:
-    """The randomness of one sample: draw ``i`` is keyed by ``(key, i)`` alone. The 62-bit key
-    makes two samples' streams practically never coincide (each draw's row key has 31 bits)."""
+    """The randomness of one lane: draw ``i`` is keyed by ``(key, i)`` alone. The 62-bit key
+    makes two lanes' streams practically never coincide (each draw's row key has 31 bits)."""
 
     key: int
     draws: int = 0
 
     @classmethod
     def seeded(cls, seed: int) -> NoiseStream:
-        digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
-        return cls(int.from_bytes(digest, "little") >> 2)
+        return cls(_key_of(str(seed)))
 
     @classmethod
     def unseeded(cls) -> NoiseStream:
         """A key from torch's global generator (``torch.manual_seed`` makes it repeatable)."""
         return cls(int(torch.randint(0, 1 << 62, (), dtype=torch.int64)))
 
+    def child(self, index: int) -> NoiseStream:
+        """The stream of the ``index``-th lane this stream's lane starts (a fork's branches, its
+        join): a pure function of this key, whenever either lane draws."""
+        return NoiseStream(_key_of(f"{self.key}/{index}"))
+
     def next_key(self) -> int:
         """The row key of the next draw, in [0, 2^31)."""
         self.draws += 1
         low, high = self.key & _M31, self.key >> 31
         return _mix31(low ^ _mix31((self.draws ^ high) & _M31))
+
+
+def _key_of(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
 def gumbel_noise(row_keys: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
@@ -251,7 +288,7 @@ def hashed_gumbel_noise(row_keys: torch.Tensor, tokens: int | torch.Tensor) -> t
 def token_logprobs(
     logits: torch.Tensor,
     tokens: torch.Tensor | Sequence[int],
-    temperatures: torch.Tensor | Sequence[float],
+    temperatures: Sequence[float],
 ) -> torch.Tensor:
     """The recorded log-prob of ``tokens [N]`` under ``logits [N, V]``, row ``i`` at
     ``temperatures[i]`` (``SamplingParams.scoring_temperature``), on the logits' device:
@@ -259,10 +296,19 @@ def token_logprobs(
     device = logits.device
     tokens = to_device(torch.as_tensor(tokens, dtype=torch.long), device)
     scaled = logits.float()
-    temperatures = torch.as_tensor(temperatures, dtype=torch.float32)
-    if bool((temperatures != 1.0).any()):  # on the host: greedy and t = 1 skip a [N, V] pass
-        scaled = scaled / to_device(temperatures, device)[:, None]
+    if any(t != 1.0 for t in temperatures):  # greedy and t = 1 skip a [N, V] pass
+        scaled = scaled / _on(temperatures, device, torch.float32)[:, None]
     return (scaled.gather(1, tokens[:, None]) - scaled.logsumexp(-1, keepdim=True))[:, 0]
+
+
+class Selection(NamedTuple):
+    """:func:`select_tokens`' picks, on the logits' device. ``settled [B]`` (bool) is given only
+    when it speculated: False where a row's pick may be wrong (its cut reached past the
+    candidates); select that row again without speculating."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    settled: torch.Tensor | None = None
 
 
 def select_tokens(
@@ -273,15 +319,17 @@ def select_tokens(
     banned: Sequence[list[int] | None],
     penalized: Sequence[list[int] | None],
     scores: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of ``logits [B, V]``; return ``(tokens [B], logprobs [B])`` on the
-    logits' device.
+    speculate: bool = False,
+) -> Selection:
+    """Pick one token per row of ``logits [B, V]``: ``(tokens [B], logprobs [B], settled)`` on
+    the logits' device.
 
     ``allowed[b]`` restricts row ``b`` to a structural choice, ``banned[b]`` excludes ids (tags
     the format does not allow here) besides ``params[b].suppress_tokens``; ``penalized[b]`` lists
     the ids that row's repetition penalty applies to. ``scores`` (logits after user processors)
     are what is picked from when given; log-probs always come from ``logits``. A row left with
     nothing to pick (a processor or the bans removed all it allows) picks from the allowed logits.
+    ``speculate``: never wait for the device (see :func:`truncate`).
     """
     rows, vocab = logits.shape
     device = logits.device
@@ -306,6 +354,7 @@ def select_tokens(
         choice = torch.where(nothing_left, fallback, choice)
 
     sampled = [row for row, p in enumerate(params) if not p.greedy]
+    settled = None
     if not sampled:
         tokens = choice.argmax(-1)
     else:
@@ -319,25 +368,27 @@ def select_tokens(
         trims = _trims(top_k, top_p, vocab)
         trimmed = [row for row in sampled if trims[row]]
         plain = [row for row in sampled if not trims[row]]
-        if plain:
-            values = filter_top_k_top_p(choice, top_k, top_p)
+        values, ids, settled = truncate(choice, top_k, top_p, speculate)
+        if plain:  # these race over whole rows
+            if ids is not None:
+                values, ids = _whole_rows(choice, top_k, top_p, values, ids), None
             noise = gumbel_noise([keys[r] for r in plain], vocab, device)
             if len(plain) == rows:  # the usual step: no row to leave out
                 values += noise
             else:
                 values[_on(plain, device)] += noise
-            ids = None
-        else:
-            values, ids = truncate(choice, top_k, top_p)
         if trimmed:
-            rows = _on(trimmed, device)
-            where = vocab if ids is None else ids[rows]
-            values[rows] += hashed_gumbel_noise(_on([keys[r] for r in trimmed], device), where)
+            at = _on(trimmed, device)
+            where = vocab if ids is None else ids[at]
+            values[at] += hashed_gumbel_noise(_on([keys[r] for r in trimmed], device), where)
         if ids is None:
             tokens = values.argmax(-1)  # greedy rows race without noise
         else:  # only the candidates raced, with the noise a full race would give them
             tokens = ids.gather(1, values.argmax(-1, keepdim=True))[:, 0]
-    return tokens, token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
+        if settled is not None:  # a greedy row's best logit is always a candidate
+            settled = settled | _on([p.greedy for p in params], device, torch.bool)
+    logprobs = token_logprobs(logits, tokens, [p.scoring_temperature for p in params])
+    return Selection(tokens, logprobs, settled)
 
 
 def _on(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
