@@ -690,18 +690,21 @@ def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_t
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("sampling", ["greedy", "top_p"])
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_gpu_overlapped_steps_match_the_plain_engine(backend, special_tokenizer):
+def test_gpu_overlapped_steps_match_the_plain_engine(backend, sampling, special_tokenizer):
     """Overlapped graphed steps on a GPU: picked tokens go from the device into the next graph's
-    inputs, and to the host through pinned memory after that graph is queued. Greedy, bf16: the
-    plain engine's tokens (until a last-bit difference of another batch flips a pick) and
-    log-probs within bf16 noise of the dense forward."""
+    inputs, and to the host through pinned memory after that graph is queued. Greedy and seeded
+    top-p (a random model's flat rows: every overlapped pick speculates wrong and is picked
+    again), bf16: the plain engine's tokens (until a last-bit difference of another batch flips
+    a pick) and log-probs within bf16 noise of the dense forward."""
     if backend == "flashinfer" and not backends.flashinfer_installed():
         pytest.skip("flashinfer is not installed")
     model = tiny_model("qwen3", tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE)
     model = model.to("cuda")
-    params = SamplingParams(temperature=0, max_new_tokens=64, min_branches=2, max_branches=3,
-                            n=2, **SHORT)  # fmt: skip
+    picking = {"greedy": dict(temperature=0), "top_p": dict(temperature=1.0, top_p=0.5, seed=1)}
+    params = SamplingParams(max_new_tokens=64, min_branches=2, max_branches=3, n=2, **SHORT,
+                            **picking[sampling])  # fmt: skip
     runs = []
     for overlap in (False, True):
         attention = FlashInferBackend(False) if backend == "flashinfer" else TritonBackend(True)
@@ -710,6 +713,7 @@ def test_gpu_overlapped_steps_match_the_plain_engine(backend, special_tokenizer)
         runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",
                                     chat=False))  # fmt: skip
         assert engine.runner.graphs.replays > 0 and engine.pool.num_used == 0
+        assert (engine.stats.repicks > 0) == (overlap and sampling == "top_p")
     for plain, overlapped in zip(*runs, strict=True):
         n = min(len(plain.token_ids), len(overlapped.token_ids))
         same = next((i for i in range(n) if plain.token_ids[i] != overlapped.token_ids[i]), n)
