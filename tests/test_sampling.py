@@ -86,9 +86,9 @@ def test_batched_filters_match_the_row_by_row_rule():
         assert torch.equal(batched[row], reference_filter(logits[row], k, p)), row
 
 
-def test_filters_over_candidates_match_the_row_by_row_rule():
-    """Peaked rows keep their nucleus among the first 256 candidates (a partial sort), a broad
-    one among 4096; a nucleus past those, or a top-k with ties past them, sorts whole rows."""
+def candidate_rows():
+    """Rows whose cuts end among the first 256 candidates (peaked; the fourth has no cut), among
+    4096 (broad, top-p 0.9), and past them (broad, top-p 0.95; a top-k whose ties reach past)."""
     generator = torch.Generator().manual_seed(5)
     vocab = 20000
     peaked = torch.randn(4, vocab, generator=generator) * 3
@@ -98,7 +98,13 @@ def test_filters_over_candidates_match_the_row_by_row_rule():
     tied = torch.zeros(1, vocab)
     tied[0, :10] = 5.0
     logits = torch.cat([peaked, broad, tied])
-    top_k, top_p = [0, 50, 0, 0, 0, 0, 300], [0.9, 1.0, 0.5, 1.0, 0.9, 0.95, 1.0]
+    return logits, [0, 50, 0, 0, 0, 0, 300], [0.9, 1.0, 0.5, 1.0, 0.9, 0.95, 1.0]
+
+
+def test_filters_over_candidates_match_the_row_by_row_rule():
+    """Peaked rows keep their nucleus among the first 256 candidates (a partial sort), a broad
+    one among 4096; a nucleus past those, or a top-k with ties past them, sorts whole rows."""
+    logits, top_k, top_p = candidate_rows()
     cases = {(0, 1, 2, 3): 256, (4,): 4096, (5,): None, (6,): None, tuple(range(7)): None}
     for rows, size in cases.items():
         k, p = [top_k[r] for r in rows], [top_p[r] for r in rows]
@@ -113,25 +119,15 @@ def test_speculation_ranks_the_largest_candidates_and_marks_the_rows_they_do_not
     """An overlapped step's selection reads nothing on the host: it ranks 4096 candidates
     whatever the cuts. Rows whose cut ends among them get the exact result; the others (a
     nucleus past them, ties of a top-k past them) are marked, never silently kept."""
-    generator = torch.Generator().manual_seed(5)
-    vocab = 20000
-    peaked = torch.randn(2, vocab, generator=generator) * 3
-    peaked[:, :40] += 15.0
-    broad = torch.randn(1, vocab, generator=generator) * 0.01
-    broad[:, :2000] += 5.0  # 94% of the mass on 2,000 tokens
-    flat = torch.randn(1, vocab, generator=generator) * 0.01
-    tied = torch.zeros(1, vocab)
-    tied[0, :10] = 5.0
-    logits = torch.cat([peaked, broad, flat, tied, peaked[:1]])
-    top_k, top_p = [0, 50, 0, 0, 300, 0], [0.9, 1.0, 0.9, 0.95, 1.0, 1.0]
+    logits, top_k, top_p = candidate_rows()
     values, ids, settled = truncate(logits, top_k, top_p, speculate=True)
-    assert ids.shape == (6, 4096)
-    assert settled.tolist() == [True, True, True, False, False, True]  # the last: no cut
+    assert ids.shape == (7, 4096)
+    assert settled.tolist() == [True] * 5 + [False, False]
     exact = filter_top_k_top_p(logits, top_k, top_p)
-    for row in (0, 1, 2):
+    for row in (0, 1, 2, 4):
         assert torch.equal(exact[row].gather(0, ids[row]), values[row])
-        assert torch.isinf(exact[row]).sum() == vocab - torch.isfinite(values[row]).sum()
-    assert truncate(logits[:3], top_k[:3], top_p[:3])[2] is None, "exact: nothing to mark"
+        assert torch.isinf(exact[row]).sum() == logits.shape[1] - torch.isfinite(values[row]).sum()
+    assert truncate(logits[:5], top_k[:5], top_p[:5])[2] is None, "exact: nothing to mark"
     small = truncate(logits[:, :3000], top_k, top_p, speculate=True)
     assert small[1] is None and small[2] is None, "no candidate set below the vocabulary"
 
