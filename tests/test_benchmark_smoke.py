@@ -175,3 +175,14 @@ def test_sampling_benchmark_runs_and_both_sides_agree(capsys):
     old, _ = sampling.row_by_row(*inputs[:2], [0, 1, 2], *inputs[2:])
     new, _ = sampling.batched(*inputs[:2], [0, 1, 2], *inputs[2:])
     assert torch.equal(old, new)
+
+
+def test_repicks_benchmark_counts_the_overlapped_engines_re_picks(capsys, smollm2_tokenizer):
+    """benchmarks/repicks.py at a tiny size on SmolLM2: every setting decodes, and re-picks are
+    counted among the sampled tokens."""
+    repicks = _load("repicks")
+    assert repicks.main(["--tokens", "12", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("[") :])
+    assert [r["sampling"] for r in rows] == list(repicks.SETTINGS)
+    assert all(r["sampled_tokens"] > 0 and 0 <= r["repicks"] <= r["sampled_tokens"] for r in rows)
