@@ -7,11 +7,12 @@ constraints: exactly what a training forward computes for the same token.
 Selection runs where the logits are (the GPU on a CUDA model) as a few batched tensor operations
 over all rows; only the picked ids and their log-probs come back to the host. Sampling is the
 Gumbel-max race, ``argmax(logits / t + G)``, with each row's noise ``G`` a pure function of a key
-derived from (the sample's seed, the lane's place in the DAG, the lane's draw count): a seeded
-sample's tokens depend neither on what it is batched with nor on when its lanes are scheduled.
-A race keeps picks stable under tiny changes of the logits (another batch shape, another kernel,
-another world size), where inverse-CDF sampling over a running sum of 10^5 probabilities flips
-about 1% of them.
+derived from (the sample's seed, the lane's place in the DAG, the lane's draw count): the noise
+of a seeded sample depends neither on what it is batched with nor on when its lanes are
+scheduled. Its logits may, by their last bits (another batch shape, another kernel, another world
+size): a race keeps picks stable under such changes, where inverse-CDF sampling over a running sum
+of 10^5 probabilities flips about 1% of them. (In bf16 the changes are larger, and over hundreds
+of tokens a near-tie does flip.)
 
 Top-k and top-p rank a few candidates per row (a partial sort) and sort whole rows only when a
 row's cut reaches past them, which the host checks. An overlapped engine step must not wait for
@@ -42,7 +43,8 @@ class SamplingParams:
     ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
     ``seed`` fixes every sample's tokens on a given kind of device (sample ``i`` of a prompt uses
     ``seed * 1_000_003 + i``), whatever else runs in the same batch and however its lanes are
-    scheduled; unseeded samples draw their keys from torch's global generator.
+    scheduled (in bf16, another batch shape can flip a near-tie); unseeded samples draw their
+    keys from torch's global generator.
     """
 
     temperature: float = 1.0
