@@ -453,11 +453,12 @@ class Engine:
         for waits for the step after (it was not known when that step was launched). A row the
         selection did not settle is picked again exactly; if that changes its token, the fed
         one is taken back, like an end of sequence."""
-        fed, logprobs, *settled = picked.host.tolist()
+        fed, logprobs, *settled = picked.host.tolist()  # settled: only when it speculated
+        unsettled = {row for row, ok in enumerate(settled[0]) if not ok} if settled else set()
+        self.stats.repicks += len(unsettled)
         for row, lane in enumerate(picked.lanes):
             token, logprob = fed[row], logprobs[row]
-            if settled and not settled[0][row]:
-                self.stats.repicks += 1
+            if row in unsettled:
                 token, logprob = picked.repick(row)
             live = lane.status is LaneStatus.RUNNING and not lane.sample.finished
             live = live and lane.kv.alive  # not cut off (budget, preemption) after it picked
@@ -478,7 +479,8 @@ class Engine:
 
     def _take_back(self, lane: Lane) -> None:
         """Undo the lane's last append: a picked token the engine does not keep (an end of
-        sequence inside an element); if it was fed, its slot goes back too."""
+        sequence inside an element, a speculated pick that picking again changed); if it was
+        fed, its slot goes back too."""
         lane.tokens.pop()
         lane.logprobs.pop()
         lane.forced.pop()

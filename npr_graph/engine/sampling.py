@@ -168,9 +168,9 @@ def truncate(
     (greedy).
 
     ``speculate``: read nothing on the host (the check above waits for the device). Rank the
-    largest candidate set whatever the cuts, and return ``settled [B]`` (bool, on the device)
-    last: False where a trimmed row's cut reaches past the candidates, whose values then cover
-    only the candidates."""
+    largest candidate set that holds every top-k (whole rows if none does), and return
+    ``settled [B]`` (bool, on the device) last: False where a trimmed row's cut reaches past the
+    candidates, whose values then cover only the candidates."""
     vocab = logits.shape[-1]
     trims = _trims(top_k, top_p, vocab)
     if not any(trims):
