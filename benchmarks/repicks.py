@@ -7,7 +7,7 @@ and, if the token changes, a step for that lane. This counts re-picks per sample
 embedded SmolLM2 (constrained mode, bf16, 4 questions x 2 samples) at the evaluation's
 settings and hotter ones.
 
-    python benchmarks/repicks.py [--tokens 160] [--json]
+    python benchmarks/repicks.py [--tokens 160] [--questions 4] [--dtype bfloat16] [--json]
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ SETTINGS = {"t=0.6,top_p=0.95": (0.6, 0.95), "t=1.0,top_p=0.95": (1.0, 0.95),
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=160, help="max new tokens per sample")
+    parser.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many to ask")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
+    engine = Engine.from_pretrained(dtype=getattr(torch, args.dtype), overlap=True)
     for name, (temperature, top_p) in SETTINGS.items():
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=0, n=2,
                                 max_new_tokens=args.tokens)  # fmt: skip
-        engine = Engine.from_pretrained(dtype=torch.bfloat16, overlap=True)
-        graphs = engine.generate(QUESTIONS, params, mode="constrained")
+        graphs = engine.generate(QUESTIONS[: args.questions], params, mode="constrained")
         sampled = sum(not f for g in graphs for f in g.forced[g.prompt_num_tokens :])
         repicks = engine.stats.repicks
         rows.append({"sampling": name, "sampled_tokens": sampled, "repicks": repicks,

@@ -19,6 +19,7 @@ the engine attends over, and a flex-attention ``BlockMask`` are derived.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -213,33 +214,38 @@ def _official_mask(graph: ReasoningGraph) -> CompactMask:
     """Segments are runs of tokens with the same branch memberships (a nested branch's tokens
     also lie in the enclosing branch); two segments are hidden from each other when they sit in
     different branches of one block."""
-    spans = [
-        (start, end, block, branch)
-        for block, block_spans in enumerate(_branch_spans(graph))
-        for branch, (start, end) in enumerate(block_spans)
-    ]
-    bounds = sorted(
-        {0, graph.num_tokens, *(s for s, _, _, _ in spans), *(e for _, e, _, _ in spans)}
-    )
+    opening: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    closing: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for block, block_spans in enumerate(_branch_spans(graph)):
+        for branch, (start, end) in enumerate(block_spans):
+            if start < end:
+                opening[start].append((block, branch))
+                closing[end].append((block, branch))
+    bounds = sorted({0, graph.num_tokens, *opening, *closing})
     memberships: list[frozenset[tuple[int, int]]] = []
     ids: dict[frozenset[tuple[int, int]], int] = {}
     segment: list[int] = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        member = frozenset(
-            (block, branch) for s, e, block, branch in spans if s <= start and end <= e
-        )
+    active: set[tuple[int, int]] = set()
+    for start, end in zip(bounds, bounds[1:], strict=False):  # a sweep over the span bounds
+        active.difference_update(closing.get(start, ()))
+        active.update(opening.get(start, ()))
+        member = frozenset(active)
         if member not in ids:
             ids[member] = len(memberships)
             memberships.append(member)
         segment.extend([ids[member]] * (end - start))
     count = len(memberships)
-    visible = torch.ones(count, count, dtype=torch.bool)
-    for a, first in enumerate(memberships):
-        blocks = dict(first)
-        for b, second in enumerate(memberships):
-            if any(block in blocks and blocks[block] != branch for block, branch in second):
-                visible[a, b] = False
-    return CompactMask(torch.tensor(segment, dtype=torch.long), visible)
+    in_block: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for index, member in enumerate(memberships):
+        for block, branch in member:
+            in_block[block].append((index, branch))
+    hidden = torch.zeros(count, count, dtype=torch.bool)
+    for entries in in_block.values():
+        rows = torch.tensor([index for index, _ in entries])
+        branches = torch.tensor([branch for _, branch in entries])
+        grid = (rows[:, None], rows[None, :])
+        hidden[grid] |= branches[:, None] != branches[None, :]
+    return CompactMask(torch.tensor(segment, dtype=torch.long), ~hidden)
 
 
 def _official_positions(graph: ReasoningGraph) -> torch.Tensor:

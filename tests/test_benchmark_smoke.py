@@ -181,7 +181,7 @@ def test_repicks_benchmark_counts_the_overlapped_engines_re_picks(capsys, smollm
     """benchmarks/repicks.py at a tiny size on SmolLM2: every setting decodes, and re-picks are
     counted among the sampled tokens."""
     repicks = _load("repicks")
-    assert repicks.main(["--tokens", "12", "--json"]) == 0
+    assert repicks.main(["--tokens", "12", "--questions", "2", "--dtype", "float32", "--json"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("[") :])
     assert [r["sampling"] for r in rows] == list(repicks.SETTINGS)
