@@ -177,6 +177,7 @@ def _sampling(args: argparse.Namespace, **overrides: Any):
         "max_plan_tokens": args.plan_tokens,
         "max_step_tokens": args.step_tokens,
         "max_takeaway_tokens": args.takeaway_tokens,
+        "max_depth": args.max_depth,
     }
     values.update(overrides)
     return SamplingParams(**values)
@@ -186,7 +187,9 @@ def _load_engine(args: argparse.Namespace):
     from .engine.engine import Engine
 
     with Console(stderr=True).status("loading model"):
-        return Engine.from_pretrained(args.model, dtype=args.dtype, tags=args.tags)
+        return Engine.from_pretrained(
+            args.model, dtype=args.dtype, tags=args.tags, grammar=args.grammar
+        )
 
 
 def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool):
@@ -235,7 +238,12 @@ def _describe(graph: ReasoningGraph) -> str:
     meta = graph.metadata
     return (
         f"widths {m['widths']}  tokens {m['total_tokens']}  critical path {m['critical_path_tokens']}  "
-        f"finish {meta.get('finish_reason')}  format score {format_score(graph.response_text):+.1f}"
+        f"finish {meta.get('finish_reason')}"
+        + (
+            f"  format score {format_score(graph.response_text):+.1f}"
+            if graph.grammar == "npr"
+            else ""
+        )
     )
 
 
@@ -294,6 +302,15 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--dtype", choices=("float32", "bfloat16"), default=defaults.get("dtype", "float32")
     )
     parser.add_argument("--tags", choices=("special", "text"), default="special")
+    parser.add_argument(
+        "--grammar",
+        choices=("npr", "multiverse"),
+        default="npr",
+        help="the format decoded: NPR blocks, or Multiverse blocks that may nest",
+    )
+    parser.add_argument(
+        "--max-depth", type=int, default=2, help="how deep Multiverse blocks nest (1 = flat)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.get("seed"))
     parser.add_argument("--max-new-tokens", type=int, default=defaults.get("max_new_tokens", 256))
     parser.add_argument("--min-branches", type=int, default=defaults.get("min_branches", 2))

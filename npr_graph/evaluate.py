@@ -693,9 +693,12 @@ class _Evaluator:
         }
 
     def _metrics_graph(self, graph: ReasoningGraph) -> ReasoningGraph:
-        """The engine's graph, or for Multiverse output a re-parse of the same tokens with the
-        Multiverse grammar (the engine decodes Multiverse blocks sequentially, so marked so)."""
-        if self.template.grammar != "multiverse" or graph.token_ids is None:
+        """The engine's graph; for Multiverse output from an engine made for NPR, a re-parse of
+        the same tokens with the Multiverse grammar (that engine decoded the blocks one branch
+        after another, so marked so)."""
+        if self.template.grammar != "multiverse" or graph.grammar == "multiverse":
+            return graph
+        if graph.token_ids is None:
             return graph
         from .parse import parse
 
@@ -820,10 +823,14 @@ def _run(
         from .engine.engine import Engine, PromptError
 
         if engine is None:
+            from .prompts import load_template
+
+            grammar = load_template(config.prompt).grammar
             engine = Engine.from_pretrained(
                 config.model,
                 dtype=config.dtype,
                 tags=config.tags,
+                grammar="multiverse" if grammar == "multiverse" else "npr",
                 device=_device(config),
                 cuda_graphs=config.cuda_graphs,
                 overlap=config.overlap,

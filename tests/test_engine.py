@@ -395,10 +395,10 @@ def test_finished_lanes_do_not_pin_their_steps_logits(special_tokenizer, monkeyp
 
     def checking(self, lane):
         branch_done(self, lane)
-        assert lane.fork_parent.final_logits is None
-        for sibling in lane.siblings:
+        assert lane.owner.final_logits is None
+        for sibling in lane.owner.tips:
             if sibling.status.value == "waiting" and sibling.final_logits is not None:
-                assert sibling is lane.siblings[-1]
+                assert sibling is lane.owner.tips[-1]
                 assert sibling.final_logits.untyped_storage().nbytes() == 4 * vocab
                 kept.append(sibling)
         checked.append(lane)

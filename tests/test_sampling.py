@@ -417,8 +417,8 @@ def test_constrained_choices():
             )
         }
 
-        def others_banned(self, keep):
-            return [i for t, i in self.tag_ids.items() if t != keep]
+        def others_banned(self, *keep):
+            return [i for t, i in self.tag_ids.items() if t not in keep]
 
     state = LaneState("constrained", Phase.GUIDELINE, plans=1)
     assert state.choices(Fmt(), params) == ([Fmt.tag_ids["<plan>"]], None)

@@ -31,11 +31,8 @@ from .kv import LaneKV, PagePool, join
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
 from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, token_logprobs
-from .structure import MODES, Action, Format, Kind, LaneState, Phase, completed_tags
+from .structure import MODES, Action, Format, Kind, LaneState, Phase, Tags
 from .transfer import HostCopy
-
-# Where an end of sequence ends the response; elsewhere it ends an element the engine closes.
-_EOS_KEPT = (Phase.TEXT, Phase.SEQUENTIAL_BLOCK)
 
 
 class _Unscored(NamedTuple):
@@ -111,6 +108,7 @@ class Engine:
         attention_backend: str | AttentionBackend = "auto",
         cuda_graphs: bool = False,
         overlap: bool = False,
+        grammar: str = "npr",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -133,8 +131,10 @@ class Engine:
         # Launch each step's forward before reading the tokens the step before it picked, so the
         # host's work on them runs while the device computes (see _run).
         self.overlap = overlap
-        special = _tags_are_special(tokenizer)
-        self.format = Format(tokenizer, special=special)
+        self.grammar = grammar
+        self.format = Format(
+            tokenizer, special=_tags_are_special(tokenizer, grammar), grammar=grammar
+        )
         self.eos_ids = _eos_ids(model, tokenizer)
         self.logits_processor = None
         self._pieces: dict[int, str] = {}
@@ -150,12 +150,13 @@ class Engine:
         dtype: torch.dtype | str = "float32",
         device: torch.device | str = "cpu",
         tags: str = "special",
+        grammar: str = "npr",
         **kwargs,
     ) -> Engine:
         from ..models import load_model
 
-        model, tokenizer = load_model(path, dtype=dtype, tags=tags)
-        return cls(model.to(device), tokenizer, device=device, **kwargs)
+        model, tokenizer = load_model(path, dtype=dtype, tags=tags, grammar=grammar)
+        return cls(model.to(device), tokenizer, device=device, grammar=grammar, **kwargs)
 
     # -- public API -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
@@ -341,6 +342,11 @@ class Engine:
 
     def _settle(self, request: Request) -> bool:
         for sample in request.samples:
+            if sample.truncated and not any(
+                lane.status is LaneStatus.RUNNING for lane in sample.lanes
+            ):  # no join comes after a cut: what waits for one is done
+                for lane in sample.live_lanes():
+                    self._finish_lane(lane, sample.finish_reason)
             if not sample.finished and not sample.live_lanes():
                 sample.finished = True
         return request.finished
@@ -364,7 +370,11 @@ class Engine:
                 else:
                     noise = NoiseStream.seeded(params.seed * 1_000_003 + index)
                 sample = Sample(request, index)
-                state = None if request.mode == "sequential" else LaneState(request.mode)
+                state = (
+                    None
+                    if request.mode == "sequential"
+                    else LaneState(request.mode, tags=self.format.tags)
+                )
                 start = node_start([len(request.prompt_ids)])
                 trunk = Lane(sample, kv, state, start, noise=noise)
                 if state is not None:
@@ -470,7 +480,7 @@ class Engine:
                 else:
                     self._write(lane, token, forced=False, logprob=logprob)
                 lane.void_row = True
-            elif ends and lane.state is not None and lane.state.phase not in _EOS_KEPT:
+            elif ends and lane.state is not None and not lane.state.ends_response_on_eos():
                 self._take_back(lane)  # an end inside an element is never kept
             else:
                 lane.tokens[-1], lane.logprobs[-1] = token, logprob
@@ -585,7 +595,7 @@ class Engine:
             piece = self._piece(token)
             lane.text_tail = (lane.text_tail + piece)[-64:]
             action, forced_text = lane.state.observe(
-                completed_tags(lane.text_tail, piece), sample.request.params
+                self.format.completed_tags(lane.text_tail, piece), sample.request.params
             )
             if action.violation:
                 sample.violations.append(action.violation)
@@ -607,7 +617,7 @@ class Engine:
 
     def _end_of_sequence(self, lane: Lane, token: int, logprob: float) -> None:
         state = lane.state
-        if state is None or state.phase in _EOS_KEPT:
+        if state is None or state.ends_response_on_eos():
             lane.append(token, logprob, False)
             self._finish_lane(lane, "stop")
         else:  # the model stopped inside an element: close it and carry on
@@ -647,7 +657,11 @@ class Engine:
 
     def _act(self, lane: Lane, action: Action) -> None:
         if action.kind is Kind.FORK:
-            if lane.sample.truncated:
+            if lane.sample.truncated and lane.state.outer:
+                # cut before a nested block forks: close it unforked, then the path it is in
+                lane.state.phase, lane.state.closing = Phase.WRAPPER_END, True
+                self._close_next(lane, lane.final_logits)
+            elif lane.sample.truncated:
                 self._finish_lane(lane, lane.sample.finish_reason)
             else:
                 self._fork(lane, action.width)
@@ -656,18 +670,19 @@ class Engine:
 
     def _fork(self, lane: Lane, width: int) -> None:
         sample = lane.sample
-        sample.fork_tokens.append(sample.total_tokens)
         start = node_start([lane.end_position])
         children = []
         for index, kv in enumerate(lane.kv.fork(width)):
             state, header = lane.state.fork_branch(index)
             noise = lane.noise.child(index + 1)
-            child = Lane(sample, kv, state, start, branch=index, fork_parent=lane, noise=noise)
+            child = Lane(
+                sample, kv, state, start, branch=index, owner=lane, fork_parent=lane, noise=noise
+            )
             child.forced_queue.extend(self.format.encode(header))
             children.append(child)
         lane.status = LaneStatus.DONE
+        lane.branches, lane.tips = children, list(children)
         for child in children:  # all live before any writes: a budget hit must close them all
-            child.siblings = children
             sample.add_lane(child)
         for index, child in enumerate(children):
             token = child.forced_queue.popleft()
@@ -678,74 +693,93 @@ class Engine:
         lane.final_logits = None
 
     def _branch_done(self, lane: Lane) -> None:
+        """``lane`` closed its branch (it is the branch's first lane, or the join lane of a
+        block nested in it); once every branch of its block is closed, they join."""
         lane.status = LaneStatus.WAITING
-        siblings = lane.siblings
+        owner = lane.owner
         following = lane.branch + 1
         # A waiting branch must not pin its step's [rows, V] logits: only the last branch keeps
         # its own row (it scores the join's first token).
-        if following < len(siblings):
+        if following < len(owner.branches):
             if lane.final_logits is not None:
-                self._score_later(siblings[following], 0, lane.final_logits[None])
+                self._score_later(owner.branches[following], 0, lane.final_logits[None])
             lane.final_logits = None
         elif lane.final_logits is not None:
             lane.final_logits = lane.final_logits.clone()
-        if any(s.status is not LaneStatus.WAITING for s in siblings):
+        tips = owner.tips
+        if any(tip.status is not LaneStatus.WAITING for tip in tips):
             return
         sample = lane.sample
-        if sample.truncated:
-            for sibling in siblings:
-                sibling.status = LaneStatus.DONE
-                sibling.kv.release()
+        if sample.truncated and owner.owner is None:  # nothing comes after a cut block
+            for tip in tips:
+                self._finish_lane(tip, sample.finish_reason)
             return
-        last = siblings[-1]
-        state, opener = last.state.join_lane()
+        last = tips[-1]
+        state, opener = last.state.join_lane(blocks=max(tip.state.blocks for tip in tips))
         joined = Lane(
             sample,
-            join([s.kv for s in siblings], prefix=lane.fork_parent.kv),
+            join([tip.kv for tip in tips], prefix=owner.kv),
             state,
-            node_start(s.end_position for s in siblings),
-            joined=list(siblings),
-            noise=lane.fork_parent.noise.child(0),
+            node_start(tip.end_position for tip in tips),
+            branch=owner.branch,
+            owner=owner.owner,
+            joins=owner,
+            noise=owner.noise.child(0),
         )
+        owner.continued_by = joined
+        if owner.owner is not None:  # the join goes on with the branch the block is nested in
+            owner.owner.tips[owner.branch] = joined
         joined.forced_queue.extend(self.format.encode(opener))
-        for sibling in siblings:
-            sibling.status = LaneStatus.DONE
+        # A nested block cut by the budget still joins, at once closing what it opens, so the
+        # path it is in can close too and the graph keeps its shape.
+        joined.state.closing = sample.truncated
+        for tip in tips:
+            tip.status = LaneStatus.DONE
         sample.add_lane(joined)
         token = joined.forced_queue.popleft()
         self._write(joined, token, forced=True, scored_from=last.final_logits)
-        for sibling in siblings:
-            sibling.final_logits = None
+        for tip in tips:
+            tip.final_logits = None
 
     # -- output ------------------------------------------------------------------------------
     def _graph(self, sample: Sample) -> ReasoningGraph:
         request = sample.request
         prompt = request.prompt_ids
-        ids = [t for lane in sample.lanes for t in lane.tokens]
+        lanes = sample.sequence()
+        ids = [t for lane in lanes for t in lane.tokens]
         if PICKED in ids:  # a picked token never read back: a bug, not a result to return
             raise RuntimeError(f"sample {sample.index}: a picked token was not read back")
-        logprobs = [lp for lane in sample.lanes for lp in lane.logprobs]
-        forced = [f for lane in sample.lanes for f in lane.forced]
+        logprobs = [lp for lane in lanes for lp in lane.logprobs]
+        forced = [f for lane in lanes for f in lane.forced]
         engine_positions = [
-            lane.start_position + i for lane in sample.lanes for i in range(len(lane.tokens))
+            lane.start_position + i for lane in lanes for i in range(len(lane.tokens))
         ]
+        offsets, at = {}, 0
+        for lane in lanes:
+            offsets[id(lane)] = at
+            at += len(lane.tokens)
+        fork_tokens = {offsets[id(lane.branches[0])] for lane in lanes if lane.branches}
         sequential = request.mode == "sequential"
-        graph = parse(
-            ids, tokenizer=self.tokenizer, prompt_ids=prompt, lenient=True, sequential=sequential
-        )
+
+        def parsed(sequential: bool | set[int]) -> ReasoningGraph:
+            return parse(
+                ids,
+                grammar=self.grammar,
+                tokenizer=self.tokenizer,
+                prompt_ids=prompt,
+                lenient=True,
+                sequential=sequential,
+            )
+
+        graph = parsed(sequential)
         if not sequential:
             unforked = {
                 b.index
                 for b in graph.blocks
-                if self._first_branch_token(graph, b) not in sample.fork_tokens
+                if self._first_branch_token(graph, b) not in fork_tokens
             }
             if unforked:
-                graph = parse(
-                    ids,
-                    tokenizer=self.tokenizer,
-                    prompt_ids=prompt,
-                    lenient=True,
-                    sequential=unforked,
-                )
+                graph = parsed(unforked)
         graph.logprobs = [None] * len(prompt) + logprobs
         graph.forced = [False] * len(prompt) + forced
         consistent = position_ids(graph)[len(prompt) :].tolist() == engine_positions
@@ -757,7 +791,7 @@ class Engine:
                 "finish_reason": sample.finish_reason or "stop",
                 "truncated": sample.truncated,
                 "engine_violations": list(sample.violations),
-                "forks": len(sample.fork_tokens),
+                "forks": len(fork_tokens),
                 "total_tokens": len(ids),
                 "critical_path_tokens": sample.critical_tokens,
                 "layout_consistent": consistent,
@@ -772,12 +806,10 @@ class Engine:
         return graph.nodes[block.branches[0][0]].token_start - graph.prompt_num_tokens
 
 
-def _tags_are_special(tokenizer) -> bool:
+def _tags_are_special(tokenizer, grammar: str) -> bool:
+    texts = Tags.of(grammar).texts  # an unknown grammar is an error, not plain-text tags
     try:
-        return all(
-            len(tokenizer.encode(t, add_special_tokens=False)) == 1
-            for t in ("<step>", "</step>", "<guideline>")
-        )
+        return all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in texts)
     except Exception:
         return False
 

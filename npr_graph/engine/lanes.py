@@ -1,15 +1,16 @@
 """Lanes, samples and requests: the engine's view of DAGs being decoded.
 
 A lane is one decoding leaf: a run of tokens that see each other causally. A sample is one
-response under construction: its lanes, in creation order, are exactly its token sequence
-(trunk, branch 1..k, join, ...). A request is a prompt and its ``n`` samples, which share the
-prompt's KV pages.
+response under construction; its lanes form a tree: a lane that forks holds its branches and the
+lane that joins them, and walking that tree (:meth:`Sample.sequence`) gives the token sequence
+(trunk, branch 1 with any blocks nested in it, ..., branch k, join, ...). A request is a prompt
+and its ``n`` samples, which share the prompt's KV pages.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -49,10 +50,15 @@ class Lane:
     kv: LaneKV
     state: LaneState | None
     start_position: int
+    # The block this lane's branch belongs to (``owner``: the lane that forked it) and which
+    # branch; a join lane continues the branch its block is nested in, so it inherits both.
     branch: int | None = None
-    siblings: list[Lane] | None = None
-    fork_parent: Lane | None = None
-    joined: list[Lane] | None = None
+    owner: Lane | None = None
+    fork_parent: Lane | None = None  # a branch's first lane: the lane that forked
+    joins: Lane | None = None  # a join lane: the lane whose fork it joins
+    branches: list[Lane] = field(default_factory=list)  # a lane that forked: each branch's first
+    tips: list[Lane] = field(default_factory=list)  # ... and each branch's latest lane
+    continued_by: Lane | None = None  # a lane that forked: the lane that joined its branches
     noise: NoiseStream | None = None  # its own: draws never depend on other lanes' schedules
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
@@ -85,11 +91,21 @@ class Lane:
     def fed(self) -> None:
         self.pending.clear()
 
+    def walk(self) -> Iterator[Lane]:
+        """This lane, then every lane after it in the sequence that descends from it: its
+        branches (each walked), then the lane that joined them (walked)."""
+        yield self
+        for branch in self.branches:
+            yield from branch.walk()
+        if self.continued_by is not None:
+            yield from self.continued_by.walk()
+
     def context(self) -> list[int]:
         """Every token this lane attends to, in sequence order: the prompt, its ancestors, itself."""
-        if self.joined:
-            before = self.joined[0].fork_parent.context() + [
-                t for lane in self.joined for t in lane.tokens
+        if self.joins is not None:
+            owner = self.joins
+            before = owner.context() + [
+                t for branch in owner.branches for lane in branch.walk() for t in lane.tokens
             ]
         elif self.fork_parent is not None:
             before = self.fork_parent.context()
@@ -103,9 +119,6 @@ class Sample:
     request: Request
     index: int
     lanes: list[Lane] = field(default_factory=list)
-    fork_tokens: list[int] = field(
-        default_factory=list
-    )  # response index of each fork's first branch token
     truncated: bool = False
     finished: bool = False
     finish_reason: str = ""
@@ -138,6 +151,10 @@ class Sample:
     def critical_tokens(self) -> int:
         """Tokens on the longest dependency chain after the prompt (the native end position)."""
         return self.end_position - len(self.request.prompt_ids)
+
+    def sequence(self) -> list[Lane]:
+        """The lanes in the order of their tokens in the response."""
+        return list(self.lanes[0].walk()) if self.lanes else []
 
     def live_lanes(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.status is not LaneStatus.DONE]

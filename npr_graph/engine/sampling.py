@@ -40,7 +40,8 @@ class SamplingParams:
     the current step (the NPR reference uses 1.02 there). ``max_new_tokens`` bounds the critical
     path (what a reader waits for), ``max_total_tokens`` all tokens over all branches (default:
     ``max_new_tokens`` times ``max_branches``). ``n`` samples of one prompt share its KV.
-    ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
+    ``max_blocks`` bounds the blocks on any one path through a sample, ``max_depth`` how deep
+    blocks nest where the format allows it (Multiverse; 1 = no nesting). ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
     ``seed`` fixes every sample's tokens on a given kind of device (sample ``i`` of a prompt uses
     ``seed * 1_000_003 + i``), whatever else runs in the same batch and however its lanes are
     scheduled (in bf16, another batch shape can flip a near-tie); unseeded samples draw their
@@ -58,6 +59,7 @@ class SamplingParams:
     min_branches: int = 2
     max_branches: int = 5
     max_blocks: int = 4
+    max_depth: int = 2
     max_plan_tokens: int = 48
     max_step_tokens: int = 160
     max_takeaway_tokens: int = 96
@@ -79,6 +81,7 @@ class SamplingParams:
             (self.n >= 1, "n must be >= 1"),
             (1 <= self.min_branches <= self.max_branches, "need 1 <= min_branches <= max_branches"),
             (self.max_blocks >= 1, "max_blocks must be >= 1"),
+            (self.max_depth >= 1, "max_depth must be >= 1 (1 = no nested blocks)"),
             (
                 min(self.max_plan_tokens, self.max_step_tokens, self.max_takeaway_tokens) >= 1,
                 "element limits must be >= 1",

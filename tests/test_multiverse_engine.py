@@ -1,0 +1,300 @@
+"""The executor on the Multiverse format: nested blocks fork from a path's lane, their join goes
+on with the path, and what the engine samples is what one dense forward over the graph scores."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_engine import SHORT, dense_logprobs, scripted
+from test_overlap import assert_same_output
+
+import npr_graph as ng
+from npr_graph.engine.engine import Engine
+from npr_graph.engine.sampling import SamplingParams
+from npr_graph.engine.structure import Format, Frame, Kind, LaneState, Phase, Tags
+from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
+
+MULTIVERSE = Tags.of("multiverse")
+# Room for the nested labels ("2.1:" is four tokens) and a few words after them.
+ROOMY = dict(SHORT, max_plan_tokens=7, max_step_tokens=14)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    return copy.deepcopy(default_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(plain_tokenizer):
+    tok = copy.deepcopy(plain_tokenizer)
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "multiverse")
+    return tok
+
+
+def make_engine(family, tok, **kwargs):
+    model = tiny_model(family, tokenizer=tok)
+    return Engine(model, tok, page_size=4, num_pages=2048, grammar="multiverse", **kwargs)
+
+
+def nesting(engine, boost=20.0):
+    """A logits processor that favours opening a block wherever the grammar lets one open."""
+    opener = engine.format.tag_ids["<Parallel>"]
+
+    def processor(context, logits):
+        logits[opener] += boost
+        return logits
+
+    return processor
+
+
+def check_graph(engine, graph):
+    """Consistent with training: positions, the lenient rules, the dense forward's log-probs."""
+    assert graph.metadata["layout_consistent"]
+    assert ng.validate(graph, "lenient", grammar="multiverse") == []
+    scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+    assert (dense_logprobs(engine.model, graph) - scored).abs().max() <= 1e-4
+
+
+def nested_blocks(graph):
+    return [block for block in graph.blocks if block.parent is not None]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_nested_blocks_decode_in_parallel_and_match_the_dense_forward(family, tokenizer):
+    engine = make_engine(family, tokenizer)
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=400, max_branches=3, seed=3, n=2, max_blocks=2, **ROOMY
+    )
+    graphs = engine.generate(
+        ["What is 2+2?", "Name three primes."],
+        params,
+        mode="constrained",
+        chat=False,
+        logits_processor=nesting(engine),
+    )
+    assert engine.pool.num_used == 0, "every page is freed"
+    for graph in graphs:
+        check_graph(engine, graph)
+        # every block forked, nested ones too, and the strict rules hold but for random text
+        assert graph.metadata["forks"] == len(graph.blocks) >= 2
+        codes = {v.code for v in ng.validate(graph, "strict", grammar="multiverse")}
+        assert codes <= {"stray_text", "missing_answer", "empty_content"}
+        for block in nested_blocks(graph):
+            outer, branch = block.parent
+            path = graph.nodes[graph.blocks[outer].branches[branch][0]]
+            assert block.depth == 1 and path.kind.value == "path"
+    assert all(nested_blocks(g) for g in graphs), "a path opens a block wherever it may"
+    graph = graphs[0]
+    for node in graph.nodes_of("path"):  # headers are engine-written, nested labels extend
+        if node.open_tag is None:
+            continue
+        header = engine.format.encode(f"<Path>\n{node.label}:")
+        span = slice(node.token_start, node.token_start + len(header))
+        assert graph.token_ids[span] == header and all(graph.forced[span])
+    assert any("." in n.label for n in graph.nodes_of("path") if n.label)
+    assert ng.metrics(graph)["depth"] == 2
+
+
+def test_max_depth_one_keeps_blocks_flat(tokenizer):
+    engine = make_engine("llama", tokenizer)
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=300, seed=5, n=2, max_blocks=3, max_depth=1, **ROOMY
+    )
+    graphs = engine.generate(
+        ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+    )
+    for graph in graphs:
+        check_graph(engine, graph)
+        assert len(graph.blocks) >= 2 and not nested_blocks(graph)
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special-tags", "text-tags"])
+def test_free_mode_nests_where_the_model_writes_a_block_in_a_path(
+    special, tokenizer, plain_tokenizer
+):
+    tok = tokenizer if special else plain_tokenizer
+    engine = make_engine("llama", tok)
+    enc = Format(tok, special=special, grammar="multiverse").encode
+    prompt = enc("Q")
+    trunk = enc("<Parallel>\n<Goal>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Goal>")
+    trunk += enc("\n")
+    path1 = enc("<Path>\n1:") + enc(" x</Path>") + enc("\n")
+    path2 = enc("<Path>\n2:") + enc(" y\n<Parallel>\n<Goal>\n<Outline>2.1: c</Outline>")
+    path2 += enc("\n<Outline>2.2: d</Outline>\n</Goal>") + enc("\n")
+    inner1 = enc("<Path>\n2.1:") + enc(" p</Path>") + enc("\n")
+    inner2 = enc("<Path>\n2.2:") + enc(" q</Path>") + enc("\n")
+    inner_join = enc("<Conclusion>\n") + enc("r</Conclusion>\n</Parallel>\n z</Path>") + enc("\n")
+    join = enc("<Conclusion>\n") + enc("s</Conclusion>\n</Parallel>\nso \\boxed{4}")
+    eos = sorted(engine.eos_ids)[0]
+    nested = trunk + path2 + inner1 + inner2 + inner_join
+    lanes = [
+        trunk + path1,
+        trunk + path2 + inner1,
+        trunk + path2 + inner2,
+        nested,
+        trunk + path1 + path2 + inner1 + inner2 + inner_join + join + [eos],
+    ]
+    processor = scripted(tok, None, prompt, lanes)
+    params = SamplingParams(temperature=0, max_new_tokens=400)
+    (graph,) = engine.generate([prompt], params, mode="free", logits_processor=processor)
+    response = trunk + path1 + path2 + inner1 + inner2 + inner_join + join + [eos]
+    assert graph.token_ids[graph.prompt_num_tokens :] == response
+    assert graph.metadata["forks"] == 2 and graph.metadata["engine_violations"] == []
+    assert graph.metadata["finish_reason"] == "stop"
+    assert [len(b.branches) for b in graph.blocks] == [2, 2] and nested_blocks(graph)
+    check_graph(engine, graph)
+    assert ng.validate(graph, "strict", grammar="multiverse") == []
+    assert engine.pool.num_used == 0
+
+
+def test_overlapped_steps_write_what_the_plain_engine_writes(tokenizer):
+    model = tiny_model("qwen3", tokenizer=tokenizer)
+    params = SamplingParams(temperature=1.0, seed=9, max_new_tokens=300, n=2, max_blocks=2, **ROOMY)
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(
+            model, tokenizer, page_size=4, num_pages=2048, grammar="multiverse", overlap=overlap
+        )
+        graphs = engine.generate(
+            ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+        )
+        assert engine.pool.num_used == 0
+        runs[overlap] = (engine, graphs)
+    assert_same_output(runs)
+    assert any(nested_blocks(g) for g in runs[True][1])
+
+
+@pytest.mark.parametrize("budget", [40, 70, 100, 130])
+def test_a_budget_cut_inside_a_nested_block_closes_every_lane(budget, tokenizer):
+    engine = make_engine("llama", tokenizer)
+    params = SamplingParams(
+        temperature=1.0, seed=2, max_new_tokens=budget, n=3, max_blocks=2, **ROOMY
+    )
+    graphs = engine.generate(
+        ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+    )
+    assert engine.pool.num_used == 0, "nothing waits for a join that cannot come"
+    for graph in graphs:
+        assert graph.metadata["truncated"] and graph.metadata["finish_reason"] == "length"
+        assert graph.metadata["layout_consistent"]
+        scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs(engine.model, graph) - scored).abs().max() <= 1e-4
+
+
+# -- the format state on its own --------------------------------------------------------------
+def feed(state, text, params):
+    """Observe each tag of ``text`` in turn; return the actions and forced texts."""
+    return [state.observe([tag], params) for tag in MULTIVERSE.pattern.findall(text)]
+
+
+def test_state_nests_and_returns_to_the_enclosing_path():
+    params = SamplingParams(max_depth=2)
+    trunk = LaneState("constrained", tags=MULTIVERSE)
+    assert trunk.opening() == "<Parallel>"
+    (_, forced), *_ = feed(trunk, "<Parallel>", params)
+    assert forced == "\n<Goal>" and trunk.phase is Phase.WRAPPER
+    steps = feed(trunk, "<Goal><Outline></Outline><Outline></Outline></Goal>", params)
+    assert [f for _, f in steps[:2]] == ["\n<Outline>", "1:"]
+    assert steps[-1][0].kind is Kind.FORK and steps[-1][0].width == 2
+    path, header = trunk.fork_branch(1)
+    assert header == "<Path>\n2:"
+    feed(path, "<Path>", params)
+    for _ in range(5):
+        path.observe([], params)
+    assert path.phase is Phase.STEP and path.depth == 1
+    _, forced = feed(path, "<Parallel>", params)[0]
+    assert forced == "\n<Goal>" and path.outer[-1].number == "2" and path.depth == 2
+    steps = feed(path, "<Goal><Outline>", params)
+    assert steps[-1][1] == "2.1:"
+    feed(path, "</Outline></Goal>", params)
+    inner, header = path.fork_branch(0)
+    assert header == "<Path>\n2.1:" and inner.outer == path.outer
+    feed(inner, "<Path>", params)
+    assert not inner._may_open(params), "max_depth 2 reached"
+    joined, opener = inner.join_lane()
+    assert opener == "<Conclusion>\n"
+    steps = feed(joined, "<Conclusion></Conclusion>", params)
+    assert steps[-1][1] == "\n</Parallel>" and joined.phase is Phase.WRAPPER_END
+    feed(joined, "</Parallel>", params)
+    # back in path 2, its length so far restored
+    assert joined.phase is Phase.STEP and joined.number == "2" and joined.outer == ()
+    assert joined.element_tokens == 5 + 1  # five words and <Parallel>
+    (action, _), *_ = feed(joined, "</Path>", params)
+    assert action.kind is Kind.BRANCH_DONE
+
+
+def test_free_state_decodes_invalid_or_too_deep_blocks_sequentially():
+    params = SamplingParams(max_depth=2, max_branches=2)
+    state = LaneState("free", Phase.STEP, tags=MULTIVERSE, number="1", outer=())
+    feed(state, "<Parallel><Goal></Goal>", params)  # no outlines: an invalid fork
+    assert state.phase is Phase.SEQUENTIAL_BLOCK and state.violations
+    feed(state, "<Path><Parallel></Parallel></Path><Conclusion></Conclusion>", params)
+    assert state.phase is Phase.SEQUENTIAL_BLOCK, "a block inside it is counted, not its end"
+    feed(state, "</Parallel>", params)
+    assert state.phase is Phase.STEP and state.number == "1"
+    deep = LaneState("free", Phase.STEP, tags=MULTIVERSE, number="1.1", outer=(Frame("1", 3),))
+    (action, _), *_ = feed(deep, "<Parallel>", params)
+    assert action.violation and "max_depth" in action.violation
+    assert deep.phase is Phase.SEQUENTIAL_BLOCK
+    assert not deep.ends_response_on_eos(), "a nested lane never ends the response"
+    feed(deep, "</Parallel>", params)
+    assert deep.phase is Phase.STEP and len(deep.outer) == 1
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.FORKED, Phase.JOINING)])
+@pytest.mark.parametrize("nested", [False, True])
+def test_closing_ends_in_a_few_tags_from_any_phase(phase, nested):
+    """Closing (an end of sequence inside an element, a budget cut) writes the innermost
+    closing tag until nothing is open, the branch ends or the block forks: never a loop."""
+    params = SamplingParams(max_depth=3)
+    outer = (Frame("2", 3),) if nested else ()
+    state = LaneState("free", phase, tags=MULTIVERSE, number="1", outer=outer, plans=1)
+    for _ in range(6):
+        tag = state.closing_tag()
+        if tag is None:
+            break
+        action, _ = state.observe([tag], params)
+        if action.kind is not Kind.CONTINUE:
+            break
+    else:
+        pytest.fail(f"closing from {phase} did not end")
+
+
+def test_eval_decodes_the_multiverse_prompt_in_parallel(tmp_path, tokenizer):
+    """``npr eval --prompt multiverse`` on an engine made for Multiverse: blocks fork (nested
+    ones too), and the graphs on disk are Multiverse graphs."""
+    from test_eval import PROBLEMS, SAMPLING, config, read_samples
+
+    from npr_graph.evaluate import run_eval
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS[:1]))
+    engine = make_engine("llama", tokenizer)
+    sampling = dict(SAMPLING, max_new_tokens=200, max_plan_tokens=7, max_step_tokens=14)
+    summary = run_eval(
+        config(data, tmp_path / "out", prompt="multiverse", sampling=sampling), engine=engine
+    )
+    assert summary["problems"] == 1 and summary["executed_parallel_rate"] == 1.0
+    for record in read_samples(tmp_path / "out"):
+        graph = ng.ReasoningGraph.from_dict(record["graph"])
+        assert graph.grammar == "multiverse" and graph.metadata["forks"] == len(graph.blocks) >= 1
+        assert graph.metadata["layout_consistent"]
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_kernel_backend_plans_follow_nested_forks_and_joins(cascade, tokenizer):
+    """The Triton backend's cascade or flat plans (run by the kernels' torch references) over
+    the lanes of nested blocks reproduce the dense forward."""
+    from npr_graph.engine.backends import TritonBackend
+
+    backend = TritonBackend(cascade=cascade, kernels="torch")
+    engine = make_engine("qwen3", tokenizer, attention_backend=backend)
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=300, n=2, max_blocks=2, **ROOMY)
+    graphs = engine.generate(
+        ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+    )
+    assert all(nested_blocks(g) for g in graphs)
+    for graph in graphs:
+        check_graph(engine, graph)
+    assert engine.pool.num_used == 0
