@@ -85,41 +85,49 @@ def stated_result_scorer(step_text: str, reference: str) -> float | None:
     return 1.0 if verify(result, reference) else -1.0
 
 
+BRANCH_KINDS = (NodeKind.STEP, NodeKind.PATH)
+
+
 def step_scores(
     graph: ReasoningGraph, reference: str, scorer: BranchScorer = stated_result_scorer
 ) -> dict[int, float]:
-    """The sibling-relative term's raw score of every step node, block by block: the scorer's
-    value, or the mean of the block's stated scores for steps stating none (so they get no
-    branch term). Blocks where no step states a result are left out."""
+    """The sibling-relative term's raw score of every step node (NPR ``<step>``, Multiverse
+    ``<Path>``), block by block: the scorer's value on its branch's own text (a path holding a
+    nested block is several nodes, scored together), or the mean of the block's stated scores
+    for branches stating none (so they get no branch term). Blocks where no branch states a
+    result are left out."""
     scores: dict[int, float] = {}
     for block in graph.blocks:
-        steps = [
-            node_id
-            for branch in block.branches
-            for node_id in branch
-            if graph.nodes[node_id].kind is NodeKind.STEP
+        branches = [
+            [i for i in branch if graph.nodes[i].kind in BRANCH_KINDS] for branch in block.branches
         ]
-        stated = {i: scorer(graph.nodes[i].content, reference) for i in steps}
-        known = [s for s in stated.values() if s is not None]
+        branches = [nodes for nodes in branches if nodes]
+        stated = [
+            scorer("".join(graph.nodes[i].content for i in nodes), reference) for nodes in branches
+        ]
+        known = [s for s in stated if s is not None]
         if not known:
             continue
         mean = sum(known) / len(known)
-        scores.update({i: mean if s is None else s for i, s in stated.items()})
+        for nodes, score in zip(branches, stated, strict=True):
+            scores.update(dict.fromkeys(nodes, mean if score is None else score))
     return scores
 
 
 def branch_terms(
     graph: ReasoningGraph, reference: str, scorer: BranchScorer = stated_result_scorer
 ) -> dict[int, float]:
-    """Per step node: ``s_b - mean of its block's s``; these sum to zero within every block."""
+    """Per step node: ``s_b - mean of its block's s`` (over branches); these sum to zero over
+    the branches of every block."""
     scores = step_scores(graph, reference, scorer)
     terms: dict[int, float] = {}
     for block in graph.blocks:
-        members = [i for branch in block.branches for i in branch if i in scores]
+        members = [[i for i in branch if i in scores] for branch in block.branches]
+        members = [nodes for nodes in members if nodes]
         if not members:
             continue
-        mean = sum(scores[i] for i in members) / len(members)
-        terms.update({i: scores[i] - mean for i in members})
+        mean = sum(scores[nodes[0]] for nodes in members) / len(members)
+        terms.update({i: scores[i] - mean for nodes in members for i in nodes})
     return terms
 
 

@@ -25,6 +25,7 @@ class TrainConfig:
     # model and data
     model: str | None = None  # a local model directory; None = the embedded SmolLM2
     tags: str = "special"  # "special" | "text"
+    grammar: str = "npr"  # "npr" | "multiverse": the format traces are read in and rollouts decode
     dtype: str = "float32"
     data: str = ""
     prompt_field: str | None = None  # default: problem / question / prompt
@@ -58,6 +59,7 @@ class TrainConfig:
     min_branches: int = 2
     max_branches: int = 5
     max_blocks: int = 4
+    max_depth: int = 2  # how deep Multiverse blocks nest (1 = flat)
     max_plan_tokens: int = 48
     max_step_tokens: int = 160
     max_takeaway_tokens: int = 96
@@ -95,6 +97,9 @@ class TrainConfig:
         checks = [
             (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
             (self.tags in ("special", "text"), "tags must be 'special' or 'text'"),
+            (self.grammar in ("npr", "multiverse"), "grammar must be 'npr' or 'multiverse'"),
+            (self.grammar == "npr" or self.reward not in ("npr_zero", "format"),
+             f"reward {self.reward!r} scores the NPR format; use another with grammar 'multiverse'"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.mode in ("free", "constrained", "sequential"), "mode must be free, constrained or sequential"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),

@@ -105,7 +105,9 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r}: CUDA is not available here")
         if model is None:
-            model, tokenizer = load_model(config.model, dtype=dtype, tags=config.tags)
+            model, tokenizer = load_model(
+                config.model, dtype=dtype, tags=config.tags, grammar=config.grammar
+            )
         elif tokenizer is None:
             raise ValueError("give the tokenizer with the model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
@@ -132,6 +134,7 @@ class Trainer:
             device=self.device,
             cuda_graphs=config.cuda_graphs,
             overlap=config.overlap,
+            grammar=config.grammar,
         )
         self.model.eval()  # no dropout: rollouts and the training forward see the same network
         # the KL term's reference is the policy as training starts, frozen
@@ -253,7 +256,13 @@ class Trainer:
         if eos is not None and (not response_ids or response_ids[-1] != eos):
             response_ids.append(eos)
         # parse takes the response ids; with prompt_ids the graph spans prompt + response
-        return ng.parse(response_ids, tokenizer=self.tokenizer, prompt_ids=prompt_ids, lenient=True)
+        return ng.parse(
+            response_ids,
+            grammar=self.config.grammar,
+            tokenizer=self.tokenizer,
+            prompt_ids=prompt_ids,
+            lenient=True,
+        )
 
     def _sft_step(self) -> dict[str, Any]:
         indices = self.world.shard(self.batch_indices(self.step))
@@ -282,6 +291,7 @@ class Trainer:
                 min_branches=c.min_branches,
                 max_branches=c.max_branches,
                 max_blocks=c.max_blocks,
+                max_depth=c.max_depth,
                 max_plan_tokens=c.max_plan_tokens,
                 max_step_tokens=c.max_step_tokens,
                 max_takeaway_tokens=c.max_takeaway_tokens,
@@ -549,7 +559,11 @@ def _shape(graph: ng.ReasoningGraph) -> dict[str, Any]:
     return {
         "parallel": m["is_parallel"],
         "widths": m["widths"],
-        "format_valid": ng.format_score(graph.response_text) == 0,
+        "format_valid": (
+            ng.format_score(graph.response_text) == 0
+            if graph.grammar == "npr"
+            else not ng.validate(graph, "strict")
+        ),
         "tokens": m["total_tokens"],
     }
 

@@ -298,3 +298,79 @@ def test_kernel_backend_plans_follow_nested_forks_and_joins(cascade, tokenizer):
     for graph in graphs:
         check_graph(engine, graph)
     assert engine.pool.num_used == 0
+
+
+# -- training on the Multiverse format ----------------------------------------------------------
+NESTED_TRACE = (
+    "<Parallel>\n<Goal>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Goal>\n"
+    "<Path>\n1: so \\boxed{6}\n</Path>\n<Path>\n2: split\n"
+    "<Parallel>\n<Goal>\n<Outline>2.1: c</Outline>\n<Outline>2.2: d</Outline>\n</Goal>\n"
+    "<Path>\n2.1: \\boxed{5}\n</Path>\n<Path>\n2.2: \\boxed{6}\n</Path>\n"
+    "<Conclusion>\nc\n</Conclusion>\n</Parallel>\nso \\boxed{5}\n</Path>\n"
+    "<Conclusion>\nd\n</Conclusion>\n</Parallel>\n\\boxed{6}"
+)
+
+
+def test_branch_credit_scores_each_path_with_its_nested_segments():
+    from npr_graph.tokenizers import CharTokenizer
+    from papo import advantages
+
+    tok = CharTokenizer()
+    graph = ng.parse(tok.encode(NESTED_TRACE), grammar="multiverse", tokenizer=tok)
+    terms = advantages.branch_terms(graph, "6")
+    outer, inner = graph.blocks[0], nested_blocks(graph)[0]
+    path1, path2 = outer.branches[0], [i for i in outer.branches[1] if i in terms]
+    assert len(path2) == 2, "path 2 is two nodes around its nested block"
+    assert terms[path1[0]] == 1.0 and [terms[i] for i in path2] == [-1.0, -1.0]
+    assert [terms[branch[0]] for branch in inner.branches] == [-1.0, 1.0]
+    tokens = advantages.spread(graph, 0.25, "6", lam=0.5)
+    second = graph.nodes[path2[1]]
+    assert float(tokens[second.token_start]) == pytest.approx(0.25 - 0.5)
+
+
+def test_papo_trains_on_multiverse_rollouts(tmp_path, tokenizer):
+    from test_trainer import papo_config
+
+    from papo.trainer import Trainer
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"{a}+1?", "answer": str(a + 1)}) + "\n" for a in range(2))
+    )
+    config = papo_config(
+        data,
+        tmp_path / "run",
+        steps=1,
+        grammar="multiverse",
+        max_new_tokens=120,
+        max_plan_tokens=7,
+        max_step_tokens=14,
+    )
+    run = Trainer(config, model=tiny_model("llama", tokenizer=tokenizer), tokenizer=tokenizer)
+    assert run.engine.grammar == "multiverse"
+    (metrics,) = run.train()
+    assert metrics["rollouts"] == 4 and metrics["parallel_rate"] == 1.0
+    assert metrics["grad_norm"] > 0 and metrics["logprob_gap"] <= 1e-4
+    with pytest.raises(ValueError, match="scores the NPR format"):
+        papo_config(data, tmp_path / "bad", grammar="multiverse", reward="format")
+
+
+def test_sft_reads_multiverse_traces(tmp_path, tokenizer):
+    from papo.config import load_config
+    from papo.trainer import Trainer
+
+    data = tmp_path / "traces.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}", "response": NESTED_TRACE}) + "\n" for i in range(2))
+    )
+    values = dict(data=str(data), output_dir=str(tmp_path / "sft"), steps=4, batch_size=2,
+                  lr=2e-2, chat=False, tensorboard=False, grammar="multiverse")  # fmt: skip
+    run = Trainer(
+        load_config(None, "sft", values),
+        model=tiny_model("llama", tokenizer=tokenizer),
+        tokenizer=tokenizer,
+    )
+    graph = run.graphs[0]
+    assert graph.grammar == "multiverse" and len(nested_blocks(graph)) == 1
+    losses = [x["loss"] for x in run.train()]
+    assert losses[-1] < losses[0]
