@@ -374,3 +374,48 @@ def test_sft_reads_multiverse_traces(tmp_path, tokenizer):
     assert graph.grammar == "multiverse" and len(nested_blocks(graph)) == 1
     losses = [x["loss"] for x in run.train()]
     assert losses[-1] < losses[0]
+
+
+# -- tags in any order --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def npr_tokenizer(plain_tokenizer):
+    tok = copy.deepcopy(plain_tokenizer)
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "npr")
+    return tok
+
+
+@pytest.mark.parametrize("grammar", ["npr", "multiverse"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_model_writing_tags_in_any_order_gets_graphs_not_errors(
+    grammar, seed, tokenizer, npr_tokenizer
+):
+    """Every tag boosted at random, so a random model writes them in any order: free mode
+    records what the format refuses, constrained mode keeps it valid; every page is freed, every
+    token scored, and where the layout agrees the dense forward reproduces the engine."""
+    import random
+
+    tok = tokenizer if grammar == "multiverse" else npr_tokenizer
+    model = tiny_model("llama", tokenizer=tok)
+    engine = Engine(model, tok, page_size=4, num_pages=2048, grammar=grammar)
+    rng = random.Random(seed)
+    boosts = torch.zeros(len(tok))
+    for tag_id in engine.format.tag_ids.values():
+        boosts[tag_id] = rng.uniform(8, 13)
+    for mode in ("free", "constrained"):
+        params = SamplingParams(temperature=1.0, seed=seed, n=2, min_branches=1, max_branches=3,
+                                max_new_tokens=rng.choice([60, 150]), max_blocks=rng.choice([1, 3]),
+                                max_depth=rng.choice([1, 2, 3]), **ROOMY)  # fmt: skip
+        graphs = engine.generate(
+            ["Q"], params, mode=mode, chat=False, logits_processor=lambda _, row: row + boosts
+        )
+        assert engine.pool.num_used == 0
+        for graph in graphs:
+            scored = graph.logprobs[graph.prompt_num_tokens :]
+            assert None not in scored
+            if graph.metadata["layout_consistent"]:
+                error = (dense_logprobs(model, graph) - torch.tensor(scored)).abs().max()
+                assert error <= 1e-4
+            else:
+                assert mode == "free" and graph.metadata["engine_violations"]
+            if mode == "constrained" and not graph.metadata["truncated"]:
+                assert ng.validate(graph, "lenient", grammar=grammar) == []
