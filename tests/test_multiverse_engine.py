@@ -165,7 +165,7 @@ def test_overlapped_steps_write_what_the_plain_engine_writes(tokenizer):
     assert any(nested_blocks(g) for g in runs[True][1])
 
 
-@pytest.mark.parametrize("budget", [40, 70, 100, 130])
+@pytest.mark.parametrize("budget", [40, 100])  # 40 cuts nested blocks before they fork, 100 after
 def test_a_budget_cut_inside_a_nested_block_closes_every_lane(budget, tokenizer):
     engine = make_engine("llama", tokenizer)
     params = SamplingParams(

@@ -44,7 +44,7 @@ class LaneStatus(str, Enum):
     DONE = "done"
 
 
-@dataclass
+@dataclass(eq=False)  # lanes are compared by identity: they link to each other in a tree
 class Lane:
     sample: Sample | None
     kv: LaneKV
