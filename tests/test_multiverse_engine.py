@@ -240,6 +240,10 @@ def test_free_state_decodes_invalid_or_too_deep_blocks_sequentially():
     assert not deep.ends_response_on_eos(), "a nested lane never ends the response"
     feed(deep, "</Parallel>", params)
     assert deep.phase is Phase.STEP and len(deep.outer) == 1
+    # past max_blocks a free model's block still opens, at the top level as in a path
+    late = LaneState("free", Phase.STEP, tags=MULTIVERSE, number="1", blocks=9)
+    (action, _), *_ = feed(late, "<Parallel>", params)
+    assert late.phase is Phase.WRAPPER and action.violation is None
 
 
 @pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.FORKED, Phase.JOINING)])

@@ -387,7 +387,8 @@ class LaneState:
             self.phase, self.element_tokens = Phase.TAKEAWAY, 0
             return Action(), ""
         if tag == tags.opener and (phase is Phase.TEXT or (phase is Phase.STEP and tags.nesting)):
-            if phase is Phase.STEP and not self._may_open(params):
+            # free mode, like a block at the top level past max_blocks: only depth is refused
+            if phase is Phase.STEP and self.depth >= params.max_depth:
                 self.outer = (*self.outer, Frame(self.number, self.element_tokens))
                 self.phase, self.nested = Phase.SEQUENTIAL_BLOCK, 0
                 reason = f"{tag} deeper than max_depth={params.max_depth}; decoded sequentially"
