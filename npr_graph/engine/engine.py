@@ -658,8 +658,7 @@ class Engine:
     def _act(self, lane: Lane, action: Action) -> None:
         if action.kind is Kind.FORK:
             if lane.sample.truncated and lane.state.outer:
-                # cut before a nested block forks: close it unforked, then the path it is in
-                lane.state.phase, lane.state.closing = Phase.WRAPPER_END, True
+                lane.state.close_unforked()
                 self._close_next(lane, lane.final_logits)
             elif lane.sample.truncated:
                 self._finish_lane(lane, lane.sample.finish_reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from ..parse import DIALECTS, dialect
 
@@ -96,15 +97,15 @@ class Tags:
         """The tag that opens a block: the wrapper when the dialect has one, else the header."""
         return self.wrapper or self.header
 
-    @property
+    @cached_property
     def texts(self) -> list[str]:
         return [text for name in self.names for text in (f"<{name}>", f"</{name}>")]
 
-    @property
+    @cached_property
     def pattern(self) -> re.Pattern[str]:
         return re.compile(r"</?(?:" + "|".join(self.names) + r")>")
 
-    @property
+    @cached_property
     def element_closers(self) -> dict[Phase, str]:
         """The elements with a length limit, and the tags that close them."""
         return {
@@ -344,6 +345,11 @@ class LaneState:
         for tag in tags:
             action, forced = self._transition(tag, params)
         return action, forced
+
+    def close_unforked(self) -> None:
+        """A nested block whose header closed after a budget cut: close it without forking,
+        then the path around it."""
+        self.phase, self.closing = Phase.WRAPPER_END, True
 
     def _open_block(self, params) -> str:
         """A block opener was written here: nest (a branch keeps its place in ``outer``)."""
