@@ -203,14 +203,16 @@ class _Recovery:
         return self.root.children
 
     @staticmethod
-    def _closes_ahead(tags: list[Token]) -> list[frozenset[str]]:
-        """Per tag token, the element tags whose next occurrence after it is a closing tag."""
-        ahead: list[frozenset[str]] = [frozenset()] * len(tags)
-        closing: set[str] = set()
+    def _closes_ahead(tags: list[Token]) -> list[dict[str, int]]:
+        """Per tag token, for each element tag: how many of its closing tags come after this
+        token before its next opening tag."""
+        ahead: list[dict[str, int]] = [{}] * len(tags)
+        closing: dict[str, int] = {}
         for index in range(len(tags) - 1, -1, -1):
-            ahead[index] = frozenset(closing)
+            ahead[index] = {tag: count for tag, count in closing.items() if count}
             kind, tag = tags[index].type.split("_", 1)
-            (closing.add if kind == "CLOSE" else closing.discard)(tag.lower())
+            tag = tag.lower()
+            closing[tag] = closing.get(tag, 0) + 1 if kind == "CLOSE" else 0
         return ahead
 
     def _accepts(self, parent: Element, tag: str, is_root: bool) -> bool:
@@ -245,10 +247,7 @@ class _Recovery:
             ),
             None,
         )
-        # Closing what is open would orphan a closing tag that comes later: read the tag as text.
-        # A later closer of the same tag may close the new element instead.
-        closed_later = self._closed_later[self._index] - {tag}
-        if level is None or any(e.tag in closed_later for e in self.stack[level + 1 :]):
+        if level is None or self._would_orphan(level, tag):
             where = self.stack[-1].tag or "text"
             self._note("tag_in_content", f"tag {token.value} inside {where}", start, end)
             return
@@ -262,6 +261,19 @@ class _Recovery:
         element = Element(tag, start, end, None, end)
         self.stack[-1].children.append(element)
         self.stack.append(element)
+
+    def _would_orphan(self, level: int, tag: str) -> bool:
+        """Whether closing what is open above ``level`` leaves a later closing tag with nothing
+        to close (then the new tag is read as text). A later closer of the new tag may close the
+        new element instead; one of a tag still open below ``level`` closes that element (an
+        unclosed nested branch before its block's join, with the enclosing branch's closer
+        ahead)."""
+        ahead = self._closed_later[self._index]
+        for closing in {e.tag for e in self.stack[level + 1 :]} - {tag}:
+            still_open = sum(1 for e in self.stack[1 : level + 1] if e.tag == closing)
+            if ahead.get(closing, 0) > still_open:
+                return True
+        return False
 
     def _close(self, tag: str, token: Token) -> None:
         for level in range(len(self.stack) - 1, 0, -1):

@@ -145,14 +145,6 @@ def _codes(text: str, grammar: str) -> set[str]:
     return {v.code for v in validate(text, "strict", grammar=grammar)}
 
 
-# Other rules a mutation is allowed to bring along because of a known validator bug, each pinned
-# by a strict xfail test below; the property itself stays strict for every other case.
-KNOWN_BUGS: dict[tuple[str, str], set[str]] = {
-    # test_unclosed_nested_path_reports_only_unclosed_tag
-    ("multiverse", "unclosed_tag"): {"missing_join", "tag_in_content", "unmatched_close_tag"},
-}
-
-
 def test_every_required_rule_has_a_mutation():
     required = {
         "plan_numbering",
@@ -191,7 +183,7 @@ def test_mutation_is_reported_alone(grammar, rule, data):
     assert drawn == rule
     codes = _codes(text, grammar)
     assert rule in codes, f"{rule} not reported: {sorted(codes)}"
-    extra = codes - {rule} - KNOWN_BUGS.get((grammar, rule), set())
+    extra = codes - {rule}
     assert not extra & STRUCTURAL, f"{rule} also reported structural {sorted(extra)}"
     assert not extra, f"{rule} also reported {sorted(extra)}"
 
@@ -230,13 +222,9 @@ def test_missing_goal_reports_only_missing_header():
     assert _codes(text, "multiverse") == {"missing_header"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse (lenient): an unclosed last nested <Path> before its block's <Conclusion> "
-    "reads the Conclusion as content (the outer </Path> is taken as its closer), so the nested "
-    "block loses its join",
-)
 def test_unclosed_nested_path_reports_only_unclosed_tag():
+    """The nested block's <Conclusion> closes the unclosed nested <Path>: the </Path> ahead
+    closes the enclosing path, which is still open."""
     text = (
         "<Parallel><Goal><Outline>1: a</Outline></Goal>"
         "<Path>1: b<Parallel><Goal><Outline>1.1: c</Outline></Goal>"
@@ -244,6 +232,14 @@ def test_unclosed_nested_path_reports_only_unclosed_tag():
         "<Conclusion>f</Conclusion></Parallel>\\boxed{0}"
     )
     assert _codes(text, "multiverse") == {"unclosed_tag"}
+    graph = parse(text, grammar="multiverse", lenient=True)
+    assert [block.join is not None for block in graph.blocks] == [True, True]
+    # With both </Path> closers still ahead, the nested <Path> is closed later: the <Conclusion>
+    # inside it is content, as before.
+    inside = text.replace(
+        "d<Conclusion>e</Conclusion>", "d<Conclusion>e</Path><Conclusion>e</Conclusion>"
+    )
+    assert _codes(inside, "multiverse") == {"tag_in_content"}
 
 
 # -- partition ------------------------------------------------------------------------------------
