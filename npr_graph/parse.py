@@ -495,7 +495,8 @@ class _Builder:
         if current is not None and current.branch_ends:
             frontier, current = self._close_block(current, end), None
         frontier = self._gap(cursor, end, frontier, scope)
-        if current is not None:
+        if current is not None:  # a header without branches: the text after it comes before
+            current.fork = frontier  # what follows the block, as it does between elements
             frontier = self._close_block(current, end)
         return frontier
 

@@ -1,8 +1,11 @@
+import itertools
+
 import pytest
 from conftest import MULTIVERSE_TRACE, NPR_TRACE
 
 import npr_graph as ng
 from npr_graph.graph import check_partition
+from npr_graph.models import default_tokenizer
 
 
 def kinds(graph):
@@ -102,6 +105,23 @@ def test_lenient_records_repairs_instead_of_failing():
     assert block.width == 2
     stray = graph[block.branches[0][-1]]
     assert stray.kind.value == "text" and stray.text.strip() == "mid"
+
+
+@pytest.mark.parametrize(
+    "grammar, text",
+    [
+        ("multiverse", "<Parallel><Goal><Outline>1: a</Outline></Goal>\nno paths</Parallel>\nend"),
+        ("npr", "<guideline><plan>1: a</plan></guideline>\nno steps<guideline><plan>1: b</plan>"),
+    ],
+)
+def test_text_after_a_header_without_branches_comes_before_what_follows(grammar, text):
+    """Nothing forks, so the text runs on in one line: what follows the block depends on the
+    text after its header, not on the header's end (which would give both the same positions)."""
+    graph = ng.parse(text, grammar=grammar, lenient=True, tokenizer=default_tokenizer())
+    assert "missing_branches" in {v.code for v in graph.violations}
+    for node, after in itertools.pairwise(graph.nodes):
+        assert after.parents == (node.id,)
+    assert ng.position_ids(graph).tolist() == list(range(graph.num_tokens))
 
 
 def test_lenient_treats_misplaced_tags_as_content():
