@@ -190,7 +190,7 @@ class _Recovery:
 
     def run(self) -> list[Element]:
         tags = [t for t in grammars.lexer(self.spec.name).lex(self.text) if t.type != "TEXT"]
-        self._closed_later = self._closes_ahead(tags)
+        self._closers_ahead = self._count_closers_ahead(tags)
         for index, token in enumerate(tags):
             self._index = index
             tag = token.type.split("_", 1)[1].lower()
@@ -203,13 +203,13 @@ class _Recovery:
         return self.root.children
 
     @staticmethod
-    def _closes_ahead(tags: list[Token]) -> list[dict[str, int]]:
+    def _count_closers_ahead(tags: list[Token]) -> list[dict[str, int]]:
         """Per tag token, for each element tag: how many of its closing tags come after this
         token before its next opening tag."""
         ahead: list[dict[str, int]] = [{}] * len(tags)
         closing: dict[str, int] = {}
         for index in range(len(tags) - 1, -1, -1):
-            ahead[index] = {tag: count for tag, count in closing.items() if count}
+            ahead[index] = dict(closing)
             kind, tag = tags[index].type.split("_", 1)
             tag = tag.lower()
             closing[tag] = closing.get(tag, 0) + 1 if kind == "CLOSE" else 0
@@ -268,7 +268,7 @@ class _Recovery:
         new element instead; one of a tag still open below ``level`` closes that element (an
         unclosed nested branch before its block's join, with the enclosing branch's closer
         ahead)."""
-        ahead = self._closed_later[self._index]
+        ahead = self._closers_ahead[self._index]
         for closing in {e.tag for e in self.stack[level + 1 :]} - {tag}:
             still_open = sum(1 for e in self.stack[1 : level + 1] if e.tag == closing)
             if ahead.get(closing, 0) > still_open:
@@ -495,8 +495,9 @@ class _Builder:
         if current is not None and current.branch_ends:
             frontier, current = self._close_block(current, end), None
         frontier = self._gap(cursor, end, frontier, scope)
-        if current is not None:  # a header without branches: the text after it comes before
-            current.fork = frontier  # what follows the block, as it does between elements
+        if current is not None:
+            # a header without branches: what follows the block comes after the text after it
+            current.fork = frontier
             frontier = self._close_block(current, end)
         return frontier
 
