@@ -166,44 +166,81 @@ def sync(device: str) -> None:
 
 # -- 1. attention alone --------------------------------------------------------------------------
 def attention_case(model, prompts: int, samples: int, prompt_tokens: int, tail_tokens: int):
-    """KV views of an RL group: each prompt forked into samples with their own tails."""
-    config = model.config
+    """KV views of an RL group, each prompt forked into samples with their own tails:
+    ``(views, lanes, cache shape)``."""
     pool = PagePool(4 + prompts * (prompt_tokens // 16 + samples * (tail_tokens // 16 + 2)), 16)
-    lanes, keys = [], [[], []]
-    for p in range(prompts):
+    kvs, lanes = [], []
+    for _ in range(prompts):
+        request = object()
         prompt = LaneKV(pool)
         prompt.append_slots(prompt_tokens)
-        for s, lane in enumerate(prompt.fork(samples)):
-            lane.append_slots(tail_tokens)
-            lanes.append(lane)
-            keys[0].append(p)
-            keys[1].append((p, s))
-    slots = pool.num_pages * pool.page_size
-    shape = (slots, config.num_key_value_heads, config.head_dim)
-    return SlotViews.of(lanes), keys, shape
+        for kv in prompt.fork(samples):
+            kv.append_slots(tail_tokens)
+            kvs.append(kv)
+            lanes.append(_FakeLane(_FakeSample(request)))
+    return SlotViews.of(kvs), lanes, _cache_shape(model, pool)
+
+
+def nested_attention_case(
+    model, paths: int, branches: int, prefix_tokens: int, path_tokens: int, tail_tokens: int
+):
+    """KV views of one sample: a block of ``paths`` paths after the prefix, each forked again
+    into a nested block of ``branches`` branches with their own tails (Multiverse nesting):
+    ``(views, lanes, cache shape)``."""
+    per_path = path_tokens // 16 + 2 + branches * (tail_tokens // 16 + 2)
+    pool = PagePool(4 + prefix_tokens // 16 + paths * per_path, 16)
+    sample = _FakeSample(object())
+    trunk = LaneKV(pool)
+    trunk.append_slots(prefix_tokens)
+    trunk_lane = _FakeLane(sample)
+    kvs, lanes = [], []
+    for p, path in enumerate(trunk.fork(paths)):
+        path.append_slots(path_tokens)
+        path_lane = _FakeLane(sample, owner=trunk_lane, branch=p)
+        for b, kv in enumerate(path.fork(branches)):
+            kv.append_slots(tail_tokens)
+            kvs.append(kv)
+            lanes.append(_FakeLane(sample, owner=path_lane, branch=b))
+    return SlotViews.of(kvs), lanes, _cache_shape(model, pool)
+
+
+def _cache_shape(model, pool: PagePool) -> tuple[int, int, int]:
+    config = model.config
+    return (pool.num_pages * pool.page_size, config.num_key_value_heads, config.head_dim)
 
 
 def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
     out = []
-    for case in args.attention_case:
-        out += _bench_attention_case(model, device, dtype, backends, args, budget, case)
+    for index, (prompts, samples, prefix, tail) in enumerate(args.attention_case):
+        row = {"part": "attention", "prompts": prompts, "samples": samples,
+               "queries": prompts * samples, "prefix_tokens": prefix, "tail_tokens": tail}  # fmt: skip
+        case = attention_case(model, prompts, samples, prefix, tail)
+        out += _bench_attention_case(model, device, dtype, backends, args, budget, row, case,
+                                     tiles=index == 0)  # fmt: skip
+    if args.nested_case:
+        paths, branches, prefix, path_tokens, tail = args.nested_case
+        row = {"part": "attention", "nested": f"{paths}x{branches}", "queries": paths * branches,
+               "prefix_tokens": prefix, "path_tokens": path_tokens, "tail_tokens": tail}  # fmt: skip
+        case = nested_attention_case(model, *args.nested_case)
+        out += _bench_attention_case(model, device, dtype, backends, args, budget, row, case,
+                                     tiles=False, unnested=True)  # fmt: skip
     return out
 
 
-def _bench_attention_case(model, device, dtype, backends, args, budget, case) -> list[dict]:
+def _bench_attention_case(model, device, dtype, backends, args, budget, row, case, *,
+                          tiles: bool, unnested: bool = False) -> list[dict]:  # fmt: skip
+    """Time each backend's decode attention over ``case`` (views, lanes, cache shape); with
+    ``tiles`` also the Triton tile sweep, with ``unnested`` also cascade without the levels of
+    nested branches."""
     torch.manual_seed(0)
     config = model.config
-    prompts, samples, prefix, tail = case
-    row = {"part": "attention", "prompts": prompts, "samples": samples, "queries": prompts * samples,
-           "prefix_tokens": prefix, "tail_tokens": tail}  # fmt: skip
     out = []
-    views, keys, shape = attention_case(model, *case)
+    views, lanes, shape = case
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     query = torch.randn(len(views.lengths), config.num_attention_heads, config.head_dim,
                         device=device, dtype=dtype)  # fmt: skip
     scale = config.head_dim**-0.5
-    lanes = [_FakeLane(p, s) for p, s in keys[1]]
     for name in backends:
         if engine_only(name):  # the same kernels as a plain backend
             continue
@@ -216,7 +253,11 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
             backend = make_backend(name)
             backend.attach(model, torch.device(device))
             planners = [(name, lambda b=backend: b.plan_decode(lanes, views))]
-            if name.startswith("triton") and case == args.attention_case[0]:
+            if unnested and backend.cascade:
+                plain = type(backend)(cascade=True, nested=False)
+                plain.attach(model, torch.device(device))
+                planners.append((f"{name}-unnested", lambda b=plain: b.plan_decode(lanes, views)))
+            if name.startswith("triton") and tiles:
                 # The tiles are a guess made without a GPU: the same plan with other tiles
                 # (on the first case only, to save device time)
                 for tiles in args.triton_tiles:
@@ -251,9 +292,15 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, case) ->
                     result["kernel_error"] = repr(error)[:1000]
             out.append(result)
             kernels = f"{result['kernel_ms']:8.3f} ms in kernels" if "kernel_ms" in result else ""
-            print(f"attention  {label:20s} {prompts}x{samples} prefix {prefix:6d} "
+            print(f"attention  {label:20s} {_attention_label(row):40s} "
                   f"{seconds * 1e3:8.3f} ms {kernels}", flush=True)  # fmt: skip
     return out
+
+
+def _attention_label(row: dict) -> str:
+    if "nested" in row:
+        return "nested {nested}, prefix {prefix_tokens}, paths {path_tokens}".format(**row)
+    return "{prompts}x{samples}, prefix {prefix_tokens}".format(**row)
 
 
 PAGE = 16  # the engine's page size (attention_case allocates pages of 16 slots)
@@ -288,8 +335,7 @@ def _whole_pages(levels, page: int):
 def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
     """Compile (JIT) and run each backend's kernels once on a small case, timed."""
     model = build_model(JIT_SHAPE, device, dtype, tokenizer)
-    views, keys, shape = attention_case(model, 2, 2, 64, 16)
-    lanes = [_FakeLane(p, s) for p, s in keys[1]]
+    views, lanes, shape = attention_case(model, 2, 2, 64, 16)
     config = model.config
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     query = torch.randn(len(lanes), config.num_attention_heads, config.head_dim,
@@ -309,18 +355,17 @@ def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
     return out
 
 
+class _FakeSample:
+    def __init__(self, request):
+        self.request = request
+
+
 class _FakeLane:
-    """What the planner reads of an engine lane: its request and sample."""
+    """What the planner reads of an engine lane: its sample (and request), and the block
+    branch it is in (``owner``: the lane that forked the block)."""
 
-    class _Sample:
-        def __init__(self, request):
-            self.request = request
-
-    _requests: dict = {}
-
-    def __init__(self, prompt, sample):
-        self.sample = _FakeLane._Sample(_FakeLane._requests.setdefault(prompt, object()))
-        self.sample.index = sample
+    def __init__(self, sample: _FakeSample, owner: _FakeLane | None = None, branch=None):
+        self.sample, self.owner, self.branch = sample, owner, branch
 
 
 def _sdpa_fn(table, device):
@@ -643,11 +688,13 @@ def table(results: list[dict]) -> str:
     for r in results:
         if r["part"] == "jit":
             continue
-        case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
-                "profile": f"profiled, width {r.get('width')}",
-                "attention": "{prompts}x{samples}, prefix {prefix_tokens}",
-                "generate": "batch {batch}", "selection": "{rows} rows, {sampling}"}[r["part"]]  # fmt: skip
-        case = case.format(**r) if "{" in case else case
+        if r["part"] == "attention":
+            case = _attention_label(r)
+        else:
+            case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
+                    "profile": f"profiled, width {r.get('width')}",
+                    "generate": "batch {batch}", "selection": "{rows} rows, {sampling}"}[r["part"]]  # fmt: skip
+            case = case.format(**r) if "{" in case else case
         if "skipped" in r or "error" in r:
             why = f"skipped ({r['skipped']})" if "skipped" in r else "failed (see the JSON)"
             lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | | |")
@@ -681,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     # The second case's shared prompts (4.3 GB of flat KV reads per layer) cannot hide in L2.
     parser.add_argument("--attention-case", default="8,8,4096,256;2,64,16384,256",
                         help="prompts,samples,prefix tokens,tail tokens; several: ';'")  # fmt: skip
+    parser.add_argument("--nested-case", default="4,4,4096,1024,256",
+                        help="attention: paths,branches,prefix tokens,path tokens,tail tokens of "
+                             "a block whose paths each fork a nested block ('' for none)")  # fmt: skip
     parser.add_argument("--triton-tiles", default=TRITON_TILES,
                         help="attention: also time the triton backends with these query rows / "
                              "KV tokens per tile / warps / pipeline stages ('' for none)")  # fmt: skip
@@ -701,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         args.step_tokens, args.rl_prompt_tokens, args.rl_step_tokens = 12, 40, 6
         args.profile_tokens, args.warm_up_tokens = 6, 3
         args.rl_group, args.attention_case, args.repeats, args.widths = "2x2", "2,2,64,8", 2, "1,2"
+        args.nested_case = "2,3,32,32,8"
         args.kv_gib = 0.05
     args.widths = [int(w) for w in args.widths.split(",")]
     args.triton_tiles = [
@@ -710,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     args.attention_case = [
         tuple(int(x) for x in case.split(",")) for case in args.attention_case.split(";") if case
     ]
+    args.nested_case = tuple(int(x) for x in args.nested_case.split(",") if x)
     args.kv_bytes = int(args.kv_gib * 2**30)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -91,12 +91,19 @@ def _rl_group_lanes():
     return lanes, keys, pool
 
 
+# A third level: the branch of sample a0's block that the nested fork's two lanes are in.
+NESTED_KEYS = ["a0/0", "a0/1", "a0/1", "a1", "a2", "b0"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_cascade_levels_cover_every_view_exactly_once(fixed):
+def test_cascade_levels_cover_every_view_exactly_once(fixed, nested):
     lanes, keys, pool = _rl_group_lanes()
     pool.check(lanes)
+    if nested:
+        keys = [*keys, NESTED_KEYS]
     levels = cascade_levels(SlotViews.of(lanes), keys, fixed=fixed)
-    assert len(levels) == 3
+    assert len(levels) == len(keys) + 1
     seen = [[] for _ in lanes]
     empty = 0
     for level in levels:
@@ -111,11 +118,20 @@ def test_cascade_levels_cover_every_view_exactly_once(fixed):
     assert (empty > 0) == fixed
     for lane, slots in zip(lanes, seen, strict=True):
         assert slots == lane.flat_slots(), "levels in order rebuild the lane's view"
-    top, middle, _ = levels
+    top, middle = levels[:2]
     # Request a's lanes share the prompt's two full pages (its partial page was copied on write).
     assert top.qo_indptr.tolist()[:2] == [0, 5] and top.kv_indptr.tolist()[1] == 8
     # Sample a0's three lanes (branch 0 and the nested fork under branch 1) share to the fork.
     assert middle.qo_indptr.tolist()[:2] == [0, 3]
+    if nested:
+        # The nested fork's lanes read branch 1's tokens before their fork once, together.
+        inner = levels[2]
+        assert inner.qo_indptr.tolist()[:3] == [0, 1, 3]
+        start, end = inner.kv_indptr.tolist()[1:3]
+        first, second = lanes[1].flat_slots(), lanes[2].flat_slots()
+        common = next(i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y)
+        above = top.kv_indptr.tolist()[1] + middle.kv_indptr.tolist()[1]
+        assert 0 < end - start == common - above
 
 
 def _unshared_views() -> SlotViews:

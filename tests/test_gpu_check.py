@@ -75,6 +75,7 @@ def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
     assert f"archive  {archive.name}" in out, "counted with the wheels"
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "test_gpu_backends_reproduce_the_dense_forward" in summary, "gpu tests collected"
+    assert "test_gpu_backends_follow_nested_forks_and_joins" in summary
     assert "test_gpu_kernels_at_model_shapes" in summary
     assert "done: status 0" in summary
 
@@ -114,8 +115,7 @@ def _attention_inputs(gpu_decode, prefix: int, tail: int):
     model = gpu_decode.build_model(
         gpu_decode.QUICK, "cpu", torch.float32, gpu_decode.byte_tokenizer()
     )
-    views, keys, shape = gpu_decode.attention_case(model, 2, 3, prefix, tail)
-    lanes = [gpu_decode._FakeLane(p, s) for p, s in keys[1]]
+    views, lanes, shape = gpu_decode.attention_case(model, 2, 3, prefix, tail)
     torch.manual_seed(0)
     k_cache, v_cache = torch.randn(shape), torch.randn(shape)
     query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
@@ -216,3 +216,34 @@ def test_triton_backend_with_other_tiles_attends_like_the_torch_reference(monkey
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     tiles = [(la.block_q, la.block_t, la.warps, la.stages) for la in launches]
     assert tiles == [(32, 32, 2, 2)]
+
+
+def test_nested_attention_case_reads_each_path_once():
+    """The attention part's nested case: with levels for nested branches, the branches of a
+    path read the path once between them; the Triton kernels (interpreted) attend like SDPA
+    over each lane's whole view, with those levels and without."""
+    from kernels.attention import paged_decode_reference
+    from npr_graph.engine.backends import TritonBackend, flat_level
+
+    gpu_decode = _gpu_decode()
+    model = gpu_decode.build_model(
+        gpu_decode.QUICK, "cpu", torch.float32, gpu_decode.byte_tokenizer()
+    )
+    paths, branches, path_tokens = 2, 3, 32  # a path of whole pages: its branches share it all
+    views, lanes, shape = gpu_decode.nested_attention_case(
+        model, paths, branches, 32, path_tokens, 8
+    )
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    query = torch.randn(len(lanes), model.config.num_attention_heads, model.config.head_dim)
+    want = paged_decode_reference(query, k_cache, v_cache, flat_level(views))[0]
+    read = {}
+    for nested in (True, False):
+        backend = TritonBackend(nested=nested)
+        backend.attach(model, torch.device("cpu"))
+        levels = backend.levels(lanes, views)
+        read[nested] = (len(levels), sum(int(level.kv_indptr[-1]) for level in levels))
+        got = backend.plan_decode(lanes, views)(query, k_cache, v_cache, backend.scale)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert read[True][0] == read[False][0] + 1
+    assert read[False][1] - read[True][1] == paths * (branches - 1) * path_tokens

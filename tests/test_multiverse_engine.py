@@ -286,22 +286,67 @@ def test_eval_decodes_the_multiverse_prompt_in_parallel(tmp_path, tokenizer):
         assert graph.metadata["layout_consistent"]
 
 
-@pytest.mark.parametrize("cascade", [True, False])
-def test_kernel_backend_plans_follow_nested_forks_and_joins(cascade, tokenizer):
-    """The Triton backend's cascade or flat plans (run by the kernels' torch references) over
-    the lanes of nested blocks reproduce the dense forward."""
-    from npr_graph.engine.backends import TritonBackend
+def decode_nested_with(backend, tokenizer, *, device="cpu", dtype=torch.float32, tolerance=1e-4):
+    """Nested blocks decoded with a levels backend (Triton, FlashInfer): each graph reproduces
+    the dense forward within ``tolerance``; with cascade, a nested block's branches get a level
+    of their own and read the enclosing path up to their fork once, between them."""
+    from test_backends import GPU_SHAPE
+    from test_backends import dense_logprobs as dense_logprobs_on_device
 
-    backend = TritonBackend(cascade=cascade, kernels="torch")
-    engine = make_engine("qwen3", tokenizer, attention_backend=backend)
+    from npr_graph.engine.backends import cascade_levels, lane_group_keys
+
+    shape = GPU_SHAPE if device == "cuda" else {}
+    model = tiny_model("qwen3", tokenizer=tokenizer, dtype=dtype, **shape).to(device)
+    engine = Engine(model, tokenizer, page_size=4, num_pages=2048, grammar="multiverse",
+                    device=device, attention_backend=backend)  # fmt: skip
+    backend = engine.runner.backend
+    slots_read = []  # per cascade step: KV slots read with levels for nested branches, without
+    plan_levels = backend.levels
+
+    def spy(lanes, views):
+        levels = plan_levels(lanes, views)
+        if len(levels) > 1:
+            unnested = cascade_levels(views, lane_group_keys(lanes, nested=False))
+            slots_read.append(
+                [sum(lv.kv_indptr[-1].item() for lv in x) for x in (levels, unnested)]
+            )
+        return levels
+
+    backend.levels = spy
     params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=300, n=2, max_blocks=2, **ROOMY)
     graphs = engine.generate(
         ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
     )
     assert all(nested_blocks(g) for g in graphs)
+    assert bool(slots_read) == backend.cascade
+    if backend.cascade:
+        assert all(nested <= unnested for nested, unnested in slots_read)
+        assert any(nested < unnested for nested, unnested in slots_read)
     for graph in graphs:
-        check_graph(engine, graph)
+        assert graph.metadata["layout_consistent"]
+        assert ng.validate(graph, "lenient", grammar="multiverse") == []
+        scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+        assert (dense_logprobs_on_device(engine.model, graph) - scored).abs().max() <= tolerance
     assert engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_kernel_backend_plans_follow_nested_forks_and_joins(cascade, tokenizer):
+    """The Triton backend's plans, run by the kernels' torch references."""
+    from npr_graph.engine.backends import TritonBackend
+
+    decode_nested_with(TritonBackend(cascade=cascade, kernels="torch"), tokenizer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_gpu_backends_follow_nested_forks_and_joins(backend, tokenizer):
+    from npr_graph.engine.backends import flashinfer_installed
+
+    if backend == "flashinfer" and not flashinfer_installed():
+        pytest.skip("flashinfer is not installed")
+    decode_nested_with(backend, tokenizer, device="cuda", dtype=torch.bfloat16, tolerance=0.15)
 
 
 # -- training on the Multiverse format ----------------------------------------------------------

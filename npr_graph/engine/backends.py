@@ -9,7 +9,9 @@ path.
 
 Cascade levels (see :mod:`kernels.attention`) come from the lanes' KV views: lanes are grouped
 by request (an RL group of n samples shares the prompt's pages), then by sample (the branches of
-a block share the reasoning prefix up to the fork), then each lane alone (its own tail). A
+a block share the reasoning prefix up to the fork), then, where blocks nest (Multiverse), by the
+enclosing branch at each depth (a nested block's branches share that branch up to their fork),
+then each lane alone (its own tail). A
 level's KV for a group is the slot prefix all its lanes share beyond the previous level, so fork
 and join need nothing special: a join lane lists its prefix and every branch's pages, and shares
 with nobody until it forks again. KV lists are slot lists (page size 1 over the cache viewed as
@@ -136,12 +138,34 @@ def _level(rows: Sequence[np.ndarray], groups: list[tuple[int, int, int, int]]) 
     )
 
 
-def lane_group_keys(lanes: Sequence) -> list[list[Hashable]]:
+def lane_group_keys(lanes: Sequence, nested: bool = True) -> list[list[Hashable]]:
     """Level keys of engine lanes: their request, then their sample (a lane without a sample,
-    i.e. a prompt being prefilled, is its own group)."""
+    i.e. a prompt being prefilled, is its own group), then, with ``nested``, a level per depth
+    of nesting below the first: the branch of the enclosing block at that depth, whose tokens
+    up to a nested fork all that fork's branches share."""
     requests = [id(lane.sample.request) if lane.sample else id(lane) for lane in lanes]
     samples = [id(lane.sample) if lane.sample else id(lane) for lane in lanes]
-    return [requests, samples]
+    keys = [requests, samples]
+    if nested:
+        chains = [enclosing_branches(lane) for lane in lanes]
+        for depth in range(max(map(len, chains), default=0) - 1):
+            keys.append(
+                [
+                    c[depth] if len(c) > depth + 1 else id(lane)
+                    for c, lane in zip(chains, lanes, strict=True)
+                ]
+            )
+    return keys
+
+
+def enclosing_branches(lane) -> list[tuple[int, int]]:
+    """``(id of the lane that forked the block, branch index)`` of each block ``lane`` is in,
+    outermost first (empty for a lane outside every block)."""
+    chain = []
+    while lane.owner is not None:
+        chain.append((id(lane.owner), lane.branch))
+        lane = lane.owner
+    return chain[::-1]
 
 
 # -- backends -------------------------------------------------------------------------------------
@@ -193,19 +217,22 @@ class TorchBackend(AttentionBackend):
 
 
 class _LevelsBackend(AttentionBackend):
-    def __init__(self, cascade: bool = True) -> None:
+    """``cascade``: levels by request, sample and (``nested``) enclosing branch; else flat."""
+
+    def __init__(self, cascade: bool = True, nested: bool = True) -> None:
         self.cascade = cascade
+        self.nested = nested
 
     def levels(self, lanes: Sequence, views: SlotViews) -> list[DecodeLevel]:
         if self.cascade:
             try:
-                return cascade_levels(views, lane_group_keys(lanes))
+                return cascade_levels(views, lane_group_keys(lanes, self.nested))
             except ValueError:  # a view too short to split (one-token prompts)
                 pass
         return [flat_level(views)]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(cascade={self.cascade})"
+        return f"{type(self).__name__}(cascade={self.cascade}, nested={self.nested})"
 
 
 class TritonBackend(_LevelsBackend):
@@ -223,8 +250,9 @@ class TritonBackend(_LevelsBackend):
         cascade: bool = True,
         kernels: str = "triton",
         tiles: tuple[int, int, int, int] | None = None,
+        nested: bool = True,
     ) -> None:
-        super().__init__(cascade)
+        super().__init__(cascade, nested)
         self.kernels = kernels
         self.tiles = tiles
 
@@ -263,8 +291,10 @@ class FlashInferBackend(_LevelsBackend):
 
     name = "flashinfer"
 
-    def __init__(self, cascade: bool = True, workspace_bytes: int = 128 * 2**20) -> None:
-        super().__init__(cascade)
+    def __init__(
+        self, cascade: bool = True, workspace_bytes: int = 128 * 2**20, nested: bool = True
+    ) -> None:
+        super().__init__(cascade, nested)
         self.workspace_bytes = workspace_bytes
         self._wrappers: dict[int, object] = {}
         self._last_plan: torch.cuda.Event | None = None
@@ -409,8 +439,9 @@ class _TritonGraphDecoder(GraphDecoder):
     group's queries and KV length from the tables on the device, so one recorded launch serves
     any step that fits: each level has room for ``batch`` groups (unused ones empty), a lane's
     KV splits over a number of programs fixed at capture (splits past its length add nothing),
-    and cascade keeps all three levels every step (:func:`cascade_levels` with ``fixed``: a lane
-    that shares nothing at a level has an empty list there, which these kernels take)."""
+    and cascade keeps all three levels every step (request, sample, tail: nested branches read
+    what they share in their tails; :func:`cascade_levels` with ``fixed``: a lane that shares
+    nothing at a level has an empty list there, which these kernels take)."""
 
     def __init__(self, backend: TritonBackend, batch: int, capacity: int) -> None:
         from kernels import attention_triton
@@ -419,8 +450,9 @@ class _TritonGraphDecoder(GraphDecoder):
         self.batch = batch
         self.capacity = capacity
         self.cascade = backend.cascade
-        # cascade: a level per key of lane_group_keys (request, sample), then each lane's tail
-        num_levels = len(lane_group_keys(())) + 1 if self.cascade else 1
+        # cascade: a level per key of lane_group_keys (request, sample), then each lane's tail;
+        # a graph has a fixed number of levels, so nested branches get none of their own
+        num_levels = len(lane_group_keys((), nested=False)) + 1 if self.cascade else 1
 
         def buffer(size: int, fill: int = 0) -> torch.Tensor:
             return torch.full((size,), fill, dtype=torch.int32, device=device)
@@ -442,7 +474,7 @@ class _TritonGraphDecoder(GraphDecoder):
 
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
         if self.cascade:
-            levels = cascade_levels(views, lane_group_keys(lanes), fixed=True)
+            levels = cascade_levels(views, lane_group_keys(lanes, nested=False), fixed=True)
         else:
             levels = [flat_level(views)]
         for fixed, level in zip(self.levels, levels, strict=True):
