@@ -4,7 +4,7 @@ The graph is the single source of truth: positions and visibility (:mod:`npr_gra
 format rules (:mod:`npr_graph.constraints`), rewards and metrics all read it.
 """
 
-from .constraints import PROFILES, RULES, Profile, boxed_answers, validate
+from .constraints import PROFILES, RULES, Profile, boxed_answers, format_valid, validate
 from .format import format_score
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 from .layout import CompactMask, attention_mask, compact_mask, node_starts, position_ids
@@ -26,6 +26,7 @@ __all__ = [
     "boxed_answers",
     "compact_mask",
     "format_score",
+    "format_valid",
     "metrics",
     "node_starts",
     "parse",

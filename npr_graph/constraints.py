@@ -12,6 +12,7 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
+from .format import format_score
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 from .parse import dialect, parse
 
@@ -103,6 +104,15 @@ def validate(
         if violation.node is None and starts:
             violation.node = max(bisect_right(starts, violation.char_start) - 1, 0)
     return sorted(kept, key=lambda v: (v.char_start, v.char_end, v.code))
+
+
+def format_valid(graph: ReasoningGraph) -> bool:
+    """Whether ``graph``'s response passes its format: NPR, the NPR release's check
+    (:func:`~npr_graph.format.format_score` is 0); Multiverse, at least one block and no
+    violation of the strict profile."""
+    if graph.grammar == "npr":
+        return format_score(graph.response_text) == 0.0
+    return bool(graph.blocks) and not validate(graph, "strict")
 
 
 def _violation(code: str, message: str, node: Node) -> Violation:

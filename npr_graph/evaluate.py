@@ -234,7 +234,7 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     """
     from papo.rewards import extract_answer
 
-    from .constraints import validate
+    from .constraints import format_valid, validate
     from .format import format_score
     from .metrics import metrics
 
@@ -243,12 +243,7 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     response = graph.response_text
     fmt = format_score(response) if grammar == "npr" else None
     violations = validate(graph, "strict") if grammar else []
-    if grammar == "npr":
-        valid = fmt == 0.0
-    elif grammar == "multiverse":
-        valid = bool(graph.blocks) and not violations
-    else:
-        valid = extract_answer(response) is not None
+    valid = format_valid(graph) if grammar else extract_answer(response) is not None
     meta = graph.metadata
     return {
         "tokens": m["total_tokens"],

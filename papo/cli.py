@@ -52,6 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
         template = load_template(args.prompt)
+        grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
         params = SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -59,9 +60,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             n=args.tries,
             seed=args.seed,
         )
-        model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags, grammar=grammar)
         device = args.device or default_device()
-        engine = Engine(model.to(device), tokenizer, device=device)
+        engine = Engine(model.to(device), tokenizer, device=device, grammar=grammar)
     # torch raises RuntimeError for a bad device string, AssertionError for CUDA in a CPU build
     except (ValueError, FileNotFoundError, RuntimeError, AssertionError) as error:
         console.print(f"[red]error:[/] {error}")
@@ -104,6 +105,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--mode", choices=("sequential", "free", "constrained"), default="sequential"
     )
     sample.add_argument("--prompt", default="npr", help="npr | multiverse | cot | a template file")
+    sample.add_argument(
+        "--grammar",
+        choices=("npr", "multiverse"),
+        default=None,
+        help="the format decoded and checked (default: multiverse with --prompt multiverse, else npr)",
+    )
     sample.add_argument("--tries", type=int, default=8)
     sample.add_argument("--limit", type=int, default=None)
     sample.add_argument("--max-new-tokens", type=int, default=1024)

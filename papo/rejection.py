@@ -2,8 +2,10 @@
 
 For each problem the model samples up to ``tries`` trajectories (as one group of ``n = tries``
 samples sharing the prompt's KV, which gives the same samples as trying one after another with
-per-sample seeds); the first, in sample order, whose answer is correct and whose format score is
-exactly 0 is kept. Problems without an accepted trajectory are counted, not written.
+per-sample seeds); the first, in sample order, whose answer is correct and whose format passes
+(:func:`npr_graph.format_valid`: an NPR format score of exactly 0, or a Multiverse trace without
+strict violations, by the engine's grammar) is kept. Problems without an accepted trajectory are
+counted, not written.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from npr_graph.constraints import format_valid
 from npr_graph.engine.engine import Engine
 from npr_graph.engine.sampling import SamplingParams
-from npr_graph.format import format_score
 from npr_graph.prompts import PromptTemplate
 
 from .problems import Problem
@@ -80,7 +82,7 @@ def rejection_sample(
             for tries, graph in enumerate(group, start=1):
                 response = strip_eos(graph.response_text, eos)
                 correct = accuracy(response, problem.answer).correct
-                valid = format_score(response) == 0
+                valid = format_valid(graph)
                 report.samples += 1
                 report.correct += correct
                 report.format_valid += valid

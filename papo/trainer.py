@@ -559,11 +559,7 @@ def _shape(graph: ng.ReasoningGraph) -> dict[str, Any]:
     return {
         "parallel": m["is_parallel"],
         "widths": m["widths"],
-        "format_valid": (
-            ng.format_score(graph.response_text) == 0
-            if graph.grammar == "npr"
-            else not ng.validate(graph, "strict")
-        ),
+        "format_valid": ng.format_valid(graph),
         "tokens": m["total_tokens"],
     }
 

@@ -13,6 +13,21 @@ def test_valid_traces_have_no_violations():
     assert ng.validate(MULTIVERSE_TRACE, grammar="multiverse") == []
 
 
+def test_format_valid_uses_each_grammar_own_check():
+    assert ng.format_valid(ng.parse(NPR_TRACE))
+    assert ng.format_valid(ng.parse(MULTIVERSE_TRACE, grammar="multiverse"))
+    # NPR: the release's format score, which does not check numbering (the strict rules do)
+    renumbered = NPR_TRACE.replace("<plan>2: use", "<plan>3: use")
+    assert codes(renumbered) == ["plan_numbering"] and ng.format_valid(ng.parse(renumbered))
+    assert not ng.format_valid(ng.parse(NPR_TRACE.replace("</takeaway>", "", 1), lenient=True))
+    # Multiverse: a block and no strict violation
+    answer_only = "so \\boxed{5}"
+    assert not ng.format_valid(ng.parse(answer_only, grammar="multiverse"))
+    numbering = MULTIVERSE_TRACE.replace("<Path>\n2:", "<Path>\n3:")
+    assert numbering != MULTIVERSE_TRACE
+    assert not ng.format_valid(ng.parse(numbering, grammar="multiverse", lenient=True))
+
+
 @pytest.mark.parametrize(
     "old, new, code",
     [

@@ -276,8 +276,9 @@ def test_example_configs_load(stage):
 class ScriptedEngine:
     """Returns fixed responses as graphs, the way the engine orders its samples."""
 
-    def __init__(self, responses):
+    def __init__(self, responses, grammar="npr"):
         self.responses = responses
+        self.grammar = grammar
         self.tokenizer = type("T", (), {"eos_token": "<eos>"})()
 
     def generate(self, prompts, params, mode, chat=None):
@@ -286,7 +287,8 @@ class ScriptedEngine:
         graphs = []
         for index, _ in enumerate(prompts):
             for sample in range(params.n):
-                graph = ng.parse(self.responses[index][sample] + "<eos>", lenient=True)
+                text = self.responses[index][sample] + "<eos>"
+                graph = ng.parse(text, grammar=self.grammar, lenient=True)
                 graph.metadata.update(prompt_index=index, sample_index=sample)
                 graphs.append(graph)
         return graphs
@@ -314,6 +316,29 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     summary = report.to_dict()
     assert summary["problems"] == 2 and summary["accepted"] == 1 and summary["samples"] == 8
     assert summary["mean_tries"] == 3
+
+
+def test_rejection_sampling_checks_the_format_of_the_engine_grammar():
+    """Multiverse traces are checked by the strict Multiverse rules, not the NPR format score."""
+    from test_multiverse_engine import NESTED_TRACE
+
+    import npr_graph as ng
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from papo.problems import Problem
+    from papo.rejection import rejection_sample
+
+    unclosed = NESTED_TRACE.replace("</Conclusion>\n</Parallel>\n\\boxed{6}", "\\boxed{6}")
+    no_block = "so \\boxed{6}"
+    assert ng.validate(unclosed, "strict", grammar="multiverse"), "a block left open"
+    engine = ScriptedEngine([[unclosed, no_block, NESTED_TRACE]], grammar="multiverse")
+    problems = [Problem("a", "Q", "6")]
+    accepted, report = rejection_sample(
+        engine, problems, load_template("multiverse"), SamplingParams(n=3), mode="constrained"
+    )
+    assert [(r["response"], r["tries"]) for r in accepted] == [(NESTED_TRACE, 3)]
+    assert report.to_dict()["format_valid_rate"] == pytest.approx(1 / 3)
+    assert report.to_dict()["correct_rate"] == 1.0
 
 
 def test_train_cli_reports_bad_configs(tmp_path, capsys):
@@ -361,6 +386,32 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert out.exists()  # a random model is rarely right: accepted traces may well be none
     assert main([*args[:-2], "--device", "tpu"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "grammar"),
+    [([], "npr"), (["--prompt", "multiverse"], "multiverse"),
+     (["--prompt", "multiverse", "--grammar", "npr"], "npr")],
+)  # fmt: skip
+def test_sample_cli_decodes_the_grammar_of_its_prompt(options, grammar, problems, tmp_path,
+                                                      tokenizers, monkeypatch):  # fmt: skip
+    import papo.rejection
+    from npr_graph.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_model(tokenizers["text"]).save_pretrained(model_dir)
+    tokenizers["text"].save_pretrained(model_dir)
+    seen = []
+
+    def recording(engine, problems, template, params, **kwargs):
+        seen.append((engine.grammar, engine.format.tags.opener))
+        return [], papo.rejection.SamplingReport()
+
+    monkeypatch.setattr(papo.rejection, "rejection_sample", recording)
+    args = ["sample", "--data", str(problems), "--out", str(tmp_path / "out.jsonl"),
+            "--model", str(model_dir), "--device", "cpu", *options]  # fmt: skip
+    assert main(args) == 0
+    assert seen == [(grammar, "<Parallel>" if grammar == "multiverse" else "<guideline>")]
 
 
 def test_trainer_device_is_validated(traces, tmp_path, tokenizers):
