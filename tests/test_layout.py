@@ -100,6 +100,8 @@ def test_visible_ranges_list_the_ancestor_segments(small):
     assert covered == set(range(step1.token_start)) | set(range(step2.token_start, step2.token_end))
 
 
+# Unfused on the CPU on purpose: the test is about the mask, not the kernel.
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_block_mask_equals_dense_sdpa(small):
     from torch.nn.attention.flex_attention import flex_attention
 
