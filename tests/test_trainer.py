@@ -341,6 +341,31 @@ def test_rejection_sampling_checks_the_format_of_the_engine_grammar():
     assert report.to_dict()["correct_rate"] == 1.0
 
 
+def test_bad_sft_traces_are_named_by_file_and_line(tmp_path):
+    from papo.problems import read_problems, read_traces
+
+    path = tmp_path / "traces.jsonl"
+    rows = ['{"prompt": "Q", "response": "A"}', "[1, 2]", '{"prompt": "Q"}',
+            '{"prompt": "Q", "response": "  "}', '{"response": "A"}', "{broken"]  # fmt: skip
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError) as error:
+        read_traces(path)
+    message = str(error.value)
+    for line, why in [(2, "not an object"), (3, "no response"), (4, "no response"),
+                      (5, "no problem/question/prompt"), (6, "")]:  # fmt: skip
+        assert f"traces.jsonl:{line}: {why}" in message
+    assert "traces.jsonl:1" not in message
+    path.write_text("".join(f"[{i}]\n" for i in range(8)))
+    with pytest.raises(ValueError, match=r"\(and 3 more\)$"):
+        read_traces(path)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        read_traces(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        read_problems(tmp_path / "missing.jsonl")
+    path.write_text('{"question": "Q", "response": "A"}\n')
+    assert [t.prompt for t in read_traces(path, prompt_field="question")] == ["Q"]
+
+
 def test_train_cli_reports_bad_configs(tmp_path, capsys):
     from npr_graph.cli import main
 
