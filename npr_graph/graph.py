@@ -273,6 +273,9 @@ class ReasoningGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReasoningGraph:
+        """The graph ``to_dict`` wrote; ValueError, saying what is wrong, for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a reasoning graph dict: a {type(data).__name__}")
         schema = data.get("schema", SCHEMA_VERSION)
         if schema != SCHEMA_VERSION:
             raise ValueError(f"unsupported graph schema {schema!r} (expected {SCHEMA_VERSION})")
@@ -291,8 +294,8 @@ class ReasoningGraph:
                 forced=data.get("forced"),
                 metadata=dict(data.get("metadata", {})),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"not a reasoning graph dict: {error}") from error
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"not a reasoning graph dict: {error!r}") from error
         check_partition(graph)
         return graph
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import NPR_TRACE
 
 from npr_graph import (
     ParseError,
@@ -304,3 +305,46 @@ def test_tokenized_megabyte():
     block = realistic_block("npr")
     text = block * (MB // len(block)) + "\\boxed{1}"
     tokenized_survives(text, "npr", bound_s=30)
+
+
+def _corrupt(data: dict, change: str) -> Any:
+    import copy
+
+    data = copy.deepcopy(data)
+    if change == "not a dict":
+        return [data]
+    if change == "schema":
+        data["schema"] = 999
+    elif change == "no text":
+        del data["text"]
+    elif change == "node not a dict":
+        data["nodes"][1] = "plan"
+    elif change == "unknown kind":
+        data["nodes"][1]["kind"] = "lemma"
+    elif change == "gap":
+        data["nodes"][2]["char_start"] += 1
+    elif change == "forward parent":
+        data["nodes"][1]["parents"] = [5]
+    elif change == "short cover":
+        data["text"] += "more"
+    elif change == "token gap":
+        data["nodes"][1]["token_end"] += 1
+    elif change == "block field":
+        data["blocks"][0]["colour"] = "red"
+    return data
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["not a dict", "schema", "no text", "node not a dict", "unknown kind", "gap",
+     "forward parent", "short cover", "token gap", "block field"],
+)  # fmt: skip
+def test_a_broken_graph_dict_is_a_value_error(change):
+    """Saved graphs (samples.jsonl, to_json) read back wrong: a ValueError that says what is
+    wrong, never another exception or a graph that does not tile its text."""
+    graph = parse(NPR_TRACE, tokenizer=CharTokenizer())
+    assert ReasoningGraph.from_dict(graph.to_dict()).to_dict() == graph.to_dict()
+    with pytest.raises(ValueError, match=r"graph|node|schema|cover"):
+        ReasoningGraph.from_dict(_corrupt(graph.to_dict(), change))
+    with pytest.raises(ValueError):
+        ReasoningGraph.from_json('{"text": "x", "nodes": [')
