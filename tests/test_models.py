@@ -514,3 +514,37 @@ def test_cache_survives_a_read_only_root(stub_cache, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(blocker / "cache"))
     model, tokenizer = load_model(gguf, tags="text")
     assert len(calls) == 1 and model is not None and tokenizer is not None
+
+
+def _cache_dir(path, complete: bool, content: str):
+    path.mkdir()
+    (path / "weights").write_text(content)
+    if complete:
+        (path / models.COMPLETE_MARKER).write_text("{}")
+    return path
+
+
+def test_a_cache_entry_another_process_finished_first_is_kept(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF: the loser's copy is dropped when the winner's entry
+    is whole, and replaces an entry a writer left half-written."""
+    tmp = _cache_dir(tmp_path / "tmp-a", True, "mine")
+    entry = _cache_dir(tmp_path / "entry", True, "theirs")
+    models._publish(tmp, entry)
+    assert not tmp.exists() and (entry / "weights").read_text() == "theirs"
+
+    tmp = _cache_dir(tmp_path / "tmp-b", True, "mine")
+    (entry / models.COMPLETE_MARKER).unlink()  # theirs died before finishing
+    models._publish(tmp, entry)
+    assert not tmp.exists() and (entry / "weights").read_text() == "mine"
+
+    # the rename keeps failing and no whole entry appears: the error is raised, nothing is left
+    tmp = _cache_dir(tmp_path / "tmp-c", True, "mine")
+    (entry / models.COMPLETE_MARKER).unlink()
+
+    def refuse(source, target):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(models.os, "rename", refuse)
+    with pytest.raises(OSError, match="read-only"):
+        models._publish(tmp, entry)
+    assert not tmp.exists()
