@@ -451,7 +451,7 @@ class Trainer:
                 logprobs,
                 row.advantages[scored],
                 mask,
-                old_logprobs=_known(old) if use_old else None,
+                old_logprobs=_known(old, mask, logprobs) if use_old else None,
                 structural=row.structural[scored],
                 clip=c.clip,
                 aggregation=c.aggregation,
@@ -540,11 +540,14 @@ def _template(value: str) -> PromptTemplate:
     return load_template(value)
 
 
-def _known(old: torch.Tensor) -> torch.Tensor | None:
-    """The engine's log-probs, or None when any is unknown (SFT traces were not sampled)."""
-    if torch.isnan(old).any():
+def _known(old: torch.Tensor, mask: torch.Tensor, current: torch.Tensor) -> torch.Tensor | None:
+    """The engine's log-probs where the loss reads them, or None when one of those is unknown
+    (SFT traces were not sampled). Outside the loss they may be unknown (engine-written tokens a
+    hard cut left unscored): there the current ones stand in, so the ratio there is 1."""
+    mask = mask.bool()
+    if torch.isnan(old[mask]).any():
         return None
-    return old
+    return torch.where(mask, old, current.detach())
 
 
 def _structurally_valid(graph: ng.ReasoningGraph) -> bool:

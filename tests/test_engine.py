@@ -172,6 +172,39 @@ def test_pool_too_small_for_one_request_is_a_clear_error(special_tokenizer):
         )
 
 
+def test_a_pool_exhausted_mid_decode_ends_the_lone_request_with_a_reason(special_tokenizer):
+    """Nothing left to preempt: the samples end as ``kv_exhausted`` with what they wrote and
+    every page comes back. Every token the model chose is scored as the dense forward scores it;
+    only engine-written tokens the cut left unfed have no log-prob (they take no loss)."""
+    params = SamplingParams(
+        temperature=1.0, seed=3, max_new_tokens=200, n=2, min_branches=3, max_branches=3, **SHORT
+    )
+    engine = make_engine("llama", special_tokenizer, num_pages=24)
+    graphs = engine.generate(["Q"], params, mode="constrained", chat=False)
+    assert engine.stats.preemptions == 0 and engine.pool.num_used == 0
+    for graph in graphs:
+        assert graph.metadata["finish_reason"] == "kv_exhausted" and graph.metadata["truncated"]
+        assert graph.num_tokens > graph.prompt_num_tokens and graph.metadata["layout_consistent"]
+        start = graph.prompt_num_tokens
+        logprobs, forced = graph.logprobs[start:], graph.forced[start:]
+        known = torch.tensor([lp is not None for lp in logprobs])
+        assert all(f for lp, f in zip(logprobs, forced, strict=True) if lp is None)
+        scored = torch.tensor([lp if lp is not None else 0.0 for lp in logprobs])
+        error = (dense_logprobs(engine.model, graph) - scored)[known].abs().max()
+        assert error <= 1e-4
+
+
+def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
+    engine = make_engine("llama", special_tokenizer)
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(["a", "b"], [SamplingParams(max_new_tokens=4)], chat=False)
+    per_prompt = [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=5)]
+    graphs = engine.generate(["a", "b"], per_prompt, mode="sequential", chat=False)
+    assert [g.num_tokens - g.prompt_num_tokens for g in graphs] == [3, 5]
+    (graph,) = engine.generate("a", SamplingParams(max_new_tokens=2), chat=False)
+    assert graph.metadata["prompt_index"] == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -366,6 +366,17 @@ def test_bad_sft_traces_are_named_by_file_and_line(tmp_path):
     assert [t.prompt for t in read_traces(path, prompt_field="question")] == ["Q"]
 
 
+def test_unknown_old_logprobs_matter_only_where_the_loss_reads_them():
+    from papo.trainer import _known
+
+    nan = float("nan")
+    current = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    old = _known(torch.tensor([-1.5, nan, -2.5]), mask, current)
+    assert old.tolist() == [-1.5, -2.0, -2.5] and not old.requires_grad
+    assert _known(torch.tensor([nan, -1.0, -2.5]), mask, current) is None
+
+
 def test_train_cli_reports_bad_configs(tmp_path, capsys):
     from npr_graph.cli import main
 
