@@ -157,6 +157,21 @@ def test_overlapped_preemption_matches(tokenizer):
     assert_same_output(runs)
 
 
+def test_overlapped_exhausted_pool_matches(tokenizer):
+    """One request outgrowing the pool: the overlapped engine cuts it where the plain one does,
+    with a picked token outstanding, and reads nothing it did not keep."""
+    params = SamplingParams(
+        temperature=1.0, seed=3, max_new_tokens=200, n=2, min_branches=3, max_branches=3, **SHORT
+    )
+    runs = run_both("llama", tokenizer, ["Q"], params, "constrained", num_pages=24)
+    (_, want), (_, got) = runs[False], runs[True]
+    for a, b in zip(want, got, strict=True):
+        assert b.metadata["finish_reason"] == a.metadata["finish_reason"] == "kv_exhausted"
+        assert b.token_ids == a.token_ids and PICKED not in b.token_ids and b.forced == a.forced
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5)
+
+
 def test_an_end_of_sequence_inside_a_step_is_taken_back(tokenizer):
     """Free mode: the model stops inside a step. The overlapped engine has already fed that
     token when it reads it; it takes it (and its KV slot) back and closes the step, as the plain
