@@ -216,22 +216,22 @@ def bench_attention(model, device, dtype, backends, args, budget) -> list[dict]:
                "queries": prompts * samples, "prefix_tokens": prefix, "tail_tokens": tail}  # fmt: skip
         case = attention_case(model, prompts, samples, prefix, tail)
         out += _bench_attention_case(model, device, dtype, backends, args, budget, row, case,
-                                     tiles=index == 0)  # fmt: skip
+                                     sweep_tiles=index == 0)  # fmt: skip
     if args.nested_case:
         paths, branches, prefix, path_tokens, tail = args.nested_case
         row = {"part": "attention", "nested": f"{paths}x{branches}", "queries": paths * branches,
                "prefix_tokens": prefix, "path_tokens": path_tokens, "tail_tokens": tail}  # fmt: skip
         case = nested_attention_case(model, *args.nested_case)
         out += _bench_attention_case(model, device, dtype, backends, args, budget, row, case,
-                                     tiles=False, unnested=True)  # fmt: skip
+                                     sweep_tiles=False, unnested=True)  # fmt: skip
     return out
 
 
 def _bench_attention_case(model, device, dtype, backends, args, budget, row, case, *,
-                          tiles: bool, unnested: bool = False) -> list[dict]:  # fmt: skip
+                          sweep_tiles: bool, unnested: bool = False) -> list[dict]:  # fmt: skip
     """Time each backend's decode attention over ``case`` (views, lanes, cache shape); with
-    ``tiles`` also the Triton tile sweep, with ``unnested`` also cascade without the levels of
-    nested branches."""
+    ``sweep_tiles`` also the Triton tile sweep, with ``unnested`` also cascade without the
+    levels of nested branches."""
     torch.manual_seed(0)
     config = model.config
     out = []
@@ -257,7 +257,7 @@ def _bench_attention_case(model, device, dtype, backends, args, budget, row, cas
                 plain = type(backend)(cascade=True, nested=False)
                 plain.attach(model, torch.device(device))
                 planners.append((f"{name}-unnested", lambda b=plain: b.plan_decode(lanes, views)))
-            if name.startswith("triton") and tiles:
+            if name.startswith("triton") and sweep_tiles:
                 # The tiles are a guess made without a GPU: the same plan with other tiles
                 # (on the first case only, to save device time)
                 for tiles in args.triton_tiles:

@@ -544,7 +544,6 @@ def _known(old: torch.Tensor, mask: torch.Tensor, current: torch.Tensor) -> torc
     """The engine's log-probs where the loss reads them, or None when one of those is unknown
     (SFT traces were not sampled). Outside the loss they may be unknown (engine-written tokens a
     hard cut left unscored): there the current ones stand in, so the ratio there is 1."""
-    mask = mask.bool()
     if torch.isnan(old[mask]).any():
         return None
     return torch.where(mask, old, current.detach())
