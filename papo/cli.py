@@ -53,6 +53,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
         template = load_template(args.prompt)
         grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
+        if args.mode == "constrained" and args.tags != "special":
+            raise ValueError("--mode constrained needs the tags as special tokens (--tags special)")
         params = SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -78,6 +80,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     json.dump(report.to_dict(), sys.stdout)
     print()
+    for line in report.not_run:
+        console.print(f"[yellow]not run:[/] {line}")
     console.print(f"accepted {report.accepted} of {report.problems} problems -> {args.out}")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from npr_graph.constraints import format_valid
-from npr_graph.engine.engine import Engine
+from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.prompts import PromptTemplate
 
@@ -33,6 +33,7 @@ class SamplingReport:
     correct: int = 0
     format_valid: int = 0
     tries_used: list[int] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)  # problems the engine could not run, why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class SamplingReport:
             "correct_rate": self.correct / self.samples if self.samples else 0.0,
             "format_valid_rate": self.format_valid / self.samples if self.samples else 0.0,
             "mean_tries": sum(self.tries_used) / len(self.tries_used) if self.tries_used else 0.0,
+            "not_run": list(self.not_run),
         }
 
 
@@ -69,15 +71,28 @@ def rejection_sample(
     eos = getattr(engine.tokenizer, "eos_token", None)
     report = SamplingReport()
     accepted = []
+
+    def generate(chunk: list[Problem]) -> list[tuple[Problem, list]]:
+        """Each problem with its samples in sample order; a problem the engine cannot run (too
+        long for the model's context or the KV pool) is reported, and the others go ahead."""
+        try:
+            graphs = engine.generate(
+                [template.render(p.prompt) for p in chunk], params, mode=mode, chat=chat
+            )
+        except PromptError as error:
+            if len(chunk) == 1:
+                report.not_run.append(f"problem {chunk[0].id}: {error}")
+                return []
+            return [pair for problem in chunk for pair in generate([problem])]
+        by_sample = sorted(graphs, key=lambda g: g.metadata["sample_index"])
+        return [
+            (problem, [g for g in by_sample if g.metadata["prompt_index"] == offset])
+            for offset, problem in enumerate(chunk)
+        ]
+
     for start in range(0, len(problems), batch):
-        chunk = problems[start : start + batch]
-        graphs = engine.generate(
-            [template.render(p.prompt) for p in chunk], params, mode=mode, chat=chat
-        )
-        for offset, problem in enumerate(chunk):
+        for problem, group in generate(problems[start : start + batch]):
             report.problems += 1
-            group = [g for g in graphs if g.metadata["prompt_index"] == offset]
-            group.sort(key=lambda g: g.metadata["sample_index"])
             chosen = None
             for tries, graph in enumerate(group, start=1):
                 response = strip_eos(graph.response_text, eos)

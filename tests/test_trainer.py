@@ -318,6 +318,32 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     assert summary["mean_tries"] == 3
 
 
+def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
+    """A prompt too long for the context or the pool fails the engine's whole call: the chunk's
+    other problems run one by one and the failed one is reported."""
+    from npr_graph.engine.engine import PromptError
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from papo.problems import Problem
+    from papo.rejection import rejection_sample
+
+    class PickyEngine(ScriptedEngine):
+        def generate(self, prompts, params, mode, chat=None):
+            if any("LONG" in p for p in prompts):
+                raise PromptError("the prompt exceeds the model's context")
+            return super().generate(prompts, params, mode, chat)
+
+    engine = PickyEngine([[TRACE]] * 3)
+    problems = [Problem("a", "2+3", "5"), Problem("b", "LONG", "5"), Problem("c", "3+2", "5")]
+    accepted, report = rejection_sample(
+        engine, problems, load_template("npr"), SamplingParams(n=1)
+    )
+    assert [r["id"] for r in accepted] == ["a", "c"]
+    summary = report.to_dict()
+    assert summary["problems"] == 2
+    assert summary["not_run"] == ["problem b: the prompt exceeds the model's context"]
+
+
 def test_rejection_sampling_checks_the_format_of_the_engine_grammar():
     """Multiverse traces are checked by the strict Multiverse rules, not the NPR format score."""
     from test_multiverse_engine import NESTED_TRACE
@@ -422,6 +448,8 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert out.exists()  # a random model is rarely right: accepted traces may well be none
     assert main([*args[:-2], "--device", "tpu"]) == 2
     assert "device" in capsys.readouterr().err
+    assert main([*args, "--mode", "constrained"]) == 2  # the model's tags are plain text
+    assert "--tags special" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
