@@ -102,6 +102,8 @@ class TrainConfig:
              f"reward {self.reward!r} scores the NPR format; use another with grammar 'multiverse'"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.mode in ("free", "constrained", "sequential"), "mode must be free, constrained or sequential"),
+            (self.stage == "sft" or self.mode != "constrained" or self.tags == "special",
+             "mode 'constrained' needs the tags as special tokens (tags = 'special')"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
             (self.steps is None or self.steps >= 1, "steps must be >= 1"),
             (self.prompts_per_step >= 1 and self.samples_per_prompt >= 1, "batch sizes must be >= 1"),

@@ -261,6 +261,11 @@ def test_bad_data_is_a_clear_error(tmp_path, tokenizers):
         )
     with pytest.raises(ValueError, match="unknown config keys: learning_rate"):
         load_config(None, "papo", {"learning_rate": 1})
+    with pytest.raises(ValueError, match="constrained.*special"):
+        load_config(None, "papo", {"mode": "constrained", "tags": "text"})
+    assert (
+        load_config(None, "papo", {"mode": "constrained", "tags": "special"}).mode == "constrained"
+    )
 
 
 @pytest.mark.parametrize("stage", ["zero", "sft", "papo"])
@@ -335,9 +340,7 @@ def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
 
     engine = PickyEngine([[TRACE]] * 3)
     problems = [Problem("a", "2+3", "5"), Problem("b", "LONG", "5"), Problem("c", "3+2", "5")]
-    accepted, report = rejection_sample(
-        engine, problems, load_template("npr"), SamplingParams(n=1)
-    )
+    accepted, report = rejection_sample(engine, problems, load_template("npr"), SamplingParams(n=1))
     assert [r["id"] for r in accepted] == ["a", "c"]
     summary = report.to_dict()
     assert summary["problems"] == 2
