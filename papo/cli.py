@@ -65,11 +65,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags, grammar=grammar)
         device = args.device or default_device()
         engine = Engine(model.to(device), tokenizer, device=device, grammar=grammar)
+        out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
     # torch raises RuntimeError for a bad device string, AssertionError for CUDA in a CPU build
-    except (ValueError, FileNotFoundError, RuntimeError, AssertionError) as error:
+    except (ValueError, OSError, RuntimeError, AssertionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
-    with open(args.out, "w") as out:
+    with out:
 
         def write(record: dict) -> None:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -453,6 +453,9 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert "device" in capsys.readouterr().err
     assert main([*args, "--mode", "constrained"]) == 2  # the model's tags are plain text
     assert "--tags special" in capsys.readouterr().err
+    missing = ["--out", str(tmp_path / "no" / "such" / "dir.jsonl")]
+    assert main([*args, *missing]) == 2
+    assert "No such file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
