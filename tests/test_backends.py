@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import npr_graph as ng  # noqa: E402
+from test_engine import dense_logprobs  # noqa: E402
+
 from kernels.attention import DecodeLevel, cascade_decode_attention, paged_decode_reference  # noqa: E402
 from npr_graph.engine import backends  # noqa: E402
 from npr_graph.engine.backends import (  # noqa: E402
@@ -232,26 +233,6 @@ def test_engine_default_is_the_torch_path(special_tokenizer):
 
 
 # -- equivalence through fork and join ------------------------------------------------------------
-def dense_logprobs(model, graph):
-    """One dense forward of the plain model with the graph's mask and positions."""
-    ids = torch.tensor(graph.token_ids)[None].to(model.device)
-    mask = ng.attention_mask(graph)[None, None].to(model.device)
-    if getattr(model.config, "sliding_window", None) and "sliding_attention" in getattr(
-        model.config, "layer_types", []
-    ):
-        window = ng.attention_mask(graph, sliding_window=model.config.sliding_window)
-        mask = {"full_attention": mask, "sliding_attention": window[None, None].to(model.device)}
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=ng.position_ids(graph)[None].to(model.device),
-        ).logits[0]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    start = graph.prompt_num_tokens
-    return logprobs[start - 1 : -1].gather(1, ids[0, start:, None]).squeeze(1).cpu()
-
-
 def generate_and_check(
     family,
     tokenizer,

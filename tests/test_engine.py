@@ -41,20 +41,22 @@ def make_engine(family, tok, **kwargs):
 
 def dense_logprobs(model, graph):
     """One dense forward of the plain model with the graph's mask and positions."""
-    ids = torch.tensor(graph.token_ids)[None]
-    mask = ng.attention_mask(graph)[None, None]
+    ids = torch.tensor(graph.token_ids)[None].to(model.device)
+    mask = ng.attention_mask(graph)[None, None].to(model.device)
     if getattr(model.config, "sliding_window", None) and "sliding_attention" in getattr(
         model.config, "layer_types", []
     ):
-        window = ng.attention_mask(graph, sliding_window=model.config.sliding_window)[None, None]
-        mask = {"full_attention": mask, "sliding_attention": window}
+        window = ng.attention_mask(graph, sliding_window=model.config.sliding_window)
+        mask = {"full_attention": mask, "sliding_attention": window[None, None].to(model.device)}
     with torch.no_grad():
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=ng.position_ids(graph)[None]
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=ng.position_ids(graph)[None].to(model.device),
         ).logits[0]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     start = graph.prompt_num_tokens
-    return logprobs[start - 1 : -1].gather(1, ids[0, start:, None]).squeeze(1)
+    return logprobs[start - 1 : -1].gather(1, ids[0, start:, None]).squeeze(1).cpu()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -48,12 +48,12 @@ def nesting(engine, boost=20.0):
     return processor
 
 
-def check_graph(engine, graph):
+def check_graph(engine, graph, tolerance=1e-4):
     """Consistent with training: positions, the lenient rules, the dense forward's log-probs."""
     assert graph.metadata["layout_consistent"]
     assert ng.validate(graph, "lenient", grammar="multiverse") == []
     scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
-    assert (dense_logprobs(engine.model, graph) - scored).abs().max() <= 1e-4
+    assert (dense_logprobs(engine.model, graph) - scored).abs().max() <= tolerance
 
 
 def nested_blocks(graph):
@@ -291,7 +291,6 @@ def decode_nested_with(backend, tokenizer, *, device="cpu", dtype=torch.float32,
     the dense forward within ``tolerance``; with cascade, a nested block's branches get a level
     of their own and read the enclosing path up to their fork once, between them."""
     from test_backends import GPU_SHAPE
-    from test_backends import dense_logprobs as dense_logprobs_on_device
 
     from npr_graph.engine.backends import cascade_levels, lane_group_keys
 
@@ -323,10 +322,7 @@ def decode_nested_with(backend, tokenizer, *, device="cpu", dtype=torch.float32,
         assert all(nested <= unnested for nested, unnested in slots_read)
         assert any(nested < unnested for nested, unnested in slots_read)
     for graph in graphs:
-        assert graph.metadata["layout_consistent"]
-        assert ng.validate(graph, "lenient", grammar="multiverse") == []
-        scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
-        assert (dense_logprobs_on_device(engine.model, graph) - scored).abs().max() <= tolerance
+        check_graph(engine, graph, tolerance)
     assert engine.pool.num_used == 0
 
 
