@@ -56,7 +56,8 @@ from .problems import Trace, read_problems, read_traces
 class Rollout:
     """One sampled graph and what the trainer knows about it."""
 
-    problem: int  # global index of its problem (the group id)
+    problem: int  # global index of its problem
+    group: int  # its draw's place in the step's batch: a problem drawn twice is two groups
     graph: ng.ReasoningGraph
     reward: rewards.Reward
     valid: bool
@@ -276,10 +277,11 @@ class Trainer:
         }
 
     # -- RL ----------------------------------------------------------------------------------
-    def rollout(self, indices: list[int], step: int) -> tuple[list[Rollout], float]:
-        """Sample ``samples_per_prompt`` graphs for each problem; returns them and the time."""
+    def rollout(self, draws: list[tuple[int, int]], step: int) -> tuple[list[Rollout], float]:
+        """Sample ``samples_per_prompt`` graphs for each draw ``(group, problem)``, seeded by
+        (seed, step, group); returns them and the time."""
         c = self.config
-        prompts = [self.template.render(self.problems[i].prompt) for i in indices]
+        prompts = [self.template.render(self.problems[problem].prompt) for _, problem in draws]
         params = [
             SamplingParams(
                 temperature=c.temperature,
@@ -287,7 +289,7 @@ class Trainer:
                 top_k=c.top_k,
                 max_new_tokens=c.max_new_tokens,
                 n=c.samples_per_prompt,
-                seed=(c.seed * 1_000_003 + step) * 1_000_003 + index,
+                seed=(c.seed * 1_000_003 + step) * 1_000_003 + group,
                 min_branches=c.min_branches,
                 max_branches=c.max_branches,
                 max_blocks=c.max_blocks,
@@ -296,7 +298,7 @@ class Trainer:
                 max_step_tokens=c.max_step_tokens,
                 max_takeaway_tokens=c.max_takeaway_tokens,
             )
-            for index in indices
+            for group, _ in draws
         ]
         if not prompts:
             return [], 0.0
@@ -304,7 +306,7 @@ class Trainer:
         wall = self.engine.stats.wall_time
         out = []
         for graph in graphs:
-            problem = indices[graph.metadata["prompt_index"]]
+            group, problem = draws[graph.metadata["prompt_index"]]
             response = graph.response_text
             reward = self.reward_fn(response, self.problems[problem].answer)
             tokens = graph.num_tokens - graph.prompt_num_tokens
@@ -319,16 +321,17 @@ class Trainer:
                     reward.format_score,
                     reward.parsed,
                 )
-            out.append(Rollout(problem, graph, reward, _structurally_valid(graph), tokens))
+            valid = _structurally_valid(graph)
+            out.append(Rollout(problem, group, graph, reward, valid, tokens))
         return out, wall
 
     def _rl_step(self) -> dict[str, Any]:
         c = self.config
         world = self.world
-        indices = world.shard(self.batch_indices(self.step))
-        rollouts, wall = self.rollout(indices, self.step)
+        draws = world.shard(list(enumerate(self.batch_indices(self.step))))
+        rollouts, wall = self.rollout(draws, self.step)
         # every rank sees every rollout's summary: advantages use batch-wide statistics
-        summaries = [(r.problem, r.reward.score, r.valid, r.reward.correct) for r in rollouts]
+        summaries = [(r.group, r.reward.score, r.valid, r.reward.correct) for r in rollouts]
         gathered = world.gather((summaries, wall, [_shape(r.graph) for r in rollouts]))
         everything = [s for part, _, _ in gathered for s in part]
         shapes = [s for _, _, part in gathered for s in part]
@@ -569,12 +572,11 @@ def _shape(graph: ng.ReasoningGraph) -> dict[str, Any]:
 def _keep_informative_groups(everything: list[tuple], kept: list[bool]) -> list[bool]:
     """DAPO dynamic sampling: drop every group whose kept rewards are all equal."""
     scores: dict[int, set[float]] = {}
-    for (problem, score, _, _), keep in zip(everything, kept, strict=True):
+    for (group, score, _, _), keep in zip(everything, kept, strict=True):
         if keep:
-            scores.setdefault(problem, set()).add(score)
+            scores.setdefault(group, set()).add(score)
     return [
-        keep and len(scores[problem]) > 1
-        for (problem, *_), keep in zip(everything, kept, strict=True)
+        keep and len(scores[group]) > 1 for (group, *_), keep in zip(everything, kept, strict=True)
     ]
 
 

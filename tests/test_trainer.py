@@ -158,6 +158,28 @@ def test_resume_continues_exactly(problems, tmp_path, tokenizers):
     assert [json.loads(x)["step"] for x in logged] == [1, 2, 3, 4]
 
 
+def test_a_problem_drawn_twice_in_a_step_is_two_groups_of_fresh_samples(tmp_path, tokenizers):
+    """More prompts per step than problems (or a step across an epoch boundary) draws a problem
+    twice: each draw is its own group with its own seeds, not a copy of the other's samples."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
+    tok = tokenizers["special"]
+    run = Trainer(
+        papo_config(data, tmp_path / "r", prompts_per_step=2, steps=1),
+        model=make_model(tok),
+        tokenizer=tok,
+    )
+    assert run.batch_indices(0) == [0, 0]
+    rollouts, _ = run.rollout(list(enumerate(run.batch_indices(0))), step=0)
+    by_group = {}
+    for rollout in rollouts:
+        by_group.setdefault(rollout.group, []).append(rollout.graph.token_ids)
+    assert sorted(by_group) == [0, 1] and all(len(ids) == 2 for ids in by_group.values())
+    assert by_group[0] != by_group[1]
+    (metrics,) = run.train()
+    assert metrics["rollouts"] == 4 and metrics["skipped"] is None
+
+
 def test_all_invalid_rollouts_skip_the_step(problems, tmp_path, tokenizers, monkeypatch):
     monkeypatch.setattr(trainer, "_structurally_valid", lambda graph: False)
     model = make_model(tokenizers["special"])
