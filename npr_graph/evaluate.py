@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,19 @@ def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                errors.append(f"{path}:{number}: not JSON ({error.msg})")
+                record = json.loads(line)
+            except (ValueError, RecursionError) as error:  # also too many digits, too deep
+                errors.append(f"{path}:{number}: not JSON ({_json_error(error)})")
+                continue
+            yield f"{path}:{number}", record
         return
     if suffix != ".json":
         raise EvalError(f"{path}: expected a .json, .jsonl or .parquet file")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise EvalError(f"{path}:{error.lineno}: not JSON ({error.msg})") from error
+    except (ValueError, RecursionError) as error:
+        line = f":{error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise EvalError(f"{path}{line}: not JSON ({_json_error(error)})") from error
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers
         lists = [value for value in data.values() if isinstance(value, list)]
         if len(lists) != 1:
@@ -138,6 +142,25 @@ def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
         raise EvalError(f"{path}: expected a list of problems")
     for number, record in enumerate(data, start=1):
         yield f"{path}: item {number}", record
+
+
+def _json_error(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
+
+
+def _reference(answer: Any) -> str | None:
+    """A reference answer as text: strings as they are, numbers written out in full (JSON's
+    ``1e-05`` is ``0.00001``, which math-verify reads); None for anything else."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return str(answer)
+    if isinstance(answer, float) and math.isfinite(answer):
+        text = format(Decimal(repr(answer)), "f")
+        return text[:-2] if text.endswith(".0") else text
+    return None
 
 
 def _pick(record: dict[str, Any], override: str | None, names: Sequence[str]) -> tuple[str, Any]:
@@ -186,13 +209,17 @@ def load_problems(
             wanted = fields.get("answer") or "/".join(ANSWER_FIELDS)
             errors.append(f"{where}: no answer (field {wanted}, or a \\boxed{{}} in solution)")
             continue
+        reference = _reference(answer)
+        if reference is None:
+            errors.append(f"{where}: the answer is not a string or a finite number: {answer!r:.60}")
+            continue
         _, given_id = _pick(record, fields.get("id"), ID_FIELDS)
         problem_id = str(given_id) if given_id is not None else str(index)
         if problem_id in seen:
             errors.append(f"{where}: duplicate id {problem_id!r}; using {problem_id}#{index}")
             problem_id = f"{problem_id}#{index}"
         seen.add(problem_id)
-        problems.append(Problem(index, problem_id, question, str(answer)))
+        problems.append(Problem(index, problem_id, question, reference))
     return problems, errors
 
 

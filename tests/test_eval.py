@@ -226,6 +226,29 @@ def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
     assert "not JSON" in errors[0] and "no answer" in errors[1] and "no problem" in errors[2]
 
 
+def test_numeric_answers_are_written_out_and_other_values_refused(tmp_path) -> None:
+    """JSON numbers are references too, written in full (``1e-05`` is 0.00001, which math-verify
+    reads); booleans, objects and non-finite numbers are not answers; a number too long for
+    Python or a record nested too deeply is a bad line, not a traceback."""
+    from papo.rewards import accuracy
+
+    path = tmp_path / "numbers.jsonl"
+    answers = [0.00001, 1e16, 2.5, 2.0, 42, True, {"x": 1}]
+    lines = [json.dumps({"problem": f"q{i}?", "answer": a}) for i, a in enumerate(answers)]
+    lines += [
+        '{"problem": "inf?", "answer": Infinity}',
+        '{"problem": "x", "answer": 1' + "0" * 5000 + "}",
+    ]
+    lines += ["[" * 100_000 + "]" * 100_000]
+    path.write_text("\n".join(lines) + "\n")
+    problems, errors = load_problems(path)
+    assert [p.reference for p in problems] == ["0.00001", "10000000000000000", "2.5", "2", "42"]
+    assert accuracy("so \\boxed{10^{-5}}", problems[0].reference).correct
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (6, 7, 8, 9, 10)]
+    assert all("not a string or a finite number" in e for e in errors[:3])
+    assert all("not JSON" in e for e in errors[3:])
+
+
 def test_load_problems_parquet(tmp_path) -> None:
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
