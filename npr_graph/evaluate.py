@@ -624,8 +624,58 @@ def _device(config: EvalConfig) -> str:
     return config.device or default_device()
 
 
+_NUMBER = (int, float)
+_BASELINE_SHAPE = {
+    "generated_tokens": int,
+    "wall_time": _NUMBER,
+    "tokens_per_s": _NUMBER,
+    "correct": int,
+    "samples": int,
+}
+# What summarize and the viewer read from a sample line, with its type.
+SAMPLE_SHAPE: dict[str, Any] = {
+    "problem_id": str,
+    "problem_index": int,
+    "sample": int,
+    "reference": str,
+    "answer": (str, type(None)),
+    "correct": bool,
+    "parsed": bool,
+    "metrics": {
+        "format_valid": bool,
+        "parallel": bool,
+        "executed_parallel": bool,
+        "widths": list,
+        "tokens": int,
+        "critical_path_tokens": int,
+    },
+    "group": {
+        "generated_tokens": int,
+        "wall_time": _NUMBER,
+        "tokens_per_s": _NUMBER,
+        "baseline": (_BASELINE_SHAPE, type(None)),
+    },
+}
+
+
+def _has_shape(value: Any, shape: Any) -> bool:
+    """Whether ``value`` has ``shape``: a type (an int is not a bool), a tuple of alternatives,
+    or a dict of the keys it must have with their shapes."""
+    if isinstance(shape, tuple):
+        return any(_has_shape(value, option) for option in shape)
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            key in value and _has_shape(value[key], inner) for key, inner in shape.items()
+        )
+    if isinstance(value, bool) and shape is not bool:
+        return False
+    return isinstance(value, shape)
+
+
 def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
-    """Valid lines of samples.jsonl and every part file; a line cut short by a kill is skipped."""
+    """Valid lines of samples.jsonl and every part file: a line cut short by a kill, or one
+    damaged otherwise (not of a sample record's shape), is skipped, so its problem is decoded
+    again."""
     found = []
     for path in [out / SAMPLES, *sorted(out.glob(PART_GLOB))]:
         if not path.is_file():
@@ -636,7 +686,7 @@ def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and "problem_id" in record and "sample" in record:
+            if _has_shape(record, SAMPLE_SHAPE):
                 records.append(record)
         found.append((path, records))
     return found

@@ -381,6 +381,30 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, data, engine) -> N
     assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
 
 
+def test_damaged_sample_lines_are_decoded_again(tmp_path, data, engine) -> None:
+    """A sample line that parses as JSON but is not a sample record (keys missing, a list for an
+    id) counts as cut: its problem is decoded again, and the file is whole afterwards."""
+    out = tmp_path / "run"
+    run_eval(config(data, out), engine=engine)
+    want = read_samples(out)
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    damaged = {
+        ("p2", 0): json.dumps({"problem_id": "p2", "sample": 0}),
+        ("p3", 1): json.dumps({**want[5], "problem_id": ["p3"]}),
+    }
+    keys = [(r["problem_id"], r["sample"]) for r in want]
+    assert keys[2] == ("p2", 0) and keys[5] == ("p3", 1)
+    lines[2], lines[5] = damaged[keys[2]], damaged[keys[5]]
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    redone = []
+    summary = run_eval(
+        config(data, out), engine=engine, on_problem=lambda p, r: redone.append(p.id)
+    )
+    assert redone == ["p2", "p3"] and summary["samples"] == 6
+    got = read_samples(out)
+    assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
+
+
 def test_prompt_longer_than_the_context_is_reported_and_the_rest_evaluated(
     tmp_path, engine
 ) -> None:
