@@ -106,18 +106,25 @@ def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
     return ordered(None)
 
 
+def _record_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    metrics = record.get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
 def _status(record: dict[str, Any]) -> dict[str, Any]:
     correct = record.get("correct")
-    metrics = record.get("metrics") or {}
-    valid = metrics.get("format_valid")
-    return {"correct": correct if isinstance(correct, bool) else None, "format_valid": valid}
+    valid = _record_metrics(record).get("format_valid")
+    return {
+        "correct": correct if isinstance(correct, bool) else None,
+        "format_valid": valid if isinstance(valid, bool) else None,
+    }
 
 
 def _metric_rows(record: dict[str, Any], graph: ReasoningGraph) -> list[list[str]]:
     from .metrics import metrics as graph_metrics
 
     shown = dict(graph_metrics(graph))
-    shown.update({k: v for k, v in (record.get("metrics") or {}).items() if k != "violations"})
+    shown.update({k: v for k, v in _record_metrics(record).items() if k != "violations"})
     for key in ("reward", "answer", "reference", "correct", "parsed"):
         if key in record:
             shown[key] = record[key]

@@ -108,6 +108,17 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path) -> None:
     assert views[1]["format_valid"] is False and views[1]["violations"]
 
 
+@pytest.mark.parametrize("metrics", [["a list"], "text", {"format_valid": "yes"}])
+def test_odd_record_fields_are_left_out_not_fatal(tmp_path, metrics) -> None:
+    """A record's own fields are optional extras: odd ones are not shown, the graph still is."""
+    record = json.loads(sample_line(BROKEN, "roots", 0, True, True))
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({**record, "metrics": metrics}) + "\n")
+    errors: list[str] = []
+    [view] = load_views(path, errors)
+    assert errors == [] and view["nodes"] and view["format_valid"] is False, "from the graph"
+
+
 def test_page_is_self_contained_and_escapes_text(samples_file) -> None:
     errors: list[str] = []
     page = render_page(load_views(samples_file, errors))
