@@ -31,9 +31,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .graph import ReasoningGraph
+
+if TYPE_CHECKING:
+    import torch
 
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")
@@ -554,6 +557,10 @@ class EvalConfig:
             raise EvalError("n must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise EvalError("limit must be >= 1")
+        if not (isinstance(self.verify_timeout_s, (int, float)) and self.verify_timeout_s > 0):
+            raise EvalError(
+                "verify_timeout_s (--verify-timeout) must be a positive number of seconds"
+            )
 
     def out_dir(self) -> Path:
         if self.out:
@@ -618,10 +625,10 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
-def _device(config: EvalConfig) -> str:
-    from .models import default_device
+def _device(config: EvalConfig) -> torch.device:
+    from .models import resolve_device
 
-    return config.device or default_device()
+    return resolve_device(config.device)
 
 
 _NUMBER = (int, float)
@@ -1095,7 +1102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         from .engine.sampling import SamplingParams
 
-        SamplingParams(**config.sampling)  # bad sampling values fail before the model loads
+        SamplingParams(**config.sampling)  # bad values fail before the model loads
+        _device(config)
+        if args.threads is not None and args.threads < 1:
+            raise EvalError("--threads must be >= 1")
         if args.threads:
             # On a shared CPU one thread per process can be 10x faster than contended threads.
             import torch

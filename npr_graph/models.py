@@ -434,6 +434,26 @@ def default_device() -> str:
     return "cpu"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: :func:`default_device`) as a ``torch.device``; a ValueError that says
+    why for a name torch does not know, a device other than cpu or cuda, or CUDA absent."""
+    name = device if device is not None else default_device()
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {name!r}: not a device name (cpu, cuda or cuda:N)") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    return resolved
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,

@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from npr_graph.engine.engine import Engine
     from npr_graph.engine.sampling import SamplingParams
-    from npr_graph.models import default_device, load_model
+    from npr_graph.models import load_model, resolve_device
     from npr_graph.prompts import load_template
 
     from .problems import read_problems
@@ -62,12 +62,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             n=args.tries,
             seed=args.seed,
         )
+        device = resolve_device(args.device)
         model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags, grammar=grammar)
-        device = args.device or default_device()
         engine = Engine(model.to(device), tokenizer, device=device, grammar=grammar)
         out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    # torch raises RuntimeError for a bad device string, AssertionError for CUDA in a CPU build
-    except (ValueError, OSError, RuntimeError, AssertionError) as error:
+    except (ValueError, OSError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
     with out:

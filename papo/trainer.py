@@ -38,7 +38,7 @@ from rich.console import Console
 import npr_graph as ng
 from npr_graph.engine.engine import Engine
 from npr_graph.engine.sampling import SamplingParams
-from npr_graph.models import default_device, load_model
+from npr_graph.models import load_model, resolve_device
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
 
 from . import advantages as advantage_estimators
@@ -102,9 +102,7 @@ class Trainer:
         if self.items == 0:
             raise ValueError(f"{config.data}: no usable records")
         dtype = getattr(torch, config.dtype)
-        self.device = torch.device(config.device or default_device())
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r}: CUDA is not available here")
+        self.device = resolve_device(config.device)
         if model is None:
             model, tokenizer = load_model(
                 config.model, dtype=dtype, tags=config.tags, grammar=config.grammar

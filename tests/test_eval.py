@@ -464,6 +464,16 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
     if not torch.cuda.is_available():
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o5", "--cuda-graphs"))
         assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
+        code = main(_cli_args(tiny_dir, mixed, tmp_path / "o6", "--device", "cuda"))
+        assert code == 2 and "CUDA is not available" in capsys.readouterr().err
+    for option, value, message in [
+        ("--device", "foo", "not a device name"),
+        ("--threads", "-1", "--threads must be >= 1"),
+        ("--verify-timeout", "0", "positive number of seconds"),
+    ]:
+        code = main(_cli_args(tiny_dir, mixed, tmp_path / "o7", option, value))
+        assert code == 2 and message in capsys.readouterr().err, option
+    assert not (tmp_path / "o7").exists(), "refused before anything ran"
 
 
 def test_cli_overlapped_steps_write_the_same_greedy_samples(tmp_path, tiny_dir, data) -> None:

@@ -18,8 +18,10 @@ pytest.importorskip("transformers")
 from npr_graph import models  # noqa: E402
 from npr_graph.models import (  # noqa: E402
     add_tag_tokens,
+    default_device,
     format_tags,
     load_model,
+    resolve_device,
     tag_token_ids,
     tiny_model,
 )
@@ -548,3 +550,23 @@ def test_a_cache_entry_another_process_finished_first_is_kept(tmp_path, monkeypa
     with pytest.raises(OSError, match="read-only"):
         models._publish(tmp, entry)
     assert not tmp.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("tpu", "not a device name"), ("meta", "only cpu and cuda"), (3.5, "not a device name")],
+)
+def test_resolve_device_refuses_what_it_cannot_run_on(name, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(name)
+
+
+def test_resolve_device_defaults_and_cuda():
+    assert resolve_device(None) == torch.device(default_device())
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
