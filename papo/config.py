@@ -7,6 +7,9 @@ or in ``--set key=value`` overrides them. Unknown keys and bad values are errors
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,15 @@ from npr_graph.prompts import BUILTIN
 
 STAGES = ("zero", "sft", "papo")
 SHARDING = ("none", "fsdp2")
+# the smallest value each numeric setting may take (None, where a setting allows it, is fine)
+AT_LEAST: dict[str, int] = {
+    "steps": 1, "epochs": 1, "prompts_per_step": 1, "samples_per_prompt": 1, "batch_size": 1,
+    "lr": 0, "weight_decay": 0, "row_tokens": 16, "temperature": 0, "top_k": 0,
+    "max_new_tokens": 1, "min_branches": 1, "max_blocks": 1, "max_depth": 1,
+    "max_plan_tokens": 1, "max_step_tokens": 1, "max_takeaway_tokens": 1,
+    "kv_pages": 2, "page_size": 1, "overlong_buffer": 0, "overlong_factor": 0,
+    "kl_coef": 0, "mini_batches": 1, "save_every": 0, "log_every": 1,
+}  # fmt: skip
 
 
 @dataclass
@@ -91,9 +103,13 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        problems = _type_problems(self)
+        if problems:
+            raise ValueError(f"invalid training config: {'; '.join(problems)}")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if self.clip is not None:
-            self.clip = tuple(self.clip)  # type: ignore[assignment]
+            self.clip = tuple(float(c) for c in self.clip)  # type: ignore[assignment]
+        low, high = self.clip or (0.0, 0.0)
         checks = [
             (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
             (self.tags in ("special", "text"), "tags must be 'special' or 'text'"),
@@ -105,20 +121,29 @@ class TrainConfig:
             (self.stage == "sft" or self.mode != "constrained" or self.tags == "special",
              "mode 'constrained' needs the tags as special tokens (tags = 'special')"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
-            (self.steps is None or self.steps >= 1, "steps must be >= 1"),
-            (self.prompts_per_step >= 1 and self.samples_per_prompt >= 1, "batch sizes must be >= 1"),
-            (self.batch_size >= 1 and self.epochs >= 1, "batch_size and epochs must be >= 1"),
-            (self.lr >= 0 and 0 <= self.warmup_ratio < 1, "need lr >= 0 and 0 <= warmup_ratio < 1"),
-            (self.row_tokens >= 16, "row_tokens must be >= 16"),
-            (self.mini_batches >= 1, "mini_batches must be >= 1"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.min_branches <= self.max_branches,
+             f"min_branches ({self.min_branches}) must be <= max_branches ({self.max_branches})"),
+            (self.overlong_buffer <= self.max_new_tokens,
+             f"overlong_buffer ({self.overlong_buffer}) must be <= max_new_tokens ({self.max_new_tokens})"),
+            (low >= 0 and high >= 0, f"clip is [low, high] with both >= 0, got {self.clip}"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}"),
-            (self.clip is None or len(self.clip) == 2, "clip is [low, high]"),
             (self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             ("{problem}" in self.prompt_template or self.prompt_template in BUILTIN
              or Path(self.prompt_template).is_file(),
              "prompt_template is text with {problem}, a built-in template name or a file"),
         ]  # fmt: skip
+        for key, least in AT_LEAST.items():
+            value = getattr(self, key)
+            checks.append(
+                (value is None or value >= least, f"{key} must be >= {least}, got {value}")
+            )
+        checks += [(False, message) for message in _unknown_names(self)]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid training config: {message}")
@@ -160,6 +185,74 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         drop_invalid=True,
     ),
 }
+
+
+UNIONS = (typing.Union, types.UnionType)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type: ints are not bools, floats are finite numbers
+    (ints included), tuples are lists or tuples of exactly their length."""
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in UNIONS:
+        return any(_fits(value, arg) for arg in args)
+    if typing.get_origin(hint) is tuple:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(_fits(item, arg) for item, arg in zip(value, args, strict=True))
+        )
+    raise TypeError(f"no type check for {hint}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in UNIONS:
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(typing.get_args(hint))} finite numbers"
+    names = {type(None): "null", bool: "true or false", int: "an integer", str: "a string"}
+    return names.get(hint, "a finite number")
+
+
+def _type_problems(config: TrainConfig) -> list[str]:
+    """One line per setting whose value is not of its field's annotated type."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [
+        f"{f.name} must be {_describe(hints[f.name])}, got {getattr(config, f.name)!r}"
+        for f in fields(TrainConfig)
+        if not _fits(getattr(config, f.name), hints[f.name])
+    ]
+
+
+def _unknown_names(config: TrainConfig) -> list[str]:
+    """Settings that name a registered function (a reward, an estimator, a loss, an aggregation)
+    must name a known one; checked at load time, after user code may have registered its own."""
+    from . import advantages, loss, rewards
+
+    registries = {
+        "reward": rewards.get,
+        "advantage": advantages.get,
+        "loss": loss.get,
+        "aggregation": loss.aggregation,
+    }
+    problems = []
+    for key, get in registries.items():
+        try:
+            get(getattr(config, key))
+        except KeyError as error:
+            problems.append(f"{key}: {error.args[0]}")
+    return problems
 
 
 def parse_value(text: str) -> Any:

@@ -436,6 +436,40 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
     assert main(["train", "papo", "--config", str(config)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["train", "sft", "--set", "data=/nonexistent.jsonl"]) == 2
+    # refused as the config loads: the model named here is never looked for
+    config.write_text("steps = 1\nmax_grad_norm = nan\n")
+    assert main(["train", "papo", "--config", str(config), "--set", "model=/nonexistent"]) == 2
+    assert "invalid training config: max_grad_norm" in capsys.readouterr().err
+    for setting in ["reward=acuracy", "aggregation=token_mean", "lr=Infinity", "steps=1.5"]:
+        key = setting.partition("=")[0]
+        assert main(["train", "papo", "--set", setting, "--set", "model=/nonexistent"]) == 2
+        assert f"invalid training config: {key}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("seed", "abc"), ("seed", 1.5), ("steps", 1.5), ("steps", True), ("prompts_per_step", 1.5),
+     ("samples_per_prompt", 1.5), ("mini_batches", 1.5), ("data", 123), ("kl_coef", "abc"),
+     ("kl_coef", -1), ("temperature", "abc"), ("max_new_tokens", "abc"), ("max_blocks", "abc"),
+     ("betas", [0.9]), ("betas", [0.9, 1.5]), ("log_every", "abc"), ("log_every", 0),
+     ("save_every", "abc"), ("save_every", -1), ("branch_lambda", "abc"), ("clip", ["a", "b"]),
+     ("overlong_factor", "abc"), ("overlong_buffer", 2000), ("chat", "maybe"),
+     ("max_grad_norm", float("nan")), ("max_grad_norm", 0), ("lr", float("inf")), ("top_p", 0),
+     ("reward", "acuracy"), ("advantage", "gpro"), ("loss", "ppo"), ("aggregation", "token_mean")],
+)  # fmt: skip
+def test_bad_config_values_are_refused_by_key(key, value):
+    with pytest.raises(ValueError, match=f"^invalid training config: {key}"):
+        load_config(None, "papo", {key: value})
+
+
+def test_config_types_accept_what_they_should():
+    config = load_config(
+        None, "papo", dict(lr=1, clip=[0, 1], chat=None, steps=3, reward="test_length")
+    )
+    assert (config.lr, config.clip, config.chat, config.steps) == (1, (0.0, 1.0), None, 3)
+    assert load_config(None, "sft", {"steps": None}).steps is None
+    with pytest.raises(ValueError, match="known: .*test_length"):
+        load_config(None, "papo", {"reward": "nope"})
 
 
 def test_stale_mini_batches_clip_against_the_rollout_policy(problems, tmp_path, tokenizers):
