@@ -702,7 +702,7 @@ def decode_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     prefix, emitted = 0, ""
     for index in range(len(ids)):
         text = decode(ids[prefix : index + 1])
-        if text.endswith("\ufffd") and index + 1 < len(ids):
+        if text.endswith("\ufffd") and _still_open(decode, ids, prefix, index, text):
             pieces.append("")
             continue
         pieces.append(text[len(emitted) :])
@@ -714,6 +714,17 @@ def decode_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     if "".join(pieces) != full:
         raise ValueError("this tokenizer's decode is not incremental; cannot align tokens to text")
     return pieces
+
+
+def _still_open(decode, ids: Sequence[int], prefix: int, index: int, text: str) -> bool:
+    """Whether the U+FFFD ending ``text`` (the decode of ``ids[prefix:index + 1]``) goes to a later
+    token: the next one changes it (it completes a character split over byte tokens) or adds
+    nothing (a further byte of it). Followed by new text, it is final: a written U+FFFD, or a
+    byte nothing completes."""
+    if index + 1 >= len(ids):
+        return False
+    following = decode(ids[prefix : index + 2])
+    return following == text or not following.startswith(text)
 
 
 def _decoder(tokenizer: Tokenizer):

@@ -173,6 +173,73 @@ def test_text_with_tokenizer_is_tokenized(char_tokenizer):
     assert graph.tokenized and graph.num_tokens == len(char_tokenizer.encode(NPR_TRACE))
 
 
+class ByteTokenizer:
+    """One token per UTF-8 byte, each tag one token of its own; counts the ids it decodes."""
+
+    def __init__(self, grammar="npr"):
+        from npr_graph.engine.structure import Tags
+
+        self.tags = Tags.of(grammar).texts
+        self.decoded = 0
+
+    def encode(self, text, add_special_tokens=False):
+        ids, at = [], 0
+        while at < len(text):
+            tag = next((t for t in self.tags if text.startswith(t, at)), None)
+            if tag:
+                ids.append(256 + self.tags.index(tag))
+                at += len(tag)
+            else:
+                ids.extend(text[at].encode())
+                at += 1
+        return ids
+
+    def decode(self, ids, **_):
+        self.decoded += len(ids)
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append(self.tags[i - 256])
+        return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "漢 x\ufffd<guideline><plan>1: a</plan></guideline><step>1: b</step><takeaway>c</takeaway>",
+        "<guideline><plan>1: a</plan><plan>2: b</plan></guideline><step>1: 漢</step>\ufffd"
+        "<step>2: c</step><takeaway>t</takeaway>",
+    ],
+)
+def test_a_final_replacement_character_stays_with_its_own_token(text):
+    """U+FFFD that no later byte completes (written, or a lone byte) belongs to its own token,
+    not to the next one, so a tag token after it is still its tag's node's first token."""
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode(text)
+    graph = ng.parse(ids, tokenizer=tokenizer)
+    check_partition(graph)
+    for node in graph.nodes:
+        if node.open_tag is not None:
+            assert graph.token_text(node.token_start) == graph.text[slice(*node.open_tag)]
+    lone_lead_byte = ids[:3] + [0xE6] + ids[3:]
+    pieces = ng.parse(lone_lead_byte, tokenizer=tokenizer, lenient=True).token_text
+    assert pieces(3) == "\ufffd" and pieces(4) == tokenizer.decode(ids[3:4])
+
+
+def test_token_alignment_stays_linear_over_replacement_characters():
+    from npr_graph.parse import decode_pieces
+
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("漢 " + "\ufffd" * 500) + [0x89] * 500 + tokenizer.encode(" done")
+    pieces = decode_pieces(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) and len(pieces) == len(ids)
+    assert tokenizer.decoded < 40 * len(ids), "a window of a few tokens per token"
+
+
 def test_tags_as_multi_token_text(smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(NPR_TRACE + " ünïcode 😀", add_special_tokens=False)
     prompt = smollm2_tokenizer.encode("Solve x^2-5x+6=0.", add_special_tokens=False)
