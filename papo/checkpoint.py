@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -91,8 +94,12 @@ def latest(directory: str | Path) -> Path | None:
     pointer = Path(directory) / LATEST
     if not pointer.exists():
         return None
-    path = Path(directory) / pointer.read_text().strip()
-    if not (path / "state.json").exists():
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read checkpoint pointer {pointer}: {error}") from error
+    path = Path(directory) / name
+    if not name or not (path / "state.json").exists():
         raise ValueError(f"checkpoint {path} named by {pointer} is missing or incomplete")
     return path
 
@@ -107,13 +114,20 @@ def load(
     ``model`` takes full weights (a sharded run passes its replica); the optimizer may be over
     sharded parameters."""
     path = Path(path)
+    state = _read(path, "state.json", lambda file: json.loads(file.read_text()))
+    weights = _read(path, "model.safetensors", lambda file: load_file(str(file)))
+    trainer = _read(path, "trainer.pt", lambda file: torch.load(file, weights_only=False))
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"cannot read checkpoint {path}: state.json holds no step number")
+    if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "rng"} <= trainer.keys():
+        raise ValueError(
+            f"cannot read checkpoint {path}: trainer.pt lacks the optimizer, scheduler or RNG state"
+        )
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "model.safetensors"))
-        trainer = torch.load(path / "trainer.pt", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # tensors of another shape
+        raise ValueError(f"checkpoint {path} does not fit the model: {error}") from error
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)
@@ -123,10 +137,27 @@ def load(
             f"checkpoint {path} does not fit the model: missing {untied_missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    load_optimizer_state(optimizer, trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    set_rng_state(trainer["rng"])
+    try:
+        load_optimizer_state(optimizer, trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        set_rng_state(trainer["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"checkpoint {path} does not fit this run: trainer.pt: {error!r}"
+        ) from error
     return state
+
+
+# what reading a damaged or partial checkpoint file raises (torch.load: EOFError on an empty
+# file, UnpicklingError on garbage; safetensors: SafetensorError on a cut file)
+READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _read(directory: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    try:
+        return reader(directory / name)
+    except READ_ERRORS as error:
+        raise ValueError(f"cannot read checkpoint {directory}: {name}: {error}") from error
 
 
 def full_optimizer_state(

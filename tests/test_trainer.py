@@ -217,6 +217,48 @@ def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path
     assert all(torch.equal(before[k], v) for k, v in weights(fresh).items())
 
 
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _other_shape(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(iter(tensors))
+    tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _latest_a_directory(path):
+    pointer = path.parent.parent / checkpoint.LATEST
+    pointer.unlink()
+    pointer.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [("trainer.pt", lambda p: p.write_bytes(b""), "cannot read checkpoint .*trainer.pt"),
+     ("trainer.pt", lambda p: p.write_bytes(b"garbage" * 10), "cannot read checkpoint .*trainer.pt"),
+     ("model.safetensors", _cut, "cannot read checkpoint .*model.safetensors"),
+     ("model.safetensors", lambda p: p.write_bytes(b""), "cannot read checkpoint"),
+     ("model.safetensors", _other_shape, "does not fit the model"),
+     ("state.json", lambda p: p.write_text("{}"), "cannot read checkpoint .*no step number"),
+     ("state.json", lambda p: p.write_text("[1]"), "cannot read checkpoint .*no step number"),
+     ("state.json", lambda p: p.write_text('{"step": "1"}'), "cannot read checkpoint"),
+     ("state.json", _latest_a_directory, "cannot read checkpoint pointer .*latest")],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_a_clear_error_on_resume(
+    name, damage, message, problems, tmp_path, tokenizers
+):
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "r", steps=1, tensorboard=False)
+    Trainer(config, model=make_model(tok), tokenizer=tok).train()
+    damage(checkpoint.latest(tmp_path / "r" / "checkpoints") / name)
+    with pytest.raises(ValueError, match=message):
+        Trainer(config, model=make_model(tok), tokenizer=tok).train(resume=True)
+
+
 def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = load_config(
