@@ -48,15 +48,25 @@ class StepLogger:
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (a resumed run redoes them)."""
+        """Drop lines of steps after ``step`` (a resumed run redoes them), and lines that are not
+        a step's record: a run killed mid-write leaves its last line cut."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept, unreadable = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            logged = _logged_step(line)
+            if logged is None:
+                unreadable.append(number)
+            elif logged <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
+        if unreadable:
+            lines = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
+            self.console.print(
+                f"[yellow]{self.path}: dropped {len(unreadable)} unreadable line(s): {lines}[/]"
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -78,6 +88,16 @@ class StepLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line, or None when the line is not a step's JSON record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _short(value: Any) -> str:

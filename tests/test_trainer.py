@@ -259,6 +259,25 @@ def test_a_damaged_checkpoint_is_a_clear_error_on_resume(
         Trainer(config, model=make_model(tok), tokenizer=tok).train(resume=True)
 
 
+def test_resume_drops_a_cut_metrics_line(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from papo.logs import StepLogger
+
+    console = Console(file=io.StringIO(), width=200)
+    logger = StepLogger(tmp_path, tensorboard=False, console=console)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 0.5})
+    with logger.path.open("a") as file:  # a valid line that is no record, then a kill mid-write
+        file.write('[1]\n{"step": 4, "loss": 0.')
+    logger.truncate_after(2)
+    lines = [json.loads(line) for line in logger.path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert "dropped 2 unreadable line(s): 4, 5" in console.file.getvalue()
+
+
 def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = load_config(
