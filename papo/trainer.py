@@ -36,7 +36,7 @@ import torch
 from rich.console import Console
 
 import npr_graph as ng
-from npr_graph.engine.engine import Engine
+from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.models import load_model, resolve_device
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
@@ -144,6 +144,8 @@ class Trainer:
         )
         if config.stage == "sft":
             self.graphs = [self._trace_graph(trace) for trace in self.traces]
+        else:
+            self._check_prompts()
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
@@ -159,6 +161,34 @@ class Trainer:
             tensorboard=config.tensorboard,
             console=self.console,
         )
+
+    def _check_prompts(self) -> None:
+        """Refuse problems the engine cannot run (a prompt too long for the model's context with
+        ``max_new_tokens`` to spare, or for the KV pool): the checks ``Engine.generate`` makes,
+        made once for every problem, so a run does not stop at whichever step first draws one."""
+        c, engine = self.config, self.engine
+        errors = []
+        for problem in self.problems:
+            try:
+                tokens = len(engine.encode_prompt(self.template.render(problem.prompt), c.chat))
+            except PromptError as error:
+                errors.append(f"problem {problem.id!r}: {error}")
+                continue
+            if tokens + c.max_new_tokens > engine.max_positions:
+                errors.append(
+                    f"problem {problem.id!r}: its prompt has {tokens} tokens; with max_new_tokens="
+                    f"{c.max_new_tokens} it exceeds the model's context of {engine.max_positions}"
+                )
+            elif (
+                -(-tokens // engine.pool.page_size) + c.samples_per_prompt > engine.pool.num_usable
+            ):
+                errors.append(
+                    f"problem {problem.id!r}: its prompt ({tokens} tokens) does not fit the KV pool "
+                    f"of {engine.pool.num_usable} pages (kv_pages)"
+                )
+        if errors:
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise ValueError(f"{c.data}: " + "; ".join(errors[:5]) + more)
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:

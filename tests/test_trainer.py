@@ -351,6 +351,22 @@ def test_bad_data_is_a_clear_error(tmp_path, tokenizers):
     )
 
 
+def test_a_prompt_too_long_is_refused_when_the_trainer_starts(problems, tmp_path, tokenizers):
+    tok = tokenizers["special"]
+    rows = [json.loads(line) for line in problems.read_text().splitlines()]
+    rows.insert(1, {"problem": "add " * 4100, "answer": "1", "id": "long"})
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = papo_config(problems, tmp_path / "x", kv_pages=8192)
+    with pytest.raises(ValueError, match="problem 'long': .*exceeds the model's context of 4096"):
+        Trainer(config, model=make_model(tok), tokenizer=tok)
+    del rows[1]
+    rows.append({"problem": "add " * 40, "answer": "1"})  # no id: its record number
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = papo_config(problems, tmp_path / "x", kv_pages=8)
+    with pytest.raises(ValueError, match=r"problems.jsonl: problem '3': .*the KV pool of 7 pages"):
+        Trainer(config, model=make_model(tok), tokenizer=tok)
+
+
 @pytest.mark.parametrize("stage", ["zero", "sft", "papo"])
 def test_example_configs_load(stage):
     from pathlib import Path
