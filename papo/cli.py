@@ -50,6 +50,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
         template = load_template(args.prompt)
         grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")

@@ -591,6 +591,16 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert "No such file" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
+    from npr_graph.cli import main
+
+    args = ["sample", "--data", str(problems), "--out", str(tmp_path / "out.jsonl"),
+            "--model", str(tmp_path / "no-model")]  # fmt: skip
+    for limit in ("0", "-1"):
+        assert main([*args, "--limit", limit]) == 2
+        assert f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("options", "grammar"),
     [([], "npr"), (["--prompt", "multiverse"], "multiverse"),
