@@ -40,6 +40,12 @@ def _check(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
         raise ValueError("rewards must be finite")
 
 
+def _result_dtype(rewards: torch.Tensor) -> torch.dtype:
+    """Advantages keep floating rewards' dtype; integer rewards (±1) get the default float dtype,
+    as advantages are fractions."""
+    return rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+
+
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per sample: the mean and unbiased std of its group's rewards, and its group's size."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -58,7 +64,7 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> to
     _check(rewards, group_ids)
     mean, std, size = group_stats(rewards, group_ids)
     advantage = (rewards.double() - mean) / (std + eps)
-    return torch.where(size > 1, advantage, 0.0).to(rewards.dtype)
+    return torch.where(size > 1, advantage, 0.0).to(_result_dtype(rewards))
 
 
 @register("papo")
@@ -67,7 +73,7 @@ def papo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> to
     mean, _, size = group_stats(rewards, group_ids)
     batch_std = rewards.double().std() if rewards.numel() > 1 else torch.tensor(0.0)
     advantage = (rewards.double() - mean) / (batch_std + eps)
-    return torch.where(size > 1, advantage, 0.0).to(rewards.dtype)
+    return torch.where(size > 1, advantage, 0.0).to(_result_dtype(rewards))
 
 
 # -- graph-level credit assignment ---------------------------------------------------------------

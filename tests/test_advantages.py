@@ -28,6 +28,13 @@ def test_grpo_and_papo_formulas():
     assert torch.equal(papo[3:], torch.zeros(3))
 
 
+@pytest.mark.parametrize("name", ["grpo", "papo"])
+def test_integer_rewards_give_fractional_advantages(name):
+    result = advantages.get(name)(torch.tensor([1, -1]), torch.tensor([0, 0]))
+    assert result.dtype == torch.get_default_dtype()
+    assert torch.allclose(result, torch.tensor([0.7071, -0.7071]), atol=1e-4)
+
+
 def test_singleton_groups_and_registry():
     rewards = torch.tensor([1.0, -1.0])
     assert torch.equal(advantages.get("grpo")(rewards, torch.tensor([0, 1])), torch.zeros(2))
