@@ -20,6 +20,16 @@ from npr_graph.prompts import BUILTIN
 
 STAGES = ("zero", "sft", "papo")
 SHARDING = ("none", "fsdp2")
+# settings that take one of a few names
+CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": STAGES,
+    "tags": ("special", "text"),
+    "grammar": ("npr", "multiverse"),
+    "dtype": ("float32", "bfloat16"),
+    "mode": ("free", "constrained", "sequential"),
+    "lr_schedule": ("constant", "cosine"),
+    "sharding": SHARDING,
+}
 # the smallest value each numeric setting may take (None, where a setting allows it, is fine)
 AT_LEAST: dict[str, int] = {
     "steps": 1, "epochs": 1, "prompts_per_step": 1, "samples_per_prompt": 1, "batch_size": 1,
@@ -111,16 +121,10 @@ class TrainConfig:
             self.clip = tuple(float(c) for c in self.clip)  # type: ignore[assignment]
         low, high = self.clip or (0.0, 0.0)
         checks = [
-            (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
-            (self.tags in ("special", "text"), "tags must be 'special' or 'text'"),
-            (self.grammar in ("npr", "multiverse"), "grammar must be 'npr' or 'multiverse'"),
             (self.grammar == "npr" or self.reward not in ("npr_zero", "format"),
              f"reward {self.reward!r} scores the NPR format; use another with grammar 'multiverse'"),
-            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
-            (self.mode in ("free", "constrained", "sequential"), "mode must be free, constrained or sequential"),
             (self.stage == "sft" or self.mode != "constrained" or self.tags == "special",
              "mode 'constrained' needs the tags as special tokens (tags = 'special')"),
-            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
             (0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}"),
@@ -131,7 +135,6 @@ class TrainConfig:
             (self.overlong_buffer <= self.max_new_tokens,
              f"overlong_buffer ({self.overlong_buffer}) must be <= max_new_tokens ({self.max_new_tokens})"),
             (low >= 0 and high >= 0, f"clip is [low, high] with both >= 0, got {self.clip}"),
-            (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}"),
             (self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             ("{problem}" in self.prompt_template or self.prompt_template in BUILTIN
@@ -226,13 +229,19 @@ def _describe(hint: Any) -> str:
 
 
 def _type_problems(config: TrainConfig) -> list[str]:
-    """One line per setting whose value is not of its field's annotated type."""
+    """One line per setting whose value is not of its field's annotated type (for a setting of
+    :data:`CHOICES`: not one of its names)."""
     hints = typing.get_type_hints(TrainConfig)
-    return [
-        f"{f.name} must be {_describe(hints[f.name])}, got {getattr(config, f.name)!r}"
-        for f in fields(TrainConfig)
-        if not _fits(getattr(config, f.name), hints[f.name])
-    ]
+    problems = []
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if f.name in CHOICES:
+            if value not in CHOICES[f.name]:
+                names = ", ".join(CHOICES[f.name])
+                problems.append(f"{f.name} must be one of {names}, got {value!r}")
+        elif not _fits(value, hints[f.name]):
+            problems.append(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+    return problems
 
 
 def _unknown_names(config: TrainConfig) -> list[str]:
