@@ -214,6 +214,13 @@ def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
         ({"top_p": 0}, "top_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_branches": 4, "max_branches": 2}, "min_branches"),
+        ({"n": 2.5}, "n must be an integer"),
+        ({"max_new_tokens": 5.5}, "max_new_tokens must be an integer"),
+        ({"seed": True}, "seed must be an integer or null"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"temperature": 1e-40}, "temperature must be 0"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"suppress_tokens": [1.5]}, "suppress_tokens must be a list of integers"),
     ],
 )
 def test_invalid_sampling_parameters(kwargs, message):
@@ -236,6 +243,66 @@ def test_bad_prompts_and_modes(tokenizer, special_tokenizer):
     no_template.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         make_engine("llama", no_template).generate(["Q"], chat=True)
+
+
+def test_bad_ids_and_params_are_clear_errors_that_hold_no_pages(special_tokenizer):
+    engine = make_engine("llama", special_tokenizer)
+    vocab = engine.vocab_size
+    cases = [
+        (([[5, vocab]],), "outside the model's vocabulary"),
+        (([[-1, 5]],), "outside the model's vocabulary"),
+        (([5, 6, 7],), "a prompt is text or a list of token ids, not int"),
+        ((["Q"], [None]), "expected SamplingParams, got NoneType"),
+        ((["Q"], SamplingParams(suppress_tokens=(vocab,))), "suppress_tokens"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.generate(*args, chat=False)
+        assert engine.pool.num_used == 0
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            make_engine("llama", special_tokenizer, device="cuda")
+
+
+def test_a_run_that_raises_returns_its_pages(special_tokenizer):
+    """A failing logits processor or progress callback (or an interrupt) mid-run: the error
+    comes through, every page comes back, and the engine decodes as before."""
+    engine = make_engine("llama", special_tokenizer, num_pages=48)
+    params = SamplingParams(n=2, seed=3, max_new_tokens=40, **SHORT)
+    before = engine.generate(["Q"], params, mode="constrained", chat=False)
+    calls = 0
+
+    def failing(context, logits):
+        nonlocal calls
+        calls += 1
+        if calls == 25:
+            raise KeyError("processor failed")
+        return logits
+
+    def interrupt(tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyError, match="processor failed"):
+        engine.generate(["Q"], params, mode="constrained", chat=False, logits_processor=failing)
+    assert engine.pool.num_used == 0
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(["Q"], params, mode="constrained", chat=False, progress=interrupt)
+    assert engine.pool.num_used == 0
+    after = engine.generate(["Q"], params, mode="constrained", chat=False)
+    assert [g.token_ids for g in after] == [g.token_ids for g in before]
+    assert [g.metadata["finish_reason"] for g in after] == ["length", "length"]
+
+
+def test_nan_logits_are_an_error_not_samples(special_tokenizer):
+    model = tiny_model("llama", tokenizer=special_tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    engine = Engine(model, special_tokenizer, page_size=4, num_pages=256)
+    for mode, temperature in [("free", 1.0), ("constrained", 0.0), ("sequential", 0.7)]:
+        params = SamplingParams(temperature=temperature, max_new_tokens=8, **SHORT)
+        with pytest.raises(FloatingPointError, match="NaN or infinite"):
+            engine.generate(["Q"], params, mode=mode, chat=False)
+        assert engine.pool.num_used == 0
 
 
 def scripted(tok, fmt, prompt_ids, lanes):

@@ -14,6 +14,7 @@ which is what one dense forward over the finished graph computes: the first toke
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 
 from ..graph import ReasoningGraph
 from ..layout import node_start, position_ids
+from ..models import resolve_device
 from ..parse import decode_pieces, parse
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
@@ -112,7 +114,8 @@ class Engine:
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         config = (
             model.config.get_text_config()
             if hasattr(model.config, "get_text_config")
@@ -163,7 +166,19 @@ class Engine:
         """Token ids of a prompt: ids are taken as they are; text goes through the tokenizer's
         chat template when it has one (``chat=True`` requires one, ``False`` skips it)."""
         if not isinstance(prompt, str):
-            ids = [int(i) for i in prompt]
+            if not isinstance(prompt, Sequence) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in prompt
+            ):
+                raise PromptError(
+                    f"a prompt is text or a list of token ids, not {type(prompt).__name__}"
+                    " (several prompts of ids: a list of lists)"
+                )
+            outside = [i for i in prompt if not 0 <= i < self.vocab_size]
+            if outside:
+                raise PromptError(
+                    f"token ids {outside[:5]} are outside the model's vocabulary of {self.vocab_size}"
+                )
+            ids = list(prompt)
         else:
             if not prompt.strip():
                 raise PromptError("empty prompt")
@@ -212,6 +227,15 @@ class Engine:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        for p in per_prompt:
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params: expected SamplingParams, got {type(p).__name__}")
+            outside = [t for t in p.suppress_tokens if t >= self.vocab_size]
+            if outside:
+                raise ValueError(
+                    f"suppress_tokens {outside[:5]} are outside the model's vocabulary of "
+                    f"{self.vocab_size}"
+                )
         requests = []
         for index, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
             ids = self.encode_prompt(prompt, chat)
@@ -230,8 +254,12 @@ class Engine:
         self.stats = EngineStats()
         self.logits_processor = logits_processor
         start = time.perf_counter()
-        with attention_implementation(self.model):
-            self._run(requests, progress)
+        try:
+            with attention_implementation(self.model):
+                self._run(requests, progress)
+        except BaseException:  # an interrupt or a failing callback included
+            self._abandon(requests)
+            raise
         self.stats.wall_time = time.perf_counter() - start
         self.stats.peak_kv_pages = self.pool.peak_used
         graphs = [self._graph(sample) for request in requests for sample in request.samples]
@@ -295,6 +323,16 @@ class Engine:
             running = [r for r in running if not self._settle(r)]
         assert picked is None, "picked tokens left unread"
         self._collect_scores()
+
+    def _abandon(self, requests: list[Request]) -> None:
+        """Return every page a failed run holds, so the engine stays usable."""
+        for request in requests:
+            for sample in request.samples:
+                for lane in sample.lanes:
+                    if lane.kv.alive:
+                        lane.kv.release()
+        self._unscored.clear()
+        self._scoring.clear()
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.pool.page_size)
@@ -448,8 +486,9 @@ class Engine:
             settled = () if selection.settled is None else (selection.settled,)
             host = HostCopy(selection.tokens, selection.logprobs, *settled)
             return Picked(to_sample, selection.tokens, host, repick)
+        logprobs = _checked(selection.logprobs.tolist())
         for lane, token, logprob in zip(
-            to_sample, selection.tokens.tolist(), selection.logprobs.tolist(), strict=True
+            to_sample, selection.tokens.tolist(), logprobs, strict=True
         ):
             if token in self.eos_ids and not lane.sample.request.params.ignore_eos:
                 self._end_of_sequence(lane, token, logprob)
@@ -464,6 +503,7 @@ class Engine:
         selection did not settle is picked again exactly; if that changes its token, the fed
         one is taken back, like an end of sequence."""
         fed, logprobs, *settled = picked.host.tolist()  # settled: only when it speculated
+        _checked(logprobs)
         unsettled = {row for row, ok in enumerate(settled[0]) if not ok} if settled else set()
         self.stats.repicks += len(unsettled)
         for row, lane in enumerate(picked.lanes):
@@ -544,6 +584,7 @@ class Engine:
         after the next step's forward was launched, so reading them does not hold it back)."""
         for pending, copy in self._scoring:
             (values,) = copy.tolist()
+            _checked(values)
             at = 0
             for entry in pending:
                 count = entry.logits.shape[0]
@@ -803,6 +844,16 @@ class Engine:
         if not block.branches or not block.branches[0]:
             return None
         return graph.nodes[block.branches[0][0]].token_start - graph.prompt_num_tokens
+
+
+def _checked(logprobs: list[float]) -> list[float]:
+    """Log-probs as read back; NaN means the logits held NaN or infinity (broken weights, an
+    overflowing dtype), and nothing sampled from them can be scored or trained on."""
+    if any(math.isnan(value) for value in logprobs):
+        raise FloatingPointError(
+            "the model's logits hold NaN or infinite values: check its weights and dtype"
+        )
+    return logprobs
 
 
 def _tags_are_special(tokenizer, grammar: str) -> bool:

@@ -29,7 +29,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..typecheck import type_problems
 from .transfer import to_device
+
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,16 @@ class SamplingParams:
     suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        problems = type_problems(self)
+        if problems:
+            raise ValueError(f"invalid sampling parameters: {'; '.join(problems)}")
         object.__setattr__(self, "suppress_tokens", tuple(self.suppress_tokens))
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            # below that, logits / temperature overflows to inf and the picks turn to NaN
+            (
+                self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}",
+            ),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
@@ -86,10 +96,7 @@ class SamplingParams:
                 min(self.max_plan_tokens, self.max_step_tokens, self.max_takeaway_tokens) >= 1,
                 "element limits must be >= 1",
             ),
-            (
-                all(isinstance(t, int) and t >= 0 for t in self.suppress_tokens),
-                "suppress_tokens must be token ids (ints >= 0)",
-            ),
+            (all(t >= 0 for t in self.suppress_tokens), "suppress_tokens must be ids >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,73 @@
+"""Values read from files and command lines checked against a dataclass's field annotations, so
+a wrong type is refused where it is read, naming the field, not deep inside a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+UNIONS = (typing.Union, types.UnionType)
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type: ints are not bools, floats are finite numbers
+    (ints included), tuples are lists or tuples (of exactly their length unless ``tuple[X, ...]``)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in UNIONS:
+        return any(fits(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(fits(item, args[0]) for item in value)
+        return len(value) == len(args) and all(
+            fits(item, arg) for item, arg in zip(value, args, strict=True)
+        )
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            fits(k, args[0]) and fits(v, args[1]) for k, v in value.items()
+        )
+    raise TypeError(f"no type check for {hint}")
+
+
+def describe(hint: Any) -> str:
+    """``hint`` in words, for error messages."""
+    if typing.get_origin(hint) in UNIONS:
+        return " or ".join(describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} finite numbers"
+    if typing.get_origin(hint) is dict:
+        return "a table"
+    names = {type(None): "null", bool: "true or false", int: "an integer", str: "a string"}
+    return names.get(hint, "a finite number")
+
+
+def type_problems(instance: Any) -> list[str]:
+    """One line per field of the dataclass ``instance`` whose value is not of its annotated
+    type: ``"name must be an integer, got 1.5"``."""
+    hints = typing.get_type_hints(type(instance))
+    return [
+        f"{f.name} must be {describe(hints[f.name])}, got {getattr(instance, f.name)!r}"
+        for f in dataclasses.fields(instance)
+        if not fits(getattr(instance, f.name), hints[f.name])
+    ]
