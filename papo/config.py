@@ -7,8 +7,6 @@ or in ``--set key=value`` overrides them. Unknown keys and bad values are errors
 from __future__ import annotations
 
 import json
-import math
-import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import tomllib
 
 from npr_graph.prompts import BUILTIN
+from npr_graph.typecheck import describe, fits
 
 STAGES = ("zero", "sft", "papo")
 SHARDING = ("none", "fsdp2")
@@ -190,44 +189,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-UNIONS = (typing.Union, types.UnionType)
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` is of the annotated type: ints are not bools, floats are finite numbers
-    (ints included), tuples are lists or tuples of exactly their length."""
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in UNIONS:
-        return any(_fits(value, arg) for arg in args)
-    if typing.get_origin(hint) is tuple:
-        return (
-            isinstance(value, (list, tuple))
-            and len(value) == len(args)
-            and all(_fits(item, arg) for item, arg in zip(value, args, strict=True))
-        )
-    raise TypeError(f"no type check for {hint}")
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in UNIONS:
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {len(typing.get_args(hint))} finite numbers"
-    names = {type(None): "null", bool: "true or false", int: "an integer", str: "a string"}
-    return names.get(hint, "a finite number")
-
-
 def _type_problems(config: TrainConfig) -> list[str]:
     """One line per setting whose value is not of its field's annotated type (for a setting of
     :data:`CHOICES`: not one of its names)."""
@@ -239,8 +200,8 @@ def _type_problems(config: TrainConfig) -> list[str]:
             if value not in CHOICES[f.name]:
                 names = ", ".join(CHOICES[f.name])
                 problems.append(f"{f.name} must be one of {names}, got {value!r}")
-        elif not _fits(value, hints[f.name]):
-            problems.append(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+        elif not fits(value, hints[f.name]):
+            problems.append(f"{f.name} must be {describe(hints[f.name])}, got {value!r}")
     return problems
 
 
