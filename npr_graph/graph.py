@@ -231,8 +231,10 @@ class ReasoningGraph:
         """The node whose span holds character ``char`` (the last node for the end of the text)."""
         if not 0 <= char <= len(self.text):
             raise IndexError(f"character {char} is outside the graph")
-        starts = [n.char_start for n in self.nodes]
-        return self.nodes[max(bisect_right(starts, char) - 1, 0)]
+        # Nodes tile the text in order, so bisecting on char_start directly (no list of starts)
+        # keeps one lookup O(log n); callers look up one position per violation.
+        index = bisect_right(self.nodes, char, key=lambda node: node.char_start)
+        return self.nodes[max(index - 1, 0)]
 
     def token_text(self, index: int) -> str:
         if self.token_offsets is None:

@@ -211,6 +211,33 @@ def test_violation_past_the_end_marks_the_last_node() -> None:
     assert list(marks) == [len(graph.nodes) - 1]
 
 
+class CountingList(list):
+    """A list that counts element reads, to measure how much work a function does."""
+
+    reads = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self.reads += 1
+            yield item
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+def test_violations_by_node_reads_each_node_a_few_times() -> None:
+    # Every violation here has node=None, so each is placed by its position; that used to rebuild
+    # the list of node starts per violation (reads ~ violations x nodes).
+    graph = parse("<step>x</step></plan>" * 2000, lenient=True)
+    assert len(graph.violations) > 2000 and len(graph.nodes) == 4000
+    assert all(v.node is None for v in graph.violations)
+    graph.nodes = CountingList(graph.nodes)
+    marks = render.violations_by_node(graph)
+    assert sum(len(found) for found in marks.values()) == len(graph.violations)
+    assert graph.nodes.reads < 30 * len(graph.violations)
+
+
 def test_hostile_text_is_escaped_in_dot() -> None:
     dot = to_dot(hostile_graph(), max_label=200)
     assert_dot_wellformed(dot)
