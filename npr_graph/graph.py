@@ -23,6 +23,10 @@ from typing import Any
 
 import networkx as nx
 
+from grammar import GRAMMARS
+
+from .typecheck import describe, fits, type_problems
+
 SCHEMA_VERSION = 1
 
 
@@ -298,7 +302,11 @@ class ReasoningGraph:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a reasoning graph dict: {error!r}") from error
+        problems = _type_problems(graph)
+        if problems:
+            raise ValueError(f"not a reasoning graph dict: {'; '.join(problems[:3])}")
         check_partition(graph)
+        check_blocks(graph)
         return graph
 
     def to_json(self, **kwargs: Any) -> str:
@@ -352,6 +360,73 @@ def check_partition(graph: ReasoningGraph) -> None:
         raise ValueError(f"nodes cover {expected_char} of {len(graph.text)} characters")
     if graph.token_ids is not None and expected_token != len(graph.token_ids):
         raise ValueError(f"nodes cover {expected_token} of {len(graph.token_ids)} tokens")
+
+
+def check_blocks(graph: ReasoningGraph) -> None:
+    """Raise ValueError unless every block names existing nodes and an existing enclosing
+    branch."""
+    count = len(graph.nodes)
+    for block in graph.blocks:
+        named = [*block.header, *block.items, *(i for b in block.branches for i in b), *block.close]
+        if block.join is not None:
+            named.append(block.join)
+        if any(not 0 <= i < count for i in named):
+            raise ValueError(f"block {block.index} names a node that does not exist")
+        if block.parent is not None:
+            outer, branch = block.parent
+            if not (0 <= outer < len(graph.blocks) and 0 <= branch < graph.blocks[outer].width):
+                raise ValueError(f"block {block.index} is nested in a branch that does not exist")
+
+
+def _type_problems(graph: ReasoningGraph) -> list[str]:
+    """Fields of the wrong type, and per-token lists that do not match the token ids."""
+    problems = [f"node {i}: {p}" for i, node in enumerate(graph.nodes) for p in type_problems(node)]
+    problems += [f"block {i}: {p}" for i, b in enumerate(graph.blocks) for p in type_problems(b)]
+    problems += [f"violation: {p}" for v in graph.violations for p in type_problems(v)]
+    expected = {
+        "text": str,
+        "grammar": str,
+        "response_start": int,
+        "prompt_num_tokens": int,
+        "token_ids": list[int] | None,
+        "token_offsets": list[int] | None,
+        "forced": list[bool] | None,
+        "metadata": dict[str, Any],
+    }
+    problems += [
+        f"{name} must be {describe(hint)}"
+        for name, hint in expected.items()
+        if not fits(getattr(graph, name), hint)
+    ]
+    logprobs = graph.logprobs
+    if logprobs is not None and not (
+        isinstance(logprobs, list)
+        and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in logprobs
+        )
+    ):
+        problems.append("logprobs must be a list of numbers or nulls")
+    if graph.grammar not in GRAMMARS:
+        problems.append(f"unknown grammar {graph.grammar!r}")
+    problems += [
+        f"block {i} has index {block.index}"
+        for i, block in enumerate(graph.blocks)
+        if block.index != i
+    ]
+    if graph.token_ids is not None:
+        if graph.token_offsets is None:
+            problems.append("token_ids come without token_offsets")
+        if any(n.token_start is None or n.token_end is None for n in graph.nodes):
+            problems.append("a node of a tokenized graph has no token span")
+    if problems:
+        return problems
+    count = None if graph.token_ids is None else len(graph.token_ids)
+    # token_offsets ends with the end of the text
+    for name, extra in (("token_offsets", 1), ("logprobs", 0), ("forced", 0)):
+        value = getattr(graph, name)
+        if value is not None and (count is None or len(value) != count + extra):
+            problems.append(f"{name} does not match the token ids")
+    return problems
 
 
 def node_of_token(graph: ReasoningGraph) -> list[int]:

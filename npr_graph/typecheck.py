@@ -40,10 +40,14 @@ def fits(value: Any, hint: Any) -> bool:
         return len(value) == len(args) and all(
             fits(item, arg) for item, arg in zip(value, args, strict=True)
         )
+    if origin is list:
+        return isinstance(value, list) and all(fits(item, args[0]) for item in value)
     if origin is dict:
         return isinstance(value, dict) and all(
             fits(k, args[0]) and fits(v, args[1]) for k, v in value.items()
         )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
     raise TypeError(f"no type check for {hint}")
 
 
@@ -56,10 +60,14 @@ def describe(hint: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
         return f"a list of {len(args)} finite numbers"
+    if typing.get_origin(hint) is list:
+        return f"a list of {describe(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
     if typing.get_origin(hint) is dict:
         return "a table"
     names = {type(None): "null", bool: "true or false", int: "an integer", str: "a string"}
-    return names.get(hint, "a finite number")
+    if hint in names or hint is float:
+        return names.get(hint, "a finite number")
+    return f"a {getattr(hint, '__name__', hint)}"
 
 
 def type_problems(instance: Any) -> list[str]:

@@ -348,3 +348,41 @@ def test_a_broken_graph_dict_is_a_value_error(change):
         ReasoningGraph.from_dict(_corrupt(graph.to_dict(), change))
     with pytest.raises(ValueError):
         ReasoningGraph.from_json('{"text": "x", "nodes": [')
+
+
+def _paths(data, prefix=()):
+    """Every key path of a JSON value, the first three items of each list."""
+    items = data.items() if isinstance(data, dict) else enumerate(data[:3])
+    for key, value in items:
+        yield (*prefix, key)
+        if isinstance(value, (dict, list)):
+            yield from _paths(value, (*prefix, key))
+
+
+def test_any_one_field_of_a_graph_dict_set_wrong_is_caught_or_harmless():
+    """Every field of a saved graph, set to each of a few wrong values: from_dict raises a
+    ValueError, or what it returns validates, lays out and renders without an error."""
+    import copy
+
+    from npr_graph import attention_mask, metrics, position_ids, render, validate
+
+    text = "pre " + NPR_TRACE
+    good = parse(text, tokenizer=CharTokenizer()).to_dict()
+    values = [None, 5, -1, "x", [], {}, [1], [None], 1.5, True, "step", [[1, 2]], 10**9]
+    accepted = 0
+    for path in _paths(good):
+        for value in values:
+            data = copy.deepcopy(good)
+            target = data
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+            try:
+                graph = ReasoningGraph.from_dict(data)
+            except ValueError:
+                continue
+            accepted += 1
+            validate(graph), metrics(graph), render.to_dot(graph), render.tree_text(graph)
+            attention_mask(graph), position_ids(graph), position_ids(graph, "official")
+            graph.to_json()
+    assert accepted > 0, "harmless changes (a label, the metadata) are still read"
