@@ -163,32 +163,18 @@ class Trainer:
         )
 
     def _check_prompts(self) -> None:
-        """Refuse problems the engine cannot run (a prompt too long for the model's context with
-        ``max_new_tokens`` to spare, or for the KV pool): the checks ``Engine.generate`` makes,
-        made once for every problem, so a run does not stop at whichever step first draws one."""
-        c, engine = self.config, self.engine
-        errors = []
+        """Refuse problems the engine cannot run (:meth:`Engine.check_prompt`), all of them when
+        the trainer starts, so a run does not stop at whichever step first draws one."""
+        errors, params = [], self._sampling_params(seed=None)
         for problem in self.problems:
             try:
-                tokens = len(engine.encode_prompt(self.template.render(problem.prompt), c.chat))
+                prompt = self.template.render(problem.prompt)
+                self.engine.check_prompt(prompt, params, self.config.chat, "its prompt")
             except PromptError as error:
                 errors.append(f"problem {problem.id!r}: {error}")
-                continue
-            if tokens + c.max_new_tokens > engine.max_positions:
-                errors.append(
-                    f"problem {problem.id!r}: its prompt has {tokens} tokens; with max_new_tokens="
-                    f"{c.max_new_tokens} it exceeds the model's context of {engine.max_positions}"
-                )
-            elif (
-                -(-tokens // engine.pool.page_size) + c.samples_per_prompt > engine.pool.num_usable
-            ):
-                errors.append(
-                    f"problem {problem.id!r}: its prompt ({tokens} tokens) does not fit the KV pool "
-                    f"of {engine.pool.num_usable} pages (kv_pages)"
-                )
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise ValueError(f"{c.data}: " + "; ".join(errors[:5]) + more)
+            raise ValueError(f"{self.config.data}: " + "; ".join(errors[:5]) + more)
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -311,21 +297,7 @@ class Trainer:
         c = self.config
         prompts = [self.template.render(self.problems[problem].prompt) for _, problem in draws]
         params = [
-            SamplingParams(
-                temperature=c.temperature,
-                top_p=c.top_p,
-                top_k=c.top_k,
-                max_new_tokens=c.max_new_tokens,
-                n=c.samples_per_prompt,
-                seed=(c.seed * 1_000_003 + step) * 1_000_003 + group,
-                min_branches=c.min_branches,
-                max_branches=c.max_branches,
-                max_blocks=c.max_blocks,
-                max_depth=c.max_depth,
-                max_plan_tokens=c.max_plan_tokens,
-                max_step_tokens=c.max_step_tokens,
-                max_takeaway_tokens=c.max_takeaway_tokens,
-            )
+            self._sampling_params(seed=(c.seed * 1_000_003 + step) * 1_000_003 + group)
             for group, _ in draws
         ]
         if not prompts:
@@ -352,6 +324,24 @@ class Trainer:
             valid = _structurally_valid(graph)
             out.append(Rollout(problem, group, graph, reward, valid, tokens))
         return out, wall
+
+    def _sampling_params(self, seed: int | None) -> SamplingParams:
+        c = self.config
+        return SamplingParams(
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_new_tokens=c.max_new_tokens,
+            n=c.samples_per_prompt,
+            seed=seed,
+            min_branches=c.min_branches,
+            max_branches=c.max_branches,
+            max_blocks=c.max_blocks,
+            max_depth=c.max_depth,
+            max_plan_tokens=c.max_plan_tokens,
+            max_step_tokens=c.max_step_tokens,
+            max_takeaway_tokens=c.max_takeaway_tokens,
+        )
 
     def _rl_step(self) -> dict[str, Any]:
         c = self.config

@@ -199,6 +199,29 @@ class Engine:
             raise PromptError("empty prompt")
         return ids
 
+    def check_prompt(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        chat: bool | None = None,
+        which: str = "the prompt",
+    ) -> list[int]:
+        """The prompt's ids, or a :class:`PromptError` when this engine cannot run it with
+        ``params``: empty, too long for the model's context with ``max_new_tokens`` to spare, or
+        too large for the KV pool with ``n`` samples."""
+        ids = self.encode_prompt(prompt, chat)
+        if len(ids) + params.max_new_tokens > self.max_positions:
+            raise PromptError(
+                f"{which} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                f"it exceeds the model's context of {self.max_positions}"
+            )
+        if self._pages_for(len(ids)) + params.n > self.pool.num_usable:
+            raise PromptError(
+                f"{which} ({len(ids)} tokens) does not fit the KV pool of "
+                f"{self.pool.num_usable} pages"
+            )
+        return ids
+
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -238,18 +261,8 @@ class Engine:
                 )
         requests = []
         for index, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
-            ids = self.encode_prompt(prompt, chat)
             which = f"prompt {index}" if len(prompts) > 1 else "the prompt"
-            if len(ids) + p.max_new_tokens > self.max_positions:
-                raise PromptError(
-                    f"{which} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
-                    f"it exceeds the model's context of {self.max_positions}"
-                )
-            if self._pages_for(len(ids)) + p.n > self.pool.num_usable:
-                raise PromptError(
-                    f"{which} ({len(ids)} tokens) does not fit the KV pool of "
-                    f"{self.pool.num_usable} pages"
-                )
+            ids = self.check_prompt(prompt, p, chat, which)
             requests.append(Request(index, ids, p, mode, arrival=index))
         self.stats = EngineStats()
         self.logits_processor = logits_processor
