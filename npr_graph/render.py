@@ -23,6 +23,7 @@ from .parse import LABEL
 
 RED = "#d62728"
 DOT_TIMEOUT_S = 30.0
+MAX_INDENT = 40
 
 _FILL = {
     NodeKind.PROMPT: "#eeeeee",
@@ -145,6 +146,20 @@ def _block_children(graph: ReasoningGraph) -> dict[int | None, list[int]]:
     return out
 
 
+def _nodes_by_block(graph: ReasoningGraph) -> dict[int | None, list[int]]:
+    """Node ids per innermost block index (None: the top level), in sequence order."""
+    out: dict[int | None, list[int]] = {}
+    for node in graph.nodes:
+        out.setdefault(node.block, []).append(node.id)
+    return out
+
+
+def _deeper(indent: str) -> str:
+    """The indent of a nested scope. Past ``MAX_INDENT`` it stops growing: DOT and Mermaid ignore
+    indentation, and two more spaces per level would grow the output with depth squared."""
+    return indent if len(indent) >= MAX_INDENT else indent + "  "
+
+
 def block_title(graph: ReasoningGraph, block: Block) -> str:
     """``block 0 (width 2)``, with the item count added when it differs from the width."""
     items = len(block.items)
@@ -175,24 +190,37 @@ def _dot_node(node: Node, title: str, max_label: int, marks: Sequence[Violation]
     return f"n{node.id} [{', '.join(attrs)}];"
 
 
-def _dot_scope(
-    graph: ReasoningGraph,
-    block: int | None,
-    nested: dict[int | None, list[int]],
-    node_lines: dict[int, str],
-    indent: str,
+def _dot_scopes(
+    graph: ReasoningGraph, nested: dict[int | None, list[int]], node_lines: dict[int, str]
 ) -> list[str]:
-    lines = [indent + node_lines[n.id] for n in graph.nodes if n.block == block]
-    heads = [ids[0] for ids in graph.blocks[block].branches if ids] if block is not None else []
-    if len(heads) > 1:
-        lines.append(f"{indent}{{rank=same; {' '.join(f'n{i};' for i in heads)}}}")
-    for child in nested.get(block, []):
-        inner = indent + "  "
-        lines.append(f"{indent}subgraph cluster_block_{child} {{")
-        lines.append(f'{inner}label="{dot_escape(block_title(graph, graph.blocks[child]))}";')
-        lines.append(f'{inner}style="rounded,dashed"; color="#888888"; fontcolor="#555555";')
-        lines += _dot_scope(graph, child, nested, node_lines, inner)
-        lines.append(f"{indent}}}")
+    """Node lines and nested ``subgraph cluster_block_N`` sections, top level first."""
+    members = _nodes_by_block(graph)
+    lines: list[str] = []
+    # An explicit stack rather than recursion: blocks may nest as deep as parse() allows (1024).
+    # Entries are either a finished line or a (block, indent) scope still to lay out.
+    stack: list[str | tuple[int | None, str]] = [(None, "  ")]
+    while stack:
+        entry = stack.pop()
+        if isinstance(entry, str):
+            lines.append(entry)
+            continue
+        block, indent = entry
+        lines += [indent + node_lines[i] for i in members.get(block, [])]
+        heads = [ids[0] for ids in graph.blocks[block].branches if ids] if block is not None else []
+        if len(heads) > 1:
+            lines.append(f"{indent}{{rank=same; {' '.join(f'n{i};' for i in heads)}}}")
+        pending: list[str | tuple[int | None, str]] = []
+        inner = _deeper(indent)
+        for child in nested.get(block, []):
+            title = dot_escape(block_title(graph, graph.blocks[child]))
+            pending += [
+                f"{indent}subgraph cluster_block_{child} {{",
+                f'{inner}label="{title}";',
+                f'{inner}style="rounded,dashed"; color="#888888"; fontcolor="#555555";',
+                (child, inner),
+                f"{indent}}}",
+            ]
+        stack += reversed(pending)
     return lines
 
 
@@ -215,7 +243,7 @@ def to_dot(
         '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
         '  edge [color="#555555", arrowsize=0.7];',
     ]
-    lines += _dot_scope(graph, None, _block_children(graph), node_lines, "  ")
+    lines += _dot_scopes(graph, _block_children(graph), node_lines)
     lines += [f"  n{a} -> n{b};" for a, b in _edges(graph)]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -264,20 +292,33 @@ def _mermaid_node(node: Node, title: str, max_label: int) -> str:
     return f'n{node.id}["{label}"]'
 
 
-def _mermaid_scope(
-    graph: ReasoningGraph,
-    block: int | None,
-    nested: dict[int | None, list[int]],
-    node_lines: dict[int, str],
-    indent: str,
+def _mermaid_scopes(
+    graph: ReasoningGraph, nested: dict[int | None, list[int]], node_lines: dict[int, str]
 ) -> list[str]:
-    lines = [indent + node_lines[n.id] for n in graph.nodes if n.block == block]
-    for child in nested.get(block, []):
-        title = mermaid_escape(block_title(graph, graph.blocks[child]))
-        lines.append(f'{indent}subgraph block_{child} ["{title}"]')
-        lines.append(f"{indent}  direction TB")
-        lines += _mermaid_scope(graph, child, nested, node_lines, indent + "  ")
-        lines.append(f"{indent}end")
+    """Node lines and nested ``subgraph block_N`` sections, top level first."""
+    members = _nodes_by_block(graph)
+    lines: list[str] = []
+    # An explicit stack rather than recursion: blocks may nest as deep as parse() allows (1024).
+    # Entries are either a finished line or a (block, indent) scope still to lay out.
+    stack: list[str | tuple[int | None, str]] = [(None, "  ")]
+    while stack:
+        entry = stack.pop()
+        if isinstance(entry, str):
+            lines.append(entry)
+            continue
+        block, indent = entry
+        lines += [indent + node_lines[i] for i in members.get(block, [])]
+        pending: list[str | tuple[int | None, str]] = []
+        inner = _deeper(indent)
+        for child in nested.get(block, []):
+            title = mermaid_escape(block_title(graph, graph.blocks[child]))
+            pending += [
+                f'{indent}subgraph block_{child} ["{title}"]',
+                f"{inner}direction TB",
+                (child, inner),
+                f"{indent}end",
+            ]
+        stack += reversed(pending)
     return lines
 
 
@@ -293,7 +334,7 @@ def to_mermaid(
     names = titles(graph)
     node_lines = {n.id: _mermaid_node(n, names[n.id], max_label) for n in graph.nodes}
     lines = ["flowchart TD"]
-    lines += _mermaid_scope(graph, None, _block_children(graph), node_lines, "  ")
+    lines += _mermaid_scopes(graph, _block_children(graph), node_lines)
     lines += [f"  n{a} --> n{b}" for a, b in _edges(graph)]
     marked = sorted(violations_by_node(graph, violations))
     if marked:

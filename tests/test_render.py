@@ -238,6 +238,41 @@ def test_violations_by_node_reads_each_node_a_few_times() -> None:
     assert graph.nodes.reads < 30 * len(graph.violations)
 
 
+NPR_BLOCK = "<guideline><plan>1: a</plan></guideline><step>1: b</step><takeaway>c</takeaway>"
+
+
+def nested_multiverse(depth: int) -> str:
+    """A valid Multiverse trace whose blocks nest ``depth`` levels deep."""
+    opening = "<Parallel><Goal><Outline>1: o</Outline></Goal><Path>1: p "
+    closing = "</Path><Conclusion>c</Conclusion></Parallel>"
+    return opening * depth + "x" + closing * depth + "\n\\boxed{1}"
+
+
+@pytest.mark.parametrize("render_graph", [to_dot, to_mermaid])
+def test_dot_and_mermaid_read_each_node_a_few_times(render_graph: Any) -> None:
+    # Laying out each block used to scan every node (reads ~ blocks x nodes).
+    graph = parse(NPR_BLOCK * 500)
+    assert len(graph.blocks) == 500 and not graph.violations
+    graph.nodes = CountingList(graph.nodes)
+    render_graph(graph)
+    assert graph.nodes.reads < 10 * len(graph.nodes)
+
+
+def test_dot_and_mermaid_render_blocks_nested_1000_deep() -> None:
+    graph = parse(nested_multiverse(1000), grammar="multiverse", max_depth=1024)
+    assert len(graph.blocks) == 1000 and not graph.violations
+    dot = to_dot(graph)
+    assert_dot_wellformed(dot)
+    expected = {b.index: b.parent[0] if b.parent else None for b in graph.blocks}
+    assert cluster_parents(dot) == expected
+    assert len(DOT_VERTEX.findall(dot)) == len(graph.nodes)
+    mermaid = to_mermaid(graph)
+    assert len(MERMAID_VERTEX.findall(mermaid)) == len(graph.nodes)
+    assert mermaid.count("subgraph block_") == len(re.findall(r"^\s*end$", mermaid, re.M)) == 1000
+    # Indentation stops growing with depth, so the documents stay proportional to the graph.
+    assert max(len(dot), len(mermaid)) < 200 * len(graph.nodes)
+
+
 def test_hostile_text_is_escaped_in_dot() -> None:
     dot = to_dot(hostile_graph(), max_label=200)
     assert_dot_wellformed(dot)
