@@ -234,8 +234,9 @@ class _Recovery:
         last = parent.children[-1].tag if parent.children else None
         return is_root or tag == spec.header or last in (spec.header, spec.branch)
 
-    def _depth(self) -> int:
-        return sum(1 for element in self.stack if element.tag == self.spec.branch)
+    def _depth(self, level: int) -> int:
+        """How many branches hold ``self.stack[level]`` (what is open above it is closed first)."""
+        return sum(1 for element in self.stack[: level + 1] if element.tag == self.spec.branch)
 
     def _open(self, tag: str, token: Token) -> None:
         start, end = token.start_pos, token.end_pos
@@ -252,7 +253,7 @@ class _Recovery:
             self._note("tag_in_content", f"tag {token.value} inside {where}", start, end)
             return
         opens_block = tag in (self.spec.wrapper, self.spec.header)
-        if opens_block and self._depth() >= self.max_depth and level > 0:
+        if opens_block and self._depth(level) >= self.max_depth and level > 0:
             self._note("too_deep", f"block nested deeper than {self.max_depth} levels", start, end)
             return
         for element in reversed(self.stack[level + 1 :]):

@@ -130,6 +130,23 @@ def test_lenient_treats_misplaced_tags_as_content():
     assert "<step>" in graph.nodes_of("plan")[0].content
 
 
+def test_depth_limit_counts_only_the_branches_that_stay_open():
+    """A header that first closes an unclosed path opens a block beside it, not inside it:
+    no depth limit refuses it, and every limit reads the trace the same way."""
+    text = (
+        "<Parallel><Goal><Outline>1: a</Outline></Goal><Path>1: b"
+        "<Goal><Outline>1: c</Outline></Goal><Path>1: d</Path><Conclusion>e</Conclusion></Parallel>"
+    )
+    reads = []
+    for max_depth in (1, 2, 32):
+        graph = ng.parse(text, grammar="multiverse", lenient=True, max_depth=max_depth)
+        reads.append(
+            ([(v.code, v.char_start) for v in graph.violations], graph.to_dict()["blocks"])
+        )
+    assert reads[0] == reads[1] == reads[2]
+    assert "too_deep" not in [code for code, _ in reads[0][0]]
+
+
 def test_answer_and_free_text_kinds():
     assert ng.parse("just thinking").nodes[0].kind is ng.NodeKind.TEXT
     assert ng.parse("so \\boxed{3}").nodes[0].kind is ng.NodeKind.ANSWER
