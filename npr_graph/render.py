@@ -12,7 +12,8 @@ import io
 import shutil
 import subprocess
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 from rich.console import Console
 from rich.text import Text
@@ -24,6 +25,9 @@ from .parse import LABEL
 RED = "#d62728"
 DOT_TIMEOUT_S = 30.0
 MAX_INDENT = 40
+# Block nesting shown by to_tree: each level indents the tree by 8 columns, and a console drops
+# tree levels that its width cannot indent.
+TREE_MAX_DEPTH = 6
 
 _FILL = {
     NodeKind.PROMPT: "#eeeeee",
@@ -356,17 +360,37 @@ def _size_text(graph: ReasoningGraph, ids: Iterable[int]) -> str:
     return f"[{_size(graph, ids)} {unit}]"
 
 
+# One step of building the tree: it adds its own entry and returns the steps for that entry's
+# children, in display order.
+_Step = Callable[[], "list[_Step]"]
+
+
 class _TreeBuilder:
-    """Lays out nodes and blocks as rich tree branches, in sequence order."""
+    """Lays out nodes and blocks as rich tree branches, in sequence order; blocks nested deeper
+    than ``max_depth`` are folded into one marker entry."""
 
     def __init__(
-        self, graph: ReasoningGraph, violations: Sequence[Violation] | None, max_label: int
+        self,
+        graph: ReasoningGraph,
+        violations: Sequence[Violation] | None,
+        max_label: int,
+        max_depth: int,
     ):
         self.graph = graph
         self.max_label = max_label
+        self.max_depth = max_depth
         self.marks = violations_by_node(graph, violations)
         self.names = titles(graph)
         self.nested = _block_children(graph)
+        self.depth = _block_depths(self.nested)
+
+    def build(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> None:
+        """Add nodes and blocks (with everything inside them) to ``tree``."""
+        # Steps wait on an explicit stack instead of calling each other: blocks may nest as deep
+        # as parse() allows (1024), past Python's recursion limit.
+        stack = self.entries(tree, node_ids, blocks)[::-1]
+        while stack:
+            stack += reversed(stack.pop()())
 
     def label(self, title: str, ids: Sequence[int], text: str = "") -> Text:
         marks = [v for i in ids for v in self.marks.get(i, ())]
@@ -379,34 +403,50 @@ class _TreeBuilder:
             out.append(text)
         return out
 
-    def leaf(self, tree: Tree, node_id: int) -> None:
+    def leaf(self, tree: Tree, node_id: int) -> list[_Step]:
         node = self.graph.nodes[node_id]
         tree.add(self.label(self.names[node_id], [node_id], snippet(node, self.max_label)))
+        return []
 
-    def entries(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> None:
-        """Add nodes and nested blocks to ``tree``, ordered by where they start."""
+    def entries(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> list[_Step]:
+        """Steps adding nodes and nested blocks to ``tree``, ordered by where they start."""
         items: list[tuple[int, int, bool]] = [(i, i, False) for i in node_ids]
         for index in blocks:
             first = min(_block_nodes(self.graph.blocks[index]), default=len(self.graph.nodes))
             items.append((first, index, True))
+        steps: list[_Step] = []
         for _, value, is_block in sorted(items):
-            if is_block:
-                self.block(tree, self.graph.blocks[value])
+            if not is_block:
+                steps.append(partial(self.leaf, tree, value))
+            elif self.depth[value] > self.max_depth:
+                steps.append(partial(self.hidden, tree, value))
             else:
-                self.leaf(tree, value)
+                steps.append(partial(self.block, tree, self.graph.blocks[value]))
+        return steps
 
-    def block(self, tree: Tree, block: Block) -> None:
+    def block(self, tree: Tree, block: Block) -> list[_Step]:
         ids = _block_nodes(block)
         nested = self.nested.get(block.index, [])
         all_ids = ids + [i for b in nested for i in _descendant_nodes(self.graph, b, self.nested)]
         branch = tree.add(self.label(block_title(self.graph, block), sorted(all_ids)))
         self.header(branch, block)
-        for index, node_ids in enumerate(block.branches):
-            self.branch(branch, block, index, node_ids)
+        steps: list[_Step] = [
+            partial(self.branch, branch, block, index, node_ids)
+            for index, node_ids in enumerate(block.branches)
+        ]
         if block.join is not None:
-            self.leaf(branch, block.join)
-        for node_id in block.close:
-            self.leaf(branch, node_id)
+            steps.append(partial(self.leaf, branch, block.join))
+        steps += [partial(self.leaf, branch, node_id) for node_id in block.close]
+        return steps
+
+    def hidden(self, tree: Tree, index: int) -> list[_Step]:
+        """One entry standing for a block nested too deep to show and everything inside it."""
+        blocks = _descendant_blocks(index, self.nested)
+        ids = sorted(i for b in blocks for i in _block_nodes(self.graph.blocks[b]))
+        levels = max(self.depth[b] for b in blocks) - self.depth[index] + 1
+        title = f"… {_plural(levels, 'deeper level')} not shown"
+        tree.add(self.label(title, ids))
+        return []
 
     def header(self, tree: Tree, block: Block) -> None:
         if not block.header and not block.items:
@@ -418,17 +458,16 @@ class _TreeBuilder:
         for node_id in sorted(block.items + [i for i in block.header if i not in containers]):
             self.leaf(sub, node_id)
 
-    def branch(self, tree: Tree, block: Block, index: int, node_ids: list[int]) -> None:
+    def branch(self, tree: Tree, block: Block, index: int, node_ids: list[int]) -> list[_Step]:
         nested = [
             b for b in self.nested.get(block.index, []) if self.graph.blocks[b].parent[1] == index
         ]
         if len(node_ids) == 1 and not nested:
-            self.leaf(tree, node_ids[0])
-            return
+            return self.leaf(tree, node_ids[0])
         inner = [i for b in nested for i in _descendant_nodes(self.graph, b, self.nested)]
         title = _branch_name(self.graph, block, index)
         sub = tree.add(self.label(title, sorted(node_ids + inner)))
-        self.entries(sub, node_ids, nested)
+        return self.entries(sub, node_ids, nested)
 
 
 def _block_nodes(block: Block) -> list[int]:
@@ -436,13 +475,33 @@ def _block_nodes(block: Block) -> list[int]:
     return sorted(ids + ([block.join] if block.join is not None else []))
 
 
+def _descendant_blocks(index: int, nested: dict[int | None, list[int]]) -> list[int]:
+    """Block ``index`` and every block nested inside it, at any depth."""
+    out: list[int] = []
+    pending = [index]
+    while pending:
+        block = pending.pop()
+        out.append(block)
+        pending += nested.get(block, [])
+    return out
+
+
 def _descendant_nodes(
     graph: ReasoningGraph, index: int, nested: dict[int | None, list[int]]
 ) -> list[int]:
-    ids = _block_nodes(graph.blocks[index])
-    for child in nested.get(index, []):
-        ids += _descendant_nodes(graph, child, nested)
-    return ids
+    return [i for b in _descendant_blocks(index, nested) for i in _block_nodes(graph.blocks[b])]
+
+
+def _block_depths(nested: dict[int | None, list[int]]) -> dict[int, int]:
+    """Per block index, how deep it nests: 1 for a top-level block."""
+    depths: dict[int, int] = {}
+    pending: list[tuple[int | None, int]] = [(None, 0)]
+    while pending:
+        parent, depth = pending.pop()
+        for child in nested.get(parent, []):
+            depths[child] = depth + 1
+            pending.append((child, depth + 1))
+    return depths
 
 
 def to_tree(
@@ -450,11 +509,15 @@ def to_tree(
     *,
     violations: Sequence[Violation] | None = None,
     max_label: int = 60,
+    max_depth: int = TREE_MAX_DEPTH,
 ) -> Tree:
     """A rich tree: top-level text, prompt and answer nodes, and one branch per block holding its
     header (guideline and plans), its parallel branches (nested blocks inside them) and its join.
-    Sizes are token counts when the graph is tokenized, character counts otherwise."""
-    builder = _TreeBuilder(graph, violations, max_label)
+    Sizes are token counts when the graph is tokenized, character counts otherwise.
+
+    Blocks nested more than ``max_depth`` levels deep are summed up in one "… N deeper levels
+    not shown" entry each: a console silently drops tree levels its width cannot indent."""
+    builder = _TreeBuilder(graph, violations, max_label, max_depth)
     count = sum(len(marks) for marks in builder.marks.values())
     root_label = Text(f"{graph.grammar} trace", style="bold")
     counts = [_plural(len(graph.nodes), "node"), _plural(len(graph.blocks), "block")]
@@ -462,7 +525,7 @@ def to_tree(
     root_label.append(_size_text(graph, range(len(graph.nodes))), style="dim")
     root = Tree(root_label)
     top = [n.id for n in graph.nodes if n.block is None]
-    builder.entries(root, top, builder.nested.get(None, []))
+    builder.build(root, top, builder.nested.get(None, []))
     return root
 
 
@@ -475,6 +538,7 @@ def tree_text(
     *,
     violations: Sequence[Violation] | None = None,
     max_label: int = 60,
+    max_depth: int = TREE_MAX_DEPTH,
     width: int = 100,
 ) -> str:
     """:func:`to_tree` rendered as plain text (no color) at a fixed ``width``."""
@@ -488,5 +552,5 @@ def tree_text(
         record=True,
         legacy_windows=False,
     )
-    console.print(to_tree(graph, violations=violations, max_label=max_label))
+    console.print(to_tree(graph, violations=violations, max_label=max_label, max_depth=max_depth))
     return console.export_text(styles=False)

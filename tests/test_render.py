@@ -409,6 +409,31 @@ def _leaves(tree: Any) -> int:
     return 1 if not tree.children else sum(_leaves(c) for c in tree.children)
 
 
+def test_tree_folds_blocks_nested_past_max_depth() -> None:
+    graph = parse(nested_multiverse(1000), grammar="multiverse", max_depth=1024)
+    deepest = graph.nodes_of(NodeKind.OUTLINE)[-1]
+    mark = Violation("deep_mark", "m", deepest.char_start, deepest.char_start + 1)
+    text = tree_text(graph, violations=[mark], width=200)
+    hidden = [line for line in text.splitlines() if "…" in line]
+    assert len(hidden) == 1
+    assert f"… {1000 - render.TREE_MAX_DEPTH} deeper levels not shown" in hidden[0]
+    assert "! deep_mark" in hidden[0]
+    assert f"block {render.TREE_MAX_DEPTH - 1} (width 1)" in text
+    assert f"block {render.TREE_MAX_DEPTH} " not in text
+
+
+def test_tree_can_show_blocks_nested_1000_deep() -> None:
+    graph = parse(nested_multiverse(1000), grammar="multiverse", max_depth=1024)
+    tree = to_tree(graph, max_depth=1000)
+    leaves, pending = 0, [tree]
+    while pending:
+        node = pending.pop()
+        pending += node.children
+        leaves += not node.children
+    folded = {i for b in graph.blocks for i in b.header if graph.nodes[i].part}
+    assert leaves == len(graph.nodes) - len(folded)
+
+
 def test_tree_text_is_markup_safe() -> None:
     graph = parse("[bold]not markup[/bold] [red]", lenient=True)
     assert "[bold]not markup[/bold] [red]" in tree_text(graph)
