@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,8 +51,16 @@ class InputError(Exception):
     """A file could not be read; the message says which and why."""
 
 
-def read_traces(path: Path, errors: list[str]) -> Iterator[Trace]:
-    """Traces of a text file (one) or a JSONL file (one per line); bad lines go to ``errors``."""
+# JSON can escape half of a surrogate pair ("\ud800", as JavaScript writes an emoji it cut in
+# two); such a string cannot be written as UTF-8, so printing it would fail.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -> Iterator[Trace]:
+    """Traces of a text file (one) or a JSONL file (one per line); bad lines go to ``errors``.
+
+    Lone surrogates in a JSONL record become U+FFFD (one character each, so positions keep their
+    meaning), with a line in ``notes`` saying where."""
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -76,7 +85,13 @@ def read_traces(path: Path, errors: list[str]) -> Iterator[Trace]:
             errors.append(f"{path}:{number}: no text field (one of {', '.join(TEXT_FIELDS)})")
             continue
         name = record.get("id", number)
-        yield Trace(f"{path.name}:{name}", record[field])
+        source, text = f"{path.name}:{name}", record[field]
+        if LONE_SURROGATE.search(source + text):
+            source = LONE_SURROGATE.sub("\ufffd", source)
+            text = LONE_SURROGATE.sub("\ufffd", text)
+            if notes is not None:
+                notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
+        yield Trace(source, text)
 
 
 def detect_grammar(text: str) -> str:
@@ -139,10 +154,11 @@ def _summary(console: Console, reports: list[Report]) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     console = Console()
     errors: list[str] = []
+    notes: list[str] = []
     reports: list[Report] = []
     for path in args.files:
         try:
-            for trace in read_traces(Path(path), errors):
+            for trace in read_traces(Path(path), errors, notes):
                 report = inspect_trace(trace, args.grammar, args.profile, args.max_branches)
                 reports.append(report)
                 _print_report(console, report, args.format)
@@ -152,6 +168,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         len(reports) > 1 or any(p.endswith(".jsonl") for p in args.files)
     ):
         _summary(console, reports)
+    for note in notes:
+        print(f"npr inspect: note: {note}", file=sys.stderr)
     for error in errors:
         print(f"npr inspect: {error}", file=sys.stderr)
     if errors and not reports:

@@ -135,3 +135,22 @@ def test_demo_decodes_in_parallel_then_the_same_tokens_sequentially(capsys):
 def test_generate_rejects_bad_parameters(capsys):
     code, _, err = run(capsys, "generate", "--prompt", "x", "--temperature", "-1")
     assert code == 2 and "temperature" in err
+
+
+@pytest.mark.parametrize(
+    "fmt, marker", [("json", '"graph"'), ("dot", "digraph"), ("mermaid", "flowchart"), ("tree", "")]
+)
+def test_inspect_replaces_lone_surrogates(tmp_path, capsys, fmt, marker):
+    # "\ud800" is valid JSON (half of an emoji cut in two) but cannot be written out as UTF-8.
+    data = tmp_path / "cut.jsonl"
+    data.write_text('{"text": "<step>a\\ud800b</step>"}\n{"id": 2, "text": "ok"}\n')
+    code, out, err = run(capsys, "inspect", str(data), "--format", fmt)
+    assert code == 0
+    assert "cut.jsonl:1: lone surrogates replaced with U+FFFD" in err
+    if fmt == "json":
+        texts = [json.loads(line)["graph"]["text"] for line in out.splitlines()]
+        assert texts == ["<step>a\ufffdb</step>", "ok"]
+    elif fmt == "tree":
+        assert "cut.jsonl:1" in out and "cut.jsonl:2" in out
+    else:
+        assert out.count(marker) == 2
