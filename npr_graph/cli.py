@@ -54,6 +54,19 @@ class InputError(Exception):
 # JSON can escape half of a surrogate pair ("\ud800", as JavaScript writes an emoji it cut in
 # two); such a string cannot be written as UTF-8, so printing it would fail.
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def json_record(line: str) -> tuple[Any, bool]:
+    """The value of a JSON line with lone surrogates replaced by U+FFFD (one character each, so
+    positions keep their meaning), and whether there were any."""
+    value = json.loads(line)
+    if not _SURROGATE_ESCAPE.search(line):
+        return value, False
+    text = json.dumps(value, ensure_ascii=False)  # pairs are one character by now
+    if not LONE_SURROGATE.search(text):
+        return value, False
+    return json.loads(LONE_SURROGATE.sub("\ufffd", text)), True
 
 
 def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -> Iterator[Trace]:
@@ -73,10 +86,12 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record, repaired = json_record(line)
         except json.JSONDecodeError as error:
             errors.append(f"{path}:{number}: not JSON ({error.msg})")
             continue
+        if repaired and notes is not None:
+            notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
         field = next(
             (f for f in TEXT_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)),
             None,
@@ -84,14 +99,7 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
         if field is None:
             errors.append(f"{path}:{number}: no text field (one of {', '.join(TEXT_FIELDS)})")
             continue
-        name = record.get("id", number)
-        source, text = f"{path.name}:{name}", record[field]
-        if LONE_SURROGATE.search(source + text):
-            source = LONE_SURROGATE.sub("\ufffd", source)
-            text = LONE_SURROGATE.sub("\ufffd", text)
-            if notes is not None:
-                notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
-        yield Trace(source, text)
+        yield Trace(f"{path.name}:{record.get('id', number)}", record[field])
 
 
 def detect_grammar(text: str) -> str:

@@ -204,6 +204,8 @@ def _graph_of(record: Any) -> tuple[dict[str, Any], ReasoningGraph]:
 def load_views(path: Path, errors: list[str], limit: int | None = None) -> list[dict[str, Any]]:
     """Page data for each usable line of a JSONL file; bad lines go to ``errors`` with their
     line numbers."""
+    from .cli import json_record
+
     try:
         text = path.read_text("utf-8", errors="replace")
     except OSError as error:
@@ -214,8 +216,8 @@ def load_views(path: Path, errors: list[str], limit: int | None = None) -> list[
             break
         if not line.strip():
             continue
-        try:
-            record, graph = _graph_of(json.loads(line))
+        try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
+            record, graph = _graph_of(json_record(line)[0])
         except json.JSONDecodeError as error:
             errors.append(f"{path}:{number}: not JSON ({error.msg})")
             continue

@@ -119,6 +119,18 @@ def test_odd_record_fields_are_left_out_not_fatal(tmp_path, metrics) -> None:
     assert errors == [] and view["nodes"] and view["format_valid"] is False, "from the graph"
 
 
+def test_a_lone_surrogate_becomes_a_replacement_character(tmp_path) -> None:
+    """JSON may escape half a surrogate pair (an emoji cut in two); the page cannot hold it, so
+    it becomes U+FFFD, while whole pairs stay the character they encode."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(
+        '{"text": "<step>a\\ud800b</step>"}\n{"text": "<step>ok \\ud83d\\ude00</step>"}\n'
+    )
+    assert main(["view", str(path), "-o", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text("utf-8")
+    assert "a\ufffdb" in page and "ok \U0001f600" in page
+
+
 def test_page_is_self_contained_and_escapes_text(samples_file) -> None:
     errors: list[str] = []
     page = render_page(load_views(samples_file, errors))
