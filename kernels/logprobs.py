@@ -110,9 +110,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 lse[lo:hi] = chunk_lse
                 logprobs[lo:hi] = logits.gather(1, targets[lo:hi, None]).squeeze(1) - chunk_lse
                 if with_entropy:
-                    # H = lse - sum(p * z): one pass, no log_softmax tensor kept.
-                    p = torch.exp(logits - chunk_lse[:, None])
-                    entropy[lo:hi] = chunk_lse - (p * logits).sum(-1)
+                    # H = sum(p * (lse - z)): terms >= 0, where lse - sum(p * z) would
+                    # subtract two numbers the size of the logits.
+                    gap = chunk_lse[:, None] - logits
+                    entropy[lo:hi] = (torch.exp(-gap) * gap).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.backend = (
             temperature,

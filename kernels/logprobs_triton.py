@@ -38,7 +38,8 @@ def _forward_kernel(
     """One (row block, vocabulary split): online softmax over the split's vocabulary tiles.
 
     Writes per row the split's running max m, sum of exp(z - m), the target's logit (0 if the
-    target is in another split) and, for the entropy, sum of exp(z - m) * z.
+    target is in another split) and, for the entropy, sum of exp(z - m) * (m - z): terms >= 0,
+    where lse - sum(p * z) would subtract two numbers the size of the logits.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -48,7 +49,7 @@ def _forward_kernel(
     run_max = tl.full([BLOCK_N], NEG, tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
     run_target = tl.zeros([BLOCK_N], tl.float32)
-    run_ez = tl.zeros([BLOCK_N], tl.float32)
+    run_gap = tl.zeros([BLOCK_N], tl.float32)
     v_lo = pid_s * cols_per_split
     v_hi = tl.minimum(v_lo + cols_per_split, vocab)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -76,9 +77,10 @@ def _forward_kernel(
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         scale = tl.exp(run_max - new_max)
         p = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
+        if WITH_ENTROPY:  # earlier terms move from the old max to the new one
+            run_gap = scale * (run_gap + run_sum * (new_max - run_max))
+            run_gap += tl.sum(p * (new_max[:, None] - z), axis=1)
         run_sum = run_sum * scale + tl.sum(p, axis=1)
-        if WITH_ENTROPY:
-            run_ez = run_ez * scale + tl.sum(p * z, axis=1)
         hit = (cols[None, :] == target[:, None]) & col_ok[None, :]
         run_target += tl.sum(tl.where(hit, z, 0.0), axis=1)
         run_max = new_max
@@ -87,7 +89,7 @@ def _forward_kernel(
     tl.store(sum_out + out, run_sum, mask=row_ok)
     tl.store(target_out + out, run_target, mask=row_ok)
     if WITH_ENTROPY:
-        tl.store(entropy_out + out, run_ez, mask=row_ok)
+        tl.store(entropy_out + out, run_gap, mask=row_ok)
 
 
 @triton.jit
@@ -172,13 +174,16 @@ def forward(
         PRECISION=_triton.dot_precision(hidden.dtype),
         num_warps=warps,
     )
-    split_max, split_sum, split_target, split_ez = parts
+    split_max, split_sum, split_target, split_gap = parts
     top = split_max.max(0).values
     scale = torch.exp(split_max - top)
     total = (split_sum * scale).sum(0)
     lse = top + torch.log(total)
     logprobs = split_target.sum(0) - lse
-    entropy = lse - (split_ez * scale).sum(0) / total if with_entropy else None
+    entropy = None
+    if with_entropy:  # H = sum(p * (lse - z)) = log(total) + sum(p * (top - z))
+        gap = (scale * (split_gap + split_sum * (top - split_max))).sum(0)
+        entropy = torch.log(total) + gap / total
     return logprobs, lse, entropy
 
 
