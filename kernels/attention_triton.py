@@ -299,8 +299,11 @@ def decode_partials(
     launch = launch or plan_launch(levels, heads, kv_heads, query.device, num_splits)
     block_t, warps, plans, total_states, stages = launch
     pipelining = {} if stages is None else {"num_stages": stages}
-    out = torch.empty(nq, total_states, heads, dim, dtype=torch.float32, device=query.device)
-    out_lse = torch.empty(nq, total_states, heads, dtype=torch.float32, device=query.device)
+    # A state no group writes (a query outside a level's groups) must merge as empty.
+    out = torch.zeros(nq, total_states, heads, dim, dtype=torch.float32, device=query.device)
+    out_lse = torch.full(
+        (nq, total_states, heads), float("-inf"), dtype=torch.float32, device=query.device
+    )
     offset = 0
     for level, block_q, qblocks, splits in plans:
         if level.num_groups:
