@@ -54,8 +54,9 @@ def seq_mean(
         raise ValueError("seq-mean aggregation needs sample_index")
     _, inverse = torch.unique(sample_index, return_inverse=True)
     count = int(inverse.max()) + 1 if inverse.numel() else 0
-    sums = torch.zeros(count, dtype=values.dtype).index_add(0, inverse, values * mask)
-    sizes = torch.zeros(count, dtype=values.dtype).index_add(0, inverse, mask.to(values.dtype))
+    zeros = torch.zeros(count, dtype=values.dtype, device=values.device)
+    sums = zeros.index_add(0, inverse, values * mask)
+    sizes = zeros.index_add(0, inverse, mask.to(values.dtype))
     present = sizes > 0
     per_sample = sums[present] / sizes[present]
     samples = int(present.sum()) if normalizer is None else normalizer

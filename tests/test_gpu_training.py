@@ -67,3 +67,15 @@ def test_papo_step_on_cuda(tokenizer, tmp_path):
     assert metrics["skipped"] in (None, "no rollout left to train on")
     if metrics["skipped"] is None:
         assert metrics["logprob_gap"] < 1e-3, "on-policy on the GPU too"
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
+def test_every_aggregation_runs_on_cuda(aggregation):
+    from papo import loss
+
+    values = torch.tensor([1.0, 3.0, 10.0, 0.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    index = torch.tensor([0, 0, 1, 1])
+    on_cpu = loss.aggregation(aggregation)(values, mask, index)
+    on_cuda = loss.aggregation(aggregation)(values.cuda(), mask.cuda(), index.cuda())
+    assert on_cuda.device.type == "cuda" and on_cuda.item() == pytest.approx(on_cpu.item())
