@@ -262,6 +262,8 @@ def test_bad_ids_and_params_are_clear_errors_that_hold_no_pages(special_tokenize
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             make_engine("llama", special_tokenizer, device="cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):  # before loading a model
+            Engine.from_pretrained("/no/such/model", device="cuda")
 
 
 def test_a_run_that_raises_returns_its_pages(special_tokenizer):

@@ -158,6 +158,7 @@ class Engine:
     ) -> Engine:
         from ..models import load_model
 
+        device = resolve_device(device)  # before the model loads, not from inside model.to
         model, tokenizer = load_model(path, dtype=dtype, tags=tags, grammar=grammar)
         return cls(model.to(device), tokenizer, device=device, grammar=grammar, **kwargs)
 
