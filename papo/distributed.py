@@ -21,6 +21,7 @@ division by the world size) because the loss is already divided by the global to
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -98,11 +99,14 @@ def init_world() -> World:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # Left to the interpreter's teardown, the group's threads outlive it now and then
+        # ("terminate called without an active exception", exit code -6).
+        atexit.register(_destroy_process_group)
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def shutdown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
