@@ -194,11 +194,16 @@ def _dot_node(node: Node, title: str, max_label: int, marks: Sequence[Violation]
     return f"n{node.id} [{', '.join(attrs)}];"
 
 
-def _dot_scopes(
-    graph: ReasoningGraph, nested: dict[int | None, list[int]], node_lines: dict[int, str]
+def _scope_lines(
+    graph: ReasoningGraph,
+    node_lines: dict[int, str],
+    section: Callable[[int, str, str], tuple[list[str], str]],
+    rank_branches: bool = False,
 ) -> list[str]:
-    """Node lines and nested ``subgraph cluster_block_N`` sections, top level first."""
-    members = _nodes_by_block(graph)
+    """Each block scope's node lines, then a section per nested block (``section(block, indent,
+    inner)``: its opening lines and its closing line), top level first. With ``rank_branches``,
+    a block's branch heads share a rank (DOT)."""
+    nested, members = _block_children(graph), _nodes_by_block(graph)
     lines: list[str] = []
     # An explicit stack rather than recursion: blocks may nest as deep as parse() allows (1024).
     # Entries are either a finished line or a (block, indent) scope still to lay out.
@@ -210,20 +215,15 @@ def _dot_scopes(
             continue
         block, indent = entry
         lines += [indent + node_lines[i] for i in members.get(block, [])]
-        heads = [ids[0] for ids in graph.blocks[block].branches if ids] if block is not None else []
-        if len(heads) > 1:
-            lines.append(f"{indent}{{rank=same; {' '.join(f'n{i};' for i in heads)}}}")
+        if rank_branches and block is not None:
+            heads = [ids[0] for ids in graph.blocks[block].branches if ids]
+            if len(heads) > 1:
+                lines.append(f"{indent}{{rank=same; {' '.join(f'n{i};' for i in heads)}}}")
         pending: list[str | tuple[int | None, str]] = []
         inner = _deeper(indent)
         for child in nested.get(block, []):
-            title = dot_escape(block_title(graph, graph.blocks[child]))
-            pending += [
-                f"{indent}subgraph cluster_block_{child} {{",
-                f'{inner}label="{title}";',
-                f'{inner}style="rounded,dashed"; color="#888888"; fontcolor="#555555";',
-                (child, inner),
-                f"{indent}}}",
-            ]
+            opening, closing = section(child, indent, inner)
+            pending += [*opening, (child, inner), closing]
         stack += reversed(pending)
     return lines
 
@@ -247,7 +247,16 @@ def to_dot(
         '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
         '  edge [color="#555555", arrowsize=0.7];',
     ]
-    lines += _dot_scopes(graph, _block_children(graph), node_lines)
+
+    def section(block: int, indent: str, inner: str) -> tuple[list[str], str]:
+        title = dot_escape(block_title(graph, graph.blocks[block]))
+        return [
+            f"{indent}subgraph cluster_block_{block} {{",
+            f'{inner}label="{title}";',
+            f'{inner}style="rounded,dashed"; color="#888888"; fontcolor="#555555";',
+        ], f"{indent}}}"
+
+    lines += _scope_lines(graph, node_lines, section, rank_branches=True)
     lines += [f"  n{a} -> n{b};" for a, b in _edges(graph)]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -296,36 +305,6 @@ def _mermaid_node(node: Node, title: str, max_label: int) -> str:
     return f'n{node.id}["{label}"]'
 
 
-def _mermaid_scopes(
-    graph: ReasoningGraph, nested: dict[int | None, list[int]], node_lines: dict[int, str]
-) -> list[str]:
-    """Node lines and nested ``subgraph block_N`` sections, top level first."""
-    members = _nodes_by_block(graph)
-    lines: list[str] = []
-    # An explicit stack rather than recursion: blocks may nest as deep as parse() allows (1024).
-    # Entries are either a finished line or a (block, indent) scope still to lay out.
-    stack: list[str | tuple[int | None, str]] = [(None, "  ")]
-    while stack:
-        entry = stack.pop()
-        if isinstance(entry, str):
-            lines.append(entry)
-            continue
-        block, indent = entry
-        lines += [indent + node_lines[i] for i in members.get(block, [])]
-        pending: list[str | tuple[int | None, str]] = []
-        inner = _deeper(indent)
-        for child in nested.get(block, []):
-            title = mermaid_escape(block_title(graph, graph.blocks[child]))
-            pending += [
-                f'{indent}subgraph block_{child} ["{title}"]',
-                f"{inner}direction TB",
-                (child, inner),
-                f"{indent}end",
-            ]
-        stack += reversed(pending)
-    return lines
-
-
 def to_mermaid(
     graph: ReasoningGraph,
     *,
@@ -338,7 +317,15 @@ def to_mermaid(
     names = titles(graph)
     node_lines = {n.id: _mermaid_node(n, names[n.id], max_label) for n in graph.nodes}
     lines = ["flowchart TD"]
-    lines += _mermaid_scopes(graph, _block_children(graph), node_lines)
+
+    def section(block: int, indent: str, inner: str) -> tuple[list[str], str]:
+        title = mermaid_escape(block_title(graph, graph.blocks[block]))
+        return [
+            f'{indent}subgraph block_{block} ["{title}"]',
+            f"{inner}direction TB",
+        ], f"{indent}end"
+
+    lines += _scope_lines(graph, node_lines, section)
     lines += [f"  n{a} --> n{b}" for a, b in _edges(graph)]
     marked = sorted(violations_by_node(graph, violations))
     if marked:
