@@ -120,6 +120,11 @@ def load(
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"cannot read checkpoint {path}: state.json holds no step number")
+    skipped = state.get("skipped_steps", 0)
+    if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+        raise ValueError(
+            f"cannot read checkpoint {path}: state.json's skipped_steps is not a count"
+        )
     if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "rng"} <= trainer.keys():
         raise ValueError(
             f"cannot read checkpoint {path}: trainer.pt lacks the optimizer, scheduler or RNG state"

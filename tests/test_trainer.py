@@ -246,6 +246,8 @@ def _latest_a_directory(path):
      ("state.json", lambda p: p.write_text("{}"), "cannot read checkpoint .*no step number"),
      ("state.json", lambda p: p.write_text("[1]"), "cannot read checkpoint .*no step number"),
      ("state.json", lambda p: p.write_text('{"step": "1"}'), "cannot read checkpoint"),
+     ("state.json", lambda p: p.write_text('{"step": 1, "skipped_steps": "x"}'),
+      "cannot read checkpoint .*skipped_steps"),
      ("state.json", _latest_a_directory, "cannot read checkpoint pointer .*latest")],
 )  # fmt: skip
 def test_a_damaged_checkpoint_is_a_clear_error_on_resume(
