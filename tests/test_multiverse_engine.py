@@ -464,3 +464,38 @@ def test_a_model_writing_tags_in_any_order_gets_graphs_not_errors(
                 assert mode == "free" and graph.metadata["engine_violations"]
             if mode == "constrained" and not graph.metadata["truncated"]:
                 assert ng.validate(graph, "lenient", grammar=grammar) == []
+
+
+@pytest.mark.parametrize("grammar", ["npr", "multiverse"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_no_token_goes_past_the_models_context(grammar, overlap, tokenizer, npr_tokenizer):
+    """Prompts that just fit with their budget: the closing tags a budget cut writes would run
+    past the context; the engine cuts the sample there instead (every position < the context)."""
+    import random
+
+    tok = tokenizer if grammar == "multiverse" else npr_tokenizer
+    model = tiny_model("llama", tokenizer=tok, max_position_embeddings=48)
+    engine = Engine(model, tok, page_size=4, num_pages=1024, grammar=grammar, overlap=overlap)
+    boosts = torch.zeros(len(tok))
+    for seed in range(4):
+        rng = random.Random(seed)
+        for tag_id in engine.format.tag_ids.values():
+            boosts[tag_id] = rng.uniform(4, 10)
+        budget = rng.choice([12, 20])
+        prompt = [1000 + i for i in range(48 - budget)]
+        params = SamplingParams(temperature=1.0, seed=seed, n=2, min_branches=1, max_branches=3,
+                                max_new_tokens=budget, max_depth=2, **ROOMY)  # fmt: skip
+        for mode in ("free", "constrained"):
+            graphs = engine.generate(
+                [prompt], params, mode=mode, logits_processor=lambda _, row: row + boosts
+            )
+            assert engine.pool.num_used == 0
+            for graph in graphs:
+                assert int(ng.position_ids(graph).max()) < 48
+                assert graph.metadata["finish_reason"] in ("stop", "length", "context")
+                if graph.metadata["layout_consistent"]:
+                    scored = graph.logprobs[graph.prompt_num_tokens :]
+                    known = torch.tensor([x is not None for x in scored])
+                    dense = dense_logprobs(model, graph)
+                    values = torch.tensor([x if x is not None else 0.0 for x in scored])
+                    assert (dense - values)[known].abs().max() <= 1e-4

@@ -311,7 +311,7 @@ class Engine:
                         "scheduler stalled: nothing runs and nothing can be admitted"
                     )
                 continue
-            lanes = self._make_room(lanes, running, waiting)
+            lanes = self._make_room(self._cut_at_context(lanes), running, waiting)
             if not lanes:
                 if picked is not None:  # their lanes were preempted or cut off
                     self._take(picked)
@@ -366,6 +366,15 @@ class Engine:
             free -= need
             lanes += request.params.n
         return admitted
+
+    def _cut_at_context(self, lanes: list[Lane]) -> list[Lane]:
+        """End every sample with a lane at the end of the model's context before it is fed: no
+        token gets a position past it, closing tags after a budget cut included."""
+        for lane in lanes:
+            sample = lane.sample
+            if lane.end_position >= self.max_positions and lane.status is LaneStatus.RUNNING:
+                self._truncate(sample, sample.finish_reason or "context", hard=True)
+        return [lane for lane in lanes if lane.status is LaneStatus.RUNNING]
 
     def _make_room(
         self, lanes: list[Lane], running: list[Request], waiting: deque[Request]
@@ -634,7 +643,11 @@ class Engine:
         self._append(lane, token, logprob, forced)
         if scored_from is not None:
             self._score_later(lane, index, scored_from[None])
-        while lane.forced_queue and lane.status is LaneStatus.RUNNING:
+        while (
+            lane.forced_queue
+            and lane.status is LaneStatus.RUNNING
+            and lane.end_position < self.max_positions  # the rest is cut (_cut_at_context)
+        ):
             self._append(lane, lane.forced_queue.popleft(), None, True)
 
     def _append(self, lane: Lane, token: int, logprob: float | None, forced: bool) -> None:
