@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .graph import ReasoningGraph
+from .typecheck import has_shape
 
 if TYPE_CHECKING:
     import torch
@@ -639,7 +640,7 @@ _BASELINE_SHAPE = {
     "correct": int,
     "samples": int,
 }
-# What summarize and the viewer read from a sample line, with its type.
+# What summarize reads from a sample line, with its type.
 SAMPLE_SHAPE: dict[str, Any] = {
     "problem_id": str,
     "problem_index": int,
@@ -665,20 +666,6 @@ SAMPLE_SHAPE: dict[str, Any] = {
 }
 
 
-def _has_shape(value: Any, shape: Any) -> bool:
-    """Whether ``value`` has ``shape``: a type (an int is not a bool), a tuple of alternatives,
-    or a dict of the keys it must have with their shapes."""
-    if isinstance(shape, tuple):
-        return any(_has_shape(value, option) for option in shape)
-    if isinstance(shape, dict):
-        return isinstance(value, dict) and all(
-            key in value and _has_shape(value[key], inner) for key, inner in shape.items()
-        )
-    if isinstance(value, bool) and shape is not bool:
-        return False
-    return isinstance(value, shape)
-
-
 def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
     """Valid lines of samples.jsonl and every part file: a line cut short by a kill, or one
     damaged otherwise (not of a sample record's shape), is skipped, so its problem is decoded
@@ -693,7 +680,7 @@ def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if _has_shape(record, SAMPLE_SHAPE):
+            if has_shape(record, SAMPLE_SHAPE):
                 records.append(record)
         found.append((path, records))
     return found

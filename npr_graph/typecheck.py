@@ -7,6 +7,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from typing import Any
 
 UNIONS = (typing.Union, types.UnionType)
@@ -70,12 +71,27 @@ def describe(hint: Any) -> str:
     return f"a {getattr(hint, '__name__', hint)}"
 
 
-def type_problems(instance: Any) -> list[str]:
-    """One line per field of the dataclass ``instance`` whose value is not of its annotated
-    type: ``"name must be an integer, got 1.5"``."""
+def type_problems(instance: Any, skip: Collection[str] = ()) -> list[str]:
+    """One line per field of the dataclass ``instance`` (except those in ``skip``, which the
+    caller checks its own way) whose value is not of its annotated type: ``"name must be an
+    integer, got 1.5"``."""
     hints = typing.get_type_hints(type(instance))
     return [
         f"{f.name} must be {describe(hints[f.name])}, got {getattr(instance, f.name)!r}"
         for f in dataclasses.fields(instance)
-        if not fits(getattr(instance, f.name), hints[f.name])
+        if f.name not in skip and not fits(getattr(instance, f.name), hints[f.name])
     ]
+
+
+def has_shape(value: Any, shape: Any) -> bool:
+    """Whether a JSON ``value`` has ``shape``: a type (an int is not a bool), a tuple of
+    alternatives, or a dict of the keys it must have with their shapes."""
+    if isinstance(shape, tuple):
+        return any(has_shape(value, option) for option in shape)
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            key in value and has_shape(value[key], inner) for key, inner in shape.items()
+        )
+    if isinstance(value, bool) and shape is not bool:
+        return False
+    return isinstance(value, shape)

@@ -7,7 +7,6 @@ or in ``--set key=value`` overrides them. Unknown keys and bad values are errors
 from __future__ import annotations
 
 import json
-import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import tomllib
 
 from npr_graph.prompts import BUILTIN
-from npr_graph.typecheck import describe, fits
+from npr_graph.typecheck import type_problems
 
 STAGES = ("zero", "sft", "papo")
 SHARDING = ("none", "fsdp2")
@@ -192,16 +191,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 def _type_problems(config: TrainConfig) -> list[str]:
     """One line per setting whose value is not of its field's annotated type (for a setting of
     :data:`CHOICES`: not one of its names)."""
-    hints = typing.get_type_hints(TrainConfig)
-    problems = []
-    for f in fields(TrainConfig):
-        value = getattr(config, f.name)
-        if f.name in CHOICES:
-            if value not in CHOICES[f.name]:
-                names = ", ".join(CHOICES[f.name])
-                problems.append(f"{f.name} must be one of {names}, got {value!r}")
-        elif not fits(value, hints[f.name]):
-            problems.append(f"{f.name} must be {describe(hints[f.name])}, got {value!r}")
+    problems = type_problems(config, skip=CHOICES)
+    for key, names in CHOICES.items():
+        value = getattr(config, key)
+        if value not in names:
+            problems.append(f"{key} must be one of {', '.join(names)}, got {value!r}")
     return problems
 
 

@@ -15,6 +15,7 @@ which is what one dense forward over the finished graph computes: the first toke
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -167,19 +168,18 @@ class Engine:
         """Token ids of a prompt: ids are taken as they are; text goes through the tokenizer's
         chat template when it has one (``chat=True`` requires one, ``False`` skips it)."""
         if not isinstance(prompt, str):
-            if not isinstance(prompt, Sequence) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in prompt
-            ):
+            try:  # ints, numpy ints and integer tensors alike; not floats
+                ids = [operator.index(i) for i in prompt]
+            except TypeError as error:
                 raise PromptError(
                     f"a prompt is text or a list of token ids, not {type(prompt).__name__}"
                     " (several prompts of ids: a list of lists)"
-                )
-            outside = [i for i in prompt if not 0 <= i < self.vocab_size]
+                ) from error
+            outside = [i for i in ids if not 0 <= i < self.vocab_size]
             if outside:
                 raise PromptError(
                     f"token ids {outside[:5]} are outside the model's vocabulary of {self.vocab_size}"
                 )
-            ids = list(prompt)
         else:
             if not prompt.strip():
                 raise PromptError("empty prompt")
