@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .constraints import validate
@@ -125,7 +126,9 @@ def _print_report(console: Console, report: Report, fmt: str) -> None:
     if fmt == "mermaid":
         print(render.to_mermaid(report.graph))
         return
-    console.rule(f"[bold]{report.trace.source}")
+    # File names, record ids and violation messages (which quote model text) are shown as Text:
+    # a plain string would be read as rich markup ("[/x]" raised MarkupError, "[b]" vanished).
+    console.rule(Text(report.trace.source, style="bold"))
     console.print(render.to_tree(report.graph, violations=report.violations))
     m = report.metrics
     console.print(
@@ -136,7 +139,7 @@ def _print_report(console: Console, report: Report, fmt: str) -> None:
     if report.violations:
         table = Table("rule", "where", "message", title=f"{len(report.violations)} violation(s)")
         for v in report.violations:
-            table.add_row(v.code, f"{v.char_start}:{v.char_end}", v.message)
+            table.add_row(Text(v.code), f"{v.char_start}:{v.char_end}", Text(v.message))
         console.print(table)
     else:
         console.print("[green]no violations")
@@ -147,10 +150,10 @@ def _summary(console: Console, reports: list[Report]) -> None:
     for r in reports:
         codes = sorted({v.code for v in r.violations})
         table.add_row(
-            r.trace.source,
+            Text(r.trace.source),
             str(r.metrics["blocks"]),
             str(r.metrics["widths"]),
-            ", ".join(codes) or "none",
+            Text(", ".join(codes) or "none"),
             f"{r.format_score:+.1f}",
             f"{r.metrics['theoretical_speedup']:.2f}×",
         )
@@ -293,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     engine = _load_engine(args)
     console = Console()
-    console.print(f"[bold]question:[/] {question}")
+    console.print(Text.assemble(("question:", "bold"), " ", question))
     params = _sampling(args)
     graphs = _generate_with_progress(engine, [question], params, "constrained", False)
     parallel = engine.stats

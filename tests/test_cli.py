@@ -154,3 +154,44 @@ def test_inspect_replaces_lone_surrogates(tmp_path, capsys, fmt, marker):
         assert "cut.jsonl:1" in out and "cut.jsonl:2" in out
     else:
         assert out.count(marker) == 2
+
+
+def test_inspect_shows_names_and_messages_literally_not_as_rich_markup(tmp_path, capsys):
+    """Record ids and violation messages (which quote model text) are not rich markup: "[/x]"
+    raised MarkupError, "[bold]" vanished from the output."""
+    stray = (
+        "<guideline><plan>1: a</plan><plan>2: b</plan></guideline>[/x] :smile: stray"
+        "<step>1: b</step><step>2: c</step><takeaway>t</takeaway>\\boxed{1}"
+    )
+    data = tmp_path / "odd.jsonl"
+    data.write_text(json.dumps({"id": "[bold]B[/bold]", "text": stray}) + "\n")
+    code, out, err = run(capsys, "inspect", str(data))
+    assert code == 0, err
+    assert "odd.jsonl:[bold]B[/bold]" in out, "the id in the rule and the summary"
+    assert out.count("[bold]B[/bold]") == 2
+    assert "elements: '[/x] :smile:" in out, "the violation table quotes the stray text as it is"
+
+
+class FakeEngine:
+    """Stands in for the model: every prompt gets the bundled two-block trace."""
+
+    def __init__(self):
+        from npr_graph.engine.engine import EngineStats
+
+        self.stats = EngineStats(generated_tokens=10, wall_time=0.5, decode_steps=2)
+        self.prompts = []
+
+    def generate(self, prompts, params, mode, progress=None):
+        import npr_graph as ng
+
+        self.prompts += prompts
+        return [ng.parse((EXAMPLES / "npr_two_blocks.txt").read_text(), lenient=True)]
+
+
+def test_demo_shows_the_question_literally(capsys, monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr("npr_graph.cli._load_engine", lambda args: engine)
+    code, out, err = run(capsys, "demo", "--prompt", "is [/b] [red]x[/red] :smile: 3?")
+    assert code == 0, err
+    assert "question: is [/b] [red]x[/red] :smile: 3?" in out
+    assert engine.prompts[0] == "is [/b] [red]x[/red] :smile: 3?"
