@@ -58,38 +58,80 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+class NotJSON(ValueError):
+    """A JSONL line that is not JSON; the message says why (as json puts it)."""
+
+
 def json_record(line: str) -> tuple[Any, bool]:
     """The value of a JSON line with lone surrogates replaced by U+FFFD (one character each, so
-    positions keep their meaning), and whether there were any."""
-    value = json.loads(line)
-    if not _SURROGATE_ESCAPE.search(line):
-        return value, False
-    text = json.dumps(value, ensure_ascii=False)  # pairs are one character by now
-    if not LONE_SURROGATE.search(text):
-        return value, False
-    return json.loads(LONE_SURROGATE.sub("\ufffd", text)), True
+    positions keep their meaning), and whether there were any. A line that is not JSON, nests
+    too deeply or holds a number too long for Python raises :class:`NotJSON`."""
+    try:
+        value = json.loads(line)
+        if not _SURROGATE_ESCAPE.search(line):
+            return value, False
+        text = json.dumps(value, ensure_ascii=False)  # pairs are one character by now
+        if not LONE_SURROGATE.search(text):
+            return value, False
+        return json.loads(LONE_SURROGATE.sub("\ufffd", text)), True
+    except json.JSONDecodeError as error:
+        raise NotJSON(error.msg) from None
+    except RecursionError:
+        raise NotJSON("nested too deeply") from None
+    except ValueError as error:  # an integer of more than 4,300 digits
+        raise NotJSON(str(error)) from None
+
+
+def _decode(raw: bytes, where: str, notes: list[str] | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if notes is not None:
+            notes.append(
+                f"{where}: bytes that are not UTF-8 (from byte {error.start}) replaced with U+FFFD"
+            )
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_lines(path: Path, notes: list[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, as UTF-8 without a leading byte order mark.
+
+    Lines end at "\\n" only (a "\\r" before it is JSON whitespace): ``str.splitlines`` would also
+    cut at U+2028, U+2029 and U+0085, which JSON strings hold raw. Invalid UTF-8 becomes U+FFFD,
+    with a line in ``notes`` saying where (as the lines are taken). :class:`InputError` at once
+    if the file cannot be read."""
+    lines = read_bytes(path).split(b"\n")
+    return ((n, _decode(raw, f"{path}:{n}", notes)) for n, raw in enumerate(lines, start=1))
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` without a UTF-8 byte order mark; :class:`InputError` if unreadable."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from error
+    return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
 
 
 def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -> Iterator[Trace]:
     """Traces of a text file (one) or a JSONL file (one per line); bad lines go to ``errors``.
 
-    Lone surrogates in a JSONL record become U+FFFD (one character each, so positions keep their
-    meaning), with a line in ``notes`` saying where."""
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"{path}: {error.strerror or error}") from error
-    text = raw.decode("utf-8", errors="replace")
-    if path.suffix != ".jsonl":
-        yield Trace(str(path), text)
+    Lone surrogates in a JSONL record (one character each, so positions keep their meaning) and
+    bytes that are not UTF-8 become U+FFFD, with a line in ``notes`` saying where."""
+    if not is_jsonl(path):
+        yield Trace(str(path), _decode(read_bytes(path), str(path), notes))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in read_lines(path, notes):
         if not line.strip():
             continue
         try:
             record, repaired = json_record(line)
-        except json.JSONDecodeError as error:
-            errors.append(f"{path}:{number}: not JSON ({error.msg})")
+        except NotJSON as error:
+            errors.append(f"{path}:{number}: not JSON ({error})")
             continue
         if repaired and notes is not None:
             notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
@@ -175,9 +217,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 _print_report(console, report, args.format)
         except InputError as error:
             errors.append(str(error))
-    if args.format == "tree" and (
-        len(reports) > 1 or any(p.endswith(".jsonl") for p in args.files)
-    ):
+    if args.format == "tree" and (len(reports) > 1 or any(is_jsonl(Path(p)) for p in args.files)):
         _summary(console, reports)
     for note in notes:
         print(f"npr inspect: note: {note}", file=sys.stderr)

@@ -201,26 +201,34 @@ def _graph_of(record: Any) -> tuple[dict[str, Any], ReasoningGraph]:
     raise ValueError(f"no graph, graph dict or text field ({', '.join(TEXT_FIELDS)})")
 
 
-def load_views(path: Path, errors: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+def load_views(
+    path: Path, errors: list[str], limit: int | None = None, notes: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Page data for each usable line of a JSONL file; bad lines go to ``errors`` with their
-    line numbers."""
-    from .cli import json_record
+    line numbers, repairs (lone surrogates, bytes that are not UTF-8: U+FFFD) to ``notes``.
 
-    try:
-        text = path.read_text("utf-8", errors="replace")
-    except OSError as error:
-        raise FileNotFoundError(f"{path}: {error.strerror or error}") from error
+    Raises :class:`FileNotFoundError` when the file cannot be read."""
+    from .cli import InputError, NotJSON, json_record, read_lines
+
     views = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    try:
+        lines = read_lines(path, notes)
+    except InputError as error:
+        raise FileNotFoundError(str(error)) from error
+    for number, line in lines:
         if limit is not None and len(views) >= limit:
             break
         if not line.strip():
             continue
         try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
-            record, graph = _graph_of(json_record(line)[0])
-        except json.JSONDecodeError as error:
-            errors.append(f"{path}:{number}: not JSON ({error.msg})")
+            record, repaired = json_record(line)
+        except NotJSON as error:
+            errors.append(f"{path}:{number}: not JSON ({error})")
             continue
+        if repaired and notes is not None:
+            notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
+        try:
+            record, graph = _graph_of(record)
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
             continue
@@ -229,6 +237,8 @@ def load_views(path: Path, errors: list[str], limit: int | None = None) -> list[
         else:
             title = str(record.get("id", f"{path.name}:{number}"))
         views.append(sample_view(record, graph, title))
+        if limit is not None and len(views) >= limit:
+            break  # before the next line is read: its repairs would be noted
     return views
 
 
@@ -240,12 +250,17 @@ def render_page(views: list[dict[str, Any]], title: str = "npr view") -> str:
     return template.replace(PLACEHOLDER, data)
 
 
-def write_page(sources: list[str], output: str | Path, limit: int | None = None) -> list[str]:
+def write_page(
+    sources: list[str],
+    output: str | Path,
+    limit: int | None = None,
+    notes: list[str] | None = None,
+) -> list[str]:
     """Write the page for the samples of ``sources``; returns the input errors (bad lines)."""
     errors: list[str] = []
     views: list[dict[str, Any]] = []
     for source in sources:
-        views += load_views(Path(source), errors, limit)
+        views += load_views(Path(source), errors, limit, notes)
     title = ", ".join(Path(s).name for s in sources)
     Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
     return errors
@@ -263,11 +278,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    notes: list[str] = []
     try:
-        errors = write_page(args.files, args.output, args.limit)
+        errors = write_page(args.files, args.output, args.limit, notes)
     except (FileNotFoundError, OSError) as error:
         print(f"npr view: {error}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"npr view: note: {note}", file=sys.stderr)
     for error in errors:
         print(f"npr view: {error}", file=sys.stderr)
     print(f"wrote {args.output}")

@@ -195,3 +195,46 @@ def test_demo_shows_the_question_literally(capsys, monkeypatch):
     assert code == 0, err
     assert "question: is [/b] [red]x[/red] :smile: 3?" in out
     assert engine.prompts[0] == "is [/b] [red]x[/red] :smile: 3?"
+
+
+def test_inspect_reads_jsonl_as_written(tmp_path, capsys):
+    """JSONL as json.dumps(ensure_ascii=False) writes it (npr eval does): U+2028, U+2029 and U+0085
+    stand raw in strings and do not end a line (str.splitlines cut such records into "not JSON"
+    pieces); a UTF-8 byte order mark and CRLF line ends are read too, and an upper-case suffix."""
+    texts = ["a\u2028b \\boxed{1}", "c\u2029d\x85e \\boxed{2}", "plain \\boxed{3}"]
+    lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+    data = tmp_path / "raw.JSONL"
+    data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n\r\n")
+    code, out, err = run(capsys, "inspect", str(data), "--format", "json")
+    assert (code, err) == (0, "")
+    assert [json.loads(line)["graph"]["text"] for line in out.strip().split("\n")] == texts
+
+
+def test_inspect_notes_bytes_that_are_not_utf8(tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"text": "caf\xe9 \\\\boxed{1}"}\n{"text": "ok"}\n')
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"caf\xe9 \\boxed{1}")
+    code, out, err = run(capsys, "inspect", str(data), str(text), "--format", "json")
+    assert code == 0
+    assert [json.loads(line)["graph"]["text"] for line in out.splitlines()] == [
+        "caf\ufffd \\boxed{1}", "ok", "caf\ufffd \\boxed{1}"
+    ]  # fmt: skip
+    assert "latin1.jsonl:1: bytes that are not UTF-8 (from byte 13) replaced with U+FFFD" in err
+    assert "latin1.txt: bytes that are not UTF-8 (from byte 3) replaced with U+FFFD" in err
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ('{"text": "a", "n": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"text": "a", "n": ' + "1" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_inspect_reports_json_python_cannot_read(tmp_path, capsys, line, why):
+    """Such lines raised RecursionError / ValueError out of npr inspect (a traceback)."""
+    data = tmp_path / "odd.jsonl"
+    data.write_text(line + "\n" + json.dumps({"text": "ok"}) + "\n")
+    code, out, err = run(capsys, "inspect", str(data), "--format", "json")
+    assert code == 1 and len(out.splitlines()) == 1
+    assert f"odd.jsonl:1: not JSON ({why}" in err

@@ -131,6 +131,33 @@ def test_a_lone_surrogate_becomes_a_replacement_character(tmp_path) -> None:
     assert "a\ufffdb" in page and "ok \U0001f600" in page
 
 
+def test_lines_are_read_as_json_writes_them(tmp_path, capsys) -> None:
+    """npr eval writes samples with ensure_ascii=False, so U+2028, U+2029 and U+0085 stand raw in
+    a line (str.splitlines cut such a sample into "not JSON" pieces); a byte order mark, CRLF,
+    bytes that are not UTF-8 (noted) and JSON Python cannot read (reported) are handled too."""
+    text = NPR_TRACE.replace("Both agree", "Both\u2028agree\u2029, \x85 so")
+    good = sample_line(text, "roots", 0, True, True)
+    lines = [
+        json.dumps(json.loads(good), ensure_ascii=False).encode(),
+        b'{"text": "caf\xe9 \\\\boxed{1}"}',
+        b'{"text": "a", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"text": "a", "n": ' + b"1" * 5000 + b"}",
+    ]
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    assert main(["view", str(path), "-o", str(tmp_path / "page.html")]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:2: bytes that are not UTF-8 (from byte 13) replaced with U+FFFD" in err
+    assert f"{path}:3: not JSON (nested too deeply)" in err
+    assert f"{path}:4: not JSON (Exceeds the limit" in err
+    assert err.count(f"{path}:") == 3, err
+    errors: list[str] = []
+    views = load_views(path, errors)
+    assert [v["title"] for v in views] == ["roots · sample 0", f"{path.name}:2"]
+    assert "".join(n["text"] for n in views[0]["nodes"]) == text
+    assert "".join(n["text"] for n in views[1]["nodes"]) == "caf\ufffd \\boxed{1}"
+
+
 def test_page_is_self_contained_and_escapes_text(samples_file) -> None:
     errors: list[str] = []
     page = render_page(load_views(samples_file, errors))
