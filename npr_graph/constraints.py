@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .format import format_score
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
@@ -94,7 +94,8 @@ def validate(
         if isinstance(text_or_graph, ReasoningGraph)
         else parse(text_or_graph, grammar=grammar, lenient=True)
     )
-    found = list(graph.violations)
+    # Copies: attributing a parser repair to its node below must not edit the graph.
+    found = [replace(violation) for violation in graph.violations]
     found += _block_rules(graph, rules.max_branches)
     found += _text_rules(graph)
     found += _answer_rules(graph)

@@ -100,3 +100,14 @@ def test_boxed_answers_balance_braces():
 def test_unknown_profile():
     with pytest.raises(ValueError, match="profile"):
         ng.validate("x", "sloppy")
+
+
+def test_validate_leaves_the_graph_unchanged():
+    """The parser's repairs are attributed to their nodes in the returned copies only."""
+    graph = ng.parse("<step>1: a</step><takeaway>b</takeaway>", lenient=True)
+    before = graph.to_dict()
+    found = ng.validate(graph)
+    assert [v.code for v in found] == ["missing_header", "missing_answer"]
+    assert found[0].node == 0
+    assert graph.to_dict() == before
+    assert graph.violations[0].node is None
