@@ -66,11 +66,24 @@ class Profile:
     rules: frozenset[str] = field(default_factory=lambda: frozenset(RULES))
     max_branches: int = 5
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rules) - set(RULES))
+        if unknown:
+            raise ValueError(f"unknown rule(s) {', '.join(unknown)}; rules are {', '.join(RULES)}")
+        _check_max_branches(self.max_branches)
+
+
+def _check_max_branches(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_branches must be an integer >= 1, got {value!r}")
+
 
 PROFILES = {"strict": Profile("strict"), "lenient": Profile("lenient", STRUCTURAL)}
 
 
 def get_profile(profile: str | Profile, max_branches: int | None = None) -> Profile:
+    if not isinstance(profile, (str, Profile)):
+        raise TypeError(f"profile must be a name or a Profile, got {type(profile).__name__}")
     if isinstance(profile, str):
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -89,11 +102,14 @@ def validate(
 ) -> list[Violation]:
     """Violations of ``profile``'s rules, in text order; empty when the trace is well formed."""
     rules = get_profile(profile, max_branches)
-    graph = (
-        text_or_graph
-        if isinstance(text_or_graph, ReasoningGraph)
-        else parse(text_or_graph, grammar=grammar, lenient=True)
-    )
+    if isinstance(text_or_graph, ReasoningGraph):
+        graph = text_or_graph
+    elif isinstance(text_or_graph, str):
+        graph = parse(text_or_graph, grammar=grammar, lenient=True)
+    else:
+        raise TypeError(
+            f"validate takes trace text or a ReasoningGraph, got {type(text_or_graph).__name__}"
+        )
     # Copies: attributing a parser repair to its node below must not edit the graph.
     found = [replace(violation) for violation in graph.violations]
     found += _block_rules(graph, rules.max_branches)
@@ -111,6 +127,8 @@ def format_valid(graph: ReasoningGraph) -> bool:
     """Whether ``graph``'s response passes its format: NPR, the NPR release's check
     (:func:`~npr_graph.format.format_score` is 0); Multiverse, at least one block and no
     violation of the strict profile."""
+    if not isinstance(graph, ReasoningGraph):
+        raise TypeError(f"format_valid takes a ReasoningGraph, got {type(graph).__name__}")
     if graph.grammar == "npr":
         return format_score(graph.response_text) == 0.0
     return bool(graph.blocks) and not validate(graph, "strict")

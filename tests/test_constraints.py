@@ -111,3 +111,38 @@ def test_validate_leaves_the_graph_unchanged():
     assert found[0].node == 0
     assert graph.to_dict() == before
     assert graph.violations[0].node is None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: ng.validate(None),
+        lambda: ng.validate(b"<step>"),
+        lambda: ng.validate(["<step>"]),
+        lambda: ng.validate("x", None),
+        lambda: ng.format_valid("<step>"),
+    ],
+)
+def test_wrong_argument_types_are_named(call):
+    # validate(None) used to say "token ids need tokenizer=", validate("x", None) and
+    # format_valid(text) raised AttributeError.
+    with pytest.raises(TypeError, match="takes|profile must be"):
+        call()
+
+
+@pytest.mark.parametrize("limit", [0, -3, True, 2.5, "3"])
+def test_max_branches_must_be_a_positive_integer(limit):
+    # A limit of -3 used to report "1 plans, more than -3"; "3" failed only on a trace with a block.
+    with pytest.raises(ValueError, match="max_branches"):
+        ng.validate("no blocks", max_branches=limit)
+    with pytest.raises(ValueError, match="max_branches"):
+        ng.Profile("mine", max_branches=limit)
+
+
+def test_profile_rules_must_exist():
+    # A misspelt rule used to be kept and silently never checked.
+    with pytest.raises(ValueError, match="branch_cuont"):
+        ng.Profile("mine", frozenset({"branch_cuont"}))
+    assert codes(
+        NPR_TRACE.replace("\\boxed{5}", "5"), ng.Profile("mine", frozenset({"missing_answer"}))
+    ) == ["missing_answer"]
