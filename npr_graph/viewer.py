@@ -139,6 +139,14 @@ def _metric_rows(record: dict[str, Any], graph: ReasoningGraph) -> list[list[str
     return rows
 
 
+def _shown(value: Any) -> str | None:
+    """A record's value as the page shows it: text as it is, anything else as JSON. Python's
+    JSON reads NaN and Infinity, which JSON.parse rejects (embedded raw, one blanked the page)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
 def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> dict[str, Any]:
     """What the page shows of one sample: plain JSON data."""
     from .constraints import validate
@@ -172,8 +180,8 @@ def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> di
     return {
         "title": title,
         **status,
-        "answer": record.get("answer"),
-        "reference": record.get("reference"),
+        "answer": _shown(record.get("answer")),
+        "reference": _shown(record.get("reference")),
         "unit": "tokens" if graph.tokenized else "chars",
         "grammar": graph.grammar,
         "nodes": nodes,

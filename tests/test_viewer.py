@@ -158,6 +158,35 @@ def test_lines_are_read_as_json_writes_them(tmp_path, capsys) -> None:
     assert "".join(n["text"] for n in views[1]["nodes"]) == "caf\ufffd \\boxed{1}"
 
 
+def embedded_data(page: str) -> dict:
+    """The page's data as JSON.parse reads it: NaN, Infinity and -Infinity are not JSON."""
+    data = re.search(r'<script id="npr-data" type="application/json">(.*?)</script>', page, re.S)
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(data.group(1), parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "answer, reference, shown",
+    [
+        ("NaN", "Infinity", ("NaN", "Infinity")),
+        ('{"a": [1, -Infinity]}', "12", ('{"a": [1, -Infinity]}', "12")),
+    ],
+)
+def test_answers_that_are_not_text_are_shown_as_json(tmp_path, answer, reference, shown) -> None:
+    """Python's json reads NaN and Infinity; embedded raw, JSON.parse failed and the page was
+    blank. An object showed as "[object Object]". Such values are shown as JSON text."""
+    record = json.loads(sample_line(NPR_TRACE, "roots", 0, True, True))
+    line = json.dumps(record)[:-1] + f', "answer": {answer}, "reference": {reference}}}'
+    path = tmp_path / "nan.jsonl"
+    path.write_text(line + "\n")
+    assert main(["view", str(path), "-o", str(tmp_path / "page.html")]) == 0
+    [sample] = embedded_data((tmp_path / "page.html").read_text("utf-8"))["samples"]
+    assert (sample["answer"], sample["reference"]) == shown
+
+
 def test_page_is_self_contained_and_escapes_text(samples_file) -> None:
     errors: list[str] = []
     page = render_page(load_views(samples_file, errors))
