@@ -135,6 +135,8 @@ def format_score(text: str) -> float:
     make our numbers incomparable with published ones. The "(0, -2]" range is
     therefore not guaranteed; accumulated penalties can go lower (e.g. -2.8).
     """
+    if not isinstance(text, str):
+        raise TypeError(f"format_score takes the response text, got {type(text).__name__}")
     # str.split() drops exactly the characters the reference's regex \s removes.
     text = "".join(text.split())
     blocks = _blocks(text)

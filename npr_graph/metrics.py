@@ -15,6 +15,10 @@ def metrics(graph: ReasoningGraph) -> dict[str, Any]:
     position of the response, so ``theoretical_speedup`` = total / critical path is what decoding
     the branches of every block at once could gain over decoding them one after another.
     """
+    if not isinstance(graph, ReasoningGraph):
+        raise TypeError(
+            f"metrics takes a ReasoningGraph (parse the text first), got {type(graph).__name__}"
+        )
     tokenized = graph.tokenized
     lengths = [n.num_tokens if tokenized else n.char_end - n.char_start for n in graph.nodes]
     prompt = sum(

@@ -312,3 +312,10 @@ def test_ten_megabytes_of_valid_blocks_is_linear() -> None:
     # machines but far below what any quadratic rescanning would take.
     text = VALID * (10_000_000 // len(VALID) + 1)
     assert _elapsed(text) < 10.0
+
+
+@pytest.mark.parametrize("value", [None, b"<guideline>", ["<step>"]])
+def test_non_text_is_a_type_error(value: object) -> None:
+    # None raised AttributeError ('NoneType' object has no attribute 'split').
+    with pytest.raises(TypeError, match="response text"):
+        format_score(value)  # type: ignore[arg-type]

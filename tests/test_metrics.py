@@ -1,3 +1,4 @@
+import pytest
 from conftest import MULTIVERSE_TRACE, NPR_TRACE
 
 import npr_graph as ng
@@ -30,3 +31,9 @@ def test_metrics_of_nested_and_sequential_traces():
     flat = ng.metrics(ng.parse("no blocks \\boxed{1}"))
     assert flat["blocks"] == 0 and not flat["is_parallel"] and flat["theoretical_speedup"] == 1.0
     assert flat["critical_path_tokens"] == flat["total_tokens"]
+
+
+def test_metrics_of_text_names_the_mistake():
+    # It raised AttributeError: 'str' object has no attribute 'tokenized'.
+    with pytest.raises(TypeError, match="ReasoningGraph"):
+        ng.metrics(NPR_TRACE)
