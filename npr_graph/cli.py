@@ -145,6 +145,18 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
         yield Trace(f"{path.name}:{record.get('id', number)}", record[field])
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1 (0 or less made ``--limit`` show nothing and
+    ``--max-branches`` flag every block, silently)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def detect_grammar(text: str) -> str:
     return "multiverse" if "<Parallel>" in text or "<Path>" in text else "npr"
 
@@ -429,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", choices=("tree", "json", "dot", "mermaid"), default="tree")
     inspect.add_argument("--grammar", choices=("auto", "npr", "multiverse"), default="auto")
     inspect.add_argument("--profile", choices=("strict", "lenient"), default="strict")
-    inspect.add_argument("--max-branches", type=int, default=None)
+    inspect.add_argument("--max-branches", type=positive_int, default=None)
     inspect.add_argument(
         "--check", action="store_true", help="exit 1 when any trace has violations"
     )

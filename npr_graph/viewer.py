@@ -264,7 +264,12 @@ def write_page(
     limit: int | None = None,
     notes: list[str] | None = None,
 ) -> list[str]:
-    """Write the page for the samples of ``sources``; returns the input errors (bad lines)."""
+    """Write the page for the samples of ``sources``; returns the input errors (bad lines).
+
+    Raises :class:`ValueError` when ``output`` is one of ``sources`` (it would be overwritten)."""
+    for source in sources:
+        if Path(output).exists() and Path(source).exists() and Path(output).samefile(source):
+            raise ValueError(f"{output}: is an input file; write the page elsewhere (-o)")
     errors: list[str] = []
     views: list[dict[str, Any]] = []
     for source in sources:
@@ -281,7 +286,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("files", nargs="+", help="JSONL: eval samples, graph dicts or text lines")
     parser.add_argument("-o", "--output", default="view.html", help="the HTML file to write")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples of each file")
+    from .cli import positive_int
+
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="first N samples of each file"
+    )
     parser.set_defaults(run=cmd_view)
 
 
@@ -289,7 +298,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
         errors = write_page(args.files, args.output, args.limit, notes)
-    except (FileNotFoundError, OSError) as error:
+    except (OSError, ValueError) as error:
         print(f"npr view: {error}", file=sys.stderr)
         return 2
     for note in notes:

@@ -238,3 +238,11 @@ def test_inspect_reports_json_python_cannot_read(tmp_path, capsys, line, why):
     code, out, err = run(capsys, "inspect", str(data), "--format", "json")
     assert code == 1 and len(out.splitlines()) == 1
     assert f"odd.jsonl:1: not JSON ({why}" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_inspect_max_branches_must_be_positive(capsys, value):
+    """0 or less flagged every block as too wide ("2 plans, more than -2"), without a word."""
+    with pytest.raises(SystemExit) as exit:
+        main(["inspect", str(EXAMPLES / "npr_two_blocks.txt"), "--max-branches", value])
+    assert exit.value.code == 2 and "--max-branches" in capsys.readouterr().err

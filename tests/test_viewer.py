@@ -206,6 +206,27 @@ def test_cli_view(tmp_path, samples_file, capsys) -> None:
     assert "missing.jsonl" in capsys.readouterr().err
 
 
+def test_cli_view_keeps_its_input_and_checks_limit(tmp_path, samples_file, capsys) -> None:
+    """-o naming an input file overwrote the samples with the page; --limit 0 or less wrote an
+    empty page without a word."""
+    kept = samples_file.read_bytes()
+    link = tmp_path / "link.html"
+    link.symlink_to(samples_file)
+    for output in (samples_file, link):
+        assert main(["view", str(samples_file), "-o", str(output)]) == 2
+        assert "is an input file" in capsys.readouterr().err
+    assert samples_file.read_bytes() == kept
+    for limit in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit:
+            main(["view", str(samples_file), "--limit", limit, "-o", str(tmp_path / "p.html")])
+        assert exit.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    assert main(["view", str(samples_file), "--limit", "2", "-o", str(tmp_path / "p.html")]) == 0
+    page = (tmp_path / "p.html").read_text("utf-8")
+    assert [s["title"] for s in embedded_data(page)["samples"]] == [
+        "roots · sample 0", "roots · sample 1"
+    ]  # fmt: skip
+
+
 # --- in a real browser --------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
