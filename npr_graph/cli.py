@@ -299,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = _sampling(args)
         engine = _load_engine(args)
         graphs = _generate_with_progress(engine, [args.prompt], params, args.mode, args.json)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad parameters or prompt; a missing or bad model
         print(f"npr generate: {error}", file=sys.stderr)
         return 2
     if args.json:
@@ -346,21 +346,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     question = (
         args.prompt or files("npr_graph").joinpath("data/demo_question.txt").read_text().strip()
     )
-    engine = _load_engine(args)
-    console = Console()
-    console.print(Text.assemble(("question:", "bold"), " ", question))
-    params = _sampling(args)
-    graphs = _generate_with_progress(engine, [question], params, "constrained", False)
-    parallel = engine.stats
-    graph = graphs[0]
-    console.print(render.to_tree(graph))
-    console.print(_describe(graph))
-    tokens = parallel.generated_tokens
-    sequential_params = _sampling(args, max_new_tokens=tokens, max_total_tokens=tokens, n=1)
-    sequential_params = type(sequential_params)(
-        **{**sequential_params.__dict__, "ignore_eos": True}
-    )
-    _generate_with_progress(engine, [question], sequential_params, "sequential", False)
+    try:  # bad parameters fail before the model loads
+        params = _sampling(args)
+        engine = _load_engine(args)
+        console = Console()
+        console.print(Text.assemble(("question:", "bold"), " ", question))
+        graphs = _generate_with_progress(engine, [question], params, "constrained", False)
+        parallel = engine.stats
+        graph = graphs[0]
+        console.print(render.to_tree(graph))
+        console.print(_describe(graph))
+        tokens = parallel.generated_tokens
+        sequential_params = _sampling(args, max_new_tokens=tokens, max_total_tokens=tokens, n=1)
+        sequential_params = type(sequential_params)(
+            **{**sequential_params.__dict__, "ignore_eos": True}
+        )
+        _generate_with_progress(engine, [question], sequential_params, "sequential", False)
+    except (ValueError, OSError) as error:
+        print(f"npr demo: {error}", file=sys.stderr)
+        return 2
     sequential = engine.stats
     console.print(f"parallel (constrained): {_stats_line(parallel)}")
     console.print(f"sequential, same token count: {_stats_line(sequential)}")

@@ -246,3 +246,17 @@ def test_inspect_max_branches_must_be_positive(capsys, value):
     with pytest.raises(SystemExit) as exit:
         main(["inspect", str(EXAMPLES / "npr_two_blocks.txt"), "--max-branches", value])
     assert exit.value.code == 2 and "--max-branches" in capsys.readouterr().err
+
+
+def test_generate_and_demo_report_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """A missing model was a FileNotFoundError traceback (generate, demo); demo's bad sampling
+    parameters were a ValueError traceback, raised after the model had loaded."""
+    missing = str(tmp_path / "no-model")
+    for command in ("generate", "demo"):
+        code, _, err = run(capsys, command, "--prompt", "x", "--model", missing)
+        assert code == 2 and "no-model" in err and "Traceback" not in err
+    loaded = []
+    monkeypatch.setattr("npr_graph.cli._load_engine", lambda args: loaded.append(1))
+    code, _, err = run(capsys, "demo", "--temperature", "-1")
+    assert code == 2 and err.startswith("npr demo: ") and "temperature" in err
+    assert loaded == [], "parameters are checked before the model loads"
