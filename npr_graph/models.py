@@ -104,24 +104,33 @@ def add_tag_tokens(
     """
     tags = format_tags(grammar)
     vocab = tokenizer.get_vocab()
+    rows = model.get_input_embeddings().weight.shape[0]
     new_tags = [tag for tag in tags if tag not in vocab]
-    if not new_tags:
+    # In the tokenizer but past the model's embedding (a tokenizer saved with its tags beside a
+    # model saved without them): there is no trained row to keep, so they get rows like new tags.
+    rowless = [tag for tag in tags if tag in vocab and vocab[tag] >= rows]
+    if not new_tags and not rowless:
         return tag_token_ids(tokenizer, grammar)
 
     # The name's sub-tokens, taken before the tags exist (they cannot collide, but be explicit).
-    sources = {tag: tokenizer.encode(_tag_name(tag), add_special_tokens=False) for tag in new_tags}
-    tokenizer.add_special_tokens(
-        {"extra_special_tokens": new_tags}, replace_extra_special_tokens=False
-    )
-    new_ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in new_tags}
+    sources = {
+        tag: tokenizer.encode(_tag_name(tag), add_special_tokens=False)
+        for tag in new_tags + rowless
+    }
+    if new_tags:
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": new_tags}, replace_extra_special_tokens=False
+        )
+    new_ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in new_tags + rowless}
 
     input_embeddings = model.get_input_embeddings()
     output_embeddings = model.get_output_embeddings()
     tied = output_embeddings is not None and (
         output_embeddings.weight.data_ptr() == input_embeddings.weight.data_ptr()
     )
-    if len(tokenizer) > input_embeddings.weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    size = max(len(tokenizer), max(new_ids.values()) + 1)
+    if size > input_embeddings.weight.shape[0]:
+        model.resize_token_embeddings(size, mean_resizing=False)
         input_embeddings = model.get_input_embeddings()
         output_embeddings = model.get_output_embeddings()
 
@@ -488,6 +497,14 @@ def load_model(
         model, tokenizer = _load_directory(target, torch_dtype)
     if tags == "special":
         add_tag_tokens(model, tokenizer, grammar)
+    rows = model.get_input_embeddings().weight.shape[0]
+    rowless = {tag: i for tag, i in tag_token_ids(tokenizer, grammar).items() if i >= rows}
+    if rowless:  # tags="text" with a tokenizer saved with its tags beside a model without them
+        raise ValueError(
+            f"the tokenizer has the tags {', '.join(rowless)} as tokens {sorted(rowless.values())}, "
+            f"but the model has only {rows} embedding rows; load it with tags='special' "
+            "to give them rows"
+        )
     if getattr(tokenizer, "chat_template", None) == "":
         tokenizer.chat_template = None
     return model.eval(), tokenizer

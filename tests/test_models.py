@@ -401,6 +401,49 @@ def test_load_saved_directory(tmp_path, tokenizer):
     assert torch.equal(head[loaded_tok.convert_tokens_to_ids("</step>")], _mean_rows(head, sub))
 
 
+def _word_tokenizer():
+    """A 41-word tokenizer (w0..w39, [UNK]): saved and loaded in milliseconds."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(
+        tk_models.WordLevel({f"w{i}": i for i in range(40)} | {"[UNK]": 40}, "[UNK]")
+    )
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tags_in_the_tokenizer_but_not_in_the_model_get_rows(tmp_path, tied):
+    """A tokenizer saved with its tags beside a model saved without them: tags='special' gives the
+    tags rows by the name-mean rule (the engine indexed past the embedding before); tags='text'
+    is a clear error, not a model whose tag ids are out of range."""
+    tokenizer = _word_tokenizer()
+    model = tiny_model("llama", tokenizer=tokenizer, tie_word_embeddings=tied)
+    add_tag_tokens(tiny_model("llama", tokenizer=tokenizer), tokenizer, "npr")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+
+    loaded, loaded_tok = load_model(tmp_path)
+    ids = tag_token_ids(loaded_tok, "npr")
+    assert list(ids) == NPR and len(loaded_tok) == 41 + len(NPR)
+    emb, head = loaded.get_input_embeddings().weight, loaded.get_output_embeddings().weight
+    assert emb.shape[0] == head.shape[0] == len(loaded_tok)
+    assert (emb.data_ptr() == head.data_ptr()) == tied
+    assert torch.equal(emb[:41], emb_before) and torch.equal(head[:41], head_before)
+    for tag, token_id in ids.items():
+        sub = loaded_tok.encode(tag[1:-1], add_special_tokens=False)
+        assert torch.equal(emb[token_id], _mean_rows(emb_before, sub))
+        assert torch.equal(head[token_id], _mean_rows(head_before, sub))
+    with torch.no_grad():
+        assert loaded(torch.tensor([list(ids.values())])).logits.shape[-1] == len(loaded_tok)
+    with pytest.raises(ValueError, match="embedding rows"):
+        load_model(tmp_path, tags="text")
+
+
 def test_missing_path_errors(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
