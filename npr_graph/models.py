@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_GGUF",
     "FAMILIES",
     "GRAMMAR_TAGS",
+    "ModelNotFoundError",
     "add_tag_tokens",
     "cache_root",
     "default_model_path",
@@ -56,6 +57,21 @@ CACHE_FORMAT = 1
 COMPLETE_MARKER = ".npr-complete"
 #: Temp dirs of a conversion older than this belong to a writer that died; they are removed.
 STALE_TMP_SECONDS = 3600
+#: Files ``save_pretrained`` of some tokenizer writes; a model directory without any has none.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """A model path that does not exist, or the default model's package or file missing. Also a
+    ValueError, so callers that report bad arguments (``npr generate``) report this one too."""
+
 
 GRAMMAR_TAGS: dict[str, tuple[str, ...]] = {"npr": NPR_TAGS, "multiverse": MULTIVERSE_TAGS}
 TAG_MODES = ("special", "text")
@@ -96,9 +112,10 @@ def add_tag_tokens(
 ) -> dict[str, int]:
     """Add the tags of ``grammar`` as extra special tokens and give them embeddings.
 
-    Tags already in the vocabulary are left alone. The embedding matrix grows to ``len(tokenizer)``
-    if it is smaller (it never shrinks: some checkpoints pad it past the vocabulary), and each new
-    tag's input-embedding row is set to the mean of the rows of its name's sub-tokens. An untied
+    Tags already in the vocabulary keep their rows (a tag whose id lies past the model's
+    embedding has none, and gets one like a new tag). The embedding matrix grows to
+    ``len(tokenizer)`` if it is smaller (it never shrinks: some checkpoints pad it past the
+    vocabulary), and each new tag's input-embedding row is set to the mean of the rows of its name's sub-tokens. An untied
     ``lm_head`` gets the same rule applied to its own rows (and bias, if any); a tied one shares
     the input rows already. Returns :func:`tag_token_ids` for the grammar.
     """
@@ -360,12 +377,39 @@ def _convert_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 
 def _load_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+    """A ``save_pretrained`` directory; a ValueError naming the directory when its tokenizer or
+    weights are missing or unreadable, or when weights the model needs are not in the checkpoint
+    (transformers would initialize them at random and only log it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the model with tokenizer.save_pretrained"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise ValueError(f"{str(path)!r}: cannot load its tokenizer: {error}") from error
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except ValueError:
+        raise  # transformers' own clear ones: an unknown architecture, a config of no causal LM
+    except Exception as error:  # no weights file, truncated weights, config unreadable or wrong
+        raise ValueError(f"{str(path)!r}: cannot load the model: {error}") from error
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(
+            f"{str(path)!r}: the checkpoint lacks {len(missing)} of {type(model).__name__}'s "
+            f"weights ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            "they would be random"
+        )
     return model, tokenizer
 
 
@@ -389,7 +433,7 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[str, Path]:
     """``("dir", folder)`` for a saved transformers model, ``("gguf", file)`` for a GGUF checkpoint."""
     target = Path(path).expanduser()
     if not target.exists():
-        raise FileNotFoundError(f"model path does not exist: {str(target)!r}")
+        raise ModelNotFoundError(f"model path does not exist: {str(target)!r}")
     if target.is_file():
         if target.suffix == ".gguf":
             return "gguf", target
@@ -415,13 +459,13 @@ def default_model_path() -> Path:
 
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"the default model needs the {DEFAULT_PACKAGE.replace('_', '-')!r} package "
             f"(it ships {DEFAULT_GGUF}); install it or pass a model path"
         )
     gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not gguf.is_file():
-        raise FileNotFoundError(f"default model file is missing: {str(gguf)!r}")
+        raise ModelNotFoundError(f"default model file is missing: {str(gguf)!r}")
     return gguf
 
 

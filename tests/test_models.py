@@ -444,6 +444,48 @@ def test_tags_in_the_tokenizer_but_not_in_the_model_get_rows(tmp_path, tied):
         load_model(tmp_path, tags="text")
 
 
+def test_directory_load_errors_are_clear_value_errors(tmp_path):
+    """What a user gets wrong in a model directory is a ValueError naming it (the CLI reports
+    those), not transformers' traceback, a wrong hint, or a model with random weights."""
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good"
+    tiny_model("llama", vocab_size=64, num_hidden_layers=1).save_pretrained(good)
+    _word_tokenizer().save_pretrained(good)
+    assert load_model(good, tags="text")[0] is not None
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ValueError, match="no-such-model") as error:
+        load_model(missing)
+    assert isinstance(error.value, FileNotFoundError)
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    tiny_model("llama", vocab_size=64, num_hidden_layers=1).save_pretrained(no_tokenizer)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        load_model(no_tokenizer, tags="text")
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((good / name).read_bytes())
+    with pytest.raises(ValueError, match="no-weights.*cannot load the model"):
+        load_model(no_weights, tags="text")
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (truncated / name).write_bytes((good / name).read_bytes())
+    (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot load the model"):
+        load_model(truncated, tags="text")
+
+    state = load_file(good / "model.safetensors")
+    state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, good / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 .*up_proj.*random"):
+        load_model(good, tags="text")
+
+
 def test_missing_path_errors(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
