@@ -260,3 +260,18 @@ def test_generate_and_demo_report_bad_input_without_a_traceback(tmp_path, capsys
     code, _, err = run(capsys, "demo", "--temperature", "-1")
     assert code == 2 and err.startswith("npr demo: ") and "temperature" in err
     assert loaded == [], "parameters are checked before the model loads"
+
+
+def test_inspect_into_a_pipe_closed_early(tmp_path):
+    """npr inspect ... | head: a BrokenPipeError traceback when the reader went away."""
+    data = tmp_path / "many.jsonl"
+    data.write_text((EXAMPLES / "cold_start.jsonl").read_text() * 30)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "npr_graph.cli", "inspect", str(data), "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.read(10)
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and b"Traceback" not in err, err.decode()
