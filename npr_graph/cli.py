@@ -497,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except BrokenPipeError:  # the reader went away (npr inspect ... | head): not an error of ours
+    except BrokenPipeError:
+        # The reader of stdout went away (npr inspect ... | head): not an error of ours. Only for
+        # the commands whose one pipe is stdout; training and eval talk to helper processes.
+        if args.command not in ("inspect", "generate", "demo", "view"):
+            raise
         # Python flushes stdout again at exit, which would fail the same way: point it nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
