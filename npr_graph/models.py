@@ -293,6 +293,9 @@ def _gguf_tensors(
             to_hf[gguf_name + suffix] = hf_name
 
     blob = np.memmap(gguf, mode="r", dtype=np.uint8)
+    end = max((header.data_start + info.offset + info.nbytes for info in header.tensors), default=0)
+    if blob.size < end:  # a partial download or copy: the header is whole, the data is not
+        raise ValueError(f"the file is truncated: {blob.size} bytes, its tensors end at {end}")
     tensors: dict[str, torch.Tensor] = {}
     parsed = {"config": config, "tensors": tensors}
     for info in header.tensors:
@@ -423,7 +426,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
             shutil.rmtree(entry, ignore_errors=True)
     elif entry.exists():
         shutil.rmtree(entry, ignore_errors=True)  # partial: no marker
-    model, tokenizer = _convert_gguf(gguf)
+    try:
+        model, tokenizer = _convert_gguf(gguf)
+    except Exception as error:  # truncated or malformed: struct, numpy and gguf-py errors alike
+        raise ValueError(
+            f"cannot convert GGUF file {str(gguf)!r}: {type(error).__name__}: {error}"
+        ) from error
     with contextlib.suppress(OSError):  # a read-only cache only costs speed
         _write_cache(entry, model, tokenizer, gguf)
     return model.to(dtype), tokenizer

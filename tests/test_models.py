@@ -184,6 +184,22 @@ def test_gguf_directory_and_file_paths(tmp_path, default_special):
         assert model.get_input_embeddings().weight.shape[0] == 49152
 
 
+@needs_default
+def test_a_truncated_gguf_file_is_a_clear_value_error(tmp_path, monkeypatch):
+    """A partial download: a cut header was a struct.error traceback, cut data a numpy reshape
+    error; both are now a ValueError naming the file (the CLI reports those)."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    data = models.default_model_path().read_bytes()
+    header_only, cut_data = tmp_path / "header.gguf", tmp_path / "data.gguf"
+    header_only.write_bytes(data[:65536])
+    cut_data.write_bytes(data[:-1000])
+    with pytest.raises(ValueError, match="cannot convert GGUF file .*header.gguf"):
+        load_model(header_only, tags="text")
+    with pytest.raises(ValueError, match=f"truncated: {len(data) - 1000} bytes"):
+        load_model(cut_data, tags="text")
+    assert not list((tmp_path / "cache").glob("*")), "nothing is cached"
+
+
 # --------------------------------------------------------------------------------------------------
 # tag tokens
 
