@@ -8,12 +8,15 @@ Reward functions are called as ``fn(response, reference, **options)`` and return
   passes) the ``accuracy`` reward, otherwise the format penalty (negative, floored at -2);
 - ``format``: the format score alone.
 
-:func:`verify` never raises and never hangs. In the main thread it bounds a check with a
-``SIGALRM`` interval timer (saving and restoring any timer already set, e.g. pytest-timeout's);
-signals only reach the main thread, so any other thread sends the check to a helper process
-(``python -c 'from papo.rewards import _serve; _serve()'``), which runs it under its own timer and
-is killed if it does not answer in time. Helper processes are kept for reuse, one per thread
-verifying at the same moment.
+:func:`verify` never raises and never hangs. Every check runs in a helper process
+(``python -c 'from papo.rewards import _serve; _serve()'``), which bounds it with a ``SIGALRM``
+interval timer and is killed if it does not answer in time: a timer alone cannot stop one long
+C-level operation (sympy raising 10 to the 10^10 in one big-integer call ignores signals until it
+returns), a killed process can. The helper's address space is capped (``_HELPER_MEMORY``) so that
+such an answer fails fast with a MemoryError instead of taking gigabytes. Helper processes are
+kept for reuse, one per thread verifying at the same moment. Only when no helper can be started
+does the main thread check in process under the timer (saving and restoring any timer already
+set, e.g. pytest-timeout's); another thread then counts the answer as wrong.
 
 npr_graph and math-verify are imported inside the functions that need them so that the helper
 process starts without torch (about 1 s instead of 4).
@@ -56,6 +59,9 @@ FORMAT_FLOOR = -2.0
 _GRACE_S = 1.0
 #: Starting a helper (importing math-verify and sympy) is not counted against a check's limit.
 _STARTUP_TIMEOUT_S = 60.0
+#: The helper's address-space limit (bytes): checking an answer never needs more, and an answer
+#: like 10^{10^{10}} (a 4 GB integer) then raises MemoryError at once.
+_HELPER_MEMORY = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -255,16 +261,19 @@ _idle_helpers: list[_Helper] = []
 _helpers_lock = threading.Lock()
 
 
-def _compare_in_helper(prediction: str, reference: str, timeout_s: float) -> _Outcome:
+def _compare_in_helper(prediction: str, reference: str, timeout_s: float) -> _Outcome | None:
+    """The outcome from a helper process; None when no helper could be started."""
     with _helpers_lock:
         helper = _idle_helpers.pop() if _idle_helpers else None
     try:
         if helper is None:
             helper = _Helper()
+    except Exception:
+        return None
+    try:
         outcome = helper.check(prediction, reference, timeout_s)
-    except Exception:  # no helper could be started: the answer cannot be checked
-        if helper is not None:
-            helper.kill()
+    except Exception:  # a broken pipe or a garbled line: the answer could not be checked
+        helper.kill()
         return _Outcome(False, False, True)
     if outcome is None:  # stuck (or dead): kill it, a later check starts a fresh one
         helper.kill()
@@ -288,6 +297,12 @@ def _serve() -> None:
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (_HELPER_MEMORY, _HELPER_MEMORY))
+    except (ImportError, ValueError, OSError):  # no such limit here, or a lower one already set
+        pass
     _math_verify()  # before "ready", so that startup is not counted against a check
 
     channel.write("ready\n")
@@ -306,9 +321,12 @@ def _check(prediction: str | None, reference: str, timeout_s: float) -> _Outcome
         return _Outcome(False, False, False)
     if timeout_s <= 0 or not math.isfinite(timeout_s):
         raise ValueError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
-    if _can_use_signals():
+    outcome = _compare_in_helper(prediction, reference, timeout_s)
+    if outcome is not None:
+        return outcome
+    if _can_use_signals():  # no helper process: the timer is the best bound left
         return _compare_with_timer(prediction, reference, timeout_s)
-    return _compare_in_helper(prediction, reference, timeout_s)
+    return _Outcome(False, False, True)
 
 
 def verify(prediction: str | None, reference: str, *, timeout_s: float = 5.0) -> bool:
@@ -317,7 +335,7 @@ def verify(prediction: str | None, reference: str, *, timeout_s: float = 5.0) ->
 
     Never raises on any input and never runs much past ``timeout_s`` seconds: None, empty or
     unparseable input, errors and checks that run out of time are all False. Safe from any thread
-    (see the module docstring for how the limit is enforced outside the main thread).
+    (the check runs in a helper process; see the module docstring).
     """
     return _check(prediction, reference, timeout_s).correct
 

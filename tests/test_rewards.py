@@ -168,6 +168,48 @@ def test_unresponsive_helper_is_killed_and_replaced(monkeypatch: pytest.MonkeyPa
     assert _in_thread(verify, "8", "8")
 
 
+def test_a_check_stuck_in_c_code_still_ends_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One C-level operation holds off a timer's signal until it returns (sympy working on the
+    integer 10^(10^10) ignored a 1 s limit for 10 s and more); checks run in a helper process,
+    which can be killed. Simulated here by a check that blocks SIGALRM in this process."""
+    assert verify("1", "1")  # a warm helper
+
+    def stuck(prediction: str, reference: str):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            time.sleep(3)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+        return rewards._Outcome(False, False, False)
+
+    monkeypatch.setattr(rewards, "_compare", stuck)
+    started = time.monotonic()
+    assert verify("7", "7", timeout_s=0.5) is True
+    assert time.monotonic() - started < 2.0
+
+
+def test_huge_integer_answers_end_in_time() -> None:
+    """A real answer of that kind: the helper's memory cap makes it fail at once."""
+    assert verify("1", "1")
+    started = time.monotonic()
+    reward = get("accuracy")("\\boxed{(10^{10^{10}})!}", "9^9", timeout_s=1.0)
+    assert not reward.correct
+    assert time.monotonic() - started < 1.0 + rewards._GRACE_S + 1.0
+
+
+def test_without_a_helper_the_main_thread_uses_the_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_helper() -> None:
+        raise RuntimeError("no processes here")
+
+    monkeypatch.setattr(rewards, "_Helper", no_helper)
+    monkeypatch.setattr(rewards, "_idle_helpers", [])
+    assert verify("\\frac{1}{2}", "0.5") is True
+    started = time.monotonic()
+    assert verify(HUGE, "1", timeout_s=0.3) is False
+    assert time.monotonic() - started < 2.0
+    assert _in_thread(verify, "7", "7") is False, "no helper, no timer: counted as wrong"
+
+
 def test_many_threads_at_once() -> None:
     cases = [(str(i), str(i), True) for i in range(3)] + [("1", "2", False)]
     results: dict[int, bool] = {}
