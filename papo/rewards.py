@@ -146,9 +146,20 @@ def _math_verify() -> Any:
     return math_verify
 
 
+# Digits grouped in threes with a LaTeX space (1\,000, 1\;000, 1~000, 1 000) are one number, as
+# LaTeX typesets them (math mode ignores spaces); math-verify read the space as a product, so
+# 1\,000 scored as 0 and not as 1000.
+_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;: ]|~|\s)+(?=\d{3}(?!\d))")
+
+
+def _join_digit_groups(text: str) -> str:
+    return _DIGIT_GROUP_SPACE.sub("", text)
+
+
 def _compare(prediction: str, reference: str) -> _Outcome:
     """math-verify without its own (signal-based, whole-second) timeouts; callers bound it."""
     mv = _math_verify()
+    prediction, reference = _join_digit_groups(prediction), _join_digit_groups(reference)
     config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
     # Answers arrive without math delimiters ("\frac{1}{2}", "42"); LaTeX extraction needs them.
     gold = mv.parse(f"${reference}$", config, parsing_timeout=None)

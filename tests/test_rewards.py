@@ -81,6 +81,12 @@ def test_stated_result(text: str, result: str | None) -> None:
         ("2\\sqrt{2}", "\\sqrt{8}"),
         ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
         ("1,000", "1000"),
+        ("1\\,000", "1000"),
+        ("12\\,345\\,678", "12345678"),
+        ("1\\;000", "1000"),
+        ("1~000", "1000"),
+        ("1 000", "1000"),
+        ("2\\,000", "2,000"),
         ("x = 5", "5"),
         ("\\text{Evelyn}", "\\text{Evelyn}"),
     ],
@@ -96,6 +102,9 @@ def test_equivalent_answers(prediction: str, reference: str) -> None:
         ("\\frac{1}{2}", "\\frac{1}{3}"),
         ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
         ("-5", "5"),
+        ("1\\,000", "0"),  # not 1 * 000
+        ("1 000", "0"),
+        ("1\\,000", "1"),
     ],
 )
 def test_wrong_answers(prediction: str, reference: str) -> None:
