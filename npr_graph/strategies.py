@@ -342,14 +342,16 @@ def _nested_step(body: str, rest: list[tuple[BlockSpec, str]]) -> Step:
 def _blocks(
     grammar: str, max_branches: int, depth: int, max_depth: int
 ) -> st.SearchStrategy[BlockSpec]:
-    """Blocks of 1..max_branches steps; in Multiverse about one step in six nests blocks."""
+    """Blocks of 1..max_branches steps; in Multiverse about one step in six nests blocks (one in
+    ``max_branches + 1`` for wider blocks, so a block holds fewer than one nested block on average
+    and drawn traces stay small at any width and depth)."""
     text = contents()
     step: st.SearchStrategy[Step] = text
     if TAGS[grammar].wrapper and depth < max_depth:
         inner = _blocks(grammar, max_branches, depth + 1, max_depth)
         rest = st.lists(st.tuples(inner, st.one_of(st.just(""), text)), min_size=1, max_size=2)
         nested = st.builds(_nested_step, text, rest)
-        step = st.integers(0, 5).flatmap(lambda n: nested if n == 0 else text)
+        step = st.integers(0, max(5, max_branches)).flatmap(lambda n: nested if n == 0 else text)
     by_width = {
         width: st.builds(
             BlockSpec,
