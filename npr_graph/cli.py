@@ -29,7 +29,8 @@ TEXT_FIELDS = ("text", "response", "output", "completion")
 @dataclass
 class Trace:
     source: str
-    text: str
+    text: str  # what is parsed, or the response of ``graph``
+    graph: ReasoningGraph | None = None  # a saved graph (npr generate --json, npr eval samples)
 
 
 @dataclass
@@ -136,14 +137,34 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
             continue
         if repaired and notes is not None:
             notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
-        field = next(
-            (f for f in TEXT_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)),
-            None,
+        try:
+            yield _record_trace(record, path, number)
+        except ValueError as error:
+            errors.append(f"{path}:{number}: {error}")
+
+
+def _record_trace(record: Any, path: Path, number: int) -> Trace:
+    """The trace of a JSONL record: a saved graph (npr eval's "graph" field, or a graph dict as
+    npr generate --json writes it; taken as it is, tokens and prompt included), else the first
+    text field. A graph dict's "text" also holds the prompt, so it is not read as a trace."""
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"not an object; expected a graph or a text field ({', '.join(TEXT_FIELDS)})"
         )
-        if field is None:
-            errors.append(f"{path}:{number}: no text field (one of {', '.join(TEXT_FIELDS)})")
-            continue
-        yield Trace(f"{path.name}:{record.get('id', number)}", record[field])
+    if "problem_id" in record:
+        source = f"{path.name}:{record['problem_id']}#{record.get('sample', 0)}"
+    else:
+        source = f"{path.name}:{record.get('id', number)}"
+    saved = record.get("graph") if isinstance(record.get("graph"), dict) else None
+    if saved is None and isinstance(record.get("nodes"), list):
+        saved = record
+    if saved is not None:
+        graph = ReasoningGraph.from_dict(saved)
+        return Trace(source, graph.response_text, graph)
+    field = next((f for f in TEXT_FIELDS if isinstance(record.get(f), str)), None)
+    if field is None:
+        raise ValueError(f"no text field (one of {', '.join(TEXT_FIELDS)}) and no graph")
+    return Trace(source, record[field])
 
 
 def positive_int(value: str) -> int:
@@ -163,8 +184,11 @@ def detect_grammar(text: str) -> str:
 
 
 def inspect_trace(trace: Trace, grammar: str, profile: str, max_branches: int | None) -> Report:
-    chosen = detect_grammar(trace.text) if grammar == "auto" else grammar
-    graph = parse(trace.text, grammar=chosen, lenient=True)
+    """A trace's report; a saved graph is reported as it is (its grammar, not ``grammar``)."""
+    graph = trace.graph
+    if graph is None:
+        chosen = detect_grammar(trace.text) if grammar == "auto" else grammar
+        graph = parse(trace.text, grammar=chosen, lenient=True)
     violations = validate(graph, profile, max_branches=max_branches)
     return Report(trace, graph, violations, format_score(trace.text), metrics(graph))
 
@@ -441,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="parse traces and report graph, violations, score, metrics"
     )
     inspect.add_argument(
-        "files", nargs="+", help="text files (one trace) or .jsonl (a text/response field per line)"
+        "files",
+        nargs="+",
+        help="text files (one trace) or .jsonl: per line a text/response field, a graph dict "
+        "(npr generate --json) or an npr eval sample",
     )
     inspect.add_argument("--format", choices=("tree", "json", "dot", "mermaid"), default="tree")
     inspect.add_argument("--grammar", choices=("auto", "npr", "multiverse"), default="auto")

@@ -275,3 +275,30 @@ def test_inspect_into_a_pipe_closed_early(tmp_path):
     process.stdout.close()
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and b"Traceback" not in err, err.decode()
+
+
+def test_inspect_reads_saved_graphs_as_they_are(tmp_path, capsys):
+    """A graph dict (npr generate --json) or an npr eval sample is reported as the graph it is:
+    its "text" holds the prompt too, which inspect parsed as part of the trace (a prompt naming
+    the tags gave violations the response has not; counts and speedup were of prompt + response
+    in characters, not of the response in tokens)."""
+    import npr_graph as ng
+    from npr_graph.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    prompt = tokenizer.encode("Answer in <guideline> and <step> blocks: 2+3? ")
+    response = (EXAMPLES / "npr_two_blocks.txt").read_text()
+    graph = ng.parse(tokenizer.encode(response), tokenizer=tokenizer, prompt_ids=prompt)
+    sample = {"problem_id": "p7", "sample": 1, "graph": graph.to_dict()}
+    data = tmp_path / "saved.jsonl"
+    data.write_text(json.dumps(graph.to_dict()) + "\n" + json.dumps(sample) + "\n")
+    code, out, err = run(capsys, "inspect", str(data), "--format", "json", "--check")
+    assert (code, err) == (0, "")
+    for line in out.strip().split("\n"):
+        report = json.loads(line)
+        assert report["violations"] == [] and report["format_score"] == 0.0
+        assert report["metrics"] == ng.metrics(graph) and report["metrics"]["unit"] == "tokens"
+        assert ng.ReasoningGraph.from_dict(report["graph"]).to_dict() == graph.to_dict()
+    code, out, _ = run(capsys, "inspect", str(data))
+    assert code == 0 and "saved.jsonl:1" in out and "saved.jsonl:p7#1" in out
+    assert "2/2 without violations" in out
