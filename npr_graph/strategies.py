@@ -103,6 +103,12 @@ class Whitespace:
     inner: tuple[str, ...] = ("\n",)
     item: tuple[str, ...] = ("",)
 
+    def __post_init__(self) -> None:
+        for kind in ("gaps", "inner", "item"):
+            runs = getattr(self, kind)
+            if not runs or any(not isinstance(r, str) for r in runs):
+                raise ValueError(f"Whitespace.{kind} must be a non-empty tuple of strings")
+
 
 def step_body(step: Step) -> str:
     """The text a step starts with (after its label)."""
@@ -370,6 +376,9 @@ def specs(
     """Valid trace specs: 1..max_blocks blocks of 1..max_branches steps each; Multiverse steps
     nest blocks down to ``Block.depth == max_depth`` (NPR never nests)."""
     _tags(grammar)
+    _check_sizes(
+        max_blocks=(max_blocks, 1), max_branches=(max_branches, 1), max_depth=(max_depth, 0)
+    )
     return st.builds(
         TraceSpec,
         preamble=st.one_of(st.just(""), safe_text()),
@@ -378,6 +387,12 @@ def specs(
         ),
         answer=answers(),
     )
+
+
+def _check_sizes(**sizes: tuple[object, int]) -> None:
+    for name, (value, least) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def traces(
@@ -650,12 +665,25 @@ def mutation_rules(grammar: str = "npr") -> list[str]:
     return [name for name, m in MUTATIONS.items() if grammar in m.grammars]
 
 
-@st.composite
 def mutations(
-    draw: st.DrawFn, grammar: str = "npr", rules: list[str] | None = None
-) -> tuple[str, str]:
-    """``(text, rule)``: a valid trace with exactly the rule ``rule`` broken, once or more."""
-    rule = draw(st.sampled_from(rules or mutation_rules(grammar)))
+    grammar: str = "npr", rules: list[str] | None = None
+) -> st.SearchStrategy[tuple[str, str]]:
+    """``(text, rule)``: a valid trace with exactly the rule ``rule`` broken, once or more;
+    ``rule`` is drawn from ``rules`` (default: every rule of :func:`mutation_rules`)."""
+    available = mutation_rules(grammar)
+    chosen = available if rules is None else list(rules)
+    unknown = [rule for rule in chosen if rule not in available]
+    if unknown or not chosen:
+        raise ValueError(
+            f"rules must name some of the {grammar} mutations ({', '.join(available)}), "
+            f"got {rules!r}"
+        )
+    return _mutations(grammar, tuple(chosen))
+
+
+@st.composite
+def _mutations(draw: st.DrawFn, grammar: str, rules: tuple[str, ...]) -> tuple[str, str]:
+    rule = draw(st.sampled_from(rules))
     spec = draw(specs(grammar, max_blocks=2, max_branches=3, max_depth=1))
     where = draw(st.integers(0, 1 << 16))
     return MUTATIONS[rule](spec, grammar, where, draw(whitespaces())), rule

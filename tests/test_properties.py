@@ -38,6 +38,7 @@ from npr_graph.strategies import (
     BlockSpec,
     TokenizedTrace,
     TraceSpec,
+    Whitespace,
     graph_shapes,
     mutation_rules,
     mutations,
@@ -594,3 +595,27 @@ def test_wide_deep_traces_pass_the_health_checks(pair):
     failed (filter_too_much, too_slow)."""
     spec, _ = pair
     assert all(1 <= len(block.steps) <= 20 for block in walk(spec))
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        # KeyError: 'bogus'
+        (lambda: mutations("npr", rules=["bogus"]), "bogus"),
+        # drawn, then refused by the mutation at draw time
+        (lambda: mutations("multiverse", rules=["nesting"]), "nesting"),
+        # an empty list drew from every rule
+        (lambda: mutations("npr", rules=[]), r"\[\]"),
+        # hypothesis' "Cannot have max_size=0 < min_size=1"
+        (lambda: spec_strategy("npr", max_blocks=0), "max_blocks"),
+        (lambda: traces("npr", max_branches=0), "max_branches"),
+        # silently the same as max_depth=0
+        (lambda: spec_strategy("multiverse", max_depth=-1), "max_depth"),
+        # ZeroDivisionError at render time
+        (lambda: Whitespace(gaps=()), "gaps"),
+        (lambda: Whitespace(inner=("\n", None)), "inner"),
+    ],
+)
+def test_strategy_arguments_are_checked_when_built(make, error):
+    with pytest.raises(ValueError, match=error):
+        make()
