@@ -50,6 +50,11 @@ def read_problems(
     return [Problem(p.id, p.question, p.reference) for p in problems]
 
 
+def _text(value: object) -> bool:
+    """A non-blank string (a blank prompt is as good as none, as for problems)."""
+    return isinstance(value, str) and bool(value.strip())
+
+
 def read_traces(
     path: str | Path, prompt_field: str | None = None, response_field: str = "response"
 ) -> list[Trace]:
@@ -62,13 +67,17 @@ def read_traces(
             if not isinstance(record, dict):
                 errors.append(f"{where}: not an object")
                 continue
-            prompt = next((record[n] for n in prompt_names if isinstance(record.get(n), str)), None)
+            prompt = next(
+                (record[n] for n in prompt_names if _text(record.get(n))),
+                None,
+            )
             response = record.get(response_field)
             if prompt is None or not isinstance(response, str) or not response.strip():
                 missing = "/".join(prompt_names) if prompt is None else response_field
                 errors.append(f"{where}: no {missing} field")
                 continue
-            traces.append(Trace(str(record.get("id", index)), prompt, response))
+            given_id = record.get("id")
+            traces.append(Trace(str(index if given_id is None else given_id), prompt, response))
     except EvalError as error:
         raise ValueError(str(error)) from error
     if errors:

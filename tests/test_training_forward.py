@@ -141,3 +141,17 @@ def test_train_forward_benchmark_smoke(special_tokenizer):
     assert reference.shape == packed.shape
     assert (reference - packed).abs().max() <= 1e-4
     assert torch.allclose(model.model.embed_tokens.weight.grad, reference_grad, atol=1e-4)
+
+
+def test_sft_traces_need_a_prompt_that_is_not_blank(tmp_path):
+    """A blank prompt is a bad record, as a blank problem is for RL data (it trained the
+    response on the template alone); a null id is the record number, not "None"."""
+    from papo.problems import read_traces
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text('{"prompt": "Q", "response": "A"}\n{"prompt": "  ", "response": "A"}\n')
+    with pytest.raises(ValueError, match=r"traces.jsonl:2: no problem/question/prompt field"):
+        read_traces(path)
+    path.write_text('{"problem": "", "prompt": "Q", "response": "A", "id": null}\n')
+    (trace,) = read_traces(path)
+    assert (trace.id, trace.prompt) == ("0", "Q")
