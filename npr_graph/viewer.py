@@ -149,7 +149,7 @@ def _shown(value: Any) -> str | None:
 
 def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> dict[str, Any]:
     """What the page shows of one sample: plain JSON data."""
-    from .constraints import validate
+    from .constraints import format_valid, validate
 
     violations = validate(graph, "strict") if graph.grammar else []
     marks: dict[int, list[str]] = {}
@@ -175,8 +175,8 @@ def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> di
             }
         )
     status = _status(record)
-    if status["format_valid"] is None:
-        status["format_valid"] = not violations
+    if status["format_valid"] is None:  # the record does not say: npr eval's own check
+        status["format_valid"] = format_valid(graph) if graph.grammar else not violations
     return {
         "title": title,
         **status,

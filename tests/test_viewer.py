@@ -108,6 +108,21 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path) -> None:
     assert views[1]["format_valid"] is False and views[1]["violations"]
 
 
+def test_validity_not_in_the_record_is_npr_evals_check(tmp_path) -> None:
+    """Without a record's format_valid the page judged "no strict violation", so an NPR response
+    with no block at all (format score -1.5, invalid in npr eval) was not listed as invalid."""
+    path = tmp_path / "plain.jsonl"
+    plain = ng.parse("no blocks, just \\boxed{5}", lenient=True)
+    path.write_text(
+        json.dumps({"text": plain.text}) + "\n" + json.dumps(plain.to_dict()) + "\n"
+        + json.dumps({"text": NPR_TRACE}) + "\n"
+    )  # fmt: skip
+    errors: list[str] = []
+    views = load_views(path, errors)
+    assert errors == [] and [v["format_valid"] for v in views] == [False, False, True]
+    assert ng.format_valid(plain) is False and views[0]["violations"] == []
+
+
 @pytest.mark.parametrize("metrics", [["a list"], "text", {"format_valid": "yes"}])
 def test_odd_record_fields_are_left_out_not_fatal(tmp_path, metrics) -> None:
     """A record's own fields are optional extras: odd ones are not shown, the graph still is."""
