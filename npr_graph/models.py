@@ -57,7 +57,8 @@ CACHE_FORMAT = 1
 COMPLETE_MARKER = ".npr-complete"
 #: Temp dirs of a conversion older than this belong to a writer that died; they are removed.
 STALE_TMP_SECONDS = 3600
-#: Files ``save_pretrained`` of some tokenizer writes; a model directory without any has none.
+#: Files ``save_pretrained`` of some tokenizer writes: a directory whose tokenizer fails to load
+#: and that has none of them has no tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -385,14 +386,15 @@ def _load_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, An
     (transformers would initialize them at random and only log it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(
-            f"{str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "save the tokenizer beside the model with tokenizer.save_pretrained"
-        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers' own message then asks to install sentencepiece or tiktoken
+            raise ValueError(
+                f"{str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "save the tokenizer beside the model with tokenizer.save_pretrained"
+            ) from error
         raise ValueError(f"{str(path)!r}: cannot load its tokenizer: {error}") from error
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
