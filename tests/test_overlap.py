@@ -231,3 +231,34 @@ def test_picked_tokens_are_read_after_the_next_forward_is_launched(tokenizer, mo
         assert PICKED not in graph.token_ids and graph.metadata["layout_consistent"]
         engine_logprobs = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
         assert (dense_logprobs(engine.model, graph) - engine_logprobs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["sequential", "constrained", "free"])
+def test_overlapped_context_end_matches(mode, tokenizer):
+    """Prompts that fill the model's context with their budget: the overlapped engine ends each
+    sample where the plain one does, for the same reason (the budget's when its tokens reached
+    it), with the same violations recorded, and engine-written text the last token calls for is
+    scored in both."""
+    model = tiny_model("llama", tokenizer=tokenizer, max_position_embeddings=32)
+    boosts = torch.zeros(len(tokenizer))
+    for index, tag_id in enumerate(Format(tokenizer, special=True).tag_ids.values()):
+        boosts[tag_id] = 6.0 + index % 3
+    params = SamplingParams(temperature=1.0, seed=1, n=3, max_new_tokens=14, min_branches=1,
+                            max_branches=2, max_plan_tokens=3, max_step_tokens=4,
+                            max_takeaway_tokens=3)  # fmt: skip
+    prompts = [[1000 + i for i in range(32 - 14)], [2000 + i for i in range(32 - 14)]]
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(model, tokenizer, page_size=4, num_pages=256, overlap=overlap)
+        graphs = engine.generate(
+            prompts, params, mode=mode, logits_processor=lambda _, r: r + boosts
+        )
+        runs[overlap] = (engine, graphs)
+        assert engine.pool.num_used == 0
+    assert_same_output(runs)
+    for graph in runs[True][1]:
+        assert int(ng.position_ids(graph).max()) < 32
+        assert graph.metadata["finish_reason"] == "length"
+    if mode == "free":
+        assert any(g.metadata["engine_violations"] for g in runs[True][1])
+        assert None not in graph.logprobs[graph.prompt_num_tokens :]

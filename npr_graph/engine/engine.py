@@ -368,13 +368,32 @@ class Engine:
         return admitted
 
     def _cut_at_context(self, lanes: list[Lane]) -> list[Lane]:
-        """End every sample with a lane at the end of the model's context before it is fed: no
-        token gets a position past it, closing tags after a budget cut included."""
+        """End every sample with a lane at the end of the model's context: no token gets a
+        position past it, closing tags after a budget cut included. A lane there is fed once
+        more (every position is inside the context) when it holds engine-written text behind
+        its first unfed token, which that forward scores, or a picked token not read yet
+        (``overlap``), which is then read and acted on as the plain engine does; :meth:`_advance`
+        then ends the sample. So where the steps were cut changes neither the tokens, their
+        log-probs, nor the finish reason."""
         for lane in lanes:
-            sample = lane.sample
-            if lane.end_position >= self.max_positions and lane.status is LaneStatus.RUNNING:
-                self._truncate(sample, sample.finish_reason or "context", hard=True)
+            if self._at_context_end(lane):
+                self._cut_context(lane.sample)
         return [lane for lane in lanes if lane.status is LaneStatus.RUNNING]
+
+    def _at_context_end(self, lane: Lane) -> bool:
+        """Nothing more fits behind the lane, and nothing it holds needs a forward."""
+        return (
+            lane.status is LaneStatus.RUNNING
+            and lane.end_position >= self.max_positions
+            and len(lane.pending) <= 1
+            and PICKED not in lane.pending
+        )
+
+    def _cut_context(self, sample: Sample) -> None:
+        """End ``sample`` at the model's context. Its reason is the budget's when its tokens
+        reached it, even if the token that did is not read yet (``overlap``)."""
+        reason = sample.finish_reason or ("length" if _over_budget(sample) else "context")
+        self._truncate(sample, reason, hard=True)
 
     def _make_room(
         self, lanes: list[Lane], running: list[Request], waiting: deque[Request]
@@ -453,6 +472,9 @@ class Engine:
         """Each lane was just fed: act on its finished forced text, or write its next token.
         ``defer``: leave picked tokens on the device, :data:`PICKED` in their lanes, and return
         them (:meth:`_take` reads them)."""
+        for lane in lanes:  # fed what it held at the end of the context: nothing more fits
+            if self._at_context_end(lane):
+                self._cut_context(lane.sample)
         to_sample = []
         for lane, row in zip(lanes, logits, strict=True):
             if lane.void_row:  # it fed a token that was taken back: this row follows nothing
@@ -547,8 +569,9 @@ class Engine:
                 self._take_back(lane)  # an end inside an element is never kept
             else:
                 lane.tokens[-1], lane.logprobs[-1] = token, logprob
-                if live:
-                    self._react(lane, token)
+                # A lane cut after it picked keeps the token: the format still sees it (the
+                # plain engine records its violations before the cut).
+                self._react(lane, token)
 
     def _take_back(self, lane: Lane) -> None:
         """Undo the lane's last append: a picked token the engine does not keep (an end of
@@ -675,12 +698,7 @@ class Engine:
                 limit = lane.state.element_limit(sample.request.params)
                 if limit:
                     lane.forced_queue.extend(self.format.encode(limit))
-        params = sample.request.params
-        over = (
-            sample.critical_tokens >= params.max_new_tokens
-            or sample.total_tokens >= params.total_budget
-        )
-        if over and not sample.truncated:
+        if _over_budget(sample) and not sample.truncated:
             self._truncate(sample, "length")
 
     def _end_of_sequence(self, lane: Lane, token: int, logprob: float) -> None:
@@ -871,6 +889,14 @@ class Engine:
         if not block.branches or not block.branches[0]:
             return None
         return graph.nodes[block.branches[0][0]].token_start - graph.prompt_num_tokens
+
+
+def _over_budget(sample: Sample) -> bool:
+    params = sample.request.params
+    return (
+        sample.critical_tokens >= params.max_new_tokens
+        or sample.total_tokens >= params.total_budget
+    )
 
 
 def _checked(logprobs: list[float]) -> list[float]:
