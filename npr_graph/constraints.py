@@ -155,6 +155,15 @@ def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
         if not spec.nesting and block.depth > 0:
             out.append(_violation("nesting", f"{spec.header} nested inside a {spec.branch}", first))
         has_header = any(nodes[i].kind.value == spec.header for i in block.header)
+        if not has_header and not heads:
+            # An empty <Parallel>: the parser notes a header without branches, not this.
+            out.append(
+                _violation(
+                    "missing_branches",
+                    f"<{spec.wrapper or spec.header}> holds no <{spec.branch}>",
+                    first,
+                )
+            )
         if has_header and not plans:
             out.append(_violation("no_plans", f"<{spec.header}> holds no <{spec.item}>", first))
         if len(plans) > max_branches:

@@ -146,3 +146,20 @@ def test_profile_rules_must_exist():
     assert codes(
         NPR_TRACE.replace("\\boxed{5}", "5"), ng.Profile("mine", frozenset({"missing_answer"}))
     ) == ["missing_answer"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<Parallel></Parallel>\n\\boxed{1}",
+        "<Parallel>\n</Parallel>\n\\boxed{1}",
+        "<Parallel><Goal><Outline>1: a</Outline></Goal><Path>1: b<Parallel>\n</Parallel></Path>"
+        "<Conclusion>c</Conclusion></Parallel>\\boxed{1}",
+    ],
+)
+def test_an_empty_parallel_block_has_no_branches(text):
+    # It broke no rule, so format_valid passed "<Parallel></Parallel>\boxed{1}".
+    graph = ng.parse(text, grammar="multiverse", lenient=True)
+    assert codes(text, grammar="multiverse") == ["missing_branches"]
+    assert codes(text, "lenient", grammar="multiverse") == ["missing_branches"]
+    assert not ng.format_valid(graph)
