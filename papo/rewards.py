@@ -59,8 +59,8 @@ FORMAT_FLOOR = -2.0
 _GRACE_S = 1.0
 #: Starting a helper (importing math-verify and sympy) is not counted against a check's limit.
 _STARTUP_TIMEOUT_S = 60.0
-#: The helper's address-space limit (bytes): checking an answer never needs more, and an answer
-#: like 10^{10^{10}} (a 4 GB integer) then raises MemoryError at once.
+#: The helper's address space may grow this much (bytes) past its size once started: checking an
+#: answer never needs more, and an answer like 10^{10^{10}} (a 4 GB integer) raises MemoryError.
 _HELPER_MEMORY = 2 << 30
 
 
@@ -100,11 +100,21 @@ class RewardFn(Protocol):
 
 def extract_answer(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text`` (balanced braces), stripped; None if
-    there is none. A box nested in another one counts as its own (later-starting) box."""
+    there is none, or if the last one is never closed: a cut answer ("... so \\boxed{12") is no
+    answer, not the box written before it. A box nested in another one counts as its own
+    (later-starting) box."""
     from npr_graph.constraints import boxed_answers
 
-    answers = boxed_answers(text)
-    return answers[-1].strip() if answers else None
+    starts = [match.start() for match in _BOX_OPENER.finditer(text)]
+    if not starts:
+        return None
+    # a box's closing brace depends only on the braces after its opener
+    answers = boxed_answers(text[starts[-1] :])
+    return answers[0].strip() if answers else None
+
+
+# What npr_graph.constraints.boxed_answers takes for the start of a box.
+_BOX_OPENER = re.compile(r"\\boxed *\{")
 
 
 # A number as people write it: sign, thousands separators, decimals, a simple fraction.
@@ -302,19 +312,32 @@ def _stop_helpers() -> None:
         helper.kill()
 
 
+def _cap_memory() -> None:
+    """Limit this process's address space to what it uses now plus ``_HELPER_MEMORY`` (where
+    Linux says how much that is; a lower limit already set stays)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = in_use + _HELPER_MEMORY
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or limit < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError):  # not Linux, or no such limit here
+        pass
+
+
 def _serve() -> None:
     """The helper process's loop: one JSON request per stdin line, one outcome per stdout line."""
     # Keep the protocol channel private: anything a library prints goes to stderr instead.
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (_HELPER_MEMORY, _HELPER_MEMORY))
-    except (ImportError, ValueError, OSError):  # no such limit here, or a lower one already set
-        pass
     _math_verify()  # before "ready", so that startup is not counted against a check
+    _cap_memory()
 
     channel.write("ready\n")
     channel.flush()
