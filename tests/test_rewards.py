@@ -39,6 +39,11 @@ HUGE = "2^{2^{2^{100}}}"
         ("\\boxed {x^{2}+1}", "x^{2}+1"),
         ("no answer here", None),
         ("unclosed \\boxed{12", None),
+        # a cut last answer is no answer, not the box before it (a step's, say)
+        ("step: \\boxed{5}. So the answer is \\boxed{12", None),
+        ("\\boxed{1} and \\boxed{\\frac{1}{2}", None),
+        ("\\boxed{\\boxed{5}", "5"),
+        ("\\boxed{5} \\boxed {6}}", "6"),
         ("", None),
     ],
 )
