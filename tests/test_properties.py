@@ -587,7 +587,14 @@ def test_tokenize_helper_matches_manual_parse():
     assert render(spec).startswith("pre\n<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n")
 
 
-@settings(max_examples=20, derandomize=True, database=None, deadline=None)
+# too_slow is timing-dependent; the draws that run out of data fail filter_too_much reliably.
+@settings(
+    max_examples=20,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(pair=traces("multiverse", max_blocks=3, max_branches=20, max_depth=10))
 def test_wide_deep_traces_pass_the_health_checks(pair):
     """Wide blocks nest less often. At one step in six, a block of 20 steps held about 3 nested
