@@ -225,7 +225,15 @@ def _print_report(console: Console, report: Report, fmt: str) -> None:
 
 
 def _summary(console: Console, reports: list[Report]) -> None:
-    table = Table("trace", "blocks", "widths", "violations", "format", "speedup ≤", title="summary")
+    table = Table(title="summary")
+    # Names and codes fold onto more lines: cut with an ellipsis at 80 columns (a pipe, a file),
+    # every row of cold_start.jsonl read "cold_start.jsonl…".
+    table.add_column("trace", overflow="fold")
+    for name in ("blocks", "widths"):
+        table.add_column(name)
+    table.add_column("violations", overflow="fold")
+    for name in ("format", "speedup ≤"):
+        table.add_column(name, no_wrap=True)
     for r in reports:
         codes = sorted({v.code for v in r.violations})
         table.add_row(

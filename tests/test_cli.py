@@ -302,3 +302,18 @@ def test_inspect_reads_saved_graphs_as_they_are(tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", str(data))
     assert code == 0 and "saved.jsonl:1" in out and "saved.jsonl:p7#1" in out
     assert "2/2 without violations" in out
+
+
+def test_inspect_summary_shows_whole_names(capsys):
+    """At 80 columns (a pipe, a file) the summary cut every name of cold_start.jsonl to
+    "cold_start.jsonl…" and long codes too; they now fold onto more lines."""
+    code, out, _ = run(capsys, "inspect", str(EXAMPLES / "cold_start.jsonl"))
+    assert code == 0
+    summary = out[out.index("summary") :]
+    assert "…" not in summary
+    cells = [line.split("│") for line in summary.splitlines() if line.startswith("│")]
+    column = "".join(cell[1].strip() for cell in cells)
+    codes = "".join(cell[4].strip() for cell in cells)
+    ids = [json.loads(line)["id"] for line in (EXAMPLES / "cold_start.jsonl").open()]
+    assert column == "".join(f"cold_start.jsonl:{i}" for i in ids)
+    assert "unmatched_close_tag" in codes
