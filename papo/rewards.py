@@ -118,17 +118,27 @@ _BOX_OPENER = re.compile(r"\\boxed *\{")
 
 
 # A number as people write it: sign, thousands separators, decimals, a simple fraction.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
+_NUMBER = r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+# A LaTeX fraction of integers, one number too: -\frac{1}{2}, \dfrac{14}{3}, \frac34.
+_FRACTION = r"(?:(?<![\w)])-)?\\[dt]?frac\s*(?:\{\s*-?\d+\s*\}|\d)\s*(?:\{\s*\d+\s*\}|\d)"
+_STATED = re.compile(f"(?P<fraction>{_FRACTION})|(?P<number>{_NUMBER})")
 
 
 def stated_result(text: str) -> str | None:
     """What a step states as its result: its last boxed value, else its last number (thousands
-    separators removed: "so the sum is 1,024." -> "1024"), else None."""
+    separators removed: "so the sum is 1,024." -> "1024"; a LaTeX fraction of integers such as
+    "-\\frac{1}{2}" is one number, not its denominator), else None."""
     boxed = extract_answer(text)
     if boxed:
         return boxed
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+    last = None
+    for match in _STATED.finditer(text):
+        last = match
+    if last is None:
+        return None
+    if last["fraction"]:
+        return last["fraction"]
+    return last["number"].replace(",", "")
 
 
 # --------------------------------------------------------------------------------------------------

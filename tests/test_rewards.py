@@ -65,6 +65,12 @@ def test_extract_answer_of_the_fixture_traces() -> None:
         ("the difference is -3", "-3"),
         ("x-5 is zero at 5", "5"),
         ("about 3.25 or 13/4", "13/4"),
+        # a LaTeX fraction is one number, not its denominator
+        ("1: the probability is \\frac{3}{4}.", "\\frac{3}{4}"),
+        ("2: so x = -\\frac{1}{2}", "-\\frac{1}{2}"),
+        ("ratio \\dfrac{14}{3}, or \\tfrac34", "\\tfrac34"),
+        ("x = 3 - \\frac{1}{2}", "\\frac{1}{2}"),
+        ("\\frac{3}{4} of 12 is 9", "9"),
         ("no numbers at all", None),
     ],
 )
