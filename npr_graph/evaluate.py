@@ -96,6 +96,12 @@ class Problem:
     reference: str
 
 
+def json_lines(text: str) -> list[str]:
+    """Lines of a JSONL text. Not ``str.splitlines``: that also cuts at U+2028, U+2029 and
+    U+0085, which JSON strings hold raw (samples are written with ``ensure_ascii=False``)."""
+    return text.split("\n")
+
+
 def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
     """(where, record) for each record of a .json, .jsonl or .parquet file; bad lines -> errors."""
     if not path.is_file():
@@ -116,11 +122,11 @@ def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
             yield f"{path}:row {number}", record
         return
     try:
-        text = path.read_text("utf-8", errors="replace")
+        text = path.read_text("utf-8-sig", errors="replace")
     except OSError as error:
         raise EvalError(f"{path}: {error.strerror or error}") from error
     if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(json_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -675,7 +681,7 @@ def _read_sample_files(out: Path) -> list[tuple[Path, list[dict[str, Any]]]]:
         if not path.is_file():
             continue
         records = []
-        for line in path.read_text("utf-8", errors="replace").splitlines():
+        for line in json_lines(path.read_text("utf-8", errors="replace")):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -381,6 +381,32 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, data, engine) -> N
     assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
 
 
+def test_line_separators_in_text_neither_split_problems_nor_lose_samples(tmp_path, engine) -> None:
+    """U+2028, U+2029 and U+0085 end lines for ``str.splitlines`` but sit raw inside JSON strings
+    (samples are written with ensure_ascii=False): a problem holding them is one record, and a
+    sample holding them survives a resume. A byte order mark does not lose line 1."""
+    problems = [dict(p) for p in PROBLEMS]
+    problems[0]["problem"] = "What is\u2028$1+1$?\u2029\x85"
+    data = tmp_path / "problems.jsonl"
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems)
+    data.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    loaded, errors = load_problems(data)
+    assert errors == [] and loaded[0].question == problems[0]["problem"]
+
+    out = tmp_path / "run"
+
+    def crash(problem, records):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config(data, out), engine=engine, on_problem=crash)
+    resumed = []
+    run_eval(config(data, out), engine=engine, on_problem=lambda p, r: resumed.append(p.id))
+    assert resumed == ["p2", "p3"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().split("\n")[:-1]]
+    assert [r["problem_id"] for r in samples] == ["p1", "p1", "p2", "p2", "p3", "p3"]
+
+
 def test_damaged_sample_lines_are_decoded_again(tmp_path, data, engine) -> None:
     """A sample line that parses as JSON but is not a sample record (keys missing, a list for an
     id) counts as cut: its problem is decoded again, and the file is whole afterwards."""
