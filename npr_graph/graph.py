@@ -363,10 +363,12 @@ def check_partition(graph: ReasoningGraph) -> None:
 
 
 def check_blocks(graph: ReasoningGraph) -> None:
-    """Raise ValueError unless every block names existing nodes and an existing enclosing
-    branch."""
+    """Raise ValueError unless every block names existing nodes, no branch is empty (a branch
+    holds at least its head) and a nested block names an existing enclosing branch."""
     count = len(graph.nodes)
     for block in graph.blocks:
+        if any(not branch for branch in block.branches):
+            raise ValueError(f"block {block.index} has an empty branch")
         named = [*block.header, *block.items, *(i for b in block.branches for i in b), *block.close]
         if block.join is not None:
             named.append(block.join)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import NPR_TRACE
+from conftest import MULTIVERSE_TRACE, NPR_TRACE
 
 from npr_graph import (
     ParseError,
@@ -359,15 +359,17 @@ def _paths(data, prefix=()):
             yield from _paths(value, (*prefix, key))
 
 
-def test_any_one_field_of_a_graph_dict_set_wrong_is_caught_or_harmless():
-    """Every field of a saved graph, set to each of a few wrong values: from_dict raises a
-    ValueError, or what it returns validates, lays out and renders without an error."""
+@pytest.mark.parametrize("grammar", ["npr", "multiverse"])
+def test_any_one_field_of_a_graph_dict_set_wrong_is_caught_or_harmless(grammar):
+    """Every field of a saved graph (nested blocks in Multiverse), set to each of a few wrong
+    values: from_dict raises a ValueError, or what it returns validates, lays out and renders
+    without an error."""
     import copy
 
     from npr_graph import attention_mask, metrics, position_ids, render, validate
 
-    text = "pre " + NPR_TRACE
-    good = parse(text, tokenizer=CharTokenizer()).to_dict()
+    text = "pre " + (NPR_TRACE if grammar == "npr" else MULTIVERSE_TRACE)
+    good = parse(text, grammar=grammar, tokenizer=CharTokenizer()).to_dict()
     values = [None, 5, -1, "x", [], {}, [1], [None], 1.5, True, "step", [[1, 2]], 10**9]
     accepted = 0
     for path in _paths(good):
