@@ -7,6 +7,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.text import Text
 
 from .config import STAGES, load_config, parse_value
 
@@ -29,12 +30,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.stage, _overrides(args.set))
         history = run(config, resume=args.resume, console=console)
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(Text.assemble(("error:", "red"), f" {error}"))
         return 2
     done = [h for h in history if h.get("skipped") is None]
     console.print(
         f"trained {len(done)} steps ({len(history) - len(done)} skipped); "
-        f"checkpoints and metrics in {config.output_dir}"
+        f"checkpoints and metrics in {config.output_dir}",
+        markup=False,
     )
     return 0
 
@@ -69,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         engine = Engine(model.to(device), tokenizer, device=device, grammar=grammar)
         out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except (ValueError, OSError) as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(Text.assemble(("error:", "red"), f" {error}"))
         return 2
     with out:
 
@@ -83,8 +85,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     json.dump(report.to_dict(), sys.stdout)
     print()
     for line in report.not_run:
-        console.print(f"[yellow]not run:[/] {line}")
-    console.print(f"accepted {report.accepted} of {report.problems} problems -> {args.out}")
+        console.print(Text.assemble(("not run:", "yellow"), f" {line}"))
+    console.print(
+        f"accepted {report.accepted} of {report.problems} problems -> {args.out}", markup=False
+    )
     return 0
 
 

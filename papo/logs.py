@@ -64,9 +64,8 @@ class StepLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
         if unreadable:
             lines = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
-            self.console.print(
-                f"[yellow]{self.path}: dropped {len(unreadable)} unreadable line(s): {lines}[/]"
-            )
+            note = f"{self.path}: dropped {len(unreadable)} unreadable line(s): {lines}"
+            self.console.print(note, style="yellow", markup=False)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

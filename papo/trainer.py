@@ -261,7 +261,7 @@ class Trainer:
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         self.logger.truncate_after(self.step)
-        self.console.print(f"resumed from {path} at step {self.step}")
+        self.console.print(f"resumed from {path} at step {self.step}", markup=False)
 
     # -- SFT ---------------------------------------------------------------------------------
     def _trace_graph(self, trace: Trace) -> ng.ReasoningGraph:

@@ -604,6 +604,24 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
         assert f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
 
 
+def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
+    """Error text quotes file names and data (a problem id, a path): rich markup in it is shown,
+    neither applied nor a MarkupError."""
+    from npr_graph.cli import main
+
+    (tmp_path / "[").mkdir()  # so that paths can hold "[/b]"
+    data = tmp_path / "[/b]problems.jsonl"
+    data.write_text(
+        json.dumps({"id": "[/b]", "problem": "1+1?", "answer": "2"}) + "\n" + "[bold]\n"
+    )
+    args = ["sample", "--data", str(data), "--out", str(tmp_path / "out.jsonl"),
+            "--model", str(tmp_path / "[/red]no-model")]  # fmt: skip
+    assert main(args) == 2
+    assert "[/red]no-model" in capsys.readouterr().err
+    assert main(["train", "sft", "--set", f"data={tmp_path / '[/x]missing.jsonl'}"]) == 2
+    assert "[/x]missing.jsonl" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("options", "grammar"),
     [([], "npr"), (["--prompt", "multiverse"], "multiverse"),
