@@ -611,15 +611,14 @@ def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
 
     (tmp_path / "[").mkdir()  # so that paths can hold "[/b]"
     data = tmp_path / "[/b]problems.jsonl"
-    data.write_text(
-        json.dumps({"id": "[/b]", "problem": "1+1?", "answer": "2"}) + "\n" + "[bold]\n"
-    )
+    problem = json.dumps({"id": "[/b]", "problem": "1+1?", "answer": "2"}) + "\n"
+    data.write_text(problem * 2)
     args = ["sample", "--data", str(data), "--out", str(tmp_path / "out.jsonl"),
-            "--model", str(tmp_path / "[/red]no-model")]  # fmt: skip
+            "--model", str(tmp_path / "no-model")]  # fmt: skip
     assert main(args) == 2
-    assert "[/red]no-model" in capsys.readouterr().err
+    assert "duplicate id '[/b]'" in capsys.readouterr().err.replace("\n", "")
     assert main(["train", "sft", "--set", f"data={tmp_path / '[/x]missing.jsonl'}"]) == 2
-    assert "[/x]missing.jsonl" in capsys.readouterr().err
+    assert "[/x]missing.jsonl" in capsys.readouterr().err.replace("\n", "")
 
 
 @pytest.mark.parametrize(
