@@ -576,3 +576,26 @@ def test_spelled_tags_match_a_brute_force_scan(special_tokenizer):
         brute = sorted(i for i, p in pieces.items() if completed_tags(tail + p, p))
         assert sorted(fmt.spelled_tags(tail)) == brute, tail
     assert fmt.spelled_tags("<step"), 'a tail that spells a tag\'s start is completed by ">"'
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_fork_at_the_end_of_the_context_scores_every_branch(overlap, special_tokenizer):
+    """The fork's step headers reach the model's last position: the sample ends there, and the
+    first token of each branch after the first is still scored, from the last logits of the
+    branch before it (the dense forward's), though no branch closes to hand them on."""
+    model = tiny_model("llama", tokenizer=special_tokenizer, max_position_embeddings=40)
+    engine = Engine(model, special_tokenizer, page_size=4, num_pages=256, overlap=overlap)
+    for budget in (23, 24):
+        params = SamplingParams(temperature=1.0, seed=0, n=2, max_new_tokens=budget,
+                                min_branches=3, max_branches=3, max_plan_tokens=1,
+                                max_step_tokens=3, max_takeaway_tokens=2)  # fmt: skip
+        graphs = engine.generate(
+            [[1000 + i for i in range(40 - budget)]], params, mode="constrained"
+        )
+        assert engine.pool.num_used == 0
+        for graph in graphs:
+            assert graph.metadata["forks"] == 1 and graph.metadata["truncated"]
+            assert int(ng.position_ids(graph).max()) == 39, "a lane reached the end"
+            scored = graph.logprobs[graph.prompt_num_tokens :]
+            assert None not in scored
+            assert (dense_logprobs(model, graph) - torch.tensor(scored)).abs().max() <= 1e-4

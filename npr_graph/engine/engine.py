@@ -369,24 +369,23 @@ class Engine:
 
     def _cut_at_context(self, lanes: list[Lane]) -> list[Lane]:
         """End every sample with a lane at the end of the model's context: no token gets a
-        position past it, closing tags after a budget cut included. A lane there is fed once
-        more (every position is inside the context) when it holds engine-written text behind
-        its first unfed token, which that forward scores, or a picked token not read yet
-        (``overlap``), which is then read and acted on as the plain engine does; :meth:`_advance`
-        then ends the sample. So where the steps were cut changes neither the tokens, their
-        log-probs, nor the finish reason."""
+        position past it, closing tags after a budget cut included. A lane there is first fed
+        what it holds (every position is inside the context): that forward scores the
+        engine-written text behind its first unfed token and, from its last token, the first
+        token of the branch after it; a picked token not read yet (``overlap``) is read and
+        acted on as the plain engine does. :meth:`_advance` then ends the sample. So where the
+        steps were cut changes neither the tokens, their log-probs, nor the finish reason."""
         for lane in lanes:
             if self._at_context_end(lane):
                 self._cut_context(lane.sample)
         return [lane for lane in lanes if lane.status is LaneStatus.RUNNING]
 
     def _at_context_end(self, lane: Lane) -> bool:
-        """Nothing more fits behind the lane, and nothing it holds needs a forward."""
+        """Nothing more fits behind the lane, and it holds nothing to feed."""
         return (
             lane.status is LaneStatus.RUNNING
             and lane.end_position >= self.max_positions
-            and len(lane.pending) <= 1
-            and PICKED not in lane.pending
+            and not lane.pending
         )
 
     def _cut_context(self, sample: Sample) -> None:
@@ -472,15 +471,19 @@ class Engine:
         """Each lane was just fed: act on its finished forced text, or write its next token.
         ``defer``: leave picked tokens on the device, :data:`PICKED` in their lanes, and return
         them (:meth:`_take` reads them)."""
-        for lane in lanes:  # fed what it held at the end of the context: nothing more fits
-            if self._at_context_end(lane):
-                self._cut_context(lane.sample)
-        to_sample = []
+        fed = []
         for lane, row in zip(lanes, logits, strict=True):
             if lane.void_row:  # it fed a token that was taken back: this row follows nothing
                 lane.void_row = False
-                continue
-            lane.final_logits = row
+            elif lane.status is LaneStatus.RUNNING and not lane.sample.finished:
+                lane.final_logits = row
+                fed.append(lane)
+        for lane in fed:  # fed what it held at the end of the context: nothing more fits
+            if self._at_context_end(lane):
+                self._cut_context(lane.sample)
+        to_sample = []
+        for lane in fed:
+            row = lane.final_logits
             if lane.sample.finished or lane.status is not LaneStatus.RUNNING:
                 continue
             if lane.after_forced is not None and not lane.forced_queue:
@@ -734,6 +737,17 @@ class Engine:
                 lane.state.closing = True
 
     def _finish_lane(self, lane: Lane, reason: str) -> None:
+        owner = lane.owner
+        if (  # a branch cut with its last token fed: those logits score the next branch's first
+            lane.status is LaneStatus.RUNNING
+            and owner is not None
+            and lane.branch + 1 < len(owner.branches)
+            and not lane.pending
+            and lane.final_logits is not None
+        ):
+            following = owner.branches[lane.branch + 1]
+            if following.tokens and following.logprobs[0] is None:
+                self._score_later(following, 0, lane.final_logits[None])
         lane.status = LaneStatus.DONE
         lane.final_logits = None
         if lane.kv.alive:
