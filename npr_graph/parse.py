@@ -26,11 +26,16 @@ import grammar as grammars
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 
 MAX_DEPTH = 32
-"""Block nesting levels the parser follows by default; deeper tags are content (lenient) or an
-error (strict). ``parse(max_depth=...)`` accepts up to ``DEPTH_LIMIT``."""
+"""Block nesting levels the parser follows by default. A block nested deeper is an error (strict)
+or, lenient, one ``too_deep`` violation and content of the branch holding it, tags and all.
+``parse(max_depth=...)`` accepts up to ``DEPTH_LIMIT``."""
 DEPTH_LIMIT = 1024
 
 LABEL = re.compile(r"\s*(\d+(?:\.\d+)*)\s*[:.)]")
+"""A plan's or step's number after its open tag (``1:``, ``1.2.3.``). It matches only whitespace,
+digits and ``.:)``, so it never reads past the next tag: reading every element's label stays
+linear in the text, however long the label (one component per nesting level) or the whitespace
+before it."""
 
 
 class ParseError(ValueError):
@@ -177,6 +182,34 @@ def _parse_error(error: UnexpectedInput, text: str, name: str) -> ParseError:
 
 
 # -- lenient front end --------------------------------------------------------------------------
+@dataclass
+class _Burial:
+    """A block nested too deep, read as content of the element holding it: the tags open in it
+    (a stack, and a count per tag), and what it may still close.
+
+    ``header_led``: it starts at its header, not a wrapper, so the branches and join after the
+    header are still part of it. ``enclosing``: the tags of the elements open around it; a
+    closing tag of one of those that nothing in the block matches ends the block.
+    """
+
+    header_led: bool
+    enclosing: frozenset[str]
+    open: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def push(self, tag: str) -> None:
+        self.open.append(tag)
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def pop(self, tag: str) -> None:
+        """Close the innermost open ``tag`` and whatever is open inside it."""
+        while True:
+            top = self.open.pop()
+            self.counts[top] -= 1
+            if top == tag:
+                return
+
+
 class _Recovery:
     """Rebuilds elements from a tag stream the way a reader would, noting every repair."""
 
@@ -187,6 +220,7 @@ class _Recovery:
         self.violations: list[Violation] = []
         self.root = Element("", 0, 0, None, len(text))
         self.stack: list[Element] = [self.root]
+        self.burial: _Burial | None = None
 
     def run(self) -> list[Element]:
         tags = [t for t in grammars.lexer(self.spec.name).lex(self.text) if t.type != "TEXT"]
@@ -194,7 +228,10 @@ class _Recovery:
         for index, token in enumerate(tags):
             self._index = index
             tag = token.type.split("_", 1)[1].lower()
-            if token.type.startswith("OPEN_"):
+            opening = token.type.startswith("OPEN_")
+            if self.burial is not None and self._buried(opening, tag):
+                continue
+            if opening:
                 self._open(tag, token)
             else:
                 self._close(tag, token)
@@ -255,6 +292,14 @@ class _Recovery:
         opens_block = tag in (self.spec.wrapper, self.spec.header)
         if opens_block and self._depth(level) >= self.max_depth and level > 0:
             self._note("too_deep", f"block nested deeper than {self.max_depth} levels", start, end)
+            for element in reversed(self.stack[level + 1 :]):
+                self._implicit_close(element, start)
+            del self.stack[level + 1 :]
+            self.burial = _Burial(
+                header_led=tag != self.spec.wrapper,
+                enclosing=frozenset(e.tag for e in self.stack[1:]),
+            )
+            self.burial.push(tag)
             return
         for element in reversed(self.stack[level + 1 :]):
             self._implicit_close(element, start)
@@ -274,6 +319,33 @@ class _Recovery:
             still_open = sum(1 for e in self.stack[1 : level + 1] if e.tag == closing)
             if ahead.get(closing, 0) > still_open:
                 return True
+        return False
+
+    def _buried(self, opening: bool, tag: str) -> bool:
+        """Whether a tag is content of the block nested too deep (then it changes nothing but
+        where that block ends). The block ends at its own closing tag (its join's, when it
+        starts at its header), or where a closing tag of an enclosing element comes first, or
+        where something other than a branch or join follows its header or a branch."""
+        burial = self.burial
+        assert burial is not None
+        spec = self.spec
+        if burial.open:
+            if opening:
+                burial.push(tag)
+                return True
+            if burial.counts.get(tag):
+                burial.pop(tag)
+                if not burial.open and (not burial.header_led or tag == spec.join):
+                    self.burial = None
+                return True
+            if tag in burial.enclosing:
+                self.burial = None
+                return False
+            return True
+        if opening and tag in (spec.branch, spec.join):
+            burial.push(tag)
+            return True
+        self.burial = None
         return False
 
     def _close(self, tag: str, token: Token) -> None:
@@ -397,8 +469,7 @@ class _Builder:
         )
         label = None
         if kind in (KINDS[self.spec.item], KINDS[self.spec.branch]):
-            match = LABEL.match(self.text, element.open_end, element.open_end + 64)
-            label = match.group(1) if match else None
+            label = self._label(element)
         return self._emit(
             kind,
             element.start,
@@ -409,6 +480,11 @@ class _Builder:
             label=label,
             **fields,
         )
+
+    def _label(self, element: Element) -> str | None:
+        """The number an item or branch starts with, however far after its open tag."""
+        match = LABEL.match(self.text, element.open_end)
+        return match.group(1) if match else None
 
     def _opening(self, element: Element, parents: tuple[int, ...], **fields: Any) -> int:
         """The node of an element's open tag (and the whitespace after it)."""
@@ -597,8 +673,7 @@ class _Builder:
         if not element.children:
             return (self._element(KINDS[element.tag], element, fork, **fields),)
         opened = self._opening(element, fork, **fields)
-        label = LABEL.match(self.text, element.open_end, element.open_end + 64)
-        self.nodes[opened].label = label.group(1) if label else None
+        self.nodes[opened].label = self._label(element)
         inner = _Scope(
             KINDS[element.tag],
             block.depth,

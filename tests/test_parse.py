@@ -4,8 +4,11 @@ import pytest
 from conftest import MULTIVERSE_TRACE, NPR_TRACE
 
 import npr_graph as ng
+from npr_graph.constraints import validate
 from npr_graph.graph import check_partition
 from npr_graph.models import default_tokenizer
+from npr_graph.parse import MAX_DEPTH
+from npr_graph.strategies import BlockSpec, TraceSpec, render
 
 
 def kinds(graph):
@@ -145,6 +148,66 @@ def test_depth_limit_counts_only_the_branches_that_stay_open():
         )
     assert reads[0] == reads[1] == reads[2]
     assert "too_deep" not in [code for code, _ in reads[0][0]]
+
+
+def nested_chain(depth):
+    """One block per level, each the first step's content of the block around it."""
+    block = BlockSpec(["a"], ["b"], "c")
+    for _ in range(depth - 1):
+        block = BlockSpec(["a"], [["b", block]], "c")
+    return TraceSpec("", [block], "\\boxed{1}")
+
+
+def test_labels_are_read_however_long_at_the_deepest_level_allowed():
+    """At the default limit the innermost label is 63 characters (after a newline): it is read
+    whole, so the valid trace has no numbering violation."""
+    text = render(nested_chain(MAX_DEPTH), "multiverse")
+    graph = ng.parse(text, grammar="multiverse")
+    innermost = graph.blocks[-1]
+    (path,) = innermost.branches
+    assert graph[path[0]].label == ".".join(["1"] * MAX_DEPTH)
+    assert validate(text, grammar="multiverse") == []
+    spaced = text.replace("<Path>\n", "<Path>\n" + " " * 200)
+    assert validate(spaced, grammar="multiverse") == []
+
+
+@pytest.mark.parametrize(
+    ("grammar", "text", "max_depth", "buried"),
+    [
+        ("multiverse", render(nested_chain(MAX_DEPTH + 1), "multiverse"), MAX_DEPTH, None),
+        (
+            "npr",
+            "<guideline><plan>1: a</plan></guideline>\n<step>1: x <guideline><plan>1.1: p</plan>"
+            "</guideline><step>1.1: y</step><takeaway>t</takeaway> after</step>\n"
+            "<takeaway>done</takeaway>\n\\boxed{1}",
+            1,
+            "<guideline><plan>1.1: p</plan></guideline><step>1.1: y</step><takeaway>t</takeaway>",
+        ),
+        (
+            "npr",
+            "<guideline><plan>1: a</plan></guideline>\n<step>1: x <guideline><plan>1.1: p</plan>"
+            "</guideline><step>1.1: y</step> after</step>\n<takeaway>done</takeaway>\n\\boxed{1}",
+            1,
+            "<guideline><plan>1.1: p</plan></guideline><step>1.1: y</step>",
+        ),
+    ],
+    ids=["multiverse", "npr", "npr-without-join"],
+)
+def test_a_block_nested_too_deep_is_content_of_the_branch_holding_it(
+    grammar, text, max_depth, buried
+):
+    """The block is reported once, as too_deep, and its text stays in the enclosing branch:
+    no knock-on repairs, every other block read as usual."""
+    graph = ng.parse(text, grammar=grammar, lenient=True, max_depth=max_depth)
+    check_partition(graph)
+    assert [v.code for v in graph.violations] == ["too_deep"]
+    assert len(graph.blocks) == max_depth
+    (path,) = graph.blocks[-1].branches
+    holder = "".join(graph[i].text for i in path)
+    if buried is None:  # the innermost block, whole
+        buried = text[text.rindex("<Parallel>") : text.index("</Parallel>") + len("</Parallel>")]
+    assert buried in holder
+    assert graph[graph.blocks[0].join].parents == tuple(graph.blocks[0].branches[0][-1:])
 
 
 def test_answer_and_free_text_kinds():
