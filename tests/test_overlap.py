@@ -262,3 +262,22 @@ def test_overlapped_context_end_matches(mode, tokenizer):
         assert None not in graph.logprobs[graph.prompt_num_tokens :]
     if mode == "free":
         assert any(g.metadata["engine_violations"] for g in runs[True][1])
+
+
+def test_overlapped_end_of_sequence_needs_no_page(tokenizer):
+    """The model ends its response with the token that would need a new page: the plain engine
+    stops there, and so does the overlapped one, which reads its picked tokens before it cuts
+    or preempts anything for want of pages (the end of sequence needs none)."""
+    eos = sorted(tiny_eos(tokenizer))[0]
+
+    def stop_after_four(context, logits):
+        if len(context) == 4 + 4:
+            logits[eos] += 1e4
+        return logits
+
+    params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=20)
+    runs = run_both("llama", tokenizer, [[1000, 1001, 1002, 1003]], params, "sequential",
+                    num_pages=3, logits_processor=stop_after_four)  # fmt: skip
+    plain, overlapped = assert_same_output(runs)
+    (graph,) = runs[True][1]
+    assert graph.token_ids[-1] == eos and graph.metadata["finish_reason"] == "stop"

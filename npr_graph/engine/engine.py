@@ -311,7 +311,15 @@ class Engine:
                         "scheduler stalled: nothing runs and nothing can be admitted"
                     )
                 continue
-            lanes = self._make_room(self._cut_at_context(lanes), running, waiting)
+            lanes = self._cut_at_context(lanes)
+            if picked is not None and self._pages_short(lanes):
+                # The pool runs short: read the picked tokens before preempting or cutting
+                # anything, as the plain engine has (an end of sequence needs no page).
+                self._take(picked, after_feed=False)
+                picked = None
+                running = [r for r in running if not self._settle(r)]
+                lanes = [lane for lane in lanes if lane.status is LaneStatus.RUNNING]
+            lanes = self._make_room(lanes, running, waiting)
             if not lanes:
                 if picked is not None:  # their lanes were preempted or cut off
                     self._take(picked)
@@ -398,7 +406,7 @@ class Engine:
         self, lanes: list[Lane], running: list[Request], waiting: deque[Request]
     ) -> list[Lane]:
         """Preempt the newest requests until this step's appends fit in the pool."""
-        while sum(lane.kv.pages_needed(len(lane.pending)) for lane in lanes) > self.pool.num_free:
+        while self._pages_short(lanes):
             if len(running) == 1:
                 for sample in running[0].samples:
                     self._truncate(sample, "kv_exhausted", hard=True)
@@ -412,6 +420,10 @@ class Engine:
             self.stats.preemptions += 1
             lanes = [lane for lane in lanes if lane.sample.request is not victim]
         return lanes
+
+    def _pages_short(self, lanes: list[Lane]) -> bool:
+        """Whether this step's appends need more pages than are free."""
+        return sum(lane.kv.pages_needed(len(lane.pending)) for lane in lanes) > self.pool.num_free
 
     def _reset(self, request: Request) -> None:
         for sample in request.samples:
@@ -544,12 +556,13 @@ class Engine:
                 self._write(lane, token, forced=False, logprob=logprob)
         return None
 
-    def _take(self, picked: Picked) -> None:
+    def _take(self, picked: Picked, after_feed: bool = True) -> None:
         """Read the tokens a step picked on the device and write them into their lanes, whose
         :data:`PICKED` token the next step has fed already; engine-written text that one calls
         for waits for the step after (it was not known when that step was launched). A row the
         selection did not settle is picked again exactly; if that changes its token, the fed
-        one is taken back, like an end of sequence."""
+        one is taken back, like an end of sequence. ``after_feed=False``: read before the next
+        step fed them, so a lane that takes its token back has no row to skip."""
         fed, logprobs, *settled = picked.host.tolist()  # settled: only when it speculated
         _checked(logprobs)
         unsettled = {row for row, ok in enumerate(settled[0]) if not ok} if settled else set()
@@ -567,11 +580,13 @@ class Engine:
                     self._end_of_sequence(lane, token, logprob)
                 else:
                     self._write(lane, token, forced=False, logprob=logprob)
-                lane.void_row = True
+                lane.void_row = after_feed
             elif ends and lane.state is not None and not lane.state.ends_response_on_eos():
                 self._take_back(lane)  # an end inside an element is never kept
             else:
                 lane.tokens[-1], lane.logprobs[-1] = token, logprob
+                if lane.pending[-1:] == [PICKED]:  # read before it was fed
+                    lane.pending[-1] = token
                 # A lane cut after it picked keeps the token: the format still sees it (the
                 # plain engine records its violations before the cut).
                 self._react(lane, token)
