@@ -281,3 +281,19 @@ def test_overlapped_end_of_sequence_needs_no_page(tokenizer):
     plain, overlapped = assert_same_output(runs)
     (graph,) = runs[True][1]
     assert graph.token_ids[-1] == eos and graph.metadata["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("num_pages", [4, 15])
+def test_overlapped_exhausted_pool_drops_the_same_unfed_text(num_pages, tokenizer):
+    """A lone sample outgrowing the pool: the engine-written text its lanes hold unfed when it is
+    cut (the plain engine writes it behind a picked token, the overlapped one a step later) is
+    dropped, so both end on the same tokens with the same log-probs."""
+    params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=200, min_branches=2,
+                            max_branches=2, **SHORT)  # fmt: skip
+    runs = run_both("llama", tokenizer, ["Q"], params, "constrained", num_pages=num_pages)
+    (_, (want,)), (_, (got,)) = runs[False], runs[True]
+    assert want.metadata["finish_reason"] == got.metadata["finish_reason"] == "kv_exhausted"
+    assert got.token_ids == want.token_ids and got.forced == want.forced
+    for x, y in zip(want.logprobs, got.logprobs, strict=True):
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5)
+    assert not want.forced[-1], "the sample ends on a token the model chose"

@@ -409,6 +409,7 @@ class Engine:
         while self._pages_short(lanes):
             if len(running) == 1:
                 for sample in running[0].samples:
+                    self._drop_unfed_text(sample)
                     self._truncate(sample, "kv_exhausted", hard=True)
                 self._settle(running[0])
                 running.clear()
@@ -420,6 +421,33 @@ class Engine:
             self.stats.preemptions += 1
             lanes = [lane for lane in lanes if lane.sample.request is not victim]
         return lanes
+
+    def _drop_unfed_text(self, sample: Sample) -> None:
+        """A sample cut for want of pages: the engine-written text its lanes hold unfed goes
+        (it was never fed, mostly has no log-prob, and how much of it there is depends on how
+        the steps were cut: ``overlap`` writes it a step later), and so do the branches of a
+        fork that had not been fed."""
+        for lane in sample.lanes:
+            while lane.pending and lane.forced[-1] and lane.tokens[-1] != PICKED:
+                self._take_back(lane)
+        unscored = []
+        for entry in self._unscored:  # what is left of them is scored
+            kept = len(entry.lane.tokens) - entry.index
+            if kept >= entry.logits.shape[0]:
+                unscored.append(entry)
+            elif kept > 0:
+                unscored.append(entry._replace(logits=entry.logits[:kept]))
+        self._unscored = unscored
+        for lane in list(sample.lanes):
+            children = lane.branches
+            if children and not any(b.tokens or b.branches or b.continued_by for b in children):
+                for child in children:
+                    child.status = LaneStatus.DONE
+                    child.final_logits = None
+                    if child.kv.alive:
+                        child.kv.release()
+                lane.branches, lane.tips = [], []
+                sample.lanes = [other for other in sample.lanes if other not in children]
 
     def _pages_short(self, lanes: list[Lane]) -> bool:
         """Whether this step's appends need more pages than are free."""
@@ -652,7 +680,9 @@ class Engine:
             at = 0
             for entry in pending:
                 count = entry.logits.shape[0]
-                entry.lane.logprobs[entry.index : entry.index + count] = values[at : at + count]
+                kept = min(count, len(entry.lane.tokens) - entry.index)  # some may be dropped
+                if kept > 0:
+                    entry.lane.logprobs[entry.index : entry.index + kept] = values[at : at + kept]
                 at += count
         self._scoring.clear()
 
