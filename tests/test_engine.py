@@ -177,7 +177,9 @@ def test_pool_too_small_for_one_request_is_a_clear_error(special_tokenizer):
 def test_a_pool_exhausted_mid_decode_ends_the_lone_request_with_a_reason(special_tokenizer):
     """Nothing left to preempt: the samples end as ``kv_exhausted`` with what they wrote and
     every page comes back. Every token the model chose is scored as the dense forward scores it;
-    only engine-written tokens the cut left unfed have no log-prob (they take no loss)."""
+    engine-written text the cut left unfed is dropped, and only an engine-written token whose
+    logits the cut never computed (a branch's first, scored when the branch before it closes)
+    has no log-prob (it takes no loss)."""
     params = SamplingParams(
         temperature=1.0, seed=3, max_new_tokens=200, n=2, min_branches=3, max_branches=3, **SHORT
     )
