@@ -497,6 +497,12 @@ def default_device() -> str:
     return "cpu"
 
 
+def text_config(model: torch.nn.Module) -> Any:
+    """The config of a model's language part (a multimodal Gemma 3 nests it)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` (default: :func:`default_device`) as a ``torch.device``; a ValueError that says
     why for a name torch does not know, a device other than cpu or cuda, or CUDA absent."""

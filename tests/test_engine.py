@@ -268,6 +268,19 @@ def test_bad_ids_and_params_are_clear_errors_that_hold_no_pages(special_tokenize
             Engine.from_pretrained("/no/such/model", device="cuda")
 
 
+def test_a_model_that_soft_caps_attention_is_refused(special_tokenizer):
+    """Gemma 2 soft-caps its attention logits, which the engine's attention does not: a clear
+    error when the engine is built, not a NotImplementedError mid-generate."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=len(special_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="soft-caps its attention logits"):
+        Engine(Gemma2ForCausalLM(config), special_tokenizer, num_pages=16)
+
+
 def test_a_run_that_raises_returns_its_pages(special_tokenizer):
     """A failing logits processor or progress callback (or an interrupt) mid-run: the error
     comes through, every page comes back, and the engine decodes as before."""
@@ -291,6 +304,16 @@ def test_a_run_that_raises_returns_its_pages(special_tokenizer):
     assert engine.pool.num_used == 0
     with pytest.raises(KeyboardInterrupt):
         engine.generate(["Q"], params, mode="constrained", chat=False, progress=interrupt)
+    assert engine.pool.num_used == 0
+    forward = engine.runner._forward
+
+    def interrupted_forward(*args, **kwargs):  # Ctrl-C while the prompt prefills
+        raise KeyboardInterrupt
+
+    engine.runner._forward = interrupted_forward
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(["Q", "QQ"], params, mode="constrained", chat=False)
+    engine.runner._forward = forward
     assert engine.pool.num_used == 0
     after = engine.generate(["Q"], params, mode="constrained", chat=False)
     assert [g.token_ids for g in after] == [g.token_ids for g in before]

@@ -29,6 +29,7 @@ import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
+from ..models import text_config
 from .graphs import GraphDecoder
 from .kv import SlotViews
 from .transfer import copy_into, to_device
@@ -177,11 +178,7 @@ class AttentionBackend:
 
     def attach(self, model: torch.nn.Module, device: torch.device) -> None:
         """Called once by the model runner."""
-        config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        config = text_config(model)
         self.num_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads

@@ -26,7 +26,7 @@ import torch
 
 from ..graph import ReasoningGraph
 from ..layout import node_start, position_ids
-from ..models import resolve_device
+from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
@@ -117,11 +117,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        config = text_config(model)
+        if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2
+            raise ValueError(
+                f"{type(model).__name__} soft-caps its attention logits "
+                f"(attn_logit_softcapping={config.attn_logit_softcapping}), which the engine's "
+                "attention does not do"
+            )
         self.max_positions = getattr(config, "max_position_embeddings", None) or 1 << 30
         if num_pages is None:
             probe = ModelRunner.bytes_per_slot(model)
@@ -478,7 +480,13 @@ class Engine:
             for token in request.prompt_ids:
                 lane.append(token, None, False)
             prompt_lanes.append(lane)
-        logits = self.runner.step(prompt_lanes, earlier=False).last
+        try:
+            logits = self.runner.step(prompt_lanes, earlier=False).last
+        except BaseException:  # the prompt lanes belong to no sample yet: _abandon misses them
+            for lane in prompt_lanes:
+                if lane.kv.alive:
+                    lane.kv.release()
+            raise
         self.stats.prefill_steps += 1
         trunks, rows = [], []
         for request, lane, row in zip(requests, prompt_lanes, logits, strict=True):

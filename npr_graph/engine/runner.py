@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..models import text_config
 from .attention import KVCache, StepPlan, attention_implementation
 from .backends import AttentionBackend, TorchBackend
 from .graphs import CudaGraph, DecodeGraphs
@@ -36,11 +37,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelShape:
-        config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        config = text_config(model)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -85,7 +82,7 @@ class ModelRunner:
             self.device,
         )
         self.slot_positions = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.needs_positions = bool(getattr(_text_config(model), "sliding_window", None))
+        self.needs_positions = bool(getattr(text_config(model), "sliding_window", None))
         self.backend = backend or TorchBackend()
         self.backend.attach(model, self.device)
         self.graphs: DecodeGraphs | None = None
@@ -286,8 +283,3 @@ def _slot_range(slots: np.ndarray) -> tuple[int, int] | None:
     if hi - lo != len(slots) or not bool((np.diff(slots) == 1).all()):
         return None
     return lo, hi
-
-
-def _text_config(model: torch.nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
