@@ -3,7 +3,9 @@
 Every function works on flat token tensors (the tokens of one packed row or of a whole
 micro-batch): ``logprobs[N]`` (with grad), ``advantages[N]``, ``mask[N]`` (True where a token
 takes loss: response tokens the model sampled, never engine-written ones) and ``sample_index[N]``
-(which sample a token belongs to, for sequence-level aggregation).
+(which sample a token belongs to, for sequence-level aggregation). What a masked-out token holds
+never reaches the loss or its gradient, even NaN or infinite log-probs (engine-written tokens a
+hard cut left unscored hold no old log-prob).
 
 ``papo`` is the NPR objective: the strictly on-policy ratio ``exp(logp - stopgrad(logp))``, which
 is 1 in value and has the gradient of ``logp``, so no clipping ever drops a gradient. For stale
@@ -22,6 +24,14 @@ import torch
 from .registry import Registry
 
 Aggregation = Callable[..., torch.Tensor]
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values * mask``, with exactly 0 (and a zero gradient) where the mask is 0, whatever the
+    value there (``nan * 0`` would be NaN)."""
+    return torch.where(mask != 0, values * mask, values.new_zeros(()))
+
+
 _AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")
 register_aggregation = _AGGREGATIONS.register
 aggregation = _AGGREGATIONS.get
@@ -36,7 +46,7 @@ def token_mean(
 ) -> torch.Tensor:
     """Sum over masked tokens divided by their count (or by ``normalizer``: the token count of
     the whole batch when it is split across micro-batches or ranks)."""
-    total = (values * mask).sum()
+    total = _masked(values, mask).sum()
     count = mask.sum() if normalizer is None else normalizer
     return total / max(float(count), 1.0)
 
@@ -55,7 +65,7 @@ def seq_mean(
     _, inverse = torch.unique(sample_index, return_inverse=True)
     count = int(inverse.max()) + 1 if inverse.numel() else 0
     zeros = torch.zeros(count, dtype=values.dtype, device=values.device)
-    sums = zeros.index_add(0, inverse, values * mask)
+    sums = zeros.index_add(0, inverse, _masked(values, mask))
     sizes = zeros.index_add(0, inverse, mask.to(values.dtype))
     present = sizes > 0
     per_sample = sums[present] / sizes[present]
@@ -76,10 +86,14 @@ get = _LOSSES.get
 names = _LOSSES.names
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_k3(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token KL(policy || reference) estimate ``exp(r) - r - 1`` with ``r = ref - logp``:
-    non-negative, unbiased, low variance (Schulman's k3)."""
+    non-negative, unbiased, low variance (Schulman's k3); 0 where ``mask`` is 0."""
     log_ratio = ref_logprobs - logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask != 0, log_ratio, log_ratio.new_zeros(()))
     return torch.exp(log_ratio) - log_ratio - 1
 
 
@@ -98,7 +112,7 @@ def _finish(
     mask = mask.to(per_token.dtype)
     loss = aggregate(per_token, mask, sample_index, normalizer)
     if ref_logprobs is not None and kl_coef:
-        kl = kl_k3(logprobs, ref_logprobs.to(logprobs.dtype))
+        kl = kl_k3(logprobs, ref_logprobs.to(logprobs.dtype), mask)
         kl_loss = aggregate(kl, mask, sample_index, normalizer)
         loss = loss + kl_coef * kl_loss
         stats["kl"] = float(kl_loss.detach())
@@ -116,10 +130,13 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token ``-ratio * A``, with ``ratio = exp(logp - old)`` (``old = stopgrad(logp)`` when
     not given); with ``clip = (low, high)``, the PPO pessimum of the clipped and unclipped terms,
-    except on ``exempt`` tokens."""
+    except on ``exempt`` tokens. Masked-out tokens get ratio 1 (their log-probs, old or new, may
+    be unknown), so nothing they hold turns the loss or its gradient into NaN."""
+    mask = mask != 0
     advantages = advantages.to(logprobs.dtype)
     baseline = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - baseline)
+    log_ratio = torch.where(mask, logprobs - baseline, logprobs.new_zeros(()))
+    ratio = torch.exp(log_ratio)
     unclipped = -ratio * advantages
     if clip is None:
         return unclipped, {}

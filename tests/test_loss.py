@@ -75,3 +75,43 @@ def test_sft_is_negative_log_likelihood():
     out = loss.get("sft")(logprobs, None, mask, aggregation="seq-mean", sample_index=index)
     per_sample = [-logprobs[:4][mask[:4]].mean(), -logprobs[4:][mask[4:]].mean()]
     assert out.loss.item() == pytest.approx(sum(per_sample).item() / 2, abs=1e-6)
+
+
+def test_what_masked_tokens_hold_never_reaches_the_loss_or_gradient():
+    """Masked-out tokens may hold unknown log-probs (NaN old ones of unscored engine-written
+    tokens, -inf, a ratio that overflows): the loss and gradient are those of the masked-in
+    tokens alone, not NaN."""
+    logprobs, adv, mask, index = _inputs()
+    clean = logprobs.detach().clone()
+    old = clean - 0.1
+    ref = clean + 0.1
+    dirty_lp = torch.where(mask, clean, float("-inf")).requires_grad_()
+    dirty_old = torch.where(mask, old, float("nan"))
+    dirty_ref = torch.where(mask, ref, 500.0)
+    for name in ("papo", "ppo_clip", "sft"):
+        for aggregation in ("token-mean", "seq-mean"):
+            options = dict(aggregation=aggregation, sample_index=index, kl_coef=0.1)
+            if name == "papo":
+                options["clip"] = (0.2, 0.28)
+            expected_lp = clean.clone().requires_grad_()
+            expected = loss.get(name)(
+                expected_lp, adv, mask, old_logprobs=old, ref_logprobs=ref, **options
+            )
+            expected.loss.backward()
+            dirty_lp.grad = None
+            got = loss.get(name)(
+                dirty_lp, adv, mask, old_logprobs=dirty_old, ref_logprobs=dirty_ref, **options
+            )
+            got.loss.backward()
+            assert got.loss.item() == pytest.approx(expected.loss.item()), (name, aggregation)
+            assert torch.equal(dirty_lp.grad, expected_lp.grad), (name, aggregation)
+            assert got.stats == pytest.approx(expected.stats), (name, aggregation)
+
+
+def test_clip_fraction_accepts_a_float_mask():
+    logprobs, adv, mask, _ = _inputs()
+    old = logprobs.detach() - 1.0
+    as_bool = loss.get("ppo_clip")(logprobs, adv, mask, old_logprobs=old)
+    as_float = loss.get("ppo_clip")(logprobs, adv, mask.float(), old_logprobs=old)
+    assert as_float.stats == pytest.approx(as_bool.stats)
+    assert as_float.loss.item() == pytest.approx(as_bool.loss.item())
