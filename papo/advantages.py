@@ -50,11 +50,10 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
     """Per sample: the mean and unbiased std of its group's rewards, and its group's size."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     rewards = rewards.double()
-    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, rewards)
+    zeros = torch.zeros(len(counts), dtype=torch.float64, device=rewards.device)
+    sums = zeros.index_add(0, inverse, rewards)
     means = sums / counts
-    squares = torch.zeros(len(counts), dtype=torch.float64).index_add_(
-        0, inverse, (rewards - means[inverse]) ** 2
-    )
+    squares = zeros.index_add(0, inverse, (rewards - means[inverse]) ** 2)
     stds = torch.where(counts > 1, squares / (counts - 1).clamp(min=1), 0.0).sqrt()
     return means[inverse], stds[inverse], counts[inverse]
 
@@ -71,7 +70,7 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> to
 def papo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     _check(rewards, group_ids)
     mean, _, size = group_stats(rewards, group_ids)
-    batch_std = rewards.double().std() if rewards.numel() > 1 else torch.tensor(0.0)
+    batch_std = rewards.double().std() if rewards.numel() > 1 else rewards.new_zeros(())
     advantage = (rewards.double() - mean) / (batch_std + eps)
     return torch.where(size > 1, advantage, 0.0).to(_result_dtype(rewards))
 

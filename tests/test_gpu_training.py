@@ -79,3 +79,15 @@ def test_every_aggregation_runs_on_cuda(aggregation):
     on_cpu = loss.aggregation(aggregation)(values, mask, index)
     on_cuda = loss.aggregation(aggregation)(values.cuda(), mask.cuda(), index.cuda())
     assert on_cuda.device.type == "cuda" and on_cuda.item() == pytest.approx(on_cpu.item())
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "papo"])
+def test_advantages_run_on_cuda(estimator):
+    from papo import advantages
+
+    rewards = torch.tensor([1.0, -1.0, 1.0, 1.0, 0.5])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    on_cpu = advantages.get(estimator)(rewards, groups)
+    on_cuda = advantages.get(estimator)(rewards.cuda(), groups.cuda())
+    assert on_cuda.device.type == "cuda"
+    assert torch.allclose(on_cuda.cpu(), on_cpu)
