@@ -267,7 +267,7 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     ``parallel``: a block of >= 2 branches was written (the trigger rate counts these);
     ``executed_parallel``: >= 2 of them were decoded side by side. ``format_valid``: NPR output
     passes ``format_score`` (0.0); Multiverse output has a block and no strict violation; plain
-    reasoning has a ``\\boxed{}`` answer.
+    reasoning has a non-empty ``\\boxed{}`` answer.
     """
     from papo.rewards import extract_answer
 
@@ -280,7 +280,8 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     response = graph.response_text
     fmt = format_score(response) if grammar == "npr" else None
     violations = validate(graph, "strict") if grammar else []
-    valid = format_valid(graph) if grammar else extract_answer(response) is not None
+    # An empty box is no answer (unparsed, and an NPR format fault), so no valid CoT either.
+    valid = format_valid(graph) if grammar else bool(extract_answer(response))
     meta = graph.metadata
     return {
         "tokens": m["total_tokens"],

@@ -27,6 +27,7 @@ from npr_graph.evaluate import (
     parallel_widths,
     pass_at_k,
     run_eval,
+    sample_metrics,
     summarize,
 )
 from npr_graph.graph import ReasoningGraph
@@ -122,6 +123,23 @@ def test_pass_at_k_is_the_unbiased_estimator() -> None:
 def test_parallel_widths_count_branches_decoded_side_by_side() -> None:
     assert parallel_widths(ng.parse(NPR_TRACE, lenient=True)) == [2]
     assert parallel_widths(ng.parse(NPR_TRACE, lenient=True, sequential=True)) == [1]
+
+
+def test_cot_format_validity_needs_a_non_empty_box() -> None:
+    """An empty ``\\boxed{}`` is no answer (listed as unparsed, and it fails the NPR format
+    check); a CoT sample that ends on one is not format-valid either."""
+    valid = {
+        text: sample_metrics(ng.parse(text, lenient=True), None)["format_valid"]
+        for text in ("So \\boxed{5}.", "So \\boxed{}.", "So \\boxed{ }.", "No box.")
+    }
+    assert valid == {
+        "So \\boxed{5}.": True,
+        "So \\boxed{}.": False,
+        "So \\boxed{ }.": False,
+        "No box.": False,
+    }
+    empty_npr = ng.parse(NPR_TRACE.replace("\\boxed{5}", "\\boxed{}"), lenient=True)
+    assert sample_metrics(empty_npr, "npr")["format_valid"] is False
 
 
 def _record(problem: str, index: int, sample: int, answer, correct: bool, **metrics) -> dict:
