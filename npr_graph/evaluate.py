@@ -502,7 +502,8 @@ def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
             str(p["id"]),
             f"`{p['reference']}`",
             f"{p['correct']}/{p['samples']}",
-            f"`{p['majority']}`" + (" ✓" if p["majority_correct"] else ""),
+            # no sample voted: a dash, not `None`, which a model may have boxed
+            "–" if p["majority"] is None else f"`{p['majority']}`" + (" ✓" * p["majority_correct"]),
             _pct(p["format_valid"]),
             _pct(p["parallel"]),
             str(p["tokens"]),

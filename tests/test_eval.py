@@ -24,6 +24,7 @@ from npr_graph.evaluate import (
     EvalError,
     config_from_args,
     load_problems,
+    markdown_report,
     parallel_widths,
     pass_at_k,
     run_eval,
@@ -203,6 +204,14 @@ def test_summary_aggregates() -> None:
     assert summary["unparsed_answers"] == 1
     assert summary["unparsed"] == [{"problem_id": "a", "sample": 3, "answer": None}]
     assert summary["n"] == 4 and summary["problems"] == 2 and summary["samples"] == 8
+
+
+def test_report_tells_no_majority_from_a_boxed_none() -> None:
+    records = [_record("a", 0, s, None, False) for s in range(2)]
+    records += [_record("b", 1, s, "None", False) for s in range(2)]
+    report = markdown_report(summarize(records, n=2))
+    assert "| a | `1/2` | 0/2 | – |" in report
+    assert "| b | `1/2` | 0/2 | `None` |" in report
 
 
 # --- problems and prompts -----------------------------------------------------------------------
