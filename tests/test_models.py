@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -480,17 +481,18 @@ def test_directory_load_errors_are_clear_value_errors(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer"):
         load_model(no_tokenizer, tags="text")
 
-    no_weights = tmp_path / "no-weights"
-    no_weights.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (no_weights / name).write_bytes((good / name).read_bytes())
+    def without_weights(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (folder / file).write_bytes((good / file).read_bytes())
+        return folder
+
+    no_weights = without_weights("no-weights")
     with pytest.raises(ValueError, match="no-weights.*cannot load the model"):
         load_model(no_weights, tags="text")
 
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (truncated / name).write_bytes((good / name).read_bytes())
+    truncated = without_weights("truncated")
     (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot load the model"):
         load_model(truncated, tags="text")

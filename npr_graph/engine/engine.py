@@ -790,17 +790,8 @@ class Engine:
                 lane.state.closing = True
 
     def _finish_lane(self, lane: Lane, reason: str) -> None:
-        owner = lane.owner
-        if (  # a branch cut with its last token fed: those logits score the next branch's first
-            lane.status is LaneStatus.RUNNING
-            and owner is not None
-            and lane.branch + 1 < len(owner.branches)
-            and not lane.pending
-            and lane.final_logits is not None
-        ):
-            following = owner.branches[lane.branch + 1]
-            if following.tokens and following.logprobs[0] is None:
-                self._score_later(following, 0, lane.final_logits[None])
+        if lane.status is LaneStatus.RUNNING and not lane.pending:  # cut with its last token fed
+            self._score_following_branch(lane)
         lane.status = LaneStatus.DONE
         lane.final_logits = None
         if lane.kv.alive:
@@ -844,6 +835,16 @@ class Engine:
             )
         lane.final_logits = None
 
+    def _score_following_branch(self, lane: Lane) -> None:
+        """A branch's last logits score the first token of the branch after it, which the fork
+        wrote with no logits of its own."""
+        owner = lane.owner
+        if owner is None or lane.final_logits is None or lane.branch + 1 >= len(owner.branches):
+            return
+        following = owner.branches[lane.branch + 1]
+        if following.tokens and following.logprobs[0] is None:
+            self._score_later(following, 0, lane.final_logits[None])
+
     def _branch_done(self, lane: Lane) -> None:
         """``lane`` closed its branch (it is the branch's first lane, or the join lane of a
         block nested in it); once every branch of its block is closed, they join."""
@@ -853,8 +854,7 @@ class Engine:
         # A waiting branch must not pin its step's [rows, V] logits: only the last branch keeps
         # its own row (it scores the join's first token).
         if following < len(owner.branches):
-            if lane.final_logits is not None:
-                self._score_later(owner.branches[following], 0, lane.final_logits[None])
+            self._score_following_branch(lane)
             lane.final_logits = None
         elif lane.final_logits is not None:
             lane.final_logits = lane.final_logits.clone()
