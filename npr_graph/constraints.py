@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from .format import format_score
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 from .parse import dialect, parse
+from .typecheck import check_at_least
 
 RULES: dict[str, str] = {
     # found while parsing (the lenient parser's repairs)
@@ -70,12 +71,7 @@ class Profile:
         unknown = sorted(set(self.rules) - set(RULES))
         if unknown:
             raise ValueError(f"unknown rule(s) {', '.join(unknown)}; rules are {', '.join(RULES)}")
-        _check_max_branches(self.max_branches)
-
-
-def _check_max_branches(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_branches must be an integer >= 1, got {value!r}")
+        check_at_least("max_branches", self.max_branches, 1)
 
 
 PROFILES = {"strict": Profile("strict"), "lenient": Profile("lenient", STRUCTURAL)}

@@ -36,6 +36,7 @@ from .constraints import PROFILES
 from .graph import ReasoningGraph
 from .parse import parse
 from .tokenizers import CharTokenizer
+from .typecheck import check_at_least
 
 GRAMMARS = ("npr", "multiverse")
 DEFAULT_MAX_BRANCHES = PROFILES["strict"].max_branches
@@ -376,9 +377,9 @@ def specs(
     """Valid trace specs: 1..max_blocks blocks of 1..max_branches steps each; Multiverse steps
     nest blocks down to ``Block.depth == max_depth`` (NPR never nests)."""
     _tags(grammar)
-    _check_sizes(
-        max_blocks=(max_blocks, 1), max_branches=(max_branches, 1), max_depth=(max_depth, 0)
-    )
+    check_at_least("max_blocks", max_blocks, 1)
+    check_at_least("max_branches", max_branches, 1)
+    check_at_least("max_depth", max_depth, 0)
     return st.builds(
         TraceSpec,
         preamble=st.one_of(st.just(""), safe_text()),
@@ -387,12 +388,6 @@ def specs(
         ),
         answer=answers(),
     )
-
-
-def _check_sizes(**sizes: tuple[object, int]) -> None:
-    for name, (value, least) in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def traces(

@@ -95,3 +95,9 @@ def has_shape(value: Any, shape: Any) -> bool:
     if isinstance(value, bool) and shape is not bool:
         return False
     return isinstance(value, shape)
+
+
+def check_at_least(name: str, value: object, least: int) -> None:
+    """ValueError unless ``value`` is an integer (not a bool) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
