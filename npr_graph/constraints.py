@@ -249,7 +249,9 @@ def boxed_answers(text: str) -> list[str]:
     return [content for _, content in sorted(found)]
 
 
-_BRACES = re.compile(r"\\boxed *\{|\{|\}")
+BOX_OPENER = re.compile(r"\\boxed *\{")
+"""Where a box starts, as :func:`boxed_answers` reads it."""
+_BRACES = re.compile(BOX_OPENER.pattern + r"|\{|\}")
 
 
 def final_text(graph: ReasoningGraph) -> Node | None:

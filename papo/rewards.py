@@ -103,18 +103,14 @@ def extract_answer(text: str) -> str | None:
     there is none, or if the last one is never closed: a cut answer ("... so \\boxed{12") is no
     answer, not the box written before it. A box nested in another one counts as its own
     (later-starting) box."""
-    from npr_graph.constraints import boxed_answers
+    from npr_graph.constraints import BOX_OPENER, boxed_answers
 
-    starts = [match.start() for match in _BOX_OPENER.finditer(text)]
+    starts = [match.start() for match in BOX_OPENER.finditer(text)]
     if not starts:
         return None
     # a box's closing brace depends only on the braces after its opener
     answers = boxed_answers(text[starts[-1] :])
     return answers[0].strip() if answers else None
-
-
-# What npr_graph.constraints.boxed_answers takes for the start of a box.
-_BOX_OPENER = re.compile(r"\\boxed *\{")
 
 
 # A number as people write it: sign, thousands separators, decimals, a simple fraction.
