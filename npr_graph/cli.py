@@ -127,20 +127,35 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
     if not is_jsonl(path):
         yield Trace(str(path), _decode(read_bytes(path), str(path), notes))
         return
-    for number, line in read_lines(path, notes):
-        if not line.strip():
-            continue
-        try:
-            record, repaired = json_record(line)
-        except NotJSON as error:
-            errors.append(f"{path}:{number}: not JSON ({error})")
-            continue
-        if repaired and notes is not None:
-            notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
+    for number, record in read_jsonl(path, errors, notes):
         try:
             yield _record_trace(record, path, number)
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
+
+
+def read_jsonl(
+    path: Path, errors: list[str], notes: list[str] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each JSON line of ``path``, read as it is taken; blank lines are
+    skipped, lines that are not JSON go to ``errors``, repairs (lone surrogates, bytes that are
+    not UTF-8: U+FFFD) to ``notes``. :class:`InputError` at once if the file cannot be read."""
+    lines = read_lines(path, notes)
+
+    def records() -> Iterator[tuple[int, Any]]:
+        for number, line in lines:
+            if not line.strip():
+                continue
+            try:
+                record, repaired = json_record(line)
+            except NotJSON as error:
+                errors.append(f"{path}:{number}: not JSON ({error})")
+                continue
+            if repaired and notes is not None:
+                notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
+            yield number, record
+
+    return records()
 
 
 def _record_trace(record: Any, path: Path, number: int) -> Trace:

@@ -216,25 +216,16 @@ def load_views(
     line numbers, repairs (lone surrogates, bytes that are not UTF-8: U+FFFD) to ``notes``.
 
     Raises :class:`FileNotFoundError` when the file cannot be read."""
-    from .cli import InputError, NotJSON, json_record, read_lines
+    from .cli import InputError, read_jsonl
 
     views = []
-    try:
-        lines = read_lines(path, notes)
+    try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
+        records = read_jsonl(path, errors, notes)
     except InputError as error:
         raise FileNotFoundError(str(error)) from error
-    for number, line in lines:
+    for number, record in records:
         if limit is not None and len(views) >= limit:
             break
-        if not line.strip():
-            continue
-        try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
-            record, repaired = json_record(line)
-        except NotJSON as error:
-            errors.append(f"{path}:{number}: not JSON ({error})")
-            continue
-        if repaired and notes is not None:
-            notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
         try:
             record, graph = _graph_of(record)
         except ValueError as error:
