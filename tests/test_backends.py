@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 from test_engine import dense_logprobs  # noqa: E402
 
+from kernels import _triton  # noqa: E402
 from kernels.attention import DecodeLevel, cascade_decode_attention, paged_decode_reference  # noqa: E402
 from npr_graph.engine import backends  # noqa: E402
 from npr_graph.engine.backends import (  # noqa: E402
@@ -28,6 +29,7 @@ from npr_graph.engine.backends import (  # noqa: E402
     make_backend,
 )
 from npr_graph.engine.engine import Engine  # noqa: E402
+from npr_graph.engine.graphs import indices_needed  # noqa: E402
 from npr_graph.engine.kv import LaneKV, PagePool, SlotViews, join  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens, tiny_model  # noqa: E402
@@ -307,7 +309,13 @@ def test_triton_backend_reproduces_the_dense_forward(special_tokenizer):
 
 class _FakeFlashInfer(types.ModuleType):
     """FlashInfer's two wrappers as documented (plan once, run per layer, page tables in CSR
-    form, NHD layout), computed by the kernels' torch references; records the calls."""
+    form, NHD layout), computed by the kernels' torch references; records the calls. Plans
+    refuse what FlashInfer 0.6.18 refuses: tables other than int32, a CUDA-graph buffer of
+    the wrong size, and a float workspace too small for a CUDA-graph plan (its scheduler pads
+    the work to ``max(2 * SMs / kv heads, ceil(batch * group / 16) + batch - 1)`` tiles of 16
+    (query, head) rows and keeps float32 partial states of each; an H200's 132 SMs here)."""
+
+    SMS = 132
 
     def __init__(self):
         super().__init__("flashinfer")
@@ -319,9 +327,10 @@ class _FakeFlashInfer(types.ModuleType):
             def __init__(self, *args, **kwargs):
                 self.levels = None
 
-            def _check(self, kwargs, page_size):
+            def _check(self, kwargs, page_size, *tables):
                 assert page_size == 1 and kwargs["sm_scale"] > 0
                 assert kwargs["q_data_type"] == kwargs["kv_data_type"]
+                assert all(t.dtype == torch.int32 for t in tables), "FlashInfer's tables are int32"
 
             def run(self, q, paged_kv_cache):
                 k_cache, v_cache = paged_kv_cache
@@ -353,7 +362,9 @@ class _FakeFlashInfer(types.ModuleType):
                 **kwargs,
             ):
                 assert len(qo_arr) == self.num_levels and not kwargs["causal"]
-                self._check(kwargs, page_size)
+                self._check(kwargs, page_size, *qo_arr, *kv_indptr_arr, *kv_indices_arr, *last_arr)
+                for kv_indptr in kv_indptr_arr:  # the engine's rule: kernels disagree on these
+                    assert bool((kv_indptr[1:] > kv_indptr[:-1]).all()), "an empty KV list"
                 fake.calls.append(f"plan{self.num_levels}")
                 self.scale = kwargs["sm_scale"]
                 self.levels = [
@@ -374,12 +385,15 @@ class _FakeFlashInfer(types.ModuleType):
             ):
                 assert kv_layout == "NHD"
                 self.graph_mode = use_cuda_graph
+                self.workspace_bytes = workspace.numel() * workspace.element_size()
                 self.buffers = (
                     paged_kv_indptr_buffer,
                     paged_kv_indices_buffer,
                     paged_kv_last_page_len_buffer,
                 )
-                assert not use_cuda_graph or all(b is not None for b in self.buffers)
+                if use_cuda_graph:
+                    assert all(b is not None for b in self.buffers)
+                    assert len(paged_kv_indptr_buffer) == len(paged_kv_last_page_len_buffer) + 1
 
             def plan(
                 self,
@@ -392,11 +406,23 @@ class _FakeFlashInfer(types.ModuleType):
                 page_size,
                 **kwargs,
             ):
-                self._check(kwargs, page_size)
+                self._check(kwargs, page_size, indptr, indices, last_page_len)
                 self.scale = kwargs["sm_scale"]
                 if self.graph_mode:  # the page table goes into the fixed buffers, as documented
                     fixed_indptr, fixed_indices, fixed_last = self.buffers
-                    assert len(indptr) == len(fixed_indptr), "batch size is fixed in graph mode"
+                    assert len(last_page_len) == len(fixed_last), (
+                        "batch size is fixed in graph mode"
+                    )
+                    if len(indices) > len(fixed_indices):
+                        raise ValueError("The size of indices should be less than or equal to "
+                                         "the allocated buffer")  # fmt: skip
+                    batch, group = len(last_page_len), num_qo_heads // num_kv_heads
+                    padded = max(2 * fake.SMS // num_kv_heads, -(-batch * group // 16) + batch - 1)
+                    need = num_qo_heads * padded * 16 * (head_dim + 1) * 4
+                    if need > self.workspace_bytes:
+                        raise RuntimeError(f"Buffer overflow when allocating memory for "
+                                           f"batch_prefill_tmp_v: {need} bytes needed, "
+                                           f"{self.workspace_bytes} in the workspace")  # fmt: skip
                     fixed_indptr.copy_(indptr)
                     fixed_indices[: len(indices)].copy_(indices)
                     fixed_last.copy_(last_page_len)
@@ -528,22 +554,28 @@ def test_cuda_graph_decode_steps_reproduce_the_dense_forward(
     assert probe.seen == [], "a recorded decode step must not wait for the host"
 
 
+@pytest.mark.skipif(
+    not _triton.available("cuda" if CUDA else "cpu"),
+    reason="Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1",
+)
 @pytest.mark.parametrize("cascade", [False, True])
 def test_triton_cuda_graph_decode_steps_reproduce_the_dense_forward(
     cascade, special_tokenizer, monkeypatch
 ):
-    """The Triton kernels (interpreted) recorded once per bucket and replayed over the page
-    tables their plan rewrites: each group's KV length comes from the device, split over a fixed
-    number of programs (3 here, so short lanes leave splits empty); with cascade, all three
-    levels every step, empty lists where a lane shares nothing."""
+    """The Triton kernels (interpreted on the CPU; on CUDA tensors where there is a GPU)
+    recorded once per bucket and replayed over the page tables their plan rewrites: each
+    group's KV length comes from the device, split over a fixed number of programs (3 here,
+    so short lanes leave splits empty); with cascade, all three levels every step, empty lists
+    where a lane shares nothing."""
     from kernels import attention_triton
 
     monkeypatch.setattr(attention_triton, "_num_splits", lambda *args: 3)
     probe = _HostSyncProbe()
     monkeypatch.setattr(_ReplayGraph, "probe", probe)
-    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=1)
+    device = "cuda" if CUDA else "cpu"
+    model = tiny_model("llama", tokenizer=special_tokenizer, num_hidden_layers=1).to(device)
     engine = Engine(model, special_tokenizer, page_size=4, num_pages=256, max_lanes=4,
-                    attention_backend=TritonBackend(cascade=cascade))  # fmt: skip
+                    device=device, attention_backend=TritonBackend(cascade=cascade))  # fmt: skip
     engine.runner.enable_graphs(4, graph_factory=_ReplayGraph)
     params = SamplingParams(temperature=1.0, max_new_tokens=36, min_branches=2, max_branches=2,
                             seed=7, max_plan_tokens=3, max_step_tokens=6, max_takeaway_tokens=3)  # fmt: skip
@@ -573,6 +605,54 @@ def test_cuda_graph_bucket_grows_its_page_table(special_tokenizer, monkeypatch):
     error = (dense_logprobs(engine.model, graph) - torch.tensor(
         graph.logprobs[graph.prompt_num_tokens :])).abs().max().item()  # fmt: skip
     assert error <= 1e-4
+
+
+def test_flashinfer_graph_decoder_of_a_wide_bucket_gets_the_workspace_it_needs(monkeypatch):
+    """FlashInfer's CUDA-graph plan pads a batch of b rows to about 1.25 b work tiles and keeps
+    float32 partial states for each in the workspace (at Qwen3-4B's heads the default 128 MiB
+    holds 407 rows; the benchmark's engines have buckets up to 512). The stand-in refuses a
+    plan whose workspace is too small, as FlashInfer does; a wide bucket gets a larger one, a
+    narrow one keeps sharing the eager plans'."""
+    fake = _FakeFlashInfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    model = tiny_model("llama", vocab_size=64, num_hidden_layers=1)  # 4 / 2 heads of 16
+    backend = FlashInferBackend(cascade=False, workspace_bytes=2**20)
+    backend.attach(model, torch.device("cpu"))
+    pool = PagePool(1024, 4)
+    batch, lanes = 256, []
+    for i in range(batch - 3):  # and 3 padding rows
+        lanes.append(LaneKV(pool))
+        lanes[-1].append_slots(1 + i % 5)
+    views = SlotViews.of(lanes)
+    decoder = backend.graph_decoder(batch, indices_needed(views, batch))
+    decoder.plan(lanes, views)
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(pool.num_pages * 4, 2, 16, generator=gen) for _ in range(2))
+    query = torch.randn(batch, 4, 16, generator=gen)
+    got = decoder.decode(query, keys, values, backend.scale)[: len(lanes)]
+    want = paged_decode_reference(query[: len(lanes)], keys, values, flat_level(views),
+                                  backend.scale)[0]  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert backend.graph_workspace(8) is backend._workspace
+
+
+def test_a_new_flashinfer_graph_decoder_waits_for_the_last_plan(monkeypatch):
+    """A new graph decoder replaces a bucket's old one (a re-capture), whose FlashInfer wrapper
+    then frees its pinned plan buffer into torch's pinned-memory cache while FlashInfer's own
+    copy out of it may still be queued (torch records no event for it): the backend waits for
+    the last plan's copy first."""
+    monkeypatch.setitem(sys.modules, "flashinfer", _FakeFlashInfer())
+    backend = FlashInferBackend(cascade=False)
+    backend.attach(tiny_model("llama", vocab_size=64, num_hidden_layers=1), torch.device("cpu"))
+    waited = []
+
+    class Event:  # stands in for the CUDA event the last plan recorded
+        def synchronize(self):
+            waited.append(True)
+
+    backend._last_plan = Event()
+    backend.graph_decoder(4, 64)
+    assert waited == [True] and backend._last_plan is None
 
 
 def test_cuda_graphs_need_a_capable_backend_and_device(special_tokenizer):

@@ -295,6 +295,7 @@ class FlashInferBackend(_LevelsBackend):
         self.workspace_bytes = workspace_bytes
         self._wrappers: dict[int, object] = {}
         self._last_plan: torch.cuda.Event | None = None
+        self._graph_workspace: torch.Tensor | None = None  # when a bucket needs more room
 
     def attach(self, model: torch.nn.Module, device: torch.device) -> None:
         super().attach(model, device)
@@ -393,7 +394,46 @@ class FlashInferBackend(_LevelsBackend):
 
     def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
         """Flat decode (cascade levels change shape from step to step, a graph cannot)."""
+        # A new decoder replaces the bucket's old one (a re-capture), whose wrapper then frees
+        # its pinned plan buffer into torch's pinned-memory cache, which knows nothing of
+        # FlashInfer's copy out of it: let that copy finish before the buffer can be reused.
+        self._wait_for_last_plan()
         return _FlashInferGraphDecoder(self, batch, capacity)
+
+    def graph_workspace(self, batch: int) -> torch.Tensor:
+        """A float workspace large enough for a CUDA-graph decode of ``batch`` rows: the
+        shared one, or, past it, a larger one shared by the buckets that need it (a graph's
+        replays run one after another, as eager steps do)."""
+        need = graph_workspace_bytes(
+            batch, self.num_heads, self.kv_heads, self.head_dim, _sm_count(self.device)
+        )
+        if need <= self._workspace.numel():
+            return self._workspace
+        if self._graph_workspace is None or self._graph_workspace.numel() < need:
+            self._graph_workspace = torch.empty(need, dtype=torch.uint8, device=self.device)
+        return self._graph_workspace
+
+
+def graph_workspace_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, sms: int) -> int:
+    """An upper bound on the float workspace FlashInfer (0.6.18) plans for a tensor-core
+    decode of ``batch`` rows in CUDA-graph mode. Its scheduler (``PrefillSplitQOKVIndptr``
+    with ``enable_cuda_graph``) always splits KV and pads the work to
+    ``max(2 * SMs / kv_heads, ceil(batch * group / tile) + batch - 1)`` tiles of ``tile``
+    (query, head) rows, and keeps float32 partial outputs and log-sum-exps of every padded
+    tile: about 1.25 * batch tiles, so at Qwen3-4B's heads a 128 MiB workspace holds at most
+    407 rows. Eager plans split only as far as the SMs fill, which the default size covers."""
+    group = heads // kv_heads
+    tile = 16 if group <= 16 else 64 if group <= 64 else 128  # FA2DetermineCtaTileQ, at most
+    padded = max(2 * sms // kv_heads, -(-batch * group // tile) + batch - 1)
+    return heads * padded * tile * (head_dim + 1) * 4 + 4096  # + alignment
+
+
+def _sm_count(device: torch.device) -> int:
+    """The device's multiprocessors (on the CPU, where only FlashInfer's stand-in runs: an
+    H100's or H200's 132)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _FlashInferGraphDecoder(GraphDecoder):
@@ -410,7 +450,7 @@ class _FlashInferGraphDecoder(GraphDecoder):
         self.indices = torch.zeros(capacity, dtype=torch.int32, device=device)
         self.last_page_len = torch.ones(batch, dtype=torch.int32, device=device)
         self.wrapper = backend._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend._workspace,
+            backend.graph_workspace(batch),
             "NHD",
             use_cuda_graph=True,
             use_tensor_cores=True,
