@@ -3,6 +3,7 @@ wheels folder and collects the gpu tests; the benchmark runs at a tiny size on t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -88,6 +89,25 @@ def test_dry_run_without_prebuilt_kernels_of_the_flashinfer_version_leaves_them_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no prebuilt kernels (flashinfer-aot-0.6.18.post1-sm90a.tar.xz)" in result.stdout
     assert "tests: skipped" in result.stdout and "collected" not in result.stdout
+
+
+def test_dry_run_keeps_every_step_within_the_budget(tmp_path):
+    """No step's time limit reaches past ``--budget`` (a device call ends there, and whatever
+    ran past it is lost): each is cut to what is left, less the kill grace, and a step that
+    does not fit is skipped and says so."""
+    wheels = tmp_path / "whl"
+    _wheel(wheels, "lark", "0.0.1")  # to install: the wheels step runs
+    result = _dry_run(tmp_path, wheels, "--budget", "100")
+    assert result.returncode == 0, result.stdout + result.stderr
+    limits = [int(x) for x in re.findall(r"timeout (\d+)s", result.stdout)]
+    assert len(limits) == 6, result.stdout  # wheels, jit, two test runs, two benchmarks
+    assert all(10 <= limit <= 100 - 15 for limit in limits), limits
+    bench = re.search(r"gpu_decode.py --time-budget (\d+)", result.stdout)
+    assert bench and int(bench.group(1)) + 30 <= 100
+    result = _dry_run(tmp_path, tmp_path / "no-wheels", "--budget", "20", "--skip", "tests")
+    assert "jit: skipped, the budget is spent" in result.stdout
+    assert "bench: skipped, the budget is spent" in result.stdout
+    assert "done: status 1" in result.stdout
 
 
 def test_dry_run_rejects_two_versions_of_one_package(tmp_path):
