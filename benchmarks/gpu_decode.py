@@ -43,9 +43,11 @@ import contextlib
 import datetime
 import functools
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -345,10 +347,15 @@ def warm_up(tokenizer, device, dtype, backends) -> list[dict]:
         if name == "torch" or engine_only(name):
             continue
         start = time.perf_counter()
-        backend = make_backend(name)
-        backend.attach(model, torch.device(device))
-        backend.plan_decode(lanes, views)(query, k_cache, k_cache, config.head_dim**-0.5)
-        sync(device)
+        try:
+            backend = make_backend(name)
+            backend.attach(model, torch.device(device))
+            backend.plan_decode(lanes, views)(query, k_cache, k_cache, config.head_dim**-0.5)
+            sync(device)
+        except Exception as error:  # noqa: BLE001 - recorded; the other backends go on
+            out.append({"part": "jit", "backend": name, "error": repr(error)[:1000]})
+            print(f"jit        {name:16s} failed: {error!r}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         out.append({"part": "jit", "backend": name, "seconds": seconds})
         print(f"jit        {name:16s} compiled and ran in {seconds:.1f} s", flush=True)
@@ -674,6 +681,17 @@ def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
     return out
 
 
+def guarded(part: str, backend: str, run, *args, **kwargs) -> list[dict]:
+    """``run(*args, **kwargs)``'s rows, or a row saying why it raised: a part that fails on
+    the GPU leaves the parts after it to run."""
+    try:
+        return run(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - recorded; the other parts go on
+        print(f"{part:10s} {backend} failed: {error!r}", flush=True)
+        traceback.print_exc()
+        return [{"part": part, "backend": backend, "error": repr(error)[:1000]}]
+
+
 class Budget:
     def __init__(self, seconds: float) -> None:
         self.deadline = time.perf_counter() + seconds
@@ -688,13 +706,16 @@ def table(results: list[dict]) -> str:
     for r in results:
         if r["part"] == "jit":
             continue
-        if r["part"] == "attention":
-            case = _attention_label(r)
-        else:
-            case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
-                    "profile": f"profiled, width {r.get('width')}",
-                    "generate": "batch {batch}", "selection": "{rows} rows, {sampling}"}[r["part"]]  # fmt: skip
-            case = case.format(**r) if "{" in case else case
+        try:  # a failed part's row may lack the fields of its case
+            if r["part"] == "attention":
+                case = _attention_label(r)
+            else:
+                case = {"widths": f"width {r.get('width')}", "rl_group": "{prompts}x{samples}",
+                        "profile": f"profiled, width {r.get('width')}",
+                        "generate": "batch {batch}", "selection": "{rows} rows, {sampling}"}[r["part"]]  # fmt: skip
+                case = case.format(**r) if "{" in case else case
+        except KeyError:
+            case = ""
         if "skipped" in r or "error" in r:
             why = f"skipped ({r['skipped']})" if "skipped" in r else "failed (see the JSON)"
             lines.append(f"| {r['part']} | {r['backend']} | {case} | {why} | | | |")
@@ -803,40 +824,51 @@ def main(argv: list[str] | None = None) -> int:
         """Rewrite the result files after every part: a run killed at its hard time limit
         still leaves what it measured."""
         info["total_s"] = time.perf_counter() - start
-        if args.out is not None:
+        if args.out is not None:  # whole files: a kill mid-write leaves the last ones
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "gpu_decode.json").write_text(
-                json.dumps({"info": info, "results": results + list(pending)}, indent=1)
-            )
-            (args.out / "gpu_decode.md").write_text(table(results + list(pending)) + "\n")
+            report = json.dumps({"info": info, "results": results + list(pending)}, indent=1)
+            for name, text in (("gpu_decode.json", report),
+                               ("gpu_decode.md", table(results + list(pending)) + "\n")):  # fmt: skip
+                partial = args.out / f".{name}.partial"
+                partial.write_text(text)
+                os.replace(partial, args.out / name)
 
+    # Each part runs guarded: one that raises (a backend failing on the GPU) is recorded as a
+    # row with its error, and the parts after it still run.
     if "jit" in parts:
-        results += warm_up(tokenizer, device, dtype, backends)
+        results += guarded("jit", "-", warm_up, tokenizer, device, dtype, backends)
         save()
     if "attention" in parts:
-        results += bench_attention(model, device, dtype, backends, args, budget)
+        results += guarded("attention", "-", bench_attention, model, device, dtype, backends,
+                           args, budget)  # fmt: skip
         save()
     if "selection" in parts:
-        results += bench_selection(device, shape["vocab_size"], args, budget)
+        results += guarded("selection", "-", bench_selection, device, shape["vocab_size"], args,
+                           budget)  # fmt: skip
         save()
     # Backend by backend, the best one first, so a tight budget still measures it completely;
     # transformers generate comes after the first backend's widths and profile.
     for index, backend in enumerate(b for b in backends if not b.endswith("-flat")):
         if "widths" in parts:
-            results += bench_widths(model, tokenizer, device, [backend], args, budget, save)
+            results += guarded("widths", backend, bench_widths, model, tokenizer, device,
+                               [backend], args, budget, save)  # fmt: skip
+            save()
         if "profile" in parts:
-            results += profile_steps(model, tokenizer, device, backend, args, budget)
+            results += guarded("profile", backend, profile_steps, model, tokenizer, device,
+                               backend, args, budget)  # fmt: skip
             save()
         if index == 0 and "generate" in parts:
-            results += bench_generate(model, tokenizer, device, args, budget)
+            results += guarded("generate", "transformers", bench_generate, model, tokenizer,
+                               device, args, budget)  # fmt: skip
             save()
         if "rl_group" in parts:
             pair = [backend] + [f"{backend}-flat"] * (f"{backend}-flat" in backends)
-            results += bench_rl_group(model, tokenizer, device, pair, args, budget)
+            results += guarded("rl_group", backend, bench_rl_group, model, tokenizer, device,
+                               pair, args, budget)  # fmt: skip
             save()
     save()
     print(table(results))
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -180,6 +180,29 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path):
     assert (tmp_path / "gpu_decode.md").read_text().startswith("| part |")
 
 
+def test_benchmark_part_that_raises_leaves_the_others_and_the_files(tmp_path, monkeypatch):
+    """A part (or one backend's run) that raises on the GPU is recorded with its error; the
+    parts after it still run, the result files are written, and the exit status says so."""
+    gpu_decode = _gpu_decode()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(gpu_decode, "bench_attention", broken)
+    monkeypatch.setattr(gpu_decode, "profile_steps", broken)
+    code = gpu_decode.main(["--quick", "--device", "cpu", "--backends", "torch", "--widths", "1",
+                            "--parts", "attention,widths,profile,generate", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    report = json.loads((tmp_path / "gpu_decode.json").read_text())
+    failed = {(r["part"], r["backend"]) for r in report["results"] if "error" in r}
+    assert failed == {("attention", "-"), ("profile", "torch")}
+    ran = {r["part"] for r in report["results"] if "tokens_per_s" in r}
+    assert ran == {"widths", "generate"}
+    table = (tmp_path / "gpu_decode.md").read_text()
+    assert "| attention | - |  | failed (see the JSON) |" in table
+    assert not list(tmp_path.glob(".*partial")), "files are replaced whole"
+
+
 @pytest.mark.skipif(
     not (ROOT / ".whl").is_dir(), reason="no .whl folder (scripts/fetch_gpu_wheels.sh)"
 )
