@@ -2,10 +2,12 @@
 torch backend through fork and join (on the CPU: Triton under its interpreter, FlashInfer's
 wrappers through a stand-in with their documented semantics; on CUDA: the real thing, ``gpu``)."""
 
+import gc
 import importlib.util
 import os
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from test_engine import dense_logprobs  # noqa: E402
 from kernels import _triton  # noqa: E402
 from kernels.attention import DecodeLevel, cascade_decode_attention, paged_decode_reference  # noqa: E402
 from npr_graph.engine import backends  # noqa: E402
+from npr_graph.engine.attention import KVCache  # noqa: E402
 from npr_graph.engine.backends import (  # noqa: E402
     FlashInferBackend,
     TorchBackend,
@@ -29,7 +32,7 @@ from npr_graph.engine.backends import (  # noqa: E402
     make_backend,
 )
 from npr_graph.engine.engine import Engine  # noqa: E402
-from npr_graph.engine.graphs import indices_needed  # noqa: E402
+from npr_graph.engine.graphs import DecodeGraphs, indices_needed  # noqa: E402
 from npr_graph.engine.kv import LaneKV, PagePool, SlotViews, join  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens, tiny_model  # noqa: E402
@@ -653,6 +656,24 @@ def test_a_new_flashinfer_graph_decoder_waits_for_the_last_plan(monkeypatch):
     backend._last_plan = Event()
     backend.graph_decoder(4, 64)
     assert waited == [True] and backend._last_plan is None
+
+
+def test_dropped_cuda_graphs_free_their_memory_without_the_cycle_collector(monkeypatch):
+    """An engine's graphs hold its KV cache (16 GiB in the GPU benchmark, which builds an engine
+    per run) and their memory pool: dropping them must free both at once, not when Python's
+    cycle collector next runs (a reference cycle through the graph factory did that)."""
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))  # no CUDA here
+    kv = KVCache(1, 16, 2, 4, torch.float32)
+    graphs = DecodeGraphs(torch.nn.Linear(1, 1), kv, None, 4, torch.device("cpu"))
+    freed = weakref.ref(graphs)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del graphs
+        assert freed() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_cuda_graphs_need_a_capable_backend_and_device(special_tokenizer):

@@ -17,6 +17,7 @@ too wide for the largest bucket and sliding-window models run eagerly as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -116,8 +117,11 @@ class DecodeGraphs:
         self.make_decoder = make_decoder
         self.buckets = buckets(max_batch)
         self.device = device
-        self._pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
-        self.graph_factory = graph_factory or (lambda: CudaGraph(self._pool))
+        # The buckets' graphs share one memory pool (they replay one at a time). The factory
+        # holds the pool, not ``self``: a cycle through ``self`` would keep the KV cache and the
+        # graphs' memory alive after the engine is dropped, until Python's cycle collector ran.
+        pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
+        self.graph_factory = graph_factory or functools.partial(CudaGraph, pool)
         self.captured: dict[int, _Captured] = {}
         self.captures = 0  # how many graphs were recorded (re-captures included)
         self.replays = 0
