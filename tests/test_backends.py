@@ -2,6 +2,7 @@
 torch backend through fork and join (on the CPU: Triton under its interpreter, FlashInfer's
 wrappers through a stand-in with their documented semantics; on CUDA: the real thing, ``gpu``)."""
 
+import contextlib
 import gc
 import importlib.util
 import os
@@ -32,7 +33,7 @@ from npr_graph.engine.backends import (  # noqa: E402
     make_backend,
 )
 from npr_graph.engine.engine import Engine  # noqa: E402
-from npr_graph.engine.graphs import DecodeGraphs, indices_needed  # noqa: E402
+from npr_graph.engine.graphs import CudaGraph, DecodeGraphs, indices_needed  # noqa: E402
 from npr_graph.engine.kv import LaneKV, PagePool, SlotViews, join  # noqa: E402
 from npr_graph.engine.sampling import SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens, tiny_model  # noqa: E402
@@ -674,6 +675,56 @@ def test_dropped_cuda_graphs_free_their_memory_without_the_cycle_collector(monke
     finally:
         if enabled:
             gc.enable()
+
+
+def test_cuda_graph_capture_runs_without_the_cycle_collector(monkeypatch):
+    """Destroying a CUDA graph (or unloading a Triton kernel) while another graph is recorded
+    invalidates the recording, and since torch 2.9 ``torch.cuda.graph`` no longer collects
+    garbage before it starts (pytorch#161037): garbage in a reference cycle that holds a graph
+    could be collected by Python's automatic collector at any allocation of the recorded
+    forward. The capture runs with the collector off. Here torch.cuda's capture is stood in
+    for, and the forward drops such garbage and then allocates enough to trigger a collection."""
+    recording = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Recording:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            recording.append(True)
+
+        def __exit__(self, *exc):
+            recording.clear()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", Recording)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    destroyed = []
+
+    class OldGraph:  # a graph some dropped object still holds, in a reference cycle
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self):
+            destroyed.append("while recording" if recording else "outside")
+
+    def forward():
+        if recording:
+            OldGraph()
+            kept = [[] for _ in range(20_000)]  # the forward's allocations
+            del kept
+        return torch.zeros(1)
+
+    gc.collect()
+    CudaGraph().capture(forward)
+    gc.collect()
+    assert destroyed == ["outside"]
 
 
 def test_cuda_graphs_need_a_capable_backend_and_device(special_tokenizer):

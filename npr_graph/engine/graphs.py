@@ -18,6 +18,7 @@ too wide for the largest bucket and sliding-window models run eagerly as before.
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -81,8 +82,18 @@ class CudaGraph:
             for _ in range(2):  # lazy initialisation (cuBLAS handles, autotuning) stays out
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.pool):
-            output = fn()
+        # Python's cycle collector stays off while recording: destroying another CUDA graph
+        # (or unloading a Triton kernel) during a capture invalidates it, and since torch 2.9
+        # ``torch.cuda.graph`` no longer collects before it starts (pytorch#161037), so garbage
+        # holding a graph could be collected by an allocation in the middle of the forward.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                output = fn()
+        finally:
+            if collecting:
+                gc.enable()
         return output
 
     def replay(self) -> None:
