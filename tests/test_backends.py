@@ -799,10 +799,11 @@ def test_gpu_backends_agree_with_the_torch_backend_token_for_token(family, speci
 @pytest.mark.parametrize("backend, cascade", [("flashinfer", False), ("triton", False), ("triton", True)])  # fmt: skip
 def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_tokenizer):
     """Real CUDA graphs: log-probs within bf16 noise of the dense forward and of eager decoding
-    with the same backend (bf16, same seed). FlashInfer replays the kernels eager decoding runs,
-    so the tokens are the same; Triton's graphs split each lane's KV over a number of programs
-    fixed at capture (and keep every cascade level), eager decoding fits them to the step, so
-    they agree until a last-bit difference flips a pick."""
+    with the same backend (bf16, same seed), token for token until a last-bit difference flips
+    a pick. Neither runs exactly eager's arithmetic: a graph's matrix products run at its
+    bucket's batch size, FlashInfer's CUDA-graph plans always split the KV and merge (eager
+    ones only when the GPU would not fill), and Triton's graphs split each lane's KV over a
+    number of programs fixed at capture (and keep every cascade level)."""
     if backend == "flashinfer" and not backends.flashinfer_installed():
         pytest.skip("flashinfer is not installed")
     model = tiny_model(family, tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE).to(
@@ -826,8 +827,6 @@ def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_t
     for eager, graphed in zip(*runs, strict=True):
         n = min(len(eager.token_ids), len(graphed.token_ids))
         same = next((i for i in range(n) if eager.token_ids[i] != graphed.token_ids[i]), n)
-        if backend == "flashinfer":
-            assert graphed.token_ids == eager.token_ids
         assert same > eager.prompt_num_tokens
         a = torch.tensor(eager.logprobs[eager.prompt_num_tokens : same], dtype=torch.float)
         b = torch.tensor(graphed.logprobs[graphed.prompt_num_tokens : same], dtype=torch.float)
