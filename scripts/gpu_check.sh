@@ -29,12 +29,13 @@ SKIP=""
 BENCH_ARGS=""
 PYTHON="${PYTHON:-python3}"
 SITE=/tmp/npr_site
-# test_backends.py last: its gpu tests of CUDA graphs and overlapped steps (at its end) are the
-# ones never run on a GPU yet, and a sticky CUDA error (an illegal address) in one fails every
-# test after it in the same process.
+# The kernel, backend, sampling and training tests: their gpu tests, then the rest on CUDA tensors.
 TEST_FILES=(tests/test_kernels.py tests/test_sampling.py tests/test_gpu_training.py tests/test_backends.py)
-# Files whose CPU tests stay on the CPU: only their gpu tests run here.
-GPU_ONLY_FILES=(tests/test_multiverse_engine.py)
+# The gpu tests, with those of files whose other tests stay on the CPU (nested blocks), and
+# test_backends.py last: its gpu tests of CUDA graphs and overlapped steps (at its end) have never
+# run on a GPU, and a sticky CUDA error (an illegal address) fails every test after it.
+GPU_TEST_FILES=(tests/test_kernels.py tests/test_sampling.py tests/test_gpu_training.py
+                tests/test_multiverse_engine.py tests/test_backends.py)
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -206,14 +207,13 @@ fi
 say "step 4/5 tests"
 if (( DRY )) && ! skipped tests; then
     # Collection needs no GPU: the gpu tests are there and would run.
-    "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${GPU_ONLY_FILES[@]}" \
-        "${TEST_FILES[@]}" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${GPU_TEST_FILES[@]}" \
         | tee -a "$SUMMARY" | tail -n 3
     (( PIPESTATUS[0] == 0 )) || { say "tests: collection failed"; STATUS=1; }
 fi
 if skipped tests; then say "tests: skipped"; else
     run tests "$OUT_DIR/tests_gpu.log" 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
-        -o addopts="-ra" "${GPU_ONLY_FILES[@]}" "${TEST_FILES[@]}" || STATUS=1
+        -o addopts="-ra" "${GPU_TEST_FILES[@]}" || STATUS=1
     run tests "$OUT_DIR/tests_cuda.log" 150 "$PYTHON" -m pytest -q -p no:cacheprovider \
         -m "not gpu" -o addopts="-ra" "${TEST_FILES[@]}" || STATUS=1
 fi
