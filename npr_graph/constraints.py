@@ -235,23 +235,82 @@ def _text_rules(graph: ReasoningGraph) -> list[Violation]:
     return out
 
 
+BOX_OPENER = re.compile(
+    r"(?P<brace>\\(?:boxed|fbox)(?![A-Za-z]) *\{)"
+    r"|(?P<cut>\\(?:boxed|fbox)(?=\s*\Z))"
+    r"|(?P<token>\\boxed +)"
+)
+"""Where a box starts, as :func:`boxed_answers` reads it: ``\\boxed{`` or ``\\fbox{`` (spaces
+may come before the brace); ``\\boxed`` and a space, whose content is one token (``\\boxed 5``,
+as the MATH grader's ``last_boxed_only_string`` reads it); or either name with nothing but
+whitespace after it, a box cut off before its content."""
+_SCAN = re.compile(BOX_OPENER.pattern + r"|\{|\}")
+# What may end a spaced box's token: outside braces whitespace, "$" or an unmatched "}" ends it.
+_TOKEN_OUTSIDE = re.compile(r"[\s${}]")
+_TOKEN_INSIDE = re.compile(r"[{}]")
+
+
+def _token_end(text: str, pos: int) -> int | None:
+    """Where the token of a spaced box starting at ``pos`` ends (it runs up to whitespace, ``$``,
+    an unmatched ``}`` or the end of the text; inside braces up to the matching ``}``), or None
+    when the text ends inside one of its braces (a cut box)."""
+    depth = 0
+    while True:
+        match = (_TOKEN_INSIDE if depth else _TOKEN_OUTSIDE).search(text, pos)
+        if match is None:
+            return None if depth else len(text)
+        char = match.group()
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        else:  # whitespace, "$" or an unmatched "}" outside the token's braces
+            return match.start()
+        pos = match.end()
+
+
+def _scan_boxes(text: str) -> list[tuple[int, str | None]]:
+    """(where the opener starts, content) of every box in ``text``, in order of their openers;
+    the content is None for a box that is never closed (cut off). A braced box's content runs to
+    its matching brace and may hold boxes of its own; a spaced box's token is read as it is (a
+    box inside it is not one of its own). One pass, so hostile input stays linear."""
+    found: list[tuple[int, str | None]] = []
+    open_braces: list[tuple[int, int]] = []  # (opener start, content start) of a box brace, or
+    # (-1, -1) for any other brace
+    pos = 0
+    while (match := _SCAN.search(text, pos)) is not None:
+        pos = match.end()
+        if match["brace"]:
+            open_braces.append((match.start(), match.end()))
+        elif match["cut"]:
+            found.append((match.start(), None))
+        elif match["token"]:
+            end = _token_end(text, pos)
+            found.append((match.start(), None if end is None else text[pos:end]))
+            if end is None:  # the rest of the text is inside the cut token
+                break
+            pos = end
+        elif match.group() == "{":
+            open_braces.append((-1, -1))
+        elif open_braces:  # "}"
+            start, content_start = open_braces.pop()
+            if start >= 0:
+                found.append((start, text[content_start : match.start()]))
+    found += [(start, None) for start, _ in open_braces if start >= 0]
+    return sorted(found, key=lambda box: box[0])
+
+
 def boxed_answers(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}`` in ``text``, in order (balanced braces; an unclosed one
-    is dropped). One pass over the braces, so hostile input stays linear."""
-    found: list[tuple[int, str]] = []
-    open_braces: list[int] = []  # content start of a \boxed brace, -1 for any other brace
-    for match in _BRACES.finditer(text):
-        if match.group() == "}":
-            if open_braces and (start := open_braces.pop()) >= 0:
-                found.append((start, text[start : match.start()]))
-        else:
-            open_braces.append(match.end() if match.group() != "{" else -1)
-    return [content for _, content in sorted(found)]
+    """Contents of every box in ``text`` (``\\boxed{...}``, ``\\fbox{...}``, ``\\boxed 5``; see
+    :data:`BOX_OPENER`), in order (balanced braces; an unclosed one is dropped)."""
+    return [content for _, content in _scan_boxes(text) if content is not None]
 
 
-BOX_OPENER = re.compile(r"\\boxed *\{")
-"""Where a box starts, as :func:`boxed_answers` reads it."""
-_BRACES = re.compile(BOX_OPENER.pattern + r"|\{|\}")
+def last_box(text: str) -> str | None:
+    """The content of the last box in ``text`` (the one whose opener comes last), or None when
+    there is none or it is never closed: a cut last box is no answer, not the box before it."""
+    boxes = _scan_boxes(text)
+    return boxes[-1][1] if boxes else None
 
 
 def final_text(graph: ReasoningGraph) -> Node | None:
@@ -269,9 +328,12 @@ def _answer_rules(graph: ReasoningGraph) -> list[Violation]:
         return [
             Violation("missing_answer", "no final conclusion after the last block", end, end, None)
         ]
-    answers = boxed_answers(final.text)
-    if not answers:
+    boxes = _scan_boxes(final.text)
+    if not boxes:
         return [_violation("missing_answer", "the final conclusion has no \\boxed{} answer", final)]
+    if boxes[-1][1] is None:  # what extract_answer reads: a cut last box is no answer
+        return [_violation("missing_answer", "the last \\boxed{} answer is never closed", final)]
+    answers = [content for _, content in boxes if content is not None]
     out = []
     if len(answers) > 1:
         out.append(_violation("multiple_answers", f"{len(answers)} \\boxed{{}} answers", final))

@@ -190,7 +190,8 @@ def load_problems(
     """Problems of a data file and the errors met reading it (``"file:line: why"``).
 
     The question is read from the first of ``problem``/``question``/``prompt`` present, the
-    reference from ``answer``/``final_answer``, else from the last ``\\boxed{}`` of ``solution``;
+    reference from ``answer``/``final_answer``, else from the last box of ``solution`` (read as
+    the reward reads answers, :func:`papo.rewards.extract_answer`);
     ``fields`` (keys ``problem``, ``answer``, ``id``) names other fields. A record without a
     question or a reference is reported and skipped; ``limit`` keeps the first valid problems.
     Raises :class:`EvalError` when the file cannot be read at all.
@@ -267,7 +268,7 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     ``parallel``: a block of >= 2 branches was written (the trigger rate counts these);
     ``executed_parallel``: >= 2 of them were decoded side by side. ``format_valid``: NPR output
     passes ``format_score`` (0.0); Multiverse output has a block and no strict violation; plain
-    reasoning has a non-empty ``\\boxed{}`` answer.
+    reasoning has a non-empty box answer (:func:`papo.rewards.extract_answer`).
     """
     from papo.rewards import extract_answer
 
@@ -302,27 +303,49 @@ def sample_metrics(graph: ReasoningGraph, grammar: str | None) -> dict[str, Any]
     }
 
 
-def _majority(samples: Sequence[dict[str, Any]], timeout_s: float) -> tuple[str | None, bool]:
+def _majority(
+    samples: Sequence[dict[str, Any]],
+    timeout_s: float,
+    cache: dict[tuple[str, str], bool] | None = None,
+) -> tuple[str | None, bool]:
     """The most frequent answer (answers grouped by math equivalence; ties go to the answer seen
-    first) and whether it is correct. Samples without a parsed answer do not vote."""
-    from papo.rewards import verify
+    first) and whether it is correct. Samples without a parsed answer do not vote.
 
-    clusters: list[list[dict[str, Any]]] = []
+    Answers are taken in the order they are first seen; each joins the first group whose first
+    answer it equals or verifies against (``verify(answer, first)``), else starts a group.
+    Samples with the same answer text always land in the same group, so each distinct answer is
+    checked once against the groups before it, not once per sample; ``cache`` (shared across
+    calls, e.g. the problems of one summary) keeps the outcome of each ordered pair checked."""
+    from papo import rewards
+
+    cache = {} if cache is None else cache
+    counts: dict[str, int] = {}
+    first_sample: dict[str, dict[str, Any]] = {}
     for sample in samples:
         answer = sample["answer"]
         if answer is None or not sample["parsed"]:
             continue
-        for cluster in clusters:
-            head = cluster[0]["answer"]
-            if answer == head or verify(answer, head, timeout_s=timeout_s):
-                cluster.append(sample)
+        if answer not in counts:
+            counts[answer] = 0
+            first_sample[answer] = sample
+        counts[answer] += 1
+    heads: list[str] = []  # each group's first answer, in the order the groups started
+    sizes: list[int] = []
+    for answer, count in counts.items():
+        for index, head in enumerate(heads):
+            key = (answer, head)
+            if key not in cache:
+                cache[key] = rewards.verify(answer, head, timeout_s=timeout_s)
+            if cache[key]:
+                sizes[index] += count
                 break
         else:
-            clusters.append([sample])
-    if not clusters:
+            heads.append(answer)
+            sizes.append(count)
+    if not heads:
         return None, False
-    best = max(clusters, key=len)  # max keeps the first of equal-sized clusters
-    return best[0]["answer"], bool(best[0]["correct"])
+    best = heads[sizes.index(max(sizes))]  # index keeps the first of equal-sized groups
+    return best, bool(first_sample[best]["correct"])
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -348,11 +371,12 @@ def summarize(
     for record in records:
         groups.setdefault(record["problem_id"], []).append(record)
     ks = ks_for(n)
+    verified: dict[tuple[str, str], bool] = {}  # the majority votes' equivalence checks
     per_problem = []
     for problem_id, samples in groups.items():
         samples = sorted(samples, key=lambda r: r["sample"])
         count, correct = len(samples), sum(bool(s["correct"]) for s in samples)
-        majority, majority_correct = _majority(samples, timeout_s)
+        majority, majority_correct = _majority(samples, timeout_s, verified)
         group = samples[0]["group"]
         baseline = group.get("baseline")
         per_problem.append(
@@ -413,6 +437,7 @@ def summarize(
         "format_valid_rate": _mean(float(m["format_valid"]) for m in metrics),
         "parallel_rate": _mean(float(m["parallel"]) for m in metrics),
         "executed_parallel_rate": _mean(float(m["executed_parallel"]) for m in metrics),
+        "blocks": len(widths),
         "mean_width": _mean(widths),
         "max_width": max(widths, default=0),
         "tokens": tokens,
@@ -449,6 +474,14 @@ def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _widths(summary: dict[str, Any]) -> str:
+    """Mean and max branch width, or a dash when no sample has a block (the summary's zeros are
+    then no widths)."""
+    if not summary["blocks"]:
+        return "–"
+    return f"{_num(summary['mean_width'])} / {summary['max_width']}"
+
+
 def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
     """A readable report of a summary: settings and the aggregate table, then (``details``) the
     problems, the answers that could not be parsed and the input errors."""
@@ -469,7 +502,7 @@ def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
         f"| format valid | {_pct(summary['format_valid_rate'])} |",
         f"| parallel trigger rate | {_pct(summary['parallel_rate'])} |",
         f"| executed in parallel | {_pct(summary['executed_parallel_rate'])} |",
-        f"| branch width mean / max | {_num(summary['mean_width'])} / {summary['max_width']} |",
+        f"| branch width mean / max | {_widths(summary)} |",
         f"| tokens generated | {summary['tokens']} |",
         f"| mean tokens / critical path per sample | {_num(summary['mean_tokens'], 1)} / "
         f"{_num(summary['mean_critical_path_tokens'], 1)} |",

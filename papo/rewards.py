@@ -2,7 +2,8 @@
 
 Reward functions are called as ``fn(response, reference, **options)`` and return a :class:`Reward`:
 
-- ``accuracy``: +1 when the last ``\\boxed{}`` answer is equivalent to the reference, else -1 (the
+- ``accuracy``: +1 when the last boxed answer (:func:`extract_answer`: ``\\boxed{}``, ``\\fbox{}`` or
+  ``\\boxed 5``, wherever it stands in the response) is equivalent to the reference, else -1 (the
   PAPO reward; a response without an answer counts as wrong);
 - ``npr_zero``: the NPR-Zero stage: when ``npr_graph.format_score(response) == 0`` (the format
   passes) the ``accuracy`` reward, otherwise the format penalty (negative, floored at -2);
@@ -99,18 +100,17 @@ class RewardFn(Protocol):
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (balanced braces), stripped; None if
-    there is none, or if the last one is never closed: a cut answer ("... so \\boxed{12") is no
-    answer, not the box written before it. A box nested in another one counts as its own
-    (later-starting) box."""
-    from npr_graph.constraints import BOX_OPENER, boxed_answers
+    """The content of the last box in ``text``, stripped: ``\\boxed{...}`` or ``\\fbox{...}``
+    (balanced braces), or ``\\boxed`` and a space then one token (``\\boxed 5``, up to whitespace,
+    ``$`` or an unmatched ``}``), as the MATH grader's ``last_boxed_only_string`` reads them
+    (:data:`npr_graph.constraints.BOX_OPENER`). None if there is none, or if the last one is
+    never closed: a cut answer ("... so \\boxed{12") is no answer, not the box written before
+    it. A box nested in another one counts as its own (later-starting) box. An empty box gives
+    ``""``, which no reference matches."""
+    from npr_graph.constraints import last_box
 
-    starts = [match.start() for match in BOX_OPENER.finditer(text)]
-    if not starts:
-        return None
-    # a box's closing brace depends only on the braces after its opener
-    answers = boxed_answers(text[starts[-1] :])
-    return answers[0].strip() if answers else None
+    answer = last_box(text)
+    return None if answer is None else answer.strip()
 
 
 # A number as people write it: sign, thousands separators, decimals, a simple fraction.

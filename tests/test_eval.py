@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import NPR_TRACE, ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import npr_graph as ng
+from npr_graph import evaluate
 from npr_graph.cli import build_parser, main
 from npr_graph.evaluate import (
     SUMMARY_KEYS,
@@ -143,6 +146,21 @@ def test_cot_format_validity_needs_a_non_empty_box() -> None:
     assert sample_metrics(empty_npr, "npr")["format_valid"] is False
 
 
+def test_cot_format_validity_reads_every_box_form() -> None:
+    """The MATH grader's box forms count as answers (a spaced \\boxed, \\fbox); empty or cut
+    ones do not."""
+    valid = {
+        text: sample_metrics(ng.parse(text, lenient=True), None)["format_valid"]
+        for text in ("So $\\boxed 5$.", "So \\fbox{5}.", "So \\fbox{}.", "So \\boxed{5}, \\fbox{6")
+    }
+    assert valid == {
+        "So $\\boxed 5$.": True,
+        "So \\fbox{5}.": True,
+        "So \\fbox{}.": False,
+        "So \\boxed{5}, \\fbox{6": False,
+    }
+
+
 def _record(problem: str, index: int, sample: int, answer, correct: bool, **metrics) -> dict:
     group = {"wall_time": 2.0, "generated_tokens": 100, "tokens_per_s": 50.0}
     group["baseline"] = {
@@ -214,6 +232,113 @@ def test_report_tells_no_majority_from_a_boxed_none() -> None:
     assert "| b | `1/2` | 0/2 | `None` |" in report
 
 
+def _majority_before(samples, timeout_s):
+    """``_majority`` as it was: every sample against every group's first answer."""
+    from papo.rewards import verify
+
+    clusters = []
+    for sample in samples:
+        answer = sample["answer"]
+        if answer is None or not sample["parsed"]:
+            continue
+        for cluster in clusters:
+            head = cluster[0]["answer"]
+            if answer == head or verify(answer, head, timeout_s=timeout_s):
+                cluster.append(sample)
+                break
+        else:
+            clusters.append([sample])
+    if not clusters:
+        return None, False
+    best = max(clusters, key=len)
+    return best[0]["answer"], bool(best[0]["correct"])
+
+
+class _Spy:
+    """A stand-in for ``verify``: any (even asymmetric, intransitive) relation; counts calls."""
+
+    def __init__(self, related):
+        self.related, self.calls = set(related), []
+
+    def __call__(self, prediction, reference, *, timeout_s):
+        self.calls.append((prediction, reference))
+        return (prediction, reference) in self.related
+
+
+_ANSWERS = ["1", "2", "x", "\\frac12", "0.5", "None"]
+_SAMPLE = st.tuples(st.sampled_from([*_ANSWERS, None]), st.booleans(), st.booleans())
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_SAMPLE, max_size=12),
+    st.sets(st.tuples(st.sampled_from(_ANSWERS), st.sampled_from(_ANSWERS))),
+)
+def test_majority_matches_the_pairwise_vote(samples, related) -> None:
+    """Grouping equal answers first and checking each distinct answer once gives the same answer
+    and correctness as the sample-by-sample vote, ties and "no vote" included, whatever the
+    equivalence relation; and never more checks."""
+    from unittest import mock
+
+    records = [
+        {"answer": answer, "parsed": parsed and answer is not None, "correct": correct}
+        for answer, parsed, correct in samples
+    ]
+    before, now = _Spy(related), _Spy(related)
+    with mock.patch("papo.rewards.verify", before):
+        expected = _majority_before(records, 1.0)
+    with mock.patch("papo.rewards.verify", now):
+        assert evaluate._majority(records, 1.0) == expected
+    assert len(now.calls) <= len(before.calls)
+    assert len(now.calls) == len(set(now.calls))  # no pair checked twice
+
+
+def test_majority_checks_each_distinct_answer_once(monkeypatch) -> None:
+    """d distinct answers, none equivalent, each given by r samples: d(d-1)/2 checks, not
+    r·d(d-1)/2; a summary checks a pair once across its problems."""
+    spy = _Spy(set())
+    monkeypatch.setattr("papo.rewards.verify", spy)
+    answers = ["1", "2", "3", "4"]
+    records = [{"answer": a, "parsed": True, "correct": a == "3"} for a in answers * 8]
+    assert evaluate._majority(records, 1.0) == ("1", False)
+    assert len(spy.calls) == 6
+    spy.calls.clear()
+    assert _majority_before(records, 1.0) == ("1", False)
+    assert len(spy.calls) == 8 * 6  # what the sample-by-sample vote cost
+    spy.calls.clear()
+    lines = [
+        _record(problem, index, sample, answer, answer == "3")
+        for index, problem in enumerate("ab")
+        for sample, answer in enumerate(answers * 2)
+    ]
+    summary = summarize(lines, n=8)
+    assert [p["majority"] for p in summary["per_problem"]] == ["1", "1"]
+    assert len(spy.calls) == 6
+
+
+def test_majority_counts_equivalent_answers_together(monkeypatch) -> None:
+    spy = _Spy({("0.5", "\\frac12")})
+    monkeypatch.setattr("papo.rewards.verify", spy)
+    records = [
+        {"answer": a, "parsed": True, "correct": a != "7"}
+        for a in ["7", "\\frac12", "7", "0.5", "0.5"]
+    ]
+    assert evaluate._majority(records, 1.0) == ("\\frac12", True)
+    records[1]["answer"] = "1/2"  # now 7 and 0.5 have two votes each: the first seen wins
+    assert evaluate._majority(records, 1.0) == ("7", False)
+
+
+def test_report_shows_a_dash_for_the_width_when_no_sample_has_a_block() -> None:
+    records = [_record("a", 0, s, "1/2", True, widths=[], parallel=False) for s in range(2)]
+    summary = summarize(records, n=2)
+    assert summary["blocks"] == 0 and summary["mean_width"] == 0.0 and summary["max_width"] == 0
+    assert "| branch width mean / max | – |" in markdown_report(summary)
+    records = [_record("a", 0, s, "1/2", True, widths=[2, 3]) for s in range(2)]
+    summary = summarize(records, n=2)
+    assert summary["blocks"] == 4
+    assert "| branch width mean / max | 2.50 / 3 |" in markdown_report(summary)
+
+
 # --- problems and prompts -----------------------------------------------------------------------
 
 
@@ -222,6 +347,16 @@ def test_load_problems_reads_the_usual_fields(tmp_path, data) -> None:
     assert errors == []
     assert [(p.id, p.reference) for p in problems] == [("p1", "2"), ("p2", "1"), ("p3", "9")]
     assert problems[1].question.startswith("Compute")
+    # a solution's answer in the MATH grader's other box forms
+    solutions = tmp_path / "solutions.jsonl"
+    solutions.write_text(
+        json.dumps({"problem": "a?", "solution": "So $\\boxed 4$."})
+        + "\n"
+        + json.dumps({"problem": "b?", "solution": "So \\fbox{\\frac{1}{2}}."})
+        + "\n"
+    )
+    problems, errors = load_problems(solutions)
+    assert errors == [] and [p.reference for p in problems] == ["4", "\\frac{1}{2}"]
     # a .json list, wrapped in an object, with field overrides and a limit
     records = [{"q": "one?", "final": "1", "key": "x"}, {"q": "two?", "final": "2", "key": "y"}]
     wrapped = tmp_path / "wrapped.json"

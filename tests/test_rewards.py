@@ -45,10 +45,76 @@ HUGE = "2^{2^{2^{100}}}"
         ("\\boxed{\\boxed{5}", "5"),
         ("\\boxed{5} \\boxed {6}}", "6"),
         ("", None),
+        # \boxed and a space then one token, and \fbox{...}, as the MATH grader reads them
+        ("so $\\boxed 5$.", "5"),
+        ("\\boxed{1}, so \\boxed 42", "42"),
+        ("\\boxed 2^{10} apples", "2^{10}"),
+        ("\\boxed \\text{no solution}.", "\\text{no solution}."),
+        ("\\fbox{7}", "7"),
+        ("\\boxed{1} then \\fbox {\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\fbox{1}, then \\boxed{2}", "2"),
+        ("\\fbox{\\boxed 5}", "5"),
+        ("\\boxed{3} \\fboxsep{2pt} \\boxedfoo 4", "3"),  # other macros
+        # a cut last box of any form is no answer
+        ("\\boxed{3}. So \\fbox{4", None),
+        ("\\boxed{3}. So \\boxed 2^{1", None),
+        ("\\boxed{3}. So \\boxed", None),
+        ("\\boxed{3}. So \\boxed \n", None),
+        # an empty last box is an empty answer (which no reference matches)
+        ("\\boxed{3}. So \\fbox{}", ""),
+        ("\\boxed{3}. So $\\boxed $", ""),
     ],
 )
 def test_extract_answer(text: str, answer: str | None) -> None:
     assert extract_answer(text) == answer
+
+
+def test_extraction_stays_linear_on_hostile_input() -> None:
+    for unit in ("\\boxed a{", "\\boxed ", "\\fbox{", "{\\boxed x}", "\\boxed a{b}c "):
+        started = time.monotonic()
+        extract_answer(unit * 50_000)
+        assert time.monotonic() - started < 2.0, unit
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "\\boxed{5}",
+        "\\fbox{5}",
+        "$\\boxed 5$",
+        "\\boxed 5",
+        "\\fbox{}",
+        "$\\boxed $",
+        "\\boxed{ }",
+        "5",
+        "\\fbox{5",
+        "\\boxed 2^{5",
+        "\\boxed{4} or rather \\fbox{5",
+        "\\boxed{4} or rather \\boxed{5",
+        "\\boxed{4} or rather \\boxed",
+        "\\fbox{\\boxed 5}",
+    ],
+)
+def test_format_rules_read_the_answer_the_reward_reads(final: str) -> None:
+    """validate's answer rules find an answer exactly when the reward does, and an empty one
+    when the reward's is empty (Multiverse's format_valid rests on them)."""
+    from npr_graph.constraints import validate
+
+    for trace in (NPR_TRACE, MULTIVERSE_TRACE):
+        boxed = "\\boxed{5}" if trace is NPR_TRACE else "\\boxed{10}"
+        text = trace.replace(boxed, final)
+        codes = {
+            v.code for v in validate(text, grammar="npr" if trace is NPR_TRACE else "multiverse")
+        }
+        answer = extract_answer(text)
+        assert ("missing_answer" in codes) == (answer is None), text
+        assert ("empty_answer" in codes) == (answer == ""), text
+
+
+def test_accuracy_reads_a_spaced_box_and_an_fbox() -> None:
+    assert get("accuracy")("So $\\boxed 5$.", "5").correct
+    assert get("accuracy")("So \\fbox{\\frac{1}{2}}.", "0.5").correct
+    assert not get("accuracy")("So \\boxed{5}, no: \\fbox{6", "5").correct
 
 
 def test_extract_answer_of_the_fixture_traces() -> None:
