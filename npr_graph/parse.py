@@ -524,7 +524,10 @@ class _Builder:
             self.nodes[-1].char_end = start + self.offset
         kind = scope.kind
         if scope.is_root and end == len(self.text):
-            kind = NodeKind.ANSWER if "\\boxed" in gap else NodeKind.TEXT
+            boxed = (
+                "\\boxed" in gap or "\\fbox" in gap
+            )  # the box forms constraints.BOX_OPENER reads
+            kind = NodeKind.ANSWER if boxed else NodeKind.TEXT
         node = self._emit(
             kind, start, end, frontier, block=scope.block, branch=scope.branch, depth=scope.depth
         )

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
+from .constraints import BOX_OPENER
 from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
 from .parse import LABEL
 
@@ -83,13 +84,15 @@ def shorten(text: str, max_len: int) -> str:
 
 def snippet(node: Node, max_len: int) -> str:
     """A short, single-line excerpt of the node's content (its label number removed); an answer
-    too long to show whole keeps its last ``\\boxed{}``."""
+    too long to show whole keeps its last box (``\\boxed{}``, ``\\fbox{}``, ``\\boxed 5``)."""
     content = node.content
     match = LABEL.match(content) if node.label else None
     if match:
         content = content[match.end() :]
-    if node.kind is NodeKind.ANSWER and "\\boxed{" in content and len(_clean(content)) > max_len:
-        content = "… \\boxed{" + content.rpartition("\\boxed{")[2]
+    if node.kind is NodeKind.ANSWER and len(_clean(content)) > max_len:
+        openers = list(BOX_OPENER.finditer(content))
+        if openers:
+            content = "… " + content[openers[-1].start() :]
     return shorten(content, max_len)
 
 

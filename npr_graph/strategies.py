@@ -290,8 +290,11 @@ SNIPPETS = (
 
 
 def is_safe(text: str) -> bool:
-    """No format tag of either grammar and no ``\\boxed``: text usable as content anywhere."""
-    return "\\boxed" not in text and not any(tag in text for tag in ALL_TAGS)
+    """No format tag of either grammar and no box (``\\boxed``, ``\\fbox``): text usable as
+    content anywhere."""
+    return (
+        "\\boxed" not in text and "\\fbox" not in text and not any(tag in text for tag in ALL_TAGS)
+    )
 
 
 _CHARACTERS = st.one_of(st.characters(), st.sampled_from("<>/{}\\$^_:.)( \n\t"))

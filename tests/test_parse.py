@@ -332,3 +332,8 @@ def test_tags_as_multi_token_text(smollm2_tokenizer):
         assert first.strip().startswith("<"), first
     lengths = [n.num_tokens for n in graph.nodes]
     assert sum(lengths) == len(prompt) + len(ids)
+
+
+def test_final_text_holding_any_box_form_is_the_answer():
+    for text in ("so \\fbox{3}", "so \\boxed 3", "so \\boxed {3}"):
+        assert ng.parse(text).nodes[0].kind is ng.NodeKind.ANSWER, text

@@ -626,3 +626,20 @@ def test_wide_deep_traces_pass_the_health_checks(pair):
 def test_strategy_arguments_are_checked_when_built(make, error):
     with pytest.raises(ValueError, match=error):
         make()
+
+
+def test_safe_text_holds_no_box_of_any_form() -> None:
+    from npr_graph.strategies import is_safe
+
+    assert is_safe("plain words, 2^{10}")
+    for text in ("a \\boxed{1}", "a \\fbox{1}", "a \\boxed 1"):
+        assert not is_safe(text), text
+
+
+@PROPERTY
+@given(answer=st.data())
+def test_drawn_answers_hold_exactly_one_box(answer) -> None:
+    from npr_graph.constraints import boxed_answers
+    from npr_graph.strategies import answers
+
+    assert len(boxed_answers(answer.draw(answers()))) == 1

@@ -495,3 +495,12 @@ def test_any_trace_is_valid_for_dot(pieces: list[str], grammar: str) -> None:
     svg = to_svg(graph, max_label=30)
     assert svg is not None
     ET.fromstring(svg)
+
+
+@pytest.mark.parametrize("box", ["\\boxed{41}", "\\fbox{41}", "\\boxed 41"])
+def test_a_long_answer_keeps_its_last_box_in_any_form(box: str) -> None:
+    graph = parse("We add the two counts and compare them with the total once more, so " + box)
+    (answer,) = graph.nodes
+    assert answer.kind is NodeKind.ANSWER
+    shown = render.snippet(answer, 24)
+    assert shown.startswith("… ") and box in shown
