@@ -69,19 +69,34 @@ class World:
         return float(tensor)
 
     def all_reduce_grads(self, model: torch.nn.Module) -> None:
-        """Sum every parameter's gradient over the ranks (missing gradients count as zero)."""
+        """Sum every parameter's gradient over the ranks. A gradient missing on some ranks counts
+        as zero there; one missing on every rank stays missing (``None``), as in one process,
+        where the optimizer then leaves the parameter alone: a zero gradient would still move it
+        (AdamW's momentum and weight decay)."""
         if not self.distributed:
             return
         params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1).double() for p in params])
+        if not params:
+            return
+        # one all-reduce: the gradients (zeros where missing), then per parameter the number of
+        # ranks that have its gradient
+        parts = [
+            p.new_zeros(p.numel(), dtype=torch.float64)
+            if p.grad is None
+            else p.grad.reshape(-1).double()
+            for p in params
+        ]
+        parts.append(torch.tensor([p.grad is not None for p in params], dtype=torch.float64))
+        flat = torch.cat([part.to(params[0].device) for part in parts])
         dist.all_reduce(flat)
+        holders = flat[-len(params) :].tolist()
         offset = 0
-        for p in params:
+        for p, held in zip(params, holders, strict=True):
             count = p.numel()
-            p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
+            if held:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
             offset += count
 
     def barrier(self) -> None:

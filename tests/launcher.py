@@ -4,6 +4,9 @@ Usage: ``launcher.py COMMAND [--then COMMAND ...]``. A command is an ``npr`` CLI
 (``train papo --config ...``) or ``fork SOURCE TARGET STEP``, which starts run directory TARGET
 from SOURCE's checkpoint of step STEP (rank 0 copies, every rank waits), ready for ``--resume``.
 
+``grads-check OUT`` checks :meth:`World.all_reduce_grads` on a small model (every rank calls it)
+and rank 0 writes what it found to the JSON file OUT.
+
 The reward ``test_length`` is registered (it has spread even for a random model, so every step has
 non-zero advantages), and the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
 that its first call on rank 1 returns NaN). After every ``Trainer.train`` the launcher writes ``replica_check.json`` to
@@ -27,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from npr_graph.cli import main
 from papo import loss as losses
 from papo import rewards
+from papo.distributed import init_world
 from papo.trainer import Trainer
 
 
@@ -88,6 +92,38 @@ def _train_and_check(self: Trainer, *args: Any, **kwargs: Any) -> list[dict[str,
 Trainer.train = _train_and_check  # type: ignore[method-assign]
 
 
+def grads_check(out: str) -> None:
+    """:meth:`World.all_reduce_grads` where no rank, one rank or every rank has a gradient."""
+    world = init_world()
+    report: dict[str, Any] = {"world_size": world.size}
+    torch.manual_seed(0)  # the same model on every rank
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    # one real update, so AdamW has momentum that a zero gradient would still apply
+    model(torch.ones(1, 3)).sum().backward()
+    world.all_reduce_grads(model)
+    report["first"] = [p.grad.tolist() for p in model.parameters()]
+    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    # no rank has a gradient (an empty mini-batch everywhere): none after, and no movement
+    optimizer.zero_grad(set_to_none=True)
+    world.all_reduce_grads(model)
+    report["none_everywhere"] = [p.grad is None for p in model.parameters()]
+    optimizer.step()
+    report["moved"] = max(
+        float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    # only rank 0 has a gradient: every rank gets it
+    optimizer.zero_grad(set_to_none=True)
+    if world.rank == 0:
+        model(torch.full((1, 3), 2.0)).sum().backward()
+    world.all_reduce_grads(model)
+    report["rank_0_only"] = world.gather([p.grad.tolist() for p in model.parameters()])
+    if world.is_main:
+        Path(out).write_text(json.dumps(report))
+    world.barrier()
+
+
 def fork(source: str, target: str, step: int) -> None:
     if _is_main():
         name = f"step_{step:07d}"
@@ -110,6 +146,8 @@ def run(argv: list[str]) -> int:
     for command in commands:
         if command[0] == "fork":
             fork(command[1], command[2], int(command[3]))
+        elif command[0] == "grads-check":
+            grads_check(command[1])
         elif (code := main(command)) != 0:
             return code
     return 0

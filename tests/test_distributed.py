@@ -217,6 +217,21 @@ def test_fsdp2_matches_one_process_and_resumes(setup):
     assert json.loads((sharded_nan / "replica_check.json").read_text())["replica_vs_trained"] == 0.0
 
 
+def test_all_reduce_grads(tmp_path):
+    """World.all_reduce_grads on 2 ranks: a gradient no rank has stays None (AdamW then leaves
+    the parameter alone, as one process does with an empty mini-batch; a zero gradient would
+    move it by its momentum and weight decay); one only rank 0 has reaches every rank."""
+    out = tmp_path / "grads.json"
+    run([*TORCHRUN, str(LAUNCHER), "grads-check", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    assert report["first"] == [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [2.0, 2.0]]  # summed
+    assert report["none_everywhere"] == [True, True]
+    assert report["moved"] == 0.0
+    rank_0 = [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [1.0, 1.0]]
+    assert report["rank_0_only"] == [rank_0, rank_0]
+
+
 def test_sharding_config_is_validated():
     assert load_config(None, "papo", {"sharding": "fsdp2"}).sharding == "fsdp2"
     assert load_config(None, "papo").sharding == "none"
