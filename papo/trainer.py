@@ -280,13 +280,16 @@ class Trainer:
         )
 
     def _sft_step(self) -> dict[str, Any]:
-        indices = self.world.shard(self.batch_indices(self.step))
+        batch = self.batch_indices(self.step)
+        indices = self.world.shard(batch)
         graphs = [self.graphs[i] for i in indices]
+        # this rank's traces are the batch's places rank, rank + size, ... (World.shard)
+        places = list(range(self.world.rank, len(batch), self.world.size))
         start = time.perf_counter()
-        result = self._optimize(graphs, [None] * len(graphs), temperature=1.0)
+        result = self._optimize(graphs, [None] * len(graphs), temperature=1.0, places=places)
         return {
             **result,
-            "traces": len(indices) * self.world.size,
+            "traces": len(batch),
             "time_s": time.perf_counter() - start,
         }
 
@@ -369,7 +372,11 @@ class Trainer:
         # this rank's rollouts sit at a known offset of the gathered list
         offset = sum(len(part) for part, _, _ in gathered[: world.rank])
         kept_before = [sum(kept[:i]) for i in range(len(kept) + 1)]
-        graphs, token_advantages = [], []
+        # a kept rollout's place in the order one process holds them (by draw, then sample; the
+        # gathered list is by rank): mini-batches are cut by it, so they do not depend on the ranks
+        by_draw = sorted(range(len(everything)), key=lambda position: everything[position][0])
+        place = {position: i for i, position in enumerate(p for p in by_draw if kept[p])}
+        graphs, token_advantages, places = [], [], []
         lam = c.branch_lambda if c.advantage == "branch" else 0.0
         for local, rollout in enumerate(rollouts):
             position = offset + local
@@ -377,6 +384,7 @@ class Trainer:
                 continue
             value = float(outcome[kept_before[position]])
             graphs.append(rollout.graph)
+            places.append(place[position])
             token_advantages.append(
                 advantage_estimators.spread(
                     rollout.graph, value, self.problems[rollout.problem].answer, lam=lam
@@ -384,7 +392,7 @@ class Trainer:
             )
         # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
         temperature = SamplingParams(temperature=c.temperature).scoring_temperature
-        result = self._optimize(graphs, token_advantages, temperature)
+        result = self._optimize(graphs, token_advantages, temperature, places=places)
         return {**metrics, **result}
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -393,15 +401,27 @@ class Trainer:
         graphs: list[ng.ReasoningGraph],
         token_advantages: list[torch.Tensor | None],
         temperature: float,
+        places: list[int] | None = None,
     ) -> dict[str, Any]:
         """One training step: ``mini_batches`` optimizer updates over the step's samples. The
         first update is on-policy; later ones see a policy the first already moved (stale), so
-        they use the engine's log-probs as the old policy (clipped when ``clip`` is set)."""
+        they use the engine's log-probs as the old policy (clipped when ``clip`` is set).
+        Mini-batch ``i`` holds the samples whose place in the whole step's batch (``places``:
+        where this rank's samples stand in it; default: this list is the batch) is ``i`` modulo
+        ``mini_batches``, so every world size cuts the batch alike."""
         count = self.config.mini_batches
-        parts = [
-            self._update(graphs[i::count], token_advantages[i::count], temperature, stale=i > 0)
-            for i in range(count)
-        ]
+        places = list(range(len(graphs))) if places is None else places
+        parts = []
+        for i in range(count):
+            members = [j for j, place in enumerate(places) if place % count == i]
+            parts.append(
+                self._update(
+                    [graphs[j] for j in members],
+                    [token_advantages[j] for j in members],
+                    temperature,
+                    stale=i > 0,
+                )
+            )
         done = [p for p in parts if p.get("skipped") is None]
         with warnings.catch_warnings():  # a step whose updates were all skipped took none
             warnings.simplefilter("ignore", UserWarning)

@@ -8,10 +8,14 @@ from SOURCE's checkpoint of step STEP (rank 0 copies, every rank waits), ready f
 and rank 0 writes what it found to the JSON file OUT.
 
 The reward ``test_length`` is registered (it has spread even for a random model, so every step has
-non-zero advantages), and the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
-that its first call on rank 1 returns NaN). After every ``Trainer.train`` the launcher writes ``replica_check.json`` to
-the run's output directory: how the engine's weights compare with the trained (possibly sharded)
-weights and with the initial ones.
+non-zero advantages), ``test_length_fails_on_rank_1`` (raises a ValueError on rank 1: a bad
+problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except that its first call
+on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises a RuntimeError on rank 1, as a
+CUDA out-of-memory would). After every ``Trainer.train`` the launcher writes
+``replica_check.json`` to the run's output directory: how the engine's weights compare with the
+trained (possibly sharded) weights and with the initial ones; and every rank writes
+``rollouts.rankR.json``: per RL step, each rollout it sampled (group, problem, reward, valid,
+token ids) with the advantage and mini-batch place it was trained with (None when not kept).
 """
 
 from __future__ import annotations
@@ -52,6 +56,24 @@ def papo_nan_once_on_rank_1(*args: Any, **kwargs: Any) -> losses.LossOutput:
     return out
 
 
+@rewards.register("test_length_fails_on_rank_1")
+def length_fails_on_rank_1(response: str, reference: str, **_: Any) -> rewards.Reward:
+    if dist.is_initialized() and dist.get_rank() == 1:
+        raise ValueError(f"test: a bad problem on rank 1 (answer {reference!r})")
+    return length(response, reference)
+
+
+@losses.register("test_papo_oom_on_rank_1")
+def papo_oom_on_rank_1(*args: Any, **kwargs: Any) -> losses.LossOutput:
+    if dist.is_initialized() and dist.get_rank() == 1:
+        raise RuntimeError("test: CUDA out of memory (a stand-in) on rank 1")
+    return losses.get("papo")(*args, **kwargs)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -78,6 +100,37 @@ def _replica_check(trainer: Trainer) -> dict[str, Any]:
 
 
 _train = Trainer.train
+_rollout = Trainer.rollout
+_optimize = Trainer._optimize
+
+
+def _record_rollouts(self: Trainer, draws: list[tuple[int, int]], step: int):
+    out, wall = _rollout(self, draws, step)
+    self._test_records = getattr(self, "_test_records", [])
+    self._test_step = {}  # id(graph) -> its record, for this step's graphs (alive until it ends)
+    for r in out:
+        self._test_step[id(r.graph)] = {
+            "step": step,
+            "group": r.group,
+            "problem": r.problem,
+            "reward": r.reward.score,
+            "valid": r.valid,
+            "token_ids": list(r.graph.token_ids),
+            "advantage": None,
+            "place": None,
+        }
+    self._test_records.extend(self._test_step.values())
+    return out, wall
+
+
+def _record_advantages(self: Trainer, graphs, token_advantages, temperature, places=None):
+    record = getattr(self, "_test_step", {})
+    for index, (graph, advantages) in enumerate(zip(graphs, token_advantages, strict=True)):
+        if id(graph) in record and advantages is not None:
+            record[id(graph)]["advantage"] = float(advantages[0])
+            record[id(graph)]["place"] = index if places is None else places[index]
+    extra = {} if places is None else {"places": places}
+    return _optimize(self, graphs, token_advantages, temperature, **extra)
 
 
 def _train_and_check(self: Trainer, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
@@ -86,10 +139,15 @@ def _train_and_check(self: Trainer, *args: Any, **kwargs: Any) -> list[dict[str,
         report = _replica_check(self)
     if _is_main():
         (self.output_dir / "replica_check.json").write_text(json.dumps(report))
+    rollouts = getattr(self, "_test_records", [])
+    self.output_dir.mkdir(parents=True, exist_ok=True)
+    (self.output_dir / f"rollouts.rank{_rank()}.json").write_text(json.dumps(rollouts))
     return history
 
 
 Trainer.train = _train_and_check  # type: ignore[method-assign]
+Trainer.rollout = _record_rollouts  # type: ignore[method-assign]
+Trainer._optimize = _record_advantages  # type: ignore[method-assign]
 
 
 def grads_check(out: str) -> None:

@@ -1,11 +1,14 @@
 """`npr train` under torchrun: 2 CPU processes on gloo match 1 process with the same batch, with
-every rank holding the whole model and with the model sharded by FSDP2 (`sharding = "fsdp2"`)."""
+every rank holding the whole model and with the model sharded by FSDP2 (`sharding = "fsdp2"`):
+the same draws, groups and advantages, mini-batches cut alike, checkpoints that resume with
+another world size, and a rank that fails stops the others."""
 
 import copy
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,13 +66,50 @@ reward = "test_length"
         .replace("max_new_tokens = 80", "max_new_tokens = 40")
         + "row_tokens = 16\nsave_every = 1\nseed = 1\n"  # a seed whose groups vary in both steps
     )
+    # 3 prompts, 2 mini-batches: rank 0 holds draws 0 and 2, rank 1 draw 1; one rollout is dropped
+    (root / "mini_batches.toml").write_text(
+        config.read_text()
+        .replace("steps = 2", "steps = 1")
+        .replace("prompts_per_step = 4", "prompts_per_step = 3")
+        .replace("max_new_tokens = 80", "max_new_tokens = 40")
+        + "mini_batches = 2\n"
+    )
+    trace = (
+        "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>\n<step>\n1: x{}.\n</step>\n"
+        "<step>\n2: y.\n</step>\n<takeaway>\nok\n</takeaway>\nSo \\boxed{{{}}}."
+    )
+    traces = root / "traces.jsonl"
+    traces.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {a}*{b}?", "response": trace.format("z" * a, a * b)})
+            + "\n"
+            for a, b in [(2, 3), (4, 5), (6, 7), (3, 3)]
+        )
+    )
+    (root / "sft.toml").write_text(
+        f"""
+model = "{root / "model"}"
+data = "{traces}"
+steps = 1
+batch_size = 3
+mini_batches = 2
+chat = false
+lr = 1e-3
+lr_schedule = "constant"
+warmup_ratio = 0
+tensorboard = false
+"""
+    )
     return root, config
 
 
-def run(command, root):
+def run(command, root, timeout=600, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -85,6 +125,39 @@ def weights(directory, step):
     return load_file(str(directory / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
 
 
+def rollouts(directory, ranks):
+    """Every rollout the launcher recorded, each with the rank that sampled it."""
+    out = []
+    for rank in range(ranks):
+        for record in json.loads((directory / f"rollouts.rank{rank}.json").read_text()):
+            out.append({**record, "rank": rank})
+    return out
+
+
+def keyed(records):
+    """Records by (step, group, sample within the group), the sample order being the engine's."""
+    out, seen = {}, {}
+    for r in records:
+        draw = (r["step"], r["group"])
+        seen[draw] = seen.get(draw, -1) + 1
+        out[(*draw, seen[draw])] = r
+    return out
+
+
+def reference_advantages(records):
+    """PAPO advantages of one step's kept (valid) rollouts, computed here from their rewards:
+    (reward - mean of its group) / (unbiased std of all kept rewards + 1e-6); 0 alone in a group."""
+    kept = [r for r in records if r["valid"]]
+    rewards = torch.tensor([r["reward"] for r in kept], dtype=torch.float64)
+    std = float(rewards.std()) if len(kept) > 1 else 0.0
+    out = {}
+    for r in kept:
+        group = [k["reward"] for k in kept if k["group"] == r["group"]]
+        mean = sum(group) / len(group)
+        out[id(r)] = (r["reward"] - mean) / (std + 1e-6) if len(group) > 1 else 0.0
+    return out
+
+
 def optimizer_state(directory, step):
     path = directory / "checkpoints" / f"step_{step:07d}" / "trainer.pt"
     return torch.load(path, weights_only=False)["optimizer"]
@@ -92,21 +165,66 @@ def optimizer_state(directory, step):
 
 @pytest.mark.slow
 def test_two_ranks_match_one(setup):
+    """Two ranks against one process: the same draws (each group whole on one rank), samples,
+    advantages (and a reference computed here), metrics and weights; then a checkpoint of either
+    resumes with the other world size and continues as both uninterrupted runs did."""
     root, config = setup
-    single = root / "single"
+    single, double = root / "single", root / "double"
+    single_from_double, double_from_single = (
+        root / "single_from_double",
+        root / "double_from_single",
+    )
     run(
         [sys.executable, str(LAUNCHER), "train", "papo", "--config", str(config),
-         "--set", f"output_dir={single}"],
+         "--set", f"output_dir={single}", "--set", "save_every=1"],
         root,
     )  # fmt: skip
-    double = root / "double"
     run(
         [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
-         "--set", f"output_dir={double}"],
+         "--set", f"output_dir={double}", "--set", "save_every=1",
+         "--then", "fork", str(single), str(double_from_single), "1",
+         "--then", "train", "papo", "--config", str(config),
+         "--set", f"output_dir={double_from_single}", "--resume"],
         root,
     )  # fmt: skip
-    one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (double / "metrics.jsonl").read_text().splitlines()]
+    run(
+        [sys.executable, str(LAUNCHER), "fork", str(double), str(single_from_double), "1",
+         "--then", "train", "papo", "--config", str(config),
+         "--set", f"output_dir={single_from_double}", "--resume"],
+        root,
+    )  # fmt: skip
+
+    # the step's draws are split by group: each group's samples all on one rank, both ranks busy,
+    # and together the same groups, problems, samples and rewards as one process
+    alone, split = rollouts(single, 1), rollouts(double, 2)
+    for step in (0, 1):
+        groups = [
+            {r["group"] for r in split if r["step"] == step and r["rank"] == k} for k in (0, 1)
+        ]
+        assert groups[0] and groups[1] and not groups[0] & groups[1]
+        assert groups[0] | groups[1] == set(range(4))
+    assert keyed(alone).keys() == keyed(split).keys()
+    assert len(keyed(split)) == 2 * 4 * 2  # steps * prompts * samples
+    for key, a in keyed(alone).items():
+        b = keyed(split)[key]
+        assert (a["problem"], a["token_ids"], a["reward"], a["valid"]) == (
+            b["problem"], b["token_ids"], b["reward"], b["valid"]
+        ), key  # fmt: skip
+    by_rank = [{tuple(r["token_ids"]) for r in split if r["rank"] == k} for k in (0, 1)]
+    assert not by_rank[0] & by_rank[1]  # the ranks sampled different rollouts
+    # advantages: batch-wide statistics although each rank holds half the batch
+    for records in (alone, split):
+        for step in (0, 1):
+            of_step = [r for r in records if r["step"] == step]
+            expected = reference_advantages(of_step)
+            assert len(expected) > 2 and any(abs(v) > 0.1 for v in expected.values())
+            for r in of_step:
+                if r["valid"]:
+                    assert r["advantage"] == pytest.approx(expected[id(r)], abs=1e-5)
+                else:
+                    assert r["advantage"] is None  # dropped, not trained on
+
+    one, two = metrics(single), metrics(double)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         assert a["rollouts"] == b["rollouts"] == 8
@@ -115,10 +233,103 @@ def test_two_ranks_match_one(setup):
         assert a["trained_tokens"] == b["trained_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    final_one = load_file(str(single / "checkpoints" / "step_0000002" / "model.safetensors"))
-    final_two = load_file(str(double / "checkpoints" / "step_0000002" / "model.safetensors"))
+    final_one, final_two = weights(single, 2), weights(double, 2)
     for key, value in final_one.items():
         assert torch.allclose(value, final_two[key], atol=1e-5), key
+
+    # a checkpoint does not depend on the world size: 2 -> 1 and 1 -> 2 continue the same run
+    for resumed in (single_from_double, double_from_single):
+        again = metrics(resumed)
+        assert [m["step"] for m in again] == [1, 2]
+        assert again[1]["reward"] == pytest.approx(one[1]["reward"], abs=1e-9)
+        assert again[1]["loss"] == pytest.approx(one[1]["loss"], abs=1e-5)
+        final = weights(resumed, 2)
+        for key, value in final_one.items():
+            assert torch.allclose(value, final[key], atol=1e-5), (resumed.name, key)
+
+
+@pytest.mark.slow
+def test_mini_batches_match_one_process(setup):
+    """With mini_batches = 2, two ranks cut the step's batch as one process does (by the
+    sample's place in the whole batch, not in the rank's share), in PAPO (a dropped rollout, ranks
+    holding 4 and 2 samples) and in SFT (3 traces: one rank's share is a whole mini-batch)."""
+    root, _ = setup
+    rl, sft = root / "mini_batches.toml", root / "sft.toml"
+    commands = []
+    for prefix in ("mb_single", "mb_double"):
+        commands.append(
+            ["train", "papo", "--config", str(rl), "--set", f"output_dir={root / (prefix + '_rl')}",
+             "--then", "train", "sft", "--config", str(sft),
+             "--set", f"output_dir={root / (prefix + '_sft')}"]
+        )  # fmt: skip
+    run([sys.executable, str(LAUNCHER), *commands[0]], root)
+    run([*TORCHRUN, str(LAUNCHER), *commands[1]], root)
+    initial = load_file(str(root / "model" / "model.safetensors"))
+    for stage in ("rl", "sft"):
+        single, double = root / f"mb_single_{stage}", root / f"mb_double_{stage}"
+        (a,), (b,) = metrics(single), metrics(double)
+        assert a["skipped"] is None and b["skipped"] is None
+        assert a["skipped_updates"] == b["skipped_updates"] == 0
+        for key in ("trained_tokens", "rollouts", "traces"):
+            assert a.get(key) == b.get(key), key
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        final_one, final_two = weights(single, 1), weights(double, 1)
+        moved = max(float((final_one[k] - initial[k]).abs().max()) for k in initial)
+        assert moved > 1e-4
+        for key, value in final_one.items():
+            assert torch.allclose(value, final_two[key], atol=1e-5), (stage, key)
+    assert metrics(root / "mb_double_sft")[0]["traces"] == 3
+    # each kept rollout has the same place in the step's batch on 2 ranks as in 1 process
+    alone, split = (
+        keyed(rollouts(root / "mb_single_rl", 1)),
+        keyed(rollouts(root / "mb_double_rl", 2)),
+    )
+    assert {r["rank"] for r in split.values()} == {0, 1}
+    assert sum(not r["valid"] for r in split.values()) >= 1  # a dropped rollout moved the places
+    assert {k: r["place"] for k, r in alone.items()} == {k: r["place"] for k, r in split.items()}
+
+
+def test_all_reduce_grads(tmp_path):
+    """World.all_reduce_grads on 2 ranks: a gradient no rank has stays None (AdamW then leaves
+    the parameter alone, as one process does with an empty mini-batch; a zero gradient would
+    move it by its momentum and weight decay); one only rank 0 has reaches every rank."""
+    out = tmp_path / "grads.json"
+    run([*TORCHRUN, str(LAUNCHER), "grads-check", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    assert report["first"] == [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [2.0, 2.0]]  # summed
+    assert report["none_everywhere"] == [True, True]
+    assert report["moved"] == 0.0
+    rank_0 = [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [1.0, 1.0]]
+    assert report["rank_0_only"] == [rank_0, rank_0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("reward=test_length_fails_on_rank_1", "test: a bad problem on rank 1"),
+        ("loss=test_papo_oom_on_rank_1", "test: CUDA out of memory (a stand-in) on rank 1"),
+    ],
+    ids=["bad-problem", "oom"],
+)
+def test_a_failing_rank_stops_every_rank(setup, override, message):
+    """Rank 1 raises (in its rewards, or in its training forward while rank 0 waits in the
+    gradient all-reduce): the run ends soon, failed, with rank 1's error shown; rank 0 does not
+    wait for it (gloo's own timeout is 30 minutes) and no checkpoint is written."""
+    root, config = setup
+    output = root / f"failing_{override.partition('=')[2]}"
+    start = time.monotonic()
+    result = run(
+        [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
+         "--set", f"output_dir={output}", "--set", override],
+        root, timeout=240, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - start < 180
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (output / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -215,21 +426,6 @@ def test_fsdp2_matches_one_process_and_resumes(setup):
     # step 2 samples from weights step 1 left unchanged, so its rollouts differ from two[1]'s
     assert nan[1]["grad_norm"] > 0 and nan[1]["rollouts"] == two[1]["rollouts"]
     assert json.loads((sharded_nan / "replica_check.json").read_text())["replica_vs_trained"] == 0.0
-
-
-def test_all_reduce_grads(tmp_path):
-    """World.all_reduce_grads on 2 ranks: a gradient no rank has stays None (AdamW then leaves
-    the parameter alone, as one process does with an empty mini-batch; a zero gradient would
-    move it by its momentum and weight decay); one only rank 0 has reaches every rank."""
-    out = tmp_path / "grads.json"
-    run([*TORCHRUN, str(LAUNCHER), "grads-check", str(out)], tmp_path)
-    report = json.loads(out.read_text())
-    assert report["world_size"] == 2
-    assert report["first"] == [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [2.0, 2.0]]  # summed
-    assert report["none_everywhere"] == [True, True]
-    assert report["moved"] == 0.0
-    rank_0 = [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [1.0, 1.0]]
-    assert report["rank_0_only"] == [rank_0, rank_0]
 
 
 def test_sharding_config_is_validated():
