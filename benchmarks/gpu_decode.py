@@ -540,6 +540,16 @@ class SyncCounter:
         self.count = sum("synchroniz" in str(w.message) for w in caught)
 
 
+# The host calls that launch one kernel, as the profiler names them: the runtime's (torch's own
+# kernels, FlashInfer) and the driver's (Triton 3.6 launches through cuLaunchKernelEx).
+KERNEL_LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+)
+
+
 def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]:
     """Where a decode step's time goes: a torch profile of a short sequential run and a short
     width-4 block with ``backend`` (after an untimed warm-up, so compiles and graph captures stay
@@ -568,7 +578,7 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
         print(f"profile    {backend} width {width}: {stats['ms_per_step']:.2f} ms/step")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
         print(averages.table(sort_by=sort, row_limit=12))
-        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+        launches = sum(e.count for e in averages if e.key in KERNEL_LAUNCH_CALLS)
         graph_launches = sum(e.count for e in averages if e.key == "cudaGraphLaunch")
         steps = max(stats["decode_steps"], 1)
         out.append({**row, "width": width, **stats,
