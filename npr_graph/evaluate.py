@@ -657,13 +657,14 @@ def _init_distributed() -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    import torch
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
     if owned:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+        # The ranks exchange only Python objects (results, resume state). NCCL would move them
+        # through the current GPU, which is cuda:0 on every rank unless set (each engine runs on
+        # its own cuda:LOCAL_RANK): two ranks on one GPU is an NCCL error.
+        dist.init_process_group(backend="gloo", timeout=DIST_TIMEOUT)
     return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from npr_graph.models import resolve_device
+
 from .data import PackedRow
 from .forward import row_logprobs
 
@@ -104,16 +106,20 @@ class World:
             dist.barrier()
 
 
-def init_world() -> World:
-    """Join the process group ``torchrun`` describes in the environment (one process: no-op)."""
+def init_world(device: str | torch.device | None = None) -> World:
+    """Join the process group ``torchrun`` describes in the environment (one process: no-op),
+    with the backend that reduces tensors on the training ``device`` (default:
+    :func:`~npr_graph.models.default_device`): NCCL for a GPU, made this rank's current device,
+    gloo for the CPU, also on a machine that has GPUs."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        device = resolve_device(device)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else os.environ.get("LOCAL_RANK", 0)
+            torch.cuda.set_device(int(index))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # Left to the interpreter's teardown, the group's threads outlive it now and then
         # ("terminate called without an active exception", exit code -6).
         atexit.register(_destroy_process_group)

@@ -78,7 +78,7 @@ class Trainer:
         console: Console | None = None,
     ) -> None:
         self.config = config
-        self.world = world or init_world()
+        self.world = world or init_world(config.device)
         self.console = console or Console(stderr=True)
         # everything that can be wrong with the inputs fails before the slow model load
         self.reward_fn = rewards.get(config.reward)

@@ -434,3 +434,59 @@ def test_sharding_config_is_validated():
     for bad in ("fsdp", "FSDP2", "", 2, None):
         with pytest.raises(ValueError, match="sharding must be one of none, fsdp2"):
             load_config(None, "papo", {"sharding": bad})
+
+
+class _Joined(Exception):
+    """Raised by a stand-in ``init_process_group`` once it has recorded its backend."""
+
+
+@pytest.mark.parametrize(
+    ("device", "backend", "current"),
+    [("cpu", "gloo", None), ("cuda", "nccl", 1), ("cuda:0", "nccl", 0)],
+)
+def test_init_world_reduces_on_the_training_device(monkeypatch, device, backend, current):
+    """A CPU run on a machine with GPUs reduces its CPU gradients over gloo (NCCL reduces only
+    CUDA tensors); a GPU run uses NCCL on its own GPU (LOCAL_RANK unless the device names one)."""
+    import torch.distributed as dist
+
+    from papo import distributed
+
+    joined, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+
+    def init_process_group(backend, *args, **kwargs):
+        joined.append(backend)
+        raise _Joined
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(_Joined):
+        distributed.init_world(device)
+    assert joined == [backend]
+    assert devices == ([] if current is None else [current])
+
+
+def test_eval_ranks_exchange_results_over_gloo(monkeypatch):
+    """npr eval's ranks exchange Python objects only: over gloo, which needs no current GPU
+    (with NCCL every rank would use cuda:0 while its engine runs on cuda:LOCAL_RANK)."""
+    import torch.distributed as dist
+
+    from npr_graph import evaluate
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def init_process_group(*args, **kwargs):
+        joined.append(kwargs.get("backend", args[0] if args else None))
+        raise _Joined
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(_Joined):
+        evaluate._init_distributed()
+    assert joined == ["gloo"]
