@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -30,7 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.stage, _overrides(args.set))
         history = run(config, resume=args.resume, console=console)
     except (ValueError, FileNotFoundError) as error:
-        console.print(Text.assemble(("error:", "red"), f" {error}"))
+        # Under torchrun every rank prints its own error: say whose it is.
+        ranked = os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ
+        rank = f" rank {os.environ['RANK']}:" if ranked else ""
+        console.print(Text.assemble(("error:", "red"), f"{rank} {error}"))
         return 2
     done = [h for h in history if h.get("skipped") is None]
     console.print(

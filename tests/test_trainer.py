@@ -660,3 +660,16 @@ def test_trainer_device_is_validated(traces, tmp_path, tokenizers):
         config.device = "cuda:0"
         with pytest.raises(ValueError, match="CUDA is not available"):
             Trainer(config, model=make_model(tok), tokenizer=tok)
+
+
+def test_train_cli_error_names_its_rank_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank prints its error: each says which rank it is."""
+    from npr_graph.cli import main
+
+    missing = tmp_path / "missing.jsonl"
+    assert main(["train", "sft", "--set", f"data={missing}"]) == 2
+    assert "rank" not in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "sft", "--set", f"data={missing}"]) == 2
+    assert capsys.readouterr().err.startswith("error: rank 1: ")
