@@ -70,40 +70,62 @@ class World:
         dist.all_reduce(tensor)
         return float(tensor)
 
-    def all_reduce_grads(self, model: torch.nn.Module) -> None:
+    def all_reduce_grads(self, model: torch.nn.Module, bucket_elements: int = 1 << 25) -> None:
         """Sum every parameter's gradient over the ranks. A gradient missing on some ranks counts
         as zero there; one missing on every rank stays missing (``None``), as in one process,
         where the optimizer then leaves the parameter alone: a zero gradient would still move it
-        (AdamW's momentum and weight decay)."""
+        (AdamW's momentum and weight decay).
+
+        The sums run in float64, over buckets of at most ``bucket_elements`` gradient values (a
+        large parameter spans several), so the float64 copy on top of the gradients is one bucket
+        (256 MiB by default), not all of them at twice their float32 size."""
         if not self.distributed:
             return
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             return
-        # one all-reduce: the gradients (zeros where missing), then per parameter the number of
-        # ranks that have its gradient
-        parts = [
-            p.new_zeros(p.numel(), dtype=torch.float64)
-            if p.grad is None
-            else p.grad.reshape(-1).double()
-            for p in params
-        ]
-        parts.append(torch.tensor([p.grad is not None for p in params], dtype=torch.float64))
-        flat = torch.cat([part.to(params[0].device) for part in parts])
-        dist.all_reduce(flat)
-        holders = flat[-len(params) :].tolist()
-        offset = 0
-        for p, held in zip(params, holders, strict=True):
-            count = p.numel()
-            if held:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
-            offset += count
+        device = params[0].device
+        holders = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.float64, device=device
+        )
+        dist.all_reduce(holders)
+        pieces: list[tuple[torch.Tensor, int, int]] = []  # (flat gradient, start, end)
+        for p, held in zip(params, holders.tolist(), strict=True):
+            if not held:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            flat = p.grad.view(-1)
+            pieces += [
+                (flat, start, min(start + bucket_elements, flat.numel()))
+                for start in range(0, flat.numel(), bucket_elements)
+            ]
+        bucket: list[tuple[torch.Tensor, int, int]] = []
+        size = 0
+        for piece in [*pieces, None]:
+            if piece is None or size + piece[2] - piece[1] > bucket_elements:
+                if bucket:
+                    _sum_over_ranks(bucket)
+                bucket, size = [], 0
+            if piece is not None:
+                bucket.append(piece)
+                size += piece[2] - piece[1]
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _sum_over_ranks(pieces: list[tuple[torch.Tensor, int, int]]) -> None:
+    """All-reduce the slices ``flat[start:end]`` of ``pieces`` in place, in one float64 call."""
+    summed = torch.cat([flat[start:end].double() for flat, start, end in pieces])
+    dist.all_reduce(summed)
+    offset = 0
+    for flat, start, end in pieces:
+        flat[start:end].copy_(summed[offset : offset + end - start])
+        offset += end - start
 
 
 def init_world(device: str | torch.device | None = None) -> World:

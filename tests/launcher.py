@@ -177,6 +177,11 @@ def grads_check(out: str) -> None:
         model(torch.full((1, 3), 2.0)).sum().backward()
     world.all_reduce_grads(model)
     report["rank_0_only"] = world.gather([p.grad.tolist() for p in model.parameters()])
+    # buckets of 4 values: the weight's 6 span two, the bias shares the second
+    for index, p in enumerate(model.parameters()):
+        p.grad = torch.arange(p.numel(), dtype=p.dtype).view_as(p) * (world.rank + 1) + index
+    world.all_reduce_grads(model, bucket_elements=4)
+    report["bucketed"] = world.gather([p.grad.tolist() for p in model.parameters()])
     if world.is_main:
         Path(out).write_text(json.dumps(report))
     world.barrier()

@@ -303,6 +303,9 @@ def test_all_reduce_grads(tmp_path):
     assert report["moved"] == 0.0
     rank_0 = [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [1.0, 1.0]]
     assert report["rank_0_only"] == [rank_0, rank_0]
+    # rank r holds arange * (r + 1) + index: the sum is arange * 3 + 2 * index
+    bucketed = [[[0.0, 3.0, 6.0], [9.0, 12.0, 15.0]], [2.0, 5.0]]
+    assert report["bucketed"] == [bucketed, bucketed]
 
 
 @pytest.mark.slow
