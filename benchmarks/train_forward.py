@@ -4,8 +4,9 @@ The reference NPR SFT code trains one sample at a time with a dense ``[L, L]`` f
 attention bias) and full ``[L, vocab]`` logits. ``papo.forward`` packs several graphs into one
 row, runs attention group by group from the compact mask (no ``[L, L]`` matrix) and computes
 log-probs chunk by chunk through ``kernels.token_logprobs``. Both compute the same per-token
-log-probs (checked in the run); this script times forward + backward of the summed log-probs,
-side by side, at 4k and 16k tokens per batch.
+log-probs and gradients (checked in the run, which stops if they differ); this script times
+forward + backward of the summed log-probs, the two sides alternating, at 4k and 16k tokens per
+batch.
 
 The model has SmolLM2-135M's shape (hidden 576, 9 query / 3 KV heads, vocab 49k) with fewer
 layers (``--layers``, default 4) and random weights: the comparison is about attention masking
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -98,21 +100,56 @@ def run_packed(model: torch.nn.Module, graphs: list[Any], row_tokens: int) -> to
     return torch.cat([values[i] for i in range(len(graphs))])
 
 
-def timed(fn, repeats: int) -> tuple[float, Any]:
-    fn()  # warm-up
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], result
+def gradients(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def max_gradient_diff(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """The largest difference of two gradient lists relative to the largest gradient entry; inf
+    when one side has a gradient the other lacks."""
+    scale = max((float(g.abs().max()) for g in a if g is not None), default=0.0) or 1.0
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if (x is None) != (y is None):
+            return float("inf")
+        if x is not None:
+            worst = max(worst, float((x - y).abs().max()) / scale)
+    return worst
+
+
+LOGPROB_TOLERANCE = 1e-3  # fp32: the two paths differ by ~3e-6 (docs/BENCHMARKS.md)
+GRADIENT_TOLERANCE = 1e-3  # relative to the largest gradient entry
 
 
 def bench(tokenizer: Any, model: torch.nn.Module, samples: int, tokens: int, repeats: int) -> dict:
+    """Forward + backward of both sides: one warm-up each (whose log-probs and gradients are
+    compared: the two sides must compute the same thing), then ``repeats`` rounds alternating the
+    sides, so drift on a shared machine hits both; each side's median."""
     graphs = make_graphs(tokenizer, samples, tokens)
     total = sum(g.num_tokens for g in graphs)
-    reference_s, reference = timed(lambda: run_reference(model, graphs), repeats)
-    packed_s, packed = timed(lambda: run_packed(model, graphs, row_tokens=total), repeats)
+    sides = {
+        "reference": lambda: run_reference(model, graphs),
+        "packed": lambda: run_packed(model, graphs, row_tokens=total),
+    }
+    values, grads = {}, {}
+    for name, fn in sides.items():  # warm-up
+        values[name] = fn()
+        grads[name] = gradients(model)
+    logprob_diff = float((values["reference"] - values["packed"]).abs().max())
+    gradient_diff = max_gradient_diff(grads["reference"], grads["packed"])
+    del grads
+    if not (logprob_diff <= LOGPROB_TOLERANCE and gradient_diff <= GRADIENT_TOLERANCE):
+        raise RuntimeError(
+            f"the packed forward differs from the reference: log-probs by {logprob_diff:.2e}, "
+            f"gradients by {gradient_diff:.2e} (relative)"
+        )
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    reference_s, packed_s = (statistics.median(times[name]) for name in sides)
     return {
         "samples": samples,
         "tokens_per_sample": tokens,
@@ -123,7 +160,8 @@ def bench(tokenizer: Any, model: torch.nn.Module, samples: int, tokens: int, rep
         "packed_tokens_per_s": total / packed_s,
         "speedup": reference_s / packed_s,
         "reference_mask_mib_per_sample": max(g.num_tokens for g in graphs) ** 2 * 4 / 2**20,
-        "max_logprob_diff": float((reference - packed).abs().max()),
+        "max_logprob_diff": logprob_diff,
+        "max_gradient_diff": gradient_diff,
     }
 
 

@@ -186,3 +186,82 @@ def test_repicks_benchmark_counts_the_overlapped_engines_re_picks(capsys, smollm
     rows = json.loads(out[out.index("[") :])
     assert [r["sampling"] for r in rows] == list(repicks.SETTINGS)
     assert all(r["sampled_tokens"] > 0 and 0 <= r["repicks"] <= r["sampled_tokens"] for r in rows)
+
+
+def test_graph_benchmark_checks_the_compact_mask_against_the_reference(tokenizer, monkeypatch):
+    """(d)'s headline speed-up is the reference loop against parse + compact mask: the compact
+    mask must equal the reference's too, not only the dense one. A compact mask that lets every
+    token see every earlier one (causal) is reported unequal."""
+    text = bench.make_trace(tokenizer, 2000, seed=0, blocks=3)
+    prompt = tokenizer.encode(PROMPT)
+    right = bench.bench_reference(tokenizer, text, prompt, repeats=1)
+    assert right["mask_equal"] and right["compact_mask_equal"] and right["positions_equal"]
+    real = bench.compact_mask
+
+    def causal(graph, mode="native"):
+        mask = real(graph, mode=mode)
+        mask.visible = torch.ones_like(mask.visible)
+        return mask
+
+    monkeypatch.setattr(bench, "compact_mask", causal)
+    wrong = bench.bench_reference(tokenizer, text, prompt, repeats=1)
+    assert wrong["mask_equal"] and wrong["positions_equal"]  # the dense path is untouched
+    assert wrong["compact_mask_equal"] is False
+
+
+def test_decode_benchmark_counts_each_blocks_own_kv_pages(smollm2_tokenizer):
+    """The KV pages reported for a width are that block's peak, not the largest of every run on
+    the engine so far: width 2 after width 8 stays within its naive count."""
+    decode = _load("decode")
+    rows = decode.bench_dtype("float32", [8, 2], step_tokens=16)
+    assert rows[2]["peak_kv_pages"] < rows[8]["peak_kv_pages"]
+    for row in rows.values():
+        assert row["peak_kv_pages"] <= row["naive_kv_pages"]
+
+
+@pytest.fixture(scope="module")
+def train_forward_case(smollm2_tokenizer):
+    """The benchmark's tokenizer (SmolLM2's, the tags as special tokens) and a tiny model."""
+    from npr_graph.models import tiny_model
+
+    train_forward = _load("train_forward")
+    tokenizer = train_forward.with_special_tags(train_forward.load_smollm2())
+    model = tiny_model(
+        "llama", tokenizer=tokenizer, seed=0, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    ).train()  # fmt: skip
+    return train_forward, tokenizer, model
+
+
+def test_train_forward_benchmark_alternates_the_sides(train_forward_case, monkeypatch):
+    """Both sides are warmed up, then timed in alternating rounds (drift hits both); the row
+    carries the log-prob and gradient differences, which are tiny."""
+    train_forward, tokenizer, model = train_forward_case
+    calls = []
+    for name in ("run_reference", "run_packed"):
+        real = getattr(train_forward, name)
+        monkeypatch.setattr(
+            train_forward,
+            name,
+            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
+        )
+    row = train_forward.bench(tokenizer, model, samples=2, tokens=300, repeats=2)
+    assert calls == ["run_reference", "run_packed"] * 3
+    assert row["max_logprob_diff"] < 1e-4 and row["max_gradient_diff"] < 1e-4
+    assert row["reference_s"] > 0 and row["packed_s"] > 0
+
+
+def test_train_forward_benchmark_stops_when_the_gradients_differ(train_forward_case, monkeypatch):
+    """A packed side whose backward leaves the weights without gradients (same log-probs, less
+    work) is refused instead of timed."""
+    train_forward, tokenizer, model = train_forward_case
+    real = train_forward.run_packed
+
+    def no_gradients(*args, **kwargs):
+        values = real(*args, **kwargs)
+        model.zero_grad(set_to_none=True)
+        return values
+
+    monkeypatch.setattr(train_forward, "run_packed", no_gradients)
+    with pytest.raises(RuntimeError, match="gradients"):
+        train_forward.bench(tokenizer, model, samples=2, tokens=300, repeats=1)
