@@ -80,9 +80,6 @@ def run_width(engine: Engine, prompt_ids: list[int], width: int, step_tokens: in
         ignore_eos=True,
         suppress_tokens=forced_structure(engine),
     )
-    # The pool's peak counts every run since the engine was built (generate does not reset it):
-    # start it at what is in use now, so the peak is this block's.
-    engine.pool._peak = engine.pool.num_used
     (graph,), seconds = timed(lambda: engine.generate([prompt_ids], params, mode="constrained"))
     total = len(graph.token_ids) - graph.prompt_num_tokens
     widths = [b.width for b in graph.blocks]

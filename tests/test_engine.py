@@ -624,3 +624,13 @@ def test_a_fork_at_the_end_of_the_context_scores_every_branch(overlap, special_t
             scored = graph.logprobs[graph.prompt_num_tokens :]
             assert None not in scored
             assert (dense_logprobs(model, graph) - torch.tensor(scored)).abs().max() <= 1e-4
+
+
+def test_each_generate_reports_its_own_peak_of_kv_pages(special_tokenizer):
+    """``stats.peak_kv_pages`` is the call's own peak, not the largest of every earlier call."""
+    engine = make_engine("llama", special_tokenizer)
+    wide = SamplingParams(seed=0, max_new_tokens=40, n=4, min_branches=3, max_branches=3, **SHORT)
+    engine.generate(["Q"], wide, mode="constrained", chat=False)
+    wide_peak = engine.stats.peak_kv_pages
+    engine.generate(["Q"], SamplingParams(seed=0, max_new_tokens=4), mode="sequential", chat=False)
+    assert 0 < engine.stats.peak_kv_pages < wide_peak

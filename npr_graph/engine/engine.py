@@ -268,6 +268,7 @@ class Engine:
             ids = self.check_prompt(prompt, p, chat, which)
             requests.append(Request(index, ids, p, mode, arrival=index))
         self.stats = EngineStats()
+        self.pool.reset_peak()
         self.logits_processor = logits_processor
         start = time.perf_counter()
         try:

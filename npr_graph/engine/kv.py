@@ -100,7 +100,12 @@ class PagePool:
 
     @property
     def peak_used(self) -> int:
+        """The most pages in use at once since the pool was built or :meth:`reset_peak`."""
         return self._peak
+
+    def reset_peak(self) -> None:
+        """Start the peak again from the pages in use now (each ``generate`` reports its own)."""
+        self._peak = self.num_used
 
     def allocate(self) -> int:
         if not self._free:
