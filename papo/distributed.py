@@ -104,14 +104,14 @@ class World:
             ]
         bucket: list[tuple[torch.Tensor, int, int]] = []
         size = 0
-        for piece in [*pieces, None]:
-            if piece is None or size + piece[2] - piece[1] > bucket_elements:
-                if bucket:
-                    _sum_over_ranks(bucket)
+        for flat, start, end in pieces:  # a piece fits a bucket: a full bucket is never empty
+            if size + end - start > bucket_elements:
+                _sum_over_ranks(bucket)
                 bucket, size = [], 0
-            if piece is not None:
-                bucket.append(piece)
-                size += piece[2] - piece[1]
+            bucket.append((flat, start, end))
+            size += end - start
+        if bucket:
+            _sum_over_ranks(bucket)
 
     def barrier(self) -> None:
         if self.distributed:
