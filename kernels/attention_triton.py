@@ -17,6 +17,19 @@ from .attention import DecodeLevel, _flat_cache
 # Globals read inside kernels must be constexpr for the compiler (the interpreter does not care).
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no inf - inf)
 MAX_STATES = 256  # partial states per query, all levels and splits together
+# Launch settings on a GPU, chosen so that ptxas (sm_90) spills no registers with Triton 3.6 or
+# 3.9; run ``python -m kernels.compile_check`` after changing a kernel or a tile. At 64-token
+# tiles 4 warps spilled 176-488 bytes per thread, 8 warps 60 (Triton 3.6). float32 multiplies
+# without tensor cores (``ieee``) and holds larger operands: its 64-query tiles spilled at any
+# KV tile, so it takes 32-query tiles.
+DECODE_TILES = {  # dtype -> (query rows of a wide tile, KV tokens per tile, warps)
+    torch.bfloat16: (64, 32, 8),
+    torch.float16: (64, 32, 8),
+    torch.float32: (32, 32, 8),
+}
+NARROW_Q = 16  # query rows of a tile for levels of at most 16 (query, head) rows
+MERGE_CHUNK = 16
+MERGE_WARPS = 4
 
 
 @triton.jit
@@ -151,33 +164,51 @@ def _merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Program (query, head): weights exp(lse_s - max), empty states (lse = -inf) weigh 0."""
+    """Program (query, head): weights exp(lse_s - max), empty states (lse = -inf) weigh 0. The
+    states stream through in chunks of ``BLOCK_S``: holding all of them at once (up to
+    ``MAX_STATES`` x ``BLOCK_D`` float32 values) made ptxas spill registers."""
     n = tl.program_id(0)
     head = tl.program_id(1)
-    states = tl.arange(0, BLOCK_S)
-    state_ok = states < num_states
-    s = tl.load(lse + n * stride_ln + states * stride_ls + head, mask=state_ok, other=float("-inf"))
-    top = tl.max(s, axis=0)
+    chunk = tl.arange(0, BLOCK_S)
+    lse_row = lse + n * stride_ln + head
+    tops = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_states, BLOCK_S):
+        states = s0 + chunk
+        s = tl.load(lse_row + states * stride_ls, mask=states < num_states, other=float("-inf"))
+        tops = tl.maximum(tops, s)
+    top = tl.max(tops, axis=0)
     top = tl.where(top > float("-inf"), top, 0.0)
-    weights = tl.exp(s - top)
-    total = tl.sum(weights, axis=0)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    v = tl.load(
-        values + n * stride_vn + states[:, None] * stride_vs + head * stride_vh + dims[None, :],
-        mask=state_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    totals = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_states, BLOCK_S):
+        states = s0 + chunk
+        state_ok = states < num_states
+        s = tl.load(lse_row + states * stride_ls, mask=state_ok, other=float("-inf"))
+        weights = tl.exp(s - top)
+        v = tl.load(
+            values + n * stride_vn + states[:, None] * stride_vs + head * stride_vh + dims[None, :],
+            mask=state_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        totals += weights
+        acc += tl.sum(weights[:, None] * v, axis=0)
+    total = tl.sum(totals, axis=0)
     safe_total = tl.where(total > 0, total, 1.0)
-    merged = tl.sum(weights[:, None] * v, axis=0) / safe_total
     tl.store(
         out_values + n * stride_on + head * stride_oh + dims,
-        merged.to(out_values.dtype.element_ty),
+        (acc / safe_total).to(out_values.dtype.element_ty),
         mask=dim_ok,
     )
     tl.store(
         out_lse + n * stride_mn + head, tl.where(total > 0, top + tl.log(safe_total), float("-inf"))
     )
+
+
+def merge_chunk(num_states: int) -> int:
+    """States the merge kernel reads per loop iteration."""
+    return max(2, min(MERGE_CHUNK, triton.next_power_of_2(num_states)))
 
 
 def merge_states(
@@ -207,9 +238,9 @@ def merge_states(
         out.stride(1),
         out_lse.stride(0),
         HEAD_DIM=dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_states)),
+        BLOCK_S=merge_chunk(num_states),
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        num_warps=1 if _triton.interpreting() else 4,
+        num_warps=1 if _triton.interpreting() else MERGE_WARPS,
     )
     return out, out_lse
 
@@ -250,9 +281,11 @@ def plan_launch(
     device: torch.device,
     num_splits: int | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Launch:
-    """Grids, splits and tiles for ``levels``. ``tiles``: ``(block_q, block_t, warps, stages)``
-    instead of the defaults below, which were chosen without measurements on a GPU."""
+    """Grids, splits and tiles for ``levels`` of queries of ``dtype``. ``tiles``: ``(block_q,
+    block_t, warps, stages)`` instead of ``DECODE_TILES``, which keep registers from spilling but
+    were chosen without timing on a GPU (``benchmarks/gpu_decode.py`` sweeps others)."""
     gq = heads // kv_heads
     stages = None
     if tiles is not None:
@@ -260,12 +293,13 @@ def plan_launch(
     elif _triton.interpreting():
         fixed_q, block_t, warps = 16, 64, 1  # few, wide tiles: the interpreter pays per op
     else:
-        fixed_q, block_t, warps = None, 64, 4
+        fixed_q = None
+        wide_q, block_t, warps = DECODE_TILES.get(dtype, DECODE_TILES[torch.float32])
     entries = []
     for level in levels:
         rows = max(level.max_group_size * gq, 1)  # (query, head) rows of its largest group
         # A level of single lanes (GQA 4: 4 rows) would leave most of a 64-row tile empty.
-        block_q = fixed_q or (16 if rows <= 16 else 64)
+        block_q = fixed_q or (NARROW_Q if rows <= NARROW_Q else wide_q)
         qblocks = triton.cdiv(rows, block_q)
         programs = level.num_groups * qblocks * kv_heads
         splits = num_splits or _num_splits(level, programs, block_t, device)
@@ -296,7 +330,9 @@ def decode_partials(
         raise ValueError(f"query heads {heads} / dim {dim} do not fit KV {tuple(keys.shape)}")
     gq = heads // kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-    launch = launch or plan_launch(levels, heads, kv_heads, query.device, num_splits)
+    launch = launch or plan_launch(
+        levels, heads, kv_heads, query.device, num_splits, dtype=query.dtype
+    )
     block_t, warps, plans, total_states, stages = launch
     pipelining = {} if stages is None else {"num_stages": stages}
     # A state no group writes (a query outside a level's groups) must merge as empty.

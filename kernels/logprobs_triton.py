@@ -10,6 +10,8 @@ from . import _triton
 
 # Globals read inside kernels must be constexpr for the compiler (the interpreter does not care).
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
+GRAD_BLOCK_V = 1024  # vocabulary columns per program of the logit gradient, on a GPU
+GRAD_WARPS = 4
 
 
 @triton.jit
@@ -121,11 +123,21 @@ def _logit_grad_kernel(
     tl.store(ptr, (grad * inv_temperature).to(logits.dtype.element_ty), mask=ok)
 
 
-def _blocks() -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps); tiny tiles under the interpreter."""
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) on a GPU, chosen so that ptxas (sm_90) spills no
+# registers (``python -m kernels.compile_check``); float32 multiplies without tensor cores and
+# spilled 36 bytes per thread at bf16's tiles.
+FORWARD_TILES = {
+    torch.bfloat16: (64, 128, 64, 8),
+    torch.float16: (64, 128, 64, 8),
+    torch.float32: (64, 64, 32, 8),
+}
+
+
+def _blocks(dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for ``dtype``; tiny tiles under the interpreter."""
     if _triton.interpreting():
         return 16, 32, 32, 1
-    return 64, 128, 64, 8
+    return FORWARD_TILES.get(dtype, FORWARD_TILES[torch.float32])
 
 
 def forward(
@@ -139,7 +151,7 @@ def forward(
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_h, warps = _blocks()
+    block_n, block_v, block_h, warps = _blocks(hidden.dtype)
     row_blocks = triton.cdiv(n, block_n)
     # Split the vocabulary so that small chunks still fill the GPU; partial softmax states are
     # merged by log-sum-exp below (each split is a few [n] vectors).
@@ -208,7 +220,7 @@ def logit_grad_(
 ) -> torch.Tensor:
     """Overwrite raw logits ``[n, V]`` with the loss gradient w.r.t. them; returns ``logits``."""
     n, vocab = logits.shape
-    block_v = 32 if _triton.interpreting() else 1024
+    block_v = 32 if _triton.interpreting() else GRAD_BLOCK_V
     with_entropy = grad_entropy is not None
     _logit_grad_kernel[(n, triton.cdiv(vocab, block_v))](
         logits,
@@ -222,6 +234,6 @@ def logit_grad_(
         1.0 / temperature,
         BLOCK_V=block_v,
         WITH_ENTROPY=with_entropy,
-        num_warps=1 if _triton.interpreting() else 4,
+        num_warps=1 if _triton.interpreting() else GRAD_WARPS,
     )
     return logits

@@ -260,8 +260,9 @@ class TritonBackend(_LevelsBackend):
             from kernels import attention_triton
 
             launch = attention_triton.plan_launch(
-                levels, self.num_heads, self.kv_heads, self.device, tiles=self.tiles
-            )
+                levels, self.num_heads, self.kv_heads, self.device, tiles=self.tiles,
+                dtype=self.dtype,
+            )  # fmt: skip
 
         def decode(query, keys, values, scale):
             if planned is not None and scale != planned:
@@ -506,8 +507,9 @@ class _TritonGraphDecoder(GraphDecoder):
             for depth in range(num_levels)
         ]
         self.launch = attention_triton.plan_launch(
-            self.levels, backend.num_heads, backend.kv_heads, device, tiles=backend.tiles
-        )
+            self.levels, backend.num_heads, backend.kv_heads, device, tiles=backend.tiles,
+            dtype=backend.dtype,
+        )  # fmt: skip
 
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
         if self.cascade:
