@@ -411,3 +411,4 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "12 kernel variants, 0 failed, 0 spill registers (sm_90)" in result.stdout
+    assert result.stdout.count(" registers, 0 bytes spilled") == 12, result.stdout
