@@ -594,6 +594,57 @@ def test_triton_cuda_graph_decode_steps_reproduce_the_dense_forward(
     assert probe.seen == [], "a recorded decode step must not wait for the host"
 
 
+@pytest.mark.skipif(
+    not _triton.available("cuda" if CUDA else "cpu"),
+    reason="Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1",
+)
+@pytest.mark.slow
+def test_triton_cuda_graphs_give_nested_branches_a_level_of_their_own(monkeypatch):
+    """An engine for a grammar that nests (Multiverse) records its Triton cascade graphs with a
+    level for the branches of nested blocks: they read their enclosing path up to their fork
+    once, between them, not once each in their tails (as before: a graph's number of levels is
+    fixed); the graphs still reproduce the dense forward."""
+    from test_multiverse_engine import ROOMY, check_graph, nested_blocks, nesting
+
+    from npr_graph.engine.runner import ModelRunner
+
+    enable = ModelRunner.enable_graphs
+    monkeypatch.setattr(
+        ModelRunner,
+        "enable_graphs",
+        lambda self, n, graph_factory=None, **kw: enable(self, n, _ReplayGraph, **kw),
+    )
+    decoder_plan = backends._TritonGraphDecoder.plan
+    shared_nested = []  # per graphed step: lanes that read a nested level's KV with others
+
+    def spy(self, lanes, views):
+        decoder_plan(self, lanes, views)
+        assert len(self.levels) == 4, "request, sample, nested branch, tail"
+        nested = self.levels[2]  # the recorded buffers, as the graph reads them
+        qo, kv = nested.qo_indptr.tolist(), nested.kv_indptr.tolist()
+        shared_nested.append(
+            sum(qo[g + 1] - qo[g] for g in range(self.batch)
+                if qo[g + 1] - qo[g] > 1 and kv[g + 1] > kv[g])
+        )  # fmt: skip
+
+    monkeypatch.setattr(backends._TritonGraphDecoder, "plan", spy)
+    tok = gpu_decode.byte_tokenizer()
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "multiverse")
+    device = "cuda" if CUDA else "cpu"
+    model = tiny_model("llama", tokenizer=tok, num_hidden_layers=1).to(device)
+    engine = Engine(model, tok, page_size=4, num_pages=1024, max_lanes=8, device=device,
+                    grammar="multiverse", attention_backend=TritonBackend(cascade=True),
+                    cuda_graphs=True)  # fmt: skip
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=120, max_blocks=2, **ROOMY)
+    (graph,) = engine.generate(
+        ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+    )
+    assert nested_blocks(graph) and engine.runner.graphs.replays > 0
+    assert max(shared_nested) >= 2, "a nested block's branches shared their path at its level"
+    check_graph(engine, graph)
+    assert engine.pool.num_used == 0
+
+
 def test_cuda_graph_bucket_grows_its_page_table(special_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", _FakeFlashInfer())
     from npr_graph.engine import graphs as graphs_module

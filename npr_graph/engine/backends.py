@@ -200,9 +200,10 @@ class AttentionBackend:
         """Whether :meth:`graph_decoder` works (after :meth:`attach`)."""
         return False
 
-    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+    def graph_decoder(self, batch: int, capacity: int, nested_levels: int = 0) -> GraphDecoder:
         """A decode of exactly ``batch`` lanes over fixed page-table buffers of ``capacity``
-        indices, for a CUDA graph to record (:mod:`.graphs`)."""
+        indices, for a CUDA graph to record (:mod:`.graphs`); ``nested_levels``: cascade levels
+        it keeps for branches of nested blocks (a graph's number of levels is fixed)."""
         raise NotImplementedError(f"the {self.name} backend has no CUDA-graph decode")
 
     def __repr__(self) -> str:
@@ -277,9 +278,9 @@ class TritonBackend(_LevelsBackend):
         # The kernels read every length from the device; the torch references read the host.
         return self.kernels == "triton" and self.scale is not None
 
-    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+    def graph_decoder(self, batch: int, capacity: int, nested_levels: int = 0) -> GraphDecoder:
         """Cascade (or flat) decode over fixed buffers (:class:`_TritonGraphDecoder`)."""
-        return _TritonGraphDecoder(self, batch, capacity)
+        return _TritonGraphDecoder(self, batch, capacity, nested_levels)
 
 
 class FlashInferBackend(_LevelsBackend):
@@ -393,7 +394,7 @@ class FlashInferBackend(_LevelsBackend):
     def can_graph(self) -> bool:
         return self.scale is not None  # one softmax scale for all layers, planned ahead
 
-    def graph_decoder(self, batch: int, capacity: int) -> GraphDecoder:
+    def graph_decoder(self, batch: int, capacity: int, nested_levels: int = 0) -> GraphDecoder:
         """Flat decode (cascade levels change shape from step to step, a graph cannot)."""
         # A new decoder replaces the bucket's old one (a re-capture), whose wrapper then frees
         # its pinned plan buffer into torch's pinned-memory cache, which knows nothing of
@@ -477,20 +478,23 @@ class _TritonGraphDecoder(GraphDecoder):
     group's queries and KV length from the tables on the device, so one recorded launch serves
     any step that fits: each level has room for ``batch`` groups (unused ones empty), a lane's
     KV splits over a number of programs fixed at capture (splits past its length add nothing),
-    and cascade keeps all three levels every step (request, sample, tail: nested branches read
-    what they share in their tails; :func:`cascade_levels` with ``fixed``: a lane that shares
-    nothing at a level has an empty list there, which these kernels take)."""
+    and cascade keeps the same levels every step (request, sample, ``nested_levels`` levels of
+    enclosing branches, tail: branches nested deeper read what they share in their tails;
+    :func:`cascade_levels` with ``fixed``: a lane that shares nothing at a level has an empty
+    list there, which these kernels take)."""
 
-    def __init__(self, backend: TritonBackend, batch: int, capacity: int) -> None:
+    def __init__(
+        self, backend: TritonBackend, batch: int, capacity: int, nested_levels: int = 0
+    ) -> None:
         from kernels import attention_triton
 
         device = backend.device
         self.batch = batch
         self.capacity = capacity
         self.cascade = backend.cascade
-        # cascade: a level per key of lane_group_keys (request, sample), then each lane's tail;
-        # a graph has a fixed number of levels, so nested branches get none of their own
-        num_levels = len(lane_group_keys((), nested=False)) + 1 if self.cascade else 1
+        self.nested_levels = nested_levels if backend.cascade and backend.nested else 0
+        # cascade: a level per key of fixed_group_keys, then each lane's tail
+        num_levels = len(self.group_keys(())) + 1 if self.cascade else 1
 
         def buffer(size: int, fill: int = 0) -> torch.Tensor:
             return torch.full((size,), fill, dtype=torch.int32, device=device)
@@ -511,9 +515,17 @@ class _TritonGraphDecoder(GraphDecoder):
             dtype=backend.dtype,
         )  # fmt: skip
 
+    def group_keys(self, lanes: Sequence) -> list[list[Hashable]]:
+        """:func:`lane_group_keys` cut or padded to this graph's nested levels (a padded level
+        keys each lane alone: it shares nothing there)."""
+        keys = lane_group_keys(lanes, nested=self.nested_levels > 0)
+        wanted = len(lane_group_keys((), nested=False)) + self.nested_levels
+        alone = [id(lane) for lane in lanes]
+        return keys[:wanted] + [alone] * (wanted - len(keys))
+
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
         if self.cascade:
-            levels = cascade_levels(views, lane_group_keys(lanes, nested=False), fixed=True)
+            levels = cascade_levels(views, self.group_keys(lanes), fixed=True)
         else:
             levels = [flat_level(views)]
         for fixed, level in zip(self.levels, levels, strict=True):

@@ -132,7 +132,8 @@ class Engine:
         self.attention_backend = make_backend(attention_backend, self.device)
         self.runner = ModelRunner(model, self.pool, self.device, self.attention_backend)
         if cuda_graphs:  # decode steps replay recorded graphs (graphs.py); flashinfer, CUDA only
-            self.runner.enable_graphs(max_lanes)
+            # a cascade level for the branches of blocks nested one deep (Multiverse)
+            self.runner.enable_graphs(max_lanes, nested_levels=int(Tags.of(grammar).nesting))
         self.max_lanes = max_lanes
         # Launch each step's forward before reading the tokens the step before it picked, so the
         # host's work on them runs while the device computes (see _run).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,10 +89,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     def enable_graphs(
-        self, max_batch: int, graph_factory: Callable[[], CudaGraph] | None = None
+        self,
+        max_batch: int,
+        graph_factory: Callable[[], CudaGraph] | None = None,
+        nested_levels: int = 0,
     ) -> None:
         """Run decode steps of up to ``max_batch`` lanes as CUDA graphs (:mod:`.graphs`).
-        ``graph_factory`` replaces ``torch.cuda.CUDAGraph`` (tests on the CPU)."""
+        ``graph_factory`` replaces ``torch.cuda.CUDAGraph`` (tests on the CPU);
+        ``nested_levels``: cascade levels the graphs keep for branches of nested blocks."""
         if graph_factory is None and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         if self.needs_positions:
@@ -104,7 +109,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self.model,
             self.kv,
-            self.backend.graph_decoder,
+            functools.partial(self.backend.graph_decoder, nested_levels=nested_levels),
             max_batch,
             self.device,
             graph_factory,
