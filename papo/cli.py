@@ -36,12 +36,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         rank = f" rank {os.environ['RANK']}:" if ranked else ""
         console.print(Text.assemble(("error:", "red"), f"{rank} {error}"))
         return 2
-    done = [h for h in history if h.get("skipped") is None]
-    console.print(
-        f"trained {len(done)} steps ({len(history) - len(done)} skipped); "
-        f"checkpoints and metrics in {config.output_dir}",
-        markup=False,
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the whole run
+        done = [h for h in history if h.get("skipped") is None]
+        console.print(
+            f"trained {len(done)} steps ({len(history) - len(done)} skipped); "
+            f"checkpoints and metrics in {config.output_dir}",
+            markup=False,
+        )
     return 0
 
 

@@ -179,7 +179,7 @@ def test_two_ranks_match_one(setup):
          "--set", f"output_dir={single}", "--set", "save_every=1"],
         root,
     )  # fmt: skip
-    run(
+    two_ranks = run(
         [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
          "--set", f"output_dir={double}", "--set", "save_every=1",
          "--then", "fork", str(single), str(double_from_single), "1",
@@ -187,6 +187,7 @@ def test_two_ranks_match_one(setup):
          "--set", f"output_dir={double_from_single}", "--resume"],
         root,
     )  # fmt: skip
+    assert two_ranks.stderr.count("trained ") == 2, "one summary per run, not one per rank"
     run(
         [sys.executable, str(LAUNCHER), "fork", str(double), str(single_from_double), "1",
          "--then", "train", "papo", "--config", str(config),

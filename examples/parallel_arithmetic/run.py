@@ -10,7 +10,7 @@ what the format fixes, the model writes the contents and chooses how many branch
 the accuracy reward, and learns to give each branch its own product. Held-out accuracy is
 measured with greedy constrained decoding after SFT and every ``papo_eval_every`` PAPO steps.
 
-    python examples/parallel_arithmetic/run.py --quick    # 20 PAPO steps, 4-6 minutes on 1 core
+    python examples/parallel_arithmetic/run.py --quick    # 20 PAPO steps, 1.5-6 minutes on 1 core
     python examples/parallel_arithmetic/run.py            # 60 PAPO steps: the curve
 
 Progress goes to stderr; stdout gets one JSON line: ``accuracy_sft``, ``accuracy_papo``,
