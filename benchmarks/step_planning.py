@@ -11,6 +11,10 @@ table. This times, side by side in one run:
   slot lists concatenated) against padding them into the table and cutting each row out again
   (how it was built before), and the cascade levels.
 
+Each comparison first checks that both sides build the same table (the run stops with an error if
+they differ), then times ``repeats`` rounds alternating the sides (in turn, the order swapped every
+round), so drift on a shared machine hits both alike; each side's median per call.
+
     python benchmarks/step_planning.py [--cases 8x1024,64x2304,128x4352] [--repeats 20]
 """
 
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,6 +83,7 @@ def group(lanes: int, tokens: int) -> list[LaneKV]:
 
 
 def timed(fn, repeats: int) -> float:
+    """Mean ms per call over ``repeats`` calls in a row, after one untimed (one side alone)."""
     fn()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -84,8 +91,39 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def alternated(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each side once untimed, then ``repeats`` rounds calling the sides in turn (the order
+    reversed every other round); each side's median ms per call."""
+    for fn in sides.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    for round_ in range(repeats):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def check_equal(lanes: list[LaneKV]) -> None:
+    """Both ways of building each table give the same one; raises (not ``assert``: ``python -O``
+    would skip it) when they differ."""
+    table, rebuilt = slot_table(lanes), rebuilt_slot_table(lanes)
+    for field in SlotTable._fields:
+        if not torch.equal(getattr(table, field), getattr(rebuilt, field)):
+            raise RuntimeError(
+                f"the cached slot table differs from the one rebuilt from segments in {field}"
+            )
+    level = flat_level(SlotViews.of(lanes))
+    indptr, indices = padded_page_table(lanes)
+    if not (torch.equal(level.kv_indptr, indptr) and torch.equal(level.kv_indices, indices)):
+        raise RuntimeError("the flat page table differs from the one cut out of the padded table")
+
+
 def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
     lanes = group(lanes_n, tokens)
+    check_equal(lanes)
 
     def step_cached():
         for lane in lanes:
@@ -102,16 +140,19 @@ def bench(lanes_n: int, tokens: int, repeats: int) -> dict:
             lane.append_slots(1)
 
     append_us = timed(append_only, 10 * repeats) * 1e3 / lanes_n
-    cached = timed(step_cached, repeats)
-    rebuilt = timed(step_rebuilt, repeats)
-    table = slot_table(lanes)
-    assert torch.equal(table.slots, rebuilt_slot_table(lanes).slots)
-    level = flat_level(SlotViews.of(lanes))
-    indptr, indices = padded_page_table(lanes)
-    assert torch.equal(level.kv_indptr, indptr) and torch.equal(level.kv_indices, indices)
+    # Both sides append one slot per lane per call: alternated, they see the same view lengths.
+    slot_ms = alternated({"cached": step_cached, "rebuilt": step_rebuilt}, repeats)
+    cached, rebuilt = slot_ms["cached"], slot_ms["rebuilt"]
+    check_equal(lanes)
     keys = [[0] * lanes_n, list(range(lanes_n))]
-    page_table = timed(lambda: flat_level(SlotViews.of(lanes)), repeats)
-    padded = timed(lambda: padded_page_table(lanes), repeats)
+    page_ms = alternated(
+        {
+            "flat": lambda: flat_level(SlotViews.of(lanes)),
+            "padded": lambda: padded_page_table(lanes),
+        },
+        repeats,
+    )
+    page_table, padded = page_ms["flat"], page_ms["padded"]
     return {
         "lanes": lanes_n,
         "tokens": tokens,
