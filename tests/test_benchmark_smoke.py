@@ -136,6 +136,21 @@ def test_step_planning_benchmark_compares_equal_tables():
         assert torch.equal(level.kv_indptr, indptr) and torch.equal(level.kv_indices, indices)
 
 
+def test_step_planning_benchmark_stops_when_its_sides_differ(monkeypatch):
+    """A side that builds other tables is an error (a RuntimeError, not an assert that
+    ``python -O`` skips), not a ratio."""
+    planning = _load("step_planning")
+    rebuilt = planning.rebuilt_slot_table
+
+    def off_by_one(lanes):
+        table = rebuilt(lanes)
+        return planning.SlotTable(table.slots, table.mask, table.lengths + 1)
+
+    monkeypatch.setattr(planning, "rebuilt_slot_table", off_by_one)
+    with pytest.raises(RuntimeError):
+        planning.bench(4, 300, repeats=2)
+
+
 def test_engine_host_benchmark_splits_steps_into_host_and_model_time():
     host = _load("engine_host")
     rows = host.main(["--widths", "1,2", "--step-tokens", "8", "--repeats", "1"])
