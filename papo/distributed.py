@@ -167,7 +167,12 @@ class ShardedForward(torch.nn.Module):
     def forward(
         self, row: PackedRow, temperature: float, with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return row_logprobs(self.policy, row, temperature=temperature, with_entropy=with_entropy)
+        logprobs, entropy = row_logprobs(
+            self.policy, row, temperature=temperature, with_entropy=with_entropy
+        )
+        # Outputs of their own, not views (FSDP2 warns of a root that returns views); a copy of
+        # one float per scored token.
+        return logprobs.clone(), entropy.clone() if entropy is not None else None
 
 
 def shard_policy(policy: torch.nn.Module, world: World) -> ShardedForward:

@@ -345,7 +345,7 @@ def test_fsdp2_matches_one_process_and_resumes(setup):
     uneven = root / "uneven.toml"
     sharded, sharded_resumed = root / "fsdp2", root / "fsdp2_resumed"
     sharded_nan = root / "fsdp2_nan"
-    run(
+    sharded_runs = run(
         [*TORCHRUN, str(LAUNCHER),
          "train", "papo", "--config", str(uneven), "--set", f"output_dir={sharded}", "--set", "sharding=fsdp2",
          "--then", "fork", str(sharded), str(sharded_resumed), "1",
@@ -355,6 +355,7 @@ def test_fsdp2_matches_one_process_and_resumes(setup):
          "--set", "sharding=fsdp2", "--set", "loss=test_papo_nan_once_on_rank_1"],
         root,
     )  # fmt: skip
+    assert "returned a view" not in sharded_runs.stderr, "FSDP2's root returns views"
     single, single_resumed = root / "single_uneven", root / "single_from_fsdp2"
     run(
         [sys.executable, str(LAUNCHER),
