@@ -66,6 +66,23 @@ def test_token_logprobs_match_full_logits(backend, with_entropy):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@needs_triton
+def test_token_logprobs_at_the_tiles_a_gpu_launches(monkeypatch):
+    """The forward kernel at each dtype's GPU tiles (``FORWARD_TILES``; the interpreter
+    otherwise runs small ones): tiles wider than the hidden size and the vocabulary, masked."""
+    from kernels import logprobs_triton
+
+    hidden, weight, targets, _ = _logprob_case(n=70)
+    ref_lp, ref_ent = reference_logprobs(hidden, weight, targets, temperature=0.7)
+    for tiles in dict.fromkeys(logprobs_triton.FORWARD_TILES.values()):
+        monkeypatch.setattr(logprobs_triton, "_blocks", lambda dtype=None, tiles=tiles: tiles)
+        logprobs, entropy = token_logprobs(
+            hidden, weight, targets, temperature=0.7, with_entropy=True, backend="triton"
+        )
+        torch.testing.assert_close(logprobs, ref_lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, ref_ent, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_stays_exact_and_non_negative_for_large_logits(backend):
     """Entropy as sum(p * (lse - z)): lse - sum(p * z) lost ~1e-3 to cancellation with logits
@@ -328,6 +345,24 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
             query, k_cache, v_cache, device_levels, backend=backend, launch=mixed
         )
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+        # the tiles a GPU launches for each dtype (DECODE_TILES), with two KV splits per list
+        from kernels import _triton
+        from kernels.attention_triton import DECODE_TILES
+
+        for dtype, (wide_q, block_t, warps) in DECODE_TILES.items():
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_triton, "interpreting", lambda: False)
+                gpu = plan_launch(device_levels, 4, kv_heads, query.device, 2, dtype=dtype)
+            assert gpu.block_t == block_t and gpu.total_states == 4
+            # these groups are narrow (at most 8 rows): their wide tile only when forced
+            wide = plan_launch(
+                device_levels, 4, kv_heads, query.device, 2, (wide_q, block_t, warps, None)
+            )
+            for launch in (gpu, wide):
+                got = cascade_decode_attention(
+                    query, k_cache, v_cache, device_levels, backend=backend, launch=launch
+                )
+                torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
 
 
 def test_plan_launch_tiles_each_level_by_its_widest_group(monkeypatch):
