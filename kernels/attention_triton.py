@@ -19,7 +19,7 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no in
 MAX_STATES = 256  # partial states per query, all levels and splits together
 # Launch settings on a GPU, chosen so that ptxas (sm_90) spills no registers with Triton 3.6 or
 # 3.9; run ``python -m kernels.compile_check`` after changing a kernel or a tile. At 64-token
-# tiles 4 warps spilled 176-488 bytes per thread, 8 warps 60 (Triton 3.6). float32 multiplies
+# tiles 4 warps spilled 148-488 bytes per thread, 8 warps 60 (Triton 3.6). float32 multiplies
 # without tensor cores (``ieee``) and holds larger operands: its 64-query tiles spilled at any
 # KV tile, so it takes 32-query tiles.
 DECODE_TILES = {  # dtype -> (query rows of a wide tile, KV tokens per tile, warps)

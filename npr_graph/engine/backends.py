@@ -493,7 +493,7 @@ class _TritonGraphDecoder(GraphDecoder):
         self.capacity = capacity
         self.cascade = backend.cascade
         self.nested_levels = nested_levels if backend.cascade and backend.nested else 0
-        # cascade: a level per key of fixed_group_keys, then each lane's tail
+        # cascade: a level per key of group_keys, then each lane's tail
         num_levels = len(self.group_keys(())) + 1 if self.cascade else 1
 
         def buffer(size: int, fill: int = 0) -> torch.Tensor:
