@@ -493,8 +493,9 @@ class _TritonGraphDecoder(GraphDecoder):
         self.capacity = capacity
         self.cascade = backend.cascade
         self.nested_levels = nested_levels if backend.cascade and backend.nested else 0
-        # cascade: a level per key of group_keys, then each lane's tail
-        num_levels = len(self.group_keys(())) + 1 if self.cascade else 1
+        # cascade: a level per key of group_keys (request, sample, nested), then each lane's tail
+        self.num_keys = len(lane_group_keys((), nested=False)) + self.nested_levels
+        num_levels = self.num_keys + 1 if self.cascade else 1
 
         def buffer(size: int, fill: int = 0) -> torch.Tensor:
             return torch.full((size,), fill, dtype=torch.int32, device=device)
@@ -518,10 +519,9 @@ class _TritonGraphDecoder(GraphDecoder):
     def group_keys(self, lanes: Sequence) -> list[list[Hashable]]:
         """:func:`lane_group_keys` cut or padded to this graph's nested levels (a padded level
         keys each lane alone: it shares nothing there)."""
-        keys = lane_group_keys(lanes, nested=self.nested_levels > 0)
-        wanted = len(lane_group_keys((), nested=False)) + self.nested_levels
+        keys = lane_group_keys(lanes, nested=self.nested_levels > 0)[: self.num_keys]
         alone = [id(lane) for lane in lanes]
-        return keys[:wanted] + [alone] * (wanted - len(keys))
+        return keys + [alone] * (self.num_keys - len(keys))
 
     def plan(self, lanes: Sequence, views: SlotViews) -> None:
         if self.cascade:
