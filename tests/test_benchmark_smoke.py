@@ -280,3 +280,15 @@ def test_train_forward_benchmark_stops_when_the_gradients_differ(train_forward_c
     monkeypatch.setattr(train_forward, "run_packed", no_gradients)
     with pytest.raises(RuntimeError, match="gradients"):
         train_forward.bench(tokenizer, model, samples=2, tokens=300, repeats=1)
+
+
+def test_prefill_benchmark_compares_budgets_on_the_embedded_model(capsys, smollm2_tokenizer):
+    """benchmarks/prefill.py at a tiny size on SmolLM2: each budget runs in a process of its own,
+    the budgeted side takes more forwards, and both pick the same tokens (else it exits 1)."""
+    prefill = _load("prefill")
+    args = ["--prompts", "3", "--length", "20", "--budgets", "0,16", "--repeats", "1"]
+    assert prefill.main([*args, "--threads", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["budget"] for row in rows] == ["none", 16]
+    assert rows[0]["prefill_forwards"] == 1 and rows[1]["prefill_forwards"] >= 60 // 16
+    assert all(row["seconds"] > 0 and row["peak_mib_above_loaded"] >= 0 for row in rows)

@@ -166,6 +166,45 @@ def test_small_pool_preempts_and_resumes(special_tokenizer):
     assert tight.pool.num_used == 0
 
 
+def test_prefill_feeds_prompts_in_chunks_within_its_token_budget(special_tokenizer):
+    """Prompts of different lengths are fed in forwards of at most ``max_prefill_tokens`` (rows
+    times padded width), each chunk seeing the KV of the chunks before it: the samples are those
+    of one whole-prompt prefill, and the dense forward scores them the same."""
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_new_tokens=40, n=2, min_branches=2, max_branches=2, **SHORT
+    )
+    prompts = ["A much longer first question, with a few clauses in it?", "Two?", "And a third."]
+    whole = make_engine("llama", special_tokenizer)
+    expected = whole.generate(prompts, params, mode="constrained", chat=False)
+    assert whole.stats.prefill_steps == 1
+    chunked = make_engine("llama", special_tokenizer, max_prefill_tokens=7)
+    forwards = []
+    step = chunked.runner.step
+
+    def recording_step(lanes, earlier=True, picked=None):
+        if not earlier:  # a prefill forward: its rows and padded width
+            forwards.append((len(lanes), max(len(lane.pending) for lane in lanes)))
+        return step(lanes, earlier=earlier, picked=picked)
+
+    chunked.runner.step = recording_step
+    graphs = chunked.generate(prompts, params, mode="constrained", chat=False)
+    longest = max(g.prompt_num_tokens for g in graphs)
+    assert chunked.stats.prefill_steps == len(forwards) >= longest // 7
+    assert all(rows * width <= 7 for rows, width in forwards)
+    assert sum(rows * width for rows, width in forwards) >= sum(
+        g.prompt_num_tokens for g in graphs[::2]
+    )
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in expected]
+    for graph, reference in zip(graphs, expected, strict=True):
+        start = graph.prompt_num_tokens
+        got = torch.tensor(graph.logprobs[start:])
+        assert (got - torch.tensor(reference.logprobs[start:])).abs().max() <= 1e-4
+        assert (dense_logprobs(chunked.model, graph) - got).abs().max() <= 1e-4
+    assert chunked.pool.num_used == 0
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        make_engine("llama", special_tokenizer, max_prefill_tokens=0)
+
+
 def test_pool_too_small_for_one_request_is_a_clear_error(special_tokenizer):
     engine = make_engine("llama", special_tokenizer, num_pages=3)
     with pytest.raises(ValueError, match="does not fit"):

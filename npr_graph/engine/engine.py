@@ -107,6 +107,7 @@ class Engine:
         page_size: int = 16,
         kv_memory_bytes: int = 512 * 2**20,
         max_lanes: int = 64,
+        max_prefill_tokens: int = 8192,
         device: torch.device | str = "cpu",
         attention_backend: str | AttentionBackend = "auto",
         cuda_graphs: bool = False,
@@ -135,6 +136,9 @@ class Engine:
             # a cascade level for the branches of blocks nested one deep (Multiverse)
             self.runner.enable_graphs(max_lanes, nested_levels=int(Tags.of(grammar).nesting))
         self.max_lanes = max_lanes
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         # Launch each step's forward before reading the tokens the step before it picked, so the
         # host's work on them runs while the device computes (see _run).
         self.overlap = overlap
@@ -476,20 +480,14 @@ class Engine:
 
     # -- prefill and per-token progress ---------------------------------------------------------
     def _prefill(self, requests: list[Request]) -> None:
-        prompt_lanes = []
-        for request in requests:
-            lane = Lane(None, LaneKV(self.pool), None, 0)
-            for token in request.prompt_ids:
-                lane.append(token, None, False)
-            prompt_lanes.append(lane)
+        prompt_lanes = [Lane(None, LaneKV(self.pool), None, 0) for _ in requests]
         try:
-            logits = self.runner.step(prompt_lanes, earlier=False).last
+            logits = self._feed_prompts(prompt_lanes, [r.prompt_ids for r in requests])
         except BaseException:  # the prompt lanes belong to no sample yet: _abandon misses them
             for lane in prompt_lanes:
                 if lane.kv.alive:
                     lane.kv.release()
             raise
-        self.stats.prefill_steps += 1
         trunks, rows = [], []
         for request, lane, row in zip(requests, prompt_lanes, logits, strict=True):
             params = request.params
@@ -514,6 +512,31 @@ class Engine:
                 rows.append(row)
         self._advance(trunks, torch.stack(rows))
         self._score_pending()
+
+    def _feed_prompts(self, lanes: list[Lane], prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Feed each lane its prompt in forwards of at most ``max_prefill_tokens`` (rows times
+        the padded width), so a prefill's activations stay bounded however many or long the
+        prompts are: each forward takes the next chunk of every unfinished prompt (the first
+        ``max_prefill_tokens`` of them), each chunk seeing the KV of those before it. Returns
+        each prompt's logits after its last token."""
+        fed = [0] * len(lanes)
+        last: list[torch.Tensor | None] = [None] * len(lanes)
+        while True:
+            rows = [i for i, prompt in enumerate(prompts) if fed[i] < len(prompt)]
+            rows = rows[: self.max_prefill_tokens]
+            if not rows:
+                return last
+            width = self.max_prefill_tokens // len(rows)
+            for i in rows:
+                chunk = prompts[i][fed[i] : fed[i] + width]
+                for token in chunk:
+                    lanes[i].append(token, None, False)
+                fed[i] += len(chunk)
+            logits = self.runner.step([lanes[i] for i in rows], earlier=False).last
+            self.stats.prefill_steps += 1
+            for row, i in enumerate(rows):
+                if fed[i] == len(prompts[i]):
+                    last[i] = logits[row]
 
     def _advance(
         self, lanes: list[Lane], logits: torch.Tensor, defer: bool = False
