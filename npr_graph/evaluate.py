@@ -348,6 +348,18 @@ def _majority(
     return best, bool(first_sample[best]["correct"])
 
 
+def _calls(firsts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One sample record per engine call: the problems of a batch (``group["batch"]``) share
+    one call, any other problem had a call of its own."""
+    calls: dict[str, dict[str, Any]] = {}
+    for record in firsts:
+        batch = record["group"].get("batch")
+        call = batch.get("id") if isinstance(batch, dict) else None
+        key = f"batch {call}" if isinstance(call, str) else f"problem {record['problem_id']}"
+        calls.setdefault(key, record)
+    return calls
+
+
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
@@ -404,13 +416,15 @@ def summarize(
     metrics = [s["metrics"] for s in samples]
     widths = [w for m in metrics for w in m["widths"]]
     tokens = sum(p["tokens"] for p in per_problem)
-    wall = sum(p["wall_time_s"] for p in per_problem)
+    firsts = [s for s in samples if s["sample"] == 0]
+    calls = _calls(firsts)  # problems decoded in one engine call share its wall time
+    wall = sum(calls[key]["group"]["wall_time"] for key in calls)
     tokens_per_s = tokens / wall if wall > 0 else 0.0
     baseline = None
-    baselines = [s["group"]["baseline"] for s in samples if s["sample"] == 0]
+    baselines = [s["group"]["baseline"] for s in firsts]
     if baselines and all(b is not None for b in baselines):
         base_tokens = sum(b["generated_tokens"] for b in baselines)
-        base_wall = sum(b["wall_time"] for b in baselines)
+        base_wall = sum(calls[key]["group"]["baseline"]["wall_time"] for key in calls)
         base_correct = sum(b["correct"] for b in baselines)
         base_samples = sum(b["samples"] for b in baselines)
         baseline = {
@@ -586,6 +600,8 @@ class EvalConfig:
     # Speed only, not part of a run's identity: decode steps as CUDA graphs; overlapped steps.
     cuda_graphs: bool = False
     overlap: bool = False
+    batch: int = 1  # problems per engine call (speeds are then the batch's)
+    kv_memory: int | str = "auto"  # the KV pool's bytes, or "auto" (Engine's kv_memory_bytes)
     verify_timeout_s: float = 5.0
     quiet: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -599,6 +615,8 @@ class EvalConfig:
             raise EvalError("n must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise EvalError("limit must be >= 1")
+        if self.batch < 1:
+            raise EvalError("batch must be >= 1")
         if not (isinstance(self.verify_timeout_s, (int, float)) and self.verify_timeout_s > 0):
             raise EvalError(
                 "verify_timeout_s (--verify-timeout) must be a positive number of seconds"
@@ -769,7 +787,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _Evaluator:
-    """Decodes and scores one problem at a time on one engine."""
+    """Decodes and scores problems on one engine, a batch of them per engine call."""
 
     def __init__(self, engine: Any, config: EvalConfig):
         from papo import rewards
@@ -787,13 +805,17 @@ class _Evaluator:
         import dataclasses
 
         seed = self.params.seed
-        # One seed per problem: a resumed or sharded run samples exactly what a whole run would.
+        # One seed per problem: a resumed, sharded or batched run samples what a whole run would.
         return dataclasses.replace(self.params, seed=None if seed is None else seed + problem.index)
 
-    def _decode(self, prompt: str, params: Any, mode: str) -> tuple[list[ReasoningGraph], dict]:
-        graphs = self.engine.generate([prompt], params, mode=mode, chat=self.config.chat)
+    def _decode(
+        self, prompts: list[str], params: list[Any], mode: str
+    ) -> tuple[list[list[ReasoningGraph]], dict]:
+        """Each prompt's graphs, and the call's speed."""
+        graphs = self.engine.generate(prompts, params, mode=mode, chat=self.config.chat)
         stats = self.engine.stats
-        return graphs, {
+        n = self.params.n
+        return [graphs[i * n : (i + 1) * n] for i in range(len(prompts))], {
             "wall_time": stats.wall_time,
             "generated_tokens": stats.generated_tokens,
             "tokens_per_s": stats.tokens_per_s,
@@ -822,43 +844,86 @@ class _Evaluator:
         reparsed.metadata = dict(graph.metadata)
         return reparsed
 
-    def run(self, problem: Problem) -> list[dict[str, Any]]:
-        prompt = self.template.render(problem.question)
-        params = self._params(problem)
-        graphs, group = self._decode(prompt, params, MODES[self.config.mode])
-        records = []
-        for index, graph in enumerate(graphs):
-            graph = self._metrics_graph(graph)
-            reward = self.reward(
-                graph.response_text, problem.reference, timeout_s=self.config.verify_timeout_s
-            )
-            records.append(
-                {
-                    "problem_id": problem.id,
-                    "problem_index": problem.index,
-                    "sample": index,
-                    "reference": problem.reference,
-                    "answer": reward.answer,
-                    "correct": reward.correct,
-                    "parsed": reward.parsed,
-                    "reward": reward.score,
-                    "metrics": sample_metrics(graph, self.template.grammar),
-                    "group": group,
-                    "graph": graph.to_dict(),
-                }
-            )
-        group["baseline"] = None
+    def _grade(self, graph: ReasoningGraph, problem: Problem):
+        return self.reward(
+            graph.response_text, problem.reference, timeout_s=self.config.verify_timeout_s
+        )
+
+    def run(
+        self, problems: list[Problem]
+    ) -> tuple[list[tuple[Problem, list[dict[str, Any]]]], list[tuple[Problem, Exception]]]:
+        """Decode ``problems`` in one engine call (and the baseline's in another): each problem
+        with its sample records, and the problems whose prompt the engine cannot take, with why.
+
+        A problem's ``group`` holds its own generated tokens and the call's wall time and
+        tokens/s; with several problems in the call, ``group["batch"]`` names the call (its id,
+        problems and tokens), so a summary counts the call's time once."""
+        from .engine.engine import PromptError
+
+        ready, prompts, params, refused = [], [], [], []
+        for problem in problems:
+            prompt = self.template.render(problem.question)
+            problem_params = self._params(problem)
+            try:
+                self.engine.check_prompt(prompt, problem_params, self.config.chat)
+            except PromptError as error:
+                refused.append((problem, error))
+                continue
+            ready.append(problem)
+            prompts.append(prompt)
+            params.append(problem_params)
+        if not ready:
+            return [], refused
+        per_problem, call = self._decode(prompts, params, MODES[self.config.mode])
+        base_per_problem, base_call = None, None
         if self.config.baseline == "sequential":
-            base_graphs, base = self._decode(prompt, params, "sequential")
-            base["samples"] = len(base_graphs)
-            base["correct"] = sum(
-                self.reward(
-                    g.response_text, problem.reference, timeout_s=self.config.verify_timeout_s
-                ).correct
-                for g in base_graphs
-            )
-            group["baseline"] = base
-        return records
+            base_per_problem, base_call = self._decode(prompts, params, "sequential")
+        batch = None
+        if len(ready) > 1:
+            batch = {
+                "id": uuid.uuid4().hex,
+                "problems": len(ready),
+                "generated_tokens": call["generated_tokens"],
+            }
+        done = []
+        for i, problem in enumerate(ready):
+            graphs = per_problem[i]
+            group = {**call, "generated_tokens": _generated(graphs), "baseline": None}
+            if batch is not None:
+                group["batch"] = batch
+            if base_per_problem is not None:
+                base_graphs = base_per_problem[i]
+                group["baseline"] = {
+                    **base_call,
+                    "generated_tokens": _generated(base_graphs),
+                    "samples": len(base_graphs),
+                    "correct": sum(self._grade(g, problem).correct for g in base_graphs),
+                }
+            records = []
+            for index, graph in enumerate(graphs):
+                graph = self._metrics_graph(graph)
+                reward = self._grade(graph, problem)
+                records.append(
+                    {
+                        "problem_id": problem.id,
+                        "problem_index": problem.index,
+                        "sample": index,
+                        "reference": problem.reference,
+                        "answer": reward.answer,
+                        "correct": reward.correct,
+                        "parsed": reward.parsed,
+                        "reward": reward.score,
+                        "metrics": sample_metrics(graph, self.template.grammar),
+                        "group": group,
+                        "graph": graph.to_dict(),
+                    }
+                )
+            done.append((problem, records))
+        return done, refused
+
+
+def _generated(graphs: list[ReasoningGraph]) -> int:
+    return sum(len(g.token_ids) - g.prompt_num_tokens for g in graphs)
 
 
 def _progress(enabled: bool, total: int):
@@ -928,7 +993,7 @@ def _run(
     todo = [p for p in problems if p.id not in done][dist.rank :: dist.world]
     not_run: list[tuple[int, str]] = []  # problems whose prompt the engine cannot take
     if todo:
-        from .engine.engine import Engine, PromptError
+        from .engine.engine import Engine
 
         if engine is None:
             from .prompts import load_template
@@ -942,28 +1007,31 @@ def _run(
                 device=_device(config),
                 cuda_graphs=config.cuda_graphs,
                 overlap=config.overlap,
+                kv_memory_bytes=config.kv_memory,
             )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
         show = not config.quiet and dist.rank == 0
         with part.open("a", encoding="utf-8") as handle, _progress(show, len(todo)) as progress:
             task = progress.add_task("", total=len(todo))
-            for problem in todo:
-                progress.update(task, description=f"problem {problem.id}")
-                try:
-                    records = evaluator.run(problem)
-                except PromptError as error:
+            for first in range(0, len(todo), config.batch):
+                batch = todo[first : first + config.batch]
+                ids = batch[0].id if len(batch) == 1 else f"{batch[0].id} … {batch[-1].id}"
+                progress.update(task, description=f"problem {ids}")
+                done, refused = evaluator.run(batch)
+                for problem, error in refused:
                     not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
                     progress.advance(task)
-                    continue
-                # One write per problem, then fsync: a kill leaves whole groups or a cut group
-                # (redone on resume), never a group that looks complete but is not.
-                handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                handle.flush()
-                os.fsync(handle.fileno())
-                progress.advance(task)
-                if on_problem is not None:
-                    on_problem(problem, records)
+                for problem, records in done:
+                    # One write per problem, then fsync: a kill leaves whole groups or a cut
+                    # group (redone on resume), never a group that looks complete but is not.
+                    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                    handle.write(lines)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    progress.advance(task)
+                    if on_problem is not None:
+                        on_problem(problem, records)
     # A collective, so also the barrier before rank 0 merges what every rank wrote.
     not_run = sorted(item for part in dist.gather(not_run) for item in part)
 
@@ -1018,6 +1086,31 @@ def _merge_and_summarize(
 # command line
 
 
+def kv_memory_arg(value: str) -> int | str:
+    """An argparse type: ``auto`` (on a GPU a share of its free memory, see
+    ``Engine(kv_memory_bytes="auto")``) or GiB for the engine's KV pool."""
+    if value == "auto":
+        return value
+    try:
+        gib = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of GiB or 'auto': {value!r}") from None
+    if not (math.isfinite(gib) and gib > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, not {value}")
+    return max(1, int(gib * 2**30))
+
+
+def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-memory",
+        type=kv_memory_arg,
+        default="auto",
+        metavar="GIB",
+        help="KV cache size in GiB; 'auto' (default): 80%% of the GPU's free memory once the "
+        "model is loaded, 0.5 GiB on the CPU",
+    )
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``npr eval`` on the ``npr`` command's subparsers."""
     parser = commands.add_parser(
@@ -1057,6 +1150,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="launch each decode step before reading the tokens of the one before (GPU speed; "
         "the same samples)",
+    )
+    add_kv_memory_argument(parser)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="problems per engine call (throughput; wall time and tokens/s are then the batch's, "
+        "and so is the baseline's)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -1120,6 +1222,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         device=args.device,
         cuda_graphs=args.cuda_graphs,
         overlap=args.overlap,
+        batch=args.batch,
+        kv_memory=args.kv_memory,
         verify_timeout_s=args.verify_timeout,
         quiet=args.quiet,
         sampling=sampling,

@@ -73,7 +73,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags, grammar=grammar)
-        engine = Engine(model.to(device), tokenizer, device=device, grammar=grammar)
+        engine = Engine(
+            model.to(device),
+            tokenizer,
+            device=device,
+            grammar=grammar,
+            kv_memory_bytes=args.kv_memory,
+        )
         out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except (ValueError, OSError) as error:
         console.print(Text.assemble(("error:", "red"), f" {error}"))
@@ -98,6 +104,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    from npr_graph.evaluate import add_kv_memory_argument
+
     train = commands.add_parser(
         "train", help="run a training stage: zero (DAPO, text tags), sft, papo"
     )
@@ -134,6 +142,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     sample.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
+    add_kv_memory_argument(sample)
     sample.add_argument("--prompt-field", default=None)
     sample.add_argument("--answer-field", default=None)
     sample.set_defaults(run=cmd_sample)

@@ -205,6 +205,24 @@ def test_prefill_feeds_prompts_in_chunks_within_its_token_budget(special_tokeniz
         make_engine("llama", special_tokenizer, max_prefill_tokens=0)
 
 
+def test_kv_memory_auto_takes_a_share_of_the_gpus_free_memory(special_tokenizer, monkeypatch):
+    """``kv_memory_bytes="auto"``: on a GPU, AUTO_KV_SHARE of what it has free once the model is
+    loaded; on the CPU the default 512 MiB. Anything but a positive int or "auto" is refused."""
+    from npr_graph.engine import engine as engine_module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda", 0)
+    assert engine_module.kv_memory_for(cuda, "auto") == int(10 * 2**30 * 0.8)
+    assert engine_module.kv_memory_for(torch.device("cpu"), "auto") == 512 * 2**20
+    assert engine_module.kv_memory_for(cuda, 12345) == 12345
+    for bad in (0, -1, 1.5, True, "lots"):
+        with pytest.raises(ValueError, match="kv_memory_bytes"):
+            engine_module.kv_memory_for(cuda, bad)
+    auto = make_engine("llama", special_tokenizer, num_pages=None, kv_memory_bytes="auto")
+    default = make_engine("llama", special_tokenizer, num_pages=None)
+    assert auto.pool.num_pages == default.pool.num_pages > 8
+
+
 def test_pool_too_small_for_one_request_is_a_clear_error(special_tokenizer):
     engine = make_engine("llama", special_tokenizer, num_pages=3)
     with pytest.raises(ValueError, match="does not fit"):

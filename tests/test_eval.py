@@ -502,6 +502,52 @@ def test_eval_run_outputs_and_schema(tmp_path, data, engine) -> None:
     assert calls == [] and again == summary
 
 
+def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine) -> None:
+    """``batch=2`` decodes two problems per engine call (and their baseline in one more): the
+    samples are those of one problem per call (one seed per problem); problems of a call share
+    its wall time, which the summary counts once; a prompt the engine cannot take is reported
+    and the rest of its batch decoded."""
+    single = run_eval(config(data, tmp_path / "single", baseline="sequential"), engine=engine)
+    calls = []
+    batched = run_eval(
+        config(data, tmp_path / "batched", baseline="sequential", batch=2),
+        engine=engine,
+        on_problem=lambda p, r: calls.append(p.id),
+    )
+    assert calls == ["p1", "p2", "p3"]
+    got, want = read_samples(tmp_path / "batched"), read_samples(tmp_path / "single")
+    assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
+    assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+    first, second, third = (got[i]["group"] for i in (0, 2, 4))
+    assert first["batch"] == second["batch"] and first["batch"]["problems"] == 2
+    assert "batch" not in third
+    assert first["wall_time"] == second["wall_time"] != third["wall_time"]
+    for record, reference in zip(got, want, strict=True):  # each problem's own tokens
+        assert record["group"]["generated_tokens"] == reference["group"]["generated_tokens"]
+        base, reference_base = record["group"]["baseline"], reference["group"]["baseline"]
+        assert base["generated_tokens"] == reference_base["generated_tokens"]
+        assert base["correct"] == reference_base["correct"] and base["samples"] == 2
+    assert batched["tokens"] == single["tokens"]
+    assert batched["wall_time_s"] == pytest.approx(first["wall_time"] + third["wall_time"])
+    assert batched["baseline"]["wall_time_s"] == pytest.approx(
+        first["baseline"]["wall_time"] + third["baseline"]["wall_time"]
+    )
+    assert batched["baseline"]["tokens"] == single["baseline"]["tokens"]
+    assert {k: batched[k] for k in ("avg_at_n", "parallel_rate", "mean_width")} == {
+        k: single[k] for k in ("avg_at_n", "parallel_rate", "mean_width")
+    }
+
+    words = " ".join(["seven"] * engine.max_positions)
+    rows = [PROBLEMS[0], {"id": "long", "problem": f"Add: {words}", "answer": "1"}, PROBLEMS[2]]
+    long_data = tmp_path / "long.jsonl"
+    long_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_eval(config(long_data, tmp_path / "long", batch=3), engine=engine)
+    assert summary["problems"] == 2 and summary["errors"][0].startswith("problem long: ")
+    assert [r["problem_id"] for r in read_samples(tmp_path / "long")] == ["p1", "p1", "p3", "p3"]
+    with pytest.raises(EvalError, match="batch must be >= 1"):
+        config(data, tmp_path / "x", batch=0)
+
+
 def test_eval_modes_and_prompts(tmp_path, data, engine) -> None:
     sequential = run_eval(
         config(data, tmp_path / "seq", mode="sequential", prompt="cot", chat=False, limit=2),
@@ -662,6 +708,39 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o7", option, value))
         assert code == 2 and message in capsys.readouterr().err, option
     assert not (tmp_path / "o7").exists(), "refused before anything ran"
+
+
+def test_cli_kv_memory_sizes_the_engines_pool(
+    tmp_path, tiny_dir, data, engine, capsys, monkeypatch
+) -> None:
+    """``--kv-memory GIB`` sizes the KV pool of the engine ``npr eval`` (and ``npr sample``)
+    builds; ``auto``, the default, is the engine's own rule; anything else is refused."""
+    import npr_graph.engine.engine as engine_module
+
+    def parsed(*extra: str) -> EvalConfig:
+        return config_from_args(build_parser().parse_args(_cli_args(tiny_dir, data, out, *extra)))
+
+    out = tmp_path / "o"
+    assert parsed().kv_memory == "auto" and parsed("--kv-memory", "0.25").kv_memory == 2**28
+    pools = []
+
+    class Recording(engine_module.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append((kwargs["kv_memory_bytes"], self.pool.num_pages))
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    assert main([*_cli_args(tiny_dir, data, out, "--limit", "1"), "--kv-memory", "0.001"]) == 0
+    [(kv_bytes, pages)] = pools
+    assert kv_bytes == int(0.001 * 2**30)
+    slot_bytes = engine_module.ModelRunner.bytes_per_slot(engine.model)
+    assert pages == max(8, kv_bytes // (engine.pool.page_size * slot_bytes))
+    for value in ("0", "-1", "nan", "big"):
+        with pytest.raises(SystemExit):
+            parsed("--kv-memory", value)
+        assert "--kv-memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--data", str(data), "--out", "x", "--kv-memory", "0"])
 
 
 def test_cli_overlapped_steps_write_the_same_greedy_samples(tmp_path, tiny_dir, data) -> None:

@@ -37,6 +37,11 @@ from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, tok
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, Tags
 from .transfer import HostCopy
 
+DEFAULT_KV_BYTES = 512 * 2**20
+# kv_memory_bytes="auto" on a GPU: the rest of its free memory holds activations (a prefill of
+# max_prefill_tokens, a step's [rows, vocab] logits), CUDA graphs and attention workspaces.
+AUTO_KV_SHARE = 0.8
+
 
 class _Unscored(NamedTuple):
     """``lane.tokens[index : index + len(logits)]``, to be scored by ``logits [n, V]``."""
@@ -105,7 +110,7 @@ class Engine:
         *,
         num_pages: int | None = None,
         page_size: int = 16,
-        kv_memory_bytes: int = 512 * 2**20,
+        kv_memory_bytes: int | str = DEFAULT_KV_BYTES,
         max_lanes: int = 64,
         max_prefill_tokens: int = 8192,
         device: torch.device | str = "cpu",
@@ -128,7 +133,8 @@ class Engine:
         self.max_positions = getattr(config, "max_position_embeddings", None) or 1 << 30
         if num_pages is None:
             probe = ModelRunner.bytes_per_slot(model)
-            num_pages = max(8, kv_memory_bytes // (probe * page_size))
+            kv_bytes = kv_memory_for(self.device, kv_memory_bytes)
+            num_pages = max(8, kv_bytes // (probe * page_size))
         self.pool = PagePool(num_pages, page_size)
         self.attention_backend = make_backend(attention_backend, self.device)
         self.runner = ModelRunner(model, self.pool, self.device, self.attention_backend)
@@ -981,6 +987,20 @@ class Engine:
         if not block.branches or not block.branches[0]:
             return None
         return graph.nodes[block.branches[0][0]].token_start - graph.prompt_num_tokens
+
+
+def kv_memory_for(device: torch.device, setting: int | str) -> int:
+    """Bytes for the KV pool: ``setting`` itself, or with ``"auto"`` a share
+    (:data:`AUTO_KV_SHARE`) of what the CUDA device has free once the model is on it (on the
+    CPU, :data:`DEFAULT_KV_BYTES`)."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return DEFAULT_KV_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * AUTO_KV_SHARE)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"kv_memory_bytes must be a positive int or 'auto', got {setting!r}")
+    return setting
 
 
 def _over_budget(sample: Sample) -> bool:
