@@ -317,7 +317,12 @@ def _load_engine(args: argparse.Namespace):
 
     with Console(stderr=True).status("loading model"):
         return Engine.from_pretrained(
-            args.model, dtype=args.dtype, tags=args.tags, grammar=args.grammar
+            args.model,
+            dtype=args.dtype,
+            tags=args.tags,
+            grammar=args.grammar,
+            device=args.device,
+            kv_memory_bytes=args.kv_memory,
         )
 
 
@@ -451,6 +456,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    from .evaluate import add_kv_memory_argument
+
     parser.add_argument(
         "--model",
         default=None,
@@ -460,6 +467,8 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--dtype", choices=("float32", "bfloat16"), default=defaults.get("dtype", "float32")
     )
     parser.add_argument("--tags", choices=("special", "text"), default="special")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    add_kv_memory_argument(parser)
     parser.add_argument(
         "--grammar",
         choices=("npr", "multiverse"),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 from npr_graph.cli import main
@@ -304,6 +305,33 @@ def test_generate_and_demo_report_bad_input_without_a_traceback(tmp_path, capsys
     code, _, err = run(capsys, "demo", "--temperature", "-1")
     assert code == 2 and err.startswith("npr demo: ") and "temperature" in err
     assert loaded == [], "parameters are checked before the model loads"
+
+
+def test_generate_and_demo_take_a_device_and_a_kv_cache_size(capsys, monkeypatch):
+    """``--device`` (default cpu) and ``--kv-memory GIB|auto`` reach the engine; a bad device is
+    a clear error, a bad size a usage error."""
+    from npr_graph.engine.engine import Engine
+
+    code, _, err = run(capsys, "generate", "--prompt", "x", "--device", "foo")
+    assert code == 2 and "not a device name" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "demo", "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in err
+    with pytest.raises(SystemExit):
+        run(capsys, "generate", "--prompt", "x", "--kv-memory", "0")
+    built = []
+
+    def from_pretrained(path, **kwargs):
+        built.append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
+    run(capsys, "generate", "--prompt", "x")
+    run(capsys, "generate", "--prompt", "x", "--device", "cpu", "--kv-memory", "0.5")
+    assert [(b["device"], b["kv_memory_bytes"]) for b in built] == [
+        ("cpu", "auto"),
+        ("cpu", 2**29),
+    ]
 
 
 def test_inspect_into_a_pipe_closed_early(tmp_path):
