@@ -602,6 +602,7 @@ class EvalConfig:
     overlap: bool = False
     batch: int = 1  # problems per engine call (speeds are then the batch's)
     kv_memory: int | str = "auto"  # the KV pool's bytes, or "auto" (Engine's kv_memory_bytes)
+    max_lanes: int = 64
     verify_timeout_s: float = 5.0
     quiet: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -617,6 +618,8 @@ class EvalConfig:
             raise EvalError("limit must be >= 1")
         if self.batch < 1:
             raise EvalError("batch must be >= 1")
+        if self.max_lanes < 1:
+            raise EvalError("max_lanes must be >= 1")
         if not (isinstance(self.verify_timeout_s, (int, float)) and self.verify_timeout_s > 0):
             raise EvalError(
                 "verify_timeout_s (--verify-timeout) must be a positive number of seconds"
@@ -1008,6 +1011,7 @@ def _run(
                 cuda_graphs=config.cuda_graphs,
                 overlap=config.overlap,
                 kv_memory_bytes=config.kv_memory,
+                max_lanes=config.max_lanes,
             )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
@@ -1153,6 +1157,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_kv_memory_argument(parser)
     parser.add_argument(
+        "--max-lanes",
+        type=int,
+        default=64,
+        metavar="L",
+        help="lanes (samples and their branches) the engine admits at once (default 64)",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=1,
@@ -1224,6 +1235,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         overlap=args.overlap,
         batch=args.batch,
         kv_memory=args.kv_memory,
+        max_lanes=args.max_lanes,
         verify_timeout_s=args.verify_timeout,
         quiet=args.quiet,
         sampling=sampling,

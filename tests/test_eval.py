@@ -704,6 +704,8 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
         ("--device", "foo", "not a device name"),
         ("--threads", "-1", "--threads must be >= 1"),
         ("--verify-timeout", "0", "positive number of seconds"),
+        ("--batch", "0", "batch must be >= 1"),
+        ("--max-lanes", "0", "max_lanes must be >= 1"),
     ]:
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o7", option, value))
         assert code == 2 and message in capsys.readouterr().err, option
@@ -727,11 +729,13 @@ def test_cli_kv_memory_sizes_the_engines_pool(
     class Recording(engine_module.Engine):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            pools.append((kwargs["kv_memory_bytes"], self.pool.num_pages))
+            pools.append((kwargs["kv_memory_bytes"], self.pool.num_pages, self.max_lanes))
 
     monkeypatch.setattr(engine_module, "Engine", Recording)
-    assert main([*_cli_args(tiny_dir, data, out, "--limit", "1"), "--kv-memory", "0.001"]) == 0
-    [(kv_bytes, pages)] = pools
+    extra = ("--limit", "1", "--kv-memory", "0.001", "--max-lanes", "9")
+    assert main(_cli_args(tiny_dir, data, out, *extra)) == 0
+    [(kv_bytes, pages, lanes)] = pools
+    assert lanes == 9
     assert kv_bytes == int(0.001 * 2**30)
     slot_bytes = engine_module.ModelRunner.bytes_per_slot(engine.model)
     assert pages == max(8, kv_bytes // (engine.pool.page_size * slot_bytes))
