@@ -250,11 +250,18 @@ def generate_and_check(
     max_new_tokens=48,
     prompts=("What is 2+2?", "Primes?"),
     n=2,
+    max_prefill_tokens=8192,
     **model_overrides,
 ):
     model = tiny_model(family, tokenizer=tokenizer, dtype=dtype, **model_overrides).to(device)
     engine = Engine(
-        model, tokenizer, page_size=4, num_pages=512, device=device, attention_backend=backend
+        model,
+        tokenizer,
+        page_size=4,
+        num_pages=512,
+        device=device,
+        attention_backend=backend,
+        max_prefill_tokens=max_prefill_tokens,
     )
     planned = []
     original = engine.runner.backend.plan_decode
@@ -293,6 +300,24 @@ def test_level_plans_reproduce_the_dense_forward(family, cascade, special_tokeni
     """The triton backend's plans, run by the kernels' torch references (fast on the CPU)."""
     backend = TritonBackend(cascade=cascade, kernels="torch")
     generate_and_check(family, special_tokenizer, backend, tolerance=1e-4, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("budget", [2, 5])
+def test_prompts_prefilled_in_chunks_through_the_plans_reproduce_the_dense_forward(
+    budget, special_tokenizer
+):
+    """Small prefill budgets split the prompts into chunks: one token per prompt while both are
+    being fed at a budget of 2 (a decode step of the backend's plan; prompt lanes belong to no
+    sample yet), several per prompt otherwise (padded, the torch path)."""
+    backend = TritonBackend(cascade=True, kernels="torch")
+    generate_and_check(
+        "qwen3",
+        special_tokenizer,
+        backend,
+        tolerance=1e-4,
+        num_hidden_layers=2,
+        max_prefill_tokens=budget,
+    )
 
 
 @pytest.mark.skipif(not backends.triton_installed(), reason="triton is not installed")
