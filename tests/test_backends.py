@@ -946,3 +946,23 @@ def test_gpu_overlapped_steps_match_the_plain_engine(backend, sampling, special_
         engine_logprobs = torch.tensor(overlapped.logprobs[overlapped.prompt_num_tokens :])
         error = (dense_logprobs(model, overlapped) - engine_logprobs).abs().max().item()
         assert error <= 0.15, f"log-prob error {error}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_kv_memory_auto_takes_a_share_of_the_free_memory(special_tokenizer, monkeypatch):
+    """``kv_memory_bytes="auto"`` on a GPU: AUTO_KV_SHARE of what the card has free once the
+    model is on it (here 1%, to leave the card to the other tests), and the engine decodes."""
+    from npr_graph.engine import engine as engine_module
+    from npr_graph.engine.runner import ModelRunner
+
+    monkeypatch.setattr(engine_module, "AUTO_KV_SHARE", 0.01)
+    model = tiny_model("qwen3", tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE)
+    model = model.to("cuda")
+    free, _ = torch.cuda.mem_get_info()
+    engine = Engine(model, special_tokenizer, device="cuda", kv_memory_bytes="auto")
+    expected = int(free * 0.01) // (ModelRunner.bytes_per_slot(model) * engine.pool.page_size)
+    assert abs(engine.pool.num_pages - expected) <= 0.05 * expected and expected > 8
+    params = SamplingParams(max_new_tokens=16, min_branches=2, max_branches=2, **SHORT)
+    (graph,) = engine.generate(["What is 2+2?"], params, mode="constrained", chat=False)
+    assert graph.num_tokens > graph.prompt_num_tokens and engine.pool.num_used == 0
