@@ -119,6 +119,8 @@ class Engine:
         overlap: bool = False,
         grammar: str = "npr",
     ):
+        if max_prefill_tokens < 1:  # before the KV pool, which may take most of a GPU
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
@@ -142,8 +144,6 @@ class Engine:
             # a cascade level for the branches of blocks nested one deep (Multiverse)
             self.runner.enable_graphs(max_lanes, nested_levels=int(Tags.of(grammar).nesting))
         self.max_lanes = max_lanes
-        if max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
         # Launch each step's forward before reading the tokens the step before it picked, so the
         # host's work on them runs while the device computes (see _run).
