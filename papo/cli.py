@@ -59,6 +59,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
         template = load_template(args.prompt)
         grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
@@ -91,7 +93,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             out.flush()
 
         _, report = rejection_sample(
-            engine, problems, template, params, mode=args.mode, on_record=write
+            engine, problems, template, params, mode=args.mode, batch=args.batch, on_record=write
         )
     json.dump(report.to_dict(), sys.stdout)
     print()
@@ -135,6 +137,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the format decoded and checked (default: multiverse with --prompt multiverse, else npr)",
     )
     sample.add_argument("--tries", type=int, default=8)
+    sample.add_argument(
+        "--batch", type=int, default=8, metavar="B", help="problems per engine call (default 8)"
+    )
     sample.add_argument("--limit", type=int, default=None)
     sample.add_argument("--max-new-tokens", type=int, default=1024)
     sample.add_argument("--temperature", type=float, default=1.0)

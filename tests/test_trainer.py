@@ -602,6 +602,32 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
     for limit in ("0", "-1"):
         assert main([*args, "--limit", limit]) == 2
         assert f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
+    assert main([*args, "--batch", "0"]) == 2
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_sample_cli_batch_sets_the_problems_per_engine_call(
+    problems, tmp_path, tokenizers, monkeypatch
+):
+    from npr_graph.cli import main
+    from npr_graph.engine.engine import Engine
+
+    model_dir = tmp_path / "tiny"
+    make_model(tokenizers["text"]).save_pretrained(model_dir)
+    tokenizers["text"].save_pretrained(model_dir)
+    calls = []
+    generate = Engine.generate
+
+    def counted(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    args = ["sample", "--data", str(problems), "--out", str(tmp_path / "a.jsonl"), "--model",
+            str(model_dir), "--tries", "2", "--limit", "3", "--max-new-tokens", "4"]  # fmt: skip
+    assert main(args) == 0 and calls == [3]
+    calls.clear()
+    assert main([*args, "--batch", "2"]) == 0 and calls == [2, 1]
 
 
 def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
