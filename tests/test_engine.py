@@ -151,7 +151,8 @@ def test_budgets_truncate_cleanly(special_tokenizer):
     assert engine.pool.num_used == 0
 
 
-def test_small_pool_preempts_and_resumes(special_tokenizer):
+@pytest.mark.parametrize("prefill_budget", [8192, 3])
+def test_small_pool_preempts_and_resumes(special_tokenizer, prefill_budget):
     params = SamplingParams(
         temperature=0, max_new_tokens=40, n=2, min_branches=2, max_branches=2, **SHORT
     )
@@ -159,7 +160,7 @@ def test_small_pool_preempts_and_resumes(special_tokenizer):
     roomy = make_engine("llama", special_tokenizer).generate(
         prompts, params, mode="constrained", chat=False
     )
-    tight = make_engine("llama", special_tokenizer, num_pages=64)
+    tight = make_engine("llama", special_tokenizer, num_pages=64, max_prefill_tokens=prefill_budget)
     graphs = tight.generate(prompts, params, mode="constrained", chat=False)
     assert tight.stats.preemptions > 0
     assert [g.token_ids for g in graphs] == [g.token_ids for g in roomy]
