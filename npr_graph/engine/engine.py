@@ -101,7 +101,17 @@ class EngineStats:
 
 
 class Engine:
-    """Wraps a plain transformers model (never modified) and its tokenizer."""
+    """Wraps a plain transformers model (never modified) and its tokenizer.
+
+    The KV pool holds ``num_pages`` pages of ``page_size`` slots, or as many as
+    ``kv_memory_bytes`` buy (``"auto"``: a share of a GPU's free memory, :func:`kv_memory_for`).
+    At most ``max_lanes`` lanes are admitted at once (a request brings ``n``), a prefill forward
+    takes at most ``max_prefill_tokens`` tokens (longer prompts go in chunks), and
+    ``attention_backend`` (``auto``, ``torch``, ``triton``, ``flashinfer`` or an instance) runs
+    the paged attention; ``cuda_graphs`` and ``overlap`` are GPU speed-ups that leave the samples
+    as they are (docs/GPU.md names the few cuts where ``overlap`` differs by a token).
+    ``grammar``: ``npr`` or ``multiverse``.
+    """
 
     def __init__(
         self,
