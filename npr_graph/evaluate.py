@@ -458,6 +458,7 @@ def summarize(
         "mean_tokens": _mean(m["tokens"] for m in metrics),
         "mean_critical_path_tokens": _mean(m["critical_path_tokens"] for m in metrics),
         "wall_time_s": wall,
+        "engine_calls": len(calls),
         "tokens_per_s": tokens_per_s,
         "baseline": baseline,
         "speedup_vs_sequential": (
@@ -496,6 +497,14 @@ def _widths(summary: dict[str, Any]) -> str:
     return f"{_num(summary['mean_width'])} / {summary['max_width']}"
 
 
+def _calls_note(summary: dict[str, Any]) -> str:
+    """How the problems were decoded, when not one per engine call (``--batch``)."""
+    calls, problems = summary.get("engine_calls"), summary["problems"]
+    if not calls or calls == problems:
+        return ""
+    return f" ({problems} problems in {calls} engine calls)"
+
+
 def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
     """A readable report of a summary: settings and the aggregate table, then (``details``) the
     problems, the answers that could not be parsed and the input errors."""
@@ -520,7 +529,7 @@ def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
         f"| tokens generated | {summary['tokens']} |",
         f"| mean tokens / critical path per sample | {_num(summary['mean_tokens'], 1)} / "
         f"{_num(summary['mean_critical_path_tokens'], 1)} |",
-        f"| decode wall time | {_num(summary['wall_time_s'], 1, ' s')} |",
+        f"| decode wall time | {_num(summary['wall_time_s'], 1, ' s')}{_calls_note(summary)} |",
         f"| tokens/s | {_num(summary['tokens_per_s'], 1)} |",
     ]
     baseline = summary.get("baseline")

@@ -528,6 +528,10 @@ def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine)
         assert base["generated_tokens"] == reference_base["generated_tokens"]
         assert base["correct"] == reference_base["correct"] and base["samples"] == 2
     assert batched["tokens"] == single["tokens"]
+    assert (batched["engine_calls"], single["engine_calls"]) == (2, 3)
+    report = (tmp_path / "batched" / "report.md").read_text()
+    assert "(3 problems in 2 engine calls)" in report
+    assert "engine calls" not in (tmp_path / "single" / "report.md").read_text()
     assert batched["wall_time_s"] == pytest.approx(first["wall_time"] + third["wall_time"])
     assert batched["baseline"]["wall_time_s"] == pytest.approx(
         first["baseline"]["wall_time"] + third["baseline"]["wall_time"]
