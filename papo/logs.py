@@ -20,6 +20,7 @@ class StepLogger:
         "accuracy",
         "format_valid_rate",
         "dropped_rollouts",
+        "pool_cut_rollouts",
         "parallel_rate",
         "mean_width",
         "rollout_tokens_per_s",

@@ -7,7 +7,8 @@
 - ``sft`` (NPR-Beta): parallel SFT on accepted traces (see :mod:`papo.rejection`) with tags as
   special tokens, loss on the response only, mask and positions from the graph.
 - ``papo`` (NPR): RL on rollouts from the parallel executor, ``n`` samples per prompt sharing the
-  prompt's KV; structurally invalid rollouts are dropped and counted; PAPO advantages (or the
+  prompt's KV; structurally invalid rollouts are dropped and counted, and so, in both RL stages,
+  are rollouts the engine cut for want of KV pages (``pool_cut_rollouts``); PAPO advantages (or the
   graph-level ``branch`` estimator); the strictly on-policy objective, token-mean, no KL.
 
 Both RL stages train on exactly what the engine sampled: the graphs' token ids (never
@@ -62,6 +63,9 @@ class Rollout:
     reward: rewards.Reward
     valid: bool
     response_tokens: int
+    # Cut for want of KV pages (finish reason kv_exhausted): the engine's capacity, not the
+    # model, ended it, so its reward says nothing about the policy.
+    pool_cut: bool = False
 
 
 class Trainer:
@@ -325,7 +329,8 @@ class Trainer:
                     reward.parsed,
                 )
             valid = _structurally_valid(graph)
-            out.append(Rollout(problem, group, graph, reward, valid, tokens))
+            pool_cut = graph.metadata.get("finish_reason") == "kv_exhausted"
+            out.append(Rollout(problem, group, graph, reward, valid, tokens, pool_cut))
         return out, wall
 
     def _sampling_params(self, seed: int | None) -> SamplingParams:
@@ -352,16 +357,20 @@ class Trainer:
         draws = world.shard(list(enumerate(self.batch_indices(self.step))))
         rollouts, wall = self.rollout(draws, self.step)
         # every rank sees every rollout's summary: advantages use batch-wide statistics
-        summaries = [(r.group, r.reward.score, r.valid, r.reward.correct) for r in rollouts]
+        summaries = [
+            (r.group, r.reward.score, r.valid, r.reward.correct, r.pool_cut) for r in rollouts
+        ]
         gathered = world.gather((summaries, wall, [_shape(r.graph) for r in rollouts]))
         everything = [s for part, _, _ in gathered for s in part]
         shapes = [s for _, _, part in gathered for s in part]
-        kept = [(not c.drop_invalid) or valid for _, _, valid, _ in everything]
-        dropped = len(kept) - sum(kept)
+        pool_cut = sum(cut for *_, cut in everything)
+        kept = [not cut and (valid or not c.drop_invalid) for _, _, valid, _, cut in everything]
+        dropped = len(kept) - sum(kept) - pool_cut
         if c.dynamic_sampling:
             kept = _keep_informative_groups(everything, kept)
-        filtered = len(everything) - dropped - sum(kept)
+        filtered = len(everything) - dropped - pool_cut - sum(kept)
         metrics = _rollout_metrics(everything, shapes, dropped, filtered, gathered, c)
+        metrics["pool_cut_rollouts"] = pool_cut
         if not any(kept):
             self.skipped += 1
             return {**metrics, **self._skip("no rollout left to train on")}
@@ -610,7 +619,7 @@ def _shape(graph: ng.ReasoningGraph) -> dict[str, Any]:
 def _keep_informative_groups(everything: list[tuple], kept: list[bool]) -> list[bool]:
     """DAPO dynamic sampling: drop every group whose kept rewards are all equal."""
     scores: dict[int, set[float]] = {}
-    for (group, score, _, _), keep in zip(everything, kept, strict=True):
+    for (group, score, *_), keep in zip(everything, kept, strict=True):
         if keep:
             scores.setdefault(group, set()).add(score)
     return [

@@ -102,6 +102,7 @@ def test_papo_steps_log_and_checkpoint(problems, tmp_path, tokenizers):
         "accuracy",
         "format_valid_rate",
         "dropped_rollouts",
+        "pool_cut_rollouts",
         "parallel_rate",
         "mean_width",
         "rollout_tokens_per_s",
@@ -191,6 +192,36 @@ def test_all_invalid_rollouts_skip_the_step(problems, tmp_path, tokenizers, monk
     assert metrics["skipped"] == "no rollout left to train on"
     assert metrics["dropped_rollouts"] == 4 and metrics["skipped_steps"] == 1
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+
+
+def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenizers, monkeypatch):
+    """A pool too small for a step's samples cuts some (finish reason kv_exhausted): the engine's
+    capacity, not the policy, ended them, so they are counted and left out of the advantages and
+    the loss, like invalid ones, whatever ``drop_invalid`` says."""
+    data = tmp_path / "four.jsonl"
+    rows = [{"problem": f"What is {i}+3?", "answer": str(i + 3)} for i in range(4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = tokenizers["special"]
+    config = papo_config(data, tmp_path / "r", steps=1, kv_pages=40, page_size=4,
+                         max_new_tokens=60, drop_invalid=False)  # fmt: skip
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    scored = []
+    estimator = trainer.advantage_estimators.get
+
+    def recording(name):
+        def estimate(scores, groups):
+            scored.append(len(scores))
+            return estimator(name)(scores, groups)
+
+        return estimate
+
+    monkeypatch.setattr(trainer.advantage_estimators, "get", recording)
+    rollouts, _ = run.rollout(list(enumerate(run.batch_indices(0))), step=0)
+    cut = [r.graph.metadata["finish_reason"] == "kv_exhausted" for r in rollouts]
+    assert [r.pool_cut for r in rollouts] == cut and 0 < sum(cut) < len(cut)
+    (metrics,) = run.train()
+    assert metrics["pool_cut_rollouts"] == sum(cut) and metrics["dropped_rollouts"] == 0
+    assert scored == [metrics["rollouts"] - sum(cut)]
 
 
 def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path, tokenizers):
