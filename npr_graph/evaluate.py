@@ -474,6 +474,8 @@ def summarize(
         "samples": len(samples),
         "unparsed_answers": len(unparsed),
         "unparsed": unparsed,
+        # samples the engine ended for want of KV pages: their grades say nothing about the model
+        "pool_cut_samples": sum(m.get("finish_reason") == "kv_exhausted" for m in metrics),
         "errors": list(errors),
         **(info or {}),
         "per_problem": per_problem,
@@ -532,6 +534,8 @@ def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
         f"| decode wall time | {_num(summary['wall_time_s'], 1, ' s')}{_calls_note(summary)} |",
         f"| tokens/s | {_num(summary['tokens_per_s'], 1)} |",
     ]
+    if summary.get("pool_cut_samples"):
+        lines.append(f"| samples cut for want of KV cache | {summary['pool_cut_samples']} |")
     baseline = summary.get("baseline")
     if baseline:
         lines += [
@@ -1278,6 +1282,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"npr eval: {summary['unparsed_answers']} answer(s) could not be parsed "
             "(counted as wrong; listed in summary.json and report.md)",
+            file=sys.stderr,
+        )
+    if summary["pool_cut_samples"]:
+        print(
+            f"npr eval: {summary['pool_cut_samples']} sample(s) cut short for want of KV cache "
+            "(finish reason kv_exhausted; graded as they stand): give --kv-memory more",
             file=sys.stderr,
         )
     if not config.quiet:

@@ -552,6 +552,28 @@ def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine)
         config(data, tmp_path / "x", batch=0)
 
 
+def test_samples_cut_for_want_of_kv_cache_are_counted(
+    tmp_path, data, tiny_dir, monkeypatch, capsys
+) -> None:
+    """A pool that holds the prompt but not its samples cuts them (kv_exhausted): the summary
+    and the report count them, since their grades say nothing about the model."""
+    from npr_graph.engine import Engine
+
+    small = Engine.from_pretrained(str(tiny_dir), num_pages=64, page_size=4)
+    summary = run_eval(config(data, tmp_path / "run", limit=1), engine=small)
+    cut = [
+        r for r in read_samples(tmp_path / "run") if r["metrics"]["finish_reason"] == "kv_exhausted"
+    ]
+    assert summary["problems"] == 1 and summary["pool_cut_samples"] == len(cut) > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"| samples cut for want of KV cache | {len(cut)} |" in report
+    monkeypatch.setattr(evaluate, "run_eval", lambda config: summary)
+    assert main(_cli_args(tiny_dir, data, tmp_path / "run")) == 0
+    assert (
+        f"npr eval: {len(cut)} sample(s) cut short for want of KV cache" in capsys.readouterr().err
+    )
+
+
 def test_eval_modes_and_prompts(tmp_path, data, engine) -> None:
     sequential = run_eval(
         config(data, tmp_path / "seq", mode="sequential", prompt="cot", chat=False, limit=2),
