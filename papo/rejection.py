@@ -33,6 +33,7 @@ class SamplingReport:
     correct: int = 0
     format_valid: int = 0
     tries_used: list[int] = field(default_factory=list)
+    pool_cut: int = 0  # samples the engine ended for want of KV pages (kv_exhausted)
     not_run: list[str] = field(default_factory=list)  # problems the engine could not run, why
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class SamplingReport:
             "correct_rate": self.correct / self.samples if self.samples else 0.0,
             "format_valid_rate": self.format_valid / self.samples if self.samples else 0.0,
             "mean_tries": sum(self.tries_used) / len(self.tries_used) if self.tries_used else 0.0,
+            "pool_cut_samples": self.pool_cut,
             "not_run": list(self.not_run),
         }
 
@@ -99,6 +101,7 @@ def rejection_sample(
                 correct = accuracy(response, problem.answer).correct
                 valid = format_valid(graph)
                 report.samples += 1
+                report.pool_cut += graph.metadata.get("finish_reason") == "kv_exhausted"
                 report.correct += correct
                 report.format_valid += valid
                 if chosen is None and correct and valid:

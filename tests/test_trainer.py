@@ -444,6 +444,14 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
         [[wrong, unformatted, TRACE, second_ok], [wrong, wrong, unformatted, wrong]]
     )
     problems = [Problem("a", "What is 2+3?", "5"), Problem("b", "What is 2+5?", "7")]
+    scripted = engine.generate
+
+    def last_sample_cut(*args, **kwargs):  # as if the pool had run out under it
+        graphs = scripted(*args, **kwargs)
+        graphs[-1].metadata["finish_reason"] = "kv_exhausted"
+        return graphs
+
+    engine.generate = last_sample_cut
     accepted, report = rejection_sample(
         engine, problems, load_template("npr"), SamplingParams(n=4), mode="sequential"
     )
@@ -452,7 +460,7 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     ]
     summary = report.to_dict()
     assert summary["problems"] == 2 and summary["accepted"] == 1 and summary["samples"] == 8
-    assert summary["mean_tries"] == 3
+    assert summary["mean_tries"] == 3 and summary["pool_cut_samples"] == 1
 
 
 def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
