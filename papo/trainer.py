@@ -169,16 +169,28 @@ class Trainer:
     def _check_prompts(self) -> None:
         """Refuse problems the engine cannot run (:meth:`Engine.check_prompt`), all of them when
         the trainer starts, so a run does not stop at whichever step first draws one."""
-        errors, params = [], self._sampling_params(seed=None)
+        errors, params, longest = [], self._sampling_params(seed=None), 0
         for problem in self.problems:
             try:
                 prompt = self.template.render(problem.prompt)
-                self.engine.check_prompt(prompt, params, self.config.chat, "its prompt")
+                ids = self.engine.check_prompt(prompt, params, self.config.chat, "its prompt")
+                longest = max(longest, len(ids))
             except PromptError as error:
                 errors.append(f"problem {problem.id!r}: {error}")
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise ValueError(f"{self.config.data}: " + "; ".join(errors[:5]) + more)
+        # The most one group can hold: every sample at its total budget (all its branches).
+        group = params.n * (longest + params.total_budget)
+        slots = self.engine.pool.num_usable * self.engine.pool.page_size
+        if group > slots and self.world.is_main:
+            self.console.print(
+                f"warning: the KV pool holds {slots} tokens (kv_pages x page_size); one group of "
+                f"the longest prompt may need up to {group} ({params.n} samples of {longest} + "
+                f"{params.total_budget} tokens): samples that outgrow it when nothing is left to "
+                "preempt are cut and left out of training (pool_cut_rollouts); raise kv_pages",
+                markup=False,
+            )
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:

@@ -224,6 +224,21 @@ def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenize
     assert scored == [metrics["rollouts"] - sum(cut)]
 
 
+def test_a_pool_too_small_for_a_group_is_warned_about_at_start(tmp_path, problems, tokenizers):
+    from io import StringIO
+
+    from rich.console import Console
+
+    tok = tokenizers["special"]
+    for pages, warned in ((40, True), (4096, False)):
+        out = StringIO()
+        config = papo_config(problems, tmp_path / f"r{pages}", kv_pages=pages, page_size=4)
+        Trainer(config, model=make_model(tok), tokenizer=tok, console=Console(file=out))
+        text = " ".join(out.getvalue().split())
+        assert ("warning: the KV pool holds 156 tokens" in text) == warned, text
+        assert ("raise kv_pages" in text) == warned
+
+
 def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     model = make_model(tok)
