@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -192,6 +193,31 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
     return number
+
+
+def kv_memory_arg(value: str) -> int | str:
+    """An argparse type: ``auto`` (on a GPU a share of its free memory, see
+    ``Engine(kv_memory_bytes="auto")``) or GiB for the engine's KV pool."""
+    if value == "auto":
+        return value
+    try:
+        gib = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of GiB or 'auto': {value!r}") from None
+    if not (math.isfinite(gib) and gib > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, not {value}")
+    return max(1, int(gib * 2**30))
+
+
+def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-memory",
+        type=kv_memory_arg,
+        default="auto",
+        metavar="GIB",
+        help="KV cache size in GiB; 'auto' (default): 80%% of the GPU's free memory once the "
+        "model is loaded, 0.5 GiB on the CPU",
+    )
 
 
 def detect_grammar(text: str) -> str:
@@ -456,8 +482,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    from .evaluate import add_kv_memory_argument
-
     parser.add_argument(
         "--model",
         default=None,

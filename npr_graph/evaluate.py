@@ -348,16 +348,16 @@ def _majority(
     return best, bool(first_sample[best]["correct"])
 
 
-def _calls(firsts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One sample record per engine call: the problems of a batch (``group["batch"]``) share
-    one call, any other problem had a call of its own."""
+def _call_groups(firsts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``group`` of each engine call, from each problem's first sample record: the problems
+    of a batch (``group["batch"]``) share one call, any other problem had a call of its own."""
     calls: dict[str, dict[str, Any]] = {}
     for record in firsts:
         batch = record["group"].get("batch")
         call = batch.get("id") if isinstance(batch, dict) else None
         key = f"batch {call}" if isinstance(call, str) else f"problem {record['problem_id']}"
-        calls.setdefault(key, record)
-    return calls
+        calls.setdefault(key, record["group"])
+    return list(calls.values())
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -417,14 +417,14 @@ def summarize(
     widths = [w for m in metrics for w in m["widths"]]
     tokens = sum(p["tokens"] for p in per_problem)
     firsts = [s for s in samples if s["sample"] == 0]
-    calls = _calls(firsts)  # problems decoded in one engine call share its wall time
-    wall = sum(calls[key]["group"]["wall_time"] for key in calls)
+    calls = _call_groups(firsts)  # problems decoded in one engine call share its wall time
+    wall = sum(call["wall_time"] for call in calls)
     tokens_per_s = tokens / wall if wall > 0 else 0.0
     baseline = None
     baselines = [s["group"]["baseline"] for s in firsts]
     if baselines and all(b is not None for b in baselines):
         base_tokens = sum(b["generated_tokens"] for b in baselines)
-        base_wall = sum(calls[key]["group"]["baseline"]["wall_time"] for key in calls)
+        base_wall = sum(call["baseline"]["wall_time"] for call in calls)
         base_correct = sum(b["correct"] for b in baselines)
         base_samples = sum(b["samples"] for b in baselines)
         baseline = {
@@ -1103,33 +1103,10 @@ def _merge_and_summarize(
 # command line
 
 
-def kv_memory_arg(value: str) -> int | str:
-    """An argparse type: ``auto`` (on a GPU a share of its free memory, see
-    ``Engine(kv_memory_bytes="auto")``) or GiB for the engine's KV pool."""
-    if value == "auto":
-        return value
-    try:
-        gib = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of GiB or 'auto': {value!r}") from None
-    if not (math.isfinite(gib) and gib > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, not {value}")
-    return max(1, int(gib * 2**30))
-
-
-def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--kv-memory",
-        type=kv_memory_arg,
-        default="auto",
-        metavar="GIB",
-        help="KV cache size in GiB; 'auto' (default): 80%% of the GPU's free memory once the "
-        "model is loaded, 0.5 GiB on the CPU",
-    )
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``npr eval`` on the ``npr`` command's subparsers."""
+    from .cli import add_kv_memory_argument
+
     parser = commands.add_parser(
         "eval",
         help="accuracy, parallel trigger rate and speed on a problem set",

@@ -106,7 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from npr_graph.evaluate import add_kv_memory_argument
+    from npr_graph.cli import add_kv_memory_argument
 
     train = commands.add_parser(
         "train", help="run a training stage: zero (DAPO, text tags), sft, papo"
