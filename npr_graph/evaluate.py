@@ -348,16 +348,23 @@ def _majority(
     return best, bool(first_sample[best]["correct"])
 
 
-def _call_groups(firsts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``group`` of each engine call, from each problem's first sample record: the problems
-    of a batch (``group["batch"]``) share one call, any other problem had a call of its own."""
-    calls: dict[str, dict[str, Any]] = {}
+def _call_walls(firsts: list[dict[str, Any]]) -> list[float]:
+    """The wall time of each engine call, from each problem's first sample record: the problems
+    of a call (``group["stream"]``) ended at ``ended_s`` into it; a problem alone in its call
+    took its own time and its baseline's."""
+    walls: dict[str, float] = {}
     for record in firsts:
-        batch = record["group"].get("batch")
-        call = batch.get("id") if isinstance(batch, dict) else None
-        key = f"batch {call}" if isinstance(call, str) else f"problem {record['problem_id']}"
-        calls.setdefault(key, record["group"])
-    return list(calls.values())
+        group = record["group"]
+        stream = group.get("stream")
+        if isinstance(stream, dict) and isinstance(stream.get("ended_s"), (int, float)):
+            key = f"stream {stream.get('id')}"
+            walls[key] = max(walls.get(key, 0.0), stream["ended_s"])
+        else:
+            baseline = group["baseline"]
+            walls[f"problem {record['problem_id']}"] = group["wall_time"] + (
+                baseline["wall_time"] if baseline else 0.0
+            )
+    return list(walls.values())
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -417,23 +424,27 @@ def summarize(
     widths = [w for m in metrics for w in m["widths"]]
     tokens = sum(p["tokens"] for p in per_problem)
     firsts = [s for s in samples if s["sample"] == 0]
-    calls = _call_groups(firsts)  # problems decoded in one engine call share its wall time
-    wall = sum(call["wall_time"] for call in calls)
-    tokens_per_s = tokens / wall if wall > 0 else 0.0
+    walls = _call_walls(firsts)
+    wall = sum(walls)
+    latency = sum(p["wall_time_s"] for p in per_problem)  # each problem's time in the engine
+    tokens_per_s = tokens / latency if latency > 0 else 0.0
     baseline = None
     baselines = [s["group"]["baseline"] for s in firsts]
     if baselines and all(b is not None for b in baselines):
         base_tokens = sum(b["generated_tokens"] for b in baselines)
-        base_wall = sum(call["baseline"]["wall_time"] for call in calls)
+        base_latency = sum(b["wall_time"] for b in baselines)
         base_correct = sum(b["correct"] for b in baselines)
         base_samples = sum(b["samples"] for b in baselines)
         baseline = {
             "mode": "sequential",
             "tokens": base_tokens,
-            "wall_time_s": base_wall,
-            "tokens_per_s": base_tokens / base_wall if base_wall > 0 else 0.0,
+            "wall_time_s": base_latency,
+            "tokens_per_s": base_tokens / base_latency if base_latency > 0 else 0.0,
             "avg_at_n": base_correct / base_samples if base_samples else None,
         }
+    all_tokens = tokens + (baseline["tokens"] if baseline else 0)
+    streams = [s["group"].get("stream") for s in firsts]
+    batches = [s.get("batch") for s in streams if isinstance(s, dict)]
     unparsed = [
         {"problem_id": s["problem_id"], "sample": s["sample"], "answer": s["answer"]}
         for s in samples
@@ -458,8 +469,11 @@ def summarize(
         "mean_tokens": _mean(m["tokens"] for m in metrics),
         "mean_critical_path_tokens": _mean(m["critical_path_tokens"] for m in metrics),
         "wall_time_s": wall,
-        "engine_calls": len(calls),
+        "engine_calls": len(walls),
+        "max_batch": max((b for b in batches if isinstance(b, int)), default=1),
+        "latency_s": latency,
         "tokens_per_s": tokens_per_s,
+        "engine_tokens_per_s": all_tokens / wall if wall > 0 else 0.0,
         "baseline": baseline,
         "speedup_vs_sequential": (
             tokens_per_s / baseline["tokens_per_s"]
@@ -467,7 +481,7 @@ def summarize(
             else None
         ),
         "latency_speedup_vs_sequential": (
-            baseline["wall_time_s"] / wall if baseline and wall > 0 else None
+            baseline["wall_time_s"] / latency if baseline and latency > 0 else None
         ),
         "n": n,
         "problems": count,
@@ -500,11 +514,11 @@ def _widths(summary: dict[str, Any]) -> str:
 
 
 def _calls_note(summary: dict[str, Any]) -> str:
-    """How the problems were decoded, when not one per engine call (``--batch``)."""
-    calls, problems = summary.get("engine_calls"), summary["problems"]
-    if not calls or calls == problems:
+    """How the problems were decoded, when not one at a time (``--batch``)."""
+    batch = summary.get("max_batch") or 1
+    if batch == 1:
         return ""
-    return f" ({problems} problems in {calls} engine calls)"
+    return f" ({summary['problems']} problems, up to {batch} prompts at once)"
 
 
 def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
@@ -531,8 +545,12 @@ def markdown_report(summary: dict[str, Any], *, details: bool = True) -> str:
         f"| tokens generated | {summary['tokens']} |",
         f"| mean tokens / critical path per sample | {_num(summary['mean_tokens'], 1)} / "
         f"{_num(summary['mean_critical_path_tokens'], 1)} |",
-        f"| decode wall time | {_num(summary['wall_time_s'], 1, ' s')}{_calls_note(summary)} |",
-        f"| tokens/s | {_num(summary['tokens_per_s'], 1)} |",
+        f"| decode wall time{' (baseline included)' if summary.get('baseline') else ''} | "
+        f"{_num(summary['wall_time_s'], 1, ' s')}{_calls_note(summary)} |",
+        f"| tokens/s (each problem's over its time in the engine) | "
+        f"{_num(summary['tokens_per_s'], 1)} |",
+        f"| engine tokens/s (every prompt's, baseline included) | "
+        f"{_num(summary.get('engine_tokens_per_s'), 1)} |",
     ]
     if summary.get("pool_cut_samples"):
         lines.append(f"| samples cut for want of KV cache | {summary['pool_cut_samples']} |")
@@ -613,7 +631,7 @@ class EvalConfig:
     # Speed only, not part of a run's identity: decode steps as CUDA graphs; overlapped steps.
     cuda_graphs: bool = False
     overlap: bool = False
-    batch: int = 1  # problems per engine call (speeds are then the batch's)
+    batch: int = 1  # prompts decoding at once (a problem's baseline is one too)
     kv_memory: int | str = "auto"  # the KV pool's bytes, or "auto" (Engine's kv_memory_bytes)
     max_lanes: int = 64
     verify_timeout_s: float = 5.0
@@ -824,20 +842,6 @@ class _Evaluator:
         # One seed per problem: a resumed, sharded or batched run samples what a whole run would.
         return dataclasses.replace(self.params, seed=None if seed is None else seed + problem.index)
 
-    def _decode(
-        self, prompts: list[str], params: list[Any], mode: str
-    ) -> tuple[list[list[ReasoningGraph]], dict]:
-        """Each prompt's graphs, and the call's speed."""
-        graphs = self.engine.generate(prompts, params, mode=mode, chat=self.config.chat)
-        stats = self.engine.stats
-        n = self.params.n
-        return [graphs[i * n : (i + 1) * n] for i in range(len(prompts))], {
-            "wall_time": stats.wall_time,
-            "generated_tokens": stats.generated_tokens,
-            "tokens_per_s": stats.tokens_per_s,
-            "decode_steps": stats.decode_steps,
-        }
-
     def _metrics_graph(self, graph: ReasoningGraph) -> ReasoningGraph:
         """The engine's graph; for Multiverse output from an engine made for NPR, a re-parse of
         the same tokens with the Multiverse grammar (that engine decoded the blocks one branch
@@ -866,14 +870,19 @@ class _Evaluator:
         )
 
     def run(
-        self, problems: list[Problem]
-    ) -> tuple[list[tuple[Problem, list[dict[str, Any]]]], list[tuple[Problem, Exception]]]:
-        """Decode ``problems`` in one engine call (and the baseline's in another): each problem
-        with its sample records, and the problems whose prompt the engine cannot take, with why.
+        self,
+        problems: list[Problem],
+        on_done: Callable[[Problem, list[dict[str, Any]]], None],
+    ) -> list[tuple[Problem, Exception]]:
+        """Decode ``problems`` in one engine call, ``config.batch`` prompts at a time (a
+        problem's baseline, queued right behind it, is a prompt too); hand each problem's sample
+        records to ``on_done`` as soon as it and its baseline end. Returns the problems whose
+        prompt the engine cannot take, with why.
 
-        A problem's ``group`` holds its own generated tokens and the call's wall time and
-        tokens/s; with several problems in the call, ``group["batch"]`` names the call (its id,
-        problems and tokens), so a summary counts the call's time once."""
+        A problem's ``group`` holds its own tokens, its time in the engine (admission to end)
+        and their ratio, and the same for its baseline; with several problems in the call,
+        ``group["stream"]`` names the call and when the problem ended in it, from which a
+        summary takes the call's wall time."""
         from .engine.engine import PromptError
 
         ready, prompts, params, refused = [], [], [], []
@@ -889,53 +898,81 @@ class _Evaluator:
             prompts.append(prompt)
             params.append(problem_params)
         if not ready:
-            return [], refused
-        per_problem, call = self._decode(prompts, params, MODES[self.config.mode])
-        base_per_problem, base_call = None, None
+            return refused
+        modes = [MODES[self.config.mode]]
         if self.config.baseline == "sequential":
-            base_per_problem, base_call = self._decode(prompts, params, "sequential")
-        batch = None
+            modes.append("sequential")
+        stream = None
         if len(ready) > 1:
-            batch = {
-                "id": uuid.uuid4().hex,
-                "problems": len(ready),
-                "generated_tokens": call["generated_tokens"],
-            }
-        done = []
-        for i, problem in enumerate(ready):
-            graphs = per_problem[i]
-            group = {**call, "generated_tokens": _generated(graphs), "baseline": None}
-            if batch is not None:
-                group["batch"] = batch
-            if base_per_problem is not None:
-                base_graphs = base_per_problem[i]
+            stream = {"id": uuid.uuid4().hex, "problems": len(ready), "batch": self.config.batch}
+        ended: dict[int, dict[str, list[ReasoningGraph]]] = {}
+
+        def on_finish(index: int, graphs: list[ReasoningGraph]) -> None:
+            at, part = divmod(index, len(modes))
+            parts = ended.setdefault(at, {})
+            parts[modes[part]] = graphs
+            if len(parts) < len(modes):
+                return
+            seconds = self.engine.stats.prompt_seconds
+            timing = [seconds[at * len(modes) + i] for i in range(len(modes))]
+            problem = ready[at]
+            group = self._group(graphs=parts[modes[0]], seconds=timing[0])
+            if len(modes) > 1:
+                base_graphs = parts["sequential"]
                 group["baseline"] = {
-                    **base_call,
-                    "generated_tokens": _generated(base_graphs),
+                    **self._group(graphs=base_graphs, seconds=timing[1]),
                     "samples": len(base_graphs),
                     "correct": sum(self._grade(g, problem).correct for g in base_graphs),
                 }
-            records = []
-            for index, graph in enumerate(graphs):
-                graph = self._metrics_graph(graph)
-                reward = self._grade(graph, problem)
-                records.append(
-                    {
-                        "problem_id": problem.id,
-                        "problem_index": problem.index,
-                        "sample": index,
-                        "reference": problem.reference,
-                        "answer": reward.answer,
-                        "correct": reward.correct,
-                        "parsed": reward.parsed,
-                        "reward": reward.score,
-                        "metrics": sample_metrics(graph, self.template.grammar),
-                        "group": group,
-                        "graph": graph.to_dict(),
-                    }
-                )
-            done.append((problem, records))
-        return done, refused
+            if stream is not None:
+                group["stream"] = {**stream, "ended_s": max(end for _, end in timing)}
+            on_done(problem, self._records(problem, parts[modes[0]], group))
+            del ended[at]
+
+        self.engine.generate(
+            [prompt for prompt in prompts for _ in modes],
+            [p for p in params for _ in modes],
+            mode=modes * len(ready),
+            chat=self.config.chat,
+            max_running=self.config.batch,
+            on_finish=on_finish,
+        )
+        return refused
+
+    @staticmethod
+    def _group(graphs: list[ReasoningGraph], seconds: tuple[float, float]) -> dict[str, Any]:
+        """A prompt's tokens, its time in the engine and their ratio."""
+        tokens, wall = _generated(graphs), seconds[1] - seconds[0]
+        return {
+            "generated_tokens": tokens,
+            "wall_time": wall,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "baseline": None,
+        }
+
+    def _records(
+        self, problem: Problem, graphs: list[ReasoningGraph], group: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        records = []
+        for index, graph in enumerate(graphs):
+            graph = self._metrics_graph(graph)
+            reward = self._grade(graph, problem)
+            records.append(
+                {
+                    "problem_id": problem.id,
+                    "problem_index": problem.index,
+                    "sample": index,
+                    "reference": problem.reference,
+                    "answer": reward.answer,
+                    "correct": reward.correct,
+                    "parsed": reward.parsed,
+                    "reward": reward.score,
+                    "metrics": sample_metrics(graph, self.template.grammar),
+                    "group": group,
+                    "graph": graph.to_dict(),
+                }
+            )
+        return records
 
 
 def _generated(graphs: list[ReasoningGraph]) -> int:
@@ -1031,24 +1068,24 @@ def _run(
         show = not config.quiet and dist.rank == 0
         with part.open("a", encoding="utf-8") as handle, _progress(show, len(todo)) as progress:
             task = progress.add_task("", total=len(todo))
-            for first in range(0, len(todo), config.batch):
-                batch = todo[first : first + config.batch]
-                ids = batch[0].id if len(batch) == 1 else f"{batch[0].id} … {batch[-1].id}"
-                progress.update(task, description=f"problem {ids}")
-                done, refused = evaluator.run(batch)
-                for problem, error in refused:
-                    not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
-                    progress.advance(task)
-                for problem, records in done:
-                    # One write per problem, then fsync: a kill leaves whole groups or a cut
-                    # group (redone on resume), never a group that looks complete but is not.
-                    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                    handle.write(lines)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    progress.advance(task)
-                    if on_problem is not None:
-                        on_problem(problem, records)
+
+            def write(problem: Problem, records: list[dict[str, Any]]) -> None:
+                # One write per problem, then fsync: a kill leaves whole groups or a cut
+                # group (redone on resume), never a group that looks complete but is not.
+                lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                handle.write(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+                progress.update(task, description=f"problem {problem.id}")
+                progress.advance(task)
+                if on_problem is not None:
+                    on_problem(problem, records)
+
+            # One call per --batch problems would leave lanes idle while its slowest problem
+            # ends; one call for the whole shard admits the next problem as soon as one ends.
+            for problem, error in evaluator.run(todo, write):
+                not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
+                progress.advance(task)
     # A collective, so also the barrier before rank 0 merges what every rank wrote.
     not_run = sorted(item for part in dist.gather(not_run) for item in part)
 
@@ -1158,8 +1195,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         metavar="B",
-        help="problems per engine call (throughput; wall time and tokens/s are then the batch's, "
-        "and so is the baseline's)",
+        help="prompts decoding at once, the next admitted as soon as one ends (throughput; a "
+        "problem's --baseline is a prompt too); each problem's tokens/s is then under that load",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"

@@ -138,7 +138,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--tries", type=int, default=8)
     sample.add_argument(
-        "--batch", type=int, default=8, metavar="B", help="problems per engine call (default 8)"
+        "--batch",
+        type=int,
+        default=8,
+        metavar="B",
+        help="problems decoding at once, the next as soon as one ends (default 8)",
     )
     sample.add_argument("--limit", type=int, default=None)
     sample.add_argument("--max-new-tokens", type=int, default=1024)

@@ -67,58 +67,57 @@ def rejection_sample(
     batch: int = 8,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], SamplingReport]:
-    """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records, and the counts.
-    ``params.n`` is the number of tries per problem."""
+    """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
+    and the counts. ``params.n`` is the number of tries per problem. All problems go through one
+    engine call, ``batch`` decoding at once, the next admitted as soon as one ends; ``on_record``
+    gets each accepted record as soon as its problem ends. A problem the engine cannot run (too
+    long for the model's context or the KV pool) is reported, and the others go ahead."""
     accuracy = get_reward("accuracy")
     eos = getattr(engine.tokenizer, "eos_token", None)
     report = SamplingReport()
     accepted = []
-
-    def generate(chunk: list[Problem]) -> list[tuple[Problem, list]]:
-        """Each problem with its samples in sample order; a problem the engine cannot run (too
-        long for the model's context or the KV pool) is reported, and the others go ahead."""
+    ready, prompts = [], []
+    for problem in problems:
+        prompt = template.render(problem.prompt)
         try:
-            graphs = engine.generate(
-                [template.render(p.prompt) for p in chunk], params, mode=mode, chat=chat
-            )
+            engine.check_prompt(prompt, params, chat)
         except PromptError as error:
-            if len(chunk) == 1:
-                report.not_run.append(f"problem {chunk[0].id}: {error}")
-                return []
-            return [pair for problem in chunk for pair in generate([problem])]
-        by_sample = sorted(graphs, key=lambda g: g.metadata["sample_index"])
-        return [
-            (problem, [g for g in by_sample if g.metadata["prompt_index"] == offset])
-            for offset, problem in enumerate(chunk)
-        ]
+            report.not_run.append(f"problem {problem.id}: {error}")
+            continue
+        ready.append(problem)
+        prompts.append(prompt)
 
-    for start in range(0, len(problems), batch):
-        for problem, group in generate(problems[start : start + batch]):
-            report.problems += 1
-            chosen = None
-            for tries, graph in enumerate(group, start=1):
-                response = strip_eos(graph.response_text, eos)
-                correct = accuracy(response, problem.answer).correct
-                valid = format_valid(graph)
-                report.samples += 1
-                report.pool_cut += graph.metadata.get("finish_reason") == "kv_exhausted"
-                report.correct += correct
-                report.format_valid += valid
-                if chosen is None and correct and valid:
-                    chosen = {
-                        "id": problem.id,
-                        "prompt": problem.prompt,
-                        "response": response,
-                        "answer": problem.answer,
-                        "tries": tries,
-                    }
-            if chosen is not None:
-                report.accepted += 1
-                report.tries_used.append(chosen["tries"])
-                accepted.append(chosen)
-                if on_record is not None:
-                    on_record(chosen)
-    return accepted, report
+    def judge(index: int, graphs: list) -> None:
+        problem = ready[index]
+        report.problems += 1
+        chosen = None
+        samples = sorted(graphs, key=lambda g: g.metadata["sample_index"])
+        for tries, graph in enumerate(samples, start=1):
+            response = strip_eos(graph.response_text, eos)
+            correct = accuracy(response, problem.answer).correct
+            valid = format_valid(graph)
+            report.samples += 1
+            report.pool_cut += graph.metadata.get("finish_reason") == "kv_exhausted"
+            report.correct += correct
+            report.format_valid += valid
+            if chosen is None and correct and valid:
+                chosen = {
+                    "id": problem.id,
+                    "prompt": problem.prompt,
+                    "response": response,
+                    "answer": problem.answer,
+                    "tries": tries,
+                }
+        if chosen is not None:
+            report.accepted += 1
+            report.tries_used.append(chosen["tries"])
+            accepted.append((index, chosen))
+            if on_record is not None:
+                on_record(chosen)
+
+    if ready:
+        engine.generate(prompts, params, mode=mode, chat=chat, max_running=batch, on_finish=judge)
+    return [record for _, record in sorted(accepted, key=lambda pair: pair[0])], report
 
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -1,6 +1,7 @@
 """The executor on tiny random-weight models: consistency with training, fork/join, budgets."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -373,6 +374,19 @@ def test_a_run_that_raises_returns_its_pages(special_tokenizer):
         engine.generate(["Q", "QQ"], params, mode="constrained", chat=False)
     engine.runner._forward = forward
     assert engine.pool.num_used == 0
+
+    def failing_report(index, graphs):
+        raise ValueError("writing the results failed")
+
+    with pytest.raises(ValueError, match="writing the results failed"):
+        engine.generate(
+            ["Q", "QQ"],
+            [params, dataclasses.replace(params, max_new_tokens=200)],
+            mode="constrained",
+            chat=False,
+            on_finish=failing_report,
+        )
+    assert engine.pool.num_used == 0
     after = engine.generate(["Q"], params, mode="constrained", chat=False)
     assert [g.token_ids for g in after] == [g.token_ids for g in before]
     assert [g.metadata["finish_reason"] for g in after] == ["length", "length"]
@@ -692,3 +706,70 @@ def test_each_generate_reports_its_own_peak_of_kv_pages(special_tokenizer):
     wide_peak = engine.stats.peak_kv_pages
     engine.generate(["Q"], SamplingParams(seed=0, max_new_tokens=4), mode="sequential", chat=False)
     assert 0 < engine.stats.peak_kv_pages < wide_peak
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_each_prompt_is_handed_over_as_it_ends_and_the_next_admitted(overlap, special_tokenizer):
+    """``on_finish`` gets each prompt's graphs while the others still decode, and the next
+    waiting prompt takes its place; ``max_running`` caps the prompts decoding at once. Neither
+    changes what is sampled."""
+    budgets = [60, 8, 30, 12]
+    params = [
+        SamplingParams(
+            temperature=1.0, seed=i, n=2, max_new_tokens=m, min_branches=2, max_branches=2, **SHORT
+        )
+        for i, m in enumerate(budgets)
+    ]
+    prompts = ["First question?", "Second one?", "A third.", "Four"]
+    reference = make_engine("llama", special_tokenizer).generate(
+        prompts, params, mode="constrained", chat=False
+    )
+    engine = make_engine("llama", special_tokenizer, overlap=overlap)
+    reported = []
+
+    def on_finish(index, graphs):
+        reported.append((index, graphs, engine.stats.decode_steps))
+
+    graphs = engine.generate(
+        prompts, params, mode="constrained", chat=False, max_running=2, on_finish=on_finish
+    )
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in reference]
+    for got, want in zip(graphs, reference, strict=True):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert sorted(index for index, _, _ in reported) == [0, 1, 2, 3]
+    for index, handed, _ in reported:
+        assert handed == graphs[2 * index : 2 * index + 2]
+        assert all(g.metadata["prompt_index"] == index for g in handed)
+    steps = {index: step for index, _, step in reported}
+    assert steps[1] < engine.stats.decode_steps, "the short prompt is handed over mid-run"
+    seconds = engine.stats.prompt_seconds
+    assert sorted(seconds) == [0, 1, 2, 3]
+    for index, (admitted, ended) in seconds.items():
+        assert 0 <= admitted <= ended <= engine.stats.wall_time
+        running = sum(a <= admitted < e for a, e in seconds.values())
+        assert running <= 2, f"prompt {index} was admitted with {running - 1} others running"
+    assert seconds[2][0] >= seconds[1][1], "the third prompt waits for the second to end"
+    assert engine.pool.num_used == 0
+
+
+def test_each_prompt_may_have_its_own_mode(special_tokenizer):
+    """A constrained prompt and a sequential one in one call sample what each does alone."""
+    engine = make_engine("llama", special_tokenizer)
+    params = SamplingParams(temperature=1.0, seed=3, n=2, max_new_tokens=40, **SHORT)
+    mixed = engine.generate(
+        ["Q", "Q"], params, mode=["constrained", "sequential"], chat=False, max_running=1
+    )
+    alone = [
+        graph
+        for mode in ("constrained", "sequential")
+        for graph in engine.generate(["Q"], params, mode=mode, chat=False)
+    ]
+    assert [g.token_ids for g in mixed] == [g.token_ids for g in alone]
+    assert [g.metadata["mode"] for g in mixed] == ["constrained"] * 2 + ["sequential"] * 2
+    assert mixed[0].blocks and not mixed[2].blocks
+    with pytest.raises(ValueError, match="one mode, or one per prompt"):
+        engine.generate(["Q", "Q"], params, mode=["free"], chat=False)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        engine.generate(["Q", "Q"], params, mode=["free", "fast"], chat=False)
+    with pytest.raises(ValueError, match="max_running must be >= 1"):
+        engine.generate(["Q"], params, chat=False, max_running=0)

@@ -503,10 +503,11 @@ def test_eval_run_outputs_and_schema(tmp_path, data, engine) -> None:
 
 
 def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine) -> None:
-    """``batch=2`` decodes two problems per engine call (and their baseline in one more): the
-    samples are those of one problem per call (one seed per problem); problems of a call share
-    its wall time, which the summary counts once; a prompt the engine cannot take is reported
-    and the rest of its batch decoded."""
+    """``batch=2`` keeps two prompts decoding (a problem's baseline is one), each next one
+    admitted as one ends, and writes each problem as it ends: the samples are those of one
+    prompt at a time (one seed per problem); each problem records its own time in the engine,
+    and the summary takes the call's wall time from when its last problem ended; a prompt the
+    engine cannot take is reported and the others decoded."""
     single = run_eval(config(data, tmp_path / "single", baseline="sequential"), engine=engine)
     calls = []
     batched = run_eval(
@@ -514,29 +515,52 @@ def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine)
         engine=engine,
         on_problem=lambda p, r: calls.append(p.id),
     )
-    assert calls == ["p1", "p2", "p3"]
+    assert sorted(calls) == ["p1", "p2", "p3"]
     got, want = read_samples(tmp_path / "batched"), read_samples(tmp_path / "single")
     assert [response_ids(r) for r in got] == [response_ids(r) for r in want]
     assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
-    first, second, third = (got[i]["group"] for i in (0, 2, 4))
-    assert first["batch"] == second["batch"] and first["batch"]["problems"] == 2
-    assert "batch" not in third
-    assert first["wall_time"] == second["wall_time"] != third["wall_time"]
     for record, reference in zip(got, want, strict=True):  # each problem's own tokens
         assert record["group"]["generated_tokens"] == reference["group"]["generated_tokens"]
         base, reference_base = record["group"]["baseline"], reference["group"]["baseline"]
         assert base["generated_tokens"] == reference_base["generated_tokens"]
         assert base["correct"] == reference_base["correct"] and base["samples"] == 2
-    assert batched["tokens"] == single["tokens"]
-    assert (batched["engine_calls"], single["engine_calls"]) == (2, 3)
-    report = (tmp_path / "batched" / "report.md").read_text()
-    assert "(3 problems in 2 engine calls)" in report
-    assert "engine calls" not in (tmp_path / "single" / "report.md").read_text()
-    assert batched["wall_time_s"] == pytest.approx(first["wall_time"] + third["wall_time"])
-    assert batched["baseline"]["wall_time_s"] == pytest.approx(
-        first["baseline"]["wall_time"] + third["baseline"]["wall_time"]
+    for run, batch in ((got, 2), (want, 1)):
+        groups = [r["group"] for r in run[::2]]
+        streams = [g["stream"] for g in groups]
+        assert len({s["id"] for s in streams}) == 1, "one engine call for the shard"
+        assert {(s["problems"], s["batch"]) for s in streams} == {(3, batch)}
+        ended = sorted(s["ended_s"] for s in streams)
+        assert ended[0] < ended[-1], "problems end one after another, not with their batch"
+        for group in groups:
+            for part in (group, group["baseline"]):
+                assert part["wall_time"] > 0
+                assert part["tokens_per_s"] == pytest.approx(
+                    part["generated_tokens"] / part["wall_time"]
+                )
+    # one prompt at a time: each problem's and its baseline's times in the engine follow
+    # each other within the call's wall time
+    assert (
+        sum(r["group"]["wall_time"] + r["group"]["baseline"]["wall_time"] for r in want[::2])
+        <= (single["wall_time_s"])
     )
+    for summary, run in ((batched, got), (single, want)):
+        firsts = run[::2]
+        assert summary["engine_calls"] == 1
+        assert summary["wall_time_s"] == max(r["group"]["stream"]["ended_s"] for r in firsts)
+        latency = sum(r["group"]["wall_time"] for r in firsts)
+        base_latency = sum(r["group"]["baseline"]["wall_time"] for r in firsts)
+        assert summary["latency_s"] == pytest.approx(latency)
+        assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / latency)
+        assert summary["baseline"]["wall_time_s"] == pytest.approx(base_latency)
+        assert summary["latency_speedup_vs_sequential"] == pytest.approx(base_latency / latency)
+        assert summary["engine_tokens_per_s"] == pytest.approx(
+            (summary["tokens"] + summary["baseline"]["tokens"]) / summary["wall_time_s"]
+        )
+    assert batched["tokens"] == single["tokens"]
     assert batched["baseline"]["tokens"] == single["baseline"]["tokens"]
+    report = (tmp_path / "batched" / "report.md").read_text()
+    assert "(3 problems, up to 2 prompts at once)" in report
+    assert "at once" not in (tmp_path / "single" / "report.md").read_text()
     assert {k: batched[k] for k in ("avg_at_n", "parallel_rate", "mean_width")} == {
         k: single[k] for k in ("avg_at_n", "parallel_rate", "mean_width")
     }

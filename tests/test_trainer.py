@@ -433,7 +433,11 @@ class ScriptedEngine:
         self.grammar = grammar
         self.tokenizer = type("T", (), {"eos_token": "<eos>"})()
 
-    def generate(self, prompts, params, mode, chat=None):
+    def check_prompt(self, prompt, params, chat=None):
+        return []
+
+    def generate(self, prompts, params, mode, chat=None, max_running=None, on_finish=None):
+        """Hands each prompt's graphs to ``on_finish`` last prompt first, as if it ended first."""
         import npr_graph as ng
 
         graphs = []
@@ -443,6 +447,9 @@ class ScriptedEngine:
                 graph = ng.parse(text, grammar=self.grammar, lenient=True)
                 graph.metadata.update(prompt_index=index, sample_index=sample)
                 graphs.append(graph)
+        if on_finish is not None:
+            for index in reversed(range(len(prompts))):
+                on_finish(index, graphs[index * params.n : (index + 1) * params.n])
         return graphs
 
 
@@ -461,10 +468,13 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     problems = [Problem("a", "What is 2+3?", "5"), Problem("b", "What is 2+5?", "7")]
     scripted = engine.generate
 
-    def last_sample_cut(*args, **kwargs):  # as if the pool had run out under it
-        graphs = scripted(*args, **kwargs)
-        graphs[-1].metadata["finish_reason"] = "kv_exhausted"
-        return graphs
+    def last_sample_cut(prompts, params, mode, chat=None, max_running=None, on_finish=None):
+        def cut_last(index, graphs):  # as if the pool had run out under the last sample
+            if index == len(prompts) - 1:
+                graphs[-1].metadata["finish_reason"] = "kv_exhausted"
+            on_finish(index, graphs)
+
+        return scripted(prompts, params, mode, chat, max_running, cut_last)
 
     engine.generate = last_sample_cut
     accepted, report = rejection_sample(
@@ -479,8 +489,8 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
 
 
 def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
-    """A prompt too long for the context or the pool fails the engine's whole call: the chunk's
-    other problems run one by one and the failed one is reported."""
+    """A prompt too long for the context or the pool is reported, and the other problems are
+    decoded; accepted records come in problem order, and to ``on_record`` as each ends."""
     from npr_graph.engine.engine import PromptError
     from npr_graph.engine.sampling import SamplingParams
     from npr_graph.prompts import load_template
@@ -488,15 +498,19 @@ def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
     from papo.rejection import rejection_sample
 
     class PickyEngine(ScriptedEngine):
-        def generate(self, prompts, params, mode, chat=None):
-            if any("LONG" in p for p in prompts):
+        def check_prompt(self, prompt, params, chat=None):
+            if "LONG" in prompt:
                 raise PromptError("the prompt exceeds the model's context")
-            return super().generate(prompts, params, mode, chat)
+            return []
 
     engine = PickyEngine([[TRACE]] * 3)
     problems = [Problem("a", "2+3", "5"), Problem("b", "LONG", "5"), Problem("c", "3+2", "5")]
-    accepted, report = rejection_sample(engine, problems, load_template("npr"), SamplingParams(n=1))
+    written = []
+    accepted, report = rejection_sample(
+        engine, problems, load_template("npr"), SamplingParams(n=1), on_record=written.append
+    )
     assert [r["id"] for r in accepted] == ["a", "c"]
+    assert [r["id"] for r in written] == ["c", "a"], "written as each problem ends"
     summary = report.to_dict()
     assert summary["problems"] == 2
     assert summary["not_run"] == ["problem b: the prompt exceeds the model's context"]
@@ -660,7 +674,7 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_sample_cli_batch_sets_the_problems_per_engine_call(
+def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     problems, tmp_path, tokenizers, monkeypatch
 ):
     from npr_graph.cli import main
@@ -673,15 +687,15 @@ def test_sample_cli_batch_sets_the_problems_per_engine_call(
     generate = Engine.generate
 
     def counted(self, prompts, *args, **kwargs):
-        calls.append(len(prompts))
+        calls.append((len(prompts), kwargs["max_running"]))
         return generate(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "generate", counted)
     args = ["sample", "--data", str(problems), "--out", str(tmp_path / "a.jsonl"), "--model",
             str(model_dir), "--tries", "2", "--limit", "3", "--max-new-tokens", "4"]  # fmt: skip
-    assert main(args) == 0 and calls == [3]
+    assert main(args) == 0 and calls == [(3, 8)]
     calls.clear()
-    assert main([*args, "--batch", "2"]) == 0 and calls == [2, 1]
+    assert main([*args, "--batch", "2"]) == 0 and calls == [(3, 2)]
 
 
 def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):

@@ -18,7 +18,7 @@ import math
 import operator
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -77,6 +77,9 @@ class EngineStats:
     # waiting for the forward). The rest of wall_time is prefill and scheduling.
     forward_time: float = 0.0
     pick_time: float = 0.0
+    # Each prompt's first admission and its end, in seconds since the call began: its latency
+    # in the engine when other prompts share the steps.
+    prompt_seconds: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -167,6 +170,9 @@ class Engine:
         self._pieces: dict[int, str] = {}
         self._unscored: list[_Unscored] = []
         self._scoring: list[tuple[list[_Unscored], HostCopy]] = []
+        self._max_running: int | None = None
+        self._on_finish: Callable[[int, list[ReasoningGraph]], None] | None = None
+        self._start = 0.0
         self.stats = EngineStats()
 
     @classmethod
@@ -251,25 +257,39 @@ class Engine:
         prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        mode: str = "free",
+        mode: str | Sequence[str] = "free",
         chat: bool | None = None,
         progress=None,
         logits_processor=None,
+        max_running: int | None = None,
+        on_finish: Callable[[int, list[ReasoningGraph]], None] | None = None,
     ) -> list[ReasoningGraph]:
         """Decode every prompt (``params.n`` samples each) and return their graphs, prompt by
-        prompt. ``mode``: ``free`` (the model chooses; invalid forks decode sequentially and are
-        recorded), ``constrained`` (the grammar decides which tags may come next; needs tags as
-        special tokens), ``sequential`` (plain autoregressive decoding). ``logits_processor(context,
-        logits) -> logits`` may reshape what is sampled (``context``: the ids the lane attends to);
-        recorded log-probs stay those of the model."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "constrained" and not self.format.special:
-            raise ValueError(
-                "constrained mode needs the tags as special tokens (load the model with tags='special')"
-            )
+        prompt. ``mode`` (one, or one per prompt): ``free`` (the model chooses; invalid forks
+        decode sequentially and are recorded), ``constrained`` (the grammar decides which tags
+        may come next; needs tags as special tokens), ``sequential`` (plain autoregressive
+        decoding). ``logits_processor(context, logits) -> logits`` may reshape what is sampled
+        (``context``: the ids the lane attends to); recorded log-probs stay those of the model.
+
+        Prompts are admitted in order while lanes and KV pages allow, and each next one as soon
+        as room frees up; ``max_running`` caps how many decode at once. ``on_finish(index,
+        graphs)`` is called as each prompt's samples are all done, while the others decode;
+        ``stats.prompt_seconds`` gives each prompt's admission and end."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        modes = [mode] * len(prompts) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(prompts):
+            raise ValueError("give one mode, or one per prompt")
+        for m in set(modes):
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}; choose one of {', '.join(MODES)}")
+            if m == "constrained" and not self.format.special:
+                raise ValueError(
+                    "constrained mode needs the tags as special tokens "
+                    "(load the model with tags='special')"
+                )
+        if max_running is not None and max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
         params = params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -284,23 +304,27 @@ class Engine:
                     f"{self.vocab_size}"
                 )
         requests = []
-        for index, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+        for index, (prompt, p, m) in enumerate(zip(prompts, per_prompt, modes, strict=True)):
             which = f"prompt {index}" if len(prompts) > 1 else "the prompt"
             ids = self.check_prompt(prompt, p, chat, which)
-            requests.append(Request(index, ids, p, mode, arrival=index))
+            requests.append(Request(index, ids, p, m, arrival=index))
         self.stats = EngineStats()
         self.pool.reset_peak()
         self.logits_processor = logits_processor
-        start = time.perf_counter()
+        self._max_running = max_running
+        self._on_finish = on_finish
+        self._start = time.perf_counter()
         try:
             with attention_implementation(self.model):
                 self._run(requests, progress)
         except BaseException:  # an interrupt or a failing callback included
             self._abandon(requests)
             raise
-        self.stats.wall_time = time.perf_counter() - start
+        finally:
+            self._on_finish = None
+        self.stats.wall_time = time.perf_counter() - self._start
         self.stats.peak_kv_pages = self.pool.peak_used
-        graphs = [self._graph(sample) for request in requests for sample in request.samples]
+        graphs = [graph for request in requests for graph in request.graphs]
         self.stats.generated_tokens = sum(len(g.token_ids) - g.prompt_num_tokens for g in graphs)
         self.stats.critical_path_tokens = max(
             (g.metadata["critical_path_tokens"] for g in graphs), default=0
@@ -315,9 +339,15 @@ class Engine:
         text then writes it one step later instead of behind the token."""
         waiting: deque[Request] = deque(requests)
         running: list[Request] = []
+        unreported: list[Request] = []
         picked: Picked | None = None
         while waiting or running:
+            unreported = self._report_finished(unreported)
             admitted = self._admit(waiting, running)
+            for request in admitted:
+                if request.admitted_s is None:  # a preempted request keeps its first admission
+                    request.admitted_s = time.perf_counter() - self._start
+                    unreported.append(request)
             if admitted:
                 self._prefill(admitted)
                 running.extend(admitted)
@@ -369,6 +399,33 @@ class Engine:
             running = [r for r in running if not self._settle(r)]
         assert picked is None, "picked tokens left unread"
         self._collect_scores()
+        self._report_finished(unreported, last=True)
+
+    def _report_finished(self, requests: list[Request], last: bool = False) -> list[Request]:
+        """Build the graphs of the finished requests whose every token is read (``overlap``
+        reads a step's tokens one step later; ``last``: all of them) and hand them to
+        ``on_finish``; the others."""
+        done = [
+            r
+            for r in requests
+            if last
+            or (
+                r.finished
+                and not any(PICKED in lane.tokens[-1:] for s in r.samples for lane in s.lanes)
+            )
+        ]
+        if not done:
+            return requests
+        self._collect_scores()
+        for request in done:
+            request.graphs = [self._graph(sample) for sample in request.samples]
+            self.stats.prompt_seconds[request.index] = (
+                request.admitted_s,
+                time.perf_counter() - self._start,
+            )
+            if self._on_finish is not None:
+                self._on_finish(request.index, request.graphs)
+        return [r for r in requests if r not in done]
 
     def _abandon(self, requests: list[Request]) -> None:
         """Return every page a failed run holds, so the engine stays usable."""
@@ -391,7 +448,10 @@ class Engine:
             request = waiting[0]
             need = self._pages_for(len(request.prompt_ids)) + request.params.n
             busy = running or admitted
-            if busy and (need > free or lanes + request.params.n > self.max_lanes):
+            at_cap = self._max_running is not None and (
+                len(running) + len(admitted) >= self._max_running
+            )
+            if busy and (need > free or lanes + request.params.n > self.max_lanes or at_cap):
                 break
             waiting.popleft()
             admitted.append(request)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -21,6 +21,9 @@ from .kv import LaneKV
 from .sampling import NoiseStream, SamplingParams
 from .structure import Action, LaneState
 from .transfer import HostCopy
+
+if TYPE_CHECKING:
+    from ..graph import ReasoningGraph
 
 # A token picked on the device and fed before the host has read it (the engine's overlapped
 # steps): the lane holds this in its tokens until then.
@@ -169,6 +172,8 @@ class Request:
     samples: list[Sample] = field(default_factory=list)
     prompt_lane: Lane | None = None
     arrival: int = 0
+    admitted_s: float | None = None  # seconds into the engine call, at its first admission
+    graphs: list[ReasoningGraph] = field(default_factory=list)  # built when it finished
 
     @property
     def finished(self) -> bool:
