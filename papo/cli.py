@@ -47,15 +47,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from npr_graph.engine.engine import Engine
     from npr_graph.engine.sampling import SamplingParams
     from npr_graph.models import load_model, resolve_device
     from npr_graph.prompts import load_template
 
     from .problems import read_problems
-    from .rejection import rejection_sample
+    from .rejection import SampleLog, SamplingReport, rejection_sample
 
     console = Console(stderr=True)
+
+    def fail(error: Exception) -> int:
+        console.print(Text.assemble(("error:", "red"), f" {error}"))
+        return 2
+
     try:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -74,27 +81,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         device = resolve_device(args.device)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, tags=args.tags, grammar=grammar)
-        engine = Engine(
-            model.to(device),
-            tokenizer,
-            device=device,
-            grammar=grammar,
-            kv_memory_bytes=args.kv_memory,
-        )
-        out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        log = SampleLog(Path(args.out), _sample_settings(args, grammar))
     except (ValueError, OSError) as error:
-        console.print(Text.assemble(("error:", "red"), f" {error}"))
-        return 2
-    with out:
-
-        def write(record: dict) -> None:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-
-        _, report = rejection_sample(
-            engine, problems, template, params, mode=args.mode, batch=args.batch, on_record=write
-        )
+        return fail(error)
+    this_run = SamplingReport()
+    with log:
+        todo = [p for p in problems if p.id not in log.done]
+        if log.resumed:
+            console.print(
+                f"resuming {args.out}: {len(problems) - len(todo)} of {len(problems)} problems "
+                "are done",
+                markup=False,
+            )
+        if todo:
+            try:
+                model, tokenizer = load_model(
+                    args.model, dtype=args.dtype, tags=args.tags, grammar=grammar
+                )
+                engine = Engine(
+                    model.to(device),
+                    tokenizer,
+                    device=device,
+                    grammar=grammar,
+                    kv_memory_bytes=args.kv_memory,
+                )
+                log.start()
+            except (ValueError, OSError) as error:
+                return fail(error)
+            _, this_run = rejection_sample(
+                engine,
+                todo,
+                template,
+                params,
+                mode=args.mode,
+                batch=args.batch,
+                on_problem=log.write,
+            )
+        report = log.report([p.id for p in problems], this_run.not_run)
     json.dump(report.to_dict(), sys.stdout)
     print()
     for line in report.not_run:
@@ -103,6 +126,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"accepted {report.accepted} of {report.problems} problems -> {args.out}", markup=False
     )
     return 0
+
+
+def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
+    """What decides ``npr sample``'s traces: a rerun resumes only with the same."""
+    from pathlib import Path
+
+    return {
+        "data": str(Path(args.data).resolve()),
+        "model": args.model,
+        "tags": args.tags,
+        "mode": args.mode,
+        "prompt": args.prompt,
+        "grammar": grammar,
+        "tries": args.tries,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "prompt_field": args.prompt_field,
+        "answer_field": args.answer_field,
+    }
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -120,7 +165,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=cmd_train)
 
     sample = commands.add_parser(
-        "sample", help="rejection sampling: keep the first correct, well-formatted trajectory"
+        "sample",
+        help="rejection sampling: keep the first correct, well-formatted trajectory",
+        description="Sample --tries trajectories per problem and keep the first correct, "
+        "well-formatted one. Run it again with the same arguments to resume an interrupted run "
+        "(OUT's progress file, beside it, says which problems are done).",
     )
     sample.add_argument("--data", required=True, help="problems (.jsonl/.json/.parquet)")
     sample.add_argument("--out", required=True, help="accepted traces (.jsonl) for `npr train sft`")

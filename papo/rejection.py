@@ -11,8 +11,9 @@ counted, not written.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,33 @@ from npr_graph.constraints import format_valid
 from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.prompts import PromptTemplate
+from npr_graph.typecheck import has_shape
 
 from .problems import Problem
 from .rewards import get as get_reward
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one problem went: its samples and their grades, and the try whose trace was kept
+    (None: none was)."""
+
+    id: str
+    samples: int
+    correct: int
+    format_valid: int
+    pool_cut: int  # samples the engine ended for want of KV pages (kv_exhausted)
+    tries: int | None
+
+
+OUTCOME_SHAPE = {
+    "id": str,
+    "samples": int,
+    "correct": int,
+    "format_valid": int,
+    "pool_cut": int,
+    "tries": (int, type(None)),
+}
 
 
 @dataclass
@@ -35,6 +60,16 @@ class SamplingReport:
     tries_used: list[int] = field(default_factory=list)
     pool_cut: int = 0  # samples the engine ended for want of KV pages (kv_exhausted)
     not_run: list[str] = field(default_factory=list)  # problems the engine could not run, why
+
+    def add(self, outcome: Outcome) -> None:
+        self.problems += 1
+        self.samples += outcome.samples
+        self.correct += outcome.correct
+        self.format_valid += outcome.format_valid
+        self.pool_cut += outcome.pool_cut
+        if outcome.tries is not None:
+            self.accepted += 1
+            self.tries_used.append(outcome.tries)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,11 +101,13 @@ def rejection_sample(
     chat: bool | None = None,
     batch: int = 8,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_problem: Callable[[Outcome, dict[str, Any] | None], None] | None = None,
 ) -> tuple[list[dict[str, Any]], SamplingReport]:
     """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
     and the counts. ``params.n`` is the number of tries per problem. All problems go through one
-    engine call, ``batch`` decoding at once, the next admitted as soon as one ends; ``on_record``
-    gets each accepted record as soon as its problem ends. A problem the engine cannot run (too
+    engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
+    problem ends, ``on_problem`` gets its outcome and accepted record (or None) and
+    ``on_record`` the accepted record. A problem the engine cannot run (too
     long for the model's context or the KV pool) is reported, and the others go ahead."""
     accuracy = get_reward("accuracy")
     eos = getattr(engine.tokenizer, "eos_token", None)
@@ -89,18 +126,17 @@ def rejection_sample(
 
     def judge(index: int, graphs: list) -> None:
         problem = ready[index]
-        report.problems += 1
         chosen = None
+        correct = valid = cut = 0
         samples = sorted(graphs, key=lambda g: g.metadata["sample_index"])
         for tries, graph in enumerate(samples, start=1):
             response = strip_eos(graph.response_text, eos)
-            correct = accuracy(response, problem.answer).correct
-            valid = format_valid(graph)
-            report.samples += 1
-            report.pool_cut += graph.metadata.get("finish_reason") == "kv_exhausted"
-            report.correct += correct
-            report.format_valid += valid
-            if chosen is None and correct and valid:
+            right = accuracy(response, problem.answer).correct
+            well_formed = format_valid(graph)
+            correct += right
+            valid += well_formed
+            cut += graph.metadata.get("finish_reason") == "kv_exhausted"
+            if chosen is None and right and well_formed:
                 chosen = {
                     "id": problem.id,
                     "prompt": problem.prompt,
@@ -108,9 +144,13 @@ def rejection_sample(
                     "answer": problem.answer,
                     "tries": tries,
                 }
+        outcome = Outcome(
+            problem.id, len(samples), correct, valid, cut, chosen["tries"] if chosen else None
+        )
+        report.add(outcome)
+        if on_problem is not None:
+            on_problem(outcome, chosen)
         if chosen is not None:
-            report.accepted += 1
-            report.tries_used.append(chosen["tries"])
             accepted.append((index, chosen))
             if on_record is not None:
                 on_record(chosen)
@@ -122,3 +162,121 @@ def rejection_sample(
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def progress_path(out: Path) -> Path:
+    """Where ``npr sample`` logs each finished problem, beside its traces."""
+    return out.with_name(out.stem + ".progress.jsonl")
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The file's complete lines. A last line a kill cut short (no newline) is cut off the
+    file, so that what is appended next starts a line of its own."""
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(whole)
+    text = data[:whole].decode("utf-8", errors="replace")
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from error
+
+
+class SampleLog:
+    """What ``npr sample`` writes: the accepted traces (``out``, for ``npr train sft``) and,
+    beside them (:func:`progress_path`), the settings and then a line per finished problem.
+    Running the same command again reads both and goes on with the problems not done; other
+    settings are refused (another ``--limit`` or ``--batch`` is fine). A problem is logged
+    before its trace is written, so a kill between the two leaves it logged as accepted with
+    no trace: it is sampled again, and its last line counts."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]):
+        self.out, self.progress = out, progress_path(out)
+        self.outcomes: dict[str, Outcome] = {}
+        self.resumed = self.progress.exists()
+        traced: set[str] = set()
+        if self.resumed:
+            self._read_progress(settings)
+            if self.out.exists():
+                for number, line in enumerate(_whole_lines(self.out), start=1):
+                    trace = _json_line(self.out, number, line)
+                    if isinstance(trace, dict) and isinstance(trace.get("id"), str):
+                        traced.add(trace["id"])
+        elif self.out.exists() and self.out.stat().st_size:
+            raise ValueError(
+                f"{out} exists with no {self.progress.name} beside it to resume from: "
+                "remove it or choose another --out"
+            )
+        self.settings = settings
+        # done: rejected, or accepted with the trace on disk
+        self.done = traced | {key for key, o in self.outcomes.items() if o.tries is None}
+        self._traces = self._log = None
+
+    def start(self) -> None:
+        """Open both files to append to (creating them with the settings line on a first run):
+        only once there is something to write, so a model that fails to load leaves none."""
+        if not self.resumed:
+            self.out.write_text("")
+            self.progress.write_text(json.dumps({"settings": self.settings}) + "\n")
+        self._traces = self.out.open("a", encoding="utf-8")
+        self._log = self.progress.open("a", encoding="utf-8")
+
+    def _read_progress(self, settings: dict[str, Any]) -> None:
+        lines = _whole_lines(self.progress)
+        head = _json_line(self.progress, 1, lines[0]) if lines else None
+        if not isinstance(head, dict) or not isinstance(head.get("settings"), dict):
+            raise ValueError(
+                f"{self.progress}: no settings line; remove it and {self.out.name} to start afresh"
+            )
+        before = head["settings"]
+        differ = sorted(
+            k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k)
+        )
+        if differ:
+            changes = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{self.out} was sampled with other settings ({changes}): rerun with those to "
+                "resume, or choose another --out"
+            )
+        for number, line in enumerate(lines[1:], start=2):
+            record = _json_line(self.progress, number, line)
+            if not has_shape(record, OUTCOME_SHAPE):
+                raise ValueError(f"{self.progress}:{number}: not a problem's outcome")
+            self.outcomes[record["id"]] = Outcome(**{k: record[k] for k in OUTCOME_SHAPE})
+
+    def write(self, outcome: Outcome, trace: dict[str, Any] | None) -> None:
+        """Log ``outcome``, then append ``trace``; each is on disk before this returns."""
+        if self._log is None:
+            raise RuntimeError("SampleLog.start() first")
+        for handle, record in ((self._log, asdict(outcome)), (self._traces, trace)):
+            if record is not None:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.outcomes[outcome.id] = outcome
+        self.done.add(outcome.id)
+
+    def report(self, ids: Iterable[str], not_run: list[str]) -> SamplingReport:
+        """The counts over the problems ``ids`` that are done, this run's or earlier ones."""
+        report = SamplingReport(not_run=list(not_run))
+        for key in ids:
+            if key in self.done and key in self.outcomes:
+                report.add(self.outcomes[key])
+        return report
+
+    def close(self) -> None:
+        for handle in (self._traces, self._log):
+            if handle is not None:
+                handle.close()
+
+    def __enter__(self) -> SampleLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

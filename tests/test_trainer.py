@@ -516,6 +516,77 @@ def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
     assert summary["not_run"] == ["problem b: the prompt exceeds the model's context"]
 
 
+class PromptedEngine(ScriptedEngine):
+    """Answers each prompt by the question in it, whichever problems a call holds."""
+
+    def generate(self, prompts, params, mode, chat=None, max_running=None, on_finish=None):
+        scripted = ScriptedEngine(
+            [next(v for k, v in self.responses.items() if k in p) for p in prompts]
+        )
+        return scripted.generate(prompts, params, mode, chat, max_running, on_finish)
+
+
+def test_sample_log_resumes_where_a_killed_run_stopped(tmp_path):
+    """``npr sample``'s files after a kill: a line cut short is cut off, a problem logged and
+    not yet traced is sampled again, and the rest is not; the outcome is the whole run's."""
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from papo.problems import Problem
+    from papo.rejection import SampleLog, progress_path, rejection_sample
+
+    wrong = TRACE.replace("\\boxed{5}", "\\boxed{6}")
+    engine = PromptedEngine({"2+3": [wrong, TRACE], "2+4": [wrong, wrong], "3+2": [TRACE, wrong]})
+    problems = [Problem("a", "2+3", "5"), Problem("b", "2+4", "5"), Problem("c", "3+2", "5")]
+    settings = {"tries": 2, "seed": 0}
+
+    def run(out):
+        with SampleLog(out, settings) as log:
+            todo = [p for p in problems if p.id not in log.done]
+            if todo:
+                log.start()
+                rejection_sample(
+                    engine, todo, load_template("npr"), SamplingParams(n=2), on_problem=log.write
+                )
+            return todo, log.report([p.id for p in problems], [])
+
+    def lines(path):
+        return sorted(path.read_text().splitlines())
+
+    whole = tmp_path / "whole.jsonl"
+    assert [p.id for p in run(whole)[0]] == ["a", "b", "c"]
+    want = run(whole)[1].to_dict()
+    assert want["problems"] == 3 and want["accepted"] == 2 and want["mean_tries"] == 1.5
+    assert run(whole)[0] == [], "done"
+
+    # killed after logging a (accepted) but before its trace; b logged; c cut mid-line
+    out = tmp_path / "killed.jsonl"
+    progress = progress_path(whole).read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in whole.read_text().splitlines()) == ["a", "c"]
+    logged = {json.loads(line).get("id"): line for line in progress[1:]}
+    progress_path(out).write_text(
+        "\n".join([progress[0], logged["a"], logged["b"]]) + "\n" + logged["c"][:9]
+    )
+    out.write_text("")
+    todo, report = run(out)
+    assert [p.id for p in todo] == ["a", "c"]
+    assert report.to_dict() == want
+    assert lines(out) == lines(whole)
+    assert len(lines(progress_path(out))) == 5, "a is logged twice; the last line counts"
+
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 1\)"):
+        SampleLog(out, {**settings, "seed": 1})
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text('{"id": "x"}\n')
+    with pytest.raises(ValueError, match="no stray.progress.jsonl beside it"):
+        SampleLog(stray, settings)
+    progress_path(out).write_text(progress[0] + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"killed.progress.jsonl:2: not JSON"):
+        SampleLog(out, settings)
+    progress_path(out).write_text(progress[0] + '\n{"id": "a", "samples": "2"}\n')
+    with pytest.raises(ValueError, match=r"killed.progress.jsonl:2: not a problem's outcome"):
+        SampleLog(out, settings)
+
+
 def test_rejection_sampling_checks_the_format_of_the_engine_grammar():
     """Multiverse traces are checked by the strict Multiverse rules, not the NPR format score."""
     from test_multiverse_engine import NESTED_TRACE
@@ -675,8 +746,10 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
 
 
 def test_sample_cli_batch_sets_the_problems_decoding_at_once(
-    problems, tmp_path, tokenizers, monkeypatch
+    problems, tmp_path, tokenizers, monkeypatch, capsys
 ):
+    """``--batch`` problems decode at once; the same command again resumes the run: nothing
+    is left to sample, and the report is the whole run's. Other settings are refused."""
     from npr_graph.cli import main
     from npr_graph.engine.engine import Engine
 
@@ -694,8 +767,15 @@ def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     args = ["sample", "--data", str(problems), "--out", str(tmp_path / "a.jsonl"), "--model",
             str(model_dir), "--tries", "2", "--limit", "3", "--max-new-tokens", "4"]  # fmt: skip
     assert main(args) == 0 and calls == [(3, 8)]
+    report = capsys.readouterr().out
+    assert json.loads(report)["problems"] == 3
     calls.clear()
-    assert main([*args, "--batch", "2"]) == 0 and calls == [(3, 2)]
+    assert main(args) == 0 and calls == [], "a rerun resumes: nothing is left to sample"
+    assert capsys.readouterr().out == report
+    assert main([*args, "--seed", "1"]) == 2 and calls == []
+    assert "other settings (seed 0 -> 1)" in capsys.readouterr().err.replace("\n", "")
+    other = [*args[:4], str(tmp_path / "b.jsonl"), *args[5:]]
+    assert main([*other, "--batch", "2"]) == 0 and calls == [(3, 2)]
 
 
 def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
