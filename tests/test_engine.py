@@ -162,9 +162,20 @@ def test_small_pool_preempts_and_resumes(special_tokenizer, prefill_budget):
         prompts, params, mode="constrained", chat=False
     )
     tight = make_engine("llama", special_tokenizer, num_pages=64, max_prefill_tokens=prefill_budget)
-    graphs = tight.generate(prompts, params, mode="constrained", chat=False)
+    handed = []
+    graphs = tight.generate(
+        prompts,
+        params,
+        mode="constrained",
+        chat=False,
+        on_finish=lambda index, graphs: handed.append((index, graphs)),
+    )
     assert tight.stats.preemptions > 0
     assert [g.token_ids for g in graphs] == [g.token_ids for g in roomy]
+    # a preempted prompt is handed over once, when it ends
+    assert sorted(index for index, _ in handed) == [0, 1, 2]
+    assert [g for _, pair in sorted(handed, key=lambda h: h[0]) for g in pair] == graphs
+    assert sorted(tight.stats.prompt_seconds) == [0, 1, 2]
     assert tight.pool.num_used == 0
 
 
