@@ -292,3 +292,16 @@ def test_prefill_benchmark_compares_budgets_on_the_embedded_model(capsys, smollm
     assert [row["budget"] for row in rows] == ["none", 16]
     assert rows[0]["prefill_forwards"] == 1 and rows[1]["prefill_forwards"] >= 60 // 16
     assert all(row["seconds"] > 0 and row["peak_mib_above_loaded"] >= 0 for row in rows)
+
+
+def test_admission_benchmark_decodes_the_same_samples_both_ways(capsys, smollm2_tokenizer):
+    """benchmarks/admission.py at a tiny size on SmolLM2 in float32: batches of prompts and
+    continuous admission decode the same samples (else it exits 1), the latter in no more
+    decode steps."""
+    admission = _load("admission")
+    args = ["--prompts", "4", "--batch", "2", "--max-tokens", "12", "--dtype", "float32"]
+    assert admission.main([*args, "--repeats", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["same_samples"] == summary["samples"] == 8
+    steps = {run["side"]: run["decode_steps"] for run in summary["runs"]}
+    assert 0 < steps["continuous"] <= steps["batches"]
