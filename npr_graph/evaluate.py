@@ -1288,6 +1288,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"npr eval: {message}", file=sys.stderr)
         return 2
+    except OSError as error:  # writing the results, a full disk say: what is written is whole
+        print(
+            f"npr eval: {error}; the problems written so far are kept, and the same command "
+            "resumes the run",
+            file=sys.stderr,
+        )
+        return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     for error in summary["errors"]:

@@ -59,7 +59,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
 
-    def fail(error: Exception) -> int:
+    def fail(error: Exception | str) -> int:
         console.print(Text.assemble(("error:", "red"), f" {error}"))
         return 2
 
@@ -108,15 +108,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 log.start()
             except (ValueError, OSError) as error:
                 return fail(error)
-            _, this_run = rejection_sample(
-                engine,
-                todo,
-                template,
-                params,
-                mode=args.mode,
-                batch=args.batch,
-                on_problem=log.write,
-            )
+            try:
+                _, this_run = rejection_sample(
+                    engine,
+                    todo,
+                    template,
+                    params,
+                    mode=args.mode,
+                    batch=args.batch,
+                    on_problem=log.write,
+                )
+            except OSError as error:  # writing, a full disk say: what is written is whole
+                return fail(
+                    f"{error}; the problems written so far are kept, and the same command "
+                    "resumes the run"
+                )
         report = log.report([p.id for p in problems], this_run.not_run)
     json.dump(report.to_dict(), sys.stdout)
     print()

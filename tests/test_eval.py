@@ -762,6 +762,33 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
     assert not (tmp_path / "o7").exists(), "refused before anything ran"
 
 
+def test_cli_a_failing_write_is_an_error_and_the_run_resumes(
+    tmp_path, tiny_dir, data, capsys, monkeypatch
+) -> None:
+    """A full disk while writing a problem: a one-line error, exit code 2, and the same command
+    then resumes from the problems that were written whole."""
+    import npr_graph.evaluate as evaluate
+
+    fsync, calls = evaluate.os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(evaluate.os, "fsync", full_disk)
+    out = tmp_path / "run"
+    assert main(_cli_args(tiny_dir, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device; the problems written so far are kept" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(evaluate.os, "fsync", fsync)
+    assert main(_cli_args(tiny_dir, data, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 3 and summary["samples"] == 3 * summary["n"]
+
+
 def test_cli_kv_memory_sizes_the_engines_pool(
     tmp_path, tiny_dir, data, engine, capsys, monkeypatch
 ) -> None:

@@ -777,6 +777,26 @@ def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     other = [*args[:4], str(tmp_path / "b.jsonl"), *args[5:]]
     assert main([*other, "--batch", "2"]) == 0 and calls == [(3, 2)]
 
+    import papo.rejection as rejection
+
+    fsync, logged = rejection.os.fsync, []
+
+    def full_disk(fd):  # the second problem's progress line is written, its fsync fails
+        logged.append(fd)
+        if len(logged) == 2:
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(rejection.os, "fsync", full_disk)
+    full = [*args[:4], str(tmp_path / "c.jsonl"), *args[5:]]
+    assert main(full) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "No space left on device; the problems written so far are kept" in err
+    monkeypatch.setattr(rejection.os, "fsync", fsync)
+    calls.clear()
+    assert main(full) == 0 and calls == [(1, 8)], "the rerun samples what was not logged"
+    assert json.loads(capsys.readouterr().out)["problems"] == 3
+
 
 def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
     """Error text quotes file names and data (a problem id, a path): rich markup in it is shown,
