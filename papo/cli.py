@@ -86,7 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return fail(error)
     this_run = SamplingReport()
     with log:
-        todo = [p for p in problems if p.id not in log.done]
+        todo = [(i, p) for i, p in enumerate(problems) if p.id not in log.done]
         if log.resumed:
             console.print(
                 f"resuming {args.out}: {len(problems) - len(todo)} of {len(problems)} problems "
@@ -111,12 +111,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             try:
                 _, this_run = rejection_sample(
                     engine,
-                    todo,
+                    [problem for _, problem in todo],
                     template,
                     params,
                     mode=args.mode,
                     batch=args.batch,
                     on_problem=log.write,
+                    indices=[index for index, _ in todo],
                 )
             except OSError as error:  # writing, a full disk say: what is written is whole
                 return fail(

@@ -10,9 +10,10 @@ counted, not written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,27 +103,38 @@ def rejection_sample(
     batch: int = 8,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_problem: Callable[[Outcome, dict[str, Any] | None], None] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, Any]], SamplingReport]:
     """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
     and the counts. ``params.n`` is the number of tries per problem. All problems go through one
     engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
     problem ends, ``on_problem`` gets its outcome and accepted record (or None) and
     ``on_record`` the accepted record. A problem the engine cannot run (too
-    long for the model's context or the KV pool) is reported, and the others go ahead."""
+    long for the model's context or the KV pool) is reported, and the others go ahead.
+
+    ``indices``: each problem's place in its dataset (default: in ``problems``). A seeded
+    problem samples with ``params.seed`` plus its index, so that problems draw noise of their
+    own and a resumed run samples what a whole one would."""
     accuracy = get_reward("accuracy")
     eos = getattr(engine.tokenizer, "eos_token", None)
     report = SamplingReport()
     accepted = []
-    ready, prompts = [], []
-    for problem in problems:
+    indices = range(len(problems)) if indices is None else indices
+    if len(indices) != len(problems):
+        raise ValueError("give one index per problem")
+    ready, prompts, per_problem = [], [], []
+    for problem, index in zip(problems, indices, strict=True):
         prompt = template.render(problem.prompt)
+        seed = None if params.seed is None else params.seed + index
+        problem_params = dataclasses.replace(params, seed=seed)
         try:
-            engine.check_prompt(prompt, params, chat)
+            engine.check_prompt(prompt, problem_params, chat)
         except PromptError as error:
             report.not_run.append(f"problem {problem.id}: {error}")
             continue
         ready.append(problem)
         prompts.append(prompt)
+        per_problem.append(problem_params)
 
     def judge(index: int, graphs: list) -> None:
         problem = ready[index]
@@ -156,7 +168,9 @@ def rejection_sample(
                 on_record(chosen)
 
     if ready:
-        engine.generate(prompts, params, mode=mode, chat=chat, max_running=batch, on_finish=judge)
+        engine.generate(
+            prompts, per_problem, mode=mode, chat=chat, max_running=batch, on_finish=judge
+        )
     return [record for _, record in sorted(accepted, key=lambda pair: pair[0])], report
 
 

@@ -441,15 +441,16 @@ class ScriptedEngine:
         import npr_graph as ng
 
         graphs = []
+        n = params[0].n if isinstance(params, list) else params.n
         for index, _ in enumerate(prompts):
-            for sample in range(params.n):
+            for sample in range(n):
                 text = self.responses[index][sample] + "<eos>"
                 graph = ng.parse(text, grammar=self.grammar, lenient=True)
                 graph.metadata.update(prompt_index=index, sample_index=sample)
                 graphs.append(graph)
         if on_finish is not None:
             for index in reversed(range(len(prompts))):
-                on_finish(index, graphs[index * params.n : (index + 1) * params.n])
+                on_finish(index, graphs[index * n : (index + 1) * n])
         return graphs
 
 
@@ -511,6 +512,8 @@ def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
     )
     assert [r["id"] for r in accepted] == ["a", "c"]
     assert [r["id"] for r in written] == ["c", "a"], "written as each problem ends"
+    with pytest.raises(ValueError, match="one index per problem"):
+        rejection_sample(engine, problems, load_template("npr"), SamplingParams(n=1), indices=[0])
     summary = report.to_dict()
     assert summary["problems"] == 2
     assert summary["not_run"] == ["problem b: the prompt exceeds the model's context"]
@@ -759,14 +762,18 @@ def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     calls = []
     generate = Engine.generate
 
-    def counted(self, prompts, *args, **kwargs):
+    seeds = []
+
+    def counted(self, prompts, params, *args, **kwargs):
         calls.append((len(prompts), kwargs["max_running"]))
-        return generate(self, prompts, *args, **kwargs)
+        seeds.append([p.seed for p in params])
+        return generate(self, prompts, params, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "generate", counted)
     args = ["sample", "--data", str(problems), "--out", str(tmp_path / "a.jsonl"), "--model",
             str(model_dir), "--tries", "2", "--limit", "3", "--max-new-tokens", "4"]  # fmt: skip
     assert main(args) == 0 and calls == [(3, 8)]
+    assert seeds == [[0, 1, 2]], "each problem samples with the seed plus its index"
     report = capsys.readouterr().out
     assert json.loads(report)["problems"] == 3
     calls.clear()
@@ -796,6 +803,11 @@ def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     calls.clear()
     assert main(full) == 0 and calls == [(1, 8)], "the rerun samples what was not logged"
     assert json.loads(capsys.readouterr().out)["problems"] == 3
+
+    seeds.clear()  # a resumed problem keeps its seed: the seed plus its place in the data
+    limited = [*args[:4], str(tmp_path / "d.jsonl"), *args[5:]]
+    assert main([*limited[:-4], "--limit", "1", *limited[-2:]]) == 0
+    assert main(limited) == 0 and seeds == [[0], [1, 2]]
 
 
 def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
