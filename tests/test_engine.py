@@ -2,6 +2,8 @@
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -162,19 +164,20 @@ def test_small_pool_preempts_and_resumes(special_tokenizer, prefill_budget):
         prompts, params, mode="constrained", chat=False
     )
     tight = make_engine("llama", special_tokenizer, num_pages=64, max_prefill_tokens=prefill_budget)
-    handed = []
-    graphs = tight.generate(
+    graphs = tight.generate(prompts, params, mode="constrained", chat=False)
+    assert tight.stats.preemptions > 0
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in roomy]
+    handed = []  # a preempted prompt is handed over once, when it ends
+    tight.generate(
         prompts,
         params,
         mode="constrained",
         chat=False,
         on_finish=lambda index, graphs: handed.append((index, graphs)),
     )
-    assert tight.stats.preemptions > 0
-    assert [g.token_ids for g in graphs] == [g.token_ids for g in roomy]
-    # a preempted prompt is handed over once, when it ends
-    assert sorted(index for index, _ in handed) == [0, 1, 2]
-    assert [g for _, pair in sorted(handed, key=lambda h: h[0]) for g in pair] == graphs
+    assert tight.stats.preemptions > 0 and sorted(index for index, _ in handed) == [0, 1, 2]
+    pairs = [g for _, pair in sorted(handed, key=lambda h: h[0]) for g in pair]
+    assert [g.token_ids for g in pairs] == [g.token_ids for g in roomy]
     assert sorted(tight.stats.prompt_seconds) == [0, 1, 2]
     assert tight.pool.num_used == 0
 
@@ -741,16 +744,20 @@ def test_each_prompt_is_handed_over_as_it_ends_and_the_next_admitted(overlap, sp
     def on_finish(index, graphs):
         reported.append((index, graphs, engine.stats.decode_steps))
 
-    graphs = engine.generate(
+    returned = engine.generate(
         prompts, params, mode="constrained", chat=False, max_running=2, on_finish=on_finish
     )
+    assert returned == [], "handed over, not kept"
+    assert sorted(index for index, _, _ in reported) == [0, 1, 2, 3]
+    graphs = [g for _, handed, _ in sorted(reported, key=lambda r: r[0]) for g in handed]
     assert [g.token_ids for g in graphs] == [g.token_ids for g in reference]
     for got, want in zip(graphs, reference, strict=True):
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
-    assert sorted(index for index, _, _ in reported) == [0, 1, 2, 3]
-    for index, handed, _ in reported:
-        assert handed == graphs[2 * index : 2 * index + 2]
-        assert all(g.metadata["prompt_index"] == index for g in handed)
+    assert all(g.metadata["prompt_index"] == i // 2 for i, g in enumerate(graphs))
+    assert engine.stats.generated_tokens == sum(g.num_tokens - g.prompt_num_tokens for g in graphs)
+    assert engine.stats.critical_path_tokens == max(
+        g.metadata["critical_path_tokens"] for g in graphs
+    )
     steps = {index: step for index, _, step in reported}
     assert steps[1] < engine.stats.decode_steps, "the short prompt is handed over mid-run"
     seconds = engine.stats.prompt_seconds
@@ -761,6 +768,23 @@ def test_each_prompt_is_handed_over_as_it_ends_and_the_next_admitted(overlap, sp
         assert running <= 2, f"prompt {index} was admitted with {running - 1} others running"
     assert seconds[2][0] >= seconds[1][1], "the third prompt waits for the second to end"
     assert engine.pool.num_used == 0
+
+
+def test_the_engine_keeps_nothing_of_a_prompt_it_handed_over(special_tokenizer):
+    """With ``on_finish`` a long stream of prompts holds only those under way: once handed
+    over, a prompt's graphs are freed as soon as the callback lets them go."""
+    engine = make_engine("llama", special_tokenizer)
+    params = [SamplingParams(seed=i, n=2, max_new_tokens=6 + 4 * i, **SHORT) for i in range(4)]
+    handed = []
+
+    def on_finish(index, graphs):
+        gc.collect()
+        alive = [ref() is not None for ref in handed]
+        handed.extend(weakref.ref(g) for g in graphs)
+        assert not any(alive), "an earlier prompt's graphs are still held"
+
+    engine.generate(["Q"] * 4, params, mode="constrained", chat=False, on_finish=on_finish)
+    assert len(handed) == 8
 
 
 def test_each_prompt_may_have_its_own_mode(special_tokenizer):

@@ -273,8 +273,10 @@ class Engine:
 
         Prompts are admitted in order while lanes and KV pages allow, and each next one as soon
         as room frees up; ``max_running`` caps how many decode at once. ``on_finish(index,
-        graphs)`` is called as each prompt's samples are all done, while the others decode;
-        ``stats.prompt_seconds`` gives each prompt's admission and end."""
+        graphs)`` is called as each prompt's samples are all done, while the others decode, and
+        the engine keeps nothing of them (``generate`` then returns an empty list), so a long
+        stream of prompts holds only those under way. ``stats.prompt_seconds`` gives each
+        prompt's admission and end."""
         if isinstance(prompts, str):
             prompts = [prompts]
         modes = [mode] * len(prompts) if isinstance(mode, str) else list(mode)
@@ -324,12 +326,7 @@ class Engine:
             self._on_finish = None
         self.stats.wall_time = time.perf_counter() - self._start
         self.stats.peak_kv_pages = self.pool.peak_used
-        graphs = [graph for request in requests for graph in request.graphs]
-        self.stats.generated_tokens = sum(len(g.token_ids) - g.prompt_num_tokens for g in graphs)
-        self.stats.critical_path_tokens = max(
-            (g.metadata["critical_path_tokens"] for g in graphs), default=0
-        )
-        return graphs
+        return [graph for request in requests for graph in request.graphs]
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, requests: list[Request], progress) -> None:
@@ -418,13 +415,21 @@ class Engine:
             return requests
         self._collect_scores()
         for request in done:
-            request.graphs = [self._graph(sample) for sample in request.samples]
+            graphs = [self._graph(sample) for sample in request.samples]
+            request.samples = []  # their lanes, tokens and logits go
             self.stats.prompt_seconds[request.index] = (
                 request.admitted_s,
                 time.perf_counter() - self._start,
             )
-            if self._on_finish is not None:
-                self._on_finish(request.index, request.graphs)
+            self.stats.generated_tokens += sum(g.num_tokens - g.prompt_num_tokens for g in graphs)
+            self.stats.critical_path_tokens = max(
+                [self.stats.critical_path_tokens]
+                + [g.metadata["critical_path_tokens"] for g in graphs]
+            )
+            if self._on_finish is None:
+                request.graphs = graphs
+            else:
+                self._on_finish(request.index, graphs)
         return [r for r in requests if r not in done]
 
     def _abandon(self, requests: list[Request]) -> None:
