@@ -905,20 +905,20 @@ class _Evaluator:
         stream = None
         if len(ready) > 1:
             stream = {"id": uuid.uuid4().hex, "problems": len(ready), "batch": self.config.batch}
-        ended: dict[int, dict[str, list[ReasoningGraph]]] = {}
+        ended: dict[int, dict[int, list[ReasoningGraph]]] = {}  # problem: part: graphs
 
         def on_finish(index: int, graphs: list[ReasoningGraph]) -> None:
             at, part = divmod(index, len(modes))
             parts = ended.setdefault(at, {})
-            parts[modes[part]] = graphs
+            parts[part] = graphs
             if len(parts) < len(modes):
                 return
             seconds = self.engine.stats.prompt_seconds
             timing = [seconds[at * len(modes) + i] for i in range(len(modes))]
             problem = ready[at]
-            group = self._group(graphs=parts[modes[0]], seconds=timing[0])
+            group = self._group(graphs=parts[0], seconds=timing[0])
             if len(modes) > 1:
-                base_graphs = parts["sequential"]
+                base_graphs = parts[1]
                 group["baseline"] = {
                     **self._group(graphs=base_graphs, seconds=timing[1]),
                     "samples": len(base_graphs),
@@ -926,7 +926,7 @@ class _Evaluator:
                 }
             if stream is not None:
                 group["stream"] = {**stream, "ended_s": max(end for _, end in timing)}
-            on_done(problem, self._records(problem, parts[modes[0]], group))
+            on_done(problem, self._records(problem, parts[0], group))
             del ended[at]
 
         self.engine.generate(
@@ -937,6 +937,7 @@ class _Evaluator:
             max_running=self.config.batch,
             on_finish=on_finish,
         )
+        assert not ended, "a problem decoded without its baseline"
         return refused
 
     @staticmethod

@@ -565,6 +565,13 @@ def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine)
         k: single[k] for k in ("avg_at_n", "parallel_rate", "mean_width")
     }
 
+    # a sequential run with its sequential baseline: both parts of every problem are written
+    plain = run_eval(
+        config(data, tmp_path / "plain", mode="sequential", baseline="sequential", batch=3),
+        engine=engine,
+    )
+    assert plain["problems"] == 3 and plain["baseline"]["tokens"] == plain["tokens"]
+
     words = " ".join(["seven"] * engine.max_positions)
     rows = [PROBLEMS[0], {"id": "long", "problem": f"Add: {words}", "answer": "1"}, PROBLEMS[2]]
     long_data = tmp_path / "long.jsonl"
