@@ -399,18 +399,11 @@ class Engine:
         self._report_finished(unreported, last=True)
 
     def _report_finished(self, requests: list[Request], last: bool = False) -> list[Request]:
-        """Build the graphs of the finished requests whose every token is read (``overlap``
-        reads a step's tokens one step later; ``last``: all of them) and hand them to
-        ``on_finish``; the others."""
-        done = [
-            r
-            for r in requests
-            if last
-            or (
-                r.finished
-                and not any(PICKED in lane.tokens[-1:] for s in r.samples for lane in s.lanes)
-            )
-        ]
+        """Build the graphs of the requests that ended (``last``: of all of them), count their
+        tokens and hand them to ``on_finish`` (else keep them to return); the others."""
+        done, left = [], []
+        for request in requests:
+            (done if last or _ended(request) else left).append(request)
         if not done:
             return requests
         self._collect_scores()
@@ -430,7 +423,7 @@ class Engine:
                 request.graphs = graphs
             else:
                 self._on_finish(request.index, graphs)
-        return [r for r in requests if r not in done]
+        return left
 
     def _abandon(self, requests: list[Request]) -> None:
         """Return every page a failed run holds, so the engine stays usable."""
@@ -1076,6 +1069,12 @@ def kv_memory_for(device: torch.device, setting: int | str) -> int:
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"kv_memory_bytes must be a positive int or 'auto', got {setting!r}")
     return setting
+
+
+def _ended(request: Request) -> bool:
+    """Finished, with every token read (``overlap`` reads a step's tokens one step later)."""
+    lanes = (lane for sample in request.samples for lane in sample.lanes)
+    return request.finished and not any(PICKED in lane.tokens[-1:] for lane in lanes)
 
 
 def _over_budget(sample: Sample) -> bool:
