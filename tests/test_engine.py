@@ -182,6 +182,26 @@ def test_small_pool_preempts_and_resumes(special_tokenizer, prefill_budget):
     assert tight.pool.num_used == 0
 
 
+def test_admission_leaves_a_page_of_headroom_per_lane_under_way(special_tokenizer):
+    """A waiting prompt is admitted beside running ones only if, once its prompt and first
+    tokens have their pages, a page per running lane is still free: else the next steps would
+    preempt it, its prefill wasted. With nothing running it is admitted whatever is free."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from npr_graph.engine.lanes import Request
+
+    engine = make_engine("llama", special_tokenizer, num_pages=32)  # 4 slots a page
+    request = Request(0, list(range(1, 9)), SamplingParams(n=2), "sequential")  # 2 + 2 pages
+    running = [SimpleNamespace(samples=[SimpleNamespace(live_lanes=lambda: [None] * 5)])]
+    held = [engine.pool.allocate() for _ in range(engine.pool.num_free - (4 + 5) + 1)]
+    assert engine._admit(deque([request]), running) == [], "one page short of the headroom"
+    engine.pool.decref(held.pop())
+    assert engine._admit(deque([request]), running) == [request]
+    held += [engine.pool.allocate() for _ in range(engine.pool.num_free)]
+    assert engine._admit(deque([request]), []) == [request], "nothing runs: it goes ahead"
+
+
 def test_prefill_feeds_prompts_in_chunks_within_its_token_budget(special_tokenizer):
     """Prompts of different lengths are fed in forwards of at most ``max_prefill_tokens`` (rows
     times padded width), each chunk seeing the KV of the chunks before it: the samples are those

@@ -449,7 +449,11 @@ class Engine:
             at_cap = self._max_running is not None and (
                 len(running) + len(admitted) >= self._max_running
             )
-            if busy and (need > free or lanes + request.params.n > self.max_lanes or at_cap):
+            # a page of headroom per lane under way: admitting into the last free pages
+            # would have the next steps preempt the newcomer, its prefill wasted
+            if busy and (
+                need + lanes > free or lanes + request.params.n > self.max_lanes or at_cap
+            ):
                 break
             waiting.popleft()
             admitted.append(request)
