@@ -8,7 +8,12 @@ answer lengths), the two sides alternating, and reports wall time, tokens/s, dec
 lanes per step, and how many samples came out the same (in float32 all must, else it exits 1).
 
     python benchmarks/admission.py [--prompts 16] [--batch 4] [--samples 2] [--min-tokens 16] \
-        [--max-tokens 160] [--mode sequential] [--repeats 2] [--dtype bfloat16] [--json]
+        [--max-tokens 160] [--mode sequential] [--repeats 2] [--dtype bfloat16] [--json] \
+        [--kv-pages N] [--sides batches,continuous]
+
+``--kv-pages`` gives the engine a pool of N pages of 16 slots, to see how admission fares when
+the pool, not ``--batch``, bounds what runs (``--batch 0``: no bound): each run also reports
+its preemptions and prefill forwards.
 """
 
 from __future__ import annotations
@@ -47,14 +52,18 @@ def budgets(count: int, low: int, high: int) -> list[int]:
 def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) -> dict:
     started = time.perf_counter()
     graphs, lanes = [], []
+    preemptions = prefills = 0
     if side == "batches":
-        for first in range(0, len(prompts), batch):
+        for first in range(0, len(prompts), batch or len(prompts)):
             chunk = slice(first, first + batch)
             graphs += engine.generate(prompts[chunk], params[chunk], mode=mode)
             lanes += engine.stats.lanes_per_step
+            preemptions += engine.stats.preemptions
+            prefills += engine.stats.prefill_steps
     else:
-        graphs = engine.generate(prompts, params, mode=mode, max_running=batch)
+        graphs = engine.generate(prompts, params, mode=mode, max_running=batch or None)
         lanes = list(engine.stats.lanes_per_step)
+        preemptions, prefills = engine.stats.preemptions, engine.stats.prefill_steps
     wall = time.perf_counter() - started
     tokens = sum(g.num_tokens - g.prompt_num_tokens for g in graphs)
     return {
@@ -64,6 +73,9 @@ def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) ->
         "tokens_per_s": tokens / wall,
         "decode_steps": len(lanes),
         "mean_lanes_per_step": sum(lanes) / max(len(lanes), 1),
+        "preemptions": preemptions,
+        "prefill_forwards": prefills,
+        "cut": sum(g.metadata["finish_reason"] == "kv_exhausted" for g in graphs),
         "token_ids": [g.token_ids for g in graphs],
     }
 
@@ -71,7 +83,7 @@ def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4, help="prompts decoding at once")
+    parser.add_argument("--batch", type=int, default=4, help="prompts decoding at once (0: all)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt")
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -79,44 +91,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-pages", type=int, default=None, help="KV pool pages (16 slots)")
+    parser.add_argument("--sides", default=",".join(SIDES), help="which of " + ", ".join(SIDES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    sides = tuple(args.sides.split(","))
+    if not sides or not set(sides) <= set(SIDES):
+        parser.error(f"--sides: a comma-separated subset of {', '.join(SIDES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(dtype=getattr(torch, args.dtype))
+    engine = Engine.from_pretrained(dtype=getattr(torch, args.dtype), num_pages=args.kv_pages)
     prompts = questions(args.prompts)
     params = [
         SamplingParams(temperature=0.7, seed=i, n=args.samples, max_new_tokens=b)
         for i, b in enumerate(budgets(args.prompts, args.min_tokens, args.max_tokens))
     ]
     warm = SamplingParams(n=args.samples, max_new_tokens=4)
-    engine.generate(prompts[: args.batch], warm, mode=args.mode)  # one-time costs, untimed
+    engine.generate(prompts[:2], warm, mode=args.mode)  # one-time costs, untimed
     runs = []
     for repeat in range(args.repeats):
-        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
             runs.append(decode(engine, side, prompts, params, args.mode, args.batch))
             if not args.json:
                 r = runs[-1]
                 print(f"{side:10s} {r['wall_s']:7.2f} s {r['tokens']:6d} tokens "
                       f"{r['tokens_per_s']:7.1f} tok/s {r['decode_steps']:5d} steps "
-                      f"{r['mean_lanes_per_step']:5.2f} lanes/step")  # fmt: skip
-    first = {side: next(r for r in runs if r["side"] == side) for side in SIDES}
-    pairs = zip(first["batches"]["token_ids"], first["continuous"]["token_ids"], strict=True)
-    same = sum(a == b for a, b in pairs)
-    walls = {side: sorted(r["wall_s"] for r in runs if r["side"] == side) for side in SIDES}
+                      f"{r['mean_lanes_per_step']:5.2f} lanes/step {r['preemptions']:4d} "
+                      f"preemptions {r['prefill_forwards']:4d} prefills")  # fmt: skip
+    first = {side: next(r for r in runs if r["side"] == side) for side in sides}
+    samples = len(runs[0]["token_ids"])
+    same = samples
+    if len(sides) == 2:
+        pairs = zip(first["batches"]["token_ids"], first["continuous"]["token_ids"], strict=True)
+        same = sum(a == b for a, b in pairs)
+    walls = {side: sorted(r["wall_s"] for r in runs if r["side"] == side) for side in sides}
     median = {side: w[len(w) // 2] for side, w in walls.items()}
     summary = {
         "same_samples": same,
-        "samples": len(first["batches"]["token_ids"]),
-        "speedup": median["batches"] / median["continuous"],
+        "samples": samples,
+        "speedup": median["batches"] / median["continuous"] if len(sides) == 2 else None,
         "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
     }
     if args.json:
         print(json.dumps(summary))
-    else:
-        print(f"same samples: {same} of {summary['samples']}; continuous admission "
+    elif len(sides) == 2:
+        print(f"same samples: {same} of {samples}; continuous admission "
               f"{summary['speedup']:.2f}x the batches' speed (median wall times)")  # fmt: skip
-    if args.dtype == "float32" and same != summary["samples"]:
+    if args.dtype == "float32" and same != samples:
         # float32 leaves no near-tie for another batch shape to flip: a difference is a bug
         print("the two sides sampled different tokens", file=sys.stderr)
         return 1
