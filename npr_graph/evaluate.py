@@ -351,19 +351,21 @@ def _majority(
 def _call_walls(firsts: list[dict[str, Any]]) -> list[float]:
     """The wall time of each engine call, from each problem's first sample record: the problems
     of a call (``group["stream"]``) ended at ``ended_s`` into it; a problem alone in its call
-    took its own time and its baseline's."""
+    took its own time and its baseline's. Lines written before continuous admission may name
+    a batch (``group["batch"]``) whose problems each hold the batch's times: counted once."""
     walls: dict[str, float] = {}
     for record in firsts:
         group = record["group"]
-        stream = group.get("stream")
+        stream, batch = group.get("stream"), group.get("batch")
         if isinstance(stream, dict) and isinstance(stream.get("ended_s"), (int, float)):
             key = f"stream {stream.get('id')}"
             walls[key] = max(walls.get(key, 0.0), stream["ended_s"])
-        else:
-            baseline = group["baseline"]
-            walls[f"problem {record['problem_id']}"] = group["wall_time"] + (
-                baseline["wall_time"] if baseline else 0.0
-            )
+            continue
+        key = f"problem {record['problem_id']}"
+        if isinstance(batch, dict) and isinstance(batch.get("id"), str):
+            key = f"batch {batch['id']}"
+        baseline = group["baseline"]
+        walls[key] = group["wall_time"] + (baseline["wall_time"] if baseline else 0.0)
     return list(walls.values())
 
 

@@ -191,6 +191,20 @@ def _record(problem: str, index: int, sample: int, answer, correct: bool, **metr
     }
 
 
+def test_summary_counts_each_engine_calls_wall_time_once() -> None:
+    """Problems of one call (``stream``) end at ``ended_s`` into it; a batch written before
+    continuous admission (``batch``: each problem holds the batch's times) counts once; a lone
+    problem counts its own time and its baseline's."""
+    records = [_record(p, i, 0, "1/2", True) for i, p in enumerate("abcde")]
+    for record, ended in zip(records[:2], (3.0, 5.0), strict=True):
+        record["group"] = {**record["group"], "stream": {"id": "s", "ended_s": ended}}
+    for record in records[2:4]:
+        record["group"] = {**record["group"], "batch": {"id": "b", "problems": 2}}
+    summary = summarize(records, n=1)
+    assert summary["engine_calls"] == 3
+    assert summary["wall_time_s"] == 5.0 + (2.0 + 4.0) + (2.0 + 4.0)
+
+
 def test_summary_aggregates() -> None:
     records = [
         _record("a", 0, 0, "\\frac12", True),
