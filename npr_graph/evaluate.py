@@ -1079,7 +1079,7 @@ def _run(
                 handle.write(lines)
                 handle.flush()
                 os.fsync(handle.fileno())
-                progress.update(task, description=f"problem {problem.id}")
+                progress.update(task, description=f"last done: problem {problem.id}")
                 progress.advance(task)
                 if on_problem is not None:
                     on_problem(problem, records)
