@@ -807,6 +807,17 @@ def test_the_engine_keeps_nothing_of_a_prompt_it_handed_over(special_tokenizer):
     assert len(handed) == 8
 
 
+def test_progress_counts_the_calls_tokens_ended_prompts_included(special_tokenizer):
+    """``progress`` hears the tokens generated so far: prompts that ended stay counted."""
+    engine = make_engine("llama", special_tokenizer)
+    params = [SamplingParams(seed=i, n=2, max_new_tokens=6 + 8 * i, **SHORT) for i in range(3)]
+    heard = []
+    engine.generate(
+        ["Q"] * 3, params, mode="constrained", chat=False, max_running=2, progress=heard.append
+    )
+    assert heard == sorted(heard) and heard[-1] == engine.stats.generated_tokens > 0
+
+
 def test_each_prompt_may_have_its_own_mode(special_tokenizer):
     """A constrained prompt and a sequential one in one call sample what each does alone."""
     engine = make_engine("llama", special_tokenizer)

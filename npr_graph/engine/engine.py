@@ -270,6 +270,7 @@ class Engine:
         may come next; needs tags as special tokens), ``sequential`` (plain autoregressive
         decoding). ``logits_processor(context, logits) -> logits`` may reshape what is sampled
         (``context``: the ids the lane attends to); recorded log-probs stay those of the model.
+        ``progress(tokens)`` hears after each decode step how many tokens the call has generated.
 
         Prompts are admitted in order while lanes and KV pages allow, and each next one as soon
         as room frees up; ``max_running`` caps how many decode at once. ``on_finish(index,
@@ -392,7 +393,8 @@ class Engine:
             self.stats.forward_time += fed - started
             self.stats.pick_time += time.perf_counter() - fed
             if progress is not None:
-                progress(sum(s.total_tokens for r in running for s in r.samples))
+                under_way = sum(s.total_tokens for r in running for s in r.samples)
+                progress(self.stats.generated_tokens + under_way)
             running = [r for r in running if not self._settle(r)]
         assert picked is None, "picked tokens left unread"
         self._collect_scores()
