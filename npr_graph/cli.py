@@ -406,7 +406,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per line) or from the ``problem`` / ``question`` /
     ``prompt`` field of each record of a .json, .jsonl or .parquet file."""
-    from .evaluate import PROBLEM_FIELDS, EvalError, read_records
+    from .evaluate import PROBLEM_FIELDS, EvalError, problem_text, read_records
 
     if path.suffix.lower() not in (".json", ".jsonl", ".parquet"):
         prompts = [line.rstrip("\r") for _, line in read_lines(path) if line.strip()]
@@ -415,10 +415,8 @@ def read_prompts(path: Path) -> list[str]:
         prompts = []
         try:
             for where, record in read_records(path, errors):
-                fields = record if isinstance(record, dict) else {}
-                texts = (fields.get(name) for name in PROBLEM_FIELDS)
-                text = next((t for t in texts if isinstance(t, str)), None)
-                if text is None or not text.strip():
+                text = problem_text(record)
+                if text is None:
                     errors.append(f"{where}: no {'/'.join(PROBLEM_FIELDS)} text")
                 else:
                     prompts.append(text)

@@ -181,6 +181,15 @@ def _pick(record: dict[str, Any], override: str | None, names: Sequence[str]) ->
     return "", None
 
 
+def problem_text(record: Any, field: str | None = None) -> str | None:
+    """A record's question: ``field``, else the first of ``problem``/``question``/``prompt``
+    present; None when the record is not an object or the question is not text."""
+    if not isinstance(record, dict):
+        return None
+    _, question = _pick(record, field, PROBLEM_FIELDS)
+    return question if isinstance(question, str) else None
+
+
 def load_problems(
     path: str | os.PathLike[str],
     *,
@@ -208,8 +217,8 @@ def load_problems(
         if not isinstance(record, dict):
             errors.append(f"{where}: not an object")
             continue
-        _, question = _pick(record, fields.get("problem"), PROBLEM_FIELDS)
-        if not isinstance(question, str):
+        question = problem_text(record, fields.get("problem"))
+        if question is None:
             wanted = fields.get("problem") or "/".join(PROBLEM_FIELDS)
             errors.append(f"{where}: no problem text (field {wanted})")
             continue
