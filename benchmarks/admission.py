@@ -13,7 +13,7 @@ lanes per step, and how many samples came out the same (in float32 all must, els
 
 ``--kv-pages`` gives the engine a pool of N pages of 16 slots, to see how admission fares when
 the pool, not ``--batch``, bounds what runs (``--batch 0``: no bound): each run also reports
-its preemptions and prefill forwards.
+its preemptions, prefill forwards and the tokens it fed again to resume preempted prompts.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def budgets(count: int, low: int, high: int) -> list[int]:
 def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) -> dict:
     started = time.perf_counter()
     graphs, lanes = [], []
-    preemptions = prefills = 0
+    preemptions = prefills = recomputed = 0
     if side == "batches":
         for first in range(0, len(prompts), batch or len(prompts)):
             chunk = slice(first, first + batch)
@@ -60,10 +60,12 @@ def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) ->
             lanes += engine.stats.lanes_per_step
             preemptions += engine.stats.preemptions
             prefills += engine.stats.prefill_steps
+            recomputed += engine.stats.recomputed_tokens
     else:
         graphs = engine.generate(prompts, params, mode=mode, max_running=batch or None)
         lanes = list(engine.stats.lanes_per_step)
         preemptions, prefills = engine.stats.preemptions, engine.stats.prefill_steps
+        recomputed = engine.stats.recomputed_tokens
     wall = time.perf_counter() - started
     tokens = sum(g.num_tokens - g.prompt_num_tokens for g in graphs)
     return {
@@ -75,6 +77,7 @@ def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) ->
         "mean_lanes_per_step": sum(lanes) / max(len(lanes), 1),
         "preemptions": preemptions,
         "prefill_forwards": prefills,
+        "recomputed_tokens": recomputed,
         "cut": sum(g.metadata["finish_reason"] == "kv_exhausted" for g in graphs),
         "token_ids": [g.token_ids for g in graphs],
     }
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{side:10s} {r['wall_s']:7.2f} s {r['tokens']:6d} tokens "
                       f"{r['tokens_per_s']:7.1f} tok/s {r['decode_steps']:5d} steps "
                       f"{r['mean_lanes_per_step']:5.2f} lanes/step {r['preemptions']:4d} "
-                      f"preemptions {r['prefill_forwards']:4d} prefills")  # fmt: skip
+                      f"preemptions {r['prefill_forwards']:4d} prefills "
+                      f"{r['recomputed_tokens']:5d} recomputed")  # fmt: skip
     first = {side: next(r for r in runs if r["side"] == side) for side in sides}
     samples = len(runs[0]["token_ids"])
     same = samples

@@ -182,6 +182,105 @@ def test_small_pool_preempts_and_resumes(special_tokenizer, prefill_budget):
     assert tight.pool.num_used == 0
 
 
+def parks(engine):
+    """Record, at each preemption, the request's blocks: (forked, joined, of those nested)."""
+    seen = []
+    park = engine._park
+
+    def recording_park(request):
+        lanes = [lane for sample in request.samples for lane in sample.lanes]
+        forked = [lane for lane in lanes if lane.branches]
+        joined = [lane for lane in forked if lane.continued_by is not None]
+        nested = [lane for lane in forked if lane.owner is not None]
+        nested_joined = [lane for lane in nested if lane.continued_by is not None]
+        seen.append((len(forked), len(joined), len(nested), len(nested_joined)))
+        park(request)
+
+    engine._park = recording_park
+    return seen
+
+
+def counting(calls, then=None):
+    """A logits processor that records each call (then hands the logits to ``then``)."""
+
+    def processor(context, logits):
+        calls.append(len(context))
+        return logits if then is None else then(context, logits)
+
+    return processor
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap):
+    """Preemption keeps a request's lanes: when it is admitted again, prefill forwards rebuild
+    the KV of its prompt, forks and joins from the tokens they hold, and decoding goes on. No
+    token is sampled twice, and the samples, log-probs and the dense forward's scores are those
+    of a pool that never ran short."""
+    params = SamplingParams(
+        temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third, longer question for the pool."]
+    roomy = make_engine("llama", special_tokenizer, overlap=overlap)
+    roomy_calls: list[int] = []
+    expected = roomy.generate(
+        prompts, params, mode="constrained", chat=False, logits_processor=counting(roomy_calls)
+    )
+    tight = make_engine(
+        "llama", special_tokenizer, num_pages=96, max_prefill_tokens=16, overlap=overlap
+    )
+    seen = parks(tight)
+    calls: list[int] = []
+    heard: list[int] = []
+    graphs = tight.generate(
+        prompts,
+        params,
+        mode="constrained",
+        chat=False,
+        logits_processor=counting(calls),
+        progress=heard.append,
+    )
+    assert tight.stats.preemptions == len(seen) > 0
+    assert any(forked > joined for forked, joined, *_ in seen), "preempted inside a block"
+    assert any(joined for _, joined, *_ in seen), "preempted after a block joined"
+    assert tight.stats.recomputed_tokens > 0
+    assert len(calls) == len(roomy_calls), "every token is sampled once"
+    assert heard == sorted(heard), "progress counts the preempted request's tokens"
+    for graph, reference in zip(graphs, expected, strict=True):
+        assert graph.token_ids == reference.token_ids and graph.forced == reference.forced
+        assert graph.metadata["layout_consistent"]
+        start = graph.prompt_num_tokens
+        got = torch.tensor(graph.logprobs[start:])
+        assert (got - torch.tensor(reference.logprobs[start:])).abs().max() <= 1e-4
+        assert (dense_logprobs(tight.model, graph) - got).abs().max() <= 1e-4
+    assert tight.pool.num_used == 0
+
+
+def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tokenizer):
+    """Admission keeps a resumed request out until its rebuilt KV fits; should a rebuild run
+    out of pages all the same (here the estimate is made to say it needs none), that request's
+    unfinished samples end as ``kv_exhausted`` with what they wrote, every page comes back, and
+    the others decode as they would have."""
+    params = SamplingParams(
+        temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third, longer question for the pool."]
+    expected = make_engine("llama", special_tokenizer).generate(
+        prompts, params, mode="constrained", chat=False
+    )
+    engine = make_engine("llama", special_tokenizer, num_pages=96, max_prefill_tokens=16)
+    engine._pages_to_resume = lambda request: 0
+    graphs = engine.generate(prompts, params, mode="constrained", chat=False)
+    assert engine.pool.num_used == 0 and engine.stats.preemptions > 0
+    reasons = [g.metadata["finish_reason"] for g in graphs]
+    assert "kv_exhausted" in reasons
+    for graph, reference in zip(graphs, expected, strict=True):
+        assert graph.metadata["layout_consistent"]
+        if graph.metadata["finish_reason"] == "kv_exhausted":
+            assert_cut_and_scored(engine, graph)
+        else:
+            assert graph.token_ids == reference.token_ids
+
+
 def test_admission_leaves_a_page_of_headroom_per_lane_under_way(special_tokenizer):
     """A waiting prompt is admitted beside running ones only if, once its prompt and first
     tokens have their pages, a page per running lane is still free: else the next steps would
@@ -280,15 +379,20 @@ def test_a_pool_exhausted_mid_decode_ends_the_lone_request_with_a_reason(special
     graphs = engine.generate(["Q"], params, mode="constrained", chat=False)
     assert engine.stats.preemptions == 0 and engine.pool.num_used == 0
     for graph in graphs:
-        assert graph.metadata["finish_reason"] == "kv_exhausted" and graph.metadata["truncated"]
-        assert graph.num_tokens > graph.prompt_num_tokens and graph.metadata["layout_consistent"]
-        start = graph.prompt_num_tokens
-        logprobs, forced = graph.logprobs[start:], graph.forced[start:]
-        known = torch.tensor([lp is not None for lp in logprobs])
-        assert all(f for lp, f in zip(logprobs, forced, strict=True) if lp is None)
-        scored = torch.tensor([lp if lp is not None else 0.0 for lp in logprobs])
-        error = (dense_logprobs(engine.model, graph) - scored)[known].abs().max()
-        assert error <= 1e-4
+        assert_cut_and_scored(engine, graph)
+
+
+def assert_cut_and_scored(engine, graph):
+    """A sample cut for want of pages: what it wrote is scored as the dense forward scores it,
+    but for engine-written tokens whose logits the cut never computed."""
+    assert graph.metadata["finish_reason"] == "kv_exhausted" and graph.metadata["truncated"]
+    assert graph.num_tokens > graph.prompt_num_tokens and graph.metadata["layout_consistent"]
+    start = graph.prompt_num_tokens
+    logprobs, forced = graph.logprobs[start:], graph.forced[start:]
+    known = torch.tensor([lp is not None for lp in logprobs])
+    assert all(f for lp, f in zip(logprobs, forced, strict=True) if lp is None)
+    scored = torch.tensor([lp if lp is not None else 0.0 for lp in logprobs])
+    assert (dense_logprobs(engine.model, graph) - scored)[known].abs().max() <= 1e-4
 
 
 def test_one_sampling_params_or_one_per_prompt(special_tokenizer):

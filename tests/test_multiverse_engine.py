@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_engine import SHORT, dense_logprobs, scripted
+from test_engine import SHORT, counting, dense_logprobs, parks, scripted
 from test_overlap import assert_same_output
 
 import npr_graph as ng
@@ -94,6 +94,37 @@ def test_nested_blocks_decode_in_parallel_and_match_the_dense_forward(family, to
         assert graph.token_ids[span] == header and all(graph.forced[span])
     assert any("." in n.label for n in graph.nodes_of("path") if n.label)
     assert ng.metrics(graph)["depth"] == 2
+
+
+def test_a_request_preempted_inside_nested_blocks_resumes_as_it_was(tokenizer):
+    """The KV of nested forks and joins is rebuilt level by level from the lanes' tokens: the
+    samples are those of a pool that never ran short, and no token is sampled twice."""
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=400, max_branches=3, seed=3, n=2, max_blocks=2, **ROOMY
+    )
+    prompts = ["What is 2+2?", "Name three primes.", "A third one, a bit longer."]
+    model = tiny_model("llama", tokenizer=tokenizer)
+    runs = {}
+    for pages in (2048, 320):
+        engine = Engine(model, tokenizer, page_size=4, num_pages=pages, grammar="multiverse",
+                        max_prefill_tokens=32)  # fmt: skip
+        seen, calls = parks(engine), []
+        graphs = engine.generate(
+            prompts,
+            params,
+            mode="constrained",
+            chat=False,
+            logits_processor=counting(calls, then=nesting(engine)),
+        )
+        assert engine.pool.num_used == 0
+        runs[pages] = graphs, calls, seen
+    (want, want_calls, _), (got, calls, seen) = runs[2048], runs[320]
+    assert any(nested > nested_joined for *_, nested, nested_joined in seen), "inside one"
+    assert any(nested_joined for *_, nested_joined in seen), "after a nested block joined"
+    assert len(calls) == len(want_calls)
+    for graph, reference in zip(got, want, strict=True):
+        assert graph.token_ids == reference.token_ids and nested_blocks(graph)
+        check_graph(engine, graph)
 
 
 def test_max_depth_one_keeps_blocks_flat(tokenizer):

@@ -14,6 +14,7 @@ which is what one dense forward over the finished graph computes: the first toke
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import time
@@ -30,7 +31,7 @@ from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
-from .kv import LaneKV, PagePool, join
+from .kv import LaneKV, PagePool, PoolExhausted, join
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
 from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, token_logprobs
@@ -69,6 +70,7 @@ class EngineStats:
     critical_path_tokens: int = 0
     peak_kv_pages: int = 0
     preemptions: int = 0
+    recomputed_tokens: int = 0  # fed again to rebuild preempted requests' KV
     repicks: int = 0  # overlapped steps: rows picked again (their top-k/top-p cut reached far)
     lanes_per_step: list[int] = field(default_factory=list)
     fed_per_step: list[int] = field(default_factory=list)  # tokens: a lane feeds forced text too
@@ -95,6 +97,7 @@ class EngineStats:
             "tokens_per_s": self.tokens_per_s,
             "peak_kv_pages": self.peak_kv_pages,
             "preemptions": self.preemptions,
+            "recomputed_tokens": self.recomputed_tokens,
             "repicks": self.repicks,
             "mean_lanes_per_step": sum(self.lanes_per_step) / max(len(self.lanes_per_step), 1),
             "mean_fed_per_step": sum(self.fed_per_step) / max(len(self.fed_per_step), 1),
@@ -347,7 +350,11 @@ class Engine:
                     request.admitted_s = time.perf_counter() - self._start
                     unreported.append(request)
             if admitted:
-                self._prefill(admitted)
+                parked = [r for r in admitted if r.samples]
+                fresh = [r for r in admitted if not r.samples]
+                if fresh:
+                    self._prefill(fresh)
+                self._resume(parked)
                 running.extend(admitted)
             running = [r for r in running if not self._settle(r)]
             lanes = [
@@ -392,8 +399,9 @@ class Engine:
             self._score_pending()
             self.stats.forward_time += fed - started
             self.stats.pick_time += time.perf_counter() - fed
-            if progress is not None:
-                under_way = sum(s.total_tokens for r in running for s in r.samples)
+            if progress is not None:  # preempted requests wait first, keeping their tokens
+                parked = itertools.takewhile(lambda r: r.samples, waiting)
+                under_way = sum(s.total_tokens for r in (*running, *parked) for s in r.samples)
                 progress(self.stats.generated_tokens + under_way)
             running = [r for r in running if not self._settle(r)]
         assert picked is None, "picked tokens left unread"
@@ -446,22 +454,33 @@ class Engine:
         free = self.pool.num_free
         while waiting:
             request = waiting[0]
-            need = self._pages_for(len(request.prompt_ids)) + request.params.n
+            if request.samples:  # preempted: its lanes come back as they were
+                new_lanes = sum(len(s.live_lanes()) for s in request.samples)
+                need = self._pages_to_resume(request) + new_lanes
+            else:
+                new_lanes = request.params.n
+                need = self._pages_for(len(request.prompt_ids)) + new_lanes
             busy = running or admitted
             at_cap = self._max_running is not None and (
                 len(running) + len(admitted) >= self._max_running
             )
             # a page of headroom per lane under way: admitting into the last free pages
             # would have the next steps preempt the newcomer, its prefill wasted
-            if busy and (
-                need + lanes > free or lanes + request.params.n > self.max_lanes or at_cap
-            ):
+            if busy and (need + lanes > free or lanes + new_lanes > self.max_lanes or at_cap):
                 break
             waiting.popleft()
             admitted.append(request)
             free -= need
-            lanes += request.params.n
+            lanes += new_lanes
         return admitted
+
+    def _pages_to_resume(self, request: Request) -> int:
+        """At most the pages :meth:`_resume` takes: the prompt's, and each lane's own fed tokens
+        plus the page a fork's shared tail is copied to."""
+        lanes = [lane for s in request.samples if s.live_lanes() for lane in s.lanes]
+        return self._pages_for(len(request.prompt_ids)) + sum(
+            self._pages_for(_fed(lane)) + 1 for lane in lanes
+        )
 
     def _cut_at_context(self, lanes: list[Lane]) -> list[Lane]:
         """End every sample with a lane at the end of the model's context: no token gets a
@@ -504,7 +523,7 @@ class Engine:
                 return []
             victim = max(running, key=lambda r: r.arrival)
             running.remove(victim)
-            self._reset(victim)
+            self._park(victim)
             waiting.appendleft(victim)
             self.stats.preemptions += 1
             lanes = [lane for lane in lanes if lane.sample.request is not victim]
@@ -541,11 +560,12 @@ class Engine:
         """Whether this step's appends need more pages than are free."""
         return sum(lane.kv.pages_needed(len(lane.pending)) for lane in lanes) > self.pool.num_free
 
-    def _reset(self, request: Request) -> None:
+    def _park(self, request: Request) -> None:
+        """Preempt ``request``: its pages go back, and its lanes keep their tokens, states and
+        noise streams for :meth:`_resume`."""
         for sample in request.samples:
             for lane in sample.live_lanes():
                 lane.kv.release()
-        request.samples.clear()
 
     def _settle(self, request: Request) -> bool:
         for sample in request.samples:
@@ -562,7 +582,7 @@ class Engine:
     def _prefill(self, requests: list[Request]) -> None:
         prompt_lanes = [Lane(None, LaneKV(self.pool), None, 0) for _ in requests]
         try:
-            logits = self._feed_prompts(prompt_lanes, [r.prompt_ids for r in requests])
+            logits = self._feed(prompt_lanes, [r.prompt_ids for r in requests])
         except BaseException:  # the prompt lanes belong to no sample yet: _abandon misses them
             for lane in prompt_lanes:
                 if lane.kv.alive:
@@ -593,29 +613,91 @@ class Engine:
         self._advance(trunks, torch.stack(rows))
         self._score_pending()
 
-    def _feed_prompts(self, lanes: list[Lane], prompts: list[list[int]]) -> list[torch.Tensor]:
-        """Feed each lane its prompt in forwards of at most ``max_prefill_tokens`` (rows times
-        the padded width), so a prefill's activations stay bounded however many or long the
-        prompts are: each forward takes the next chunk of every unfinished prompt (the first
-        ``max_prefill_tokens`` of them), each chunk seeing the KV of those before it. Returns
-        each prompt's logits after its last token."""
+    def _resume(self, requests: list[Request]) -> None:
+        """Rebuild the KV of preempted requests from the tokens their lanes hold, in prefill
+        forwards: the prompts, then the lane trees level by level (a lane once the lane it
+        forked from is fed, a join once all its branches are). Nothing is sampled again: each
+        lane goes on where it stopped, its unfed tokens still pending. A request the pool cannot
+        hold after all ends its samples as ``kv_exhausted``."""
+        for request in requests:
+            try:
+                self._rebuild(request)
+            except PoolExhausted:
+                for sample in request.samples:
+                    for lane in sample.lanes:
+                        if lane.kv.alive:
+                            lane.kv.release()
+                    if sample.live_lanes():
+                        self._drop_unfed_text(sample)
+                        self._truncate(sample, "kv_exhausted", hard=True)
+
+    def _rebuild(self, request: Request) -> None:
+        prompt = Lane(None, LaneKV(self.pool), None, 0)
+        try:
+            self._feed([prompt], [request.prompt_ids])
+        except BaseException:
+            prompt.kv.release()
+            raise
+        self.stats.recomputed_tokens += len(request.prompt_ids)
+        level: list[Lane] = []
+        for sample, kv in zip(request.samples, prompt.kv.fork(request.params.n), strict=True):
+            trunk = sample.lanes[0]
+            trunk.kv = kv
+            if sample.live_lanes():
+                level.append(trunk)
+            else:
+                kv.release()
+        rebuilt: set[int] = set()
+        joins: list[Lane] = []  # lanes whose branches joined: the join waits for every branch
+        while level:
+            tokens = [lane.tokens[: _fed(lane)] for lane in level]
+            self._feed([Lane(None, lane.kv, None, lane.start_position) for lane in level], tokens)
+            self.stats.recomputed_tokens += sum(map(len, tokens))
+            following: list[Lane] = []
+            for lane in level:
+                rebuilt.add(id(lane))
+                if lane.branches:
+                    for branch, kv in zip(
+                        lane.branches, lane.kv.fork(len(lane.branches)), strict=True
+                    ):
+                        branch.kv = kv
+                    following += lane.branches
+                    if lane.continued_by is not None:
+                        joins.append(lane)
+            for owner in [o for o in joins if all(id(tip) in rebuilt for tip in o.tips)]:
+                joins.remove(owner)
+                owner.continued_by.kv = join([tip.kv for tip in owner.tips], prefix=owner.kv)
+                following.append(owner.continued_by)
+            level = following
+        for sample in request.samples:  # a finished lane no other lane reads (after a cut)
+            for lane in sample.lanes:
+                if lane.status is LaneStatus.DONE and lane.kv.alive:
+                    lane.kv.release()
+
+    def _feed(self, lanes: list[Lane], tokens: list[list[int]]) -> list[torch.Tensor | None]:
+        """Feed each lane its tokens (a prompt, or what a preempted lane held) in forwards of
+        at most ``max_prefill_tokens`` (rows times the padded width), so a prefill's
+        activations stay bounded however many or long the prompts are: each forward takes the
+        next chunk of every unfinished row (the first ``max_prefill_tokens`` of them), each
+        chunk seeing the KV of those before it. Returns each row's logits after its last token
+        (None for a row with no tokens)."""
         fed = [0] * len(lanes)
         last: list[torch.Tensor | None] = [None] * len(lanes)
         while True:
-            rows = [i for i, prompt in enumerate(prompts) if fed[i] < len(prompt)]
+            rows = [i for i, row in enumerate(tokens) if fed[i] < len(row)]
             rows = rows[: self.max_prefill_tokens]
             if not rows:
                 return last
             width = self.max_prefill_tokens // len(rows)
             for i in rows:
-                chunk = prompts[i][fed[i] : fed[i] + width]
+                chunk = tokens[i][fed[i] : fed[i] + width]
                 for token in chunk:
                     lanes[i].append(token, None, False)
                 fed[i] += len(chunk)
             logits = self.runner.step([lanes[i] for i in rows], earlier=False).last
             self.stats.prefill_steps += 1
             for row, i in enumerate(rows):
-                if fed[i] == len(prompts[i]):
+                if fed[i] == len(tokens[i]):
                     last[i] = logits[row]
 
     def _advance(
@@ -1075,6 +1157,11 @@ def kv_memory_for(device: torch.device, setting: int | str) -> int:
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"kv_memory_bytes must be a positive int or 'auto', got {setting!r}")
     return setting
+
+
+def _fed(lane: Lane) -> int:
+    """How many of the lane's tokens are in its KV (the rest wait for the next step)."""
+    return len(lane.tokens) - len(lane.pending)
 
 
 def _ended(request: Request) -> bool:
