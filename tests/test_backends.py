@@ -251,14 +251,18 @@ def generate_and_check(
     prompts=("What is 2+2?", "Primes?"),
     n=2,
     max_prefill_tokens=8192,
+    num_pages=512,
+    engines=None,
     **model_overrides,
 ):
+    """Decode with ``backend`` and check the graphs against the dense forward (``engines``: a
+    list the engine is appended to)."""
     model = tiny_model(family, tokenizer=tokenizer, dtype=dtype, **model_overrides).to(device)
     engine = Engine(
         model,
         tokenizer,
         page_size=4,
-        num_pages=512,
+        num_pages=num_pages,
         device=device,
         attention_backend=backend,
         max_prefill_tokens=max_prefill_tokens,
@@ -271,6 +275,8 @@ def generate_and_check(
         return original(lanes, views)
 
     engine.runner.backend.plan_decode = spy
+    if engines is not None:
+        engines.append(engine)
     params = SamplingParams(
         temperature=1.0,
         max_new_tokens=max_new_tokens,
@@ -318,6 +324,31 @@ def test_prompts_prefilled_in_chunks_through_the_plans_reproduce_the_dense_forwa
         num_hidden_layers=2,
         max_prefill_tokens=budget,
     )
+
+
+@pytest.mark.parametrize("backend", ["triton-cascade", "triton-flat", "flashinfer-cascade"])
+def test_preempted_requests_resume_through_the_plans(backend, special_tokenizer, monkeypatch):
+    """A pool too small for both prompts: the one preempted is rebuilt by prefill forwards whose
+    lanes belong to no sample (each its own level) and decodes on through the plans."""
+    if backend.startswith("flashinfer"):
+        monkeypatch.setitem(sys.modules, "flashinfer", _FakeFlashInfer())
+        attention = FlashInferBackend(cascade=True)
+    else:
+        attention = TritonBackend(cascade=backend == "triton-cascade", kernels="torch")
+    engines = []
+    generate_and_check(
+        "qwen3",
+        special_tokenizer,
+        attention,
+        tolerance=1e-4,
+        num_hidden_layers=2,
+        max_new_tokens=64,
+        num_pages=56,
+        max_prefill_tokens=3,
+        engines=engines,
+    )
+    (engine,) = engines
+    assert engine.stats.preemptions > 0 and engine.stats.recomputed_tokens > 0
 
 
 @pytest.mark.skipif(not backends.triton_installed(), reason="triton is not installed")
@@ -945,6 +976,39 @@ def test_gpu_overlapped_steps_match_the_plain_engine(backend, sampling, special_
         assert overlapped.metadata["layout_consistent"] and overlapped.metadata["forks"] >= 1
         engine_logprobs = torch.tensor(overlapped.logprobs[overlapped.prompt_num_tokens :])
         error = (dense_logprobs(model, overlapped) - engine_logprobs).abs().max().item()
+        assert error <= 0.15, f"log-prob error {error}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_gpu_preempted_requests_resume_in_graphed_overlapped_steps(backend, special_tokenizer):
+    """A pool too small for both prompts, CUDA graphs and overlap on, bf16: the preempted request
+    is rebuilt by prefill forwards and decodes on; its log-probs are within bf16 noise of the
+    dense forward, and the tokens are a roomy pool's until a last-bit difference flips a pick."""
+    if backend == "flashinfer" and not backends.flashinfer_installed():
+        pytest.skip("flashinfer is not installed")
+    model = tiny_model("qwen3", tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE)
+    model = model.to("cuda")
+    params = SamplingParams(temperature=0, max_new_tokens=64, min_branches=2, max_branches=3,
+                            n=2, **SHORT)  # fmt: skip
+    runs = []
+    for pages in (2048, 56):
+        attention = FlashInferBackend(True) if backend == "flashinfer" else TritonBackend(True)
+        engine = Engine(model, special_tokenizer, page_size=4, num_pages=pages, device="cuda",
+                        attention_backend=attention, cuda_graphs=True, overlap=True,
+                        max_prefill_tokens=3)  # fmt: skip
+        runs.append(engine.generate(["What is 2+2?", "Primes?"], params, mode="constrained",
+                                    chat=False))  # fmt: skip
+        assert engine.runner.graphs.replays > 0 and engine.pool.num_used == 0
+    assert engine.stats.preemptions > 0 and engine.stats.recomputed_tokens > 0
+    for roomy, tight in zip(*runs, strict=True):
+        n = min(len(roomy.token_ids), len(tight.token_ids))
+        same = next((i for i in range(n) if roomy.token_ids[i] != tight.token_ids[i]), n)
+        assert same > roomy.prompt_num_tokens + 8
+        assert tight.metadata["layout_consistent"]
+        engine_logprobs = torch.tensor(tight.logprobs[tight.prompt_num_tokens :])
+        error = (dense_logprobs(model, tight) - engine_logprobs).abs().max().item()
         assert error <= 0.15, f"log-prob error {error}"
 
 
