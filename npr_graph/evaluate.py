@@ -9,7 +9,9 @@ merge keeps exactly one complete group per problem. With ``--baseline sequential
 decoded a second time in sequential mode, for the speedup.
 
 Under ``torchrun --nproc_per_node N`` each rank builds its own engine (GPU ``LOCAL_RANK`` when
-CUDA is present) and takes every N-th unfinished problem; rank 0 merges the ranks' part files
+CUDA is present) and the ranks share the unfinished problems: a rank with room for the next
+problem claims it (a file created in ``DIR/claims``, which exactly one rank can create), so a
+rank whose problems run short takes more of them; rank 0 merges the ranks' part files
 into ``samples.jsonl`` and writes ``summary.json`` and ``report.md``. The summary is computed from
 the merged sample lines alone, so it has the same schema as a single-process run.
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -73,6 +76,7 @@ RUN_IDENTITY = (
 )
 SAMPLES = "samples.jsonl"
 PART_GLOB = "samples.part-*.jsonl"
+CLAIMS = "claims"  # under torchrun: a file per problem a rank took
 #: Ranks wait for the slowest one at the end; a long evaluation must not trip gloo's default.
 DIST_TIMEOUT = timedelta(hours=24)
 
@@ -884,11 +888,13 @@ class _Evaluator:
         self,
         problems: list[Problem],
         on_done: Callable[[Problem, list[dict[str, Any]]], None],
+        claim: Callable[[Problem], bool] | None = None,
     ) -> list[tuple[Problem, Exception]]:
         """Decode ``problems`` in one engine call, ``config.batch`` prompts at a time (a
         problem's baseline, queued right behind it, is a prompt too); hand each problem's sample
-        records to ``on_done`` as soon as it and its baseline end. Returns the problems whose
-        prompt the engine cannot take, with why.
+        records to ``on_done`` as soon as it and its baseline end. ``claim(problem)``, asked as
+        a problem would be admitted: whether to decode it (else another process does). Returns
+        the problems whose prompt the engine cannot take, with why.
 
         A problem's ``group`` holds its own tokens, its time in the engine (admission to end)
         and their ratio, and the same for its baseline; with several problems in the call,
@@ -940,6 +946,14 @@ class _Evaluator:
             on_done(problem, self._records(problem, parts[0], group))
             del ended[at]
 
+        claimed: set[int] = set()
+
+        def claim_part(index: int) -> bool:
+            at, part = divmod(index, len(modes))
+            if part == 0 and (claim is None or claim(ready[at])):
+                claimed.add(at)
+            return at in claimed  # a baseline goes with its problem
+
         self.engine.generate(
             [prompt for prompt in prompts for _ in modes],
             [p for p in params for _ in modes],
@@ -947,6 +961,7 @@ class _Evaluator:
             chat=self.config.chat,
             max_running=self.config.batch,
             on_finish=on_finish,
+            claim=claim_part,
         )
         assert not ended, "a problem decoded without its baseline"
         return refused
@@ -1052,10 +1067,15 @@ def _run(
     if failure:
         raise EvalError(failure)
 
-    # Rank 0 decides what is left, before any rank writes: every rank then shards the same list.
-    done = set(_complete_groups(_read_sample_files(out), config.n)) if dist.rank == 0 else None
+    # Rank 0 decides what is left, before any rank writes or claims: every rank then shares the
+    # same list, and the claims of an earlier run are gone.
+    claims = out / CLAIMS
+    done = None
+    if dist.rank == 0:
+        done = set(_complete_groups(_read_sample_files(out), config.n))
+        shutil.rmtree(claims, ignore_errors=True)
     done = dist.broadcast(done)
-    todo = [p for p in problems if p.id not in done][dist.rank :: dist.world]
+    todo = [p for p in problems if p.id not in done]
     not_run: list[tuple[int, str]] = []  # problems whose prompt the engine cannot take
     if todo:
         from .engine.engine import Engine
@@ -1093,13 +1113,26 @@ def _run(
                 if on_problem is not None:
                     on_problem(problem, records)
 
+            claim = None
+            if dist.active:
+                claims.mkdir(exist_ok=True)
+
+                def claim(problem: Problem) -> bool:
+                    try:
+                        os.close(os.open(claims / str(problem.index), os.O_CREAT | os.O_EXCL))
+                    except FileExistsError:  # another rank took it
+                        progress.advance(task)
+                        return False
+                    return True
+
             # One call per --batch problems would leave lanes idle while its slowest problem
-            # ends; one call for the whole shard admits the next problem as soon as one ends.
-            for problem, error in evaluator.run(todo, write):
+            # ends; one call for them all admits the next problem as soon as one ends.
+            for problem, error in evaluator.run(todo, write, claim):
                 not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
                 progress.advance(task)
-    # A collective, so also the barrier before rank 0 merges what every rank wrote.
-    not_run = sorted(item for part in dist.gather(not_run) for item in part)
+    # A collective, so also the barrier before rank 0 merges what every rank wrote. Every rank
+    # checked every prompt: each refused one is listed once.
+    not_run = sorted({item for part in dist.gather(not_run) for item in part})
 
     result: dict[str, Any] | str | None = None
     if dist.rank == 0:
@@ -1130,6 +1163,7 @@ def _merge_and_summarize(
     for path, _ in files:
         if path.name != SAMPLES:
             path.unlink(missing_ok=True)
+    shutil.rmtree(out / CLAIMS, ignore_errors=True)
     selected = [r for p in problems if p.id in groups for r in groups[p.id]]
     info = {
         "model": config.model or "default",
@@ -1161,7 +1195,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="accuracy, parallel trigger rate and speed on a problem set",
         description="Evaluate a model on problems from a .json, .jsonl or .parquet file. "
         "Run it again with the same arguments to resume an interrupted run; under torchrun the "
-        "problems are sharded across ranks.",
+        "ranks share the problems, each claiming the next one it has room for.",
     )
     parser.add_argument("--model", default="default", help="local model dir, .gguf or 'default'")
     parser.add_argument("--data", required=True, help="problems: .json, .jsonl or .parquet")

@@ -281,6 +281,40 @@ def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tok
             assert graph.token_ids == reference.token_ids
 
 
+def test_claim_decides_which_prompts_this_engine_decodes(special_tokenizer):
+    """``claim(index)`` is asked once per prompt, when it would be admitted (not again when a
+    preempted prompt comes back); the prompts it refuses give no graphs and cost no decoding."""
+    params = SamplingParams(
+        temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third, longer question for the pool.", "4"]
+    expected = make_engine("llama", special_tokenizer).generate(
+        prompts, params, mode="constrained", chat=False
+    )
+    engine = make_engine("llama", special_tokenizer, num_pages=96)
+    asked = []
+
+    def claim(index):
+        asked.append(index)
+        return index != 1
+
+    graphs = engine.generate(prompts, params, mode="constrained", chat=False, claim=claim)
+    assert engine.stats.preemptions > 0 and asked == [0, 1, 2, 3]
+    assert [g.metadata["prompt_index"] for g in graphs] == [0, 0, 2, 2, 3, 3]
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in expected[:2] + expected[4:]]
+    assert sorted(engine.stats.prompt_seconds) == [0, 2, 3]
+    handed = []
+    engine.generate(
+        prompts,
+        params,
+        mode="constrained",
+        chat=False,
+        claim=lambda index: index % 2 == 0,
+        on_finish=lambda index, graphs: handed.append(index),
+    )
+    assert sorted(handed) == [0, 2] and engine.pool.num_used == 0
+
+
 def test_admission_leaves_a_page_of_headroom_per_lane_under_way(special_tokenizer):
     """A waiting prompt is admitted beside running ones only if, once its prompt and first
     tokens have their pages, a page per running lane is still free: else the next steps would

@@ -59,6 +59,31 @@ CLI_SAMPLING = [
 ]  # fmt: skip
 
 
+def test_a_rank_decodes_the_problems_it_claims(tmp_path, data, engine) -> None:
+    """Under torchrun every rank is given the unfinished problems and asks to claim each as it
+    would admit it: it decodes those it gets (with their baselines) and skips the rest, which
+    another rank decodes. Its samples are those of a run of its own."""
+    single = run_eval(config(data, tmp_path / "single", baseline="sequential"), engine=engine)
+    assert single["problems"] == 3
+    want = {r["problem_id"]: r for r in read_samples(tmp_path / "single") if r["sample"] == 0}
+    problems, _ = evaluate.load_problems(str(data))
+    evaluator = evaluate._Evaluator(
+        engine, config(data, tmp_path / "rank", baseline="sequential", batch=2)
+    )
+    asked, written = [], {}
+
+    def claim(problem) -> bool:
+        asked.append(problem.id)
+        return problem.id != "p2"
+
+    refused = evaluator.run(problems, lambda p, records: written.update({p.id: records}), claim)
+    assert refused == [] and asked == ["p1", "p2", "p3"], "each asked once, in order"
+    assert sorted(written) == ["p1", "p3"]
+    for problem_id, records in written.items():
+        assert response_ids(records[0]) == response_ids(want[problem_id])
+        assert records[0]["group"]["baseline"]["samples"] == 2
+
+
 def _env() -> dict[str, str]:
     # One thread per process: the CI machine has two cores, and threads of tiny models only contend.
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -504,7 +529,9 @@ def test_eval_run_outputs_and_schema(tmp_path, data, engine) -> None:
         assert record["correct"] is False and record["parsed"] is False  # random weights
         assert record["group"]["baseline"]["samples"] == 2
     assert summary["unparsed_answers"] == 6
-    assert not list(out.glob("samples.part-*")), "part files are merged away"
+    assert not list(out.glob("samples.part-*")) and not (out / "claims").exists(), (
+        "part files are merged away"
+    )
 
     # Run again: everything is on disk, nothing is decoded, the summary is the same.
     calls = []
@@ -925,4 +952,4 @@ def test_torchrun_two_ranks_merge_into_one_summary(tmp_path, tiny_dir, data, eng
     assert [response_ids(r) for r in records] == [
         response_ids(r) for r in read_samples(tmp_path / "single")
     ]
-    assert not list(out.glob("samples.part-*"))
+    assert not list(out.glob("samples.part-*")) and not (out / "claims").exists()

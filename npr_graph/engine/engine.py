@@ -175,6 +175,7 @@ class Engine:
         self._scoring: list[tuple[list[_Unscored], HostCopy]] = []
         self._max_running: int | None = None
         self._on_finish: Callable[[int, list[ReasoningGraph]], None] | None = None
+        self._claim: Callable[[int], bool] | None = None
         self._start = 0.0
         self.stats = EngineStats()
 
@@ -266,6 +267,7 @@ class Engine:
         logits_processor=None,
         max_running: int | None = None,
         on_finish: Callable[[int, list[ReasoningGraph]], None] | None = None,
+        claim: Callable[[int], bool] | None = None,
     ) -> list[ReasoningGraph]:
         """Decode every prompt (``params.n`` samples each) and return their graphs, prompt by
         prompt. ``mode`` (one, or one per prompt): ``free`` (the model chooses; invalid forks
@@ -280,7 +282,9 @@ class Engine:
         graphs)`` is called as each prompt's samples are all done, while the others decode, and
         the engine keeps nothing of them (``generate`` then returns an empty list), so a long
         stream of prompts holds only those under way. ``stats.prompt_seconds`` gives each
-        prompt's admission and end."""
+        prompt's admission and end. ``claim(index)`` is asked once, when a prompt would be
+        admitted; a prompt it refuses is skipped and gives no graphs (processes that share a
+        list of prompts each claim the next one as they have room)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         modes = [mode] * len(prompts) if isinstance(mode, str) else list(mode)
@@ -319,6 +323,7 @@ class Engine:
         self.logits_processor = logits_processor
         self._max_running = max_running
         self._on_finish = on_finish
+        self._claim = claim
         self._start = time.perf_counter()
         try:
             with attention_implementation(self.model):
@@ -327,7 +332,7 @@ class Engine:
             self._abandon(requests)
             raise
         finally:
-            self._on_finish = None
+            self._on_finish = self._claim = None
         self.stats.wall_time = time.perf_counter() - self._start
         self.stats.peak_kv_pages = self.pool.peak_used
         return [graph for request in requests for graph in request.graphs]
@@ -469,6 +474,8 @@ class Engine:
             if busy and (need + lanes > free or lanes + new_lanes > self.max_lanes or at_cap):
                 break
             waiting.popleft()
+            if not request.samples and self._claim is not None and not self._claim(request.index):
+                continue
             admitted.append(request)
             free -= need
             lanes += new_lanes
