@@ -213,13 +213,15 @@ def counting(calls, then=None):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap):
     """Preemption keeps a request's lanes: when it is admitted again, prefill forwards rebuild
-    the KV of its prompt, forks and joins from the tokens they hold, and decoding goes on. No
+    the KV of its prompt, forks and joins from the tokens they hold (of requests admitted
+    together, in the same forwards), and decoding goes on. No
     token is sampled twice, and the samples, log-probs and the dense forward's scores are those
     of a pool that never ran short."""
     params = SamplingParams(
         temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
     )
-    prompts = ["First question?", "Second one?", "A third, longer question for the pool."]
+    prompts = ["First question?", "Second one?", "A third, longer question for the pool.", "4",
+               "five five"]  # fmt: skip
     roomy = make_engine("llama", special_tokenizer, overlap=overlap)
     roomy_calls: list[int] = []
     expected = roomy.generate(
@@ -229,6 +231,9 @@ def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap
         "llama", special_tokenizer, num_pages=96, max_prefill_tokens=16, overlap=overlap
     )
     seen = parks(tight)
+    resumed = []  # requests rebuilt together
+    rebuild = tight._rebuild
+    tight._rebuild = lambda requests: rebuild(requests) or resumed.append(len(requests))
     calls: list[int] = []
     heard: list[int] = []
     graphs = tight.generate(
@@ -242,7 +247,7 @@ def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap
     assert tight.stats.preemptions == len(seen) > 0
     assert any(forked > joined for forked, joined, *_ in seen), "preempted inside a block"
     assert any(joined for _, joined, *_ in seen), "preempted after a block joined"
-    assert tight.stats.recomputed_tokens > 0
+    assert tight.stats.recomputed_tokens > 0 and max(resumed) > 1
     assert len(calls) == len(roomy_calls), "every token is sampled once"
     assert heard == sorted(heard), "progress counts the preempted request's tokens"
     for graph, reference in zip(graphs, expected, strict=True):

@@ -623,37 +623,42 @@ class Engine:
     def _resume(self, requests: list[Request]) -> None:
         """Rebuild the KV of preempted requests from the tokens their lanes hold, in prefill
         forwards: the prompts, then the lane trees level by level (a lane once the lane it
-        forked from is fed, a join once all its branches are). Nothing is sampled again: each
-        lane goes on where it stopped, its unfed tokens still pending. A request the pool cannot
-        hold after all ends its samples as ``kv_exhausted``."""
-        for request in requests:
-            try:
-                self._rebuild(request)
-            except PoolExhausted:
-                for sample in request.samples:
-                    for lane in sample.lanes:
-                        if lane.kv.alive:
-                            lane.kv.release()
-                    if sample.live_lanes():
-                        self._drop_unfed_text(sample)
-                        self._truncate(sample, "kv_exhausted", hard=True)
-
-    def _rebuild(self, request: Request) -> None:
-        prompt = Lane(None, LaneKV(self.pool), None, 0)
+        forked from is fed, a join once all its branches are), each level of every request in
+        the same forwards. Nothing is sampled again: each lane goes on where it stopped, its
+        unfed tokens still pending. Should the pool not hold them after all (admission checks
+        a bound on what they take), their unfinished samples end as ``kv_exhausted``."""
+        if not requests:
+            return
         try:
-            self._feed([prompt], [request.prompt_ids])
+            self._rebuild(requests)
+        except PoolExhausted:
+            for sample in (sample for request in requests for sample in request.samples):
+                for lane in sample.lanes:
+                    if lane.kv.alive:
+                        lane.kv.release()
+                if sample.live_lanes():
+                    self._drop_unfed_text(sample)
+                    self._truncate(sample, "kv_exhausted", hard=True)
+
+    def _rebuild(self, requests: list[Request]) -> None:
+        prompts = [Lane(None, LaneKV(self.pool), None, 0) for _ in requests]
+        try:
+            self._feed(prompts, [request.prompt_ids for request in requests])
         except BaseException:
-            prompt.kv.release()
+            for prompt in prompts:
+                prompt.kv.release()
             raise
-        self.stats.recomputed_tokens += len(request.prompt_ids)
         level: list[Lane] = []
-        for sample, kv in zip(request.samples, prompt.kv.fork(request.params.n), strict=True):
-            trunk = sample.lanes[0]
-            trunk.kv = kv
-            if sample.live_lanes():
-                level.append(trunk)
-            else:
-                kv.release()
+        for request, prompt in zip(requests, prompts, strict=True):
+            self.stats.recomputed_tokens += len(request.prompt_ids)
+            kvs = prompt.kv.fork(request.params.n)
+            for sample, kv in zip(request.samples, kvs, strict=True):
+                trunk = sample.lanes[0]
+                trunk.kv = kv
+                if sample.live_lanes():
+                    level.append(trunk)
+                else:
+                    kv.release()
         rebuilt: set[int] = set()
         joins: list[Lane] = []  # lanes whose branches joined: the join waits for every branch
         while level:
@@ -664,9 +669,8 @@ class Engine:
             for lane in level:
                 rebuilt.add(id(lane))
                 if lane.branches:
-                    for branch, kv in zip(
-                        lane.branches, lane.kv.fork(len(lane.branches)), strict=True
-                    ):
+                    kvs = lane.kv.fork(len(lane.branches))
+                    for branch, kv in zip(lane.branches, kvs, strict=True):
                         branch.kv = kv
                     following += lane.branches
                     if lane.continued_by is not None:
@@ -676,8 +680,8 @@ class Engine:
                 owner.continued_by.kv = join([tip.kv for tip in owner.tips], prefix=owner.kv)
                 following.append(owner.continued_by)
             level = following
-        for sample in request.samples:  # a finished lane no other lane reads (after a cut)
-            for lane in sample.lanes:
+        for sample in (sample for request in requests for sample in request.samples):
+            for lane in sample.lanes:  # a finished lane no other lane reads (after a cut)
                 if lane.status is LaneStatus.DONE and lane.kv.alive:
                     lane.kv.release()
 
