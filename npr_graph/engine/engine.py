@@ -651,14 +651,10 @@ class Engine:
         level: list[Lane] = []
         for request, prompt in zip(requests, prompts, strict=True):
             self.stats.recomputed_tokens += len(request.prompt_ids)
-            kvs = prompt.kv.fork(request.params.n)
-            for sample, kv in zip(request.samples, kvs, strict=True):
-                trunk = sample.lanes[0]
+            trunks = [sample.lanes[0] for sample in request.samples if sample.live_lanes()]
+            for trunk, kv in zip(trunks, prompt.kv.fork(len(trunks)), strict=True):
                 trunk.kv = kv
-                if sample.live_lanes():
-                    level.append(trunk)
-                else:
-                    kv.release()
+            level += trunks
         rebuilt: set[int] = set()
         joins: list[Lane] = []  # lanes whose branches joined: the join waits for every branch
         while level:
