@@ -260,6 +260,49 @@ def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap
     assert tight.pool.num_used == 0
 
 
+def test_a_preempted_request_keeps_the_samples_it_finished(special_tokenizer):
+    """Samples that ended before their request was preempted stay as they are; only the others
+    are rebuilt and decode on (sequential samples here, ended by an end of sequence that a
+    processor makes likely after some token pairs)."""
+    model = tiny_model("llama", tokenizer=special_tokenizer)
+    params = [
+        SamplingParams(temperature=1.0, seed=9 + i, max_new_tokens=40 + 30 * i, n=3)
+        for i in range(5)
+    ]
+    prompts = ["First question?", "Second one?", "A third, longer question.", "4", "five five"]
+
+    def run(pages):
+        engine = Engine(model, special_tokenizer, page_size=4, num_pages=pages,
+                        max_prefill_tokens=16)  # fmt: skip
+        eos = sorted(engine.eos_ids)[0]
+
+        def ending(context, logits):
+            if hash(tuple(context[-2:])) % 45 == 0:
+                logits[eos] += 50
+            return logits
+
+        finished = []
+        park = engine._park
+        engine._park = lambda r: finished.append(sum(s.finished for s in r.samples)) or park(r)
+        graphs = engine.generate(
+            prompts, params, mode="sequential", chat=False, logits_processor=ending
+        )
+        assert engine.pool.num_used == 0
+        return graphs, finished
+
+    runs = [run(4096), run(32)]
+    (want, _), (got, finished) = runs
+    assert any(finished), "a request was preempted with a sample already ended"
+    cut = {g.metadata["prompt_index"] for g in got if g.metadata["finish_reason"] == "kv_exhausted"}
+    assert len(cut) < len(prompts)
+    for graph, reference in zip(got, want, strict=True):
+        if graph.metadata["prompt_index"] not in cut:
+            assert graph.token_ids == reference.token_ids
+            start = graph.prompt_num_tokens
+            got_lp, want_lp = graph.logprobs[start:], reference.logprobs[start:]
+            assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) <= 1e-4
+
+
 def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tokenizer):
     """Admission keeps a resumed request out until its rebuilt KV fits; should a rebuild run
     out of pages all the same (here the estimate is made to say it needs none), that request's
