@@ -64,6 +64,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 2
 
     try:
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world != "1":  # every rank would write the same files
+            raise ValueError(
+                f"npr sample runs as one process, not under torchrun (WORLD_SIZE={world}); "
+                "to use several GPUs, run one per part of the problems, each with its own --out"
+            )
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         if args.batch < 1:

@@ -748,6 +748,18 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_to_run_under_torchrun(problems, tmp_path, capsys, monkeypatch):
+    """Each rank would write the same output and progress files: one clear error, nothing
+    written."""
+    from npr_graph.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out.jsonl"
+    assert main(["sample", "--data", str(problems), "--out", str(out)]) == 2
+    assert "not under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("out.*"))
+
+
 def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     problems, tmp_path, tokenizers, monkeypatch, capsys
 ):
