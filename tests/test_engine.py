@@ -213,10 +213,9 @@ def counting(calls, then=None):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap):
     """Preemption keeps a request's lanes: when it is admitted again, prefill forwards rebuild
-    the KV of its prompt, forks and joins from the tokens they hold (of requests admitted
-    together, in the same forwards), and decoding goes on. No
-    token is sampled twice, and the samples, log-probs and the dense forward's scores are those
-    of a pool that never ran short."""
+    the KV of its prompt, forks and joins from the tokens they hold (requests admitted together
+    in the same forwards), and decoding goes on. No token is sampled twice, and the samples,
+    log-probs and the dense forward's scores are those of a pool that never ran short."""
     params = SamplingParams(
         temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
     )
@@ -305,9 +304,9 @@ def test_a_preempted_request_keeps_the_samples_it_finished(special_tokenizer):
 
 def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tokenizer):
     """Admission keeps a resumed request out until its rebuilt KV fits; should a rebuild run
-    out of pages all the same (here the estimate is made to say it needs none), that request's
-    unfinished samples end as ``kv_exhausted`` with what they wrote, every page comes back, and
-    the others decode as they would have."""
+    out of pages all the same (here the estimate is made to say it needs none), the unfinished
+    samples of the requests being rebuilt end as ``kv_exhausted`` with what they wrote, every
+    page comes back, and the others decode as they would have."""
     params = SamplingParams(
         temperature=1.0, seed=9, max_new_tokens=100, n=2, min_branches=2, max_branches=3, **SHORT
     )
