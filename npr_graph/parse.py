@@ -213,10 +213,13 @@ class _Burial:
 class _Recovery:
     """Rebuilds elements from a tag stream the way a reader would, noting every repair."""
 
-    def __init__(self, text: str, spec: Dialect, max_depth: int):
+    def __init__(
+        self, text: str, spec: Dialect, max_depth: int, branch_ends: Sequence[tuple[int, int]] = ()
+    ):
         self.text = text
         self.spec = spec
         self.max_depth = max_depth
+        self.branch_ends = sorted(branch_ends)
         self.violations: list[Violation] = []
         self.root = Element("", 0, 0, None, len(text))
         self.stack: list[Element] = [self.root]
@@ -225,7 +228,12 @@ class _Recovery:
     def run(self) -> list[Element]:
         tags = [t for t in grammars.lexer(self.spec.name).lex(self.text) if t.type != "TEXT"]
         self._closers_ahead = self._count_closers_ahead(tags)
+        ends = iter(self.branch_ends)
+        end = next(ends, None)
         for index, token in enumerate(tags):
+            while end is not None and end[0] <= token.start_pos:
+                self._end_branches(*end)
+                end = next(ends, None)
             self._index = index
             tag = token.type.split("_", 1)[1].lower()
             opening = token.type.startswith("OPEN_")
@@ -238,6 +246,11 @@ class _Recovery:
         for element in reversed(self.stack[1:]):
             self._implicit_close(element, len(self.text))
         return self.root.children
+
+    def _end_branches(self, at: int, depth: int) -> None:
+        """A branch ``depth`` blocks deep ended at ``at``: close what is open of it."""
+        while self._depth(len(self.stack) - 1) >= depth:
+            self._implicit_close(self.stack.pop(), at)
 
     @staticmethod
     def _count_closers_ahead(tags: list[Token]) -> list[dict[str, int]]:
@@ -860,6 +873,7 @@ def parse(
     lenient: bool = False,
     max_depth: int = MAX_DEPTH,
     sequential: bool | Collection[int] = False,
+    branch_ends: Collection[tuple[int, int]] = (),
 ) -> ReasoningGraph:
     """Parse a response (text, or token ids with ``tokenizer``) into a :class:`ReasoningGraph`.
 
@@ -868,6 +882,9 @@ def parse(
     always returns a graph and records each repair in ``graph.violations``. ``sequential``
     (True, or a collection of block indices) marks blocks that were decoded one branch after
     another: their branches then depend on each other in order, as in plain decoding.
+    ``branch_ends`` (lenient, token ids): ``(k, depth)`` says that a branch ``depth`` blocks
+    deep ends before response token ``k``; what is still open of it is closed there (a decoder
+    that cut the branch off knows where it ended; the text alone may not tell).
     """
     spec = dialect(grammar)
     if not 1 <= max_depth <= DEPTH_LIMIT:
@@ -897,8 +914,12 @@ def parse(
     else:
         prompt_text = ""
 
+    if branch_ends and (pieces is None or not lenient):
+        raise ValueError("branch_ends needs token ids and lenient=True")
     if lenient:
-        recovery = _Recovery(response, spec, max_depth)
+        chars = list(accumulate(map(len, pieces or []), initial=0))[len(prompt) :]
+        ends = [(chars[k] - chars[0], depth) for k, depth in branch_ends]
+        recovery = _Recovery(response, spec, max_depth, ends)
         elements = recovery.run()
         repaired = [_shift(v, len(prompt_text)) for v in recovery.violations]
     else:

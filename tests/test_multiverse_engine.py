@@ -127,6 +127,35 @@ def test_a_request_preempted_inside_nested_blocks_resumes_as_it_was(tokenizer):
         check_graph(engine, graph)
 
 
+@pytest.mark.parametrize("cut", ["pages", "context"])
+def test_a_sample_cut_inside_nested_paths_keeps_the_engines_layout(cut, tokenizer):
+    """A sample cut with nested paths open (no pages left, or the model's context reached once
+    its budget ran out) leaves them unclosed, and the text alone would put the enclosing block's
+    next path inside the nested block; the engine tells the parser where each branch ended, so
+    the graph's positions are the engine's and its log-probs the dense forward's."""
+    context = 100
+    model = tiny_model("llama", tokenizer=tokenizer, max_position_embeddings=context)
+    pages, budget = (60, 80) if cut == "pages" else (2048, context - 7)
+    engine = Engine(model, tokenizer, page_size=4, num_pages=pages, grammar="multiverse")
+    params = SamplingParams(temperature=1.0, max_new_tokens=budget, max_branches=3, seed=3, n=2,
+                            max_blocks=2, **ROOMY)  # fmt: skip
+    graphs = engine.generate(
+        ["What is 2+2?"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
+    )
+    assert engine.pool.num_used == 0
+    reasons = {"pages": {"kv_exhausted"}, "context": {"length", "context"}}[cut]
+    assert any(v.code == "unclosed_tag" for g in graphs for v in g.violations), "cut open"
+    for graph in graphs:
+        assert graph.metadata["finish_reason"] in reasons and nested_blocks(graph)
+        assert graph.metadata["layout_consistent"]
+        logprobs = graph.logprobs[graph.prompt_num_tokens :]
+        forced = graph.forced[graph.prompt_num_tokens :]
+        assert all(f for lp, f in zip(logprobs, forced, strict=True) if lp is None)
+        known = torch.tensor([lp is not None for lp in logprobs])
+        scored = torch.tensor([0.0 if lp is None else lp for lp in logprobs])
+        assert (dense_logprobs(model, graph) - scored)[known].abs().max() <= 1e-4
+
+
 def test_max_depth_one_keeps_blocks_flat(tokenizer):
     engine = make_engine("llama", tokenizer)
     params = SamplingParams(
@@ -527,7 +556,6 @@ def test_no_token_goes_past_the_models_context(grammar, overlap, tokenizer, npr_
                 assert int(ng.position_ids(graph).max()) < 48
                 assert graph.metadata["finish_reason"] in ("stop", "length", "context")
                 scored = graph.logprobs[graph.prompt_num_tokens :]
-                assert None not in scored
-                if graph.metadata["layout_consistent"]:
-                    dense = dense_logprobs(model, graph)
-                    assert (dense - torch.tensor(scored)).abs().max() <= 1e-4
+                assert None not in scored and graph.metadata["layout_consistent"]
+                dense = dense_logprobs(model, graph)
+                assert (dense - torch.tensor(scored)).abs().max() <= 1e-4

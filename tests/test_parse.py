@@ -232,6 +232,29 @@ def test_token_ids_need_a_tokenizer():
         ng.parse([1, 2, 3])
 
 
+def test_branch_ends_close_branches_a_decoder_cut_off(char_tokenizer):
+    """Path 1 holds a nested block whose paths were cut off unclosed; by the text alone, the
+    outer block's path 2 is one more path of the nested block. Told where branch 1 ended (a
+    branch one block deep, before path 2's tag), the parser closes it there."""
+    outer = "<Parallel>\n<Goal>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Goal>\n"
+    nested = "<Parallel>\n<Goal>\n<Outline>1.1: c</Outline>\n<Outline>1.2: d</Outline>\n</Goal>\n"
+    cut = outer + "<Path>\n1: " + nested + "<Path>\n1.1: e<Path>\n1.2: f"
+    ids = char_tokenizer.encode(cut + "<Path>\n2: g</Path>\n")
+    path_2 = len(char_tokenizer.encode(cut))
+    prompt = char_tokenizer.encode("Q")
+
+    def paths_per_block(**kwargs):
+        graph = ng.parse(ids, grammar="multiverse", tokenizer=char_tokenizer, prompt_ids=prompt,
+                         lenient=True, **kwargs)  # fmt: skip
+        return [len(block.branches) for block in graph.blocks]
+
+    assert paths_per_block() == [1, 3]
+    assert paths_per_block(branch_ends=[(path_2, 2), (path_2, 1)]) == [2, 2]
+    assert paths_per_block(branch_ends=[(path_2, 2)]) == [1, 3], "only nested paths close"
+    with pytest.raises(ValueError, match="branch_ends"):
+        ng.parse(cut, grammar="multiverse", lenient=True, branch_ends=[(0, 1)])
+
+
 def test_token_spans_with_special_tag_tokens(char_tokenizer):
     ids = char_tokenizer.encode(NPR_TRACE)
     prompt = char_tokenizer.encode("Find the sum of the roots.")

@@ -1106,6 +1106,12 @@ class Engine:
             at += len(lane.tokens)
         fork_tokens = {offsets[id(lane.branches[0])] for lane in lanes if lane.branches}
         sequential = request.mode == "sequential"
+        branch_ends = []  # a cut leaves branches open: where each ended, for the parser
+        if sample.truncated:
+            for lane in lanes:
+                for branch in lane.branches:
+                    last = list(branch.walk())[-1]
+                    branch_ends.append((offsets[id(last)] + len(last.tokens), _depth(branch)))
 
         def parsed(sequential: bool | set[int]) -> ReasoningGraph:
             return parse(
@@ -1115,6 +1121,7 @@ class Engine:
                 prompt_ids=prompt,
                 lenient=True,
                 sequential=sequential,
+                branch_ends=branch_ends,
             )
 
         graph = parsed(sequential)
@@ -1164,6 +1171,14 @@ def kv_memory_for(device: torch.device, setting: int | str) -> int:
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"kv_memory_bytes must be a positive int or 'auto', got {setting!r}")
     return setting
+
+
+def _depth(branch: Lane) -> int:
+    """How many blocks deep the branch is (1: a branch of a top-level block)."""
+    depth = 0
+    while branch.owner is not None:
+        depth, branch = depth + 1, branch.owner
+    return depth
 
 
 def _fed(lane: Lane) -> int:
