@@ -914,11 +914,16 @@ def parse(
     else:
         prompt_text = ""
 
-    if branch_ends and (pieces is None or not lenient):
-        raise ValueError("branch_ends needs token ids and lenient=True")
+    ends = []
+    if branch_ends:
+        if pieces is None or not lenient:
+            raise ValueError("branch_ends needs token ids and lenient=True")
+        starts = list(accumulate(map(len, pieces[len(prompt) :]), initial=0))
+        for k, depth in branch_ends:
+            if not (0 <= k < len(starts) and depth >= 1):
+                raise ValueError(f"branch_ends: no response token {k} or depth {depth} < 1")
+            ends.append((starts[k], depth))
     if lenient:
-        chars = list(accumulate(map(len, pieces or []), initial=0))[len(prompt) :]
-        ends = [(chars[k] - chars[0], depth) for k, depth in branch_ends]
         recovery = _Recovery(response, spec, max_depth, ends)
         elements = recovery.run()
         repaired = [_shift(v, len(prompt_text)) for v in recovery.violations]

@@ -253,6 +253,10 @@ def test_branch_ends_close_branches_a_decoder_cut_off(char_tokenizer):
     assert paths_per_block(branch_ends=[(path_2, 2)]) == [1, 3], "only nested paths close"
     with pytest.raises(ValueError, match="branch_ends"):
         ng.parse(cut, grammar="multiverse", lenient=True, branch_ends=[(0, 1)])
+    for bad in ([(len(ids) + 1, 1)], [(path_2, 0)]):
+        with pytest.raises(ValueError, match="branch_ends"):
+            ng.parse(ids, grammar="multiverse", tokenizer=char_tokenizer, lenient=True,
+                     branch_ends=bad)  # fmt: skip
 
 
 def test_token_spans_with_special_tag_tokens(char_tokenizer):
