@@ -476,6 +476,31 @@ def assert_cut_and_scored(engine, graph):
     assert (dense_logprobs(engine.model, graph) - scored)[known].abs().max() <= 1e-4
 
 
+def test_a_pool_cut_leaves_a_sample_that_already_ended_as_it_was(special_tokenizer):
+    """The lone request outgrows the pool after one of its samples ended with an end of
+    sequence: that sample keeps its finish reason (training would drop it as cut otherwise),
+    the others end as ``kv_exhausted``."""
+    model = tiny_model("llama", tokenizer=special_tokenizer)
+    engine = Engine(model, special_tokenizer, page_size=4, num_pages=30)
+    eos = sorted(engine.eos_ids)[0]
+
+    def ending(context, logits):
+        if hash(tuple(context[-2:])) % 45 == 0:
+            logits[eos] += 50
+        return logits
+
+    params = SamplingParams(temperature=1.0, seed=9, max_new_tokens=400, n=3)
+    graphs = engine.generate(
+        ["First question?"], params, mode="sequential", chat=False, logits_processor=ending
+    )
+    ended = [g for g in graphs if g.token_ids[-1] == eos]
+    assert ended and len(ended) < len(graphs) and engine.pool.num_used == 0
+    for graph in graphs:
+        stopped = graph.token_ids[-1] == eos
+        assert graph.metadata["finish_reason"] == ("stop" if stopped else "kv_exhausted")
+        assert graph.metadata["truncated"] is not stopped
+
+
 def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
     engine = make_engine("llama", special_tokenizer)
     with pytest.raises(ValueError, match="one per prompt"):

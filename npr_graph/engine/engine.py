@@ -523,8 +523,7 @@ class Engine:
         while self._pages_short(lanes):
             if len(running) == 1:
                 for sample in running[0].samples:
-                    self._drop_unfed_text(sample)
-                    self._truncate(sample, "kv_exhausted", hard=True)
+                    self._cut_for_pages(sample)
                 self._settle(running[0])
                 running.clear()
                 return []
@@ -535,6 +534,13 @@ class Engine:
             self.stats.preemptions += 1
             lanes = [lane for lane in lanes if lane.sample.request is not victim]
         return lanes
+
+    def _cut_for_pages(self, sample: Sample) -> None:
+        """End a sample the pool cannot hold as ``kv_exhausted`` (one that already ended keeps
+        its own finish reason)."""
+        if sample.live_lanes():
+            self._drop_unfed_text(sample)
+            self._truncate(sample, "kv_exhausted", hard=True)
 
     def _drop_unfed_text(self, sample: Sample) -> None:
         """A sample cut for want of pages: the engine-written text its lanes hold unfed goes
@@ -636,9 +642,7 @@ class Engine:
                 for lane in sample.lanes:
                     if lane.kv.alive:
                         lane.kv.release()
-                if sample.live_lanes():
-                    self._drop_unfed_text(sample)
-                    self._truncate(sample, "kv_exhausted", hard=True)
+                self._cut_for_pages(sample)
 
     def _rebuild(self, requests: list[Request]) -> None:
         prompts = [Lane(None, LaneKV(self.pool), None, 0) for _ in requests]
