@@ -26,17 +26,16 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .graph import ReasoningGraph
+from .ranks import Claims, Ranks, joined_ranks
 from .typecheck import has_shape
 
 if TYPE_CHECKING:
@@ -77,8 +76,6 @@ RUN_IDENTITY = (
 SAMPLES = "samples.jsonl"
 PART_GLOB = "samples.part-*.jsonl"
 CLAIMS = "claims"  # under torchrun: a file per problem a rank took
-#: Ranks wait for the slowest one at the end; a long evaluation must not trip gloo's default.
-DIST_TIMEOUT = timedelta(hours=24)
 
 
 class EvalError(Exception):
@@ -666,6 +663,10 @@ class EvalConfig:
             raise EvalError("batch must be >= 1")
         if self.max_lanes < 1:
             raise EvalError("max_lanes must be >= 1")
+        from papo import rewards
+
+        if self.reward not in rewards.names():  # before config.json is written, which pins it
+            raise EvalError(f"unknown reward {self.reward!r}; known: {', '.join(rewards.names())}")
         if not (isinstance(self.verify_timeout_s, (int, float)) and self.verify_timeout_s > 0):
             raise EvalError(
                 "verify_timeout_s (--verify-timeout) must be a positive number of seconds"
@@ -681,58 +682,6 @@ class EvalConfig:
         values = asdict(self)
         values["data"] = str(Path(self.data).resolve())
         return {key: values[key] for key in RUN_IDENTITY}
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    owned: bool = False  # this module created the process group (and destroys it)
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's value, in rank order, on every rank."""
-        if not self.active:
-            return [value]
-        import torch.distributed as dist
-
-        values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
-
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's value, on every rank."""
-        if not self.active:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _init_distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        # The ranks exchange only Python objects (results, resume state). NCCL would move them
-        # through the current GPU, which is cuda:0 on every rank unless set (each engine runs on
-        # its own cuda:LOCAL_RANK): two ranks on one GPU is an NCCL error.
-        dist.init_process_group(backend="gloo", timeout=DIST_TIMEOUT)
-    return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
 def _device(config: EvalConfig) -> torch.device:
@@ -1033,19 +982,13 @@ def run_eval(
     ``engine`` replaces loading ``config.model`` (tests pass tiny ones); ``on_problem`` is called
     after each problem's lines are on disk. Raises :class:`EvalError` for unusable inputs.
     """
-    dist = _init_distributed()
-    try:
-        return _run(config, dist, engine, on_problem)
-    finally:
-        if dist.owned:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+    with joined_ranks() as ranks:
+        return _run(config, ranks, engine, on_problem)
 
 
 def _run(
     config: EvalConfig,
-    dist: _Dist,
+    ranks: Ranks,
     engine: Any,
     on_problem: Callable[[Problem, list[dict[str, Any]]], None] | None,
 ) -> dict[str, Any]:
@@ -1058,25 +1001,26 @@ def _run(
         problems, errors = load_problems(config.data, fields=config.fields, limit=config.limit)
         if not problems:
             raise EvalError(f"{config.data}: no problems to evaluate")
-        if dist.rank == 0:
+        if ranks.rank == 0:
             _check_config(out, config)
     except (EvalError, OSError, ValueError) as error:
         failure = str(error)
     # Every rank stops on rank 0's verdict, so that none waits for a rank that gave up.
-    failure = dist.broadcast(failure) or failure
+    failure = ranks.broadcast(failure) or failure
     if failure:
         raise EvalError(failure)
 
     # Rank 0 decides what is left, before any rank writes or claims: every rank then shares the
     # same list, and the claims of an earlier run are gone.
-    claims = out / CLAIMS
+    claims = Claims(out / CLAIMS)
     done = None
-    if dist.rank == 0:
+    if ranks.rank == 0:
         done = set(_complete_groups(_read_sample_files(out), config.n))
-        shutil.rmtree(claims, ignore_errors=True)
-    done = dist.broadcast(done)
+        claims.clear()
+    done = ranks.broadcast(done)
     todo = [p for p in problems if p.id not in done]
-    not_run: list[tuple[int, str]] = []  # problems whose prompt the engine cannot take
+    # problems whose prompt the engine cannot take: (index, id, why)
+    not_run: list[tuple[int, str, str]] = []
     if todo:
         from .engine.engine import Engine
 
@@ -1096,8 +1040,8 @@ def _run(
                 max_lanes=config.max_lanes,
             )
         evaluator = _Evaluator(engine, config)
-        part = out / f"samples.part-{dist.rank}-{uuid.uuid4().hex[:12]}.jsonl"
-        show = not config.quiet and dist.rank == 0
+        part = out / f"samples.part-{ranks.rank}-{uuid.uuid4().hex[:12]}.jsonl"
+        show = not config.quiet and ranks.rank == 0
         with part.open("a", encoding="utf-8") as handle, _progress(show, len(todo)) as progress:
             task = progress.add_task("", total=len(todo))
 
@@ -1114,47 +1058,50 @@ def _run(
                     on_problem(problem, records)
 
             claim = None
-            if dist.active:
-                claims.mkdir(exist_ok=True)
+            if ranks.active:
 
                 def claim(problem: Problem) -> bool:
-                    try:
-                        os.close(os.open(claims / str(problem.index), os.O_CREAT | os.O_EXCL))
-                    except FileExistsError:  # another rank took it
-                        progress.advance(task)
-                        return False
-                    return True
+                    if claims.take(problem.index):
+                        return True
+                    progress.advance(task)  # another rank took it
+                    return False
 
             # One call per --batch problems would leave lanes idle while its slowest problem
             # ends; one call for them all admits the next problem as soon as one ends.
             for problem, error in evaluator.run(todo, write, claim):
-                not_run.append((problem.index, f"problem {problem.id}: not evaluated: {error}"))
+                line = f"problem {problem.id}: not evaluated: {error}"
+                not_run.append((problem.index, problem.id, line))
                 progress.advance(task)
     # A collective, so also the barrier before rank 0 merges what every rank wrote. Every rank
     # checked every prompt: each refused one is listed once.
-    not_run = sorted({item for part in dist.gather(not_run) for item in part})
+    not_run = sorted({item for part in ranks.gather(not_run) for item in part})
 
     result: dict[str, Any] | str | None = None
-    if dist.rank == 0:
+    if ranks.rank == 0:
         try:
-            result = _merge_and_summarize(
-                out, config, problems, errors + [line for _, line in not_run], dist.world
-            )
+            result = _merge_and_summarize(out, config, problems, errors, not_run, ranks.world)
         except Exception as error:  # told to the other ranks too, then raised here
             result = f"merging the results failed: {error!r}"
-            if not dist.active:
+            if not ranks.active:
                 raise
-    result = dist.broadcast(result)
+    result = ranks.broadcast(result)
     if isinstance(result, str):
         raise EvalError(result)
     return result
 
 
 def _merge_and_summarize(
-    out: Path, config: EvalConfig, problems: list[Problem], errors: list[str], world: int
+    out: Path,
+    config: EvalConfig,
+    problems: list[Problem],
+    errors: list[str],
+    not_run: list[tuple[int, str, str]],
+    world: int,
 ) -> dict[str, Any]:
     files = _read_sample_files(out)
     groups = _complete_groups(files, config.n)
+    # a rank whose pool is too small refuses a prompt that another rank, with room, runs
+    errors = errors + [line for _, key, line in not_run if key not in groups]
     order = {p.id: p.index for p in problems}
     # Problems of earlier runs outside this run's selection (another --limit) are kept on disk.
     ordered = sorted(groups.items(), key=lambda kv: (order.get(kv[0], math.inf), kv[0]))
@@ -1163,7 +1110,7 @@ def _merge_and_summarize(
     for path, _ in files:
         if path.name != SAMPLES:
             path.unlink(missing_ok=True)
-    shutil.rmtree(out / CLAIMS, ignore_errors=True)
+    Claims(out / CLAIMS).clear()
     selected = [r for p in problems if p.id in groups for r in groups[p.id]]
     info = {
         "model": config.model or "default",

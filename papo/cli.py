@@ -31,10 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.stage, _overrides(args.set))
         history = run(config, resume=args.resume, console=console)
     except (ValueError, FileNotFoundError) as error:
-        # Under torchrun every rank prints its own error: say whose it is.
-        ranked = os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ
-        rank = f" rank {os.environ['RANK']}:" if ranked else ""
-        console.print(Text.assemble(("error:", "red"), f"{rank} {error}"))
+        console.print(_error_line(error))
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the whole run
         done = [h for h in history if h.get("skipped") is None]
@@ -46,30 +43,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_line(error: Exception | str) -> Text:
+    # Under torchrun every rank prints its own error: say whose it is.
+    ranked = os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ
+    rank = f" rank {os.environ['RANK']}:" if ranked else ""
+    return Text.assemble(("error:", "red"), f"{rank} {error}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from npr_graph.engine.engine import Engine
     from npr_graph.engine.sampling import SamplingParams
-    from npr_graph.models import load_model, resolve_device
+    from npr_graph.models import resolve_device
     from npr_graph.prompts import load_template
+    from npr_graph.ranks import joined_ranks
 
     from .problems import read_problems
-    from .rejection import SampleLog, SamplingReport, rejection_sample
+    from .rewards import get as get_reward
 
     console = Console(stderr=True)
-
-    def fail(error: Exception | str) -> int:
-        console.print(Text.assemble(("error:", "red"), f" {error}"))
-        return 2
-
     try:
-        world = os.environ.get("WORLD_SIZE", "1")
-        if world != "1":  # every rank would write the same files
-            raise ValueError(
-                f"npr sample runs as one process, not under torchrun (WORLD_SIZE={world}); "
-                "to use several GPUs, run one per part of the problems, each with its own --out"
-            )
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         if args.batch < 1:
@@ -79,6 +72,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
         if args.mode == "constrained" and args.tags != "special":
             raise ValueError("--mode constrained needs the tags as special tokens (--tags special)")
+        try:  # a name not registered stops here, not after the model is loaded
+            get_reward(args.reward)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
         params = SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -87,58 +84,149 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         device = resolve_device(args.device)
-        log = SampleLog(Path(args.out), _sample_settings(args, grammar))
     except (ValueError, OSError) as error:
-        return fail(error)
-    this_run = SamplingReport()
-    with log:
-        todo = [(i, p) for i, p in enumerate(problems) if p.id not in log.done]
-        if log.resumed:
+        console.print(_error_line(error))
+        return 2
+    with joined_ranks() as ranks:
+        job = _SampleJob(args, Path(args.out), problems, template, params, grammar, device, ranks)
+        try:
+            return job.run(console)
+        except _Stop as stop:
+            console.print(_error_line(stop))
+            return 2
+        finally:
+            job.close()
+
+
+class _Stop(Exception):
+    """Ends ``npr sample`` with its message as the error, on the ranks that raise it."""
+
+
+class _SampleJob:
+    """``npr sample`` on one process, or on each rank under torchrun: rank 0 keeps the log
+    (reads it, folds the ranks' parts into it, reports); every rank claims problems as it has
+    room, writing what it finishes to a part file of its own."""
+
+    def __init__(self, args, out, problems, template, params, grammar, device, ranks) -> None:
+        from npr_graph.ranks import Claims
+
+        from .rejection import claims_path
+
+        self.args, self.out, self.problems, self.template = args, out, problems, template
+        self.params, self.grammar, self.device, self.ranks = params, grammar, device, ranks
+        self.claims = Claims(claims_path(out))
+        self.log = None
+
+    def _agree(self, failure: str | None, then: str = "") -> None:
+        """Stop every rank if any failed (the first rank's failure is the one told)."""
+        failure = self.ranks.first_failure(failure)
+        if failure is not None:
+            raise _Stop(failure + then)
+
+    def run(self, console: Console) -> int:
+        from .rejection import SampleLog, SamplePart, SamplingReport, rejection_sample
+
+        ranks, lead = self.ranks, self.ranks.rank == 0
+        failure = done = None
+        if lead:
+            try:
+                self.log = SampleLog(self.out, _sample_settings(self.args, self.grammar))
+                # an earlier run's ranks, killed before rank 0 folded their parts in
+                self.log.absorb_parts()
+                self.claims.clear()
+                done = self.log.done
+            except (ValueError, OSError) as error:
+                failure = str(error)
+        self._agree(failure)
+        done = ranks.broadcast(done)
+        todo = [(i, p) for i, p in enumerate(self.problems) if p.id not in done]
+        if lead and self.log.resumed:
             console.print(
-                f"resuming {args.out}: {len(problems) - len(todo)} of {len(problems)} problems "
-                "are done",
+                f"resuming {self.out}: {len(self.problems) - len(todo)} of "
+                f"{len(self.problems)} problems are done",
                 markup=False,
             )
+        this_run = SamplingReport()
         if todo:
-            try:
-                model, tokenizer = load_model(
-                    args.model, dtype=args.dtype, tags=args.tags, grammar=grammar
-                )
-                engine = Engine(
-                    model.to(device),
-                    tokenizer,
-                    device=device,
-                    grammar=grammar,
-                    kv_memory_bytes=args.kv_memory,
-                )
-                log.start()
-            except (ValueError, OSError) as error:
-                return fail(error)
+            engine = self._engine()
+            writer = self.log if not ranks.active else SamplePart(self.out, ranks.rank)
             try:
                 _, this_run = rejection_sample(
                     engine,
                     [problem for _, problem in todo],
-                    template,
-                    params,
-                    mode=args.mode,
-                    batch=args.batch,
-                    on_problem=log.write,
+                    self.template,
+                    self.params,
+                    mode=self.args.mode,
+                    batch=self.args.batch,
+                    on_problem=writer.write,
                     indices=[index for index, _ in todo],
+                    claim=self.claims.take if ranks.active else None,
+                    reward=self.args.reward,
                 )
             except OSError as error:  # writing, a full disk say: what is written is whole
-                return fail(
+                raise _Stop(
                     f"{error}; the problems written so far are kept, and the same command "
                     "resumes the run"
-                )
-        report = log.report([p.id for p in problems], this_run.not_run)
-    json.dump(report.to_dict(), sys.stdout)
-    print()
-    for line in report.not_run:
-        console.print(Text.assemble(("not run:", "yellow"), f" {line}"))
-    console.print(
-        f"accepted {report.accepted} of {report.problems} problems -> {args.out}", markup=False
-    )
-    return 0
+                ) from error
+            finally:
+                if writer is not self.log:
+                    writer.close()
+        # a collective, so also the barrier before rank 0 folds in what every rank wrote
+        not_run = {k: why for part in ranks.gather(this_run.not_run) for k, why in part.items()}
+        failure = None
+        if lead and ranks.active:
+            try:
+                self.log.absorb_parts()
+                self.claims.clear()
+            except (ValueError, OSError) as error:
+                failure = str(error)
+        self._agree(failure, "; the same command folds the ranks' parts in and resumes the run")
+        if not lead:
+            return 0
+        report = self.log.report([p.id for p in self.problems], not_run)
+        json.dump(report.to_dict(), sys.stdout)
+        print()
+        for line in report.to_dict()["not_run"]:
+            console.print(Text.assemble(("not run:", "yellow"), f" {line}"))
+        console.print(
+            f"accepted {report.accepted} of {report.problems} problems -> {self.out}",
+            markup=False,
+        )
+        return 0
+
+    def _engine(self):
+        """Every rank's engine (each on its own device); rank 0 then starts the log. A failure
+        on any rank stops them all, and a model that fails to load leaves no files."""
+        from npr_graph.engine.engine import Engine
+        from npr_graph.models import load_model
+
+        args, device, failure, engine = self.args, self.device, None, None
+        try:
+            model, tokenizer = load_model(
+                args.model, dtype=args.dtype, tags=args.tags, grammar=self.grammar
+            )
+            engine = Engine(
+                model.to(device),
+                tokenizer,
+                device=device,
+                grammar=self.grammar,
+                kv_memory_bytes=args.kv_memory,
+            )
+        except (ValueError, OSError) as error:
+            failure = str(error)
+        self._agree(failure)
+        failure = None
+        if self.log is not None:
+            try:
+                self.log.start()
+            except OSError as error:
+                failure = str(error)
+        self._agree(failure)
+        return engine
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
@@ -157,6 +245,7 @@ def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
+        "reward": args.reward,
         "dtype": args.dtype,
         "prompt_field": args.prompt_field,
         "answer_field": args.answer_field,
@@ -182,7 +271,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="rejection sampling: keep the first correct, well-formatted trajectory",
         description="Sample --tries trajectories per problem and keep the first correct, "
         "well-formatted one. Run it again with the same arguments to resume an interrupted run "
-        "(OUT's progress file, beside it, says which problems are done).",
+        "(OUT's progress file, beside it, says which problems are done); under torchrun the "
+        "ranks share the problems, each claiming the next one it has room for.",
     )
     sample.add_argument("--data", required=True, help="problems (.jsonl/.json/.parquet)")
     sample.add_argument("--out", required=True, help="accepted traces (.jsonl) for `npr train sft`")
@@ -199,6 +289,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the format decoded and checked (default: multiverse with --prompt multiverse, else npr)",
     )
     sample.add_argument("--tries", type=int, default=8)
+    sample.add_argument(
+        "--reward", default="accuracy", help="the registered reward that decides correctness"
+    )
     sample.add_argument(
         "--batch",
         type=int,

@@ -6,13 +6,19 @@ per-sample seeds); the first, in sample order, whose answer is correct and whose
 (:func:`npr_graph.format_valid`: an NPR format score of exactly 0, or a Multiverse trace without
 strict violations, by the engine's grammar) is kept. Problems without an accepted trajectory are
 counted, not written.
+
+Under ``torchrun`` (``npr sample``) the ranks share the problems: each claims the next
+one it has room for, writes what it finished to a part file of its own, and rank 0 folds the
+parts into the log as the ranks end (and, after a kill, as the next run starts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +66,7 @@ class SamplingReport:
     format_valid: int = 0
     tries_used: list[int] = field(default_factory=list)
     pool_cut: int = 0  # samples the engine ended for want of KV pages (kv_exhausted)
-    not_run: list[str] = field(default_factory=list)  # problems the engine could not run, why
+    not_run: dict[str, str] = field(default_factory=dict)  # problem id: why the engine could not
 
     def add(self, outcome: Outcome) -> None:
         self.problems += 1
@@ -82,7 +88,7 @@ class SamplingReport:
             "format_valid_rate": self.format_valid / self.samples if self.samples else 0.0,
             "mean_tries": sum(self.tries_used) / len(self.tries_used) if self.tries_used else 0.0,
             "pool_cut_samples": self.pool_cut,
-            "not_run": list(self.not_run),
+            "not_run": [f"problem {key}: {why}" for key, why in self.not_run.items()],
         }
 
 
@@ -104,6 +110,8 @@ def rejection_sample(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_problem: Callable[[Outcome, dict[str, Any] | None], None] | None = None,
     indices: Sequence[int] | None = None,
+    claim: Callable[[int], bool] | None = None,
+    reward: str = "accuracy",
 ) -> tuple[list[dict[str, Any]], SamplingReport]:
     """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
     and the counts. ``params.n`` is the number of tries per problem. All problems go through one
@@ -114,8 +122,12 @@ def rejection_sample(
 
     ``indices``: each problem's place in its dataset (default: in ``problems``). A seeded
     problem samples with ``params.seed`` plus its index, so that problems draw noise of their
-    own and a resumed run samples what a whole one would."""
-    accuracy = get_reward("accuracy")
+    own and a resumed run samples what a whole one would.
+
+    ``claim(index)``, asked with that index as a problem would be admitted: False skips the
+    problem (another rank runs it). ``reward``: the registered reward whose ``correct`` decides
+    (:mod:`papo.rewards`)."""
+    grade = get_reward(reward)
     eos = getattr(engine.tokenizer, "eos_token", None)
     report = SamplingReport()
     accepted = []
@@ -130,20 +142,20 @@ def rejection_sample(
         try:
             engine.check_prompt(prompt, problem_params, chat)
         except PromptError as error:
-            report.not_run.append(f"problem {problem.id}: {error}")
+            report.not_run[problem.id] = str(error)
             continue
-        ready.append(problem)
+        ready.append((index, problem))
         prompts.append(prompt)
         per_problem.append(problem_params)
 
     def judge(index: int, graphs: list) -> None:
-        problem = ready[index]
+        problem = ready[index][1]
         chosen = None
         correct = valid = cut = 0
         samples = sorted(graphs, key=lambda g: g.metadata["sample_index"])
         for tries, graph in enumerate(samples, start=1):
             response = strip_eos(graph.response_text, eos)
-            right = accuracy(response, problem.answer).correct
+            right = grade(response, problem.answer).correct
             well_formed = format_valid(graph)
             correct += right
             valid += well_formed
@@ -169,7 +181,13 @@ def rejection_sample(
 
     if ready:
         engine.generate(
-            prompts, per_problem, mode=mode, chat=chat, max_running=batch, on_finish=judge
+            prompts,
+            per_problem,
+            mode=mode,
+            chat=chat,
+            max_running=batch,
+            on_finish=judge,
+            claim=None if claim is None else lambda i: claim(ready[i][0]),
         )
     return [record for _, record in sorted(accepted, key=lambda pair: pair[0])], report
 
@@ -181,6 +199,52 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
 def progress_path(out: Path) -> Path:
     """Where ``npr sample`` logs each finished problem, beside its traces."""
     return out.with_name(out.stem + ".progress.jsonl")
+
+
+def part_paths(out: Path) -> list[Path]:
+    """The part files of ranks under torchrun, beside ``out`` (:class:`SamplePart`)."""
+    return sorted(out.parent.glob(glob.escape(out.stem) + ".part-*.jsonl"))
+
+
+def claims_path(out: Path) -> Path:
+    """Where ranks under torchrun claim problems (:class:`~npr_graph.ranks.Claims`)."""
+    return out.with_name(out.stem + ".claims")
+
+
+PART_SHAPE = {
+    "outcome": OUTCOME_SHAPE,
+    "trace": ({"id": str, "prompt": str, "response": str}, type(None)),
+}
+# Settings a log written before they existed was sampled with.
+SETTINGS_BEFORE = {"reward": "accuracy"}
+
+
+class SamplePart:
+    """What one rank under torchrun finished: a line per problem (its outcome and accepted
+    trace or null) in one write, fsynced, so a kill leaves whole problems and at most a cut
+    last line. Rank 0 folds the parts into the log (:meth:`SampleLog.absorb_parts`)."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.path = out.with_name(f"{out.stem}.part-{rank}-{uuid.uuid4().hex[:12]}.jsonl")
+        self._handle = None
+
+    def write(self, outcome: Outcome, trace: dict[str, Any] | None) -> None:
+        if self._handle is None:
+            self._handle = self.path.open("a", encoding="utf-8")
+        line = json.dumps({"outcome": asdict(outcome), "trace": trace}, ensure_ascii=False)
+        self._handle.write(line + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self) -> SamplePart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _whole_lines(path: Path) -> list[str]:
@@ -214,14 +278,14 @@ class SampleLog:
         self.out, self.progress = out, progress_path(out)
         self.outcomes: dict[str, Outcome] = {}
         self.resumed = self.progress.exists()
-        traced: set[str] = set()
+        self.traced: set[str] = set()  # ids of the traces in out
         if self.resumed:
             self._read_progress(settings)
             if self.out.exists():
                 for number, line in enumerate(_whole_lines(self.out), start=1):
                     trace = _json_line(self.out, number, line)
                     if isinstance(trace, dict) and isinstance(trace.get("id"), str):
-                        traced.add(trace["id"])
+                        self.traced.add(trace["id"])
         elif self.out.exists() and self.out.stat().st_size:
             raise ValueError(
                 f"{out} exists with no {self.progress.name} beside it to resume from: "
@@ -229,7 +293,7 @@ class SampleLog:
             )
         self.settings = settings
         # done: rejected, or accepted with the trace on disk
-        self.done = traced | {key for key, o in self.outcomes.items() if o.tries is None}
+        self.done = self.traced | {key for key, o in self.outcomes.items() if o.tries is None}
         self._traces = self._log = None
 
     def start(self) -> None:
@@ -249,6 +313,9 @@ class SampleLog:
                 f"{self.progress}: no settings line; remove it and {self.out.name} to start afresh"
             )
         before = head["settings"]
+        before.update(
+            {k: v for k, v in SETTINGS_BEFORE.items() if k not in before and k in settings}
+        )
         differ = sorted(
             k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k)
         )
@@ -275,10 +342,44 @@ class SampleLog:
                 os.fsync(handle.fileno())
         self.outcomes[outcome.id] = outcome
         self.done.add(outcome.id)
+        if trace is not None:
+            self.traced.add(trace["id"])
 
-    def report(self, ids: Iterable[str], not_run: list[str]) -> SamplingReport:
-        """The counts over the problems ``ids`` that are done, this run's or earlier ones."""
-        report = SamplingReport(not_run=list(not_run))
+    def absorb_parts(self) -> int:
+        """Fold the ranks' part files into the log, then remove them; returns how many problems
+        they held. A trace already in ``out`` is not written again (a kill may have stopped an
+        earlier fold between the log and the part's removal)."""
+        parts = part_paths(self.out)
+        if parts and not self.progress.exists():
+            raise ValueError(
+                f"{parts[0].name} has no {self.progress.name} beside it to resume from: remove "
+                f"the part files, or choose another --out"
+            )
+        absorbed = 0
+        for part in parts:
+            records = [
+                _json_line(part, number, line)
+                for number, line in enumerate(_whole_lines(part), start=1)
+            ]
+            for number, record in enumerate(records, start=1):
+                if not has_shape(record, PART_SHAPE):
+                    raise ValueError(f"{part}:{number}: not a problem's outcome and trace")
+            if records and self._log is None:
+                self.start()
+            for record in records:
+                outcome = Outcome(**{k: record["outcome"][k] for k in OUTCOME_SHAPE})
+                trace = record["trace"]
+                self.write(outcome, None if trace and trace["id"] in self.traced else trace)
+                absorbed += 1
+            part.unlink()
+        return absorbed
+
+    def report(self, ids: Iterable[str], not_run: dict[str, str]) -> SamplingReport:
+        """The counts over the problems ``ids`` that are done, this run's or earlier ones; of
+        ``not_run``, those not done (another rank, with more room, may have run one)."""
+        report = SamplingReport(
+            not_run={k: why for k, why in not_run.items() if k not in self.done}
+        )
         for key in ids:
             if key in self.done and key in self.outcomes:
                 report.add(self.outcomes[key])

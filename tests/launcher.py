@@ -8,8 +8,10 @@ from SOURCE's checkpoint of step STEP (rank 0 copies, every rank waits), ready f
 and rank 0 writes what it found to the JSON file OUT.
 
 The reward ``test_length`` is registered (it has spread even for a random model, so every step has
-non-zero advantages), ``test_length_fails_on_rank_1`` (raises a ValueError on rank 1: a bad
-problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except that its first call
+non-zero advantages), ``test_even_length`` (for ``npr sample``: about half the responses are
+correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the working
+directory; and every sampled format counts as valid, since a random model never writes the
+boxed answer the format asks for), ``test_length_fails_on_rank_1`` (raises a ValueError on rank 1: a bad problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except that its first call
 on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises a RuntimeError on rank 1, as a
 CUDA out-of-memory would). After every ``Trainer.train`` the launcher writes
 ``replica_check.json`` to the run's output directory: how the engine's weights compare with the
@@ -33,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from npr_graph.cli import main
 from papo import loss as losses
-from papo import rewards
+from papo import rejection, rewards
 from papo.distributed import init_world
 from papo.trainer import Trainer
 
@@ -41,6 +43,18 @@ from papo.trainer import Trainer
 @rewards.register("test_length")
 def length(response: str, reference: str, **_: Any) -> rewards.Reward:
     return rewards.Reward(-len(response) / 100, False, None, None, False)
+
+
+@rewards.register("test_even_length")
+def even_length(response: str, reference: str, **_: Any) -> rewards.Reward:
+    """Correct when the response has an even length; each call is logged to
+    ``graded.rankR.txt`` (the reference), so a test sees which rank graded which problem."""
+    with open(f"graded.rank{_rank()}.txt", "a") as log:
+        log.write(reference + "\n")
+    return rewards.Reward(0.0, len(response) % 2 == 0, None, None, True)
+
+
+rejection.format_valid = lambda graph: True
 
 
 _nan_returned = False

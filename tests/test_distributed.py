@@ -475,12 +475,13 @@ def test_init_world_reduces_on_the_training_device(monkeypatch, device, backend,
     assert devices == ([] if current is None else [current])
 
 
-def test_eval_ranks_exchange_results_over_gloo(monkeypatch):
-    """npr eval's ranks exchange Python objects only: over gloo, which needs no current GPU
-    (with NCCL every rank would use cuda:0 while its engine runs on cuda:LOCAL_RANK)."""
+def test_eval_and_sample_ranks_exchange_results_over_gloo(monkeypatch):
+    """npr eval's and npr sample's ranks exchange Python objects only: over gloo, which needs no
+    current GPU (with NCCL every rank would use cuda:0 while its engine runs on
+    cuda:LOCAL_RANK)."""
     import torch.distributed as dist
 
-    from npr_graph import evaluate
+    from npr_graph.ranks import join_ranks
 
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -493,5 +494,39 @@ def test_eval_ranks_exchange_results_over_gloo(monkeypatch):
 
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     with pytest.raises(_Joined):
-        evaluate._init_distributed()
+        join_ranks()
     assert joined == ["gloo"]
+
+
+@pytest.mark.slow
+def test_sample_ranks_share_the_problems(setup):
+    """`npr sample` on 2 ranks: each problem is sampled by one rank only, and the accepted
+    traces, the progress log and the report are a one-process run's; no part file or claim is
+    left behind."""
+    root, _ = setup
+    args = [
+        "sample", "--data", str(root / "problems.jsonl"), "--model", str(root / "model"),
+        "--tags", "special", "--mode", "constrained", "--tries", "2", "--max-new-tokens", "60",
+        "--reward", "test_even_length", "--batch", "1", "--device", "cpu", "--out", "out.jsonl",
+    ]  # fmt: skip
+    one, two = root / "sample-one", root / "sample-two"
+    one.mkdir()
+    two.mkdir()
+    single = run([sys.executable, str(LAUNCHER), *args], one)
+    sharded = run([*TORCHRUN, str(LAUNCHER), *args], two)
+    report = json.loads(single.stdout.strip().splitlines()[-1])
+    assert report["problems"] == 4 and report["accepted"] >= 1, report
+    assert json.loads(sharded.stdout.strip().splitlines()[-1]) == report
+
+    def lines(path):
+        return sorted(path.read_text().splitlines())
+
+    assert lines(two / "out.jsonl") == lines(one / "out.jsonl")
+    assert lines(two / "out.progress.jsonl") == lines(one / "out.progress.jsonl")
+    graded = {rank: lines(two / f"graded.rank{rank}.txt") for rank in (0, 1)
+              if (two / f"graded.rank{rank}.txt").exists()}  # fmt: skip
+    assert sorted(sum(graded.values(), [])) == lines(one / "graded.rank0.txt")
+    assert len(graded) < 2 or not set(graded[0]) & set(graded[1]), "a problem sampled twice"
+    assert sorted(p.name for p in two.iterdir()) == sorted(
+        ["out.jsonl", "out.progress.jsonl", *(f"graded.rank{rank}.txt" for rank in graded)]
+    )

@@ -754,6 +754,21 @@ def test_prompt_longer_than_the_context_is_reported_and_the_rest_evaluated(
     assert again["errors"] == [error] and again["samples"] == 4
 
 
+def test_a_prompt_one_rank_refused_and_another_ran_is_not_an_error(tmp_path, data, engine) -> None:
+    """Ranks size their KV pools by their own GPU's free memory: a prompt one rank refuses,
+    another may run. Only problems no rank ran are reported as not evaluated."""
+    out = tmp_path / "run"
+    run_eval(config(data, out, limit=2), engine=engine)
+    problems, _ = evaluate.load_problems(str(data))
+    refused = [
+        (index, key, f"problem {key}: not evaluated: the pool is too small")
+        for index, key in ((0, "p1"), (2, "p3"))
+    ]
+    summary = evaluate._merge_and_summarize(out, config(data, out), problems, [], refused, 2)
+    assert summary["problems"] == 2
+    assert summary["errors"] == ["problem p3: not evaluated: the pool is too small"]
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
     out = tmp_path / "run"
     run_eval(config(data, out, limit=1), engine=engine)
@@ -802,6 +817,7 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
         ("--verify-timeout", "0", "positive number of seconds"),
         ("--batch", "0", "batch must be >= 1"),
         ("--max-lanes", "0", "max_lanes must be >= 1"),
+        ("--reward", "acuracy", "unknown reward 'acuracy'; known: accuracy,"),
     ]:
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o7", option, value))
         assert code == 2 and message in capsys.readouterr().err, option

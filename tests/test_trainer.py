@@ -436,21 +436,25 @@ class ScriptedEngine:
     def check_prompt(self, prompt, params, chat=None):
         return []
 
-    def generate(self, prompts, params, mode, chat=None, max_running=None, on_finish=None):
-        """Hands each prompt's graphs to ``on_finish`` last prompt first, as if it ended first."""
+    def generate(
+        self, prompts, params, mode, chat=None, max_running=None, on_finish=None, claim=None
+    ):
+        """Hands each prompt's graphs to ``on_finish`` last prompt first, as if it ended first;
+        a prompt ``claim`` refuses (asked in order) gives none."""
         import npr_graph as ng
 
         graphs = []
         n = params[0].n if isinstance(params, list) else params.n
-        for index, _ in enumerate(prompts):
+        claimed = [index for index in range(len(prompts)) if claim is None or claim(index)]
+        for index in claimed:
             for sample in range(n):
                 text = self.responses[index][sample] + "<eos>"
                 graph = ng.parse(text, grammar=self.grammar, lenient=True)
                 graph.metadata.update(prompt_index=index, sample_index=sample)
                 graphs.append(graph)
         if on_finish is not None:
-            for index in reversed(range(len(prompts))):
-                on_finish(index, graphs[index * n : (index + 1) * n])
+            for place, index in reversed(list(enumerate(claimed))):
+                on_finish(index, graphs[place * n : (place + 1) * n])
         return graphs
 
 
@@ -469,13 +473,15 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     problems = [Problem("a", "What is 2+3?", "5"), Problem("b", "What is 2+5?", "7")]
     scripted = engine.generate
 
-    def last_sample_cut(prompts, params, mode, chat=None, max_running=None, on_finish=None):
+    def last_sample_cut(
+        prompts, params, mode, chat=None, max_running=None, on_finish=None, claim=None
+    ):
         def cut_last(index, graphs):  # as if the pool had run out under the last sample
             if index == len(prompts) - 1:
                 graphs[-1].metadata["finish_reason"] = "kv_exhausted"
             on_finish(index, graphs)
 
-        return scripted(prompts, params, mode, chat, max_running, cut_last)
+        return scripted(prompts, params, mode, chat, max_running, cut_last, claim)
 
     engine.generate = last_sample_cut
     accepted, report = rejection_sample(
@@ -522,11 +528,13 @@ def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
 class PromptedEngine(ScriptedEngine):
     """Answers each prompt by the question in it, whichever problems a call holds."""
 
-    def generate(self, prompts, params, mode, chat=None, max_running=None, on_finish=None):
+    def generate(
+        self, prompts, params, mode, chat=None, max_running=None, on_finish=None, claim=None
+    ):
         scripted = ScriptedEngine(
             [next(v for k, v in self.responses.items() if k in p) for p in prompts]
         )
-        return scripted.generate(prompts, params, mode, chat, max_running, on_finish)
+        return scripted.generate(prompts, params, mode, chat, max_running, on_finish, claim)
 
 
 def test_sample_log_resumes_where_a_killed_run_stopped(tmp_path):
@@ -550,7 +558,7 @@ def test_sample_log_resumes_where_a_killed_run_stopped(tmp_path):
                 rejection_sample(
                     engine, todo, load_template("npr"), SamplingParams(n=2), on_problem=log.write
                 )
-            return todo, log.report([p.id for p in problems], [])
+            return todo, log.report([p.id for p in problems], {})
 
     def lines(path):
         return sorted(path.read_text().splitlines())
@@ -588,6 +596,91 @@ def test_sample_log_resumes_where_a_killed_run_stopped(tmp_path):
     progress_path(out).write_text(progress[0] + '\n{"id": "a", "samples": "2"}\n')
     with pytest.raises(ValueError, match=r"killed.progress.jsonl:2: not a problem's outcome"):
         SampleLog(out, settings)
+
+
+def test_ranks_share_the_problems_through_claims_and_part_files(tmp_path):
+    """Under torchrun each rank claims problems as it would admit them and writes what it
+    finishes to a part file of its own; rank 0 folds the parts into the log. The result is a
+    one-process run's: each problem sampled once, the same traces and counts. A fold a kill
+    stopped is done again without writing a trace twice; a damaged or orphaned part is an error."""
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from npr_graph.ranks import Claims
+    from papo.problems import Problem
+    from papo.rejection import (
+        SampleLog,
+        SamplePart,
+        claims_path,
+        part_paths,
+        progress_path,
+        rejection_sample,
+    )
+
+    wrong = TRACE.replace("\\boxed{5}", "\\boxed{6}")
+    engine = PromptedEngine({"2+3": [wrong, TRACE], "2+4": [wrong, wrong], "3+2": [TRACE, wrong]})
+    problems = [Problem("a", "2+3", "5"), Problem("b", "2+4", "5"), Problem("c", "3+2", "5")]
+    settings = {"tries": 2, "seed": 0}
+    ids = [p.id for p in problems]
+
+    def sample(on_problem, claim=None):
+        return rejection_sample(
+            engine,
+            problems,
+            load_template("npr"),
+            SamplingParams(n=2),
+            on_problem=on_problem,
+            claim=claim,
+        )
+
+    whole = tmp_path / "whole.jsonl"
+    with SampleLog(whole, settings) as log:
+        log.start()
+        sample(log.write)
+        want = log.report(ids, {}).to_dict()
+
+    out = tmp_path / "ranks.jsonl"
+    claims = Claims(claims_path(out))
+    asked = {0: [], 1: []}
+
+    def claim_for(rank, takes):
+        def claim(index):
+            asked[rank].append(index)
+            return index in takes and claims.take(index)
+
+        return claim
+
+    with SampleLog(out, settings) as log:
+        log.start()
+        with SamplePart(out, 1) as part:  # rank 1 has room for problem b only
+            sample(part.write, claim_for(1, {1}))
+        with SamplePart(out, 0) as part:
+            sample(part.write, claim_for(0, {0, 1, 2}))
+        assert asked == {0: [0, 1, 2], 1: [0, 1, 2]}
+        assert sorted(p.name for p in claims.directory.iterdir()) == ["0", "1", "2"]
+        parts = part_paths(out)
+        assert len(parts) == 2 and out.read_text() == ""
+        folded = [p.read_text() for p in parts]
+        assert log.absorb_parts() == 3 and part_paths(out) == []
+        assert log.report(ids, {}).to_dict() == want
+    assert sorted(out.read_text().splitlines()) == sorted(whole.read_text().splitlines())
+
+    # killed after folding the parts in, before removing them: folded again, traces once
+    for number, text in enumerate(folded):
+        (tmp_path / f"ranks.part-{number}-x.jsonl").write_text(text[:-5])  # the last line cut
+    with SampleLog(out, settings) as log:
+        assert log.absorb_parts() == 1
+        assert log.report(ids, {}).to_dict() == want
+    assert sorted(out.read_text().splitlines()) == sorted(whole.read_text().splitlines())
+    assert len(progress_path(out).read_text().splitlines()) == 1 + 3 + 1
+
+    damaged = tmp_path / "ranks.part-0-y.jsonl"
+    damaged.write_text('{"outcome": {"id": "a"}, "trace": null}\n')
+    with pytest.raises(ValueError, match=r"ranks.part-0-y.jsonl:1: not a problem's outcome"):
+        SampleLog(out, settings).absorb_parts()
+    orphan = tmp_path / "orphan.part-0-z.jsonl"
+    orphan.write_text(folded[0])
+    with pytest.raises(ValueError, match="orphan.part-0-z.jsonl has no orphan.progress.jsonl"):
+        SampleLog(tmp_path / "orphan.jsonl", settings).absorb_parts()
 
 
 def test_rejection_sampling_checks_the_format_of_the_engine_grammar():
@@ -746,18 +839,9 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
         assert f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
     assert main([*args, "--batch", "0"]) == 2
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
-
-
-def test_sample_cli_refuses_to_run_under_torchrun(problems, tmp_path, capsys, monkeypatch):
-    """Each rank would write the same output and progress files: one clear error, nothing
-    written."""
-    from npr_graph.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "out.jsonl"
-    assert main(["sample", "--data", str(problems), "--out", str(out)]) == 2
-    assert "not under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
-    assert not out.exists() and not list(tmp_path.glob("out.*"))
+    assert main([*args, "--reward", "acuracy"]) == 2
+    assert "unknown reward 'acuracy'; known: accuracy," in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_sample_cli_batch_sets_the_problems_decoding_at_once(

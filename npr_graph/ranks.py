@@ -1,0 +1,115 @@
+"""Processes that share a job's problems under ``torchrun`` (``npr eval``, ``npr sample``).
+
+Every rank builds its own engine and is given the same list of unfinished problems; a rank with
+room for the next problem claims it (:class:`Claims`), so a rank whose problems run short takes
+more of them. The ranks exchange only Python objects (what is left, what failed), over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+#: Ranks wait for the slowest one at the end; a long run must not trip gloo's default.
+TIMEOUT = timedelta(hours=24)
+
+
+@dataclass
+class Ranks:
+    """This process's place among ``world`` ranks (one process: rank 0 of 1, and every
+    collective returns its own value)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # joined here (and left when :func:`joined_ranks` ends)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def first_failure(self, failure: str | None) -> str | None:
+        """The first rank's failure, in rank order, on every rank (None: none failed), so that
+        all stop together and none waits for a rank that gave up."""
+        return next((f for f in self.gather(failure) if f is not None), None)
+
+
+def join_ranks() -> Ranks:
+    """Join the process group ``torchrun`` describes in the environment (one process: no-op)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        # NCCL would move these objects through the current GPU, which is cuda:0 on every rank
+        # unless set (each engine runs on its own cuda:LOCAL_RANK): two ranks on one GPU is an
+        # NCCL error.
+        dist.init_process_group(backend="gloo", timeout=TIMEOUT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), owned)
+
+
+@contextmanager
+def joined_ranks() -> Iterator[Ranks]:
+    """:func:`join_ranks`, leaving the group at the end if it was joined here."""
+    ranks = join_ranks()
+    try:
+        yield ranks
+    finally:
+        if ranks.owned:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+class Claims:
+    """Which rank runs which problem: a file per problem in ``directory``, created with
+    ``O_EXCL``, which exactly one process can do. Rank 0 clears the directory before the ranks
+    start and after they end, so a run never sees an earlier run's claims."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def take(self, key: int | str) -> bool:
+        """Claim ``key``: True for the one process that asks first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.directory / str(key), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
