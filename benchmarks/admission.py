@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npr_graph.engine import Engine, SamplingParams  # noqa: E402
+from npr_graph.graph import FinishReason  # noqa: E402
 
 SIDES = ("batches", "continuous")
 
@@ -78,7 +79,7 @@ def decode(engine: Engine, side: str, prompts, params, mode: str, batch: int) ->
         "preemptions": preemptions,
         "prefill_forwards": prefills,
         "recomputed_tokens": recomputed,
-        "cut": sum(g.metadata["finish_reason"] == "kv_exhausted" for g in graphs),
+        "cut": sum(g.metadata["finish_reason"] == FinishReason.KV_EXHAUSTED for g in graphs),
         "token_ids": [g.token_ids for g in graphs],
     }
 

@@ -6,7 +6,7 @@ format rules (:mod:`npr_graph.constraints`), rewards and metrics all read it.
 
 from .constraints import PROFILES, RULES, Profile, boxed_answers, format_valid, validate
 from .format import format_score
-from .graph import Block, Node, NodeKind, ReasoningGraph, Violation
+from .graph import Block, FinishReason, Node, NodeKind, ReasoningGraph, Violation
 from .layout import CompactMask, attention_mask, compact_mask, node_starts, position_ids
 from .metrics import metrics
 from .parse import ParseError, parse
@@ -16,6 +16,7 @@ __all__ = [
     "RULES",
     "Block",
     "CompactMask",
+    "FinishReason",
     "Node",
     "NodeKind",
     "ParseError",

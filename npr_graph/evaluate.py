@@ -34,7 +34,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .graph import ReasoningGraph
+from .graph import FinishReason, ReasoningGraph
 from .ranks import Claims, Ranks, joined_ranks
 from .typecheck import has_shape
 
@@ -501,7 +501,9 @@ def summarize(
         "unparsed_answers": len(unparsed),
         "unparsed": unparsed,
         # samples the engine ended for want of KV pages: their grades say nothing about the model
-        "pool_cut_samples": sum(m.get("finish_reason") == "kv_exhausted" for m in metrics),
+        "pool_cut_samples": sum(
+            m.get("finish_reason") == FinishReason.KV_EXHAUSTED for m in metrics
+        ),
         "errors": list(errors),
         **(info or {}),
         "per_problem": per_problem,

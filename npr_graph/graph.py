@@ -50,6 +50,18 @@ class NodeKind(str, Enum):
         return self.value
 
 
+class FinishReason(str, Enum):
+    """Why the engine ended a sample (``graph.metadata["finish_reason"]``)."""
+
+    STOP = "stop"  # the model ended it (end of sequence)
+    LENGTH = "length"  # its token budget (max_new_tokens on the critical path, or in all)
+    CONTEXT = "context"  # the model's context
+    KV_EXHAUSTED = "kv_exhausted"  # the KV pool could not hold it
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Node:
     """One segment of the trace.

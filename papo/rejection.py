@@ -27,6 +27,7 @@ from typing import Any
 from npr_graph.constraints import format_valid
 from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
+from npr_graph.graph import FinishReason
 from npr_graph.prompts import PromptTemplate
 from npr_graph.typecheck import has_shape
 
@@ -159,7 +160,7 @@ def rejection_sample(
             well_formed = format_valid(graph)
             correct += right
             valid += well_formed
-            cut += graph.metadata.get("finish_reason") == "kv_exhausted"
+            cut += graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
             if chosen is None and right and well_formed:
                 chosen = {
                     "id": problem.id,

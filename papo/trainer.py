@@ -39,6 +39,7 @@ from rich.console import Console
 import npr_graph as ng
 from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
+from npr_graph.graph import FinishReason
 from npr_graph.models import load_model, resolve_device
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
 
@@ -341,7 +342,7 @@ class Trainer:
                     reward.parsed,
                 )
             valid = _structurally_valid(graph)
-            pool_cut = graph.metadata.get("finish_reason") == "kv_exhausted"
+            pool_cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
             out.append(Rollout(problem, group, graph, reward, valid, tokens, pool_cut))
         return out, wall
 

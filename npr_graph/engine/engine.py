@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..graph import ReasoningGraph
+from ..graph import FinishReason, ReasoningGraph
 from ..layout import node_start, position_ids
 from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
@@ -513,7 +513,9 @@ class Engine:
     def _cut_context(self, sample: Sample) -> None:
         """End ``sample`` at the model's context. Its reason is the budget's when its tokens
         reached it, even if the token that did is not read yet (``overlap``)."""
-        reason = sample.finish_reason or ("length" if _over_budget(sample) else "context")
+        reason = sample.finish_reason or (
+            FinishReason.LENGTH if _over_budget(sample) else FinishReason.CONTEXT
+        )
         self._truncate(sample, reason, hard=True)
 
     def _make_room(
@@ -540,7 +542,7 @@ class Engine:
         its own finish reason)."""
         if sample.live_lanes():
             self._drop_unfed_text(sample)
-            self._truncate(sample, "kv_exhausted", hard=True)
+            self._truncate(sample, FinishReason.KV_EXHAUSTED, hard=True)
 
     def _drop_unfed_text(self, sample: Sample) -> None:
         """A sample cut for want of pages: the engine-written text its lanes hold unfed goes
@@ -953,13 +955,13 @@ class Engine:
                 if limit:
                     lane.forced_queue.extend(self.format.encode(limit))
         if _over_budget(sample) and not sample.truncated:
-            self._truncate(sample, "length")
+            self._truncate(sample, FinishReason.LENGTH)
 
     def _end_of_sequence(self, lane: Lane, token: int, logprob: float) -> None:
         state = lane.state
         if state is None or state.ends_response_on_eos():
             lane.append(token, logprob, False)
-            self._finish_lane(lane, "stop")
+            self._finish_lane(lane, FinishReason.STOP)
         else:  # the model stopped inside an element: close it and carry on
             state.closing = True
             self._close_next(lane, lane.final_logits)
@@ -977,7 +979,7 @@ class Engine:
         lane.forced_queue.extend(ids[1:])
         self._write(lane, ids[0], forced=True, scored_from=logits)
 
-    def _truncate(self, sample: Sample, reason: str, hard: bool = False) -> None:
+    def _truncate(self, sample: Sample, reason: FinishReason, hard: bool = False) -> None:
         """Budget exhausted: close what is open in every lane, then stop (no new forks/joins)."""
         sample.truncated = True
         sample.finish_reason = reason
@@ -987,7 +989,7 @@ class Engine:
             elif lane.status is LaneStatus.RUNNING:
                 lane.state.closing = True
 
-    def _finish_lane(self, lane: Lane, reason: str) -> None:
+    def _finish_lane(self, lane: Lane, reason: FinishReason) -> None:
         if lane.status is LaneStatus.RUNNING and not lane.pending:  # cut with its last token fed
             self._score_following_branch(lane)
         lane.status = LaneStatus.DONE
@@ -1145,7 +1147,7 @@ class Engine:
                 "prompt_index": request.index,
                 "sample_index": sample.index,
                 "mode": request.mode,
-                "finish_reason": sample.finish_reason or "stop",
+                "finish_reason": str(sample.finish_reason or FinishReason.STOP),
                 "truncated": sample.truncated,
                 "engine_violations": list(sample.violations),
                 "forks": len(fork_tokens),

@@ -23,7 +23,7 @@ from .structure import Action, LaneState
 from .transfer import HostCopy
 
 if TYPE_CHECKING:
-    from ..graph import ReasoningGraph
+    from ..graph import FinishReason, ReasoningGraph
 
 # A token picked on the device and fed before the host has read it (the engine's overlapped
 # steps): the lane holds this in its tokens until then.
@@ -124,7 +124,7 @@ class Sample:
     lanes: list[Lane] = field(default_factory=list)
     truncated: bool = False
     finished: bool = False
-    finish_reason: str = ""
+    finish_reason: FinishReason | None = None
     violations: list[str] = field(default_factory=list)
     # Kept as tokens arrive: budgets are checked after every token, and a sample of many blocks
     # has many lanes to sum over.
