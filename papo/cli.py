@@ -68,6 +68,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
+        if not problems:
+            raise ValueError(f"{args.data}: no problems to sample")
         template = load_template(args.prompt)
         grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
         if args.mode == "constrained" and args.tags != "special":

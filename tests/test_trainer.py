@@ -829,7 +829,7 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert "No such file" in capsys.readouterr().err
 
 
-def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
+def test_sample_cli_refuses_bad_settings_before_writing_anything(problems, tmp_path, capsys):
     from npr_graph.cli import main
 
     args = ["sample", "--data", str(problems), "--out", str(tmp_path / "out.jsonl"),
@@ -841,6 +841,10 @@ def test_sample_cli_refuses_a_limit_below_one(problems, tmp_path, capsys):
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
     assert main([*args, "--reward", "acuracy"]) == 2
     assert "unknown reward 'acuracy'; known: accuracy," in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main([*args[:2], str(empty), *args[3:]]) == 2
+    assert "empty.json: no problems to sample" in capsys.readouterr().err.replace("\n", "")
     assert not list(tmp_path.glob("out*"))
 
 
