@@ -957,12 +957,13 @@ def _generated(graphs: list[ReasoningGraph]) -> int:
     return sum(len(g.token_ids) - g.prompt_num_tokens for g in graphs)
 
 
-def _progress(enabled: bool, total: int):
+def problem_progress(label: str, enabled: bool):
+    """A progress bar of problems on stderr (``npr eval``, ``npr sample``), gone when done."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("[bold]eval"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
@@ -1044,7 +1045,7 @@ def _run(
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{ranks.rank}-{uuid.uuid4().hex[:12]}.jsonl"
         show = not config.quiet and ranks.rank == 0
-        with part.open("a", encoding="utf-8") as handle, _progress(show, len(todo)) as progress:
+        with part.open("a", encoding="utf-8") as handle, problem_progress("eval", show) as progress:
             task = progress.add_task("", total=len(todo))
 
             def write(problem: Problem, records: list[dict[str, Any]]) -> None:

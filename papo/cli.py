@@ -126,7 +126,9 @@ class _SampleJob:
             raise _Stop(failure + then)
 
     def run(self, console: Console) -> int:
-        from .rejection import SampleLog, SamplePart, SamplingReport, rejection_sample
+        from npr_graph.evaluate import problem_progress
+
+        from .rejection import Outcome, SampleLog, SamplePart, SamplingReport, rejection_sample
 
         ranks, lead = self.ranks, self.ranks.rank == 0
         failure = done = None
@@ -152,19 +154,38 @@ class _SampleJob:
         if todo:
             engine = self._engine()
             writer = self.log if not ranks.active else SamplePart(self.out, ranks.rank)
-            try:
-                _, this_run = rejection_sample(
-                    engine,
-                    [problem for _, problem in todo],
-                    self.template,
-                    self.params,
-                    mode=self.args.mode,
-                    batch=self.args.batch,
-                    on_problem=writer.write,
-                    indices=[index for index, _ in todo],
-                    claim=self.claims.take if ranks.active else None,
-                    reward=self.args.reward,
+            progress = problem_progress("sample", enabled=lead)
+            task = progress.add_task("", total=len(todo))
+            accepted = 0
+
+            def finished(outcome: Outcome, trace: dict | None) -> None:
+                nonlocal accepted
+                writer.write(outcome, trace)
+                accepted += trace is not None
+                progress.update(
+                    task, advance=1, description=f"{accepted} accepted; last: problem {outcome.id}"
                 )
+
+            def claim(index: int) -> bool:
+                if self.claims.take(index):
+                    return True
+                progress.advance(task)  # another rank took it
+                return False
+
+            try:
+                with progress:
+                    _, this_run = rejection_sample(
+                        engine,
+                        [problem for _, problem in todo],
+                        self.template,
+                        self.params,
+                        mode=self.args.mode,
+                        batch=self.args.batch,
+                        on_problem=finished,
+                        indices=[index for index, _ in todo],
+                        claim=claim if ranks.active else None,
+                        reward=self.args.reward,
+                    )
             except OSError as error:  # writing, a full disk say: what is written is whole
                 raise _Stop(
                     f"{error}; the problems written so far are kept, and the same command "
