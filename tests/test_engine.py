@@ -11,6 +11,7 @@ import torch
 import npr_graph as ng
 from npr_graph.engine.engine import Engine
 from npr_graph.engine.sampling import SamplingParams
+from npr_graph.engine.scheduler import Scheduler
 from npr_graph.engine.structure import Format
 from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
 
@@ -302,7 +303,9 @@ def test_a_preempted_request_keeps_the_samples_it_finished(special_tokenizer):
             assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) <= 1e-4
 
 
-def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tokenizer):
+def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(
+    special_tokenizer, monkeypatch
+):
     """Admission keeps a resumed request out until its rebuilt KV fits; should a rebuild run
     out of pages all the same (here the estimate is made to say it needs none), the unfinished
     samples of the requests being rebuilt end as ``kv_exhausted`` with what they wrote, every
@@ -315,7 +318,7 @@ def test_a_resumed_request_the_pool_cannot_hold_ends_as_kv_exhausted(special_tok
         prompts, params, mode="constrained", chat=False
     )
     engine = make_engine("llama", special_tokenizer, num_pages=96, max_prefill_tokens=16)
-    engine._pages_to_resume = lambda request: 0
+    monkeypatch.setattr(Scheduler, "pages_to_resume", lambda self, request: 0)
     graphs = engine.generate(prompts, params, mode="constrained", chat=False)
     assert engine.pool.num_used == 0 and engine.stats.preemptions > 0
     reasons = [g.metadata["finish_reason"] for g in graphs]
@@ -366,20 +369,65 @@ def test_admission_leaves_a_page_of_headroom_per_lane_under_way(special_tokenize
     """A waiting prompt is admitted beside running ones only if, once its prompt and first
     tokens have their pages, a page per running lane is still free: else the next steps would
     preempt it, its prefill wasted. With nothing running it is admitted whatever is free."""
-    from collections import deque
     from types import SimpleNamespace
 
+    from npr_graph.engine.kv import PagePool
     from npr_graph.engine.lanes import Request
 
-    engine = make_engine("llama", special_tokenizer, num_pages=32)  # 4 slots a page
+    pool = PagePool(32, 4)
     request = Request(0, list(range(1, 9)), SamplingParams(n=2), "sequential")  # 2 + 2 pages
     running = [SimpleNamespace(samples=[SimpleNamespace(live_lanes=lambda: [None] * 5)])]
-    held = [engine.pool.allocate() for _ in range(engine.pool.num_free - (4 + 5) + 1)]
-    assert engine._admit(deque([request]), running) == [], "one page short of the headroom"
-    engine.pool.decref(held.pop())
-    assert engine._admit(deque([request]), running) == [request]
-    held += [engine.pool.allocate() for _ in range(engine.pool.num_free)]
-    assert engine._admit(deque([request]), []) == [request], "nothing runs: it goes ahead"
+
+    def admitted(running):
+        scheduler = Scheduler([request], pool, max_lanes=64)
+        scheduler.running = list(running)
+        return scheduler.admit()
+
+    held = [pool.allocate() for _ in range(pool.num_free - (4 + 5) + 1)]
+    assert admitted(running) == [], "one page short of the headroom"
+    pool.decref(held.pop())
+    assert admitted(running) == [request]
+    held += [pool.allocate() for _ in range(pool.num_free)]
+    assert admitted([]) == [request], "nothing runs: it goes ahead"
+
+
+def test_scheduler_admits_in_order_within_its_caps_and_preempts_the_newest():
+    """Requests are admitted in arrival order while ``max_running`` and ``max_lanes`` allow;
+    ``claim`` is asked once per fresh request and a refused one is dropped; preemption takes
+    the newest running request back to the front of the queue, where it is admitted first
+    and counts as parked."""
+    from types import SimpleNamespace
+
+    from npr_graph.engine.kv import PagePool
+    from npr_graph.engine.lanes import Request
+
+    def request(index, n=2):
+        return Request(index, [1, 2, 3], SamplingParams(n=n), "sequential", arrival=index)
+
+    def run(request):  # as if prefilled: its samples' lanes are live
+        request.samples = [SimpleNamespace(live_lanes=lambda: [None], lanes=[]) for _ in range(2)]
+
+    pool = PagePool(64, 4)
+    scheduler = Scheduler([request(i) for i in range(5)], pool, max_lanes=64, max_running=2)
+    first = scheduler.admit()
+    assert [r.index for r in first] == [0, 1] and not scheduler.admit(), "max_running"
+    for r in first:
+        run(r)
+    scheduler.retire(lambda r: r.index == 0)
+    asked = []
+    scheduler.claim = lambda index: asked.append(index) or index != 2
+    assert [r.index for r in scheduler.admit()] == [3], "2 is refused, 3 fills the place"
+    assert asked == [2, 3] and [r.index for r in scheduler.waiting] == [4]
+    run(scheduler.running[-1])
+    victim = scheduler.preempt()
+    assert victim.index == 3 and [r.index for r in scheduler.running] == [1]
+    assert scheduler.parked() == [victim] and scheduler.waiting[1].index == 4
+    assert [r.index for r in scheduler.admit()] == [3], "no claim asked again; then max_running"
+    assert asked == [2, 3]
+
+    lanes = Scheduler([request(0, n=3), request(1, n=3)], pool, max_lanes=4)
+    assert [r.index for r in lanes.admit()] == [0], "3 + 3 lanes exceed max_lanes"
+    assert not scheduler.idle and Scheduler([], pool, max_lanes=1).idle
 
 
 def test_prefill_feeds_prompts_in_chunks_within_its_token_budget(special_tokenizer):

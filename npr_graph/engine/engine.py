@@ -14,11 +14,9 @@ which is what one dense forward over the finished graph computes: the first toke
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,6 +33,7 @@ from .kv import LaneKV, PagePool, PoolExhausted, join
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
 from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, token_logprobs
+from .scheduler import Scheduler
 from .structure import MODES, Action, Format, Kind, LaneState, Phase, Tags
 from .transfer import HostCopy
 
@@ -173,9 +172,7 @@ class Engine:
         self._pieces: dict[int, str] = {}
         self._unscored: list[_Unscored] = []
         self._scoring: list[tuple[list[_Unscored], HostCopy]] = []
-        self._max_running: int | None = None
         self._on_finish: Callable[[int, list[ReasoningGraph]], None] | None = None
-        self._claim: Callable[[int], bool] | None = None
         self._start = 0.0
         self.stats = EngineStats()
 
@@ -249,7 +246,7 @@ class Engine:
                 f"{which} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
                 f"it exceeds the model's context of {self.max_positions}"
             )
-        if self._pages_for(len(ids)) + params.n > self.pool.num_usable:
+        if self.pool.pages_for(len(ids)) + params.n > self.pool.num_usable:
             raise PromptError(
                 f"{which} ({len(ids)} tokens) does not fit the KV pool of "
                 f"{self.pool.num_usable} pages"
@@ -321,35 +318,32 @@ class Engine:
         self.stats = EngineStats()
         self.pool.reset_peak()
         self.logits_processor = logits_processor
-        self._max_running = max_running
         self._on_finish = on_finish
-        self._claim = claim
         self._start = time.perf_counter()
+        scheduler = Scheduler(requests, self.pool, self.max_lanes, max_running, claim)
         try:
             with attention_implementation(self.model):
-                self._run(requests, progress)
+                self._run(scheduler, progress)
         except BaseException:  # an interrupt or a failing callback included
             self._abandon(requests)
             raise
         finally:
-            self._on_finish = self._claim = None
+            self._on_finish = None
         self.stats.wall_time = time.perf_counter() - self._start
         self.stats.peak_kv_pages = self.pool.peak_used
         return [graph for request in requests for graph in request.graphs]
 
     # -- scheduling --------------------------------------------------------------------------
-    def _run(self, requests: list[Request], progress) -> None:
+    def _run(self, scheduler: Scheduler, progress) -> None:
         """Decode steps until every request is done. With ``overlap``, a step's picked tokens
         stay on the device: the next step feeds them from there, and the host reads them while
         that step's forward runs (:meth:`_take`); a lane whose token calls for engine-written
         text then writes it one step later instead of behind the token."""
-        waiting: deque[Request] = deque(requests)
-        running: list[Request] = []
         unreported: list[Request] = []
         picked: Picked | None = None
-        while waiting or running:
+        while not scheduler.idle:
             unreported = self._report_finished(unreported)
-            admitted = self._admit(waiting, running)
+            admitted = scheduler.admit()
             for request in admitted:
                 if request.admitted_s is None:  # a preempted request keeps its first admission
                     request.admitted_s = time.perf_counter() - self._start
@@ -360,17 +354,16 @@ class Engine:
                 if fresh:
                     self._prefill(fresh)
                 self._resume(parked)
-                running.extend(admitted)
-            running = [r for r in running if not self._settle(r)]
+            scheduler.retire(self._settle)
             lanes = [
                 lane
-                for r in running
+                for r in scheduler.running
                 for s in r.samples
                 for lane in s.lanes
                 if lane.status is LaneStatus.RUNNING
             ]
             if not lanes:
-                if waiting and not running and not admitted:
+                if scheduler.waiting and not scheduler.running and not admitted:
                     raise RuntimeError(
                         "scheduler stalled: nothing runs and nothing can be admitted"
                     )
@@ -381,9 +374,9 @@ class Engine:
                 # anything, as the plain engine has (an end of sequence needs no page).
                 self._take(picked, after_feed=False)
                 picked = None
-                running = [r for r in running if not self._settle(r)]
+                scheduler.retire(self._settle)
                 lanes = [lane for lane in lanes if lane.status is LaneStatus.RUNNING]
-            lanes = self._make_room(lanes, running, waiting)
+            lanes = self._make_room(lanes, scheduler)
             if not lanes:
                 if picked is not None:  # their lanes were preempted or cut off
                     self._take(picked)
@@ -405,10 +398,10 @@ class Engine:
             self.stats.forward_time += fed - started
             self.stats.pick_time += time.perf_counter() - fed
             if progress is not None:  # preempted requests wait first, keeping their tokens
-                parked = itertools.takewhile(lambda r: r.samples, waiting)
-                under_way = sum(s.total_tokens for r in (*running, *parked) for s in r.samples)
+                requests = scheduler.running + scheduler.parked()
+                under_way = sum(s.total_tokens for r in requests for s in r.samples)
                 progress(self.stats.generated_tokens + under_way)
-            running = [r for r in running if not self._settle(r)]
+            scheduler.retire(self._settle)
         assert picked is None, "picked tokens left unread"
         self._collect_scores()
         self._report_finished(unreported, last=True)
@@ -450,45 +443,6 @@ class Engine:
         self._unscored.clear()
         self._scoring.clear()
 
-    def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.pool.page_size)
-
-    def _admit(self, waiting: deque[Request], running: list[Request]) -> list[Request]:
-        admitted: list[Request] = []
-        lanes = sum(len(s.live_lanes()) for r in running for s in r.samples)
-        free = self.pool.num_free
-        while waiting:
-            request = waiting[0]
-            if request.samples:  # preempted: its lanes come back as they were
-                new_lanes = sum(len(s.live_lanes()) for s in request.samples)
-                need = self._pages_to_resume(request) + new_lanes
-            else:
-                new_lanes = request.params.n
-                need = self._pages_for(len(request.prompt_ids)) + new_lanes
-            busy = running or admitted
-            at_cap = self._max_running is not None and (
-                len(running) + len(admitted) >= self._max_running
-            )
-            # a page of headroom per lane under way: admitting into the last free pages
-            # would have the next steps preempt the newcomer, its prefill wasted
-            if busy and (need + lanes > free or lanes + new_lanes > self.max_lanes or at_cap):
-                break
-            waiting.popleft()
-            if not request.samples and self._claim is not None and not self._claim(request.index):
-                continue
-            admitted.append(request)
-            free -= need
-            lanes += new_lanes
-        return admitted
-
-    def _pages_to_resume(self, request: Request) -> int:
-        """At most the pages :meth:`_resume` takes: the prompt's, and each lane's own fed tokens
-        plus the page a fork's shared tail is copied to."""
-        lanes = [lane for s in request.samples if s.live_lanes() for lane in s.lanes]
-        return self._pages_for(len(request.prompt_ids)) + sum(
-            self._pages_for(_fed(lane)) + 1 for lane in lanes
-        )
-
     def _cut_at_context(self, lanes: list[Lane]) -> list[Lane]:
         """End every sample with a lane at the end of the model's context: no token gets a
         position past it, closing tags after a budget cut included. A lane there is first fed
@@ -518,21 +472,19 @@ class Engine:
         )
         self._truncate(sample, reason, hard=True)
 
-    def _make_room(
-        self, lanes: list[Lane], running: list[Request], waiting: deque[Request]
-    ) -> list[Lane]:
-        """Preempt the newest requests until this step's appends fit in the pool."""
+    def _make_room(self, lanes: list[Lane], scheduler: Scheduler) -> list[Lane]:
+        """Preempt the newest requests until this step's appends fit in the pool; a request
+        alone that does not fit is cut."""
         while self._pages_short(lanes):
-            if len(running) == 1:
-                for sample in running[0].samples:
+            if len(scheduler.running) == 1:
+                [alone] = scheduler.running
+                for sample in alone.samples:
                     self._cut_for_pages(sample)
-                self._settle(running[0])
-                running.clear()
+                self._settle(alone)
+                scheduler.running.clear()
                 return []
-            victim = max(running, key=lambda r: r.arrival)
-            running.remove(victim)
+            victim = scheduler.preempt()
             self._park(victim)
-            waiting.appendleft(victim)
             self.stats.preemptions += 1
             lanes = [lane for lane in lanes if lane.sample.request is not victim]
         return lanes
@@ -664,7 +616,7 @@ class Engine:
         rebuilt: set[int] = set()
         joins: list[Lane] = []  # lanes whose branches joined: the join waits for every branch
         while level:
-            tokens = [lane.tokens[: _fed(lane)] for lane in level]
+            tokens = [lane.tokens[: lane.num_fed] for lane in level]
             self._feed([Lane(None, lane.kv, None, lane.start_position) for lane in level], tokens)
             self.stats.recomputed_tokens += sum(map(len, tokens))
             following: list[Lane] = []
@@ -1185,11 +1137,6 @@ def _depth(branch: Lane) -> int:
     while branch.owner is not None:
         depth, branch = depth + 1, branch.owner
     return depth
-
-
-def _fed(lane: Lane) -> int:
-    """How many of the lane's tokens are in its KV (the rest wait for the next step)."""
-    return len(lane.tokens) - len(lane.pending)
 
 
 def _ended(request: Request) -> bool:

@@ -98,6 +98,10 @@ class PagePool:
     def num_used(self) -> int:
         return self.num_usable - len(self._free)
 
+    def pages_for(self, tokens: int) -> int:
+        """Pages ``tokens`` slots fill."""
+        return -(-tokens // self.page_size)
+
     @property
     def peak_used(self) -> int:
         """The most pages in use at once since the pool was built or :meth:`reset_peak`."""

@@ -79,6 +79,11 @@ class Lane:
         return self.start_position + len(self.tokens)
 
     @property
+    def num_fed(self) -> int:
+        """How many of its tokens are in its KV (the rest wait for the next step)."""
+        return len(self.tokens) - len(self.pending)
+
+    @property
     def pending_positions(self) -> list[int]:
         first = self.end_position - len(self.pending)
         return list(range(first, first + len(self.pending)))
