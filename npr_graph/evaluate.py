@@ -1004,7 +1004,7 @@ def _run(
         problems, errors = load_problems(config.data, fields=config.fields, limit=config.limit)
         if not problems:
             raise EvalError(f"{config.data}: no problems to evaluate")
-        if ranks.rank == 0:
+        if ranks.is_main:
             _check_config(out, config)
     except (EvalError, OSError, ValueError) as error:
         failure = str(error)
@@ -1017,7 +1017,7 @@ def _run(
     # same list, and the claims of an earlier run are gone.
     claims = Claims(out / CLAIMS)
     done = None
-    if ranks.rank == 0:
+    if ranks.is_main:
         done = set(_complete_groups(_read_sample_files(out), config.n))
         claims.clear()
     done = ranks.broadcast(done)
@@ -1044,7 +1044,7 @@ def _run(
             )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{ranks.rank}-{uuid.uuid4().hex[:12]}.jsonl"
-        show = not config.quiet and ranks.rank == 0
+        show = not config.quiet and ranks.is_main
         with part.open("a", encoding="utf-8") as handle, problem_progress("eval", show) as progress:
             task = progress.add_task("", total=len(todo))
 
@@ -1061,7 +1061,7 @@ def _run(
                     on_problem(problem, records)
 
             claim = None
-            if ranks.active:
+            if ranks.distributed:
 
                 def claim(problem: Problem) -> bool:
                     if claims.take(problem.index):
@@ -1080,12 +1080,12 @@ def _run(
     not_run = sorted({item for part in ranks.gather(not_run) for item in part})
 
     result: dict[str, Any] | str | None = None
-    if ranks.rank == 0:
+    if ranks.is_main:
         try:
-            result = _merge_and_summarize(out, config, problems, errors, not_run, ranks.world)
+            result = _merge_and_summarize(out, config, problems, errors, not_run, ranks.size)
         except Exception as error:  # told to the other ranks too, then raised here
             result = f"merging the results failed: {error!r}"
-            if not ranks.active:
+            if not ranks.distributed:
                 raise
     result = ranks.broadcast(result)
     if isinstance(result, str):

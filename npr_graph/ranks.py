@@ -1,8 +1,10 @@
-"""Processes that share a job's problems under ``torchrun`` (``npr eval``, ``npr sample``).
+"""Processes under ``torchrun``: this one's place among them, and the objects they exchange.
 
-Every rank builds its own engine and is given the same list of unfinished problems; a rank with
-room for the next problem claims it (:class:`Claims`), so a rank whose problems run short takes
-more of them. The ranks exchange only Python objects (what is left, what failed), over gloo.
+``npr eval`` and ``npr sample`` share a job's problems: every rank builds its own engine and is
+given the same list of unfinished problems; a rank with room for the next problem claims it
+(:class:`Claims`), so a rank whose problems run short takes more of them. They exchange only
+Python objects (what is left, what failed), over gloo. Training's
+:class:`papo.distributed.World` adds gradients and sums to the same :class:`Ranks`.
 """
 
 from __future__ import annotations
@@ -20,38 +22,42 @@ from typing import Any
 TIMEOUT = timedelta(hours=24)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Ranks:
-    """This process's place among ``world`` ranks (one process: rank 0 of 1, and every
+    """This process's place among ``size`` ranks (one process: rank 0 of 1, and every
     collective returns its own value)."""
 
     rank: int = 0
-    world: int = 1
+    size: int = 1
     owned: bool = False  # joined here (and left when :func:`joined_ranks` ends)
 
     @property
-    def active(self) -> bool:
-        return self.world > 1
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
 
     def barrier(self) -> None:
-        if self.active:
+        if self.distributed:
             import torch.distributed as dist
 
             dist.barrier()
 
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's value, in rank order, on every rank."""
-        if not self.active:
+        """Every rank's value (any picklable object), in rank order, on every rank."""
+        if not self.distributed:
             return [value]
         import torch.distributed as dist
 
-        values: list[Any] = [None] * self.world
+        values: list[Any] = [None] * self.size
         dist.all_gather_object(values, value)
         return values
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's value, on every rank."""
-        if not self.active:
+        if not self.distributed:
             return value
         import torch.distributed as dist
 

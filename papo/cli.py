@@ -130,7 +130,7 @@ class _SampleJob:
 
         from .rejection import Outcome, SampleLog, SamplePart, SamplingReport, rejection_sample
 
-        ranks, lead = self.ranks, self.ranks.rank == 0
+        ranks, lead = self.ranks, self.ranks.is_main
         failure = done = None
         if lead:
             try:
@@ -153,7 +153,7 @@ class _SampleJob:
         this_run = SamplingReport()
         if todo:
             engine = self._engine()
-            writer = self.log if not ranks.active else SamplePart(self.out, ranks.rank)
+            writer = self.log if not ranks.distributed else SamplePart(self.out, ranks.rank)
             progress = problem_progress("sample", enabled=lead)
             task = progress.add_task("", total=len(todo))
             accepted = 0
@@ -183,7 +183,7 @@ class _SampleJob:
                         batch=self.args.batch,
                         on_problem=finished,
                         indices=[index for index, _ in todo],
-                        claim=claim if ranks.active else None,
+                        claim=claim if ranks.distributed else None,
                         reward=self.args.reward,
                     )
             except OSError as error:  # writing, a full disk say: what is written is whole
@@ -197,7 +197,7 @@ class _SampleJob:
         # a collective, so also the barrier before rank 0 folds in what every rank wrote
         not_run = {k: why for part in ranks.gather(this_run.not_run) for k, why in part.items()}
         failure = None
-        if lead and ranks.active:
+        if lead and ranks.distributed:
             try:
                 self.log.absorb_parts()
                 self.claims.clear()

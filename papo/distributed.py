@@ -24,42 +24,25 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from npr_graph.models import resolve_device
+from npr_graph.ranks import Ranks
 
 from .data import PackedRow
 from .forward import row_logprobs
 
 
 @dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
+class World(Ranks):
+    """The ranks of a training run: its share of the work, and sums over the ranks."""
 
     def shard(self, items: list) -> list:
         """This rank's share of ``items`` (strided, so shares differ by at most one item)."""
         return items[self.rank :: self.size]
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
 
     def sum(self, value: float) -> float:
         if not self.distributed:
@@ -112,10 +95,6 @@ class World:
             size += end - start
         if bucket:
             _sum_over_ranks(bucket)
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
 
 def _sum_over_ranks(pieces: list[tuple[torch.Tensor, int, int]]) -> None:
