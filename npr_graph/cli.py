@@ -652,10 +652,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to give less of when a command runs out of memory.
+MEMORY_ADVICE = {
+    "train": "lower kv_pages (the rollout KV pool), row_tokens or prompts_per_step; --resume "
+    "goes on from the last checkpoint",
+    "inspect": "inspect fewer traces at once",
+    "view": "view fewer samples at once",
+}
+ENGINE_MEMORY_ADVICE = (
+    "give the KV cache less (--kv-memory GIB; auto takes 80% of the GPU's free memory once "
+    "the model is loaded, leaving the rest for activations) or decode fewer prompts at once "
+    "(--batch)"
+)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out: the GPU's (torch's ``OutOfMemoryError``) or the
+    CPU allocator's."""
+    torch = sys.modules.get("torch")
+    if isinstance(error, MemoryError):
+        return True
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except (MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        # Under torchrun every rank prints its own error: say whose it is.
+        rank = f" rank {os.environ['RANK']}:" if "RANK" in os.environ else ""
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        advice = MEMORY_ADVICE.get(args.command, ENGINE_MEMORY_ADVICE)
+        if args.command in ("eval", "sample"):
+            advice += "; the problems written so far are kept, and the same command resumes"
+        print(f"npr {args.command}:{rank} out of memory ({detail}): {advice}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader of stdout went away (npr inspect ... | head): not an error of ours. Only for
         # the commands whose one pipe is stdout; training and eval talk to helper processes.

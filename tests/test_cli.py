@@ -431,3 +431,51 @@ def test_inspect_summary_shows_whole_names(capsys):
     ids = [json.loads(line)["id"] for line in (EXAMPLES / "cold_start.jsonl").open()]
     assert column == "".join(f"cold_start.jsonl:{i}" for i in ids)
     assert "unmatched_close_tag" in codes
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 40000000000000 bytes."
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_running_out_of_memory_is_an_error_that_says_what_to_lower(
+    error, tmp_path, monkeypatch, capsys
+):
+    """Out of GPU (or CPU allocator) memory, a command says so in one line with what to give
+    less of, and exits with 2; any other error is not mistaken for it."""
+    import papo.cli
+    import papo.trainer
+    from npr_graph import evaluate
+
+    def fail(*args, **kwargs):
+        raise error
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    monkeypatch.setattr(evaluate, "run_eval", fail)
+    assert main(["eval", "--data", str(data), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    first = str(error).splitlines()[0]
+    assert f"npr eval: out of memory ({first}): give the KV cache less (--kv-memory GIB;" in err
+    assert "(--batch); the problems written so far are kept" in err
+    monkeypatch.setattr(papo.cli._SampleJob, "run", fail)
+    assert main(["sample", "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "npr sample: out of memory" in capsys.readouterr().err
+    monkeypatch.setattr(papo.trainer, "run", fail)
+    config = tmp_path / "papo.toml"
+    config.write_text(f'data = "{data}"\n')
+    assert main(["train", "papo", "--config", str(config)]) == 2
+    assert "lower kv_pages (the rollout KV pool)" in capsys.readouterr().err.replace("\n", " ")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    monkeypatch.setattr(evaluate, "run_eval", other)
+    with pytest.raises(RuntimeError, match="same device"):
+        main(["eval", "--data", str(data), "--out", str(tmp_path / "eval2")])
