@@ -657,6 +657,7 @@ MEMORY_ADVICE = {
     "train": "lower kv_pages (the rollout KV pool), row_tokens or prompts_per_step; --resume "
     "goes on from the last checkpoint",
     "inspect": "inspect fewer traces at once",
+    "demo": "give the KV cache less (--kv-memory GIB)",
     "view": "view fewer samples at once",
 }
 ENGINE_MEMORY_ADVICE = (
@@ -674,7 +675,9 @@ def out_of_memory(error: BaseException) -> bool:
         return True
     if torch is not None and isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    # what CUDA, cuBLAS and the CPU allocator say when they raise plain RuntimeErrors
+    signs = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs)
 
 
 def main(argv: list[str] | None = None) -> int:

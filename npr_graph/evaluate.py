@@ -966,7 +966,7 @@ def problem_progress(label: str, enabled: bool):
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # problem ids are data, not markup
         TimeElapsedColumn(),
         console=Console(stderr=True),
         disable=not enabled,

@@ -94,14 +94,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         try:
             return job.run(console)
         except _Stop as stop:
-            console.print(_error_line(stop))
+            if stop.args:  # this rank's own failure (the others stop quietly)
+                console.print(_error_line(stop))
             return 2
         finally:
             job.close()
 
 
 class _Stop(Exception):
-    """Ends ``npr sample`` with its message as the error, on the ranks that raise it."""
+    """Ends ``npr sample`` with exit code 2; its message, if any, is this rank's error."""
 
 
 class _SampleJob:
@@ -120,10 +121,9 @@ class _SampleJob:
         self.log = None
 
     def _agree(self, failure: str | None, then: str = "") -> None:
-        """Stop every rank if any failed (the first rank's failure is the one told)."""
-        failure = self.ranks.first_failure(failure)
-        if failure is not None:
-            raise _Stop(failure + then)
+        """Stop every rank if any failed; a rank that failed tells why."""
+        if self.ranks.any_failed(failure is not None):
+            raise _Stop(failure + then) if failure is not None else _Stop()
 
     def run(self, console: Console) -> int:
         from npr_graph.evaluate import problem_progress
@@ -154,17 +154,18 @@ class _SampleJob:
         if todo:
             engine = self._engine()
             writer = self.log if not ranks.distributed else SamplePart(self.out, ranks.rank)
+            # Under torchrun rank 0's bar counts the problems it finished or another rank took,
+            # and the traces it accepted.
             progress = problem_progress("sample", enabled=lead)
             task = progress.add_task("", total=len(todo))
-            accepted = 0
+            accepted, here = 0, " here" if ranks.distributed else ""
 
             def finished(outcome: Outcome, trace: dict | None) -> None:
                 nonlocal accepted
                 writer.write(outcome, trace)
                 accepted += trace is not None
-                progress.update(
-                    task, advance=1, description=f"{accepted} accepted; last: problem {outcome.id}"
-                )
+                description = f"{accepted} accepted{here}; last: problem {outcome.id}"
+                progress.update(task, advance=1, description=description)
 
             def claim(index: int) -> bool:
                 if self.claims.take(index):

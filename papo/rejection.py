@@ -300,6 +300,8 @@ class SampleLog:
     def start(self) -> None:
         """Open both files to append to (creating them with the settings line on a first run):
         only once there is something to write, so a model that fails to load leaves none."""
+        if self._log is not None:
+            return
         if not self.resumed:
             self.out.write_text("")
             self.progress.write_text(json.dumps({"settings": self.settings}) + "\n")

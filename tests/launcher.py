@@ -11,11 +11,13 @@ The reward ``test_length`` is registered (it has spread even for a random model,
 non-zero advantages), ``test_even_length`` (for ``npr sample``: about half the responses are
 correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the working
 directory; and every sampled format counts as valid, since a random model never writes the
-boxed answer the format asks for), ``test_length_fails_on_rank_1`` (raises a ValueError on rank 1: a bad problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except that its first call
-on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises a RuntimeError on rank 1, as a
-CUDA out-of-memory would). After every ``Trainer.train`` the launcher writes
-``replica_check.json`` to the run's output directory: how the engine's weights compare with the
-trained (possibly sharded) weights and with the initial ones; and every rank writes
+boxed answer the format asks for), ``test_length_fails_on_rank_1`` (raises a ValueError on
+rank 1: a bad problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
+that its first call on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises
+torch.OutOfMemoryError on rank 1, as CUDA running out of memory would). After every
+``Trainer.train`` the launcher writes ``replica_check.json`` to the run's output directory: how
+the engine's weights compare with the trained (possibly sharded) weights and with the initial
+ones; and every rank writes
 ``rollouts.rankR.json``: per RL step, each rollout it sampled (group, problem, reward, valid,
 token ids) with the advantage and mini-batch place it was trained with (None when not kept).
 """
@@ -80,7 +82,7 @@ def length_fails_on_rank_1(response: str, reference: str, **_: Any) -> rewards.R
 @losses.register("test_papo_oom_on_rank_1")
 def papo_oom_on_rank_1(*args: Any, **kwargs: Any) -> losses.LossOutput:
     if dist.is_initialized() and dist.get_rank() == 1:
-        raise RuntimeError("test: CUDA out of memory (a stand-in) on rank 1")
+        raise torch.OutOfMemoryError("test: CUDA out of memory (a stand-in) on rank 1")
     return losses.get("papo")(*args, **kwargs)
 
 

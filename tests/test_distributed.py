@@ -314,14 +314,18 @@ def test_all_reduce_grads(tmp_path):
     "override, message",
     [
         ("reward=test_length_fails_on_rank_1", "test: a bad problem on rank 1"),
-        ("loss=test_papo_oom_on_rank_1", "test: CUDA out of memory (a stand-in) on rank 1"),
+        (
+            "loss=test_papo_oom_on_rank_1",
+            "npr train: rank 1: out of memory (test: CUDA out of memory (a stand-in) on rank 1)",
+        ),
     ],
     ids=["bad-problem", "oom"],
 )
 def test_a_failing_rank_stops_every_rank(setup, override, message):
-    """Rank 1 raises (in its rewards, or in its training forward while rank 0 waits in the
-    gradient all-reduce): the run ends soon, failed, with rank 1's error shown; rank 0 does not
-    wait for it (gloo's own timeout is 30 minutes) and no checkpoint is written."""
+    """Rank 1 raises (in its rewards, or runs out of GPU memory in its training forward while
+    rank 0 waits in the gradient all-reduce): the run ends soon, failed, with rank 1's error
+    shown; rank 0 does not wait for it (gloo's own timeout is 30 minutes) and no checkpoint is
+    written."""
     root, config = setup
     output = root / f"failing_{override.partition('=')[2]}"
     start = time.monotonic()

@@ -969,3 +969,18 @@ def test_torchrun_two_ranks_merge_into_one_summary(tmp_path, tiny_dir, data, eng
         response_ids(r) for r in read_samples(tmp_path / "single")
     ]
     assert not list(out.glob("samples.part-*")) and not (out / "claims").exists()
+
+
+def test_progress_bar_shows_problem_ids_as_they_are() -> None:
+    """A problem id is data: one that looks like rich markup ("[/b]") is shown literally, not
+    parsed (which raised MarkupError on a terminal and ended the run)."""
+    import io
+
+    from rich.console import Console
+
+    progress = evaluate.problem_progress("sample", enabled=True)
+    task = progress.add_task("", total=2)
+    progress.update(task, advance=1, description="last: problem [/b] [red]x")
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    console.print(progress.make_tasks_table(progress.tasks))
+    assert "last: problem [/b] [red]x" in console.file.getvalue()

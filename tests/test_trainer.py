@@ -848,6 +848,24 @@ def test_sample_cli_refuses_bad_settings_before_writing_anything(problems, tmp_p
     assert not list(tmp_path.glob("out*"))
 
 
+def test_sample_ranks_stop_together_and_only_a_failing_rank_says_why():
+    """A failure on any rank stops every rank (exit code 2); only the rank that failed prints
+    its error, so no rank reports another's failure under its own name."""
+    from types import SimpleNamespace
+
+    from papo.cli import _SampleJob, _Stop
+
+    job = _SampleJob.__new__(_SampleJob)
+    job.ranks = SimpleNamespace(any_failed=lambda failed: True)  # another rank failed
+    with pytest.raises(_Stop) as quiet:
+        job._agree(None)
+    assert quiet.value.args == ()
+    with pytest.raises(_Stop, match="^disk full; resume$"):
+        job._agree("disk full", "; resume")
+    job.ranks = SimpleNamespace(any_failed=lambda failed: failed)
+    job._agree(None)  # none failed: nothing happens
+
+
 def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     problems, tmp_path, tokenizers, monkeypatch, capsys
 ):
