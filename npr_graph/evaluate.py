@@ -667,8 +667,10 @@ class EvalConfig:
             raise EvalError("max_lanes must be >= 1")
         from papo import rewards
 
-        if self.reward not in rewards.names():  # before config.json is written, which pins it
-            raise EvalError(f"unknown reward {self.reward!r}; known: {', '.join(rewards.names())}")
+        try:  # before config.json is written, which pins it
+            rewards.get(self.reward)
+        except KeyError as error:
+            raise EvalError(error.args[0]) from None
         if not (isinstance(self.verify_timeout_s, (int, float)) and self.verify_timeout_s > 0):
             raise EvalError(
                 "verify_timeout_s (--verify-timeout) must be a positive number of seconds"

@@ -1,7 +1,12 @@
-"""Name registries for pluggable functions (rewards, advantage estimators, losses, aggregations)."""
+"""Name registries for pluggable functions (rewards, advantage estimators, losses, aggregations).
+
+Besides the registered names, a registry takes an import path, ``module:function``: settings and
+command lines can then name a function of the user's own (``reward = "my_rewards:exact"``, with
+``my_rewards`` importable, on ``PYTHONPATH`` say)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -24,12 +29,23 @@ class Registry(Generic[F]):
         return decorate
 
     def get(self, name: str) -> F:
-        """The function registered as ``name``; a KeyError listing the known names otherwise."""
-        try:
+        """The function registered as ``name``, or imported from ``module:function``; a KeyError
+        that says why otherwise."""
+        if name in self._functions:
             return self._functions[name]
-        except KeyError:
+        module, colon, attribute = name.partition(":")
+        if not colon:
             known = ", ".join(self.names())
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; known: {known} (or an import path, module:function)"
+            )
+        try:
+            function = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise KeyError(f"{self.kind} {name!r} cannot be imported: {error}") from None
+        if not callable(function):
+            raise KeyError(f"{self.kind} {name!r} is not a function")
+        return function
 
     def unregister(self, name: str) -> None:
         self._functions.pop(name, None)

@@ -769,6 +769,22 @@ def test_a_prompt_one_rank_refused_and_another_ran_is_not_an_error(tmp_path, dat
     assert summary["errors"] == ["problem p3: not evaluated: the pool is too small"]
 
 
+def test_a_reward_of_ones_own_is_named_by_its_import_path(
+    tmp_path, data, engine, monkeypatch
+) -> None:
+    """``--reward module:function`` grades with a function of the user's own."""
+    (tmp_path / "my_rewards.py").write_text(
+        "from papo.rewards import Reward\n\n"
+        "def always(response, reference, **options):\n"
+        "    return Reward(1.0, True, reference, None, True)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    summary = run_eval(config(data, tmp_path / "run", reward="my_rewards:always"), engine=engine)
+    assert summary["avg_at_n"] == 1.0 and summary["problems"] == 3
+    with pytest.raises(EvalError, match="reward 'my_rewards:never' cannot be imported"):
+        config(data, tmp_path / "other", reward="my_rewards:never")
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
     out = tmp_path / "run"
     run_eval(config(data, out, limit=1), engine=engine)

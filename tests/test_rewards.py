@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -388,6 +389,25 @@ def test_registry_names() -> None:
 def test_unknown_reward_lists_the_known_ones() -> None:
     with pytest.raises(KeyError, match="unknown reward 'nope'.*accuracy.*format.*npr_zero"):
         get("nope")
+
+
+def test_a_function_of_ones_own_is_named_by_its_import_path() -> None:
+    """``module:function`` imports the function (the known names stay the registered ones);
+    what cannot be imported, or is not a function, is a KeyError that says so."""
+    import operator
+
+    from papo.advantages import get as estimator
+
+    assert get("operator:add") is operator.add and "operator:add" not in names()
+    assert estimator("operator:sub") is operator.sub
+    for name, why in [
+        ("no_such_module_here:f", "cannot be imported: No module named 'no_such_module_here'"),
+        ("math:no_such_function", "cannot be imported: module 'math' has no attribute"),
+        (":f", "cannot be imported: Empty module name"),
+        ("math:pi", "is not a function"),
+    ]:
+        with pytest.raises(KeyError, match=re.escape(f"reward {name!r} {why}")):
+            get(name)
 
 
 def test_unknown_option_is_an_error() -> None:

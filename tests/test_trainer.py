@@ -785,6 +785,11 @@ def test_config_types_accept_what_they_should():
     assert load_config(None, "sft", {"steps": None}).steps is None
     with pytest.raises(ValueError, match="known: .*test_length"):
         load_config(None, "papo", {"reward": "nope"})
+    own = {"reward": "operator:add", "advantage": "operator:sub", "loss": "operator:mul"}
+    config = load_config(None, "papo", own)  # functions of one's own, by import path
+    assert (config.reward, config.advantage, config.loss) == tuple(own.values())
+    with pytest.raises(ValueError, match="reward 'operator:nope' cannot be imported"):
+        load_config(None, "papo", {"reward": "operator:nope"})
 
 
 def test_stale_mini_batches_clip_against_the_rollout_policy(problems, tmp_path, tokenizers):
