@@ -187,7 +187,8 @@ class _SampleJob:
                         claim=claim if ranks.distributed else None,
                         reward=self.args.reward,
                     )
-            except OSError as error:  # writing, a full disk say: what is written is whole
+            except (OSError, ValueError) as error:  # writing (a full disk), a reward that
+                # refuses a problem: what is written is whole
                 raise _Stop(
                     f"{error}; the problems written so far are kept, and the same command "
                     "resumes the run"

@@ -871,6 +871,35 @@ def test_sample_ranks_stop_together_and_only_a_failing_rank_says_why():
     job._agree(None)  # none failed: nothing happens
 
 
+def test_sample_cli_a_reward_that_refuses_a_problem_is_an_error(
+    problems, tmp_path, tokenizers, monkeypatch, capsys
+):
+    """A reward of one's own (``--reward module:function``) that raises a ValueError stops the
+    run with its message and exit code 2, keeping the problems done before it."""
+    from npr_graph.cli import main
+    from papo.rejection import progress_path
+
+    model_dir = tmp_path / "tiny"
+    make_model(tokenizers["text"]).save_pretrained(model_dir)
+    tokenizers["text"].save_pretrained(model_dir)
+    (tmp_path / "picky.py").write_text(
+        "from papo.rewards import Reward\n\n"
+        "def reward(response, reference, **options):\n"
+        "    if reference == '8':\n"
+        "        raise ValueError('cannot grade against 8')\n"
+        "    return Reward(0.0, False, None, None, True)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out.jsonl"
+    args = ["sample", "--data", str(problems), "--out", str(out), "--model", str(model_dir),
+            "--tries", "2", "--max-new-tokens", "4", "--batch", "1", "--reward", "picky:reward"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "cannot grade against 8; the problems written so far are kept" in err
+    logged = [json.loads(line) for line in progress_path(out).read_text().splitlines()[1:]]
+    assert [outcome["id"] for outcome in logged] == ["0"]
+
+
 def test_sample_cli_batch_sets_the_problems_decoding_at_once(
     problems, tmp_path, tokenizers, monkeypatch, capsys
 ):
