@@ -356,7 +356,7 @@ class SampleLog:
         if parts and not self.progress.exists():
             raise ValueError(
                 f"{parts[0].name} has no {self.progress.name} beside it to resume from: remove "
-                f"the part files, or choose another --out"
+                "the part files, or choose another --out"
             )
         absorbed = 0
         for part in parts:
@@ -367,7 +367,7 @@ class SampleLog:
             for number, record in enumerate(records, start=1):
                 if not has_shape(record, PART_SHAPE):
                     raise ValueError(f"{part}:{number}: not a problem's outcome and trace")
-            if records and self._log is None:
+            if records:
                 self.start()
             for record in records:
                 outcome = Outcome(**{k: record["outcome"][k] for k in OUTCOME_SHAPE})
