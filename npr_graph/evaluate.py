@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .graph import FinishReason, ReasoningGraph
-from .ranks import Claims, Ranks, joined_ranks
+from .ranks import Claims, PeerLost, Ranks, joined_ranks
 from .typecheck import has_shape
 
 if TYPE_CHECKING:
@@ -1286,7 +1286,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"npr eval: {message}", file=sys.stderr)
         return 2
-    except OSError as error:  # writing the results, a full disk say: what is written is whole
+    except (OSError, PeerLost) as error:  # writing the results (a full disk), another rank
+        # that stopped: what is written is whole
         print(
             f"npr eval: {error}; the problems written so far are kept, and the same command "
             "resumes the run",

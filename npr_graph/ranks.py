@@ -18,6 +18,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+
+class PeerLost(RuntimeError):
+    """An exchange between the ranks failed: another rank stopped (its own error says why) or
+    did not answer in time."""
+
+
+@contextmanager
+def _exchange() -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:  # gloo: "Connection closed by peer", a timeout
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PeerLost(f"another rank stopped or did not answer ({first})") from error
+
+
 #: A rank that ends early waits for the slowest in the last exchange, as long as the run goes on
 #: (days, for a large problem set); a rank that dies is torchrun's to notice, not this timeout's.
 TIMEOUT = timedelta(days=30)
@@ -44,7 +59,8 @@ class Ranks:
         if self.distributed:
             import torch.distributed as dist
 
-            dist.barrier()
+            with _exchange():
+                dist.barrier()
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's value (any picklable object), in rank order, on every rank."""
@@ -53,7 +69,8 @@ class Ranks:
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.size
-        dist.all_gather_object(values, value)
+        with _exchange():
+            dist.all_gather_object(values, value)
         return values
 
     def broadcast(self, value: Any) -> Any:
@@ -63,7 +80,8 @@ class Ranks:
         import torch.distributed as dist
 
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        with _exchange():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def any_failed(self, failed: bool) -> bool:

@@ -56,7 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from npr_graph.engine.sampling import SamplingParams
     from npr_graph.models import resolve_device
     from npr_graph.prompts import load_template
-    from npr_graph.ranks import joined_ranks
+    from npr_graph.ranks import PeerLost, joined_ranks
 
     from .problems import read_problems
     from .rewards import get as get_reward
@@ -96,6 +96,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         except _Stop as stop:
             if stop.args:  # this rank's own failure (the others stop quietly)
                 console.print(_error_line(stop))
+            return 2
+        except PeerLost as error:
+            console.print(_error_line(f"{error}; the same command resumes the run"))
             return 2
         finally:
             job.close()

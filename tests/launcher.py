@@ -11,7 +11,8 @@ The reward ``test_length`` is registered (it has spread even for a random model,
 non-zero advantages), ``test_even_length`` (for ``npr sample``: about half the responses are
 correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the working
 directory; and every sampled format counts as valid, since a random model never writes the
-boxed answer the format asks for), ``test_length_fails_on_rank_1`` (raises a ValueError on
+boxed answer the format asks for) and ``test_even_length_fails_on_rank_1`` (raises a ValueError
+on rank 1), ``test_length_fails_on_rank_1`` (raises a ValueError on
 rank 1: a bad problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
 that its first call on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises
 torch.OutOfMemoryError on rank 1, as CUDA running out of memory would). After every
@@ -54,6 +55,13 @@ def even_length(response: str, reference: str, **_: Any) -> rewards.Reward:
     with open(f"graded.rank{_rank()}.txt", "a") as log:
         log.write(reference + "\n")
     return rewards.Reward(0.0, len(response) % 2 == 0, None, None, True)
+
+
+@rewards.register("test_even_length_fails_on_rank_1")
+def even_length_fails_on_rank_1(response: str, reference: str, **_: Any) -> rewards.Reward:
+    if dist.is_initialized() and dist.get_rank() == 1:
+        raise ValueError(f"test: cannot grade on rank 1 (answer {reference!r})")
+    return even_length(response, reference)
 
 
 rejection.format_valid = lambda graph: True

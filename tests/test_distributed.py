@@ -534,3 +534,35 @@ def test_sample_ranks_share_the_problems(setup):
     assert sorted(p.name for p in two.iterdir()) == sorted(
         ["out.jsonl", "out.progress.jsonl", *(f"graded.rank{rank}.txt" for rank in graded)]
     )
+
+    # rank 1 cannot grade: it says so and stops; rank 0, left alone in the last exchange (if
+    # torchrun has not stopped it first), says another rank stopped, with no traceback
+    failing = root / "sample-failing"
+    failing.mkdir()
+    args[args.index("test_even_length")] = "test_even_length_fails_on_rank_1"
+    result = run([*TORCHRUN, str(LAUNCHER), *args], failing, check=False)
+    assert result.returncode != 0
+    assert "error: rank 1: test: cannot grade on rank 1" in result.stderr
+    assert "[rank0]:" not in result.stderr, result.stderr[-3000:]
+
+
+def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):
+    """gloo's error when a peer is gone (or a timeout) becomes :class:`PeerLost`, which the
+    commands turn into one line instead of a traceback."""
+    import torch.distributed as dist
+
+    from npr_graph.ranks import PeerLost, Ranks
+
+    def closed(*args, **kwargs):
+        raise RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:42404\nmore detail"
+        )
+
+    for name in ("all_gather_object", "broadcast_object_list", "barrier"):
+        monkeypatch.setattr(dist, name, closed)
+    ranks = Ranks(rank=0, size=2)
+    for exchange in (lambda: ranks.gather(1), lambda: ranks.broadcast(1), ranks.barrier):
+        with pytest.raises(PeerLost, match=r"another rank stopped .*Connection closed by peer"):
+            exchange()
+    assert Ranks().gather(1) == [1], "one process exchanges nothing"
