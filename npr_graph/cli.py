@@ -687,13 +687,15 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise
-        # Under torchrun every rank prints its own error: say whose it is.
-        rank = f" rank {os.environ['RANK']}:" if "RANK" in os.environ else ""
+        from .ranks import rank_label
+
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         advice = MEMORY_ADVICE.get(args.command, ENGINE_MEMORY_ADVICE)
         if args.command in ("eval", "sample"):
             advice += "; the problems written so far are kept, and the same command resumes"
-        print(f"npr {args.command}:{rank} out of memory ({detail}): {advice}", file=sys.stderr)
+        print(
+            f"npr {args.command}:{rank_label()} out of memory ({detail}): {advice}", file=sys.stderr
+        )
         return 2
     except BrokenPipeError:
         # The reader of stdout went away (npr inspect ... | head): not an error of ours. Only for

@@ -90,6 +90,13 @@ class Ranks:
         return any(self.gather(failed))
 
 
+def rank_label() -> str:
+    """``" rank R:"`` under torchrun, where every rank prints its own errors; else empty."""
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ:
+        return f" rank {os.environ['RANK']}:"
+    return ""
+
+
 def join_ranks() -> Ranks:
     """Join the process group ``torchrun`` describes in the environment (one process: no-op)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -44,10 +44,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _error_line(error: Exception | str) -> Text:
-    # Under torchrun every rank prints its own error: say whose it is.
-    ranked = os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ
-    rank = f" rank {os.environ['RANK']}:" if ranked else ""
-    return Text.assemble(("error:", "red"), f"{rank} {error}")
+    from npr_graph.ranks import rank_label
+
+    return Text.assemble(("error:", "red"), f"{rank_label()} {error}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -133,9 +132,9 @@ class _SampleJob:
 
         from .rejection import Outcome, SampleLog, SamplePart, SamplingReport, rejection_sample
 
-        ranks, lead = self.ranks, self.ranks.is_main
+        ranks = self.ranks
         failure = done = None
-        if lead:
+        if ranks.is_main:
             try:
                 self.log = SampleLog(self.out, _sample_settings(self.args, self.grammar))
                 # an earlier run's ranks, killed before rank 0 folded their parts in
@@ -147,7 +146,7 @@ class _SampleJob:
         self._agree(failure)
         done = ranks.broadcast(done)
         todo = [(i, p) for i, p in enumerate(self.problems) if p.id not in done]
-        if lead and self.log.resumed:
+        if ranks.is_main and self.log.resumed:
             console.print(
                 f"resuming {self.out}: {len(self.problems) - len(todo)} of "
                 f"{len(self.problems)} problems are done",
@@ -159,7 +158,7 @@ class _SampleJob:
             writer = self.log if not ranks.distributed else SamplePart(self.out, ranks.rank)
             # Under torchrun rank 0's bar counts the problems it finished or another rank took,
             # and the traces it accepted.
-            progress = problem_progress("sample", enabled=lead)
+            progress = problem_progress("sample", enabled=ranks.is_main)
             task = progress.add_task("", total=len(todo))
             accepted, here = 0, " here" if ranks.distributed else ""
 
@@ -202,14 +201,14 @@ class _SampleJob:
         # a collective, so also the barrier before rank 0 folds in what every rank wrote
         not_run = {k: why for part in ranks.gather(this_run.not_run) for k, why in part.items()}
         failure = None
-        if lead and ranks.distributed:
+        if ranks.is_main and ranks.distributed:
             try:
                 self.log.absorb_parts()
                 self.claims.clear()
             except (ValueError, OSError) as error:
                 failure = str(error)
         self._agree(failure, "; the same command folds the ranks' parts in and resumes the run")
-        if not lead:
+        if not ranks.is_main:
             return 0
         report = self.log.report([p.id for p in self.problems], not_run)
         json.dump(report.to_dict(), sys.stdout)
