@@ -586,6 +586,10 @@ def test_sample_log_resumes_where_a_killed_run_stopped(tmp_path):
 
     with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 1\)"):
         SampleLog(out, {**settings, "seed": 1})
+    # a log written before --reward existed was graded by accuracy: it resumes with that only
+    assert SampleLog(out, {**settings, "reward": "accuracy"}).resumed
+    with pytest.raises(ValueError, match=r"other settings \(reward 'accuracy' -> 'format'\)"):
+        SampleLog(out, {**settings, "reward": "format"})
     stray = tmp_path / "stray.jsonl"
     stray.write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="no stray.progress.jsonl beside it"):
