@@ -1062,18 +1062,12 @@ def _run(
                 if on_problem is not None:
                     on_problem(problem, records)
 
-            claim = None
-            if ranks.distributed:
-
-                def claim(problem: Problem) -> bool:
-                    if claims.take(problem.index):
-                        return True
-                    progress.advance(task)  # another rank took it
-                    return False
+            def claim(problem: Problem) -> bool:
+                return claims.take(problem.index, lambda: progress.advance(task))
 
             # One call per --batch problems would leave lanes idle while its slowest problem
             # ends; one call for them all admits the next problem as soon as one ends.
-            for problem, error in evaluator.run(todo, write, claim):
+            for problem, error in evaluator.run(todo, write, claim if ranks.distributed else None):
                 line = f"problem {problem.id}: not evaluated: {error}"
                 not_run.append((problem.index, problem.id, line))
                 progress.advance(task)

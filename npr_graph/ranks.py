@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -137,11 +137,14 @@ class Claims:
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def take(self, key: int | str) -> bool:
-        """Claim ``key``: True for the one process that asks first."""
+    def take(self, key: int | str, taken_elsewhere: Callable[[], None] | None = None) -> bool:
+        """Claim ``key``: True for the one process that asks first. The others call
+        ``taken_elsewhere`` (a progress bar counts the problem as done by another rank)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
             os.close(os.open(self.directory / str(key), os.O_CREAT | os.O_EXCL))
         except FileExistsError:
+            if taken_elsewhere is not None:
+                taken_elsewhere()
             return False
         return True

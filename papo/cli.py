@@ -170,10 +170,7 @@ class _SampleJob:
                 progress.update(task, advance=1, description=description)
 
             def claim(index: int) -> bool:
-                if self.claims.take(index):
-                    return True
-                progress.advance(task)  # another rank took it
-                return False
+                return self.claims.take(index, lambda: progress.advance(task))
 
             try:
                 with progress:

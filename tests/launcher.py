@@ -7,6 +7,9 @@ from SOURCE's checkpoint of step STEP (rank 0 copies, every rank waits), ready f
 ``grads-check OUT`` checks :meth:`World.all_reduce_grads` on a small model (every rank calls it)
 and rank 0 writes what it found to the JSON file OUT.
 
+``launcher.py --record-end ...`` writes how each rank ended to ``ended.rankR.txt`` and keeps
+torchrun from stopping a rank early (:func:`record_end`).
+
 The reward ``test_length`` is registered (it has spread even for a random model, so every step has
 non-zero advantages), ``test_even_length`` (for ``npr sample``: about half the responses are
 correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the working
@@ -26,7 +29,9 @@ token ids) with the advantage and mini-batch place it was trained with (None whe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -240,5 +245,21 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def record_end(argv: list[str]) -> int:
+    """``run``, writing how this rank ended to ``ended.rankR.txt`` (its exit code, or
+    ``raised``). SIGTERM is ignored, so that torchrun, stopping the other ranks when one fails,
+    cannot end a rank before a test sees what that rank does by itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ended = "raised"
+    try:
+        code = run(argv)
+        ended = str(code)
+        return code
+    finally:
+        Path(f"ended.rank{os.environ.get('RANK', '0')}.txt").write_text(ended)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--record-end"]:
+        raise SystemExit(record_end(sys.argv[2:]))
     raise SystemExit(run(sys.argv[1:]))

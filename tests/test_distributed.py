@@ -6,6 +6,7 @@ another world size, and a rank that fails stops the others."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -535,15 +536,19 @@ def test_sample_ranks_share_the_problems(setup):
         ["out.jsonl", "out.progress.jsonl", *(f"graded.rank{rank}.txt" for rank in graded)]
     )
 
-    # rank 1 cannot grade: it says so and stops; rank 0, left alone in the last exchange (if
-    # torchrun has not stopped it first), says another rank stopped, with no traceback
+    # rank 1 cannot grade: it says so and stops; rank 0, left alone in the last exchange, says
+    # another rank stopped, with no traceback (the launcher keeps torchrun from stopping it first)
     failing = root / "sample-failing"
     failing.mkdir()
     args[args.index("test_even_length")] = "test_even_length_fails_on_rank_1"
-    result = run([*TORCHRUN, str(LAUNCHER), *args], failing, check=False)
+    result = run([*TORCHRUN, str(LAUNCHER), "--record-end", *args], failing, check=False)
     assert result.returncode != 0
     assert "error: rank 1: test: cannot grade on rank 1" in result.stderr
-    assert "[rank0]:" not in result.stderr, result.stderr[-3000:]
+    ended = {rank: (failing / f"ended.rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert ended == {0: "2", 1: "2"}, (ended, result.stderr[-3000:])
+    assert "error: rank 0: another rank stopped" in result.stderr, result.stderr[-3000:]
+    our_frame = re.search(r'File "[^"]*/(npr_graph|papo|tests)/', result.stderr)
+    assert our_frame is None, result.stderr[-3000:]  # torchrun's own traceback follows
 
 
 def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):

@@ -644,12 +644,15 @@ def test_ranks_share_the_problems_through_claims_and_part_files(tmp_path):
 
     out = tmp_path / "ranks.jsonl"
     claims = Claims(claims_path(out))
-    asked = {0: [], 1: []}
+    asked, taken_elsewhere = {0: [], 1: []}, {0: 0, 1: 0}
 
     def claim_for(rank, takes):
+        def count() -> None:
+            taken_elsewhere[rank] += 1
+
         def claim(index):
             asked[rank].append(index)
-            return index in takes and claims.take(index)
+            return index in takes and claims.take(index, count)
 
         return claim
 
@@ -660,6 +663,7 @@ def test_ranks_share_the_problems_through_claims_and_part_files(tmp_path):
         with SamplePart(out, 0) as part:
             sample(part.write, claim_for(0, {0, 1, 2}))
         assert asked == {0: [0, 1, 2], 1: [0, 1, 2]}
+        assert taken_elsewhere == {0: 1, 1: 0}  # rank 0 found problem b taken
         assert sorted(p.name for p in claims.directory.iterdir()) == ["0", "1", "2"]
         parts = part_paths(out)
         assert len(parts) == 2 and out.read_text() == ""
