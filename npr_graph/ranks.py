@@ -25,7 +25,8 @@ class PeerLost(RuntimeError):
 
 
 @contextmanager
-def _exchange() -> Iterator[None]:
+def exchange() -> Iterator[None]:
+    """Around a collective: gloo's error when a peer is gone becomes :class:`PeerLost`."""
     try:
         yield
     except RuntimeError as error:  # gloo: "Connection closed by peer", a timeout
@@ -59,7 +60,7 @@ class Ranks:
         if self.distributed:
             import torch.distributed as dist
 
-            with _exchange():
+            with exchange():
                 dist.barrier()
 
     def gather(self, value: Any) -> list[Any]:
@@ -69,7 +70,7 @@ class Ranks:
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.size
-        with _exchange():
+        with exchange():
             dist.all_gather_object(values, value)
         return values
 
@@ -80,7 +81,7 @@ class Ranks:
         import torch.distributed as dist
 
         box = [value]
-        with _exchange():
+        with exchange():
             dist.broadcast_object_list(box, src=0)
         return box[0]
 

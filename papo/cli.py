@@ -24,6 +24,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from npr_graph.ranks import PeerLost
+
     from .trainer import run
 
     console = Console(stderr=True)
@@ -32,6 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = run(config, resume=args.resume, console=console)
     except (ValueError, FileNotFoundError) as error:
         console.print(_error_line(error))
+        return 2
+    except PeerLost as error:  # the rank that stopped printed why
+        console.print(_error_line(f"{error}; --resume goes on from the last checkpoint"))
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the whole run
         done = [h for h in history if h.get("skipped") is None]

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from npr_graph.models import resolve_device
-from npr_graph.ranks import Ranks
+from npr_graph.ranks import Ranks, exchange
 
 from .data import PackedRow
 from .forward import row_logprobs
@@ -50,7 +50,8 @@ class World(Ranks):
         # NCCL reduces only CUDA tensors (init_world set this rank's device)
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
+        with exchange():
+            dist.all_reduce(tensor)
         return float(tensor)
 
     def all_reduce_grads(self, model: torch.nn.Module, bucket_elements: int = 1 << 25) -> None:
@@ -71,7 +72,8 @@ class World(Ranks):
         holders = torch.tensor(
             [p.grad is not None for p in params], dtype=torch.float64, device=device
         )
-        dist.all_reduce(holders)
+        with exchange():
+            dist.all_reduce(holders)
         pieces: list[tuple[torch.Tensor, int, int]] = []  # (flat gradient, start, end)
         for p, held in zip(params, holders.tolist(), strict=True):
             if not held:
@@ -100,7 +102,8 @@ class World(Ranks):
 def _sum_over_ranks(pieces: list[tuple[torch.Tensor, int, int]]) -> None:
     """All-reduce the slices ``flat[start:end]`` of ``pieces`` in place, in one float64 call."""
     summed = torch.cat([flat[start:end].double() for flat, start, end in pieces])
-    dist.all_reduce(summed)
+    with exchange():
+        dist.all_reduce(summed)
     offset = 0
     for flat, start, end in pieces:
         flat[start:end].copy_(summed[offset : offset + end - start])

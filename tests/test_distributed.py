@@ -331,13 +331,18 @@ def test_a_failing_rank_stops_every_rank(setup, override, message):
     output = root / f"failing_{override.partition('=')[2]}"
     start = time.monotonic()
     result = run(
-        [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
+        [*TORCHRUN, str(LAUNCHER), "--record-end", "train", "papo", "--config", str(config),
          "--set", f"output_dir={output}", "--set", override],
         root, timeout=240, check=False,
     )  # fmt: skip
     assert time.monotonic() - start < 180
     assert result.returncode != 0
     assert message in result.stderr
+    # each rank ended by itself (torchrun did not stop rank 0), failed, with an error line
+    ended = {rank: (root / f"ended.rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert ended == {0: "2", 1: "2"}, (ended, result.stderr[-3000:])
+    our_frame = re.search(r'File "[^"]*/(npr_graph|papo|tests)/', result.stderr)
+    assert our_frame is None, result.stderr[-3000:]  # torchrun's own traceback follows
     assert not (output / "checkpoints").exists()
 
 
@@ -552,11 +557,13 @@ def test_sample_ranks_share_the_problems(setup):
 
 
 def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):
-    """gloo's error when a peer is gone (or a timeout) becomes :class:`PeerLost`, which the
-    commands turn into one line instead of a traceback."""
+    """gloo's error when a peer is gone (or a timeout) becomes :class:`PeerLost`, in the
+    commands' exchanges and in training's sums, which the commands turn into one line instead
+    of a traceback."""
     import torch.distributed as dist
 
     from npr_graph.ranks import PeerLost, Ranks
+    from papo.distributed import World
 
     def closed(*args, **kwargs):
         raise RuntimeError(
@@ -564,10 +571,18 @@ def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):
             "[127.0.0.1]:42404\nmore detail"
         )
 
-    for name in ("all_gather_object", "broadcast_object_list", "barrier"):
+    for name in ("all_gather_object", "broadcast_object_list", "barrier", "all_reduce"):
         monkeypatch.setattr(dist, name, closed)
-    ranks = Ranks(rank=0, size=2)
-    for exchange in (lambda: ranks.gather(1), lambda: ranks.broadcast(1), ranks.barrier):
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    ranks, world, model = Ranks(rank=0, size=2), World(rank=0, size=2), torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    for exchange in (
+        lambda: ranks.gather(1),
+        lambda: ranks.broadcast(1),
+        ranks.barrier,
+        lambda: world.sum(1.0),
+        lambda: world.all_reduce_grads(model),
+    ):
         with pytest.raises(PeerLost, match=r"another rank stopped .*Connection closed by peer"):
             exchange()
     assert Ranks().gather(1) == [1], "one process exchanges nothing"
