@@ -4,20 +4,23 @@ The page (template ``npr_graph/data/viewer.html``: inline CSS and JavaScript, no
 lists the samples with filters (all, correct, incorrect, invalid format) and draws the selected
 one: blocks with their branches side by side, parent edges, the critical path in bold, nodes with
 violations in red; clicking a node shows its full text. Per-sample metrics are listed beside it.
+Training rollouts (``npr train``'s ``rollouts.jsonl``) also show the advantage of each node.
 
 Everything the page needs is computed here, in Python, and embedded as JSON: the nesting of
 nodes into blocks and branches (:func:`layout_tree`), the critical path (:func:`critical_path`),
 strict violations. The JavaScript only builds DOM from it (node text always through
 ``textContent``, so trace text cannot inject markup).
 
-Input lines may be ``npr eval`` samples (a ``graph`` field), graph dicts (``nodes``), or records
-with a ``text``/``response`` field (parsed leniently, grammar detected from the tags).
+Input lines may be ``npr eval`` samples or ``npr train`` rollouts (a ``graph`` field), graph dicts
+(``nodes``), or records with a ``text``/``response`` field (parsed leniently, grammar detected
+from the tags).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +29,8 @@ from typing import Any
 from .graph import ReasoningGraph
 
 TEXT_FIELDS = ("text", "response", "output", "completion")
+# what npr train's rollouts.jsonl adds to an eval sample's fields
+TRAINING_FIELDS = ("step", "trained", "left_out", "advantage")
 PLACEHOLDER = "__NPR_VIEWER_DATA__"
 #: Node text beyond this is cut in the page (the detail panel says so); keeps pages loadable.
 MAX_NODE_CHARS = 20_000
@@ -125,7 +130,7 @@ def _metric_rows(record: dict[str, Any], graph: ReasoningGraph) -> list[list[str
 
     shown = dict(graph_metrics(graph))
     shown.update({k: v for k, v in _record_metrics(record).items() if k != "violations"})
-    for key in ("reward", "answer", "reference", "correct", "parsed"):
+    for key in ("reward", "answer", "reference", "correct", "parsed", *TRAINING_FIELDS):
         if key in record:
             shown[key] = record[key]
     for key in ("finish_reason", "mode", "forks"):
@@ -137,6 +142,20 @@ def _metric_rows(record: dict[str, Any], graph: ReasoningGraph) -> list[list[str
             value = f"{value:.3f}"
         rows.append([key, value if isinstance(value, str) else json.dumps(value)])
     return rows
+
+
+def _node_advantages(record: dict[str, Any], graph: ReasoningGraph) -> list[float | None]:
+    """A training rollout's advantage per node (``node_advantages``); None where the record
+    has none or it does not fit the graph."""
+    values = record.get("node_advantages")
+    fits = isinstance(values, list) and len(values) == len(graph.nodes)
+    if not fits or not all(v is None or _finite(v) for v in values):
+        return [None] * len(graph.nodes)
+    return [None if v is None else float(v) for v in values]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _shown(value: Any) -> str | None:
@@ -158,8 +177,9 @@ def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> di
             marks.setdefault(v.node, []).append(f"{v.code}: {v.message}")
     lengths = _lengths(graph)
     critical = critical_path(graph)
+    credit = _node_advantages(record, graph)
     nodes = []
-    for node, length in zip(graph.nodes, lengths, strict=True):
+    for node, length, advantage in zip(graph.nodes, lengths, credit, strict=True):
         text = node.text
         nodes.append(
             {
@@ -172,6 +192,7 @@ def sample_view(record: dict[str, Any], graph: ReasoningGraph, title: str) -> di
                 "text": text[:MAX_NODE_CHARS],
                 "cut": len(text) > MAX_NODE_CHARS,
                 "violations": marks.get(node.id, []),
+                "advantage": advantage,
             }
         )
     status = _status(record)
@@ -233,6 +254,8 @@ def load_views(
             continue
         if "problem_id" in record:
             title = f"{record['problem_id']} · sample {record.get('sample', 0)}"
+            if isinstance(record.get("step"), int):  # npr train's rollouts.jsonl
+                title = f"step {record['step']} · {title}"
         else:
             title = str(record.get("id", f"{path.name}:{number}"))
         views.append(sample_view(record, graph, title))
@@ -273,9 +296,13 @@ def write_page(
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``npr view`` on the ``npr`` command's subparsers."""
     parser = commands.add_parser(
-        "view", help="write an HTML page showing sampled DAGs (from npr eval's samples.jsonl)"
+        "view",
+        help="write an HTML page showing sampled DAGs (npr eval's samples.jsonl, npr train's "
+        "rollouts.jsonl)",
     )
-    parser.add_argument("files", nargs="+", help="JSONL: eval samples, graph dicts or text lines")
+    parser.add_argument(
+        "files", nargs="+", help="JSONL: eval samples, training rollouts, graph dicts or text lines"
+    )
     parser.add_argument("-o", "--output", default="view.html", help="the HTML file to write")
     from .cli import positive_int
 

@@ -201,3 +201,25 @@ def token_advantages(
         return estimator(graphs, references, rewards, group_ids, **options)
     per_sample = estimator(rewards, group_ids, **options)
     return [spread(g, float(a)) for g, a in zip(graphs, per_sample, strict=True)]
+
+
+def node_advantages(graph: ReasoningGraph, advantages: torch.Tensor) -> list[float | None]:
+    """Per node of ``graph``, the mean advantage of its trained tokens (``advantages``: one per
+    response token, as :func:`spread` gives them; engine-written tokens are not trained); None
+    for a node with none (the prompt, a node of engine-written text only)."""
+    start = graph.prompt_num_tokens
+    if advantages.shape != (graph.num_tokens - start,):
+        raise ValueError(
+            f"expected one advantage per response token ({graph.num_tokens - start}), "
+            f"got shape {tuple(advantages.shape)}"
+        )
+    forced = graph.forced or [False] * graph.num_tokens
+    out: list[float | None] = []
+    for node in graph.nodes:
+        if node.token_start is None or node.token_end is None:
+            raise ValueError("node advantages need a tokenized graph")
+        trained = [
+            i - start for i in range(max(node.token_start, start), node.token_end) if not forced[i]
+        ]
+        out.append(float(advantages[trained].mean()) if trained else None)
+    return out

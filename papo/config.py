@@ -35,7 +35,7 @@ AT_LEAST: dict[str, int] = {
     "max_new_tokens": 1, "min_branches": 1, "max_blocks": 1, "max_depth": 1,
     "max_plan_tokens": 1, "max_step_tokens": 1, "max_takeaway_tokens": 1,
     "kv_pages": 2, "page_size": 1, "overlong_buffer": 0, "overlong_factor": 0,
-    "kl_coef": 0, "mini_batches": 1, "save_every": 0, "log_every": 1,
+    "kl_coef": 0, "mini_batches": 1, "save_every": 0, "log_every": 1, "rollouts_every": 0,
 }  # fmt: skip
 
 
@@ -108,6 +108,7 @@ class TrainConfig:
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     log_every: int = 1
+    rollouts_every: int = 0  # RL: every N-th step's rollouts to rollouts.jsonl (0: none)
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +129,8 @@ class TrainConfig:
             (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}"),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.stage != "sft" or not self.rollouts_every,
+             "rollouts_every logs RL rollouts; stage 'sft' trains on traces"),
             (self.min_branches <= self.max_branches,
              f"min_branches ({self.min_branches}) must be <= max_branches ({self.max_branches})"),
             (self.overlong_buffer <= self.max_new_tokens,

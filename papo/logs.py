@@ -1,4 +1,4 @@
-"""Per-step training metrics: a JSONL file, TensorBoard and a console line."""
+"""Per-step training metrics (a JSONL file, TensorBoard and a console line) and the rollout log."""
 
 from __future__ import annotations
 
@@ -51,22 +51,8 @@ class StepLogger:
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after ``step`` (a resumed run redoes them), and lines that are not
         a step's record: a run killed mid-write leaves its last line cut."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept, unreadable = [], []
-        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            logged = _logged_step(line)
-            if logged is None:
-                unreadable.append(number)
-            elif logged <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-        if unreadable:
-            lines = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
-            note = f"{self.path}: dropped {len(unreadable)} unreadable line(s): {lines}"
-            self.console.print(note, style="yellow", markup=False)
+        if self.enabled:
+            truncate_steps(self.path, step, self.console)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,6 +74,53 @@ class StepLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class RolloutLog:
+    """``DIR/rollouts.jsonl``: every rollout of the steps the trainer logs, one JSON line each
+    (:meth:`papo.trainer.Trainer.rollout_records`), appended one step at a time; a resumed
+    run drops the lines of the steps it redoes."""
+
+    def __init__(
+        self, output_dir: str | Path, *, enabled: bool = True, console: Console | None = None
+    ) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self.path = Path(output_dir) / "rollouts.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        if self.enabled:
+            truncate_steps(self.path, step, self.console)
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not self.enabled or not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=True) + "\n" for r in records)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(lines)
+
+
+def truncate_steps(path: Path, step: int, console: Console) -> None:
+    """Keep the lines of ``path`` that record a step up to ``step``; say how many lines that
+    are not a step's record (a kill mid-write cuts the last one) were dropped."""
+    if not path.exists():
+        return
+    kept, unreadable = [], []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        logged = _logged_step(line)
+        if logged is None:
+            unreadable.append(number)
+        elif logged <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if unreadable:
+        lines = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
+        note = f"{path}: dropped {len(unreadable)} unreadable line(s): {lines}"
+        console.print(note, style="yellow", markup=False)
 
 
 def _logged_step(line: str) -> int | None:

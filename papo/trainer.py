@@ -50,7 +50,7 @@ from .config import TrainConfig
 from .data import PackedRow, pack
 from .distributed import World, init_world
 from .forward import row_logprobs
-from .logs import StepLogger
+from .logs import RolloutLog, StepLogger
 from .problems import Trace, read_problems, read_traces
 
 
@@ -166,6 +166,9 @@ class Trainer:
             tensorboard=config.tensorboard,
             console=self.console,
         )
+        self.rollout_log = RolloutLog(
+            self.output_dir, enabled=self.world.is_main, console=self.console
+        )
 
     def _check_prompts(self) -> None:
         """Refuse problems the engine cannot run (:meth:`Engine.check_prompt`), all of them when
@@ -278,6 +281,7 @@ class Trainer:
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         self.logger.truncate_after(self.step)
+        self.rollout_log.truncate_after(self.step)
         self.console.print(f"resumed from {path} at step {self.step}", markup=False)
 
     # -- SFT ---------------------------------------------------------------------------------
@@ -384,21 +388,24 @@ class Trainer:
         filtered = len(everything) - dropped - pool_cut - sum(kept)
         metrics = _rollout_metrics(everything, shapes, dropped, filtered, gathered, c)
         metrics["pool_cut_rollouts"] = pool_cut
+        # this rank's rollouts sit at a known offset of the gathered list
+        offset = sum(len(part) for part, _, _ in gathered[: world.rank])
+        mine = slice(offset, offset + len(rollouts))
         if not any(kept):
+            self._log_rollouts(rollouts, everything[mine], kept[mine], {})
             self.skipped += 1
             return {**metrics, **self._skip("no rollout left to train on")}
         scores = torch.tensor([s[1] for s, k in zip(everything, kept, strict=True) if k])
         groups = torch.tensor([s[0] for s, k in zip(everything, kept, strict=True) if k])
         outcome_name = "papo" if c.advantage == "branch" else c.advantage
         outcome = advantage_estimators.get(outcome_name)(scores, groups)
-        # this rank's rollouts sit at a known offset of the gathered list
-        offset = sum(len(part) for part, _, _ in gathered[: world.rank])
         kept_before = [sum(kept[:i]) for i in range(len(kept) + 1)]
         # a kept rollout's place in the order one process holds them (by draw, then sample; the
         # gathered list is by rank): mini-batches are cut by it, so they do not depend on the ranks
         by_draw = sorted(range(len(everything)), key=lambda position: everything[position][0])
         place = {position: i for i, position in enumerate(p for p in by_draw if kept[p])}
         graphs, token_advantages, places = [], [], []
+        advantages: dict[int, tuple[float, torch.Tensor]] = {}  # this rank's, by local index
         lam = c.branch_lambda if c.advantage == "branch" else 0.0
         for local, rollout in enumerate(rollouts):
             position = offset + local
@@ -412,10 +419,85 @@ class Trainer:
                     rollout.graph, value, self.problems[rollout.problem].answer, lam=lam
                 )
             )
+            advantages[local] = (value, token_advantages[-1])
+        self._log_rollouts(rollouts, everything[mine], kept[mine], advantages)
         # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
         temperature = SamplingParams(temperature=c.temperature).scoring_temperature
         result = self._optimize(graphs, token_advantages, temperature, places=places)
         return {**metrics, **result}
+
+    def _log_rollouts(
+        self,
+        rollouts: list[Rollout],
+        summaries: list[tuple],
+        kept: list[bool],
+        advantages: dict[int, tuple[float, torch.Tensor]],
+    ) -> None:
+        """Every ``rollouts_every`` steps, append the step's rollouts to ``rollouts.jsonl`` (rank
+        0 writes what every rank sampled). A collective under torchrun, on the same steps on
+        every rank."""
+        every = self.config.rollouts_every
+        if not every or (self.step + 1) % every:
+            return
+        records = self.rollout_records(self.step + 1, rollouts, summaries, kept, advantages)
+        gathered = [r for part in self.world.gather(records) for r in part]
+        if self.world.is_main:
+            gathered.sort(key=lambda r: (r["group"], r["sample"]))
+            self.rollout_log.write(gathered)
+
+    def rollout_records(
+        self,
+        step: int,
+        rollouts: list[Rollout],
+        summaries: list[tuple],
+        kept: list[bool],
+        advantages: dict[int, tuple[float, torch.Tensor]],
+    ) -> list[dict[str, Any]]:
+        """One record per rollout, in the fields of ``npr eval``'s samples (so ``npr view``
+        shows them) and what training made of it: ``trained``, ``left_out`` (why not:
+        ``kv_exhausted``, ``invalid`` or ``uninformative group``), the outcome ``advantage``
+        and ``node_advantages`` (per graph node, the mean over its trained tokens)."""
+        from npr_graph.evaluate import sample_metrics
+
+        records = []
+        for local, (rollout, summary, trained) in enumerate(
+            zip(rollouts, summaries, kept, strict=True)
+        ):
+            *_, valid, _, cut = summary
+            left_out = None
+            if not trained:
+                invalid = not valid and self.config.drop_invalid
+                left_out = (
+                    "kv_exhausted" if cut else "invalid" if invalid else "uninformative group"
+                )
+            value, tokens = advantages.get(local, (None, None))
+            graph, reward = rollout.graph, rollout.reward
+            problem = self.problems[rollout.problem]
+            records.append(
+                {
+                    "step": step,
+                    "problem_id": problem.id,
+                    "problem_index": rollout.problem,
+                    "group": rollout.group,
+                    "sample": graph.metadata.get("sample_index", 0),
+                    "reference": problem.answer,
+                    "answer": reward.answer,
+                    "correct": reward.correct,
+                    "parsed": reward.parsed,
+                    "reward": reward.score,
+                    "trained": trained,
+                    "left_out": left_out,
+                    "advantage": value,
+                    "node_advantages": (
+                        None
+                        if tokens is None
+                        else advantage_estimators.node_advantages(graph, tokens)
+                    ),
+                    "metrics": sample_metrics(graph, self.config.grammar),
+                    "graph": graph.to_dict(),
+                }
+            )
+        return records
 
     # -- one optimizer step -------------------------------------------------------------------
     def _optimize(

@@ -119,3 +119,29 @@ def test_branch_default_scorer_rewards_the_step_that_verifies():
     base = float(advantages.get("papo")(rewards, groups)[0])
     start = steps[0].token_start - graph.prompt_num_tokens
     assert float(tokens[start]) == pytest.approx(base + 0.5 * terms[steps[0].id])
+
+
+def test_node_advantages_give_each_node_its_credit():
+    """Per node, the mean advantage of its trained tokens: the outcome on shared nodes, plus
+    the branch term on steps; engine-written tokens (never trained) do not count."""
+    graph = _graph(NPR_TRACE.replace("gives 3 and 2.", "gives \\boxed{7}."))
+    tokens = advantages.spread(graph, 0.25, "3", lam=0.5)
+    terms = advantages.branch_terms(graph, "3")
+    assert terms, "the steps get branch terms"
+    per_node = advantages.node_advantages(graph, tokens)
+    assert len(per_node) == len(graph.nodes)
+    for node, value in zip(graph.nodes, per_node, strict=True):
+        if not node.num_tokens:
+            assert value is None
+        else:
+            assert value == pytest.approx(0.25 + 0.5 * terms.get(node.id, 0.0)), node
+
+    step = graph.nodes_of("step")[0]
+    graph.forced = [False] * graph.num_tokens
+    graph.forced[step.token_start] = True
+    tokens[step.token_start] = 100.0  # an engine-written token's advantage is not trained
+    assert advantages.node_advantages(graph, tokens)[step.id] == pytest.approx(per_node[step.id])
+    graph.forced[step.token_start : step.token_end] = [True] * step.num_tokens
+    assert advantages.node_advantages(graph, tokens)[step.id] is None
+    with pytest.raises(ValueError, match="one advantage per response token"):
+        advantages.node_advantages(graph, tokens[:-1])

@@ -118,6 +118,31 @@ def metrics(directory):
     return [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
 
 
+def logged_rollouts(directory):
+    """``rollouts.jsonl``'s records: ``exact`` (what two world sizes log alike), and the
+    advantages and log-probs, equal up to float rounding (batch statistics summed in another
+    order, forwards over other batches). A graph's ``prompt_index`` is its engine call's."""
+    out = []
+    for line in (directory / "rollouts.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        graph = record["graph"]
+        logprobs = [x for x in graph.pop("logprobs") if x is not None]
+        for node in graph["nodes"]:
+            node.pop("logprobs", None)
+        del graph["metadata"]["prompt_index"]  # in its rank's engine call
+        advantage, nodes = record.pop("advantage"), record.pop("node_advantages")
+        nodes = None if nodes is None else [0.0 if v is None else v for v in nodes]
+        out.append(
+            {
+                "exact": record,
+                "advantage": advantage,
+                "node_advantages": nodes,
+                "logprobs": logprobs,
+            }
+        )
+    return out
+
+
 def untimed(history):
     return [{k: v for k, v in m.items() if not k.endswith("_per_s")} for m in history]
 
@@ -177,12 +202,12 @@ def test_two_ranks_match_one(setup):
     )
     run(
         [sys.executable, str(LAUNCHER), "train", "papo", "--config", str(config),
-         "--set", f"output_dir={single}", "--set", "save_every=1"],
+         "--set", f"output_dir={single}", "--set", "save_every=1", "--set", "rollouts_every=1"],
         root,
     )  # fmt: skip
     two_ranks = run(
         [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
-         "--set", f"output_dir={double}", "--set", "save_every=1",
+         "--set", f"output_dir={double}", "--set", "save_every=1", "--set", "rollouts_every=1",
          "--then", "fork", str(single), str(double_from_single), "1",
          "--then", "train", "papo", "--config", str(config),
          "--set", f"output_dir={double_from_single}", "--resume"],
@@ -225,6 +250,14 @@ def test_two_ranks_match_one(setup):
                     assert r["advantage"] == pytest.approx(expected[id(r)], abs=1e-5)
                 else:
                     assert r["advantage"] is None  # dropped, not trained on
+
+    # rank 0 logs every rank's rollouts, in one process's order
+    logged = [logged_rollouts(directory) for directory in (single, double)]
+    assert len(logged[0]) == len(logged[1]) == 2 * 4 * 2
+    for a, b in zip(*logged, strict=True):
+        assert a["exact"] == b["exact"]
+        for key in ("advantage", "node_advantages", "logprobs"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
 
     one, two = metrics(single), metrics(double)
     assert len(one) == len(two) == 2

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import npr_graph as ng
 from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model
 from papo import checkpoint, rewards, trainer
 from papo.config import load_config
@@ -123,6 +124,58 @@ def test_papo_steps_log_and_checkpoint(problems, tmp_path, tokenizers):
     assert any(not torch.equal(before[k], v) for k, v in weights(model).items())
 
 
+def test_rollout_log_records_what_training_made_of_each_rollout(problems, tmp_path, tokenizers):
+    """``rollouts_every``: each logged step's rollouts in ``rollouts.jsonl``, with the graph,
+    the reward, the advantage training gave the sample and each node; ``npr view`` shows them."""
+    from npr_graph.viewer import load_views
+    from papo import advantages
+
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "run", steps=3, rollouts_every=2, advantage="branch")
+    Trainer(config, model=make_model(tok), tokenizer=tok).train()
+    path = tmp_path / "run" / "rollouts.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2] * 4, "steps 2 only: 1 and 3 are not logged"
+    assert [(r["group"], r["sample"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    kept = [r for r in records if r["trained"]]
+    for record in records:
+        graph = ng.ReasoningGraph.from_dict(record["graph"])
+        if not record["trained"]:  # dropped: structurally invalid
+            assert record["left_out"] == "invalid" and not trainer._structurally_valid(graph)
+            assert record["advantage"] is None and record["node_advantages"] is None
+        else:
+            assert record["left_out"] is None and trainer._structurally_valid(graph)
+    assert kept, "some rollouts were trained on"
+    rewards_ = torch.tensor([r["reward"] for r in kept])
+    groups = torch.tensor([r["group"] for r in kept])
+    expected = advantages.papo(rewards_, groups)  # branch's outcome term, over the kept ones
+    for record, advantage in zip(kept, expected.tolist(), strict=True):
+        graph = ng.ReasoningGraph.from_dict(record["graph"])
+        assert record["advantage"] == pytest.approx(advantage, abs=1e-6)
+        assert record["reward"] == length_reward(graph.response_text, "").score
+        assert record["reference"] == ["5", "8", "7"][record["problem_index"]]
+        nodes = record["node_advantages"]
+        assert len(nodes) == len(graph.nodes) and nodes[0] is None, "the prompt is not trained"
+        trained = [v for v in nodes if v is not None]
+        # a random model's steps state no result: every trained node gets the outcome
+        assert trained and all(v == pytest.approx(advantage, abs=1e-6) for v in trained)
+        assert record["metrics"]["blocks"] >= 1 and graph.blocks
+
+    views = load_views(path, errors := [])
+    assert errors == [] and len(views) == 4
+    at = records.index(kept[0])
+    view = views[at]
+    assert view["title"] == f"step 2 · {kept[0]['problem_id']} · sample {kept[0]['sample']}"
+    assert [n["advantage"] for n in view["nodes"]] == kept[0]["node_advantages"]
+    shown = dict(view["metrics"])
+    assert shown["trained"] == "true" and float(shown["advantage"]) == pytest.approx(
+        kept[0]["advantage"], abs=1e-3
+    )
+
+    with pytest.raises(ValueError, match="rollouts_every logs RL rollouts"):
+        load_config(None, "sft", {"data": "x", "rollouts_every": 1})
+
+
 def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = papo_config(problems, tmp_path / "overlap", steps=1, overlap=True)
@@ -139,13 +192,15 @@ def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, t
 
 def test_resume_continues_exactly(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
-    config = papo_config(problems, tmp_path / "whole", steps=4, save_every=2)
+    config = papo_config(problems, tmp_path / "whole", steps=4, save_every=2, rollouts_every=1)
     whole = Trainer(config, model=make_model(tok), tokenizer=tok)
     whole_history = whole.train()
 
-    config = papo_config(problems, tmp_path / "split", steps=4, save_every=2)
+    config = papo_config(problems, tmp_path / "split", steps=4, save_every=2, rollouts_every=1)
     first = Trainer(config, model=make_model(tok), tokenizer=tok)
-    first.train(stop_after=2)
+    first.train(stop_after=3)  # step 3 is logged, then redone from the checkpoint of step 2
+    with (tmp_path / "split" / "rollouts.jsonl").open("a") as log:
+        log.write('{"step": 4, "problem_id": "cut by a ki')
     # a fresh process: different initial weights, resumed from the checkpoint
     second = Trainer(config, model=make_model(tok, seed=99), tokenizer=tok)
     resumed_history = second.train(resume=True)
@@ -157,6 +212,11 @@ def test_resume_continues_exactly(problems, tmp_path, tokenizers):
         assert a["loss"] == b["loss"] and a["reward"] == b["reward"]
     logged = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in logged] == [1, 2, 3, 4]
+    rollouts = (tmp_path / "split" / "rollouts.jsonl").read_text()
+    assert rollouts == (tmp_path / "whole" / "rollouts.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in rollouts.splitlines()] == [1] * 4 + [2] * 4 + [3] * 4 + [
+        4
+    ] * 4
 
 
 def test_a_problem_drawn_twice_in_a_step_is_two_groups_of_fresh_samples(tmp_path, tokenizers):
@@ -186,11 +246,18 @@ def test_all_invalid_rollouts_skip_the_step(problems, tmp_path, tokenizers, monk
     model = make_model(tokenizers["special"])
     before = weights(model)
     run = Trainer(
-        papo_config(problems, tmp_path / "r", steps=1), model=model, tokenizer=tokenizers["special"]
+        papo_config(problems, tmp_path / "r", steps=1, rollouts_every=1),
+        model=model,
+        tokenizer=tokenizers["special"],
     )
     (metrics,) = run.train()
     assert metrics["skipped"] == "no rollout left to train on"
     assert metrics["dropped_rollouts"] == 4 and metrics["skipped_steps"] == 1
+    logged = [json.loads(x) for x in (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == 4, "a skipped step's rollouts are logged too"
+    for record in logged:
+        assert not record["trained"] and record["left_out"] == "invalid"
+        assert record["advantage"] is None and record["node_advantages"] is None
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
 
 
@@ -774,7 +841,7 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
      ("samples_per_prompt", 1.5), ("mini_batches", 1.5), ("data", 123), ("kl_coef", "abc"),
      ("kl_coef", -1), ("temperature", "abc"), ("max_new_tokens", "abc"), ("max_blocks", "abc"),
      ("betas", [0.9]), ("betas", [0.9, 1.5]), ("log_every", "abc"), ("log_every", 0),
-     ("save_every", "abc"), ("save_every", -1), ("branch_lambda", "abc"), ("clip", ["a", "b"]),
+     ("save_every", "abc"), ("save_every", -1), ("rollouts_every", -1), ("rollouts_every", 0.5), ("branch_lambda", "abc"), ("clip", ["a", "b"]),
      ("overlong_factor", "abc"), ("overlong_buffer", 2000), ("chat", "maybe"),
      ("max_grad_norm", float("nan")), ("max_grad_norm", 0), ("lr", float("inf")), ("top_p", 0),
      ("reward", "acuracy"), ("advantage", "gpro"), ("loss", "ppo"), ("aggregation", "token_mean"),

@@ -334,3 +334,49 @@ def test_page_in_headless_chromium(tmp_path, samples_file, browser_page) -> None
 
     assert page_errors == []
     assert all(url.startswith("file://") for url in requests), requests
+
+
+def rollout_line(node_advantages) -> str:
+    """A line shaped like npr train's rollouts.jsonl: an eval sample's fields and training's."""
+    record = json.loads(sample_line(NPR_TRACE, "roots", 1, True, True))
+    record.update(step=3, trained=True, left_out=None, advantage=0.5)
+    record["node_advantages"] = node_advantages
+    return json.dumps(record)
+
+
+def test_training_rollouts_show_the_advantage_of_each_node(tmp_path) -> None:
+    graph = ng.parse(NPR_TRACE, lenient=True)
+    credit = [None] + [0.5] * (len(graph.nodes) - 1)
+    steps = [node.id for node in graph.nodes_of("step")]
+    credit[steps[0]], credit[steps[1]] = 0.75, 0.25
+    path = tmp_path / "rollouts.jsonl"
+    odd = [credit[:-1], [float("nan")] * len(credit), [True] * len(credit), "0.5"]
+    path.write_text("\n".join(rollout_line(c) for c in [credit, *odd]) + "\n")
+    views = load_views(path, errors := [])
+    assert errors == []
+    assert views[0]["title"] == "step 3 · roots · sample 1"
+    assert [node["advantage"] for node in views[0]["nodes"]] == credit
+    shown = dict(views[0]["metrics"])
+    assert (shown["step"], shown["trained"], shown["advantage"]) == ("3", "true", "0.500")
+    for view in views[1:]:  # advantages that do not fit the graph are not shown
+        assert all(node["advantage"] is None for node in view["nodes"])
+
+
+@pytest.mark.slow
+def test_node_advantages_in_headless_chromium(tmp_path, browser_page) -> None:
+    page, _, page_errors = browser_page
+    graph = ng.parse(NPR_TRACE, lenient=True)
+    credit = [None] * len(graph.nodes)
+    first, second = (node.id for node in graph.nodes_of("step"))
+    credit[first], credit[second] = 0.75, -0.25
+    source, html = tmp_path / "rollouts.jsonl", tmp_path / "page.html"
+    source.write_text(rollout_line(credit) + "\n")
+    assert main(["view", str(source), "-o", str(html)]) == 0
+    page.goto(html.as_uri())
+    assert page.locator(".node .adv").all_inner_texts() == ["A +0.750", "A -0.250"]
+    assert page.locator(".node .adv.neg").count() == 1
+    page.locator(".node.k-step").nth(1).click()
+    assert "advantage -0.250" in page.inner_text("#detail-meta")
+    page.locator(".node.k-plan").first.click()
+    assert "advantage" not in page.inner_text("#detail-meta")
+    assert page_errors == []
