@@ -78,7 +78,7 @@ class StepLogger:
 
 class RolloutLog:
     """``DIR/rollouts.jsonl``: every rollout of the steps the trainer logs, one JSON line each
-    (:meth:`papo.trainer.Trainer.rollout_records`), appended one step at a time; a resumed
+    (``Trainer._rollout_records``), appended one step at a time; a resumed
     run drops the lines of the steps it redoes."""
 
     def __init__(

@@ -392,7 +392,7 @@ class Trainer:
         offset = sum(len(part) for part, _, _ in gathered[: world.rank])
         mine = slice(offset, offset + len(rollouts))
         if not any(kept):
-            self._log_rollouts(rollouts, everything[mine], kept[mine], {})
+            self._log_rollouts(rollouts, kept[mine], {})
             self.skipped += 1
             return {**metrics, **self._skip("no rollout left to train on")}
         scores = torch.tensor([s[1] for s, k in zip(everything, kept, strict=True) if k])
@@ -420,7 +420,7 @@ class Trainer:
                 )
             )
             advantages[local] = (value, token_advantages[-1])
-        self._log_rollouts(rollouts, everything[mine], kept[mine], advantages)
+        self._log_rollouts(rollouts, kept[mine], advantages)
         # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
         temperature = SamplingParams(temperature=c.temperature).scoring_temperature
         result = self._optimize(graphs, token_advantages, temperature, places=places)
@@ -429,7 +429,6 @@ class Trainer:
     def _log_rollouts(
         self,
         rollouts: list[Rollout],
-        summaries: list[tuple],
         kept: list[bool],
         advantages: dict[int, tuple[float, torch.Tensor]],
     ) -> None:
@@ -439,17 +438,16 @@ class Trainer:
         every = self.config.rollouts_every
         if not every or (self.step + 1) % every:
             return
-        records = self.rollout_records(self.step + 1, rollouts, summaries, kept, advantages)
+        records = self._rollout_records(self.step + 1, rollouts, kept, advantages)
         gathered = [r for part in self.world.gather(records) for r in part]
         if self.world.is_main:
             gathered.sort(key=lambda r: (r["group"], r["sample"]))
             self.rollout_log.write(gathered)
 
-    def rollout_records(
+    def _rollout_records(
         self,
         step: int,
         rollouts: list[Rollout],
-        summaries: list[tuple],
         kept: list[bool],
         advantages: dict[int, tuple[float, torch.Tensor]],
     ) -> list[dict[str, Any]]:
@@ -460,16 +458,14 @@ class Trainer:
         from npr_graph.evaluate import sample_metrics
 
         records = []
-        for local, (rollout, summary, trained) in enumerate(
-            zip(rollouts, summaries, kept, strict=True)
-        ):
-            *_, valid, _, cut = summary
+        for local, (rollout, trained) in enumerate(zip(rollouts, kept, strict=True)):
             left_out = None
-            if not trained:
-                invalid = not valid and self.config.drop_invalid
-                left_out = (
-                    "kv_exhausted" if cut else "invalid" if invalid else "uninformative group"
-                )
+            if rollout.pool_cut:
+                left_out = "kv_exhausted"
+            elif not rollout.valid and self.config.drop_invalid:
+                left_out = "invalid"
+            elif not trained:  # dynamic sampling
+                left_out = "uninformative group"
             value, tokens = advantages.get(local, (None, None))
             graph, reward = rollout.graph, rollout.reward
             problem = self.problems[rollout.problem]

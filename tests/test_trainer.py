@@ -270,7 +270,7 @@ def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenize
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tok = tokenizers["special"]
     config = papo_config(data, tmp_path / "r", steps=1, kv_pages=40, page_size=4,
-                         max_new_tokens=60, drop_invalid=False)  # fmt: skip
+                         max_new_tokens=60, drop_invalid=False, rollouts_every=1)  # fmt: skip
     run = Trainer(config, model=make_model(tok), tokenizer=tok)
     scored = []
     estimator = trainer.advantage_estimators.get
@@ -289,6 +289,38 @@ def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenize
     (metrics,) = run.train()
     assert metrics["pool_cut_rollouts"] == sum(cut) and metrics["dropped_rollouts"] == 0
     assert scored == [metrics["rollouts"] - sum(cut)]
+    logged = [json.loads(x) for x in (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()]
+    reasons = [r["left_out"] for r in logged]
+    assert reasons.count("kv_exhausted") == sum(cut) and reasons.count(None) == len(cut) - sum(cut)
+
+
+@rewards.register("test_flat_for_8")
+def flat_for_8(response: str, reference: str, **_) -> rewards.Reward:
+    """No spread for a problem whose answer is 8; shorter is better for the others."""
+    score = 0.0 if reference == "8" else -len(response) / 100
+    return rewards.Reward(score, False, None, None, False)
+
+
+def test_dynamic_sampling_drops_groups_whose_rewards_are_all_equal(tmp_path, tokenizers):
+    """DAPO's dynamic sampling: a group whose samples all scored the same has zero advantage
+    everywhere, so it is filtered out (counted, and logged as an uninformative group)."""
+    data = tmp_path / "two.jsonl"
+    rows = [{"problem": "What is 4+4?", "answer": "8"}, {"problem": "What is 2+3?", "answer": "5"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = tokenizers["special"]
+    config = papo_config(data, tmp_path / "r", steps=1, samples_per_prompt=3, rollouts_every=1,
+                         dynamic_sampling=True, reward="test_flat_for_8")  # fmt: skip
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    (metrics,) = run.train()
+    logged = [json.loads(x) for x in (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()]
+    flat = [r for r in logged if r["reference"] == "8"]
+    varied = [r for r in logged if r["reference"] == "5" and r["left_out"] != "invalid"]
+    assert len(flat) == 3 and len({r["reward"] for r in varied}) > 1
+    reasons = [r["left_out"] for r in flat]
+    assert set(reasons) <= {"uninformative group", "invalid"} and "uninformative group" in reasons
+    assert all(r["trained"] and r["advantage"] is not None for r in varied)
+    assert metrics["filtered_rollouts"] == 3 - sum(r["left_out"] == "invalid" for r in flat)
+    assert metrics["skipped"] is None and metrics["grad_norm"] > 0
 
 
 def test_a_pool_too_small_for_a_group_is_warned_about_at_start(tmp_path, problems, tokenizers):
