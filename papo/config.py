@@ -36,6 +36,7 @@ AT_LEAST: dict[str, int] = {
     "max_plan_tokens": 1, "max_step_tokens": 1, "max_takeaway_tokens": 1,
     "kv_pages": 2, "page_size": 1, "overlong_buffer": 0, "overlong_factor": 0,
     "kl_coef": 0, "mini_batches": 1, "save_every": 0, "log_every": 1, "rollouts_every": 0,
+    "eval_every": 0, "eval_samples": 1, "eval_temperature": 0,
 }  # fmt: skip
 
 
@@ -105,6 +106,12 @@ class TrainConfig:
     sharding: str = "none"
     # None: cuda:LOCAL_RANK when CUDA is present, else cpu (model, engine and training forward)
     device: str | None = None
+    # held-out evaluation (any stage): eval_data's problems before the first step, every
+    # eval_every steps (0: no others) and after the last, decoded as rollouts are
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_samples: int = 1  # per problem
+    eval_temperature: float = 0.0  # 0: greedy
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     log_every: int = 1
@@ -131,6 +138,11 @@ class TrainConfig:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.stage != "sft" or not self.rollouts_every,
              "rollouts_every logs RL rollouts; stage 'sft' trains on traces"),
+            (self.eval_samples == 1 or self.eval_temperature > 0,
+             f"eval_samples = {self.eval_samples} needs eval_temperature > 0 (greedy samples "
+             "are all the same)"),
+            (self.eval_data is not None or not self.eval_every,
+             "eval_every needs eval_data (the held-out problems)"),
             (self.min_branches <= self.max_branches,
              f"min_branches ({self.min_branches}) must be <= max_branches ({self.max_branches})"),
             (self.overlong_buffer <= self.max_new_tokens,

@@ -26,6 +26,8 @@ class StepLogger:
         "rollout_tokens_per_s",
         "grad_norm",
         "lr",
+        "eval_accuracy",
+        "eval_parallel_rate",
     )
 
     def __init__(

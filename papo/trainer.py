@@ -29,7 +29,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from .data import PackedRow, pack
 from .distributed import World, init_world
 from .forward import row_logprobs
 from .logs import RolloutLog, StepLogger
-from .problems import Trace, read_problems, read_traces
+from .problems import Problem, Trace, read_problems, read_traces
 
 
 @dataclass
@@ -106,6 +106,13 @@ class Trainer:
             self.per_step = config.prompts_per_step
         if self.items == 0:
             raise ValueError(f"{config.data}: no usable records")
+        self.eval_problems: list[Problem] = []
+        if config.eval_data is not None:
+            self.eval_problems = read_problems(
+                config.eval_data, config.prompt_field, config.answer_field
+            )
+            if not self.eval_problems:
+                raise ValueError(f"{config.eval_data}: no usable records")
         dtype = getattr(torch, config.dtype)
         self.device = resolve_device(config.device)
         if model is None:
@@ -150,7 +157,9 @@ class Trainer:
         if config.stage == "sft":
             self.graphs = [self._trace_graph(trace) for trace in self.traces]
         else:
-            self._check_prompts()
+            self._check_prompts(self.problems, config.data)
+        if self.eval_problems:
+            self._check_prompts(self.eval_problems, config.eval_data, warn=False)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
@@ -170,11 +179,11 @@ class Trainer:
             self.output_dir, enabled=self.world.is_main, console=self.console
         )
 
-    def _check_prompts(self) -> None:
+    def _check_prompts(self, problems: list[Problem], source: str, warn: bool = True) -> None:
         """Refuse problems the engine cannot run (:meth:`Engine.check_prompt`), all of them when
         the trainer starts, so a run does not stop at whichever step first draws one."""
         errors, params, longest = [], self._sampling_params(seed=None), 0
-        for problem in self.problems:
+        for problem in problems:
             try:
                 prompt = self.template.render(problem.prompt)
                 ids = self.engine.check_prompt(prompt, params, self.config.chat, "its prompt")
@@ -183,7 +192,9 @@ class Trainer:
                 errors.append(f"problem {problem.id!r}: {error}")
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise ValueError(f"{self.config.data}: " + "; ".join(errors[:5]) + more)
+            raise ValueError(f"{source}: " + "; ".join(errors[:5]) + more)
+        if not warn:
+            return
         # The most one group can hold: every sample at its total budget (all its branches).
         group = params.n * (longest + params.total_budget)
         slots = self.engine.pool.num_usable * self.engine.pool.page_size
@@ -227,17 +238,56 @@ class Trainer:
         save_every = self.config.save_every
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         try:
+            if self.step == 0 and self.eval_problems:  # where training starts from
+                self.logger.log(0, self.evaluate())
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
+                evaluated = self._eval_due()
+                if evaluated:
+                    metrics.update(self.evaluate())
                 history.append(metrics)
-                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                if (
+                    self.step % self.config.log_every == 0
+                    or self.step == self.total_steps
+                    or evaluated
+                ):
                     self.logger.log(self.step, metrics)
                 if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
                     self.save()
         finally:
             self.logger.close()
         return history
+
+    def _eval_due(self) -> bool:
+        every = self.config.eval_every
+        last = self.step == self.total_steps
+        return bool(self.eval_problems) and (last or bool(every and self.step % every == 0))
+
+    def evaluate(self) -> dict[str, Any]:
+        """The policy on the held-out problems (``eval_data``), ``eval_samples`` each at
+        ``eval_temperature``, decoded as rollouts are (mode, budgets), with the same seeds at
+        every evaluation: accuracy (and pass@n), format-valid and parallel rates, mean branch
+        width and response tokens. Under torchrun each rank decodes a share of the problems."""
+        c = self.config
+        start = time.perf_counter()
+        mine = self.world.shard(list(range(len(self.eval_problems))))
+        params = replace(
+            self._sampling_params(seed=None), temperature=c.eval_temperature, n=c.eval_samples
+        )
+        graphs = []
+        if mine:  # each problem seeded by its place in eval_data, whichever rank decodes it
+            prompts = [self.template.render(self.eval_problems[i].prompt) for i in mine]
+            seeded = [replace(params, seed=(c.seed * 1_000_003 + i) * 7919 + 1) for i in mine]
+            graphs = self.engine.generate(prompts, seeded, mode=c.mode, chat=c.chat)
+        outcomes = []
+        for graph in graphs:
+            problem = self.eval_problems[mine[graph.metadata["prompt_index"]]]
+            correct = self.reward_fn(graph.response_text, problem.answer).correct
+            cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
+            outcomes.append((problem.id, bool(correct), cut, _shape(graph)))
+        everything = [o for part in self.world.gather(outcomes) for o in part]
+        return _eval_metrics(everything, c.eval_samples, time.perf_counter() - start)
 
     def train_step(self) -> dict[str, Any]:
         if self.config.stage == "sft":
@@ -735,6 +785,28 @@ def _rollout_metrics(everything, shapes, dropped, filtered, gathered, config) ->
         "rollout_tokens": tokens,
         "rollout_tokens_per_s": tokens / wall if wall > 0 else 0.0,
     }
+
+
+def _eval_metrics(outcomes: list[tuple], samples: int, seconds: float) -> dict[str, Any]:
+    """``eval_*`` metrics of the held-out samples ``(problem id, correct, cut, shape)``."""
+    count = max(len(outcomes), 1)
+    widths = [w for *_, shape in outcomes for w in shape["widths"]]
+    solved: dict[str, bool] = {}
+    for problem, correct, *_ in outcomes:
+        solved[problem] = solved.get(problem, False) or correct
+    metrics = {
+        "eval_problems": len(solved),
+        "eval_accuracy": sum(correct for _, correct, *_ in outcomes) / count,
+        "eval_format_valid_rate": sum(s["format_valid"] for *_, s in outcomes) / count,
+        "eval_parallel_rate": sum(s["parallel"] for *_, s in outcomes) / count,
+        "eval_mean_width": sum(widths) / len(widths) if widths else 0.0,
+        "eval_tokens": sum(s["tokens"] for *_, s in outcomes) / count,
+        "eval_pool_cut": sum(cut for _, _, cut, _ in outcomes),
+        "eval_time_s": seconds,
+    }
+    if samples > 1:
+        metrics[f"eval_pass@{samples}"] = sum(solved.values()) / max(len(solved), 1)
+    return metrics
 
 
 def run(

@@ -118,6 +118,11 @@ def metrics(directory):
     return [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
 
 
+# the training problems, held out: two samples each at temperature 1, graded by the run's reward
+HELD_OUT = ["--set", "eval_data=problems.jsonl", "--set", "eval_samples=2",
+            "--set", "eval_temperature=1.0"]  # fmt: skip
+
+
 def logged_rollouts(directory):
     """``rollouts.jsonl``'s records: ``exact`` (what two world sizes log alike), and the
     advantages and log-probs, equal up to float rounding (batch statistics summed in another
@@ -202,12 +207,14 @@ def test_two_ranks_match_one(setup):
     )
     run(
         [sys.executable, str(LAUNCHER), "train", "papo", "--config", str(config),
-         "--set", f"output_dir={single}", "--set", "save_every=1", "--set", "rollouts_every=1"],
+         "--set", f"output_dir={single}", "--set", "save_every=1", "--set", "rollouts_every=1",
+         *HELD_OUT],
         root,
     )  # fmt: skip
     two_ranks = run(
         [*TORCHRUN, str(LAUNCHER), "train", "papo", "--config", str(config),
          "--set", f"output_dir={double}", "--set", "save_every=1", "--set", "rollouts_every=1",
+         *HELD_OUT,
          "--then", "fork", str(single), str(double_from_single), "1",
          "--then", "train", "papo", "--config", str(config),
          "--set", f"output_dir={double_from_single}", "--resume"],
@@ -260,7 +267,13 @@ def test_two_ranks_match_one(setup):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
 
     one, two = metrics(single), metrics(double)
-    assert len(one) == len(two) == 2
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [0, 1, 2]
+    # held-out evaluation before and after training: each rank decodes a share, same results
+    for a, b in zip(one[::2], two[::2], strict=True):
+        assert a["eval_problems"] == b["eval_problems"] == 4
+        assert a["eval_tokens"] == b["eval_tokens"] and a["eval_pass@2"] == b["eval_pass@2"]
+        assert a["eval_accuracy"] == b["eval_accuracy"] and a["eval_mean_width"] >= 2
+    one, two = one[1:], two[1:]
     for a, b in zip(one, two, strict=True):
         assert a["rollouts"] == b["rollouts"] == 8
         assert a["skipped"] is None and b["skipped"] is None and a["grad_norm"] > 0
@@ -274,7 +287,7 @@ def test_two_ranks_match_one(setup):
 
     # a checkpoint does not depend on the world size: 2 -> 1 and 1 -> 2 continue the same run
     for resumed in (single_from_double, double_from_single):
-        again = metrics(resumed)
+        again = metrics(resumed)[1:]  # after the evaluation before training
         assert [m["step"] for m in again] == [1, 2]
         assert again[1]["reward"] == pytest.approx(one[1]["reward"], abs=1e-9)
         assert again[1]["loss"] == pytest.approx(one[1]["loss"], abs=1e-5)

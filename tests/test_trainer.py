@@ -176,6 +176,62 @@ def test_rollout_log_records_what_training_made_of_each_rollout(problems, tmp_pa
         load_config(None, "sft", {"data": "x", "rollouts_every": 1})
 
 
+@rewards.register("test_even")
+def even_reward(response: str, reference: str, **_) -> rewards.Reward:
+    """Correct for about half the responses of a random model: an even length."""
+    correct = len(response) % 2 == 0
+    return rewards.Reward(1.0 if correct else -1.0, correct, None, None, True)
+
+
+def test_held_out_evaluation_before_during_and_after_training(problems, tmp_path, tokenizers):
+    """``eval_data``: the held-out problems are decoded before the first step, every
+    ``eval_every`` steps and after the last, with the same seeds each time, so unchanged
+    weights give unchanged results; the metrics count every sample of every problem."""
+    tok = tokenizers["special"]
+    held_out = tmp_path / "held_out.jsonl"
+    rows = [{"problem": f"What is {a}*{b}?", "answer": str(a * b)} for a, b in [(2, 3), (3, 4)]]
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = dict(steps=3, eval_data=str(held_out), eval_every=2, eval_samples=2,
+                    eval_temperature=1.0, reward="test_even", log_every=3)  # fmt: skip
+    run = Trainer(
+        papo_config(problems, tmp_path / "frozen", lr=0.0, **settings),
+        model=make_model(tok),
+        tokenizer=tok,
+    )
+    graded = []
+
+    def grading(response, reference, **kw):
+        graded.append(reference)
+        return even_reward(response, reference)
+
+    run.reward_fn = grading
+    first = run.evaluate()
+    assert sorted(graded) == ["12", "12", "6", "6"], "every sample of every held-out problem"
+    assert first["eval_problems"] == 2 and 0 <= first["eval_accuracy"] <= 1
+    assert first["eval_parallel_rate"] == 1.0 and first["eval_format_valid_rate"] == 1.0
+    assert first["eval_mean_width"] >= 2 and first["eval_tokens"] > 0
+    assert first["eval_pass@2"] >= first["eval_accuracy"]
+    history = run.train()
+    lines = [
+        json.loads(x) for x in (tmp_path / "frozen" / "metrics.jsonl").read_text().splitlines()
+    ]
+    # step 0 (before training), 2 (eval_every; logged though log_every is 3), 3 (the last)
+    assert [x["step"] for x in lines] == [0, 2, 3]
+    assert [("eval_accuracy" in x) for x in history] == [False, True, True]
+
+    def results(metrics):
+        return {k: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_time_s"}
+
+    assert all(results(x) == results(first) for x in lines), "lr 0: the same weights, seeds"
+
+    for bad, message in [
+        (dict(eval_samples=2, eval_temperature=0.0), "needs eval_temperature > 0"),
+        (dict(eval_every=2), "eval_every needs eval_data"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            papo_config(problems, tmp_path / "x", **bad)
+
+
 def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = papo_config(problems, tmp_path / "overlap", steps=1, overlap=True)
@@ -425,7 +481,7 @@ def test_resume_drops_a_cut_metrics_line(tmp_path):
     assert "dropped 2 unreadable line(s): 4, 5" in console.file.getvalue()
 
 
-def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
+def test_sft_learns_the_traces(traces, problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = load_config(
         None,
@@ -439,6 +495,8 @@ def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
             warmup_ratio=0.0,
             chat=False,
             tensorboard=False,
+            eval_data=str(problems),  # held-out problems, decoded before and after
+            max_new_tokens=40,
         ),
     )
     run = Trainer(config, model=make_model(tok), tokenizer=tok)
@@ -447,6 +505,9 @@ def test_sft_learns_the_traces(traces, tmp_path, tokenizers):
     history = run.train()
     losses = [x["loss"] for x in history]
     assert losses[-1] < 0.7 * losses[0]
+    logged = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [x["step"] for x in logged if x.get("eval_problems") == 3]
+    assert evaluated == [0, 6]
     assert history[0]["lr"] == pytest.approx(2e-2)
     assert history[-1]["lr"] < history[0]["lr"], "cosine schedule"
 
