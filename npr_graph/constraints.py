@@ -236,14 +236,16 @@ def _text_rules(graph: ReasoningGraph) -> list[Violation]:
 
 
 BOX_OPENER = re.compile(
-    r"(?P<brace>\\(?:boxed|fbox)(?![A-Za-z]) *\{)"
+    r"(?P<brace>\\(?:boxed|fbox)(?![A-Za-z])\s*\{)"
     r"|(?P<cut>\\(?:boxed|fbox)(?=\s*\Z))"
-    r"|(?P<token>\\boxed +)"
+    r"|(?P<token>\\(?:boxed|fbox)(?:\s+|(?=[^\s{}$A-Za-z.,;:)\]])))"
 )
-"""Where a box starts, as :func:`boxed_answers` reads it: ``\\boxed{`` or ``\\fbox{`` (spaces
-may come before the brace); ``\\boxed`` and a space, whose content is one token (``\\boxed 5``,
-as the MATH grader's ``last_boxed_only_string`` reads it); or either name with nothing but
-whitespace after it, a box cut off before its content."""
+"""Where a box starts, as :func:`boxed_answers` reads it: ``\\boxed{`` or ``\\fbox{``
+(whitespace, line breaks included, may come before the brace); either name and whitespace, or
+right before a digit, a sign or a macro, whose content is one token (``\\boxed 5``, as the MATH
+grader's ``last_boxed_only_string`` reads it, ``\\boxed5``, ``\\boxed\\frac{1}{2}``: a box the
+grader would not read still ends the search, so an earlier, abandoned box is never the answer);
+or either name with nothing but whitespace after it, a box cut off before its content."""
 _SCAN = re.compile(BOX_OPENER.pattern + r"|\{|\}")
 # What may end a spaced box's token: outside braces whitespace, "$" or an unmatched "}" ends it.
 _TOKEN_OUTSIDE = re.compile(r"[\s${}]")

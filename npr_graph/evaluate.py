@@ -873,7 +873,7 @@ class _Evaluator:
         if self.config.baseline == "sequential":
             modes.append("sequential")
         stream = None
-        if len(ready) > 1:
+        if len(ready) * len(modes) > 1:  # a lone problem and its baseline may overlap too
             stream = {"id": uuid.uuid4().hex, "problems": len(ready), "batch": self.config.batch}
         ended: dict[int, dict[int, list[ReasoningGraph]]] = {}  # problem: part: graphs
 

@@ -102,8 +102,8 @@ class RewardFn(Protocol):
 def extract_answer(text: str) -> str | None:
     """The content of the last box in ``text``, stripped: ``\\boxed{...}`` or ``\\fbox{...}``
     (balanced braces), or ``\\boxed`` and a space then one token (``\\boxed 5``, up to whitespace,
-    ``$`` or an unmatched ``}``), as the MATH grader's ``last_boxed_only_string`` reads them
-    (:data:`npr_graph.constraints.BOX_OPENER`). None if there is none, or if the last one is
+    ``$`` or an unmatched ``}``), as the MATH grader's ``last_boxed_only_string`` reads them, or
+    a token right behind the name (``\\boxed5``; :data:`npr_graph.constraints.BOX_OPENER`). None if there is none, or if the last one is
     never closed: a cut answer ("... so \\boxed{12") is no answer, not the box written before
     it. A box nested in another one counts as its own (later-starting) box. An empty box gives
     ``""``, which no reference matches."""
@@ -172,10 +172,17 @@ def _join_digit_groups(text: str) -> str:
     return _DIGIT_GROUP_SPACE.sub("", text)
 
 
+def _one_line(text: str) -> str:
+    """Line breaks as spaces (LaTeX reads them so): math-verify's ``$...$`` does not span lines,
+    and a box holding a matrix written over several lines was read as one number in it."""
+    return " ".join(text.splitlines())
+
+
 def _compare(prediction: str, reference: str) -> _Outcome:
     """math-verify without its own (signal-based, whole-second) timeouts; callers bound it."""
     mv = _math_verify()
-    prediction, reference = _join_digit_groups(prediction), _join_digit_groups(reference)
+    prediction = _join_digit_groups(_one_line(prediction))
+    reference = _join_digit_groups(_one_line(reference))
     config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
     # Answers arrive without math delimiters ("\frac{1}{2}", "42"); LaTeX extraction needs them.
     gold = mv.parse(f"${reference}$", config, parsing_timeout=None)

@@ -543,6 +543,23 @@ def test_eval_run_outputs_and_schema(tmp_path, data, engine) -> None:
     assert calls == [] and again == summary
 
 
+def test_a_lone_problem_and_its_baseline_side_by_side_take_the_calls_time(
+    tmp_path, data, engine
+) -> None:
+    """With ``batch=2`` one problem and its baseline decode at once: the call took as long as
+    the later of the two, not their sum (which a lone problem's record used to give)."""
+    summary = run_eval(
+        config(data, tmp_path / "lone", baseline="sequential", batch=2, limit=1), engine=engine
+    )
+    (first, _) = read_samples(tmp_path / "lone")
+    group, ends = first["group"], engine.stats.prompt_seconds
+    assert group["stream"]["ended_s"] == max(end for _, end in ends.values())
+    assert summary["engine_calls"] == 1
+    assert summary["wall_time_s"] == group["stream"]["ended_s"]
+    assert summary["wall_time_s"] < group["wall_time"] + group["baseline"]["wall_time"]
+    assert summary["max_batch"] == 2
+
+
 def test_batched_problems_sample_what_one_at_a_time_does(tmp_path, data, engine) -> None:
     """``batch=2`` keeps two prompts decoding (a problem's baseline is one), each next one
     admitted as one ends, and writes each problem as it ends: the samples are those of one

@@ -64,6 +64,14 @@ HUGE = "2^{2^{2^{100}}}"
         # an empty last box is an empty answer (which no reference matches)
         ("\\boxed{3}. So \\fbox{}", ""),
         ("\\boxed{3}. So $\\boxed $", ""),
+        # a last box the MATH grader does not read is still the last box, not the one before it
+        ("First guess \\boxed{3}. Correction: $\\boxed5$.", "5"),
+        ("\\boxed{3} ... final $\\boxed\\frac{1}{2}$", "\\frac{1}{2}"),
+        ("\\boxed{3} then \\boxed\n{5}", "5"),
+        ("\\boxed{3} then \\boxed\t5", "5"),
+        ("\\boxed{3} then \\fbox 5", "5"),
+        ("\\boxed{3} then \\boxed-2", "-2"),
+        ("\\boxed{3}, set with \\boxed. or \\boxed, in prose", "3"),
     ],
 )
 def test_extract_answer(text: str, answer: str | None) -> None:
@@ -94,6 +102,9 @@ def test_extraction_stays_linear_on_hostile_input() -> None:
         "\\boxed{4} or rather \\boxed{5",
         "\\boxed{4} or rather \\boxed",
         "\\fbox{\\boxed 5}",
+        "\\boxed{4} or rather $\\boxed5$",
+        "\\boxed{4} or rather \\fbox 5",
+        "\\boxed\n{5}",
     ],
 )
 def test_format_rules_read_the_answer_the_reward_reads(final: str) -> None:
@@ -116,6 +127,22 @@ def test_accuracy_reads_a_spaced_box_and_an_fbox() -> None:
     assert get("accuracy")("So $\\boxed 5$.", "5").correct
     assert get("accuracy")("So \\fbox{\\frac{1}{2}}.", "0.5").correct
     assert not get("accuracy")("So \\boxed{5}, no: \\fbox{6", "5").correct
+
+
+def test_answers_written_over_several_lines_are_read_whole() -> None:
+    """math-verify's ``$...$`` does not span lines: a matrix written over several lines in its
+    box was graded by one number in it, right answers wrong and wrong ones right."""
+    accuracy = get("accuracy")
+    matrix = "\\begin{pmatrix} -7 \\\\ 16 \\\\ 5 \\end{pmatrix}"
+    written = "\\[\n\\boxed{\\begin{pmatrix}\n-7 \\\\\n16 \\\\\n%s\n\\end{pmatrix}}\n\\]"
+    assert accuracy(written % "5", matrix).correct
+    assert not accuracy(written % "6", "6").correct
+    assert not accuracy(written % "6", matrix).correct
+    assert accuracy("\\boxed{\\frac{3}{\n4}}", "0.75").correct
+    assert accuracy("\\boxed{(1,\n2)}", "(1,2)").correct
+    assert not accuracy("$$\\boxed{1\n+2}$$", "1").correct
+    assert accuracy("$$\\boxed{1\n+2}$$", "3").correct
+    assert accuracy("\\boxed{5}", "5\n").correct, "a reference read from a file may hold one too"
 
 
 def test_extract_answer_of_the_fixture_traces() -> None:
