@@ -172,17 +172,23 @@ def _join_digit_groups(text: str) -> str:
     return _DIGIT_GROUP_SPACE.sub("", text)
 
 
-def _one_line(text: str) -> str:
-    """Line breaks as spaces (LaTeX reads them so): math-verify's ``$...$`` does not span lines,
-    and a box holding a matrix written over several lines was read as one number in it."""
-    return " ".join(text.splitlines())
+# A sentence's full stop or comma at the end of an answer ("\boxed{\frac{1}{2}.}"), which
+# makes the LaTeX unreadable; not an ellipsis, nor a LaTeX space such as "\,".
+_TRAILING_PUNCTUATION = re.compile(r"(?<![.\\])[.,]\s*\Z")
+
+
+def _answer_text(text: str) -> str:
+    """An answer as math-verify reads it best: line breaks as spaces (LaTeX reads them so;
+    math-verify's ``$...$`` does not span lines, and a box holding a matrix written over several
+    lines was read as one number in it), without a trailing full stop or comma."""
+    return _TRAILING_PUNCTUATION.sub("", " ".join(text.splitlines()).strip())
 
 
 def _compare(prediction: str, reference: str) -> _Outcome:
     """math-verify without its own (signal-based, whole-second) timeouts; callers bound it."""
     mv = _math_verify()
-    prediction = _join_digit_groups(_one_line(prediction))
-    reference = _join_digit_groups(_one_line(reference))
+    prediction = _join_digit_groups(_answer_text(prediction))
+    reference = _join_digit_groups(_answer_text(reference))
     config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
     # Answers arrive without math delimiters ("\frac{1}{2}", "42"); LaTeX extraction needs them.
     gold = mv.parse(f"${reference}$", config, parsing_timeout=None)

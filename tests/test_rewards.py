@@ -145,6 +145,24 @@ def test_answers_written_over_several_lines_are_read_whole() -> None:
     assert accuracy("\\boxed{5}", "5\n").correct, "a reference read from a file may hold one too"
 
 
+@pytest.mark.parametrize(
+    ("response", "reference", "correct"),
+    [
+        ("\\boxed{\\frac{1}{2}.}", "0.5", True),
+        ("\\boxed{\\sqrt{2}.}", "\\sqrt{2}", True),
+        ("\\boxed{\\frac{1}{2},}", "\\frac12", True),
+        ("\\boxed{1, 2}", "1,2", True),
+        ("\\boxed{\\frac{1}{2}.}", "0.6", False),
+        ("\\boxed{1, 2, \\ldots}", "1", False),
+    ],
+)
+def test_a_sentences_full_stop_in_the_box_is_not_part_of_the_answer(
+    response: str, reference: str, correct: bool
+) -> None:
+    outcome = get("accuracy")(response, reference)
+    assert outcome.correct is correct and outcome.parsed
+
+
 def test_extract_answer_of_the_fixture_traces() -> None:
     assert extract_answer(NPR_TRACE) == "5"
     assert extract_answer(MULTIVERSE_TRACE) == "10"
