@@ -30,8 +30,31 @@ def exchange() -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:  # gloo: "Connection closed by peer", a timeout
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PeerLost(f"another rank stopped or did not answer ({first})") from error
+        raise _lost(error) from error
+
+
+def _lost(error: BaseException) -> PeerLost:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PeerLost(f"another rank stopped or did not answer ({first})")
+
+
+# What gloo and NCCL say when the rank at the other end of a collective is gone.
+PEER_GONE_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
+def peer_lost(error: BaseException) -> PeerLost | None:
+    """``error`` as :class:`PeerLost` when it says another rank is gone (raised outside
+    :func:`exchange`: by a collective inside FSDP's forward and backward), else None."""
+    if isinstance(error, PeerLost):
+        return error
+    if isinstance(error, RuntimeError) and any(sign in str(error) for sign in PEER_GONE_SIGNS):
+        return _lost(error)
+    return None
 
 
 #: A rank that ends early waits for the slowest in the last exchange, as long as the run goes on

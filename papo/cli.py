@@ -24,7 +24,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from npr_graph.ranks import PeerLost
+    from npr_graph.ranks import peer_lost
 
     from .trainer import run
 
@@ -35,8 +35,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         console.print(_error_line(error))
         return 2
-    except PeerLost as error:  # the rank that stopped printed why
-        console.print(_error_line(f"{error}; --resume goes on from the last checkpoint"))
+    except RuntimeError as error:  # the rank that stopped printed why
+        lost = peer_lost(error)
+        if lost is None:
+            raise
+        console.print(_error_line(f"{lost}; --resume goes on from the last checkpoint"))
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the whole run
         done = [h for h in history if h.get("skipped") is None]

@@ -356,29 +356,32 @@ def test_all_reduce_grads(tmp_path):
     assert report["bucketed"] == [bucketed, bucketed]
 
 
+OOM = "npr train: rank 1: out of memory (test: CUDA out of memory (a stand-in) on rank 1)"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("reward=test_length_fails_on_rank_1", "test: a bad problem on rank 1"),
-        (
-            "loss=test_papo_oom_on_rank_1",
-            "npr train: rank 1: out of memory (test: CUDA out of memory (a stand-in) on rank 1)",
-        ),
+        (["reward=test_length_fails_on_rank_1"], "test: a bad problem on rank 1"),
+        (["loss=test_papo_oom_on_rank_1"], OOM),
+        (["loss=test_papo_oom_on_rank_1", "sharding=fsdp2"], OOM),
     ],
-    ids=["bad-problem", "oom"],
+    ids=["bad-problem", "oom", "oom-fsdp2"],
 )
-def test_a_failing_rank_stops_every_rank(setup, override, message):
+def test_a_failing_rank_stops_every_rank(setup, overrides, message):
     """Rank 1 raises (in its rewards, or runs out of GPU memory in its training forward while
-    rank 0 waits in the gradient all-reduce): the run ends soon, failed, with rank 1's error
-    shown; rank 0 does not wait for it (gloo's own timeout is 30 minutes) and no checkpoint is
-    written."""
+    rank 0 waits in the gradient all-reduce, or with FSDP2 in a collective of its forward):
+    the run ends soon, failed, with rank 1's error shown; rank 0 does not wait for it (gloo's
+    own timeout is 30 minutes), says in one line that another rank stopped, and no checkpoint
+    is written."""
     root, config = setup
-    output = root / f"failing_{override.partition('=')[2]}"
+    output = root / ("failing_" + "_".join(o.partition("=")[2] for o in overrides))
+    settings = [arg for override in overrides for arg in ("--set", override)]
     start = time.monotonic()
     result = run(
         [*TORCHRUN, str(LAUNCHER), "--record-end", "train", "papo", "--config", str(config),
-         "--set", f"output_dir={output}", "--set", override],
+         "--set", f"output_dir={output}", *settings],
         root, timeout=240, check=False,
     )  # fmt: skip
     assert time.monotonic() - start < 180
@@ -387,6 +390,7 @@ def test_a_failing_rank_stops_every_rank(setup, override, message):
     # each rank ended by itself (torchrun did not stop rank 0), failed, with an error line
     ended = {rank: (root / f"ended.rank{rank}.txt").read_text() for rank in (0, 1)}
     assert ended == {0: "2", 1: "2"}, (ended, result.stderr[-3000:])
+    assert "error: rank 0: another rank stopped" in result.stderr, result.stderr[-3000:]
     our_frame = re.search(r'File "[^"]*/(npr_graph|papo|tests)/', result.stderr)
     assert our_frame is None, result.stderr[-3000:]  # torchrun's own traceback follows
     assert not (output / "checkpoints").exists()
@@ -632,3 +636,10 @@ def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):
         with pytest.raises(PeerLost, match=r"another rank stopped .*Connection closed by peer"):
             exchange()
     assert Ranks().gather(1) == [1], "one process exchanges nothing"
+    # raised by a collective outside an exchange (FSDP's, in the forward): told by its message
+    from npr_graph.ranks import peer_lost
+
+    gone = peer_lost(RuntimeError("[pair.cc:589] Connection reset by peer\nmore"))
+    assert isinstance(gone, PeerLost) and "Connection reset by peer" in str(gone)
+    assert peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_lost(ValueError("Connection closed by peer")) is None
