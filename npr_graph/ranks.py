@@ -97,6 +97,18 @@ class Ranks:
             dist.all_gather_object(values, value)
         return values
 
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        """Every rank's value, in rank order, on rank 0 (None on the others): what only rank 0
+        writes, without every rank holding every rank's share."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] | None = [None] * self.size if self.is_main else None
+        with exchange():
+            dist.gather_object(value, values, dst=0)
+        return values
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's value, on every rank."""
         if not self.distributed:

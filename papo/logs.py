@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,31 +100,73 @@ class RolloutLog:
         if not self.enabled or not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=True) + "\n" for r in records)
-        with self.path.open("a", encoding="utf-8") as file:
+        # ASCII: a lone surrogate (an answer read from a JSON escape) is written as its escape
+        lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+        with self.path.open("a", encoding="ascii") as file:
             file.write(lines)
 
 
 def truncate_steps(path: Path, step: int, console: Console) -> None:
     """Keep the lines of ``path`` that record a step up to ``step``; say how many lines that
-    are not a step's record (a kill mid-write cuts the last one) were dropped."""
+    are not a step's record (a kill mid-write cuts the last one) were dropped. Lines are read
+    one at a time (a rollout log holds gigabytes); when what goes is the file's tail, as after
+    a kill, the file is cut there, else the kept lines are copied to a new file that replaces it.
+    """
     if not path.exists():
         return
-    kept, unreadable = [], []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        logged = _logged_step(line)
-        if logged is None:
-            unreadable.append(number)
-        elif logged <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    unreadable: list[int] = []
+    cut_at: int | None = None  # where the dropped tail starts, while every drop is in it
+    interleaved = False  # a kept line after a dropped one: the file must be rewritten
+    offset = 0
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            logged = _raw_step(raw)
+            if logged is None:
+                unreadable.append(number)
+            if logged is None or logged > step:
+                cut_at = start if cut_at is None else cut_at
+            elif cut_at is not None:
+                interleaved = True
+    if cut_at is not None and not interleaved:
+        os.truncate(path, cut_at)
+    elif interleaved:
+        fresh = path.with_name(path.name + ".tmp")
+        with path.open("rb") as source, fresh.open("wb") as target:
+            for raw in source:
+                logged = _raw_step(raw) if raw.strip() else None
+                if logged is not None and logged <= step:
+                    target.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        os.replace(fresh, path)
+    elif offset and _last_byte(path) != b"\n":  # a whole record cut just before its newline
+        with path.open("ab") as file:
+            file.write(b"\n")
     if unreadable:
         lines = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
         note = f"{path}: dropped {len(unreadable)} unreadable line(s): {lines}"
         console.print(note, style="yellow", markup=False)
+
+
+# How the loggers here begin a line; one that ends its record with a newline and holds no
+# other record's start (a record never holds the key "step" below its top level) needs no parse.
+_STEP_PREFIX = re.compile(rb'\{"step": (-?\d+)[,}]')
+
+
+def _raw_step(raw: bytes) -> int | None:
+    """:func:`_logged_step` of a line as bytes, read from its prefix when it is one whole record
+    as the loggers here write it (a rollout log's lines hold megabytes)."""
+    match = _STEP_PREFIX.match(raw)
+    if match and raw.endswith(b"}\n") and raw.count(b'{"step": ') == 1:
+        return int(match[1])
+    return _logged_step(raw.decode("utf-8", errors="replace"))
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1)
 
 
 def _logged_step(line: str) -> int | None:

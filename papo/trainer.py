@@ -157,9 +157,9 @@ class Trainer:
         if config.stage == "sft":
             self.graphs = [self._trace_graph(trace) for trace in self.traces]
         else:
-            self._check_prompts(self.problems, config.data)
+            self._check_prompts(self.problems, config.data, self._sampling_params(seed=None))
         if self.eval_problems:
-            self._check_prompts(self.eval_problems, config.eval_data, warn=False)
+            self._check_prompts(self.eval_problems, config.eval_data, self._eval_params())
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
@@ -179,10 +179,13 @@ class Trainer:
             self.output_dir, enabled=self.world.is_main, console=self.console
         )
 
-    def _check_prompts(self, problems: list[Problem], source: str, warn: bool = True) -> None:
-        """Refuse problems the engine cannot run (:meth:`Engine.check_prompt`), all of them when
-        the trainer starts, so a run does not stop at whichever step first draws one."""
-        errors, params, longest = [], self._sampling_params(seed=None), 0
+    def _check_prompts(
+        self, problems: list[Problem], source: str | None, params: SamplingParams
+    ) -> None:
+        """Refuse problems the engine cannot run with ``params`` (:meth:`Engine.check_prompt`),
+        all of them when the trainer starts, so a run does not stop at whichever step first
+        draws one (or at its first evaluation); warn when one group may outgrow the pool."""
+        errors, longest = [], 0
         for problem in problems:
             try:
                 prompt = self.template.render(problem.prompt)
@@ -193,17 +196,16 @@ class Trainer:
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise ValueError(f"{source}: " + "; ".join(errors[:5]) + more)
-        if not warn:
-            return
         # The most one group can hold: every sample at its total budget (all its branches).
         group = params.n * (longest + params.total_budget)
         slots = self.engine.pool.num_usable * self.engine.pool.page_size
         if group > slots and self.world.is_main:
             self.console.print(
                 f"warning: the KV pool holds {slots} tokens (kv_pages x page_size); one group of "
-                f"the longest prompt may need up to {group} ({params.n} samples of {longest} + "
-                f"{params.total_budget} tokens): samples that outgrow it when nothing is left to "
-                "preempt are cut and left out of training (pool_cut_rollouts); raise kv_pages",
+                f"the longest prompt of {source} may need up to {group} ({params.n} samples of "
+                f"{longest} + {params.total_budget} tokens): samples that outgrow it when nothing "
+                "is left to preempt are cut (pool_cut_rollouts; eval_pool_cut) and left out of "
+                "training; raise kv_pages",
                 markup=False,
             )
 
@@ -243,6 +245,8 @@ class Trainer:
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
+                if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
+                    self.save()  # first: an evaluation that fails loses no training
                 evaluated = self._eval_due()
                 if evaluated:
                     metrics.update(self.evaluate())
@@ -253,8 +257,6 @@ class Trainer:
                     or evaluated
                 ):
                     self.logger.log(self.step, metrics)
-                if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
-                    self.save()
         finally:
             self.logger.close()
         return history
@@ -272,22 +274,28 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         mine = self.world.shard(list(range(len(self.eval_problems))))
-        params = replace(
-            self._sampling_params(seed=None), temperature=c.eval_temperature, n=c.eval_samples
-        )
-        graphs = []
+        outcomes = []
+
+        def grade(index: int, graphs: list[ng.ReasoningGraph]) -> None:  # graphs go as they end
+            problem = self.eval_problems[mine[index]]
+            for graph in graphs:
+                correct = self.reward_fn(graph.response_text, problem.answer).correct
+                cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
+                outcomes.append((problem.id, bool(correct), cut, _shape(graph)))
+
         if mine:  # each problem seeded by its place in eval_data, whichever rank decodes it
             prompts = [self.template.render(self.eval_problems[i].prompt) for i in mine]
+            params = self._eval_params()
             seeded = [replace(params, seed=(c.seed * 1_000_003 + i) * 7919 + 1) for i in mine]
-            graphs = self.engine.generate(prompts, seeded, mode=c.mode, chat=c.chat)
-        outcomes = []
-        for graph in graphs:
-            problem = self.eval_problems[mine[graph.metadata["prompt_index"]]]
-            correct = self.reward_fn(graph.response_text, problem.answer).correct
-            cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
-            outcomes.append((problem.id, bool(correct), cut, _shape(graph)))
+            self.engine.generate(prompts, seeded, mode=c.mode, chat=c.chat, on_finish=grade)
         everything = [o for part in self.world.gather(outcomes) for o in part]
         return _eval_metrics(everything, c.eval_samples, time.perf_counter() - start)
+
+    def _eval_params(self) -> SamplingParams:
+        c = self.config
+        return replace(
+            self._sampling_params(seed=None), temperature=c.eval_temperature, n=c.eval_samples
+        )
 
     def train_step(self) -> dict[str, Any]:
         if self.config.stage == "sft":
@@ -324,6 +332,8 @@ class Trainer:
         path = checkpoint.latest(self.output_dir / "checkpoints")
         if path is None:
             self.console.print("no checkpoint to resume from; starting at step 0")
+            self.logger.truncate_after(-1)  # the steps logged before are done again
+            self.rollout_log.truncate_after(-1)
             return
         state = checkpoint.load(path, self.rollout_model, self.optimizer, self.scheduler)
         if self.replica is not None:
@@ -470,10 +480,10 @@ class Trainer:
                 )
             )
             advantages[local] = (value, token_advantages[-1])
-        self._log_rollouts(rollouts, kept[mine], advantages)
         # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
         temperature = SamplingParams(temperature=c.temperature).scoring_temperature
         result = self._optimize(graphs, token_advantages, temperature, places=places)
+        self._log_rollouts(rollouts, kept[mine], advantages, skipped=result.get("skipped"))
         return {**metrics, **result}
 
     def _log_rollouts(
@@ -481,17 +491,23 @@ class Trainer:
         rollouts: list[Rollout],
         kept: list[bool],
         advantages: dict[int, tuple[float, torch.Tensor]],
+        skipped: str | None = None,
     ) -> None:
         """Every ``rollouts_every`` steps, append the step's rollouts to ``rollouts.jsonl`` (rank
-        0 writes what every rank sampled). A collective under torchrun, on the same steps on
-        every rank."""
+        0 writes what every rank sampled; a step whose update was ``skipped`` trained none).
+        A collective under torchrun, on the same steps on every rank."""
         every = self.config.rollouts_every
         if not every or (self.step + 1) % every:
             return
         records = self._rollout_records(self.step + 1, rollouts, kept, advantages)
-        gathered = [r for part in self.world.gather(records) for r in part]
-        if self.world.is_main:
-            gathered.sort(key=lambda r: (r["group"], r["sample"]))
+        if skipped:
+            for record in (r for r in records if r["trained"]):
+                record.update(trained=False, left_out=f"step skipped: {skipped}")
+        parts = self.world.gather_to_main(records)
+        if parts is not None:
+            gathered = sorted(
+                (r for part in parts for r in part), key=lambda r: (r["group"], r["sample"])
+            )
             self.rollout_log.write(gathered)
 
     def _rollout_records(

@@ -232,6 +232,53 @@ def test_held_out_evaluation_before_during_and_after_training(problems, tmp_path
             papo_config(problems, tmp_path / "x", **bad)
 
 
+def test_resume_without_a_checkpoint_starts_its_logs_over(problems, tmp_path, tokenizers):
+    """A run killed before its first checkpoint resumes at step 0: the steps it logged (and its
+    evaluation before training) are done again, not logged twice."""
+    tok = tokenizers["special"]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"problem": "What is 2*3?", "answer": "6"}) + "\n")
+    config = papo_config(
+        problems, tmp_path / "r", steps=2, rollouts_every=1, eval_data=str(held_out)
+    )
+    Trainer(config, model=make_model(tok), tokenizer=tok).train(stop_after=1)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    Trainer(config, model=make_model(tok), tokenizer=tok).train(resume=True)
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in metrics] == [0, 1, 2]
+    rollouts = (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in rollouts] == [1] * 4 + [2] * 4
+
+
+def test_held_out_problems_are_checked_with_the_evaluations_sampling(
+    problems, tmp_path, tokenizers
+):
+    """The start-up check asks the pool for ``eval_samples`` samples of each held-out prompt,
+    not the rollouts' ``samples_per_prompt``."""
+    tok = tokenizers["special"]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"problem": "What is 2*3?", "answer": "6"}) + "\n")
+    settings = dict(eval_data=str(held_out), kv_pages=8, page_size=4, samples_per_prompt=2)
+    with pytest.raises(ValueError, match=r"held_out.jsonl: problem '0'.*does not fit the KV pool"):
+        config = papo_config(problems, tmp_path / "r", eval_samples=8, eval_temperature=1.0,
+                             **settings)  # fmt: skip
+        Trainer(config, model=make_model(tok), tokenizer=tok)
+    config = papo_config(problems, tmp_path / "r", **settings)  # one sample: it fits
+    assert Trainer(config, model=make_model(tok), tokenizer=tok).evaluate()["eval_problems"] == 1
+
+
+def test_a_lone_surrogate_in_an_answer_is_logged_escaped(tmp_path, tokenizers):
+    """A reference holding a lone surrogate (a cut emoji, read from a JSON escape) trains, and
+    the rollout log writes it as its escape instead of failing on it."""
+    data = tmp_path / "odd.jsonl"
+    data.write_text('{"problem": "What is 2+3?", "answer": "5 \\ud83d"}\n')
+    tok = tokenizers["special"]
+    config = papo_config(data, tmp_path / "r", steps=1, prompts_per_step=1, rollouts_every=1)
+    Trainer(config, model=make_model(tok), tokenizer=tok).train()
+    text = (tmp_path / "r" / "rollouts.jsonl").read_text(encoding="ascii")
+    assert [json.loads(x)["reference"] for x in text.splitlines()] == ["5 \ud83d"] * 2
+
+
 def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     config = papo_config(problems, tmp_path / "overlap", steps=1, overlap=True)
@@ -397,7 +444,8 @@ def test_a_pool_too_small_for_a_group_is_warned_about_at_start(tmp_path, problem
 def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path, tokenizers):
     tok = tokenizers["special"]
     model = make_model(tok)
-    run = Trainer(papo_config(problems, tmp_path / "r", steps=1), model=model, tokenizer=tok)
+    config = papo_config(problems, tmp_path / "r", steps=1, rollouts_every=1)
+    run = Trainer(config, model=model, tokenizer=tok)
     real = run.loss_fn
 
     def poisoned(*args, **kwargs):
@@ -410,6 +458,10 @@ def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path
     (metrics,) = run.train()
     assert metrics["skipped"] == "non-finite loss"
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+    logged = [json.loads(x) for x in (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()]
+    assert {(r["trained"], r["left_out"]) for r in logged} == {
+        (False, "step skipped: non-finite loss")
+    }, "the rollout log says the step trained none"
     fresh = make_model(tok, seed=5)
     state = checkpoint.load(
         checkpoint.latest(tmp_path / "r" / "checkpoints"), fresh, run.optimizer, run.scheduler
@@ -479,6 +531,48 @@ def test_resume_drops_a_cut_metrics_line(tmp_path):
     lines = [json.loads(line) for line in logger.path.read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert "dropped 2 unreadable line(s): 4, 5" in console.file.getvalue()
+
+
+def test_a_long_log_is_cut_in_place_or_rewritten_line_by_line(tmp_path, monkeypatch):
+    """Resuming cuts a log after the checkpoint's step: in place when what goes is its tail
+    (a kill's leftovers), else by copying the kept lines; a kept record whose newline a kill
+    cut gets it back. The file is never read whole (a rollout log holds gigabytes)."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from papo.logs import truncate_steps
+
+    console = Console(file=io.StringIO(), width=200)
+    path = tmp_path / "rollouts.jsonl"
+    records = [
+        {"step": step, "text": "x" * 100, "nested": {"kind": "step"}} for step in (1, 1, 2, 3)
+    ]
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("read whole"))
+    monkeypatch.setattr(Path, "read_bytes", lambda *a, **k: pytest.fail("read whole"))
+
+    def lines():
+        with path.open() as file:
+            return [json.loads(line)["step"] for line in file]
+
+    path.write_text(whole + '{"step": 4, "text": "cut by a ki')
+    inode = path.stat().st_ino
+    truncate_steps(path, 2, console)
+    assert lines() == [1, 1, 2] and path.stat().st_ino == inode, "cut in place"
+    # a record cut right before its newline is whole: kept, and the next line starts anew
+    path.write_text(whole[:-1])
+    truncate_steps(path, 3, console)
+    assert lines() == [1, 1, 2, 3] and path.open().read().endswith("}\n")
+    # a line joined to the rest of a cut one, then a later run's records: copied
+    path.write_text(whole + '{"step": 2, "te' + json.dumps({"step": 4}) + "\n" + whole)
+    truncate_steps(path, 2, console)
+    assert lines() == [1, 1, 2, 1, 1, 2]
+    assert "dropped 1 unreadable line(s): 5" in console.file.getvalue()
+    assert not (tmp_path / "rollouts.jsonl.tmp").exists()
+    truncate_steps(path, -1, console)
+    assert path.stat().st_size == 0, "no checkpoint: every line goes"
 
 
 def test_sft_learns_the_traces(traces, problems, tmp_path, tokenizers):
