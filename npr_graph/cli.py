@@ -352,7 +352,7 @@ def _load_engine(args: argparse.Namespace):
         )
 
 
-def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool):
+def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool, chat: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     budget = params.max_new_tokens * params.n * len(prompts)
@@ -367,7 +367,11 @@ def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool):
     ) as progress:
         task = progress.add_task("decode", total=budget)
         return engine.generate(
-            prompts, params, mode=mode, progress=lambda done: progress.update(task, completed=done)
+            prompts,
+            params,
+            mode=mode,
+            chat=None if chat else False,
+            progress=lambda done: progress.update(task, completed=done),
         )
 
 
@@ -391,7 +395,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [args.prompt] if args.prompts is None else read_prompts(Path(args.prompts))
         engine = _load_engine(args)
         if args.prompts is None:
-            graphs = _generate_with_progress(engine, prompts, params, args.mode, args.json)
+            graphs = _generate_with_progress(
+                engine, prompts, params, args.mode, args.json, chat=not args.no_chat
+            )
             show(0, graphs)
         else:  # each prompt shown as soon as it ends
             engine.generate(prompts, params, mode=args.mode, max_running=args.batch, on_finish=show)
@@ -470,9 +476,10 @@ def _warm_up(engine, question: str, args: argparse.Namespace) -> None:
         max_takeaway_tokens=2,
     )
     sequential = _sampling(args, max_new_tokens=4, max_total_tokens=4, n=1, ignore_eos=True)
+    chat = False if args.no_chat else None
     with Console(stderr=True).status("warming up"):
-        engine.generate([question], block, mode="constrained")
-        engine.generate([question], sequential, mode="sequential")
+        engine.generate([question], block, mode="constrained", chat=chat)
+        engine.generate([question], sequential, mode="sequential", chat=chat)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -483,16 +490,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from . import render
 
-    question = (
-        args.prompt or files("npr_graph").joinpath("data/demo_question.txt").read_text().strip()
-    )
+    question = args.prompt
+    if question is None:
+        question = files("npr_graph").joinpath("data/demo_question.txt").read_text().strip()
+    chat = not args.no_chat
     try:  # bad parameters fail before the model loads
+        if args.n != 1:  # n samples side by side would pass for the DAG's own parallelism
+            raise ValueError("the demo compares one sample with sequential decoding; -n is 1")
         params = _sampling(args)
         engine = _load_engine(args)
         _warm_up(engine, question, args)
         console = Console()
         console.print(Text.assemble(("question:", "bold"), " ", question))
-        graphs = _generate_with_progress(engine, [question], params, "constrained", False)
+        graphs = _generate_with_progress(engine, [question], params, "constrained", False, chat)
         parallel = engine.stats
         graph = graphs[0]
         console.print(render.to_tree(graph))
@@ -502,7 +512,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sequential_params = type(sequential_params)(
             **{**sequential_params.__dict__, "ignore_eos": True}
         )
-        _generate_with_progress(engine, [question], sequential_params, "sequential", False)
+        _generate_with_progress(engine, [question], sequential_params, "sequential", False, chat)
     except (ValueError, OSError) as error:
         print(f"npr demo: {error}", file=sys.stderr)
         return 2
@@ -528,6 +538,9 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--dtype", choices=("float32", "bfloat16"), default=defaults.get("dtype", "float32")
     )
     parser.add_argument("--tags", choices=("special", "text"), default="special")
+    parser.add_argument(
+        "--no-chat", action="store_true", help="the raw prompt, without the chat template"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     add_kv_memory_argument(parser)
     parser.add_argument(

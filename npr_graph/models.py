@@ -81,6 +81,24 @@ TAG_MODES = ("special", "text")
 # tags
 
 
+def _check_rows_for_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer with tokens past the model's embedding rows, other than the formats'
+    tags (which :func:`add_tag_tokens` gives rows): a prompt holding one would index past the
+    embedding, and growing it would give such tokens random rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    tags = {tag for grammar in GRAMMAR_TAGS for tag in format_tags(grammar)}
+    beyond = sorted(
+        (i, token) for token, i in tokenizer.get_vocab().items() if i >= rows and token not in tags
+    )
+    if beyond:
+        shown = ", ".join(f"{token!r} (id {i})" for i, token in beyond[:3])
+        raise ValueError(
+            f"the tokenizer has {len(beyond)} token(s) past the model's {rows} embedding rows "
+            f"({shown}{', ...' if len(beyond) > 3 else ''}); they have no trained embedding: "
+            "save the model together with the tokenizer it was trained with"
+        )
+
+
 def format_tags(grammar: str = "npr") -> list[str]:
     """The tag texts of a format, each opening tag followed by its closing tag."""
     try:
@@ -223,12 +241,39 @@ def _write_cache(
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"source": str(source), "format": CACHE_FORMAT}
+        marker = {"source": str(source.resolve()), "format": CACHE_FORMAT}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker))  # last: the entry is now whole
         _publish(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    with contextlib.suppress(OSError):
+        _prune(entry, source)
+
+
+#: Entries kept per GGUF file: the newest, and one more for another environment sharing the
+#: cache (another transformers version) that would otherwise convert again each time it runs.
+KEEP_PER_SOURCE = 2
+
+
+def _prune(entry: Path, source: Path) -> None:
+    """Remove older entries of the same GGUF file (it was replaced, or transformers changed),
+    keeping :data:`KEEP_PER_SOURCE`, and entries of GGUF files that are gone (a deleted
+    virtualenv's): each is a whole converted model (~0.5 GB for SmolLM2)."""
+    target = str(source.resolve())
+    entries = []
+    for other in entry.parent.iterdir():
+        marker = other / COMPLETE_MARKER
+        with contextlib.suppress(OSError, ValueError):
+            origin = json.loads(marker.read_text()).get("source")
+            if other == entry or not isinstance(origin, str):
+                continue
+            if origin in (target, str(source)):
+                entries.append((marker.stat().st_mtime, other))
+            elif not Path(origin).exists():
+                shutil.rmtree(other, ignore_errors=True)
+    for _, stale in sorted(entries, reverse=True)[KEEP_PER_SOURCE - 1 :]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,9 +468,13 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     entry = _cache_dir(gguf)
     if _is_complete(entry):
         try:
-            return _load_directory(entry, dtype)
+            loaded = _load_directory(entry, dtype)
         except Exception:  # a corrupt entry (truncated weights, edited config): rebuild it
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # entries left by earlier versions
+                _prune(entry, gguf)
+            return loaded
     elif entry.exists():
         shutil.rmtree(entry, ignore_errors=True)  # partial: no marker
     try:
@@ -555,6 +604,7 @@ def load_model(
         model, tokenizer = _load_gguf(target, torch_dtype)
     else:
         model, tokenizer = _load_directory(target, torch_dtype)
+    _check_rows_for_tokens(model, tokenizer)
     if tags == "special":
         add_tag_tokens(model, tokenizer, grammar)
     rows = model.get_input_embeddings().weight.shape[0]

@@ -267,11 +267,13 @@ class FakeEngine:
 
         self.stats = EngineStats(generated_tokens=10, wall_time=0.5, decode_steps=2)
         self.prompts = []
+        self.chats = []
 
-    def generate(self, prompts, params, mode, progress=None):
+    def generate(self, prompts, params, mode, progress=None, chat=None):
         import npr_graph as ng
 
         self.prompts += prompts
+        self.chats.append(chat)
         return [ng.parse((EXAMPLES / "npr_two_blocks.txt").read_text(), lenient=True)]
 
 
@@ -282,6 +284,25 @@ def test_demo_shows_the_question_literally(capsys, monkeypatch):
     assert code == 0, err
     assert "question: is [/b] [red]x[/red] :smile: 3?" in out
     assert engine.prompts[0] == "is [/b] [red]x[/red] :smile: 3?"
+    assert set(engine.chats) == {None}, "the chat template when the tokenizer has one"
+
+
+def test_no_chat_and_the_demos_one_sample(capsys, monkeypatch):
+    """``--no-chat`` decodes the raw prompt (a template that fails, a base model); the demo
+    compares one sample with sequential decoding (n samples side by side would pass for the
+    DAG's parallelism) and an empty ``--prompt`` is not the bundled question."""
+    engine = FakeEngine()
+    monkeypatch.setattr("npr_graph.cli._load_engine", lambda args: engine)
+    code, _, err = run(capsys, "demo", "--no-chat")
+    assert code == 0, err
+    assert set(engine.chats) == {False}
+    code, _, err = run(capsys, "generate", "--prompt", "2+3?", "--no-chat")
+    assert code == 0, err
+    assert engine.chats[-1] is False
+    code, _, err = run(capsys, "demo", "-n", "4")
+    assert code == 2 and "compares one sample" in err
+    run(capsys, "demo", "--prompt", "")
+    assert engine.prompts[-1] == "", "an empty prompt goes to the engine, which refuses it"
 
 
 def test_inspect_reads_jsonl_as_written(tmp_path, capsys):

@@ -461,6 +461,38 @@ def test_tags_in_the_tokenizer_but_not_in_the_model_get_rows(tmp_path, tied):
         load_model(tmp_path, tags="text")
 
 
+def test_a_model_directory_that_does_not_fit_its_tokenizer(tmp_path):
+    """A tokenizer with a token past the embedding (saved apart from its model) is refused, not
+    given a random row; an end-of-sequence id past the vocabulary (a config left from another
+    one) is ignored, not a crash in constrained decoding; a chat template that raises is a
+    ValueError (raw prompts still work)."""
+    from npr_graph.engine import Engine
+    from npr_graph.engine.sampling import SamplingParams
+
+    tokenizer = _word_tokenizer()
+    model = tiny_model("llama", tokenizer=tokenizer)
+    model.generation_config.eos_token_id = [1, 60_000]
+    model.save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    loaded, loaded_tok = load_model(tmp_path / "odd")
+    engine = Engine(loaded, loaded_tok)
+    assert engine.eos_ids == {1}
+    params = SamplingParams(max_new_tokens=12, seed=0, temperature=1.0)
+    (graph,) = engine.generate(["w1 w2"], params, mode="constrained", chat=False)
+    assert graph.metadata["finish_reason"] in ("stop", "length")
+
+    loaded_tok.chat_template = "{{ raise_exception('this template needs a system message') }}"
+    with pytest.raises(ValueError, match="chat template failed.*needs a system message"):
+        engine.encode_prompt("w1 w2")
+    assert engine.encode_prompt("w1 w2", chat=False)
+
+    tokenizer.add_tokens(["extra"])
+    tokenizer.save_pretrained(tmp_path / "odd")
+    for tags in ("special", "text"):
+        with pytest.raises(ValueError, match=r"1 token\(s\) past the model's 41 embedding rows"):
+            load_model(tmp_path / "odd", tags=tags)
+
+
 def test_directory_load_errors_are_clear_value_errors(tmp_path):
     """What a user gets wrong in a model directory is a ValueError naming it (the CLI reports
     those), not transformers' traceback, a wrong hint, or a model with random weights."""
@@ -610,6 +642,39 @@ def test_cache_key_follows_the_file(stub_cache):
     load_model(gguf, tags="text")
     load_model(gguf, tags="text")
     assert len(calls) == 1
+
+
+def test_entries_of_a_replaced_file_are_pruned(stub_cache):
+    """Each entry is a whole converted model: a GGUF file rebuilt (or a new transformers) keeps
+    its newest two entries, not one more per change; other files' entries are left alone while
+    those files exist."""
+    import os
+
+    gguf, calls = stub_cache
+    other = gguf.with_name("other.gguf")
+    other.write_bytes(b"GGUF another model")
+    load_model(other, tags="text")
+    entries = []
+    for build in range(3):
+        gguf.write_bytes(b"GGUF stub, build %d" % build)
+        load_model(gguf, tags="text")
+        entries.append(_entry(gguf))
+        marker = entries[-1] / models.COMPLETE_MARKER
+        os.utime(marker, (1_000_000 + build, 1_000_000 + build))  # written in this order
+    assert len(calls) == 4
+    assert [entry.exists() for entry in entries] == [False, True, True]
+    assert _entry(other).exists()
+    # entries an earlier version left are pruned on a hit too
+    (entries[0] / models.COMPLETE_MARKER).parent.mkdir()
+    (entries[0] / models.COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf)}))
+    os.utime(entries[0] / models.COMPLETE_MARKER, (0, 0))
+    load_model(gguf, tags="text")
+    assert len(calls) == 4 and [entry.exists() for entry in entries] == [False, True, True]
+    # and so are those of a GGUF file that is gone (a deleted virtualenv's)
+    orphan = _entry(other)
+    other.unlink()
+    load_model(gguf, tags="text")
+    assert not orphan.exists() and entries[2].exists()
 
 
 def test_cache_survives_a_read_only_root(stub_cache, monkeypatch):

@@ -167,7 +167,8 @@ class Engine:
         self.format = Format(
             tokenizer, special=_tags_are_special(tokenizer, grammar), grammar=grammar
         )
-        self.eos_ids = _eos_ids(model, tokenizer)
+        # an id past the logits (a config left from a larger vocabulary) can never be sampled
+        self.eos_ids = {i for i in _eos_ids(model, tokenizer) if 0 <= i < self.vocab_size}
         self.logits_processor = None
         self._pieces: dict[int, str] = {}
         self._unscored: list[_Unscored] = []
@@ -220,12 +221,25 @@ class Engine:
                 )
             if template and chat is not False:
                 messages = [{"role": "user", "content": prompt}]
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=False
+                    )
+                except Exception as error:  # jinja2's TemplateError, or the template's own
+                    raise ValueError(
+                        f"the tokenizer's chat template failed on this prompt "
+                        f"({type(error).__name__}: {error}); use the raw prompt "
+                        "(chat=False; --no-chat)"
+                    ) from error
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            outside = [i for i in ids if not 0 <= i < self.vocab_size]
+            if outside:
+                raise PromptError(
+                    f"the tokenizer gave token ids {outside[:5]} outside the model's vocabulary "
+                    f"of {self.vocab_size}"
+                )
         if not ids:
             raise PromptError("empty prompt")
         return ids
@@ -293,7 +307,7 @@ class Engine:
             if m == "constrained" and not self.format.special:
                 raise ValueError(
                     "constrained mode needs the tags as special tokens "
-                    "(load the model with tags='special')"
+                    "(load the model with tags='special'; npr: --tags special)"
                 )
         if max_running is not None and max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
