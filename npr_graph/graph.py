@@ -441,18 +441,14 @@ def node_of_token(graph: ReasoningGraph) -> list[int]:
 def ancestors(graph: ReasoningGraph) -> list[int]:
     """Ancestor sets as bitsets: bit ``j`` of ``ancestors(g)[i]`` is set iff ``j`` is an ancestor.
 
-    Cached on the graph object's metadata-free slot; recomputed if the node count changes.
-    """
-    cached = getattr(graph, "_ancestors", None)
-    if cached is not None and len(cached) == len(graph.nodes):
-        return cached
+    Computed from the nodes' ``parents`` on every call (a cache went stale when a user edited
+    them, and the mask then disagreed with the positions)."""
     result: list[int] = []
     for node in graph.nodes:
         bits = 0
         for parent in node.parents:
             bits |= result[parent] | (1 << parent)
         result.append(bits)
-    object.__setattr__(graph, "_ancestors", result)
     return result
 
 

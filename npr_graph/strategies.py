@@ -361,7 +361,9 @@ def _blocks(
         inner = _blocks(grammar, max_branches, depth + 1, max_depth)
         rest = st.lists(st.tuples(inner, st.one_of(st.just(""), text)), min_size=1, max_size=2)
         nested = st.builds(_nested_step, text, rest)
-        step = st.integers(0, max(5, max_branches)).flatmap(lambda n: nested if n == 0 else text)
+        # plain text at 0, which hypothesis shrinks towards: a minimal example nests only if it must
+        one_in = max(5, max_branches)
+        step = st.integers(0, one_in).flatmap(lambda n: nested if n == one_in else text)
     by_width = {
         width: st.builds(
             BlockSpec,
@@ -378,11 +380,20 @@ def specs(
     grammar: str = "npr", max_blocks: int = 3, max_branches: int = 5, max_depth: int = 2
 ) -> st.SearchStrategy[TraceSpec]:
     """Valid trace specs: 1..max_blocks blocks of 1..max_branches steps each; Multiverse steps
-    nest blocks down to ``Block.depth == max_depth`` (NPR never nests)."""
+    nest blocks down to ``Block.depth == max_depth`` (NPR never nests). Wider than the strict
+    profile's 5 branches, they are valid under ``validate(text, max_branches=max_branches)``;
+    ``max_depth`` stops below the parser's depth limit (``npr_graph.parse.MAX_DEPTH``)."""
+    from .parse import MAX_DEPTH
+
     _tags(grammar)
     check_at_least("max_blocks", max_blocks, 1)
     check_at_least("max_branches", max_branches, 1)
     check_at_least("max_depth", max_depth, 0)
+    if max_depth >= MAX_DEPTH:
+        raise ValueError(
+            f"max_depth must be < {MAX_DEPTH}: the parser reads blocks nested {MAX_DEPTH} deep "
+            f"at most (depth 0 to {MAX_DEPTH - 1}), got {max_depth}"
+        )
     return st.builds(
         TraceSpec,
         preamble=st.one_of(st.just(""), safe_text()),
@@ -396,7 +407,8 @@ def specs(
 def traces(
     grammar: str = "npr", max_blocks: int = 3, max_branches: int = 5, max_depth: int = 2
 ) -> st.SearchStrategy[tuple[TraceSpec, str]]:
-    """``(spec, text)`` pairs of valid traces, with varied whitespace between tags."""
+    """``(spec, text)`` pairs of valid traces, with varied whitespace between tags (see
+    :func:`specs` for ``max_branches`` above 5)."""
     return st.tuples(specs(grammar, max_blocks, max_branches, max_depth), whitespaces()).map(
         lambda pair: (pair[0], render(pair[0], grammar, pair[1]))
     )

@@ -600,8 +600,9 @@ def test_wide_deep_traces_pass_the_health_checks(pair):
     """Wide blocks nest less often. At one step in six, a block of 20 steps held about 3 nested
     blocks, so trees grew to the depth bound: most draws ran out of data and the health checks
     failed (filter_too_much, too_slow)."""
-    spec, _ = pair
+    spec, text = pair
     assert all(1 <= len(block.steps) <= 20 for block in walk(spec))
+    assert validate(text, grammar="multiverse", max_branches=20) == [], "valid at that width"
 
 
 @pytest.mark.parametrize(
@@ -618,6 +619,8 @@ def test_wide_deep_traces_pass_the_health_checks(pair):
         (lambda: traces("npr", max_branches=0), "max_branches"),
         # silently the same as max_depth=0
         (lambda: spec_strategy("multiverse", max_depth=-1), "max_depth"),
+        # traces nested past the parser's limit, which are not valid
+        (lambda: spec_strategy("multiverse", max_depth=32), "max_depth must be < 32"),
         # ZeroDivisionError at render time
         (lambda: Whitespace(gaps=()), "gaps"),
         (lambda: Whitespace(inner=("\n", None)), "inner"),
@@ -626,6 +629,39 @@ def test_wide_deep_traces_pass_the_health_checks(pair):
 def test_strategy_arguments_are_checked_when_built(make, error):
     with pytest.raises(ValueError, match=error):
         make()
+
+
+def test_multiverse_examples_shrink_to_plain_steps() -> None:
+    """hypothesis shrinks towards a strategy's simplest choice: for a step that is plain
+    text, not a nested block (minimal failing examples carried nested blocks they did not need)."""
+    from hypothesis import find
+
+    found = find(
+        spec_strategy("multiverse", max_depth=1),
+        lambda spec: any(len(block.steps) >= 2 for block in spec.blocks),
+        settings=settings(database=None, derandomize=True, max_examples=500),
+    )
+    assert [len(block.steps) for block in walk(found)] == [2], found
+
+
+def test_an_edited_graph_is_laid_out_from_its_new_parents() -> None:
+    """Positions and visibility both follow ``parents`` as they are now (the ancestor sets were
+    cached, so an edit changed the positions but not the mask)."""
+    from npr_graph import attention_mask, position_ids
+    from npr_graph.tokenizers import CharTokenizer
+
+    tok = CharTokenizer()
+    text = (
+        "<guideline><plan>1: a</plan><plan>2: b</plan></guideline><step>1: c</step>"
+        "<step>2: d</step><takeaway>e</takeaway>\\boxed{1}"
+    )
+    graph = parse(tok.encode(text), tokenizer=tok)
+    attention_mask(graph)
+    first, second = graph.nodes_of("step")
+    assert not attention_mask(graph)[second.token_start, first.token_start]
+    second.parents = (first.id,)
+    assert attention_mask(graph)[second.token_start, first.token_start]
+    assert position_ids(graph)[second.token_start] == position_ids(graph)[first.token_end - 1] + 1
 
 
 def test_safe_text_holds_no_box_of_any_form() -> None:
