@@ -493,6 +493,28 @@ def test_a_model_directory_that_does_not_fit_its_tokenizer(tmp_path):
             load_model(tmp_path / "odd", tags=tags)
 
 
+def test_a_raw_prompt_gets_the_bos_token_its_tokenizer_adds():
+    """Without the chat template a prompt starts with BOS when the tokenizer adds one (Llama
+    and Gemma read badly without it), once, and with nothing else the tokenizer might add; a
+    template writes its own."""
+    from transformers import PreTrainedTokenizerFast
+
+    from npr_graph.engine import Engine
+
+    plain = _word_tokenizer()
+    with_bos = PreTrainedTokenizerFast(
+        tokenizer_object=plain.backend_tokenizer, unk_token="[UNK]", bos_token="w0",
+        eos_token="w1", add_bos_token=True, add_eos_token=True,
+    )  # fmt: skip
+    model = tiny_model("llama", vocab_size=64, num_hidden_layers=1)
+    assert Engine(model, plain).encode_prompt("w3 w4", chat=False) == [3, 4]
+    engine = Engine(model, with_bos)
+    assert engine.encode_prompt("w3 w4", chat=False) == [0, 3, 4]
+    assert engine.encode_prompt("w0 w3", chat=False) == [0, 3], "not twice"
+    with_bos.chat_template = "w5 {{ messages[0]['content'] }}"
+    assert engine.encode_prompt("w3 w4") == [5, 3, 4], "the template's text as it is"
+
+
 def test_directory_load_errors_are_clear_value_errors(tmp_path):
     """What a user gets wrong in a model directory is a ValueError naming it (the CLI reports
     those), not transformers' traceback, a wrong hint, or a model with random weights."""

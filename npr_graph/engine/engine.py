@@ -197,7 +197,8 @@ class Engine:
     # -- public API -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt: ids are taken as they are; text goes through the tokenizer's
-        chat template when it has one (``chat=True`` requires one, ``False`` skips it)."""
+        chat template when it has one (``chat=True`` requires one, ``False`` skips it; a raw
+        prompt starts with BOS when the tokenizer adds one)."""
         if not isinstance(prompt, str):
             try:  # ints, numpy ints and integer tensors alike; not floats
                 ids = [operator.index(i) for i in prompt]
@@ -233,7 +234,7 @@ class Engine:
                     ) from error
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                ids = self._raw_prompt_ids(prompt)
             outside = [i for i in ids if not 0 <= i < self.vocab_size]
             if outside:
                 raise PromptError(
@@ -242,6 +243,15 @@ class Engine:
                 )
         if not ids:
             raise PromptError("empty prompt")
+        return ids
+
+    def _raw_prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt without the chat template, with the BOS token when the tokenizer adds one
+        (Llama and Gemma models read badly without it), and nothing else it might add."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if getattr(self.tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
         return ids
 
     def check_prompt(
