@@ -14,6 +14,7 @@ Whitespace between two nodes belongs to the earlier one.
 
 from __future__ import annotations
 
+import copy
 import json
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -259,8 +260,9 @@ class ReasoningGraph:
 
     # -- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data; tokenized graphs also give each node its ``token_ids`` (and
-        ``logprobs``/``forced`` when sampled) and the dict its ``prompt_token_ids``."""
+        """Plain JSON-able data, sharing nothing with the graph (editing it leaves the graph
+        alone); tokenized graphs also give each node its ``token_ids`` (and ``logprobs``/``forced``
+        when sampled) and the dict its ``prompt_token_ids``."""
         nodes = [n.to_dict() for n in self.nodes]
         if self.token_ids is not None:
             for node, data in zip(self.nodes, nodes, strict=True):
@@ -282,11 +284,11 @@ class ReasoningGraph:
             "nodes": nodes,
             "blocks": [b.to_dict() for b in self.blocks],
             "violations": [v.to_dict() for v in self.violations],
-            "token_ids": self.token_ids,
-            "token_offsets": self.token_offsets,
-            "logprobs": self.logprobs,
-            "forced": self.forced,
-            "metadata": self.metadata,
+            "token_ids": _copied(self.token_ids),
+            "token_offsets": _copied(self.token_offsets),
+            "logprobs": _copied(self.logprobs),
+            "forced": _copied(self.forced),
+            "metadata": copy.deepcopy(self.metadata),
         }
 
     @classmethod
@@ -305,12 +307,12 @@ class ReasoningGraph:
                 grammar=data.get("grammar", "npr"),
                 response_start=data.get("response_start", 0),
                 violations=[Violation.from_dict(v) for v in data.get("violations", [])],
-                token_ids=data.get("token_ids"),
-                token_offsets=data.get("token_offsets"),
+                token_ids=_copied(data.get("token_ids")),
+                token_offsets=_copied(data.get("token_offsets")),
                 prompt_num_tokens=data.get("prompt_num_tokens", 0),
-                logprobs=data.get("logprobs"),
-                forced=data.get("forced"),
-                metadata=dict(data.get("metadata", {})),
+                logprobs=_copied(data.get("logprobs")),
+                forced=_copied(data.get("forced")),
+                metadata=copy.deepcopy(dict(data.get("metadata", {}))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a reasoning graph dict: {error!r}") from error
@@ -436,6 +438,11 @@ def node_of_token(graph: ReasoningGraph) -> list[int]:
     for node in graph.nodes:
         out.extend([node.id] * node.num_tokens)
     return out
+
+
+def _copied(values: Any) -> Any:
+    """A list as a new list (a dict and its graph share no list); anything else as it is."""
+    return list(values) if isinstance(values, list) else values
 
 
 def ancestors(graph: ReasoningGraph) -> list[int]:

@@ -140,6 +140,19 @@ def test_serialization_round_trips(grammar, data):
     assert ReasoningGraph.from_networkx(graph.to_networkx()).to_dict() == expected
     untokenized = parse(shape.text, grammar=grammar)
     assert ReasoningGraph.from_json(untokenized.to_json()).to_dict() == untokenized.to_dict()
+    # a dict shares nothing with its graph, either way: editing one leaves the other alone
+    graph.metadata["engine"] = {"violations": []}
+    data_out = graph.to_dict()
+    for key in ("token_ids", "token_offsets"):
+        data_out[key].append(0)
+    data_out["metadata"]["engine"]["violations"].append("x")
+    assert graph.to_dict() != data_out and graph.metadata == {"engine": {"violations": []}}
+    back = ReasoningGraph.from_dict(graph.to_dict())
+    source = graph.to_dict()
+    back_from = ReasoningGraph.from_dict(source)
+    source["token_ids"][0] = -1
+    source["metadata"]["engine"]["violations"].append("y")
+    assert back_from.to_dict() == back.to_dict()
 
 
 # -- mutations -----------------------------------------------------------------------------------
