@@ -638,6 +638,19 @@ def _unexpected_join(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) 
     return _text(parts[: target + 1] + [extra] + parts[target + 1 :])
 
 
+def _too_deep(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) -> str:
+    """A step of a top-level block holding a chain of blocks nested one level past the parser's
+    limit (``npr_graph.parse.MAX_DEPTH``)."""
+    from .parse import MAX_DEPTH
+
+    block, index = _pick([(b, i) for b in spec.blocks for i in range(len(b.steps))], where)
+    inner = BlockSpec(["deepest"], ["deepest step"], "deepest")
+    for _ in range(MAX_DEPTH - 1):  # with the top-level block's depth 0: one level too deep
+        inner = BlockSpec(["deeper"], [["deeper step", inner, ""]], "deeper")
+    block.steps[index] = ["too deep", inner, ""]
+    return render(spec, grammar, ws)
+
+
 def _missing_wrapper(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) -> str:
     parts = pieces(spec, grammar, ws)
     top = [n for n, block in enumerate(walk(spec)) if any(block is b for b in spec.blocks)]
@@ -665,6 +678,7 @@ _ALL = [
     Mutation("unmatched_close_tag", _unmatched_close_tag),
     Mutation("unexpected_join", _unexpected_join),
     Mutation("missing_wrapper", _missing_wrapper, grammars=("multiverse",)),
+    Mutation("too_deep", _too_deep, grammars=("multiverse",)),
 ]
 MUTATIONS: dict[str, Mutation] = {m.name: m for m in _ALL}
 

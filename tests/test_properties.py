@@ -178,9 +178,10 @@ def test_every_required_rule_has_a_mutation():
         "unclosed_tag",
         "unmatched_close_tag",
         "missing_header",
+        "too_deep",
     }
     assert required <= set(MUTATIONS)
-    assert set(mutation_rules("npr")) == set(MUTATIONS) - {"missing_wrapper"}
+    assert set(mutation_rules("npr")) == set(MUTATIONS) - {"missing_wrapper", "too_deep"}
     assert set(mutation_rules("multiverse")) == set(MUTATIONS) - {"nesting"}
     with pytest.raises(ValueError):
         MUTATIONS["nesting"](TraceSpec("", [], ""), "multiverse")
@@ -214,6 +215,7 @@ SYNTAX_RULES = {
     "unexpected_join",
     "missing_wrapper",
     "nesting",
+    "too_deep",
 }
 
 
