@@ -352,7 +352,15 @@ def _load_engine(args: argparse.Namespace):
         )
 
 
-def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool, chat: bool = True):
+def _chat(args: argparse.Namespace) -> bool | None:
+    """``Engine.generate``'s ``chat``: the template when the tokenizer has one, unless
+    ``--no-chat``."""
+    return False if args.no_chat else None
+
+
+def _generate_with_progress(
+    engine, prompts, params, mode: str, quiet: bool, chat: bool | None = None
+):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     budget = params.max_new_tokens * params.n * len(prompts)
@@ -370,7 +378,7 @@ def _generate_with_progress(engine, prompts, params, mode: str, quiet: bool, cha
             prompts,
             params,
             mode=mode,
-            chat=None if chat else False,
+            chat=chat,
             progress=lambda done: progress.update(task, completed=done),
         )
 
@@ -396,7 +404,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine = _load_engine(args)
         if args.prompts is None:
             graphs = _generate_with_progress(
-                engine, prompts, params, args.mode, args.json, chat=not args.no_chat
+                engine, prompts, params, args.mode, args.json, chat=_chat(args)
             )
             show(0, graphs)
         else:  # each prompt shown as soon as it ends
@@ -476,7 +484,7 @@ def _warm_up(engine, question: str, args: argparse.Namespace) -> None:
         max_takeaway_tokens=2,
     )
     sequential = _sampling(args, max_new_tokens=4, max_total_tokens=4, n=1, ignore_eos=True)
-    chat = False if args.no_chat else None
+    chat = _chat(args)
     with Console(stderr=True).status("warming up"):
         engine.generate([question], block, mode="constrained", chat=chat)
         engine.generate([question], sequential, mode="sequential", chat=chat)
@@ -493,7 +501,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     question = args.prompt
     if question is None:
         question = files("npr_graph").joinpath("data/demo_question.txt").read_text().strip()
-    chat = not args.no_chat
+    chat = _chat(args)
     try:  # bad parameters fail before the model loads
         if args.n != 1:  # n samples side by side would pass for the DAG's own parallelism
             raise ValueError("the demo compares one sample with sequential decoding; -n is 1")

@@ -214,12 +214,12 @@ def node_advantages(graph: ReasoningGraph, advantages: torch.Tensor) -> list[flo
             f"got shape {tuple(advantages.shape)}"
         )
     forced = graph.forced or [False] * graph.num_tokens
+    trained = ~torch.tensor(forced[start:], dtype=torch.bool)
     out: list[float | None] = []
     for node in graph.nodes:
         if node.token_start is None or node.token_end is None:
             raise ValueError("node advantages need a tokenized graph")
-        trained = [
-            i - start for i in range(max(node.token_start, start), node.token_end) if not forced[i]
-        ]
-        out.append(float(advantages[trained].mean()) if trained else None)
+        span = slice(max(node.token_start, start) - start, max(node.token_end - start, 0))
+        values = advantages[span][trained[span]]
+        out.append(float(values.mean()) if values.numel() else None)
     return out

@@ -207,11 +207,6 @@ class Engine:
                     f"a prompt is text or a list of token ids, not {type(prompt).__name__}"
                     " (several prompts of ids: a list of lists)"
                 ) from error
-            outside = [i for i in ids if not 0 <= i < self.vocab_size]
-            if outside:
-                raise PromptError(
-                    f"token ids {outside[:5]} are outside the model's vocabulary of {self.vocab_size}"
-                )
         else:
             if not prompt.strip():
                 raise PromptError("empty prompt")
@@ -235,12 +230,11 @@ class Engine:
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = self._raw_prompt_ids(prompt)
-            outside = [i for i in ids if not 0 <= i < self.vocab_size]
-            if outside:
-                raise PromptError(
-                    f"the tokenizer gave token ids {outside[:5]} outside the model's vocabulary "
-                    f"of {self.vocab_size}"
-                )
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:  # given so, or a tokenizer with tokens its model has no row for
+            raise PromptError(
+                f"token ids {outside[:5]} are outside the model's vocabulary of {self.vocab_size}"
+            )
         if not ids:
             raise PromptError("empty prompt")
         return ids
