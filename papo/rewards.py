@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -177,11 +178,54 @@ def _join_digit_groups(text: str) -> str:
 _TRAILING_PUNCTUATION = re.compile(r"(?<![.\\])[.,]\s*\Z")
 
 
+# Unicode math that math-verify reads as text (so "½" scored wrong against \frac{1}{2}):
+# super- and subscripts, vulgar fractions, roots, and a few operators, written as LaTeX.
+_SCRIPTS = {"^": "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ", "_": "₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎"}
+_SCRIPT_RUNS = {mark: re.compile(f"[{chars}]+") for mark, chars in _SCRIPTS.items()}
+_VULGAR_FRACTIONS = "".join(map(chr, (*range(0xBC, 0xBF), *range(0x2150, 0x215F), 0x2189)))
+_MIXED_NUMBER = re.compile(rf"(\d*)([{_VULGAR_FRACTIONS}])")
+_ROOT = re.compile(r"([√∛∜])\s*(\{[^{}]*\}|\([^()]*\)|\d+(?:\.\d+)?|[^\W\d_]|\\[A-Za-z]+)")
+_ROOT_INDEX = {"√": "", "∛": "[3]", "∜": "[4]"}
+_OPERATORS = str.maketrans(
+    {"∞": r"\infty ", "·": r"\cdot ", "⋅": r"\cdot ", "÷": r"\div ", "±": r"\pm ", "∓": r"\mp "}
+    | {"−": "-", "\u2044": "/"}
+)
+
+
+def _fraction(match: re.Match[str]) -> str:
+    whole, char = match.groups()
+    numerator, _, denominator = unicodedata.normalize("NFKC", char).partition("\u2044")
+    fraction = rf"\frac{{{numerator}}}{{{denominator}}}"
+    return f"({whole}+{fraction})" if whole else fraction  # 2½ is 2 + 1/2, not 2 · 1/2
+
+
+def _root(match: re.Match[str]) -> str:
+    sign, operand = match.groups()
+    if operand[0] in "{(":
+        operand = operand[1:-1]
+    return rf"\sqrt{_ROOT_INDEX[sign]}{{{operand}}}"
+
+
+def _unicode_math_as_latex(text: str) -> str:
+    r"""``x²`` as ``x^{2}``, ``2½`` as ``(2+\frac{1}{2})``, ``√3`` as ``\sqrt{3}``, ``∞`` as
+    ``\infty``, full-width digits as digits (NFKC), and so on; ASCII text is returned as is."""
+    if text.isascii():
+        return text
+    for mark, run in _SCRIPT_RUNS.items():
+        text = run.sub(
+            lambda m, mark=mark: f"{mark}{{{unicodedata.normalize('NFKC', m[0])}}}", text
+        )
+    text = unicodedata.normalize("NFKC", _MIXED_NUMBER.sub(_fraction, text))
+    return _ROOT.sub(_root, text).translate(_OPERATORS)
+
+
 def _answer_text(text: str) -> str:
     """An answer as math-verify reads it best: line breaks as spaces (LaTeX reads them so;
     math-verify's ``$...$`` does not span lines, and a box holding a matrix written over several
-    lines was read as one number in it), without a trailing full stop or comma."""
-    return _TRAILING_PUNCTUATION.sub("", " ".join(text.splitlines()).strip())
+    lines was read as one number in it), without a trailing full stop or comma, Unicode math
+    as LaTeX."""
+    text = _unicode_math_as_latex(" ".join(text.splitlines()).strip())
+    return _TRAILING_PUNCTUATION.sub("", text.strip())
 
 
 def _compare(prediction: str, reference: str) -> _Outcome:

@@ -234,6 +234,41 @@ def test_wrong_answers(prediction: str, reference: str) -> None:
     assert not verify(prediction, reference)
 
 
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("½", "\\frac{1}{2}"),
+        ("⅔", "2/3"),
+        ("2½", "\\frac{5}{2}"),  # a mixed number, not 2 times one half
+        ("-1¾", "-1.75"),
+        ("√2", "\\sqrt{2}"),
+        ("3√5", "3\\sqrt{5}"),
+        ("√(x+1)", "\\sqrt{x+1}"),
+        ("√π", "\\sqrt{\\pi}"),
+        ("∛8", "2"),
+        ("x² + 2x", "x^2 + 2x"),
+        ("10⁻³", "0.001"),
+        ("a₁", "a_1"),
+        ("１２", "12"),
+        ("3·4", "12"),
+        ("(-∞, 3]", "(-\\infty, 3]"),
+        ("\\frac{√3}{2}", "\\frac{\\sqrt{3}}{2}"),
+        ("\\frac{\\sqrt{3}}{2}", "√3/2"),  # the reference is read the same way
+    ],
+)
+def test_unicode_math_answers_are_read_as_latex(prediction: str, reference: str) -> None:
+    assert verify(prediction, reference)
+    assert get("accuracy")(f"so \\boxed{{{prediction}}}", reference).correct
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [("½", "2"), ("2½", "1"), ("√2", "2"), ("x²", "2x"), ("∛8", "\\sqrt{8}"), ("a₁", "a1")],
+)
+def test_unicode_math_answers_keep_their_meaning(prediction: str, reference: str) -> None:
+    assert not verify(prediction, reference)
+
+
 @pytest.mark.parametrize("prediction", [None, "", "   ", "{{{", "\\frac{", "}}\\left(", "\x00\xff"])
 def test_unparseable_predictions_are_wrong_and_do_not_raise(prediction: str | None) -> None:
     assert verify(prediction, "1") is False
