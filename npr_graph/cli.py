@@ -8,7 +8,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class NotJSON(ValueError):
     """A JSONL line that is not JSON; the message says why (as json puts it)."""
 
@@ -102,9 +105,24 @@ def read_lines(path: Path, notes: list[str] | None = None) -> Iterator[tuple[int
     Lines end at "\\n" only (a "\\r" before it is JSON whitespace): ``str.splitlines`` would also
     cut at U+2028, U+2029 and U+0085, which JSON strings hold raw. Invalid UTF-8 becomes U+FFFD,
     with a line in ``notes`` saying where (as the lines are taken). :class:`InputError` at once
-    if the file cannot be read."""
-    lines = read_bytes(path).split(b"\n")
-    return ((n, _decode(raw, f"{path}:{n}", notes)) for n, raw in enumerate(lines, start=1))
+    if the file cannot be read. The file is read as the lines are taken (a rollout log holds
+    gigabytes)."""
+    try:
+        file = path.open("rb")
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from error
+
+    def lines() -> Iterator[tuple[int, str]]:
+        with file:
+            try:
+                for number, raw in enumerate(file, start=1):
+                    if number == 1:
+                        raw = raw.removeprefix(UTF8_BOM)
+                    yield number, _decode(raw.removesuffix(b"\n"), f"{path}:{number}", notes)
+            except OSError as error:
+                raise InputError(f"{path}: {error.strerror or error}") from error
+
+    return lines()
 
 
 def read_bytes(path: Path) -> bytes:
@@ -113,7 +131,7 @@ def read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as error:
         raise InputError(f"{path}: {error.strerror or error}") from error
-    return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    return raw.removeprefix(UTF8_BOM)
 
 
 def is_jsonl(path: Path) -> bool:
@@ -136,16 +154,20 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
 
 
 def read_jsonl(
-    path: Path, errors: list[str], notes: list[str] | None = None
+    path: Path,
+    errors: list[str],
+    notes: list[str] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each JSON line of ``path``, read as it is taken; blank lines are
-    skipped, lines that are not JSON go to ``errors``, repairs (lone surrogates, bytes that are
-    not UTF-8: U+FFFD) to ``notes``. :class:`InputError` at once if the file cannot be read."""
+    skipped, and so are lines ``keep`` refuses (unparsed), lines that are not JSON go to
+    ``errors``, repairs (lone surrogates, bytes that are not UTF-8: U+FFFD) to ``notes``.
+    :class:`InputError` at once if the file cannot be read."""
     lines = read_lines(path, notes)
 
     def records() -> Iterator[tuple[int, Any]]:
         for number, line in lines:
-            if not line.strip():
+            if not line.strip() or (keep is not None and not keep(line)):
                 continue
             try:
                 record, repaired = json_record(line)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
+from collections.abc import Collection
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -230,38 +232,114 @@ def _graph_of(record: Any) -> tuple[dict[str, Any], ReasoningGraph]:
     raise ValueError(f"no graph, graph dict or text field ({', '.join(TEXT_FIELDS)})")
 
 
+# How npr train's rollout log begins a line: the step is known without parsing the line.
+_STEP_PREFIX = re.compile(r'\{"step": (-?\d+)[,}]')
+LAST_STEP = "last"
+
+
+def _record_step(record: Any) -> int | None:
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _line_step(line: str) -> int | None:
+    """The step a line logs (None: none, or not a JSON object)."""
+    match = _STEP_PREFIX.match(line)
+    if match:
+        return int(match[1])
+    try:
+        return _record_step(json.loads(line)) if line.strip() else None
+    except ValueError:
+        return None
+
+
+def _last_step(path: Path) -> int | None:
+    from .cli import read_lines
+
+    logged = (_line_step(line) for _, line in read_lines(path))
+    return max((step for step in logged if step is not None), default=None)
+
+
 def load_views(
-    path: Path, errors: list[str], limit: int | None = None, notes: list[str] | None = None
+    path: Path,
+    errors: list[str],
+    limit: int | None = None,
+    notes: list[str] | None = None,
+    steps: Collection[int | str] | None = None,
 ) -> list[dict[str, Any]]:
     """Page data for each usable line of a JSONL file; bad lines go to ``errors`` with their
     line numbers, repairs (lone surrogates, bytes that are not UTF-8: U+FFFD) to ``notes``.
+    ``steps`` keeps only the records of those training steps (``"last"``: the file's last);
+    the other lines of a rollout log are skipped unparsed.
 
     Raises :class:`FileNotFoundError` when the file cannot be read."""
     from .cli import InputError, read_jsonl
 
-    views = []
+    views: list[dict[str, Any]] = []
     try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
-        records = read_jsonl(path, errors, notes)
+        wanted = None if steps is None else _wanted_steps(path, steps)
+        skipped_steps: set[int] = set()
+
+        def keep(line: str) -> bool:
+            match = _STEP_PREFIX.match(line) if wanted is not None else None
+            if match and int(match[1]) not in wanted:
+                skipped_steps.add(int(match[1]))
+                return False
+            return True
+
+        for number, record in read_jsonl(path, errors, notes, keep):
+            if limit is not None and len(views) >= limit:
+                break
+            if wanted is not None and _record_step(record) not in wanted:
+                if _record_step(record) is not None:
+                    skipped_steps.add(_record_step(record))
+                continue
+            try:
+                record, graph = _graph_of(record)
+            except ValueError as error:
+                errors.append(f"{path}:{number}: {error}")
+                continue
+            views.append(sample_view(record, graph, _title(record, path, number)))
+            if limit is not None and len(views) >= limit:
+                break  # before the next line is read: its repairs would be noted
     except InputError as error:
         raise FileNotFoundError(str(error)) from error
-    for number, record in records:
-        if limit is not None and len(views) >= limit:
-            break
-        try:
-            record, graph = _graph_of(record)
-        except ValueError as error:
-            errors.append(f"{path}:{number}: {error}")
-            continue
-        if "problem_id" in record:
-            title = f"{record['problem_id']} · sample {record.get('sample', 0)}"
-            if isinstance(record.get("step"), int):  # npr train's rollouts.jsonl
-                title = f"step {record['step']} · {title}"
-        else:
-            title = str(record.get("id", f"{path.name}:{number}"))
-        views.append(sample_view(record, graph, title))
-        if limit is not None and len(views) >= limit:
-            break  # before the next line is read: its repairs would be noted
+    if wanted is not None and not views:
+        logged = _ranges(skipped_steps) or "none"
+        errors.append(
+            f"{path}: no record of step {_ranges(wanted) or LAST_STEP}; steps logged: {logged}"
+        )
     return views
+
+
+def _wanted_steps(path: Path, steps: Collection[int | str]) -> set[int]:
+    wanted = {step for step in steps if isinstance(step, int)}
+    if LAST_STEP in steps and (last := _last_step(path)) is not None:
+        wanted.add(last)
+    return wanted
+
+
+def _ranges(numbers: Collection[int], most: int = 6) -> str:
+    """``0, 2-5, 9`` for {0, 2, 3, 4, 5, 9}; past ``most`` runs, the first and last three."""
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    shown = [str(a) if a == b else f"{a}-{b}" for a, b in spans]
+    if len(shown) > most:
+        shown = [*shown[:3], "...", *shown[-3:]]
+        return ", ".join(shown) + f" ({len(numbers)} steps)"
+    return ", ".join(shown)
+
+
+def _title(record: dict[str, Any], path: Path, number: int) -> str:
+    if "problem_id" not in record:
+        return str(record.get("id", f"{path.name}:{number}"))
+    title = f"{record['problem_id']} · sample {record.get('sample', 0)}"
+    step = _record_step(record)
+    return title if step is None else f"step {step} · {title}"  # npr train's rollouts.jsonl
 
 
 def render_page(views: list[dict[str, Any]], title: str = "npr view") -> str:
@@ -277,8 +355,10 @@ def write_page(
     output: str | Path,
     limit: int | None = None,
     notes: list[str] | None = None,
+    steps: Collection[int | str] | None = None,
 ) -> list[str]:
-    """Write the page for the samples of ``sources``; returns the input errors (bad lines).
+    """Write the page for the samples of ``sources`` (of training ``steps`` only, if given);
+    returns the input errors (bad lines, a step no file logs).
 
     Raises :class:`ValueError` when ``output`` is one of ``sources`` (it would be overwritten)."""
     for source in sources:
@@ -287,7 +367,7 @@ def write_page(
     errors: list[str] = []
     views: list[dict[str, Any]] = []
     for source in sources:
-        views += load_views(Path(source), errors, limit, notes)
+        views += load_views(Path(source), errors, limit, notes, steps)
     title = ", ".join(Path(s).name for s in sources)
     Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
     return errors
@@ -309,13 +389,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="first N samples of each file"
     )
+    parser.add_argument(
+        "--step",
+        dest="steps",
+        action="append",
+        type=_step,
+        metavar="N|last",
+        help="training rollouts of step N only (repeatable; last: the file's last step); other "
+        "lines are skipped unparsed",
+    )
     parser.set_defaults(run=cmd_view)
+
+
+def _step(text: str) -> int | str:
+    if text == LAST_STEP:
+        return text
+    try:
+        step = int(text)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"expected a step number or {LAST_STEP}, got {text!r}")
+    return step
 
 
 def cmd_view(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
-        errors = write_page(args.files, args.output, args.limit, notes)
+        errors = write_page(args.files, args.output, args.limit, notes, args.steps)
     except (OSError, ValueError) as error:
         print(f"npr view: {error}", file=sys.stderr)
         return 2

@@ -171,6 +171,10 @@ def test_rollout_log_records_what_training_made_of_each_rollout(problems, tmp_pa
     assert shown["trained"] == "true" and float(shown["advantage"]) == pytest.approx(
         kept[0]["advantage"], abs=1e-3
     )
+    assert all(line.startswith('{"step": 2, ') for line in path.read_text().splitlines()), (
+        "npr view --step reads the step from this prefix"
+    )
+    assert load_views(path, [], steps=["last"]) == views
 
     with pytest.raises(ValueError, match="rollouts_every logs RL rollouts"):
         load_config(None, "sft", {"data": "x", "rollouts_every": 1})

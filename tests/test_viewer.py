@@ -362,6 +362,55 @@ def test_training_rollouts_show_the_advantage_of_each_node(tmp_path) -> None:
         assert all(node["advantage"] is None for node in view["nodes"])
 
 
+def test_view_selects_training_steps_without_parsing_the_others(tmp_path, monkeypatch) -> None:
+    """A rollout log holds every logged step; --step N (repeatable) or last keeps those records
+    and skips the other lines unparsed, so a page of one step of a long run is quick to make."""
+
+    def at_step(step: int, sample: int) -> str:
+        record = json.loads(rollout_line(None))
+        del record["step"]
+        record = {"step": step, **record, "sample": sample}  # as npr train writes it: step first
+        return json.dumps(record)
+
+    path = tmp_path / "rollouts.jsonl"
+    lines = [at_step(step, sample) for step in (10, 20, 30) for sample in (0, 1)]
+    lines.insert(2, '{"step": 10, "cut at a kill')  # a torn line of a step not asked for
+    path.write_text("\n".join(lines) + "\n")
+
+    monkeypatch.setattr(Path, "read_bytes", lambda *a, **k: pytest.fail("read whole"))
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(
+        json, "loads", lambda text, **k: parsed.append(text) or real_loads(text, **k)
+    )
+    views = load_views(path, errors := [], steps=[20])
+    assert errors == []
+    assert [v["title"] for v in views] == [
+        "step 20 · roots · sample 0",
+        "step 20 · roots · sample 1",
+    ]
+    assert len(parsed) == 2, "lines of other steps are not parsed"
+    monkeypatch.setattr(json, "loads", real_loads)
+
+    assert [v["title"][:7] for v in load_views(path, [], steps=["last"])] == ["step 30"] * 2
+    assert len(load_views(path, [], steps=[10, 30], limit=3)) == 3
+    assert load_views(path, errors := [], steps=[25, 40]) == []
+    assert errors == [f"{path}: no record of step 25, 40; steps logged: 10, 20, 30"]
+    samples = tmp_path / "samples.jsonl"  # npr eval's samples log no step
+    samples.write_text(sample_line(NPR_TRACE, "roots", 0, True, True) + "\n")
+    assert load_views(samples, errors := [], steps=["last"]) == []
+    assert errors == [f"{samples}: no record of step last; steps logged: none"]
+
+    page = tmp_path / "page.html"
+    assert main(["view", str(path), "--step", "30", "--step", "20", "-o", str(page)]) == 0
+    assert page.read_text().count("step 30 · roots") == 2
+    assert page.read_text().count("step 20 · roots") == 2
+    assert main(["view", str(path), "--step", "10", "-o", str(page)]) == 1  # the torn line
+    for bad in ("-1", "first", "2.5"):
+        with pytest.raises(SystemExit):
+            main(["view", str(path), "--step", bad, "-o", str(page)])
+
+
 @pytest.mark.slow
 def test_node_advantages_in_headless_chromium(tmp_path, browser_page) -> None:
     page, _, page_errors = browser_page
