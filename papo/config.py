@@ -50,7 +50,7 @@ class TrainConfig:
     dtype: str = "float32"
     data: str = ""
     prompt_field: str | None = None  # default: problem / question / prompt
-    answer_field: str | None = None  # default: answer / solution
+    answer_field: str | None = None  # default: answer / final_answer / solution
     response_field: str = "response"  # SFT traces
     prompt_template: str = (
         "{problem}"  # text with {problem}, a built-in (npr, multiverse, cot) or a file
@@ -109,6 +109,8 @@ class TrainConfig:
     # held-out evaluation (any stage): eval_data's problems before the first step, every
     # eval_every steps (0: no others) and after the last, decoded as rollouts are
     eval_data: str | None = None
+    eval_prompt_field: str | None = None  # default: prompt_field
+    eval_answer_field: str | None = None  # default: answer_field
     eval_every: int = 0
     eval_samples: int = 1  # per problem
     eval_temperature: float = 0.0  # 0: greedy
@@ -143,6 +145,9 @@ class TrainConfig:
              "are all the same)"),
             (self.eval_data is not None or not self.eval_every,
              "eval_every needs eval_data (the held-out problems)"),
+            (self.eval_data is not None
+             or (self.eval_prompt_field is None and self.eval_answer_field is None),
+             "eval_prompt_field and eval_answer_field name fields of eval_data"),
             (self.min_branches <= self.max_branches,
              f"min_branches ({self.min_branches}) must be <= max_branches ({self.max_branches})"),
             (self.overlong_buffer <= self.max_new_tokens,

@@ -109,7 +109,9 @@ class Trainer:
         self.eval_problems: list[Problem] = []
         if config.eval_data is not None:
             self.eval_problems = read_problems(
-                config.eval_data, config.prompt_field, config.answer_field
+                config.eval_data,
+                config.eval_prompt_field or config.prompt_field,
+                config.eval_answer_field or config.answer_field,
             )
             if not self.eval_problems:
                 raise ValueError(f"{config.eval_data}: no usable records")

@@ -236,6 +236,26 @@ def test_held_out_evaluation_before_during_and_after_training(problems, tmp_path
             papo_config(problems, tmp_path / "x", **bad)
 
 
+def test_held_out_problems_may_name_fields_of_their_own(tmp_path, tokenizers):
+    """eval_data is read with the training data's field names unless eval_prompt_field and
+    eval_answer_field name its own (a benchmark file beside a dataset of other names)."""
+    tok = tokenizers["special"]
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"query": "What is 1+1?", "gold": "2"}) + "\n")
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"problem": "What is 2*3?", "solution": "\\boxed{6}"}) + "\n")
+    named = dict(prompt_field="query", answer_field="gold", eval_data=str(held_out))
+    with pytest.raises(ValueError, match=r"held_out.jsonl:1: no problem text \(field query\)"):
+        Trainer(papo_config(data, tmp_path / "a", **named), model=make_model(tok), tokenizer=tok)
+    config = papo_config(data, tmp_path / "b", eval_prompt_field="problem",
+                         eval_answer_field="solution", **named)  # fmt: skip
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    assert [(p.prompt, p.answer) for p in run.problems] == [("What is 1+1?", "2")]
+    assert [(p.prompt, p.answer) for p in run.eval_problems] == [("What is 2*3?", "6")]
+    with pytest.raises(ValueError, match="name fields of eval_data"):
+        papo_config(data, tmp_path / "c", eval_prompt_field="problem")
+
+
 def test_resume_without_a_checkpoint_starts_its_logs_over(problems, tmp_path, tokenizers):
     """A run killed before its first checkpoint resumes at step 0: the steps it logged (and its
     evaluation before training) are done again, not logged twice."""
