@@ -278,22 +278,23 @@ def load_views(
     views: list[dict[str, Any]] = []
     try:  # lone surrogates (a cut emoji) become U+FFFD, which the page can hold
         wanted = None if steps is None else _wanted_steps(path, steps)
-        skipped_steps: set[int] = set()
+        logged: set[int] = set()  # the steps of the lines read, or skipped for their step
 
         def keep(line: str) -> bool:
-            match = _STEP_PREFIX.match(line) if wanted is not None else None
-            if match and int(match[1]) not in wanted:
-                skipped_steps.add(int(match[1]))
-                return False
-            return True
+            match = _STEP_PREFIX.match(line)
+            if match:
+                logged.add(int(match[1]))
+            return not match or int(match[1]) in wanted
 
-        for number, record in read_jsonl(path, errors, notes, keep):
+        for number, record in read_jsonl(path, errors, notes, None if wanted is None else keep):
             if limit is not None and len(views) >= limit:
                 break
-            if wanted is not None and _record_step(record) not in wanted:
-                if _record_step(record) is not None:
-                    skipped_steps.add(_record_step(record))
-                continue
+            if wanted is not None:
+                step = _record_step(record)
+                if step is not None:
+                    logged.add(step)
+                if step not in wanted:
+                    continue
             try:
                 record, graph = _graph_of(record)
             except ValueError as error:
@@ -304,10 +305,10 @@ def load_views(
                 break  # before the next line is read: its repairs would be noted
     except InputError as error:
         raise FileNotFoundError(str(error)) from error
-    if wanted is not None and not views:
-        logged = _ranges(skipped_steps) or "none"
+    if wanted is not None and not wanted & logged:
         errors.append(
-            f"{path}: no record of step {_ranges(wanted) or LAST_STEP}; steps logged: {logged}"
+            f"{path}: no record of step {_ranges(wanted) or LAST_STEP}; "
+            f"steps logged: {_ranges(logged) or 'none'}"
         )
     return views
 
