@@ -683,9 +683,18 @@ class EvalConfig:
         return Path("out") / "eval" / f"{Path(self.data).stem}-{self.mode}-{prompt}"
 
     def identity(self) -> dict[str, Any]:
+        from .prompts import template_identity
+
         values = asdict(self)
         values["data"] = str(Path(self.data).resolve())
+        values["model"] = absolute_path(self.model)
+        values["prompt"] = template_identity(self.prompt)
         return {key: values[key] for key in RUN_IDENTITY}
+
+
+def absolute_path(path: str | None) -> str | None:
+    """``path`` made absolute, so that a run's identity does not depend on where it started."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def _device(config: EvalConfig) -> torch.device:
@@ -764,22 +773,45 @@ def _complete_groups(
     return complete
 
 
-def _check_config(out: Path, config: EvalConfig) -> None:
+def _load_engine(config: EvalConfig) -> Any:
+    from .engine.engine import Engine
+    from .prompts import load_template
+
+    grammar = load_template(config.prompt).grammar
+    return Engine.from_pretrained(
+        config.model,
+        dtype=config.dtype,
+        tags=config.tags,
+        grammar="multiverse" if grammar == "multiverse" else "npr",
+        device=_device(config),
+        cuda_graphs=config.cuda_graphs,
+        overlap=config.overlap,
+        kv_memory_bytes=config.kv_memory,
+        max_lanes=config.max_lanes,
+    )
+
+
+def _check_config(out: Path, config: EvalConfig) -> bool:
+    """Refuses a run whose ``out`` holds one of other settings; True when it holds none yet
+    (:func:`_write_config` then pins the settings, once the model has loaded)."""
     path = out / "config.json"
-    identity = config.identity()
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text("utf-8"))
-        except json.JSONDecodeError:
-            stored = None
-        if stored != json.loads(json.dumps(identity)):
-            raise EvalError(
-                f"{out} holds a run with other settings (see {path}); use another --out "
-                "or delete that directory"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(identity, indent=1) + "\n", "utf-8")
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        return True
+    try:
+        stored = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError:
+        stored = None
+    if stored != json.loads(json.dumps(config.identity())):
+        raise EvalError(
+            f"{out} holds a run with other settings (see {path}); use another --out "
+            "or delete that directory"
+        )
+    return False
+
+
+def _write_config(out: Path, config: EvalConfig) -> None:
+    _write_atomic(out / "config.json", json.dumps(config.identity(), indent=1) + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -1000,14 +1032,14 @@ def _run(
     from .prompts import load_template
 
     out = config.out_dir()
-    failure = None
+    failure, new_run = None, False
     try:
         load_template(config.prompt)
         problems, errors = load_problems(config.data, fields=config.fields, limit=config.limit)
         if not problems:
             raise EvalError(f"{config.data}: no problems to evaluate")
         if ranks.is_main:
-            _check_config(out, config)
+            new_run = _check_config(out, config)
     except (EvalError, OSError, ValueError) as error:
         failure = str(error)
     # Every rank stops on rank 0's verdict, so that none waits for a rank that gave up.
@@ -1026,24 +1058,11 @@ def _run(
     todo = [p for p in problems if p.id not in done]
     # problems whose prompt the engine cannot take: (index, id, why)
     not_run: list[tuple[int, str, str]] = []
+    if todo and engine is None:
+        engine = _load_engine(config)
+    if new_run:  # once the model has loaded: a model that fails to load pins no settings
+        _write_config(out, config)
     if todo:
-        from .engine.engine import Engine
-
-        if engine is None:
-            from .prompts import load_template
-
-            grammar = load_template(config.prompt).grammar
-            engine = Engine.from_pretrained(
-                config.model,
-                dtype=config.dtype,
-                tags=config.tags,
-                grammar="multiverse" if grammar == "multiverse" else "npr",
-                device=_device(config),
-                cuda_graphs=config.cuda_graphs,
-                overlap=config.overlap,
-                kv_memory_bytes=config.kv_memory,
-                max_lanes=config.max_lanes,
-            )
         evaluator = _Evaluator(engine, config)
         part = out / f"samples.part-{ranks.rank}-{uuid.uuid4().hex[:12]}.jsonl"
         show = not config.quiet and ranks.is_main

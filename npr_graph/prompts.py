@@ -42,6 +42,14 @@ def _guess_grammar(text: str) -> str | None:
     return None
 
 
+def template_identity(name_or_path: str) -> str:
+    """A built-in template's name, or the template file's absolute path: what a resumed run
+    compares (a relative path names another file in another working directory)."""
+    if name_or_path in BUILTIN:
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
 def load_template(name_or_path: str) -> PromptTemplate:
     """A built-in template (``npr``, ``multiverse``, ``cot``) or a template file.
 

@@ -265,12 +265,15 @@ def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
     """What decides ``npr sample``'s traces: a rerun resumes only with the same."""
     from pathlib import Path
 
+    from npr_graph.evaluate import absolute_path
+    from npr_graph.prompts import template_identity
+
     return {
         "data": str(Path(args.data).resolve()),
-        "model": args.model,
+        "model": absolute_path(args.model),
         "tags": args.tags,
         "mode": args.mode,
-        "prompt": args.prompt,
+        "prompt": template_identity(args.prompt),
         "grammar": grammar,
         "tries": args.tries,
         "max_new_tokens": args.max_new_tokens,

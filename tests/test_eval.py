@@ -809,6 +809,41 @@ def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
         run_eval(config(data, out, n=3, limit=1), engine=engine)
 
 
+def test_a_run_is_known_by_its_model_and_prompt_files_wherever_it_starts(
+    tmp_path, data, engine, monkeypatch
+) -> None:
+    """A relative --model or --prompt names another file in another working directory: the
+    run's settings hold them as absolute paths, so such a resume is refused, not mixed."""
+    out = tmp_path / "run"
+    for side in ("a", "b"):
+        (tmp_path / side / "ckpt").mkdir(parents=True)
+        (tmp_path / side / "t.txt").write_text(f"{side}: {{problem}}")
+    monkeypatch.chdir(tmp_path / "a")
+    run_eval(config(data, out, limit=1, model="ckpt", prompt="t.txt"), engine=engine)
+    stored = json.loads((out / "config.json").read_text())
+    assert (stored["model"], stored["prompt"]) == (
+        str(tmp_path / "a" / "ckpt"),
+        str(tmp_path / "a" / "t.txt"),
+    )
+    monkeypatch.chdir(tmp_path / "b")
+    for changed in (dict(model="ckpt", prompt="../a/t.txt"), dict(model="../a/ckpt")):
+        with pytest.raises(EvalError, match="other settings"):
+            run_eval(config(data, out, limit=2, **{"prompt": "t.txt", **changed}), engine=engine)
+    run_eval(config(data, out, limit=2, model="../a/ckpt", prompt="../a/t.txt"), engine=engine)
+    assert {r["problem_id"] for r in read_samples(out)} == {"p1", "p2"}
+
+
+def test_a_model_that_fails_to_load_pins_no_settings(tmp_path, data, tiny_dir, capsys) -> None:
+    """config.json pins a run's settings; a first run whose model did not load wrote it, and
+    the corrected command was refused for "other settings"."""
+    out = tmp_path / "run"
+    assert main(_cli_args(tmp_path / "no_such_model", data, out)) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert main(_cli_args(tiny_dir, data, out)) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == str(tiny_dir)
+
+
 def _cli_args(tiny_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         # -n, not --n: torchrun's parser would take --n for an ambiguous prefix of its own options

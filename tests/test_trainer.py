@@ -1139,6 +1139,28 @@ def test_sample_cli_refuses_bad_settings_before_writing_anything(problems, tmp_p
     assert not list(tmp_path.glob("out*"))
 
 
+def test_sample_settings_name_the_model_and_prompt_files_wherever_a_run_starts(
+    tmp_path, monkeypatch
+):
+    """A relative --model or --prompt names another file in another working directory: the
+    settings a rerun must match hold absolute paths (a resume from elsewhere mixed models)."""
+    from npr_graph.cli import build_parser
+    from papo.cli import _sample_settings
+
+    def settings(*extra):
+        argv = ["sample", "--data", str(tmp_path / "d.jsonl"), "--out", "o.jsonl", *extra]
+        return _sample_settings(build_parser().parse_args(argv), "npr")
+
+    monkeypatch.chdir(tmp_path)
+    here = settings("--model", "ckpt", "--prompt", "t.txt")
+    assert (here["model"], here["prompt"]) == (str(tmp_path / "ckpt"), str(tmp_path / "t.txt"))
+    assert (settings()["model"], settings()["prompt"]) == (None, "npr")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert settings("--model", "ckpt", "--prompt", "t.txt") != here
+    assert settings("--model", "../ckpt", "--prompt", "../t.txt") == here
+
+
 def test_sample_ranks_stop_together_and_only_a_failing_rank_says_why():
     """A failure on any rank stops every rank (exit code 2); only the rank that failed prints
     its error, so no rank reports another's failure under its own name."""
