@@ -802,10 +802,17 @@ def _check_config(out: Path, config: EvalConfig) -> bool:
         stored = json.loads(path.read_text("utf-8"))
     except json.JSONDecodeError:
         stored = None
-    if stored != json.loads(json.dumps(config.identity())):
+    settings = json.loads(json.dumps(config.identity()))
+    if stored != settings:
+        changes = "unreadable"
+        if isinstance(stored, dict):
+            differ = sorted(
+                k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k)
+            )
+            changes = ", ".join(f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in differ)
         raise EvalError(
-            f"{out} holds a run with other settings (see {path}); use another --out "
-            "or delete that directory"
+            f"{out} holds a run with other settings ({changes}; see {path}): rerun with those "
+            "to resume, or use another --out or delete that directory"
         )
     return False
 

@@ -805,7 +805,7 @@ def test_a_reward_of_ones_own_is_named_by_its_import_path(
 def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
     out = tmp_path / "run"
     run_eval(config(data, out, limit=1), engine=engine)
-    with pytest.raises(EvalError, match="other settings"):
+    with pytest.raises(EvalError, match=r"other settings \(n 2 -> 3; see"):
         run_eval(config(data, out, n=3, limit=1), engine=engine)
 
 
