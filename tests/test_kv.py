@@ -17,6 +17,7 @@ from npr_graph.engine.kv import (
     Segment,
     SlotViews,
     join,
+    pages_needed,
     slot_table,
 )
 
@@ -185,6 +186,32 @@ def test_cow_only_on_partial_tail_and_last_writer_takes_page():
     assert [(c.src, c.num_slots) for c in sh.copies] == [(tail, 2), (tail, 2)]
     assert kids[2].segments[-1] == Segment(tail, 0, 3)
     assert pool.refcount[tail] == 1
+    pool.check(kids)
+    sh.verify(kids)
+
+
+@pytest.mark.parametrize(
+    "appends",
+    [(1, 1, 1), (1, 5, 0), (3, 3, 3), (0, 0, 9), (1, 0, 0), (5, 9, 2)],
+    ids=["all-one", "one-idle", "fill-tails", "one-long", "alone", "past-the-tail"],
+)
+def test_pages_needed_counts_a_step_as_its_appends_take_pages(appends):
+    """Siblings sharing a partly filled tail page each copy it but the last, when every holder
+    appends: a step's need counted per lane took one copy too many, so a lone request was cut
+    for want of pages it had (helper's audit)."""
+    pool = PagePool(32, 4)
+    sh = Shadow(pool)
+    root = _prompt(pool, sh, 6)
+    kids = _fork(sh, root, 3)
+    step = list(zip(kids, appends, strict=True))
+    need = pages_needed(step)
+    assert need <= sum(kv.pages_needed(n) for kv, n in step)
+    free = pool.num_free
+    for kv, n in step:
+        if n:
+            sh.append(kv, n)
+    assert free - pool.num_free == need
+    sh.step()
     pool.check(kids)
     sh.verify(kids)
 
@@ -421,7 +448,9 @@ def test_random_dags_shadow_model(data):
     for _ in range(data.draw(st.integers(5, 50), label="ops")):
         leaves = live()
         op = data.draw(
-            st.sampled_from(["request", "step", "drop", "fork", "join", "release", "preempt"])
+            st.sampled_from(
+                ["request", "step", "batch", "drop", "fork", "join", "release", "preempt"]
+            )
             if leaves
             else st.just("request"),
             label="op",
@@ -460,6 +489,18 @@ def test_random_dags_shadow_model(data):
                 else:
                     leaf.lane.release()
                     remove(leaf)
+            sh.step()
+        elif op == "batch":  # a runner step's appends, their pages counted together first
+            leaves = live()
+            chosen = data.draw(st.lists(st.sampled_from(leaves), unique=True), label="lanes")
+            step = [(leaf.lane, data.draw(st.integers(0, page_size + 1))) for leaf in chosen]
+            need, free = pages_needed(step), pool.num_free
+            if need > free:
+                event("batch does not fit")
+                continue
+            for lane, n in step:
+                sh.append(lane, n)
+            assert free - pool.num_free == need
             sh.step()
         elif op == "drop":  # a token fed before it was known, then not kept (overlap mode)
             leaf = data.draw(st.sampled_from(leaves), label="lane")

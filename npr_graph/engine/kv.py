@@ -27,7 +27,7 @@ slots returned by ``append_slots``.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -282,6 +282,13 @@ class LaneKV:
             cow = int(self.pool.refcount[tail.page] > 1)
         return cow + -(-max(0, n - room) // ps)
 
+    def shared_tail(self) -> int | None:
+        """The page of a partly filled tail that other views hold too (an append copies it)."""
+        if self._tail_open and self._segments[-1].end < self.pool.page_size:
+            page = self._segments[-1].page
+            return page if self.pool.refcount[page] > 1 else None
+        return None
+
     def append_slots(self, n: int) -> list[int]:
         """Reserve slots for ``n`` new tokens; all-or-nothing (raises PoolExhausted untouched)."""
         self._live()
@@ -526,3 +533,18 @@ class SlotViews:
 def slot_table(lanes: Sequence[LaneKV]) -> SlotTable:
     """Flat slot indices of each lane's view, in view order, padded to the longest view."""
     return SlotViews.of(lanes).table
+
+
+def pages_needed(appends: list[tuple[LaneKV, int]]) -> int:
+    """Fresh pages a step's ``append_slots`` calls take together. Views sharing a partly filled
+    tail page each copy it, but for the last: when every holder appends, the last finds the
+    page its own and writes in place (:meth:`LaneKV.pages_needed` counts each view alone)."""
+    need, appending = 0, Counter()
+    for kv, n in appends:
+        need += kv.pages_needed(n)
+        if n > 0 and (page := kv.shared_tail()) is not None:
+            appending[page] += 1
+    if appends:
+        refcount = appends[0][0].pool.refcount
+        need -= sum(1 for page, holders in appending.items() if holders >= refcount[page])
+    return need
