@@ -549,6 +549,38 @@ def test_a_pool_cut_leaves_a_sample_that_already_ended_as_it_was(special_tokeniz
         assert graph.metadata["truncated"] is not stopped
 
 
+@pytest.mark.parametrize("mode", ["free", "constrained"])
+def test_a_sample_its_budget_ended_is_not_relabelled_by_a_pool_cut(special_tokenizer, mode):
+    """The budget ended the sample and closed what it opened; only its last token was left to
+    feed, which adds nothing, when the pool ran short. It keeps its finish reason (``length``):
+    relabelled ``kv_exhausted``, training dropped a whole sample as cut. A pool cut that costs
+    the sample anything (a token, a closing tag) still says ``kv_exhausted``."""
+    model = tiny_model("llama", tokenizer=special_tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, **SHORT)
+
+    def run(num_pages):
+        engine = Engine(model, special_tokenizer, page_size=1, num_pages=num_pages)
+        (graph,) = engine.generate(["4"], params, mode=mode, chat=False)
+        assert engine.pool.num_used == 0
+        return graph
+
+    ample = run(4096)
+    assert ample.metadata["finish_reason"] == "length"
+    kept = 0
+    for pages in range(ample.num_tokens - 3, ample.num_tokens + 1):  # each cuts near the end
+        graph = run(pages)
+        same = (graph.token_ids, graph.logprobs, graph.forced) == (
+            ample.token_ids,
+            ample.logprobs,
+            ample.forced,
+        )
+        assert graph.metadata["finish_reason"] == ("length" if same else "kv_exhausted")
+        kept += same
+    # free: the budget ends the sample in text, nothing to close; constrained: in a guideline,
+    # whose closing tags must be fed, so every cut in the sweep costs them
+    assert kept == (mode == "free"), "a pool cut the sample after its budget had ended it"
+
+
 def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
     engine = make_engine("llama", special_tokenizer)
     with pytest.raises(ValueError, match="one per prompt"):

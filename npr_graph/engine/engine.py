@@ -29,7 +29,7 @@ from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
-from .kv import LaneKV, PagePool, PoolExhausted, join
+from .kv import LaneKV, PagePool, PoolExhausted, join, pages_needed
 from .lanes import PICKED, Lane, LaneStatus, Picked, Request, Sample
 from .runner import ModelRunner
 from .sampling import NoiseStream, SamplingParams, Selection, select_tokens, token_logprobs
@@ -386,7 +386,10 @@ class Engine:
                         "scheduler stalled: nothing runs and nothing can be admitted"
                     )
                 continue
-            lanes = self._cut_at_context(lanes)
+            running = self._cut_at_context(lanes)
+            if len(running) < len(lanes):  # a request that ended there must not be preempted
+                scheduler.retire(self._settle)
+            lanes = running
             if picked is not None and self._pages_short(lanes):
                 # The pool runs short: read the picked tokens before preempting or cutting
                 # anything, as the plain engine has (an end of sequence needs no page).
@@ -508,11 +511,30 @@ class Engine:
         return lanes
 
     def _cut_for_pages(self, sample: Sample) -> None:
-        """End a sample the pool cannot hold as ``kv_exhausted`` (one that already ended keeps
-        its own finish reason)."""
-        if sample.live_lanes():
+        """End a sample the pool cannot hold as ``kv_exhausted``. One that already ended keeps
+        its own finish reason, and so does one the budget or the context cut whose lanes
+        would only feed what they hold: that adds nothing to its graph."""
+        live = sample.live_lanes()
+        if sample.truncated and all(self._adds_nothing_when_fed(lane) for lane in live):
+            self._truncate(sample, sample.finish_reason, hard=True)
+        elif live:
             self._drop_unfed_text(sample)
             self._truncate(sample, FinishReason.KV_EXHAUSTED, hard=True)
+
+    def _adds_nothing_when_fed(self, lane: Lane) -> bool:
+        """Feeding the lane's pending tokens would write no text, take no action and score no
+        token: a sample cut by its budget, after its last token and every closing tag, each
+        scored already."""
+        unscored = any(lp is None for lp in lane.logprobs[len(lane.tokens) - len(lane.pending) :])
+        following = lane.owner.branches[lane.branch + 1 :] if lane.owner is not None else []
+        return (
+            lane.status is LaneStatus.RUNNING
+            and not unscored
+            and not lane.forced_queue
+            and lane.after_forced is None
+            and (lane.state is None or lane.state.closing_tag() is None)
+            and not (following and following[0].tokens and following[0].logprobs[0] is None)
+        )
 
     def _drop_unfed_text(self, sample: Sample) -> None:
         """A sample cut for want of pages: the engine-written text its lanes hold unfed goes
@@ -543,7 +565,7 @@ class Engine:
 
     def _pages_short(self, lanes: list[Lane]) -> bool:
         """Whether this step's appends need more pages than are free."""
-        return sum(lane.kv.pages_needed(len(lane.pending)) for lane in lanes) > self.pool.num_free
+        return pages_needed([(lane.kv, len(lane.pending)) for lane in lanes]) > self.pool.num_free
 
     def _park(self, request: Request) -> None:
         """Preempt ``request``: its pages go back, and its lanes keep their tokens, states and
