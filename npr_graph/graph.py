@@ -63,7 +63,16 @@ class FinishReason(str, Enum):
         return self.value
 
 
-@dataclass
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _excerpt(text: str, width: int = 48) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[: width - 1] + "…")
+
+
+@dataclass(repr=False)
 class Node:
     """One segment of the trace.
 
@@ -96,6 +105,19 @@ class Node:
         if self.token_start is None or self.token_end is None:
             raise ValueError("graph is not tokenized")
         return self.token_end - self.token_start
+
+    def __repr__(self) -> str:
+        """One line, the text shortened: ``<Node 5 step 1: block 0 branch 0, parents (4,),
+        chars 431:601, '<step> 1: Multiples of 2 up to 60: floor(60/2) …'>``."""
+        name = " ".join(str(part) for part in (self.kind.value, self.part, self.label) if part)
+        where = [] if self.block is None else [f"block {self.block}"]
+        where += [] if self.branch is None else [f"branch {self.branch}"]
+        spans = [f"chars {self.char_start}:{self.char_end}"]
+        if self.token_start is not None:
+            spans.append(f"tokens {self.token_start}:{self.token_end}")
+        fields = [" ".join(where)] if where else []
+        fields += [f"parents {self.parents}", *spans, _excerpt(self.text)]
+        return f"<Node {self.id} {name}: {', '.join(fields)}>"
 
     @property
     def content(self) -> str:
@@ -177,7 +199,7 @@ class Violation:
         return cls(**data)
 
 
-@dataclass
+@dataclass(repr=False)
 class ReasoningGraph:
     """A parsed trace: nodes in sequence order, blocks, and what the parser had to recover.
 
@@ -200,6 +222,18 @@ class ReasoningGraph:
     logprobs: list[float | None] | None = None
     forced: list[bool] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """One line (a trace's text runs to thousands of characters): grammar, nodes, blocks
+        and their widths, size, violations, and why the engine ended it."""
+        widths = [len(block.branches) for block in self.blocks]
+        size = f"{len(self.token_ids)} tokens" if self.tokenized else f"{len(self.text)} chars"
+        fields = [_count(len(self.nodes), "node"), _count(len(self.blocks), "block")]
+        fields += [f"widths {widths}"] if widths else []
+        fields += [size, _count(len(self.violations), "violation")]
+        if "finish_reason" in self.metadata:
+            fields.append(f"finish {self.metadata['finish_reason']}")
+        return f"<ReasoningGraph {self.grammar}: {', '.join(fields)}>"
 
     # -- navigation ---------------------------------------------------------------------------
     def __len__(self) -> int:

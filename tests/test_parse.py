@@ -40,6 +40,25 @@ def test_npr_nodes_partition_and_dependencies():
     assert step1.content.strip().startswith("1: x^2")
 
 
+def test_graphs_and_nodes_print_on_one_short_line():
+    """A REPL shows a graph by its shape, not its text (thousands of characters), and a node
+    by its place and the start of its text."""
+    long = NPR_TRACE.replace("Both agree", "Both agree " + "and more " * 2000)
+    graph = ng.parse(long, lenient=True)
+    shown = repr(graph)
+    assert "\n" not in shown and len(shown) < 120
+    assert shown.startswith(f"<ReasoningGraph npr: {len(graph.nodes)} nodes, 1 block, widths [2]")
+    tokenized = ng.parse(NPR_TRACE, tokenizer=default_tokenizer())
+    assert f"{tokenized.num_tokens} tokens" in repr(tokenized)
+    takeaway = graph.nodes_of("takeaway")[0]
+    shown = repr(takeaway)
+    assert "\n" not in shown and len(shown) < 160
+    assert shown.startswith(f"<Node {takeaway.id} takeaway: block 0, parents {takeaway.parents}")
+    assert "'<takeaway> Both agree and more and more" in shown and shown.endswith("…'>")
+    step = repr(graph.nodes_of("step")[1])
+    assert " step 2: block 0 branch 1, " in step
+
+
 def test_whitespace_between_sibling_steps_belongs_to_the_earlier_step():
     graph = ng.parse(NPR_TRACE)
     step1 = graph.nodes_of("step")[0]
