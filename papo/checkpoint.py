@@ -90,10 +90,14 @@ def save(
 
 
 def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``directory``, or None."""
+    """The newest complete checkpoint under ``directory``, or None: the one ``latest`` names,
+    else (the pointer was lost) the newest ``step_*`` directory, each of which was complete
+    when it got its name."""
     pointer = Path(directory) / LATEST
     if not pointer.exists():
-        return None
+        steps = sorted(Path(directory).glob("step_[0-9]*"), key=lambda p: p.name)
+        complete = [path for path in steps if (path / "state.json").is_file()]
+        return complete[-1] if complete else None
     try:
         name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError) as error:

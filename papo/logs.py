@@ -58,6 +58,13 @@ class StepLogger:
         if self.enabled:
             truncate_steps(self.path, step, self.console)
 
+    def logged(self, step: int) -> bool:
+        """Whether the log holds a line of ``step``."""
+        if not self.enabled or not self.path.exists():
+            return False
+        with self.path.open("rb") as file:
+            return any(_raw_step(raw) == step for raw in file if raw.strip())
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

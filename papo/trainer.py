@@ -171,6 +171,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.skipped = 0
+        self._unlogged: tuple[dict[str, Any], bool] | None = None
         self.logger = StepLogger(
             self.output_dir,
             enabled=self.world.is_main,
@@ -244,20 +245,27 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_problems:  # where training starts from
                 self.logger.log(0, self.evaluate())
+            if self._unlogged is not None:  # the checkpoint's line, lost to a kill after it
+                metrics, evaluated = self._unlogged
+                self.logger.log(self.step, metrics | (self.evaluate() if evaluated else {}))
+                self._unlogged = None
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
-                if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
-                    self.save()  # first: an evaluation that fails loses no training
                 evaluated = self._eval_due()
-                if evaluated:
-                    metrics.update(self.evaluate())
-                history.append(metrics)
-                if (
+                logged = (
                     self.step % self.config.log_every == 0
                     or self.step == self.total_steps
                     or evaluated
-                ):
+                )
+                if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
+                    # first: an evaluation that fails loses no training; what the line of this
+                    # step holds goes with it, so a resume logs the line a kill prevented
+                    self.save((metrics, evaluated) if logged else None)
+                if evaluated:
+                    metrics.update(self.evaluate())
+                history.append(metrics)
+                if logged:
                     self.logger.log(self.step, metrics)
         finally:
             self.logger.close()
@@ -304,7 +312,9 @@ class Trainer:
             return self._sft_step()
         return self._rl_step()
 
-    def save(self) -> Path | None:
+    def save(self, line: tuple[dict[str, Any], bool] | None = None) -> Path | None:
+        """Write a checkpoint of this step; ``line``: the step's training metrics and whether
+        an evaluation joins them, when the step is logged after the checkpoint."""
         path = None
         optimizer_state = None
         if self.sharded:  # every rank takes part in gathering the sharded optimizer state
@@ -317,6 +327,8 @@ class Trainer:
                 "skipped_steps": self.skipped,
                 "config": self.config.to_dict(),
             }
+            if line is not None:
+                state["line"] = {"metrics": line[0], "evaluated": line[1]}
             path = checkpoint.save(
                 self.output_dir / "checkpoints",
                 self.step,
@@ -338,13 +350,18 @@ class Trainer:
             self.rollout_log.truncate_after(-1)
             return
         state = checkpoint.load(path, self.rollout_model, self.optimizer, self.scheduler)
+        _check_resumed_settings(path, state.get("config"), self.config)
         if self.replica is not None:
             distributed.scatter_full_weights(self.replica, self.model)
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         self.logger.truncate_after(self.step)
         self.rollout_log.truncate_after(self.step)
-        self.console.print(f"resumed from {path} at step {self.step}", markup=False)
+        line = state.get("line")
+        if isinstance(line, dict) and not self.world.broadcast(self.logger.logged(self.step)):
+            self._unlogged = (line["metrics"], bool(line["evaluated"]))
+        if self.world.is_main:
+            self.console.print(f"resumed from {path} at step {self.step}", markup=False)
 
     # -- SFT ---------------------------------------------------------------------------------
     def _trace_graph(self, trace: Trace) -> ng.ReasoningGraph:
@@ -827,10 +844,56 @@ def _eval_metrics(outcomes: list[tuple], samples: int, seconds: float) -> dict[s
     return metrics
 
 
+# Settings a resumed run may change: they decide what is logged, evaluated and how long the run
+# goes, or the resources it takes, not what a step computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps", "epochs", "log_every", "save_every", "rollouts_every", "tensorboard",
+        "eval_data", "eval_prompt_field", "eval_answer_field", "eval_every", "eval_samples",
+        "eval_temperature", "device", "kv_pages", "row_tokens",
+    }
+)  # fmt: skip
+
+
+def _check_resumed_settings(path: Path, before: Any, config: TrainConfig) -> None:
+    """Refuse a resume whose settings change what a step computes (the learning rate would be
+    the checkpoint's anyway: its scheduler state comes back), naming each change."""
+    if not isinstance(before, dict):
+        return  # a checkpoint that did not record them
+    now = json.loads(json.dumps(config.to_dict()))
+    differ = sorted(
+        key
+        for key in before.keys() & now.keys()
+        if before[key] != now[key] and key not in RESUMABLE_CHANGES
+    )
+    if differ:
+        changes = ", ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in differ)
+        raise ValueError(
+            f"{path} was trained with other settings ({changes}): resume with those, or "
+            "train into another output_dir"
+        )
+
+
+def _check_fresh_output(config: TrainConfig, resume: bool) -> None:
+    """A run that does not resume must not append its steps to another run's logs."""
+    output = Path(config.output_dir)
+    if resume:
+        return
+    done = checkpoint.latest(output / "checkpoints")
+    metrics = output / "metrics.jsonl"
+    if done is not None or (metrics.is_file() and metrics.stat().st_size):
+        held = f"checkpoints up to {done.name}" if done is not None else "a metrics log"
+        raise ValueError(
+            f"{output} holds a run ({held}): --resume to go on with it, or train into another "
+            "output_dir"
+        )
+
+
 def run(
     config: TrainConfig, resume: bool = False, console: Console | None = None
 ) -> list[dict[str, Any]]:
     """Build a trainer for ``config`` and train (what ``npr train`` runs)."""
+    _check_fresh_output(config, resume)
     trainer = Trainer(config, console=console)
     if trainer.world.is_main:
         trainer.output_dir.mkdir(parents=True, exist_ok=True)
