@@ -844,13 +844,13 @@ def _eval_metrics(outcomes: list[tuple], samples: int, seconds: float) -> dict[s
     return metrics
 
 
-# Settings a resumed run may change: they decide what is logged, evaluated and how long the run
-# goes, or the resources it takes, not what a step computes.
+# Settings a resumed run may change: they decide what is logged, evaluated, where and how long
+# the run goes, or the resources it takes, not what a step computes.
 RESUMABLE_CHANGES = frozenset(
     {
         "steps", "epochs", "log_every", "save_every", "rollouts_every", "tensorboard",
         "eval_data", "eval_prompt_field", "eval_answer_field", "eval_every", "eval_samples",
-        "eval_temperature", "device", "kv_pages", "row_tokens",
+        "eval_temperature", "output_dir", "device", "sharding", "kv_pages", "row_tokens",
     }
 )  # fmt: skip
 
