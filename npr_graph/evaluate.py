@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .graph import FinishReason, ReasoningGraph
 from .ranks import Claims, PeerLost, Ranks, joined_ranks
-from .typecheck import has_shape
+from .typecheck import has_shape, setting_changes
 
 if TYPE_CHECKING:
     import torch
@@ -806,10 +806,7 @@ def _check_config(out: Path, config: EvalConfig) -> bool:
     if stored != settings:
         changes = "unreadable"
         if isinstance(stored, dict):
-            differ = sorted(
-                k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k)
-            )
-            changes = ", ".join(f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+            changes = setting_changes(stored, settings, stored.keys() | settings.keys())
         raise EvalError(
             f"{out} holds a run with other settings ({changes}; see {path}): rerun with those "
             "to resume, or use another --out or delete that directory"

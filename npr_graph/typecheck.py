@@ -101,3 +101,10 @@ def check_at_least(name: str, value: object, least: int) -> None:
     """ValueError unless ``value`` is an integer (not a bool) of at least ``least``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def setting_changes(before: dict[str, Any], now: dict[str, Any], keys: Collection[str]) -> str:
+    """``"n 2 -> 3, seed 0 -> 1"``: the ``keys`` whose value differs (a missing key is None),
+    or ``""`` when none does; what a refused resume tells the user."""
+    differ = sorted(key for key in keys if before.get(key) != now.get(key))
+    return ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in differ)

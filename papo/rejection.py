@@ -29,7 +29,7 @@ from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.graph import FinishReason
 from npr_graph.prompts import PromptTemplate
-from npr_graph.typecheck import has_shape
+from npr_graph.typecheck import has_shape, setting_changes
 
 from .problems import Problem
 from .rewards import get as get_reward
@@ -319,11 +319,8 @@ class SampleLog:
         before.update(
             {k: v for k, v in SETTINGS_BEFORE.items() if k not in before and k in settings}
         )
-        differ = sorted(
-            k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k)
-        )
-        if differ:
-            changes = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+        changes = setting_changes(before, settings, before.keys() | settings.keys())
+        if changes:
             raise ValueError(
                 f"{self.out} was sampled with other settings ({changes}): rerun with those to "
                 "resume, or choose another --out"

@@ -42,6 +42,7 @@ from npr_graph.engine.sampling import SamplingParams
 from npr_graph.graph import FinishReason
 from npr_graph.models import load_model, resolve_device
 from npr_graph.prompts import PLACEHOLDER, PromptTemplate, load_template
+from npr_graph.typecheck import setting_changes
 
 from . import advantages as advantage_estimators
 from . import checkpoint, distributed, rewards
@@ -861,13 +862,8 @@ def _check_resumed_settings(path: Path, before: Any, config: TrainConfig) -> Non
     if not isinstance(before, dict):
         return  # a checkpoint that did not record them
     now = json.loads(json.dumps(config.to_dict()))
-    differ = sorted(
-        key
-        for key in before.keys() & now.keys()
-        if before[key] != now[key] and key not in RESUMABLE_CHANGES
-    )
-    if differ:
-        changes = ", ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in differ)
+    changes = setting_changes(before, now, (before.keys() & now.keys()) - RESUMABLE_CHANGES)
+    if changes:
         raise ValueError(
             f"{path} was trained with other settings ({changes}): resume with those, or "
             "train into another output_dir"
