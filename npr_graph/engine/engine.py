@@ -525,15 +525,13 @@ class Engine:
         """Feeding the lane's pending tokens would write no text, take no action and score no
         token: a sample cut by its budget, after its last token and every closing tag, each
         scored already."""
-        unscored = any(lp is None for lp in lane.logprobs[len(lane.tokens) - len(lane.pending) :])
-        following = lane.owner.branches[lane.branch + 1 :] if lane.owner is not None else []
         return (
             lane.status is LaneStatus.RUNNING
-            and not unscored
+            and None not in lane.logprobs[lane.num_fed :]
             and not lane.forced_queue
             and lane.after_forced is None
             and (lane.state is None or lane.state.closing_tag() is None)
-            and not (following and following[0].tokens and following[0].logprobs[0] is None)
+            and _unscored_following_branch(lane) is None
         )
 
     def _drop_unfed_text(self, sample: Sample) -> None:
@@ -1030,11 +1028,8 @@ class Engine:
     def _score_following_branch(self, lane: Lane) -> None:
         """A branch's last logits score the first token of the branch after it, which the fork
         wrote with no logits of its own."""
-        owner = lane.owner
-        if owner is None or lane.final_logits is None or lane.branch + 1 >= len(owner.branches):
-            return
-        following = owner.branches[lane.branch + 1]
-        if following.tokens and following.logprobs[0] is None:
+        following = _unscored_following_branch(lane)
+        if following is not None and lane.final_logits is not None:
             self._score_later(following, 0, lane.final_logits[None])
 
     def _branch_done(self, lane: Lane) -> None:
@@ -1220,6 +1215,16 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _unscored_following_branch(lane: Lane) -> Lane | None:
+    """The branch after ``lane``'s when its first token (which the fork wrote with no logits of
+    its own) still waits for ``lane``'s last logits to score it."""
+    owner = lane.owner
+    if owner is None or lane.branch + 1 >= len(owner.branches):
+        return None
+    following = owner.branches[lane.branch + 1]
+    return following if following.tokens and following.logprobs[0] is None else None
 
 
 __all__ = ["Engine", "EngineStats", "SamplingParams"]
