@@ -660,7 +660,7 @@ def test_triton_cuda_graphs_give_nested_branches_a_level_of_their_own(monkeypatc
     level for the branches of nested blocks: they read their enclosing path up to their fork
     once, between them, not once each in their tails (as before: a graph's number of levels is
     fixed); the graphs still reproduce the dense forward."""
-    from test_multiverse_engine import ROOMY, check_graph, nested_blocks, nesting
+    from test_multiverse_engine import check_graph, nested_blocks, nesting
 
     from npr_graph.engine.runner import ModelRunner
 
@@ -688,10 +688,13 @@ def test_triton_cuda_graphs_give_nested_branches_a_level_of_their_own(monkeypatc
     add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "multiverse")
     device = "cuda" if CUDA else "cpu"
     model = tiny_model("llama", tokenizer=tok, num_hidden_layers=1).to(device)
-    engine = Engine(model, tok, page_size=4, num_pages=1024, max_lanes=8, device=device,
+    engine = Engine(model, tok, page_size=4, num_pages=1024, max_lanes=4, device=device,
                     grammar="multiverse", attention_backend=TritonBackend(cascade=True),
                     cuda_graphs=True)  # fmt: skip
-    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=120, max_blocks=2, **ROOMY)
+    # Short elements and 4 lanes: the interpreter runs every program of a graphed step's grid.
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=70, max_blocks=2,
+                            max_branches=2, max_plan_tokens=3, max_step_tokens=8,
+                            max_takeaway_tokens=3)  # fmt: skip
     (graph,) = engine.generate(
         ["Q"], params, mode="constrained", chat=False, logits_processor=nesting(engine)
     )

@@ -228,9 +228,12 @@ def test_decode_benchmark_counts_each_blocks_own_kv_pages(smollm2_tokenizer):
     """The KV pages reported for a width are that block's peak, not the largest of every run on
     the engine so far: width 2 after width 8 stays within its naive count."""
     decode = _load("decode")
-    rows = decode.bench_dtype("float32", [8, 2], step_tokens=16)
-    assert rows[2]["peak_kv_pages"] < rows[8]["peak_kv_pages"]
-    for row in rows.values():
+    model, tokenizer = decode.load_model(None, dtype="float32", tags="special")
+    engine = decode.Engine(model, tokenizer)
+    prompt_ids = engine.encode_prompt(decode.QUESTION)
+    wide, narrow = (decode.run_width(engine, prompt_ids, width, 16) for width in (8, 2))
+    assert narrow["peak_kv_pages"] < wide["peak_kv_pages"]
+    for row in (wide, narrow):
         assert row["peak_kv_pages"] <= row["naive_kv_pages"]
 
 
