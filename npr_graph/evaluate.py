@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .graph import FinishReason, ReasoningGraph
-from .ranks import Claims, PeerLost, Ranks, joined_ranks
+from .ranks import Claims, PeerLost, Ranks, joined_ranks, rank_label
 from .typecheck import has_shape, setting_changes
 
 if TYPE_CHECKING:
@@ -397,10 +397,18 @@ def summarize(
     timeout_s: float = 5.0,
 ) -> dict[str, Any]:
     """The summary of sample lines: aggregates, then ``per_problem``. Pure: the same lines give
-    the same summary whichever process (or how many) produced them."""
+    the same summary whichever process (or how many) produced them. Every problem needs its
+    samples ``0 .. n-1``, once each: averages over problems with fewer would weigh them unevenly."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(record["problem_id"], []).append(record)
+    for problem_id, samples in groups.items():
+        numbers = sorted(s["sample"] for s in samples)
+        if numbers != list(range(n)):
+            raise ValueError(
+                f"problem {problem_id!r} has samples {numbers}; a summary needs samples "
+                f"0..{n - 1} of every problem"
+            )
     ks = ks_for(n)
     verified: dict[tuple[str, str], bool] = {}  # the majority votes' equivalence checks
     per_problem = []
@@ -1301,12 +1309,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = run_eval(config)
     except (EvalError, ValueError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"npr eval: {message}", file=sys.stderr)
+        print(f"npr eval:{rank_label()} {message}", file=sys.stderr)
         return 2
     except (OSError, PeerLost) as error:  # writing the results (a full disk), another rank
         # that stopped: what is written is whole
         print(
-            f"npr eval: {error}; the problems written so far are kept, and the same command "
+            f"npr eval:{rank_label()} {error}; the problems written so far are kept, and the same command "
             "resumes the run",
             file=sys.stderr,
         )

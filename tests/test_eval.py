@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -353,6 +354,20 @@ def test_majority_checks_each_distinct_answer_once(monkeypatch) -> None:
     summary = summarize(lines, n=8)
     assert [p["majority"] for p in summary["per_problem"]] == ["1", "1"]
     assert len(spy.calls) == 6
+
+
+def test_summary_refuses_a_problem_without_its_n_samples() -> None:
+    """pass@k and avg@n average over problems; one with fewer samples (or a sample twice) would
+    count unevenly, so a summary of such lines is refused, naming the problem."""
+    whole = [_record("a", 0, s, "1/2", True) for s in range(2)]
+    for lines, found in [
+        (whole + [_record("b", 1, 0, "7", False)], "[0]"),
+        (whole + [_record("b", 1, s, "7", False) for s in (0, 0)], "[0, 0]"),
+        (whole + [_record("b", 1, s, "7", False) for s in (0, 1, 2)], "[0, 1, 2]"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"problem 'b' has samples {found}")):
+            summarize(lines, n=2)
+    assert summarize(whole, n=2)["problems"] == 1
 
 
 def test_majority_counts_equivalent_answers_together(monkeypatch) -> None:
@@ -890,6 +905,17 @@ def test_cli_bad_input(tmp_path, tiny_dir, capsys) -> None:
         code = main(_cli_args(tiny_dir, mixed, tmp_path / "o7", option, value))
         assert code == 2 and message in capsys.readouterr().err, option
     assert not (tmp_path / "o7").exists(), "refused before anything ran"
+
+
+def test_cli_error_names_its_rank_under_torchrun(tmp_path, tiny_dir, data, capsys, monkeypatch):
+    """Under torchrun every rank prints its own error: each says which rank it is."""
+    args = _cli_args(tiny_dir, data, tmp_path / "out", "--threads", "-1")
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("npr eval: --threads must be >= 1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("npr eval: rank 1: --threads must be >= 1")
 
 
 def test_cli_a_failing_write_is_an_error_and_the_run_resumes(
