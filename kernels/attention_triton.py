@@ -32,7 +32,9 @@ MERGE_CHUNK = 16
 MERGE_WARPS = 4
 
 
-@triton.jit
+# Integers that change from step to step are not specialized on (Triton compiles a variant per
+# value class: 1, a multiple of 16, other), so a run compiles no new variant as its views grow.
+@triton.jit(do_not_specialize=["stride_ln", "state_offset", "num_qblocks", "num_splits"])
 def _decode_kernel(
     query,
     k_cache,
@@ -145,7 +147,7 @@ def _decode_kernel(
         tl.store(out_lse + qi * stride_ln + state * stride_ls + head, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_states", "stride_ln"])
 def _merge_kernel(
     values,
     lse,

@@ -55,7 +55,10 @@ export CUDA_HOME
 # The build environment: FlashInfer's Python side drives its own build.
 mkdir -p "$WORK"
 VENV="$WORK/venv"
-if [[ ! -f "$VENV/.complete" ]]; then
+# Made again for other versions: FlashInfer finds a prebuilt module by its name alone, so a module
+# built by another version would load and then fail when called, instead of being compiled.
+STAMP="flashinfer-python $VERSION, apache-tvm-ffi $TVM_FFI_VERSION"
+if [[ "$(cat "$VENV/.complete" 2>/dev/null)" != "$STAMP" ]]; then
     rm -rf "$VENV" && python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q torch==2.13.0
     # What `import flashinfer` needs, and curand's headers for this CUDA (the cu12 line has
@@ -66,7 +69,7 @@ if [[ ! -f "$VENV/.complete" ]]; then
         requests tqdm "$CURAND"
     # Last and without its declared dependencies (CUDA Python packages of several GB)
     "$VENV/bin/pip" install -q --no-deps "$FLASHINFER_WHEEL" "apache-tvm-ffi==$TVM_FFI_VERSION"
-    touch "$VENV/.complete"
+    echo "$STAMP" >"$VENV/.complete"
 fi
 CURAND_INCLUDE=$(dirname "$(find "$VENV" -name curand_kernel.h | head -1)")
 export CPATH="$CURAND_INCLUDE${CPATH:+:$CPATH}"

@@ -220,6 +220,25 @@ def test_auto_picks_by_device_and_installed_packages(monkeypatch):
     assert isinstance(make_backend("auto", "cuda"), FlashInferBackend)
 
 
+def test_auto_leaves_flashinfer_for_a_model_it_has_no_kernels_for(monkeypatch):
+    """FlashInfer has no float32 kernels (the trainer's fp32 model on CUDA failed with a KeyError
+    in its first decode step) and is built for head dims 64, 128 and 256: ``auto`` picks triton
+    for other models, and a FlashInfer backend on CUDA refuses a float32 model."""
+    monkeypatch.setattr(backends, "flashinfer_installed", lambda: True)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+
+    def model(dtype, head_dim):
+        return tiny_model("llama", head_dim=head_dim).to(dtype)
+
+    assert isinstance(make_backend("auto", "cuda", model(torch.bfloat16, 64)), FlashInferBackend)
+    assert isinstance(make_backend("auto", "cuda", model(torch.float16, 128)), FlashInferBackend)
+    assert isinstance(make_backend("auto", "cuda", model(torch.float32, 64)), TritonBackend)
+    assert isinstance(make_backend("auto", "cuda", model(torch.bfloat16, 16)), TritonBackend)
+    monkeypatch.setitem(sys.modules, "flashinfer", _FakeFlashInfer())
+    with pytest.raises(ValueError, match="FlashInfer has no float32 attention kernels"):
+        FlashInferBackend().attach(model(torch.float32, 64), torch.device("cuda"))
+
+
 def test_backend_errors_are_clear(monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend"):
         make_backend("xformers")
@@ -719,6 +738,12 @@ def test_cuda_graph_bucket_grows_its_page_table(special_tokenizer, monkeypatch):
     error = (dense_logprobs(engine.model, graph) - torch.tensor(
         graph.logprobs[graph.prompt_num_tokens :])).abs().max().item()  # fmt: skip
     assert error <= 1e-4
+    # Room set before the first step (as the GPU benchmark does for its lanes' longest views):
+    # recorded once, the same tokens.
+    engine.runner.enable_graphs(4, graph_factory=_ReplayGraph)
+    engine.runner.graphs.slots_per_lane = len(graph.token_ids)
+    (again,) = engine.generate(["Count: one two three"], params, mode="sequential", chat=False)
+    assert engine.runner.graphs.captures == 1 and again.token_ids == graph.token_ids
 
 
 def test_flashinfer_graph_decoder_of_a_wide_bucket_gets_the_workspace_it_needs(monkeypatch):
@@ -950,14 +975,18 @@ def test_gpu_cuda_graph_decode_matches_eager(family, backend, cascade, special_t
 @needs_cuda
 @pytest.mark.parametrize("sampling", ["greedy", "top_p"])
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_gpu_overlapped_steps_match_the_plain_engine(backend, sampling, special_tokenizer):
+def test_gpu_overlapped_steps_match_the_plain_engine(
+    backend, sampling, special_tokenizer, monkeypatch
+):
     """Overlapped graphed steps on a GPU: picked tokens go from the device into the next graph's
     inputs, and to the host through pinned memory after that graph is queued. Greedy and seeded
-    top-p (a random model's flat rows: every overlapped pick speculates wrong and is picked
-    again), bf16: the plain engine's tokens (until a last-bit difference of another batch flips
-    a pick) and log-probs within bf16 noise of the dense forward."""
+    top-p (3 candidates: a random model's flat rows reach past them, so overlapped picks
+    speculate wrong and are picked again; the default 256 hold every nucleus of this 265-token
+    vocabulary), bf16: the plain engine's tokens (until a last-bit difference of
+    another batch flips a pick) and log-probs within bf16 noise of the dense forward."""
     if backend == "flashinfer" and not backends.flashinfer_installed():
         pytest.skip("flashinfer is not installed")
+    monkeypatch.setattr("npr_graph.engine.sampling.NUCLEUS_CANDIDATES", (3,))
     model = tiny_model("qwen3", tokenizer=special_tokenizer, dtype=torch.bfloat16, **GPU_SHAPE)
     model = model.to("cuda")
     picking = {"greedy": dict(temperature=0), "top_p": dict(temperature=1.0, top_p=0.5, seed=1)}

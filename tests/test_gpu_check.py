@@ -95,6 +95,30 @@ def test_dry_run_without_prebuilt_kernels_of_the_flashinfer_version_leaves_them_
     assert "tests: skipped" in result.stdout and "collected" not in result.stdout
 
 
+def test_dry_run_skips_either_test_run(tmp_path):
+    """--skip gpu-tests or cuda-tests leaves out one of the two test runs; the run on CUDA tensors
+    leaves out the slow tests (a compile check that needs no GPU, an interpreter-sized one). A
+    result file a stopped benchmark was rewriting is not left behind."""
+    torn = tmp_path / "out" / ".gpu_decode.json.partial"
+    torn.parent.mkdir()
+    torn.write_text('{"part"')
+    result = _dry_run(tmp_path, tmp_path / "no-wheels", "--skip", "gpu-tests,jit,bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not torn.exists()
+    runs = [
+        line for line in result.stdout.splitlines() if "would run" in line and "-m pytest" in line
+    ]
+    assert "gpu tests: skipped" in result.stdout and "collected" not in result.stdout
+    assert len(runs) == 1 and "-m not gpu and not slow" in runs[0].replace("'", ""), runs
+    result = _dry_run(tmp_path, tmp_path / "no-wheels", "--skip", "cuda-tests", "--skip", "jit")
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [
+        line for line in result.stdout.splitlines() if "would run" in line and "-m pytest" in line
+    ]
+    assert "tests on CUDA tensors: skipped" in result.stdout
+    assert len(runs) == 1 and "-m gpu" in runs[0], runs
+
+
 def test_dry_run_keeps_every_step_within_the_budget(tmp_path):
     """No step's time limit reaches past ``--budget`` (a device call ends there, and whatever
     ran past it is lost): each is cut to what is left, less the kill grace, and a step that

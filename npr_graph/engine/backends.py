@@ -35,6 +35,9 @@ from .kv import SlotViews
 from .transfer import copy_into, to_device
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
+# what FlashInfer 0.6's attention kernels are built for (its dtype maps have no float32)
+FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 # query [B, Hq, D], keys / values [slots, Hkv, D] of one layer, scale -> output [B, Hq, D]
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -301,6 +304,12 @@ class FlashInferBackend(_LevelsBackend):
 
     def attach(self, model: torch.nn.Module, device: torch.device) -> None:
         super().attach(model, device)
+        # On the CPU only the tests' stand-in runs, which takes float32 to compare at 1e-4.
+        if device.type == "cuda" and self.dtype not in FLASHINFER_DTYPES:
+            raise ValueError(
+                f"FlashInfer has no {str(self.dtype).removeprefix('torch.')} attention kernels: "
+                "load the model in bfloat16 or float16, or use the triton or torch backend"
+            )
         import flashinfer
 
         self._flashinfer = flashinfer
@@ -576,18 +585,31 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def flashinfer_takes(model: torch.nn.Module) -> bool:
+    """Whether FlashInfer's kernels take ``model``'s attention: float16 or bfloat16 (it has no
+    float32 kernels) and a head dim its kernels are instantiated for."""
+    config = text_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    return dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS
+
+
 def make_backend(
-    spec: str | AttentionBackend = "auto", device: torch.device | str = "cpu"
+    spec: str | AttentionBackend = "auto",
+    device: torch.device | str = "cpu",
+    model: torch.nn.Module | None = None,
 ) -> AttentionBackend:
     """A backend instance from its name: ``auto`` picks flashinfer when CUDA and flashinfer are
-    present, else triton on CUDA, else torch; an instance is returned as it is."""
+    present (and it takes ``model``, if given: :func:`flashinfer_takes`), else triton on CUDA,
+    else torch; an instance is returned as it is."""
     if isinstance(spec, AttentionBackend):
         return spec
     if spec not in BACKENDS:
         raise ValueError(f"unknown attention backend {spec!r}; choose one of {', '.join(BACKENDS)}")
     cuda = torch.device(device).type == "cuda"
     if spec == "auto":
-        if cuda and flashinfer_installed():
+        if cuda and flashinfer_installed() and (model is None or flashinfer_takes(model)):
             spec = "flashinfer"
         elif cuda and triton_installed():
             spec = "triton"

@@ -153,7 +153,7 @@ class Engine:
             kv_bytes = kv_memory_for(self.device, kv_memory_bytes)
             num_pages = max(8, kv_bytes // (probe * page_size))
         self.pool = PagePool(num_pages, page_size)
-        self.attention_backend = make_backend(attention_backend, self.device)
+        self.attention_backend = make_backend(attention_backend, self.device, model)
         self.runner = ModelRunner(model, self.pool, self.device, self.attention_backend)
         if cuda_graphs:  # decode steps replay recorded graphs (graphs.py); flashinfer, CUDA only
             # a cascade level for the branches of blocks nested one deep (Multiverse)

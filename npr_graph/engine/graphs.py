@@ -134,6 +134,9 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
         self.graph_factory = graph_factory or functools.partial(CudaGraph, pool)
         self.captured: dict[int, _Captured] = {}
+        # page-table room per lane of a bucket recorded from now on: a caller that knows how long
+        # its lanes' views grow sets it before the first steps, so that none is recorded again
+        self.slots_per_lane = INITIAL_SLOTS_PER_LANE
         self.captures = 0  # how many graphs were recorded (re-captures included)
         self.replays = 0
 
@@ -159,7 +162,7 @@ class DecodeGraphs:
         needed = indices_needed(views, size)
         entry = self.captured.get(size)
         if entry is None or needed > entry.decoder.capacity:
-            capacity = max(size * INITIAL_SLOTS_PER_LANE, 2 * needed)
+            capacity = max(size * self.slots_per_lane, 2 * needed)
             entry = self._prepare(size, capacity)
         # Padding rows: token 0 at position 0, written to the scratch slot 0. Token ids picked
         # by an overlapped step come from the device.
