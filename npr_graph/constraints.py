@@ -142,7 +142,8 @@ def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
     spec = dialect(graph.grammar)
     nodes = graph.nodes
     out: list[Violation] = []
-    for block in graph.blocks:
+    nesting = {block.parent for block in graph.blocks if block.parent is not None}
+    for index, block in enumerate(graph.blocks):
         first = nodes[
             (block.header or block.items or [b[0] for b in block.branches] or [block.join])[0]
         ]
@@ -177,7 +178,17 @@ def _block_rules(graph: ReasoningGraph, max_branches: int) -> list[Violation]:
                 )
             )
         out += _numbering(graph, block, plans, heads)
-        for node in [*plans, *heads, *([nodes[block.join]] if block.join is not None else [])]:
+        # A branch is its segments and the blocks nested in it: one holding only a nested block
+        # (``<Path>1: <Parallel>…``) is not empty.
+        empty_branches = [
+            nodes[branch[0]]
+            for b, branch in enumerate(block.branches)
+            if branch
+            and (index, b) not in nesting
+            and all(_is_empty(nodes[i]) for i in branch if nodes[i].block == index)
+        ]
+        join = [nodes[block.join]] if block.join is not None else []
+        for node in [*plans, *empty_branches, *join]:
             if _is_empty(node):
                 out.append(_violation("empty_content", f"empty <{node.kind.value}>", node))
     return out

@@ -360,7 +360,8 @@ def _blocks(
     if TAGS[grammar].wrapper and depth < max_depth:
         inner = _blocks(grammar, max_branches, depth + 1, max_depth)
         rest = st.lists(st.tuples(inner, st.one_of(st.just(""), text)), min_size=1, max_size=2)
-        nested = st.builds(_nested_step, text, rest)
+        # a step may open a nested block before any text of its own: it is not empty
+        nested = st.builds(_nested_step, st.one_of(text, st.just("")), rest)
         # plain text at 0, which hypothesis shrinks towards: a minimal example nests only if it must
         one_in = max(5, max_branches)
         step = st.integers(0, one_in).flatmap(lambda n: nested if n == one_in else text)

@@ -52,6 +52,23 @@ def test_each_rule_is_reported(old, new, code):
     assert code in codes(text)
 
 
+def test_a_path_that_only_opens_a_nested_block_is_not_empty():
+    """A Multiverse path is its text and the blocks nested in it: ``<Path>1: <Parallel>…`` holds a
+    block, so it is not empty (it was reported as empty_content, and format_valid failed); a
+    path with neither text nor a nested block still is."""
+    nested_only = MULTIVERSE_TRACE.replace(
+        "<Path>\n1: split further\n<Parallel>", "<Path>\n1: <Parallel>"
+    )
+    assert nested_only != MULTIVERSE_TRACE
+    assert ng.validate(nested_only, grammar="multiverse") == []
+    assert ng.format_valid(ng.parse(nested_only, grammar="multiverse"))
+    empty = nested_only.replace("<Path>\n2: five odds\n</Path>", "<Path>\n2: </Path>")
+    assert empty != nested_only
+    assert codes(empty, grammar="multiverse") == ["empty_content"]
+    violation = ng.validate(empty, grammar="multiverse")[0]
+    assert ng.parse(empty, grammar="multiverse").nodes[violation.node].label == "2"
+
+
 def test_branch_count_and_limits():
     two_plans_one_step = NPR_TRACE.replace(
         "<step>\n2: x=(5±√(25-24))/2 gives 3 and 2.\n</step>\n", ""
