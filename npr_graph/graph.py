@@ -355,6 +355,7 @@ class ReasoningGraph:
             raise ValueError(f"not a reasoning graph dict: {'; '.join(problems[:3])}")
         check_partition(graph)
         check_blocks(graph)
+        check_spans(graph)
         return graph
 
     def to_json(self, **kwargs: Any) -> str:
@@ -410,22 +411,65 @@ def check_partition(graph: ReasoningGraph) -> None:
         raise ValueError(f"nodes cover {expected_token} of {len(graph.token_ids)} tokens")
 
 
+# the kinds of node a block's plans, branch heads and join may be, in either grammar
+ITEM_KINDS = (NodeKind.PLAN, NodeKind.OUTLINE)
+BRANCH_KINDS = (NodeKind.STEP, NodeKind.PATH)
+JOIN_KINDS = (NodeKind.TAKEAWAY, NodeKind.CONCLUSION)
+
+
 def check_blocks(graph: ReasoningGraph) -> None:
-    """Raise ValueError unless every block names existing nodes, no branch is empty (a branch
-    holds at least its head) and a nested block names an existing enclosing branch."""
-    count = len(graph.nodes)
+    """Raise ValueError unless every block names existing nodes of the right kinds (plans, branch
+    heads, join), no branch is empty (a branch holds at least its head) and a nested block names
+    an existing enclosing branch of a block before it."""
+    nodes = graph.nodes
     for block in graph.blocks:
         if any(not branch for branch in block.branches):
             raise ValueError(f"block {block.index} has an empty branch")
         named = [*block.header, *block.items, *(i for b in block.branches for i in b), *block.close]
         if block.join is not None:
             named.append(block.join)
-        if any(not 0 <= i < count for i in named):
+        if any(not 0 <= i < len(nodes) for i in named):
             raise ValueError(f"block {block.index} names a node that does not exist")
+        for role, ids, kinds in (
+            ("plan", block.items, ITEM_KINDS),
+            ("branch head", [branch[0] for branch in block.branches], BRANCH_KINDS),
+            ("join", [] if block.join is None else [block.join], JOIN_KINDS),
+        ):
+            wrong = next((i for i in ids if nodes[i].kind not in kinds), None)
+            if wrong is not None:
+                raise ValueError(
+                    f"block {block.index} names node {wrong}, a {nodes[wrong].kind}, as a {role}"
+                )
         if block.parent is not None:
             outer, branch = block.parent
-            if not (0 <= outer < len(graph.blocks) and 0 <= branch < graph.blocks[outer].width):
-                raise ValueError(f"block {block.index} is nested in a branch that does not exist")
+            if not (0 <= outer < block.index and 0 <= branch < graph.blocks[outer].width):
+                raise ValueError(
+                    f"block {block.index} is nested in a branch that does not exist before it"
+                )
+
+
+def check_spans(graph: ReasoningGraph) -> None:
+    """Raise ValueError unless the response start, the prompt's tokens, the token offsets and
+    the violations' places lie within the text and tokens they index."""
+    size = len(graph.text)
+    if not 0 <= graph.response_start <= size:
+        raise ValueError(f"response_start {graph.response_start} is outside the {size}-char text")
+    tokens = 0 if graph.token_ids is None else len(graph.token_ids)
+    if not 0 <= graph.prompt_num_tokens <= tokens:
+        raise ValueError(f"prompt_num_tokens {graph.prompt_num_tokens} of {tokens} tokens")
+    offsets = graph.token_offsets
+    if offsets is not None and (
+        offsets[0] != 0 or offsets[-1] != size or any(a > b for a, b in zip(offsets, offsets[1:]))
+    ):
+        raise ValueError("token_offsets must rise from 0 to the end of the text")
+    for violation in graph.violations:
+        if violation.node is not None and not 0 <= violation.node < len(graph.nodes):
+            raise ValueError(f"a violation names node {violation.node}, which does not exist")
+        if not 0 <= violation.char_start <= violation.char_end <= size:
+            raise ValueError(
+                f"a violation spans chars {violation.char_start}:{violation.char_end} "
+                f"of a {size}-char text"
+            )
 
 
 def _type_problems(graph: ReasoningGraph) -> list[str]:

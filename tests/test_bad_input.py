@@ -331,20 +331,39 @@ def _corrupt(data: dict, change: str) -> Any:
         data["nodes"][1]["token_end"] += 1
     elif change == "block field":
         data["blocks"][0]["colour"] = "red"
+    elif change in ("violation node", "violation span"):
+        bad = dict(node=999) if change == "violation node" else dict(char_start=5, char_end=3)
+        data["violations"] = [{"code": "stray_text", "message": "m", "node": 0, **bad}]
+    elif change == "offsets reversed":
+        data["token_offsets"] = data["token_offsets"][::-1]
+    elif change == "offsets zero":
+        data["token_offsets"] = [0] * len(data["token_offsets"])
+    elif change == "response start":
+        data["response_start"] = 10**9
+    elif change == "prompt tokens":
+        data["prompt_num_tokens"] = 10**6
+    elif change == "nested in itself":
+        data["blocks"][0]["parent"] = [0, 0]
+    elif change == "join is a plan":
+        data["blocks"][0]["join"] = data["blocks"][0]["items"][0]
+    elif change == "plan is a step":
+        data["blocks"][0]["items"][0] = data["blocks"][0]["branches"][0][0]
     return data
 
 
 @pytest.mark.parametrize(
     "change",
     ["not a dict", "schema", "no text", "node not a dict", "unknown kind", "gap",
-     "forward parent", "short cover", "token gap", "block field"],
+     "forward parent", "short cover", "token gap", "block field", "violation node",
+     "violation span", "offsets reversed", "offsets zero", "response start", "prompt tokens",
+     "nested in itself", "join is a plan", "plan is a step"],
 )  # fmt: skip
 def test_a_broken_graph_dict_is_a_value_error(change):
     """Saved graphs (samples.jsonl, to_json) read back wrong: a ValueError that says what is
     wrong, never another exception or a graph that does not tile its text."""
     graph = parse(NPR_TRACE, tokenizer=CharTokenizer())
     assert ReasoningGraph.from_dict(graph.to_dict()).to_dict() == graph.to_dict()
-    with pytest.raises(ValueError, match=r"graph|node|schema|cover"):
+    with pytest.raises(ValueError, match=r"graph|node|schema|cover|chars|text|tokens|before"):
         ReasoningGraph.from_dict(_corrupt(graph.to_dict(), change))
     with pytest.raises(ValueError):
         ReasoningGraph.from_json('{"text": "x", "nodes": [')
