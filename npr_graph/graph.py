@@ -20,6 +20,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from itertools import pairwise
 from typing import Any
 
 import networkx as nx
@@ -459,7 +460,7 @@ def check_spans(graph: ReasoningGraph) -> None:
         raise ValueError(f"prompt_num_tokens {graph.prompt_num_tokens} of {tokens} tokens")
     offsets = graph.token_offsets
     if offsets is not None and (
-        offsets[0] != 0 or offsets[-1] != size or any(a > b for a, b in zip(offsets, offsets[1:]))
+        offsets[0] != 0 or offsets[-1] != size or any(a > b for a, b in pairwise(offsets))
     ):
         raise ValueError("token_offsets must rise from 0 to the end of the text")
     for violation in graph.violations:
