@@ -552,6 +552,11 @@ def text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def head_dim(config: Any) -> int:
+    """The attention head size of a (text) config: ``head_dim`` where it is set, else derived."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` (default: :func:`default_device`) as a ``torch.device``; a ValueError that says
     why for a name torch does not know, a device other than cpu or cuda, or CUDA absent."""

@@ -29,7 +29,7 @@ import torch
 
 from kernels.attention import DecodeLevel, cascade_decode_attention
 
-from ..models import text_config
+from ..models import head_dim, text_config
 from .graphs import GraphDecoder
 from .kv import SlotViews
 from .transfer import copy_into, to_device
@@ -184,7 +184,7 @@ class AttentionBackend:
         config = text_config(model)
         self.num_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         self.dtype = next(model.parameters()).dtype
         self.device = device
         scales = {
@@ -588,11 +588,8 @@ def triton_installed() -> bool:
 def flashinfer_takes(model: torch.nn.Module) -> bool:
     """Whether FlashInfer's kernels take ``model``'s attention: float16 or bfloat16 (it has no
     float32 kernels) and a head dim its kernels are instantiated for."""
-    config = text_config(model)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     dtype = next(model.parameters()).dtype
-    return dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS
+    return dtype in FLASHINFER_DTYPES and head_dim(text_config(model)) in FLASHINFER_HEAD_DIMS
 
 
 def make_backend(

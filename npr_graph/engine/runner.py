@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..models import text_config
+from ..models import head_dim, text_config
 from .attention import KVCache, StepPlan, attention_implementation
 from .backends import AttentionBackend, TorchBackend
 from .graphs import CudaGraph, DecodeGraphs
@@ -40,12 +40,11 @@ class ModelShape:
     def of(cls, model: torch.nn.Module) -> ModelShape:
         config = text_config(model)
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(
             config.num_hidden_layers,
             kv_heads,
-            head_dim,
+            head_dim(config),
             model.get_output_embeddings().weight.shape[0],
         )
 
