@@ -217,10 +217,7 @@ def _numbering(
 
 
 def _is_empty(node: Node) -> bool:
-    content = node.content.strip()
-    if node.label is not None:
-        content = content[len(node.label) :].lstrip(" :.)")
-    return not content
+    return not node.body.strip()
 
 
 def _text_rules(graph: ReasoningGraph) -> list[Violation]:

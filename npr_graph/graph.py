@@ -127,6 +127,15 @@ class Node:
         end = self.close_tag[0] if self.close_tag else self.char_end
         return self.text[start - self.char_start : end - self.char_start]
 
+    @property
+    def body(self) -> str:
+        """The content without its leading whitespace and the label it is numbered with (the
+        ``2: `` of ``<step>2: ...``)."""
+        content = self.content.lstrip()
+        if self.label is not None and content.startswith(self.label):
+            content = content[len(self.label) :].lstrip(" :.)")
+        return content
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kind"] = self.kind.value

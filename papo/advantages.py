@@ -107,8 +107,9 @@ def step_scores(
             [i for i in branch if graph.nodes[i].kind in BRANCH_KINDS] for branch in block.branches
         ]
         branches = [nodes for nodes in branches if nodes]
+        # without the step's label: "2:" is its number, not a result it states
         stated = [
-            scorer("".join(graph.nodes[i].content for i in nodes), reference) for nodes in branches
+            scorer("\n".join(graph.nodes[i].body for i in nodes), reference) for nodes in branches
         ]
         known = [s for s in stated if s is not None]
         if not known:

@@ -415,8 +415,11 @@ class Trainer:
             reward = self.reward_fn(response, self.problems[problem].answer)
             tokens = graph.num_tokens - graph.prompt_num_tokens
             if c.overlong_buffer:
+                # max_new_tokens bounds the critical path (the native end position), not the
+                # sum over branches: a parallel rollout within its budget is not overlong
+                length = ng.metrics(graph)["critical_path_tokens"]
                 penalty = rewards.overlong_penalty(
-                    tokens, c.max_new_tokens, c.overlong_buffer, c.overlong_factor
+                    length, c.max_new_tokens, c.overlong_buffer, c.overlong_factor
                 )
                 reward = rewards.Reward(
                     reward.score + penalty,

@@ -121,6 +121,24 @@ def test_branch_default_scorer_rewards_the_step_that_verifies():
     assert float(tokens[start]) == pytest.approx(base + 0.5 * terms[steps[0].id])
 
 
+def test_a_steps_label_is_not_its_stated_result():
+    """ "2:" numbers the step: a step stating no result of its own gets no branch term, whatever
+    its number (the label was read as the result, so credit followed which index equalled the
+    reference)."""
+    trace = (
+        "<guideline>\n<plan>1: factor</plan>\n<plan>2: formula</plan>\n<plan>3: guess</plan>\n"
+        "</guideline>\n<step>\n1: factoring gives roots two and three\n</step>\n"
+        "<step>\n2: the formula agrees\n</step>\n<step>\n3: a guess is unreliable\n</step>\n"
+        "<takeaway>\nroots two and three\n</takeaway>\nThe answer is \\boxed{3}."
+    )
+    for reference in ("1", "2", "3"):
+        assert advantages.branch_terms(_graph(trace), reference) == {}
+    stated = trace.replace("roots two and three\n</step>", "roots 2 and 3\n</step>")
+    stated = _graph(stated.replace("formula agrees", "formula gives 5"))
+    terms = advantages.branch_terms(stated, "3")
+    assert [terms[step.id] for step in stated.nodes_of("step")] == [1.0, -1.0, 0.0]
+
+
 def test_node_advantages_give_each_node_its_credit():
     """Per node, the mean advantage of its trained tokens: the outcome on shared nodes, plus
     the branch term on steps; engine-written tokens (never trained) do not count."""

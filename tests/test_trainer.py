@@ -720,6 +720,32 @@ def test_zero_stage_uses_text_tags_and_dapo(problems, tmp_path, tokenizers):
     assert metrics["format_valid_rate"] == 0.0
 
 
+def test_overlong_penalty_measures_the_critical_path(problems, tmp_path, tokenizers, monkeypatch):
+    """max_new_tokens bounds a sample's critical path, so the DAPO overlong penalty measures
+    that, not the tokens of all branches together (a parallel rollout within its budget was
+    penalized as overlong, more the wider it was)."""
+    import dataclasses
+
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "run", max_new_tokens=80, overlong_buffer=40)
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    # samples end at 60 tokens in all, inside the budget's slope, their critical paths shorter
+    params = run._sampling_params
+    monkeypatch.setattr(
+        run, "_sampling_params", lambda seed: dataclasses.replace(params(seed), max_total_tokens=60)
+    )
+    rollouts, _ = run.rollout([(0, 0), (1, 1)], step=0)
+    shorter = 0
+    for rollout in rollouts:
+        graph = rollout.graph
+        critical = ng.metrics(graph)["critical_path_tokens"]
+        shorter += 40 < critical < rollout.response_tokens
+        base = rewards.get("test_length")(graph.response_text, "").score
+        expected = rewards.overlong_penalty(critical, 80, 40)
+        assert rollout.reward.score == pytest.approx(base + expected)
+    assert shorter, "some rollout's critical path is on the slope and shorter than its tokens"
+
+
 def test_bad_data_is_a_clear_error(tmp_path, tokenizers):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "1+1"}\n')
