@@ -211,6 +211,35 @@ def counting(calls, then=None):
     return processor
 
 
+def test_a_plan_tag_the_branch_bounds_leave_no_choice_for_is_written_by_the_engine(
+    special_tokenizer,
+):
+    """Below min_branches another <plan> is the only choice, at max_branches </guideline> is:
+    the engine writes it (forced, so not trained on; the policy chose nothing there), and
+    samples the plan tags only where the count is open."""
+    engine = make_engine("llama", special_tokenizer)
+    tag_ids = {engine.format.tag_ids[t]: t for t in ("<plan>", "</guideline>")}
+
+    def sampled_tags(min_branches, max_branches):
+        params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=60, n=4,
+                                min_branches=min_branches, max_branches=max_branches,
+                                max_blocks=1, **SHORT)  # fmt: skip
+        graphs = engine.generate(["Q?", "R?"], params, mode="constrained", chat=False)
+        assert all(b.width in range(min_branches, max_branches + 1)
+                   for g in graphs for b in g.blocks)  # fmt: skip
+        return [
+            tag_ids[token]
+            for g in graphs
+            for token, forced in zip(g.token_ids, g.forced, strict=True)
+            if token in tag_ids and not forced
+        ]
+
+    assert sampled_tags(2, 2) == [], "no choice: every plan tag is the engine's"
+    assert sampled_tags(3, 3) == []
+    open_count = sampled_tags(1, 3)
+    assert "</guideline>" in open_count and "<plan>" in open_count
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap):
     """Preemption keeps a request's lanes: when it is admitted again, prefill forwards rebuild
@@ -228,7 +257,7 @@ def test_a_preempted_request_resumes_where_it_stopped(special_tokenizer, overlap
         prompts, params, mode="constrained", chat=False, logits_processor=counting(roomy_calls)
     )
     tight = make_engine(
-        "llama", special_tokenizer, num_pages=96, max_prefill_tokens=16, overlap=overlap
+        "llama", special_tokenizer, num_pages=80, max_prefill_tokens=16, overlap=overlap
     )
     seen = parks(tight)
     resumed = []  # requests rebuilt together

@@ -3,7 +3,8 @@
 Every step, the running lanes of all requests decode in one batched forward. A lane forks when
 its guideline closes (one branch lane per plan, sharing the prefix's pages), and the branches
 join into one lane for the takeaway once all have closed their step. Engine-written tokens
-(step headers, the takeaway opener, separators, closing tags) are flagged ``forced``; they are
+(step headers, the takeaway opener, separators, closing tags, a plan tag the branch bounds
+leave no choice for) are flagged ``forced``; they are
 appended right behind the token that called for them and fed in the same step, so they cost no
 decode step of their own (with ``overlap``, behind a picked token they wait for the next step).
 

@@ -409,7 +409,15 @@ class LaneState:
             return Action(), f"{self._label}{self.plans + 1}:" if constrained else ""
         if tag == tags.end(tags.item) and phase is Phase.PLAN:
             self.phase, self.plans = Phase.GUIDELINE, self.plans + 1
-            return Action(), "\n" if constrained else ""
+            if not constrained:
+                return Action(), ""
+            # Where the bounds leave one choice, the engine writes it: a token the policy did not
+            # choose is not trained on (forced), and it costs no decode step.
+            if self.plans < params.min_branches:
+                return Action(), f"\n{tags.item}"
+            if self.plans >= params.max_branches:
+                return Action(), f"\n{tags.end(tags.header)}"
+            return Action(), "\n"
         if tag == tags.end(tags.header) and phase is Phase.GUIDELINE:
             if 1 <= self.plans <= params.max_branches:
                 self.phase = Phase.CLOSED
