@@ -29,6 +29,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -480,9 +481,17 @@ class Trainer:
             return {**metrics, **self._skip("no rollout left to train on")}
         scores = torch.tensor([s[1] for s, k in zip(everything, kept, strict=True) if k])
         groups = torch.tensor([s[0] for s, k in zip(everything, kept, strict=True) if k])
-        outcome_name = "papo" if c.advantage == "branch" else c.advantage
-        outcome = advantage_estimators.get(outcome_name)(scores, groups)
         kept_before = [sum(kept[:i]) for i in range(len(kept) + 1)]
+        estimator = advantage_estimators.get(c.advantage)
+        own_graph_level = c.advantage != "branch" and getattr(estimator, "graph_level", False)
+        if own_graph_level:
+            per_token = self._graph_level_advantages(
+                estimator, rollouts, kept[mine], scores, groups
+            )
+            outcome = None
+        else:
+            outcome_name = "papo" if c.advantage == "branch" else c.advantage
+            outcome = advantage_estimators.get(outcome_name)(scores, groups)
         # a kept rollout's place in the order one process holds them (by draw, then sample; the
         # gathered list is by rank): mini-batches are cut by it, so they do not depend on the ranks
         by_draw = sorted(range(len(everything)), key=lambda position: everything[position][0])
@@ -494,20 +503,56 @@ class Trainer:
             position = offset + local
             if not kept[position]:
                 continue
-            value = float(outcome[kept_before[position]])
             graphs.append(rollout.graph)
             places.append(place[position])
-            token_advantages.append(
-                advantage_estimators.spread(
-                    rollout.graph, value, self.problems[rollout.problem].answer, lam=lam
-                )
-            )
-            advantages[local] = (value, token_advantages[-1])
+            if outcome is None:
+                tokens = per_token[kept_before[position]]
+                value = float(tokens.mean()) if tokens.numel() else 0.0
+            else:
+                value = float(outcome[kept_before[position]])
+                answer = self.problems[rollout.problem].answer
+                tokens = advantage_estimators.spread(rollout.graph, value, answer, lam=lam)
+            token_advantages.append(tokens)
+            advantages[local] = (value, tokens)
         # scored at the temperature the engine recorded its log-probs at (its rule, not a copy)
         temperature = SamplingParams(temperature=c.temperature).scoring_temperature
         result = self._optimize(graphs, token_advantages, temperature, places=places)
         self._log_rollouts(rollouts, kept[mine], advantages, skipped=result.get("skipped"))
         return {**metrics, **result}
+
+    def _graph_level_advantages(
+        self,
+        estimator: Callable[..., Any],
+        rollouts: list[Rollout],
+        kept: list[bool],
+        scores: torch.Tensor,
+        groups: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """A graph-level estimator of the user's own (``graph_level = True``, called as
+        ``fn(graphs, references, rewards, group_ids)``) sees every kept rollout of the step, on
+        every rank, in the order of ``scores``; one tensor per response token of each comes back."""
+        mine = [
+            (rollout.graph, self.problems[rollout.problem].answer)
+            for rollout, keep in zip(rollouts, kept, strict=True)
+            if keep
+        ]
+        everyone = [pair for part in self.world.gather(mine) for pair in part]
+        graphs = [graph for graph, _ in everyone]
+        result = estimator(graphs, [answer for _, answer in everyone], scores, groups)
+        name = self.config.advantage
+        if not isinstance(result, Sequence) or len(result) != len(graphs):
+            raise ValueError(f"advantage estimator {name!r} must return one tensor per graph")
+        for graph, tokens in zip(graphs, result, strict=True):
+            expected = (graph.num_tokens - graph.prompt_num_tokens,)
+            if not isinstance(tokens, torch.Tensor) or tokens.shape != expected:
+                got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
+                raise ValueError(
+                    f"advantage estimator {name!r} must return one advantage per response "
+                    f"token: expected shape {expected}, got {got}"
+                )
+            if not torch.isfinite(tokens).all():
+                raise ValueError(f"advantage estimator {name!r} returned a non-finite advantage")
+        return [tokens.float() for tokens in result]
 
     def _log_rollouts(
         self,

@@ -16,7 +16,8 @@ correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the 
 directory; and every sampled format counts as valid, since a random model never writes the
 boxed answer the format asks for) and ``test_even_length_fails_on_rank_1`` (raises a ValueError
 on rank 1), ``test_length_fails_on_rank_1`` (raises a ValueError on
-rank 1: a bad problem), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
+rank 1: a bad problem), the advantage estimator ``test_batch_z_by_position`` (graph-level: a
+z-score over the whole batch, falling along the response), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
 that its first call on rank 1 returns NaN) and ``test_papo_oom_on_rank_1`` (raises
 torch.OutOfMemoryError on rank 1, as CUDA running out of memory would). After every
 ``Trainer.train`` the launcher writes ``replica_check.json`` to the run's output directory: how
@@ -42,8 +43,8 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from npr_graph.cli import main
+from papo import advantages, rejection, rewards
 from papo import loss as losses
-from papo import rejection, rewards
 from papo.distributed import init_world
 from papo.trainer import Trainer
 
@@ -70,6 +71,21 @@ def even_length_fails_on_rank_1(response: str, reference: str, **_: Any) -> rewa
 
 
 rejection.format_valid = lambda graph: True
+
+
+@advantages.register("test_batch_z_by_position")
+def batch_z_by_position(graphs, references, rewards_, group_ids):
+    """A graph-level estimator of one's own: the reward's z-score over the whole step's batch
+    (every rank's graphs), falling linearly to half of it along the response."""
+    rewards_ = rewards_.double()  # sums in another order (by rank) round alike
+    z = (rewards_ - rewards_.mean()) / (rewards_.std() + 1e-6)
+    return [
+        value * torch.linspace(1.0, 0.5, graph.num_tokens - graph.prompt_num_tokens)
+        for graph, value in zip(graphs, z.tolist(), strict=True)
+    ]
+
+
+batch_z_by_position.graph_level = True  # type: ignore[attr-defined]
 
 
 _nan_returned = False
@@ -154,9 +170,9 @@ def _record_rollouts(self: Trainer, draws: list[tuple[int, int]], step: int):
 
 def _record_advantages(self: Trainer, graphs, token_advantages, temperature, places=None):
     record = getattr(self, "_test_step", {})
-    for index, (graph, advantages) in enumerate(zip(graphs, token_advantages, strict=True)):
-        if id(graph) in record and advantages is not None:
-            record[id(graph)]["advantage"] = float(advantages[0])
+    for index, (graph, tokens) in enumerate(zip(graphs, token_advantages, strict=True)):
+        if id(graph) in record and tokens is not None:
+            record[id(graph)]["advantage"] = float(tokens[0])
             record[id(graph)]["place"] = index if places is None else places[index]
     extra = {} if places is None else {"places": places}
     return _optimize(self, graphs, token_advantages, temperature, **extra)

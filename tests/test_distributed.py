@@ -73,7 +73,7 @@ reward = "test_length"
         .replace("steps = 2", "steps = 1")
         .replace("prompts_per_step = 4", "prompts_per_step = 3")
         .replace("max_new_tokens = 80", "max_new_tokens = 40")
-        + "mini_batches = 2\n"
+        + 'mini_batches = 2\nadvantage = "test_batch_z_by_position"\n'
     )
     trace = (
         "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>\n<step>\n1: x{}.\n</step>\n"
@@ -300,7 +300,9 @@ def test_two_ranks_match_one(setup):
 def test_mini_batches_match_one_process(setup):
     """With mini_batches = 2, two ranks cut the step's batch as one process does (by the
     sample's place in the whole batch, not in the rank's share), in PAPO (a dropped rollout, ranks
-    holding 4 and 2 samples) and in SFT (3 traces: one rank's share is a whole mini-batch)."""
+    holding 4 and 2 samples) and in SFT (3 traces: one rank's share is a whole mini-batch). The
+    PAPO run's advantage estimator is graph-level and of the test's own: every rank gets the
+    whole batch's graphs."""
     root, _ = setup
     rl, sft = root / "mini_batches.toml", root / "sft.toml"
     commands = []
@@ -336,6 +338,14 @@ def test_mini_batches_match_one_process(setup):
     assert {r["rank"] for r in split.values()} == {0, 1}
     assert sum(not r["valid"] for r in split.values()) >= 1  # a dropped rollout moved the places
     assert {k: r["place"] for k, r in alone.items()} == {k: r["place"] for k, r in split.items()}
+    kept = [r for r in alone.values() if r["valid"]]
+    rewards = torch.tensor([r["reward"] for r in kept])
+    z = ((rewards - rewards.mean()) / (rewards.std() + 1e-6)).tolist()
+    assert any(abs(v) > 0.1 for v in z)
+    for record, expected in zip(kept, z, strict=True):  # a response's first token: the z-score
+        key = next(k for k, r in alone.items() if r is record)
+        assert record["advantage"] == pytest.approx(expected, abs=1e-5)
+        assert split[key]["advantage"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_all_reduce_grads(tmp_path):

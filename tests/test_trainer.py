@@ -180,6 +180,54 @@ def test_rollout_log_records_what_training_made_of_each_rollout(problems, tmp_pa
         load_config(None, "sft", {"data": "x", "rollouts_every": 1})
 
 
+def test_a_graph_level_estimator_of_ones_own_gets_the_graphs(problems, tmp_path, tokenizers):
+    """An advantage estimator flagged ``graph_level`` (as ``branch`` is) is called with the kept
+    rollouts' graphs and references, and its per-token advantages are what training logs (and
+    uses); one returning the wrong shape is a clear error."""
+    from papo import advantages
+
+    calls = []
+
+    def by_position(graphs, references, rewards_, group_ids):
+        calls.append((list(graphs), list(references), rewards_.clone(), group_ids.clone()))
+        out = []
+        for graph, reward in zip(graphs, rewards_.tolist(), strict=True):
+            length = graph.num_tokens - graph.prompt_num_tokens
+            out.append(reward * torch.linspace(1.0, 0.0, length))  # earlier tokens, more credit
+        return out
+
+    by_position.graph_level = True
+    advantages.register("test_by_position")(by_position)
+    tok = tokenizers["special"]
+    config = papo_config(
+        problems, tmp_path / "run", steps=1, rollouts_every=1, advantage="test_by_position"
+    )
+    Trainer(config, model=make_model(tok), tokenizer=tok).train()
+    [(graphs, references, rewards_, groups)] = calls
+    records = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").open()]
+    kept = [r for r in records if r["trained"]]
+    assert len(graphs) == len(kept) >= 2
+    assert [g.to_dict() for g in graphs] == [r["graph"] for r in kept]
+    assert references == [r["reference"] for r in kept]
+    assert rewards_.tolist() == pytest.approx([r["reward"] for r in kept])
+    assert groups.tolist() == [r["group"] for r in kept]
+    for graph, record in zip(graphs, kept, strict=True):
+        tokens = by_position([graph], [""], torch.tensor([record["reward"]]), torch.tensor([0]))[0]
+        assert record["node_advantages"] == advantages.node_advantages(graph, tokens)
+        assert record["advantage"] == pytest.approx(float(tokens.mean()))
+
+    def too_short(graphs, references, rewards_, group_ids):
+        return [torch.zeros(1) for _ in graphs]
+
+    too_short.graph_level = True
+    advantages.register("test_too_short")(too_short)
+    config = papo_config(problems, tmp_path / "bad", steps=1, advantage="test_too_short")
+    with pytest.raises(ValueError, match="one advantage per response token: expected shape"):
+        Trainer(config, model=make_model(tok), tokenizer=tok).train()
+    advantages._ESTIMATORS.unregister("test_by_position")
+    advantages._ESTIMATORS.unregister("test_too_short")
+
+
 @rewards.register("test_even")
 def even_reward(response: str, reference: str, **_) -> rewards.Reward:
     """Correct for about half the responses of a random model: an even length."""
