@@ -131,8 +131,9 @@ def add_tag_tokens(
 ) -> dict[str, int]:
     """Add the tags of ``grammar`` as extra special tokens and give them embeddings.
 
-    Tags already in the vocabulary keep their rows (a tag whose id lies past the model's
-    embedding has none, and gets one like a new tag). The embedding matrix grows to
+    Tags already in the vocabulary keep their ids and rows (a tag whose id lies past the model's
+    embedding has none, and gets one like a new tag); one only in the BPE vocabulary is made
+    special too, so that encoding always produces it whole. The embedding matrix grows to
     ``len(tokenizer)`` if it is smaller (it never shrinks: some checkpoints pad it past the
     vocabulary), and each new tag's input-embedding row is set to the mean of the rows of its name's sub-tokens. An untied
     ``lm_head`` gets the same rule applied to its own rows (and bias, if any); a tied one shares
@@ -142,10 +143,15 @@ def add_tag_tokens(
     vocab = tokenizer.get_vocab()
     rows = model.get_input_embeddings().weight.shape[0]
     new_tags = [tag for tag in tags if tag not in vocab]
+    # Only in the BPE vocabulary, not an added token: encoding need not produce it whole (a
+    # byte-level pre-tokenizer splits "<step>" at its brackets), so it is made special, keeping
+    # its id and row.
+    added = tokenizer.get_added_vocab()
+    plain = [tag for tag in tags if tag in vocab and tag not in added]
     # In the tokenizer but past the model's embedding (a tokenizer saved with its tags beside a
     # model saved without them): there is no trained row to keep, so they get rows like new tags.
     rowless = [tag for tag in tags if tag in vocab and vocab[tag] >= rows]
-    if not new_tags and not rowless:
+    if not new_tags and not plain and not rowless:
         return tag_token_ids(tokenizer, grammar)
 
     # The name's sub-tokens, taken before the tags exist (they cannot collide, but be explicit).
@@ -153,9 +159,9 @@ def add_tag_tokens(
         tag: tokenizer.encode(_tag_name(tag), add_special_tokens=False)
         for tag in new_tags + rowless
     }
-    if new_tags:
+    if new_tags or plain:
         tokenizer.add_special_tokens(
-            {"extra_special_tokens": new_tags}, replace_extra_special_tokens=False
+            {"extra_special_tokens": new_tags + plain}, replace_extra_special_tokens=False
         )
     new_ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in new_tags + rowless}
 

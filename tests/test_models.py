@@ -310,6 +310,34 @@ def test_add_tag_tokens_skips_existing(tokenizer):
     assert len(tokenizer) == size + len(MULTIVERSE) and list(both) == MULTIVERSE
 
 
+@needs_default
+def test_a_tag_only_in_the_bpe_vocabulary_is_made_whole(tokenizer):
+    """A tag in the BPE vocabulary but not an added token is not produced whole by encoding (the
+    byte-level pre-tokenizer splits it at its brackets): it is made special, keeping its id and
+    embedding row, so training's ids for it are the engine's."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    step_id = len(spec["model"]["vocab"])
+    spec["model"]["vocab"]["<step>"] = step_id
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>"
+    )
+    assert plain.get_vocab()["<step>"] == step_id and "<step>" not in plain.get_added_vocab()
+    assert len(plain.encode("a<step>b", add_special_tokens=False)) > 3
+    model = tiny_model("llama", tokenizer=plain, vocab_size=step_id + 1)
+    row = model.get_input_embeddings().weight[step_id].clone()
+    ids = add_tag_tokens(model, plain, "npr")
+    assert ids["<step>"] == step_id
+    assert plain.encode("a<step>b", add_special_tokens=False)[1] == step_id
+    assert plain.encode("a<step>b", add_special_tokens=False).count(step_id) == 1
+    assert torch.equal(model.get_input_embeddings().weight[step_id], row)
+    assert len(ids) == len(NPR)
+
+
 def test_format_tags():
     assert NPR == [
         "<guideline>",
