@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .constraints import validate
+from .constraints import format_valid, validate
 from .format import format_score
 from .graph import ReasoningGraph, Violation
 from .metrics import metrics
@@ -39,7 +39,8 @@ class Report:
     trace: Trace
     graph: ReasoningGraph
     violations: list[Violation]
-    format_score: float
+    format_score: float | None  # the NPR paper's format reward: NPR traces only
+    format_valid: bool
     metrics: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,6 +48,7 @@ class Report:
             "graph": self.graph.to_dict(),
             "violations": [v.to_dict() for v in self.violations],
             "format_score": self.format_score,
+            "format_valid": self.format_valid,
             "metrics": self.metrics,
         }
 
@@ -253,7 +255,15 @@ def inspect_trace(trace: Trace, grammar: str, profile: str, max_branches: int | 
         chosen = detect_grammar(trace.text) if grammar == "auto" else grammar
         graph = parse(trace.text, grammar=chosen, lenient=True)
     violations = validate(graph, profile, max_branches=max_branches)
-    return Report(trace, graph, violations, format_score(trace.text), metrics(graph))
+    score = format_score(trace.text) if graph.grammar == "npr" else None
+    return Report(trace, graph, violations, score, format_valid(graph), metrics(graph))
+
+
+def _format_text(report: Report) -> str:
+    """NPR: the format score (0 passes); Multiverse: whether its format passes."""
+    if report.format_score is not None:
+        return f"{report.format_score:+.1f}"
+    return "valid" if report.format_valid else "invalid"
 
 
 def _print_report(console: Console, report: Report, fmt: str) -> None:
@@ -266,17 +276,20 @@ def _print_report(console: Console, report: Report, fmt: str) -> None:
         print(render.to_dot(report.graph, violations=report.violations))
         return
     if fmt == "mermaid":
-        print(render.to_mermaid(report.graph))
+        print(render.to_mermaid(report.graph, violations=report.violations))
         return
     # File names, record ids and violation messages (which quote model text) are shown as Text:
-    # a plain string would be read as rich markup ("[/x]" raised MarkupError, "[b]" vanished).
-    console.rule(Text(report.trace.source, style="bold"))
+    # a plain string would be read as rich markup ("[/x]" raised MarkupError, "[b]" vanished);
+    # names lose their control characters, with which a record id could drive the terminal.
+    console.rule(Text(render.printable(report.trace.source), style="bold"))
     console.print(render.to_tree(report.graph, violations=report.violations))
     m = report.metrics
     console.print(
         f"blocks {m['blocks']}  widths {m['widths']}  depth {m['depth']}  "
         f"{m['unit']} {m['total_tokens']}  critical path {m['critical_path_tokens']}  "
-        f"speedup ≤ {m['theoretical_speedup']:.2f}×  format score {report.format_score:+.1f}"
+        f"speedup ≤ {m['theoretical_speedup']:.2f}×  "
+        + ("format score " if report.format_score is not None else "format ")
+        + _format_text(report)
     )
     if report.violations:
         table = Table("rule", "where", "message", title=f"{len(report.violations)} violation(s)")
@@ -288,6 +301,8 @@ def _print_report(console: Console, report: Report, fmt: str) -> None:
 
 
 def _summary(console: Console, reports: list[Report]) -> None:
+    from .render import printable
+
     table = Table(title="summary")
     # Names and codes fold onto more lines: cut with an ellipsis at 80 columns (a pipe, a file),
     # every row of cold_start.jsonl read "cold_start.jsonl…".
@@ -300,11 +315,11 @@ def _summary(console: Console, reports: list[Report]) -> None:
     for r in reports:
         codes = sorted({v.code for v in r.violations})
         table.add_row(
-            Text(r.trace.source),
+            Text(printable(r.trace.source)),
             str(r.metrics["blocks"]),
             str(r.metrics["widths"]),
             Text(", ".join(codes) or "none"),
-            f"{r.format_score:+.1f}",
+            _format_text(r),
             f"{r.metrics['theoretical_speedup']:.2f}×",
         )
     valid = sum(1 for r in reports if not r.violations)
@@ -631,7 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text files (one trace) or .jsonl: per line a text/response field, a graph dict "
         "(npr generate --json) or an npr eval sample",
     )
-    inspect.add_argument("--format", choices=("tree", "json", "dot", "mermaid"), default="tree")
+    inspect.add_argument(
+        "--format",
+        choices=("tree", "json", "dot", "mermaid"),
+        default="tree",
+        help="tree (default); json: one line per trace; dot, mermaid: one document per trace",
+    )
     inspect.add_argument("--grammar", choices=("auto", "npr", "multiverse"), default="auto")
     inspect.add_argument("--profile", choices=("strict", "lenient"), default="strict")
     inspect.add_argument("--max-branches", type=positive_int, default=None)

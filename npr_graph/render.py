@@ -64,7 +64,7 @@ _XML_INVALID = {"\ufffe", "\uffff"}
 
 
 # -- shared helpers -----------------------------------------------------------------------------
-def _clean(text: str) -> str:
+def printable(text: str) -> str:
     """One line of printable text: whitespace runs collapsed, control characters dropped."""
     text = " ".join(text.split())
     return "".join(
@@ -74,7 +74,7 @@ def _clean(text: str) -> str:
 
 def shorten(text: str, max_len: int) -> str:
     """``text`` on one line, cut to at most ``max_len`` characters with a trailing ellipsis."""
-    text = _clean(text)
+    text = printable(text)
     if len(text) <= max_len:
         return text
     if max_len <= 1:
@@ -89,7 +89,7 @@ def snippet(node: Node, max_len: int) -> str:
     match = LABEL.match(content) if node.label else None
     if match:
         content = content[match.end() :]
-    if node.kind is NodeKind.ANSWER and len(_clean(content)) > max_len:
+    if node.kind is NodeKind.ANSWER and len(printable(content)) > max_len:
         openers = list(BOX_OPENER.finditer(content))
         if openers:
             content = "… " + content[openers[-1].start() :]

@@ -36,9 +36,45 @@ def test_inspect_json_is_one_object_per_trace(capsys):
     assert code == 0 and len(lines) == 5
     for line in lines:
         record = json.loads(line)
-        assert set(record) == {"graph", "violations", "format_score", "metrics"}
+        assert set(record) == {"graph", "violations", "format_score", "format_valid", "metrics"}
         assert record["metrics"]["blocks"] >= 1
+        assert record["format_valid"] == (record["format_score"] == 0.0)
     assert any(json.loads(line)["violations"] for line in lines)
+
+
+def test_inspect_scores_multiverse_by_its_own_format(capsys):
+    """The NPR paper's format score means nothing for Multiverse: its traces are reported
+    valid or not, as ``format_valid`` (what evaluation and training use) says."""
+    path = str(EXAMPLES / "multiverse_nested.txt")
+    code, out, _ = run(capsys, "inspect", path, "--format", "json")
+    report = json.loads(out)
+    assert code == 0 and report["format_score"] is None and report["format_valid"] is True
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and "format valid" in out and "format score" not in out
+
+
+def test_inspect_mermaid_marks_the_validation_violations(capsys):
+    """Mermaid marks the nodes DOT marks: ``cold-002``'s branch count and stray text, which
+    ``validate`` finds (not the parser's own repairs only)."""
+    path = EXAMPLES / "cold_start.jsonl"
+    assert json.loads(path.read_text().splitlines()[1])["id"].startswith("cold-002-")
+    _, dot, _ = run(capsys, "inspect", str(path), "--format", "dot")
+    _, mermaid, _ = run(capsys, "inspect", str(path), "--format", "mermaid")
+    dot_marked = set(re.findall(r"(n\d+) \[[^\n]*penwidth=2", dot.split("digraph")[2]))
+    [listed] = re.findall(r"class (\S+) violation", mermaid.split("flowchart TD")[2])
+    assert dot_marked and set(listed.split(",")) == dot_marked
+
+
+def test_inspect_strips_control_characters_from_names(tmp_path, capsys):
+    """A record id holding terminal escapes (set the title, clear the screen) is shown
+    without them."""
+    trace = (EXAMPLES / "npr_two_blocks.txt").read_text()
+    data = tmp_path / "escapes.jsonl"
+    data.write_text(
+        json.dumps({"id": "\u001b]0;pwned\u0007\u001b[2Jevil", "response": trace}) + "\n"
+    )
+    code, out, _ = run(capsys, "inspect", str(data))
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "0;pwned" in out
 
 
 @pytest.mark.parametrize("fmt, marker", [("dot", "digraph"), ("mermaid", "flowchart TD")])
