@@ -429,17 +429,32 @@ JOIN_KINDS = (NodeKind.TAKEAWAY, NodeKind.CONCLUSION)
 
 def check_blocks(graph: ReasoningGraph) -> None:
     """Raise ValueError unless every block names existing nodes of the right kinds (plans, branch
-    heads, join), no branch is empty (a branch holds at least its head) and a nested block names
-    an existing enclosing branch of a block before it."""
+    heads, join), at least one and each once, no branch is empty (a branch holds at least its
+    head), the nodes a block names are the nodes that name it (``Node.block``; ``Node.branch``
+    for its branches' nodes, and for no other) and a nested block names an existing enclosing
+    branch of a block before it."""
     nodes = graph.nodes
+    named_by: dict[int, int] = {}
     for block in graph.blocks:
         if any(not branch for branch in block.branches):
             raise ValueError(f"block {block.index} has an empty branch")
         named = [*block.header, *block.items, *(i for b in block.branches for i in b), *block.close]
         if block.join is not None:
             named.append(block.join)
+        if not named:
+            raise ValueError(f"block {block.index} names no node")
         if any(not 0 <= i < len(nodes) for i in named):
             raise ValueError(f"block {block.index} names a node that does not exist")
+        if len(set(named)) != len(named):
+            raise ValueError(f"block {block.index} names a node twice")
+        named_by.update(dict.fromkeys(named, block.index))
+        branch_of = {i: k for k, branch in enumerate(block.branches) for i in branch}
+        for i in named:
+            if (nodes[i].block, nodes[i].branch) != (block.index, branch_of.get(i)):
+                raise ValueError(
+                    f"block {block.index} names node {i}, whose block and branch are "
+                    f"{nodes[i].block} and {nodes[i].branch}"
+                )
         for role, ids, kinds in (
             ("plan", block.items, ITEM_KINDS),
             ("branch head", [branch[0] for branch in block.branches], BRANCH_KINDS),
@@ -456,6 +471,11 @@ def check_blocks(graph: ReasoningGraph) -> None:
                 raise ValueError(
                     f"block {block.index} is nested in a branch that does not exist before it"
                 )
+    for node in nodes:
+        if node.block is None and node.branch is not None:
+            raise ValueError(f"node {node.id} has a branch but no block")
+        if node.block is not None and named_by.get(node.id) != node.block:
+            raise ValueError(f"node {node.id} is in block {node.block}, which does not name it")
 
 
 def check_spans(graph: ReasoningGraph) -> None:

@@ -569,10 +569,8 @@ def _empty_content(spec: TraceSpec, grammar: str, where: int, ws: Whitespace) ->
         block.plans[index] = ""
     elif kind == "join":
         block.takeaway = ""
-    elif isinstance(block.steps[index], str):
+    else:  # its nested blocks go too: a path holding a block is not empty
         block.steps[index] = ""
-    else:
-        block.steps[index][0] = ""
     return render(spec, grammar, ws)
 
 

@@ -348,6 +348,18 @@ def _corrupt(data: dict, change: str) -> Any:
         data["blocks"][0]["join"] = data["blocks"][0]["items"][0]
     elif change == "plan is a step":
         data["blocks"][0]["items"][0] = data["blocks"][0]["branches"][0][0]
+    elif change == "block of no node":
+        data["blocks"].append({"index": 1, "depth": 0})
+    elif change == "node of a missing block":
+        data["nodes"][data["blocks"][0]["join"]]["block"] = 7
+    elif change == "node its block does not name":
+        data["nodes"][-1]["block"] = 0
+    elif change == "step of another branch":
+        data["nodes"][data["blocks"][0]["branches"][0][0]]["branch"] = 1
+    elif change == "plan with a branch":
+        data["nodes"][data["blocks"][0]["items"][0]]["branch"] = 0
+    elif change == "named twice":
+        data["blocks"][0]["close"].append(data["blocks"][0]["header"][0])
     return data
 
 
@@ -356,7 +368,9 @@ def _corrupt(data: dict, change: str) -> Any:
     ["not a dict", "schema", "no text", "node not a dict", "unknown kind", "gap",
      "forward parent", "short cover", "token gap", "block field", "violation node",
      "violation span", "offsets reversed", "offsets zero", "response start", "prompt tokens",
-     "nested in itself", "join is a plan", "plan is a step"],
+     "nested in itself", "join is a plan", "plan is a step", "block of no node",
+     "node of a missing block", "node its block does not name", "step of another branch",
+     "plan with a branch", "named twice"],
 )  # fmt: skip
 def test_a_broken_graph_dict_is_a_value_error(change):
     """Saved graphs (samples.jsonl, to_json) read back wrong: a ValueError that says what is
