@@ -78,7 +78,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not problems:
             raise ValueError(f"{args.data}: no problems to sample")
         template = load_template(args.prompt)
-        grammar = args.grammar or ("multiverse" if args.prompt == "multiverse" else "npr")
+        # the template's own format, as npr eval reads it (a file of Multiverse tags included)
+        grammar = args.grammar or ("multiverse" if template.grammar == "multiverse" else "npr")
         if args.mode == "constrained" and args.tags != "special":
             raise ValueError("--mode constrained needs the tags as special tokens (--tags special)")
         try:  # a name not registered stops here, not after the model is loaded
@@ -188,6 +189,7 @@ class _SampleJob:
                         self.template,
                         self.params,
                         mode=self.args.mode,
+                        chat=_chat(self.args),
                         batch=self.args.batch,
                         on_problem=finished,
                         indices=[index for index, _ in todo],
@@ -261,6 +263,11 @@ class _SampleJob:
             self.log.close()
 
 
+def _chat(args: argparse.Namespace) -> bool | None:
+    """``--no-chat``: the raw prompt; else the chat template when the tokenizer has one."""
+    return False if args.no_chat else None
+
+
 def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
     """What decides ``npr sample``'s traces: a rerun resumes only with the same."""
     from pathlib import Path
@@ -281,6 +288,7 @@ def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
         "top_p": args.top_p,
         "seed": args.seed,
         "reward": args.reward,
+        "chat": _chat(args),
         "dtype": args.dtype,
         "prompt_field": args.prompt_field,
         "answer_field": args.answer_field,
@@ -321,7 +329,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--grammar",
         choices=("npr", "multiverse"),
         default=None,
-        help="the format decoded and checked (default: multiverse with --prompt multiverse, else npr)",
+        help="the format decoded and checked (default: the prompt's, multiverse for a template "
+        "of Multiverse tags, else npr)",
+    )
+    sample.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="the raw prompt, without the tokenizer's chat template (as a config's chat = false)",
     )
     sample.add_argument("--tries", type=int, default=8)
     sample.add_argument(

@@ -2,7 +2,9 @@
 
 For each problem the model samples up to ``tries`` trajectories (as one group of ``n = tries``
 samples sharing the prompt's KV, which gives the same samples as trying one after another with
-per-sample seeds); the first, in sample order, whose answer is correct and whose format passes
+per-sample seeds); the first, in sample order, that the model ended itself (finish reason
+``stop``: SFT appends the end-of-sequence token, so a trace its budget, the context or the KV
+pool cut would teach stopping there), whose answer is correct and whose format passes
 (:func:`npr_graph.format_valid`: an NPR format score of exactly 0, or a Multiverse trace without
 strict violations, by the engine's grammar) is kept. Problems without an accepted trajectory are
 counted, not written.
@@ -46,6 +48,7 @@ class Outcome:
     format_valid: int
     pool_cut: int  # samples the engine ended for want of KV pages (kv_exhausted)
     tries: int | None
+    unfinished: int = 0  # samples the model did not end (budget, context, KV pool): not kept
 
 
 OUTCOME_SHAPE = {
@@ -55,7 +58,10 @@ OUTCOME_SHAPE = {
     "format_valid": int,
     "pool_cut": int,
     "tries": (int, type(None)),
+    "unfinished": int,
 }
+# Fields a log written before they existed lacks, and their value there.
+OUTCOME_BEFORE = {"unfinished": 0}
 
 
 @dataclass
@@ -67,6 +73,7 @@ class SamplingReport:
     format_valid: int = 0
     tries_used: list[int] = field(default_factory=list)
     pool_cut: int = 0  # samples the engine ended for want of KV pages (kv_exhausted)
+    unfinished: int = 0  # samples the model did not end (budget, context, KV pool)
     not_run: dict[str, str] = field(default_factory=dict)  # problem id: why the engine could not
 
     def add(self, outcome: Outcome) -> None:
@@ -75,6 +82,7 @@ class SamplingReport:
         self.correct += outcome.correct
         self.format_valid += outcome.format_valid
         self.pool_cut += outcome.pool_cut
+        self.unfinished += outcome.unfinished
         if outcome.tries is not None:
             self.accepted += 1
             self.tries_used.append(outcome.tries)
@@ -89,6 +97,7 @@ class SamplingReport:
             "format_valid_rate": self.format_valid / self.samples if self.samples else 0.0,
             "mean_tries": sum(self.tries_used) / len(self.tries_used) if self.tries_used else 0.0,
             "pool_cut_samples": self.pool_cut,
+            "unfinished_samples": self.unfinished,
             "not_run": [f"problem {key}: {why}" for key, why in self.not_run.items()],
         }
 
@@ -97,6 +106,16 @@ def strip_eos(text: str, eos: str | None) -> str:
     if eos and text.endswith(eos):
         return text[: -len(eos)]
     return text
+
+
+def response_without_eos(graph: Any, eos_ids: Iterable[int], eos: str | None) -> str:
+    """The response's text without the end-of-sequence token the model stopped with: by its id
+    when the graph is tokenized (a model may stop on several, ``<|endoftext|>`` and
+    ``<|im_end|>`` say), else by the tokenizer's EOS text."""
+    ids, offsets = graph.token_ids, graph.token_offsets
+    if ids and offsets and len(ids) > graph.prompt_num_tokens and ids[-1] in set(eos_ids):
+        return graph.text[graph.response_start : max(offsets[-2], graph.response_start)]
+    return strip_eos(graph.response_text, eos)
 
 
 def rejection_sample(
@@ -130,6 +149,7 @@ def rejection_sample(
     (:mod:`papo.rewards`)."""
     grade = get_reward(reward)
     eos = getattr(engine.tokenizer, "eos_token", None)
+    eos_ids = getattr(engine, "eos_ids", ())
     report = SamplingReport()
     accepted = []
     indices = range(len(problems)) if indices is None else indices
@@ -152,16 +172,18 @@ def rejection_sample(
     def judge(index: int, graphs: list) -> None:
         problem = ready[index][1]
         chosen = None
-        correct = valid = cut = 0
+        correct = valid = cut = unfinished = 0
         samples = sorted(graphs, key=lambda g: g.metadata["sample_index"])
         for tries, graph in enumerate(samples, start=1):
-            response = strip_eos(graph.response_text, eos)
+            response = response_without_eos(graph, eos_ids, eos)
             right = grade(response, problem.answer).correct
             well_formed = format_valid(graph)
+            ended = graph.metadata.get("finish_reason") == FinishReason.STOP
             correct += right
             valid += well_formed
             cut += graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
-            if chosen is None and right and well_formed:
+            unfinished += not ended
+            if chosen is None and ended and right and well_formed:
                 chosen = {
                     "id": problem.id,
                     "prompt": problem.prompt,
@@ -170,7 +192,13 @@ def rejection_sample(
                     "tries": tries,
                 }
         outcome = Outcome(
-            problem.id, len(samples), correct, valid, cut, chosen["tries"] if chosen else None
+            problem.id,
+            len(samples),
+            correct,
+            valid,
+            cut,
+            chosen["tries"] if chosen else None,
+            unfinished,
         )
         report.add(outcome)
         if on_problem is not None:
@@ -217,7 +245,7 @@ PART_SHAPE = {
     "trace": ({"id": str, "prompt": str, "response": str}, type(None)),
 }
 # Settings a log written before they existed was sampled with.
-SETTINGS_BEFORE = {"reward": "accuracy"}
+SETTINGS_BEFORE = {"reward": "accuracy", "chat": None}
 
 
 class SamplePart:
@@ -327,6 +355,8 @@ class SampleLog:
             )
         for number, line in enumerate(lines[1:], start=2):
             record = _json_line(self.progress, number, line)
+            if isinstance(record, dict):
+                record = {**OUTCOME_BEFORE, **record}
             if not has_shape(record, OUTCOME_SHAPE):
                 raise ValueError(f"{self.progress}:{number}: not a problem's outcome")
             self.outcomes[record["id"]] = Outcome(**{k: record[k] for k in OUTCOME_SHAPE})
@@ -362,6 +392,8 @@ class SampleLog:
                 for number, line in enumerate(_whole_lines(part), start=1)
             ]
             for number, record in enumerate(records, start=1):
+                if isinstance(record, dict) and isinstance(record.get("outcome"), dict):
+                    record["outcome"] = {**OUTCOME_BEFORE, **record["outcome"]}
                 if not has_shape(record, PART_SHAPE):
                     raise ValueError(f"{part}:{number}: not a problem's outcome and trace")
             if records:

@@ -863,7 +863,7 @@ class ScriptedEngine:
             for sample in range(n):
                 text = self.responses[index][sample] + "<eos>"
                 graph = ng.parse(text, grammar=self.grammar, lenient=True)
-                graph.metadata.update(prompt_index=index, sample_index=sample)
+                graph.metadata.update(prompt_index=index, sample_index=sample, finish_reason="stop")
                 graphs.append(graph)
         if on_finish is not None:
             for place, index in reversed(list(enumerate(claimed))):
@@ -906,6 +906,56 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     summary = report.to_dict()
     assert summary["problems"] == 2 and summary["accepted"] == 1 and summary["samples"] == 8
     assert summary["mean_tries"] == 3 and summary["pool_cut_samples"] == 1
+
+
+def test_rejection_sampling_keeps_only_samples_the_model_ended():
+    """A correct, well-formatted sample its budget, the context or the KV pool cut is not kept
+    (SFT would append EOS where it was cut); the report counts such samples."""
+    from npr_graph.engine.sampling import SamplingParams
+    from npr_graph.prompts import load_template
+    from papo.problems import Problem
+    from papo.rejection import rejection_sample
+
+    engine = ScriptedEngine([[TRACE] * 4])
+    scripted = engine.generate
+    reasons = ["length", "context", "kv_exhausted", "stop"]
+
+    def cut(prompts, params, mode, chat=None, max_running=None, on_finish=None, claim=None):
+        def mark(index, graphs):
+            for graph, reason in zip(graphs, reasons, strict=True):
+                graph.metadata["finish_reason"] = reason
+            on_finish(index, graphs)
+
+        return scripted(prompts, params, mode, chat, max_running, mark, claim)
+
+    engine.generate = cut
+    problems = [Problem("a", "What is 2+3?", "5")]
+    accepted, report = rejection_sample(engine, problems, load_template("npr"), SamplingParams(n=4))
+    assert [r["tries"] for r in accepted] == [4]
+    summary = report.to_dict()
+    assert summary["unfinished_samples"] == 3 and summary["pool_cut_samples"] == 1
+    assert summary["correct_rate"] == 1.0 and summary["format_valid_rate"] == 1.0
+    reasons[-1] = "length"
+    accepted, report = rejection_sample(engine, problems, load_template("npr"), SamplingParams(n=4))
+    assert accepted == [] and report.to_dict()["unfinished_samples"] == 4
+
+
+def test_the_end_of_sequence_token_leaves_the_trace_whichever_the_model_stopped_on(tokenizers):
+    """A model may stop on several ids (generation_config lists ``<|endoftext|>`` and
+    ``<|im_end|>``): the one it stopped on is cut by its id, not only the tokenizer's EOS text."""
+    import npr_graph as ng
+    from papo.rejection import response_without_eos
+
+    tok = tokenizers["text"]
+    prompt = tok.encode("Q: 2+3?", add_special_tokens=False)
+    ids = tok.encode("It is \\boxed{5}.", add_special_tokens=False) + [0]
+    graph = ng.parse(ids, tokenizer=tok, prompt_ids=prompt, lenient=True)
+    assert tok.convert_ids_to_tokens(0) == "<|endoftext|>" != tok.eos_token
+    assert graph.response_text.endswith("<|endoftext|>")
+    assert response_without_eos(graph, {0, 2}, tok.eos_token) == "It is \\boxed{5}."
+    assert response_without_eos(graph, {2}, tok.eos_token) == graph.response_text
+    untokenized = ng.parse("It is 5.<|im_end|>", lenient=True)
+    assert response_without_eos(untokenized, {0, 2}, "<|im_end|>") == "It is 5."
 
 
 def test_rejection_sampling_goes_on_past_a_problem_the_engine_cannot_run():
@@ -1427,27 +1477,35 @@ def test_train_and_sample_cli_print_errors_literally(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("options", "grammar"),
     [([], "npr"), (["--prompt", "multiverse"], "multiverse"),
-     (["--prompt", "multiverse", "--grammar", "npr"], "npr")],
+     (["--prompt", "multiverse", "--grammar", "npr"], "npr"),
+     (["--prompt", "MULTIVERSE_FILE", "--no-chat"], "multiverse")],
 )  # fmt: skip
 def test_sample_cli_decodes_the_grammar_of_its_prompt(options, grammar, problems, tmp_path,
                                                       tokenizers, monkeypatch):  # fmt: skip
+    """The prompt's format is decoded and checked, a template file's read from its tags (as
+    npr eval reads it); ``--no-chat`` samples the raw prompt."""
     import papo.rejection
     from npr_graph.cli import main
+    from npr_graph.prompts import load_template
 
     model_dir = tmp_path / "tiny"
     make_model(tokenizers["text"]).save_pretrained(model_dir)
     tokenizers["text"].save_pretrained(model_dir)
+    own = tmp_path / "my_multiverse.txt"
+    own.write_text(load_template("multiverse").text)
+    options = [str(own) if option == "MULTIVERSE_FILE" else option for option in options]
     seen = []
 
     def recording(engine, problems, template, params, **kwargs):
-        seen.append((engine.grammar, engine.format.tags.opener))
+        seen.append((engine.grammar, engine.format.tags.opener, kwargs["chat"]))
         return [], papo.rejection.SamplingReport()
 
     monkeypatch.setattr(papo.rejection, "rejection_sample", recording)
     args = ["sample", "--data", str(problems), "--out", str(tmp_path / "out.jsonl"),
             "--model", str(model_dir), "--device", "cpu", *options]  # fmt: skip
     assert main(args) == 0
-    assert seen == [(grammar, "<Parallel>" if grammar == "multiverse" else "<guideline>")]
+    opener = "<Parallel>" if grammar == "multiverse" else "<guideline>"
+    assert seen == [(grammar, opener, False if "--no-chat" in options else None)]
 
 
 def test_trainer_device_is_validated(traces, tmp_path, tokenizers):
