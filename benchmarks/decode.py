@@ -141,7 +141,8 @@ def bench_dtype(dtype: str, widths: list[int], step_tokens: int, repeats: int = 
             "engine_vs_hf_batch_k": (tokens / par) / (per_row * width / hf_k),
             "seq_latency_ratio": engine_seq / hf_1,
             "engine_parallel_decode_steps": parallel["decode_steps"],
-            f"hf_batch{width}_decode_steps": per_row,
+            # generate's first forward is the prefill (the engine's decode steps leave it out)
+            f"hf_batch{width}_decode_steps": per_row - 1,
             "peak_kv_pages": parallel["peak_kv_pages"],
             "naive_kv_pages": parallel["naive_kv_pages"],
         }
@@ -174,7 +175,8 @@ def main() -> None:
     summary = {
         "ceiling": {w: r["ceiling"] for w, r in results[dtypes[0]].items()},
         "speedup_vs_hf": {w: r["speedup_vs_hf"] for w, r in results[dtypes[0]].items()},
-        "seq_latency_ratio": min(r["seq_latency_ratio"] for r in results[dtypes[0]].values()),
+        # the goal is "no slower than generate": the worst width is the one that can miss it
+        "seq_latency_ratio": max(r["seq_latency_ratio"] for r in results[dtypes[0]].values()),
         "engine_vs_hf_batch_k": {
             w: r["engine_vs_hf_batch_k"] for w, r in results[dtypes[0]].items()
         },

@@ -3,7 +3,8 @@
 Once a GPU replays the forward as a CUDA graph, what the host does around it (scheduling, slot
 lists and page tables, the attention plan, selection, the format) is what widening a block pays
 for. This runs a tiny random-weight Qwen3 on the CPU, where the forward is cheap, and times every
-call of ``model.forward``; the rest of the decode steps' wall time is the engine's. A width-k
+call of ``model.forward``; the rest of the decode steps' time (the engine's ``forward_time`` and
+``pick_time``: no prefill, no building of the graphs at the end) is the engine's. A width-k
 block (structure forced, ``--step-tokens`` per step) against sequential decoding, with the torch
 path and with a planned backend (``TritonBackend(kernels="torch")``: the Triton plan, run through
 the kernels' torch references, so no GPU or interpreter is needed).
@@ -39,11 +40,12 @@ BACKENDS = {  # Engine keyword arguments
 
 
 class TimedForward:
-    """Wraps ``model.forward`` and sums the seconds spent in it."""
+    """Wraps ``model.forward`` and sums the seconds spent in it, those of prefills apart."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.forward = model.forward
-        self.seconds = 0.0
+        self.seconds = self.prefill_seconds = 0.0
+        self.prefilling = False
         model.forward = self
 
     def __call__(self, *args, **kwargs):
@@ -51,11 +53,29 @@ class TimedForward:
         try:
             return self.forward(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
+            if self.prefilling:
+                self.prefill_seconds += seconds
+
+    def watch_prefills(self, engine: Engine) -> None:
+        """Count ``engine``'s prefill forwards apart (rebuilds of preempted requests too)."""
+        for name in ("_prefill", "_rebuild"):
+            method = getattr(engine, name)
+
+            def wrapped(*args, _method=method, **kwargs):
+                self.prefilling = True
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.prefilling = False
+
+            setattr(engine, name, wrapped)
 
 
 def run(model, tokenizer, timer: TimedForward, backend: str, width: int, step_tokens: int) -> dict:
     engine = Engine(model, tokenizer, max_lanes=512, **BACKENDS[backend]())
+    timer.watch_prefills(engine)
     if width == 1:
         params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=step_tokens,
                                 ignore_eos=True)  # fmt: skip
@@ -67,17 +87,21 @@ def run(model, tokenizer, timer: TimedForward, backend: str, width: int, step_to
                                 max_total_tokens=10**7, ignore_eos=True,
                                 suppress_tokens=gpu_decode.forced_structure(engine))  # fmt: skip
         mode = "constrained"
-    timer.seconds = 0.0
+    timer.seconds = timer.prefill_seconds = 0.0
     engine.generate([gpu_decode.prompt_text(64, 0)], params, mode=mode, chat=False)
     stats = engine.stats
     steps = max(stats.decode_steps, 1)
+    # the decode steps' own time (the engine's split of it), not the prefill and the graphs'
+    # building at the end that the call's wall time also holds
+    decoding = stats.forward_time + stats.pick_time
+    model = timer.seconds - timer.prefill_seconds
     return {
         "backend": backend,
         "width": width,
         "decode_steps": stats.decode_steps,
-        "ms_per_step": 1e3 * stats.wall_time / steps,
-        "host_ms_per_step": 1e3 * (stats.wall_time - timer.seconds) / steps,
-        "model_ms_per_step": 1e3 * timer.seconds / steps,
+        "ms_per_step": 1e3 * decoding / steps,
+        "host_ms_per_step": 1e3 * (decoding - model) / steps,
+        "model_ms_per_step": 1e3 * model / steps,
     }
 
 

@@ -71,14 +71,20 @@ def padded_page_table(lanes: list[LaneKV]) -> tuple[torch.Tensor, torch.Tensor]:
     return indptr, torch.cat(rows).to(torch.int32)
 
 
+OWN_TOKENS = 256
+
+
 def group(lanes: int, tokens: int) -> list[LaneKV]:
-    """One prompt forked into ``lanes`` samples, each with 256 tokens of its own."""
+    """One prompt forked into ``lanes`` samples, each with ``OWN_TOKENS`` tokens of its own:
+    ``tokens`` in each lane's view."""
+    if tokens < OWN_TOKENS:
+        raise ValueError(f"a view of {tokens} tokens cannot hold a lane's own {OWN_TOKENS}")
     pool = PagePool(4 + lanes * (tokens // 16 + 20), 16)
     prompt = LaneKV(pool)
-    prompt.append_slots(tokens - 256)
+    prompt.append_slots(tokens - OWN_TOKENS)
     out = prompt.fork(lanes)
     for lane in out:
-        lane.append_slots(256)
+        lane.append_slots(OWN_TOKENS)
     return out
 
 
@@ -176,6 +182,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for case in args.cases.split(","):
         lanes, tokens = (int(x) for x in case.split("x"))
+        if tokens < OWN_TOKENS or lanes < 1:
+            parser.error(f"--cases {case}: each lane's view holds its own {OWN_TOKENS} tokens")
         print(json.dumps({k: round(v, 3) for k, v in bench(lanes, tokens, args.repeats).items()}))
 
 

@@ -153,11 +153,36 @@ def _block_children(graph: ReasoningGraph) -> dict[int | None, list[int]]:
     return out
 
 
+def shown_blocks(graph: ReasoningGraph) -> list[int | None]:
+    """Per node, the block a view draws it in: its own (``Node.block``), or a block nested
+    deeper whose nodes surround it. Text between a block's tags that is not in its grammar
+    (between ``</guideline>`` and the first ``<step>``, say: ``stray_text``) belongs to the
+    scope around the block, and drawn there it would stand after the whole block."""
+    nested = _block_children(graph)
+    depth = _block_depths(nested)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for node in graph.nodes:  # each block's span of node ids, its nested blocks' included
+        block = node.block
+        while block is not None:
+            first[block] = min(first.get(block, node.id), node.id)
+            last[block] = max(last.get(block, node.id), node.id)
+            parent = graph.blocks[block].parent
+            block = parent[0] if parent is not None else None
+    shown = [node.block for node in graph.nodes]
+    for block in sorted(first, key=lambda b: depth.get(b, 0)):  # the innermost block wins
+        for i in range(first[block], last[block] + 1):
+            if shown[i] is None or depth.get(shown[i], 0) < depth.get(block, 0):
+                shown[i] = block
+    return shown
+
+
 def _nodes_by_block(graph: ReasoningGraph) -> dict[int | None, list[int]]:
-    """Node ids per innermost block index (None: the top level), in sequence order."""
+    """Node ids per block they are drawn in (:func:`shown_blocks`; None: the top level), in
+    sequence order."""
     out: dict[int | None, list[int]] = {}
-    for node in graph.nodes:
-        out.setdefault(node.block, []).append(node.id)
+    for node_id, block in enumerate(shown_blocks(graph)):
+        out.setdefault(block, []).append(node_id)
     return out
 
 
@@ -373,6 +398,10 @@ class _TreeBuilder:
         self.names = titles(graph)
         self.nested = _block_children(graph)
         self.depth = _block_depths(self.nested)
+        self.shown = shown_blocks(graph)
+        self.members: dict[int | None, list[int]] = {}
+        for node_id, shown in enumerate(self.shown):
+            self.members.setdefault(shown, []).append(node_id)
 
     def build(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> None:
         """Add nodes and blocks (with everything inside them) to ``tree``."""
@@ -418,15 +447,24 @@ class _TreeBuilder:
         ids = _block_nodes(block)
         nested = self.nested.get(block.index, [])
         all_ids = ids + [i for b in nested for i in _descendant_nodes(self.graph, b, self.nested)]
+        # text of the scope around, between this block's tags: where it stands in the text
+        listed = set(ids)
+        strays = [i for i in self.members.get(block.index, []) if i not in listed]
+        all_ids += strays
         branch = tree.add(self.label(block_title(self.graph, block), sorted(all_ids)))
         self.header(branch, block)
+        first_branch = min((i for b in block.branches for i in b), default=len(self.graph.nodes))
         steps: list[_Step] = [
+            partial(self.leaf, branch, node_id) for node_id in strays if node_id < first_branch
+        ]
+        steps += [
             partial(self.branch, branch, block, index, node_ids)
             for index, node_ids in enumerate(block.branches)
         ]
         if block.join is not None:
             steps.append(partial(self.leaf, branch, block.join))
         steps += [partial(self.leaf, branch, node_id) for node_id in block.close]
+        steps += [partial(self.leaf, branch, i) for i in strays if i >= first_branch]
         return steps
 
     def hidden(self, tree: Tree, index: int) -> list[_Step]:
@@ -449,6 +487,7 @@ class _TreeBuilder:
             self.leaf(sub, node_id)
 
     def branch(self, tree: Tree, block: Block, index: int, node_ids: list[int]) -> list[_Step]:
+        node_ids = [i for i in node_ids if self.shown[i] == block.index]  # not a nested block's
         nested = [
             b for b in self.nested.get(block.index, []) if self.graph.blocks[b].parent[1] == index
         ]
@@ -514,7 +553,7 @@ def to_tree(
     root_label.append(f" ({', '.join([*counts, _plural(count, 'violation')])}) ")
     root_label.append(_size_text(graph, range(len(graph.nodes))), style="dim")
     root = Tree(root_label)
-    top = [n.id for n in graph.nodes if n.block is None]
+    top = builder.members.get(None, [])
     builder.build(root, top, builder.nested.get(None, []))
     return root
 

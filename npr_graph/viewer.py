@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph import ReasoningGraph
+from .render import shown_blocks
 
 TEXT_FIELDS = ("text", "response", "output", "completion")
 # what npr train's rollouts.jsonl adds to an eval sample's fields
@@ -74,32 +75,37 @@ def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
     def put(slot: Any, first: int, item: dict[str, Any]) -> None:
         slots.setdefault(slot, []).append((first, item))
 
+    shown = shown_blocks(graph)
     block_items = {}
     for block in graph.blocks:
         branch_ids = {i: b for b, branch in enumerate(block.branches) for i in branch}
         header = set(block.header) | set(block.items)
         first_branch = min(branch_ids, default=None)
         for node in graph.nodes:
-            if node.block != block.index:
+            if shown[node.id] != block.index:
                 continue
             if node.id in header:
                 slot = (block.index, "header")
             elif node.id in branch_ids:
                 slot = (block.index, branch_ids[node.id])
-            elif node.branch is not None and node.branch < len(block.branches):
+            elif (
+                node.block == block.index
+                and node.branch is not None
+                and node.branch < len(block.branches)
+            ):
                 slot = (block.index, node.branch)
             elif first_branch is not None and node.id < first_branch:
                 slot = (block.index, "header")
             else:
                 slot = (block.index, "footer")
             put(slot, node.id, {"node": node.id})
-        members = [n.id for n in graph.nodes if n.block == block.index]
+        members = [n.id for n in graph.nodes if shown[n.id] == block.index]
         item = {"block": block.index, "header": [], "branches": [], "footer": []}
         block_items[block.index] = item
         parent_slot = tuple(block.parent) if block.parent is not None else None
         put(parent_slot, min(members, default=0), item)
     for node in graph.nodes:
-        if node.block is None:
+        if shown[node.id] is None:
             put(None, node.id, {"node": node.id})
 
     def ordered(slot: Any) -> list[dict[str, Any]]:

@@ -159,6 +159,8 @@ def test_engine_host_benchmark_splits_steps_into_host_and_model_time():
     ]  # fmt: skip
     for row in rows:
         assert row["host_ms_per_step"] > 0 and row["model_ms_per_step"] > 0
+        parts = row["host_ms_per_step"] + row["model_ms_per_step"]
+        assert row["ms_per_step"] == pytest.approx(parts)
     # the structure is forced: both paths decode the same steps
     assert rows[0]["decode_steps"] == rows[2]["decode_steps"] == 7
     assert rows[1]["decode_steps"] == rows[3]["decode_steps"] > 7
@@ -308,3 +310,10 @@ def test_admission_benchmark_decodes_the_same_samples_both_ways(capsys, smollm2_
     assert summary["same_samples"] == summary["samples"] == 8
     steps = {run["side"]: run["decode_steps"] for run in summary["runs"]}
     assert 0 < steps["continuous"] <= steps["batches"]
+    rates = {run["side"]: run["tokens_per_s"] for run in summary["runs"]}
+    assert summary["speedup"] == pytest.approx(rates["continuous"] / rates["batches"])
+    # --batch 0: every prompt at once, on both sides (the batches side decoded none)
+    assert admission.main([*args[:2], "--batch", "0", *args[4:], "--repeats", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["same_samples"] == summary["samples"] == 8
+    assert all(run["tokens"] > 0 for run in summary["runs"])

@@ -504,3 +504,28 @@ def test_a_long_answer_keeps_its_last_box_in_any_form(box: str) -> None:
     assert answer.kind is NodeKind.ANSWER
     shown = render.snippet(answer, 24)
     assert shown.startswith("… ") and box in shown
+
+
+STRAY_BETWEEN_TAGS = (
+    "Q.\n<guideline><plan>1: a</plan><plan>2: b</plan></guideline>\nNow I execute both plans.\n"
+    "<step>1: x</step><step>2: y</step><takeaway>t</takeaway>\n\\boxed{1}"
+)
+
+
+def test_text_between_a_blocks_tags_is_drawn_where_it_stands() -> None:
+    """Text between ``</guideline>`` and the first ``<step>`` belongs to the top level (it is
+    stray text); every view draws it inside the block, before the steps, not after the block."""
+    graph = parse(STRAY_BETWEEN_TAGS, lenient=True)
+    stray = next(n.id for n in graph.nodes if n.content.startswith("Now I execute"))
+    assert graph.nodes[stray].block is None
+    assert render.shown_blocks(graph)[stray] == 0
+    lines = tree_text(graph, width=100).splitlines()
+    at = [next(i for i, line in enumerate(lines) if key in line)
+          for key in ("plan 2", "Now I execute", "step 1", "answer")]  # fmt: skip
+    assert at == sorted(at)
+    assert lines[at[1]].startswith("│   ├── text"), "inside the block"
+    dot = to_dot(graph)
+    cluster = dot[dot.index("subgraph cluster_block_0") :]
+    assert f"n{stray} [" in cluster[: cluster.index("}")]
+    mermaid = to_mermaid(graph)
+    assert f"n{stray}[" in mermaid[mermaid.index("subgraph") : mermaid.index("  end")]

@@ -85,6 +85,21 @@ def test_layout_puts_branches_side_by_side_and_nests_blocks() -> None:
     assert sorted(ids(nested)) == list(range(20))
 
 
+def test_layout_draws_text_between_a_blocks_tags_inside_it() -> None:
+    """Stray text between ``</guideline>`` and the first step (a top-level node) is laid out
+    in the block's header, where it stands in the text, not after the block."""
+    text = (
+        "Q.\n<guideline><plan>1: a</plan><plan>2: b</plan></guideline>\nNow I execute both "
+        "plans.\n<step>1: x</step><step>2: y</step><takeaway>t</takeaway>\n\\boxed{1}"
+    )
+    graph = ng.parse(text, lenient=True)
+    stray = next(n.id for n in graph.nodes if n.content.startswith("Now I execute"))
+    first, block, answer = layout_tree(graph)
+    assert first == {"node": 0} and answer == {"node": len(graph.nodes) - 1}
+    assert block["header"][-1] == {"node": stray}
+    assert [item["node"] for item in block["header"]] == sorted(range(1, stray + 1))
+
+
 def test_critical_path_follows_the_longest_branch() -> None:
     graph = ng.parse(NPR_TRACE, lenient=True)
     path = critical_path(graph)
