@@ -521,6 +521,16 @@ def _descendant_nodes(
     return [i for b in _descendant_blocks(index, nested) for i in _block_nodes(graph.blocks[b])]
 
 
+def block_depths(graph: ReasoningGraph) -> dict[int, int]:
+    """Per block index, how deep it nests: 1 for a top-level block."""
+    return _block_depths(_block_children(graph))
+
+
+def descendant_blocks(graph: ReasoningGraph, index: int) -> list[int]:
+    """Block ``index`` and every block nested inside it, at any depth."""
+    return _descendant_blocks(index, _block_children(graph))
+
+
 def _block_depths(nested: dict[int | None, list[int]]) -> dict[int, int]:
     """Per block index, how deep it nests: 1 for a top-level block."""
     depths: dict[int, int] = {}

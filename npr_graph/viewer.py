@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph import ReasoningGraph
-from .render import shown_blocks
+from .render import block_depths, descendant_blocks, shown_blocks
 
 TEXT_FIELDS = ("text", "response", "output", "completion")
 # what npr train's rollouts.jsonl adds to an eval sample's fields
@@ -63,21 +63,37 @@ def critical_path(graph: ReasoningGraph) -> list[int]:
     return path[::-1]
 
 
+VIEW_MAX_DEPTH = 64
+
+
 def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
     """The response as nested items: ``{"node": id}`` or ``{"block": index, "header": [...],
     "branches": [[...], ...], "footer": [...]}``, each list holding items in text order.
 
     A node belongs to its innermost block: to the header (guideline and plans, or goal and
     outlines), to a branch (steps, paths; a nested block sits in the branch holding it), or to
-    the footer (takeaway, conclusion, closing segments)."""
+    the footer (takeaway, conclusion, closing segments). Blocks nested more than
+    ``VIEW_MAX_DEPTH`` levels deep are not drawn as blocks: their nodes stand in text order in
+    the branch of the deepest block drawn (the page's JSON nests a few levels per block, and
+    JSON encoders stop at a recursion limit)."""
     slots: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
 
     def put(slot: Any, first: int, item: dict[str, Any]) -> None:
         slots.setdefault(slot, []).append((first, item))
 
     shown = shown_blocks(graph)
+    depth = block_depths(graph)
+    for block in graph.blocks:  # too deep: flat, in the branch of the deepest block drawn
+        if depth.get(block.index, 0) != VIEW_MAX_DEPTH + 1 or block.parent is None:
+            continue
+        folded = set(descendant_blocks(graph, block.index))
+        for node in graph.nodes:
+            if shown[node.id] in folded:
+                put(tuple(block.parent), node.id, {"node": node.id})
     block_items = {}
     for block in graph.blocks:
+        if depth.get(block.index, 0) > VIEW_MAX_DEPTH:
+            continue
         branch_ids = {i: b for b, branch in enumerate(block.branches) for i in branch}
         header = set(block.header) | set(block.items)
         first_branch = min(branch_ids, default=None)
@@ -112,6 +128,8 @@ def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
         return [item for _, item in sorted(slots.get(slot, []), key=lambda pair: pair[0])]
 
     for block in graph.blocks:
+        if block.index not in block_items:
+            continue
         item = block_items[block.index]
         item["header"] = ordered((block.index, "header"))
         item["branches"] = [ordered((block.index, b)) for b in range(len(block.branches))]

@@ -100,6 +100,34 @@ def test_layout_draws_text_between_a_blocks_tags_inside_it() -> None:
     assert [item["node"] for item in block["header"]] == sorted(range(1, stray + 1))
 
 
+def test_a_graph_nested_hundreds_of_levels_deep_is_shown() -> None:
+    """Blocks nested past ``VIEW_MAX_DEPTH`` are laid out flat in the deepest block drawn (the
+    page's JSON nests a few levels per block: 330 levels exceeded the encoder's recursion
+    limit), every node still shown once, in text order."""
+    from npr_graph.viewer import VIEW_MAX_DEPTH, sample_view
+
+    levels = 350
+    opening = "<Parallel><Goal><Outline>1: a</Outline></Goal><Path>1: "
+    closing = "</Path><Conclusion>c</Conclusion></Parallel>"
+    text = opening * levels + "x" + closing * levels + "\\boxed{1}"
+    graph = ng.parse(text, grammar="multiverse", lenient=True, max_depth=1024)
+    assert len(graph.blocks) == levels
+
+    def walk(items, depth=0):
+        for item in items:
+            if "node" in item:
+                yield item["node"], depth
+                continue
+            for part in (item["header"], *item["branches"], item["footer"]):
+                yield from walk(part, depth + 1)
+
+    placed = list(walk(layout_tree(graph)))
+    assert [node for node, _ in placed] == list(range(len(graph.nodes)))
+    assert max(depth for _, depth in placed) == VIEW_MAX_DEPTH
+    page = render_page([sample_view({}, graph, "deep")])
+    assert page.count('"node"') >= len(graph.nodes)
+
+
 def test_critical_path_follows_the_longest_branch() -> None:
     graph = ng.parse(NPR_TRACE, lenient=True)
     path = critical_path(graph)
