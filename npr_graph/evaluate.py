@@ -23,6 +23,7 @@ Output (``--out DIR``): ``config.json`` (the settings a resumed run must match),
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -95,6 +96,34 @@ class Problem:
     id: str
     question: str
     reference: str
+
+    @property
+    def key(self) -> str:
+        return problem_key(self.question, self.reference)
+
+
+def problem_key(question: str, reference: str) -> str:
+    """A short digest of a problem's question and reference, logged with its results: a resumed
+    run checks that each id still names the problem it did (a line added to the data file
+    shifts the ids that are line numbers)."""
+    digest = hashlib.sha256(json.dumps([question, reference]).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:16]
+
+
+def changed_problems(
+    keys: dict[str, str | None], problems: Iterable[tuple[str, str]], data: str, out: Path
+) -> str | None:
+    """Why a resumed run cannot go on, or None: ``keys`` (problem id: its logged
+    :func:`problem_key`; None for a log written before keys were) against ``problems`` (id and
+    key now)."""
+    changed = [pid for pid, key in problems if keys.get(pid) not in (None, key)]
+    if not changed:
+        return None
+    shown = ", ".join(repr(pid) for pid in changed[:3]) + (" ..." if len(changed) > 3 else "")
+    return (
+        f"{data}: {len(changed)} problem(s) ({shown}) are not the ones {out} holds under their "
+        "ids (the data changed); write this run to another output"
+    )
 
 
 def json_lines(text: str) -> list[str]:
@@ -985,6 +1014,7 @@ class _Evaluator:
                 {
                     "problem_id": problem.id,
                     "problem_index": problem.index,
+                    "problem_key": problem.key,
                     "sample": index,
                     "reference": problem.reference,
                     "answer": reward.answer,
@@ -1062,11 +1092,16 @@ def _run(
     # Rank 0 decides what is left, before any rank writes or claims: every rank then shares the
     # same list, and the claims of an earlier run are gone.
     claims = Claims(out / CLAIMS)
-    done = None
+    done = failure = None
     if ranks.is_main:
-        done = set(_complete_groups(_read_sample_files(out), config.n))
+        groups = _complete_groups(_read_sample_files(out), config.n)
+        done = set(groups)
+        keys = {pid: group[0].get("problem_key") for pid, group in groups.items()}
+        failure = changed_problems(keys, [(p.id, p.key) for p in problems], config.data, out)
         claims.clear()
-    done = ranks.broadcast(done)
+    failure, done = ranks.broadcast((failure, done))
+    if failure:
+        raise EvalError(failure)
     todo = [p for p in problems if p.id not in done]
     # problems whose prompt the engine cannot take: (index, id, why)
     not_run: list[tuple[int, str, str]] = []

@@ -29,6 +29,7 @@ from typing import Any
 from npr_graph.constraints import format_valid
 from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.sampling import SamplingParams
+from npr_graph.evaluate import problem_key
 from npr_graph.graph import FinishReason
 from npr_graph.prompts import PromptTemplate
 from npr_graph.typecheck import has_shape, setting_changes
@@ -49,6 +50,7 @@ class Outcome:
     pool_cut: int  # samples the engine ended for want of KV pages (kv_exhausted)
     tries: int | None
     unfinished: int = 0  # samples the model did not end (budget, context, KV pool): not kept
+    problem_key: str | None = None  # evaluate.problem_key of its prompt and answer
 
 
 OUTCOME_SHAPE = {
@@ -59,9 +61,10 @@ OUTCOME_SHAPE = {
     "pool_cut": int,
     "tries": (int, type(None)),
     "unfinished": int,
+    "problem_key": (str, type(None)),
 }
 # Fields a log written before they existed lacks, and their value there.
-OUTCOME_BEFORE = {"unfinished": 0}
+OUTCOME_BEFORE = {"unfinished": 0, "problem_key": None}
 
 
 @dataclass
@@ -199,6 +202,7 @@ def rejection_sample(
             cut,
             chosen["tries"] if chosen else None,
             unfinished,
+            problem_key(problem.prompt, problem.answer),
         )
         report.add(outcome)
         if on_problem is not None:

@@ -824,6 +824,26 @@ def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
         run_eval(config(data, out, n=3, limit=1), engine=engine)
 
 
+def test_resume_refuses_data_whose_ids_name_other_problems(tmp_path, engine) -> None:
+    """Ids that are line numbers: a problem added at the top of the data file shifts them, and a
+    resumed run would skip the new problem as done. Its results hold each problem's key, so it
+    is refused; an unchanged file resumes, and a file that only gained problems at the end too."""
+    rows = [{"problem": "What is 2+3?", "answer": "5"}, {"problem": "What is 4+4?", "answer": "8"}]
+    path = tmp_path / "numbered.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_eval(config(path, out), engine=engine)
+    assert {r["problem_id"] for r in read_samples(out)} == {"0", "1"}
+    run_eval(config(path, out), engine=engine)
+    more = [*rows, {"problem": "What is 9+9?", "answer": "18"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in more))
+    run_eval(config(path, out), engine=engine)
+    assert {r["problem_id"] for r in read_samples(out)} == {"0", "1", "2"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [more[2], *rows]))
+    with pytest.raises(EvalError, match=r"3 problem\(s\) \('0', '1', '2'\) are not the ones"):
+        run_eval(config(path, out), engine=engine)
+
+
 def test_a_run_is_known_by_its_model_and_prompt_files_wherever_it_starts(
     tmp_path, data, engine, monkeypatch
 ) -> None:

@@ -1305,6 +1305,31 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     assert "No such file" in capsys.readouterr().err
 
 
+def test_sample_cli_resume_refuses_data_whose_ids_name_other_problems(
+    problems, tmp_path, tokenizers, capsys
+):
+    """Ids that are line numbers: a problem added at the top of the data file shifts them, and
+    the rerun skipped the new problem as done. Each logged outcome holds its problem's key, so
+    the rerun is refused."""
+    from npr_graph.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_model(tokenizers["text"]).save_pretrained(model_dir)
+    tokenizers["text"].save_pretrained(model_dir)
+    out = tmp_path / "accepted.jsonl"
+    args = ["sample", "--data", str(problems), "--out", str(out), "--model", str(model_dir),
+            "--tries", "1", "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--limit", "2"]) == 0
+    assert main(args) == 0, "the problems after the first two are new"
+    lines = problems.read_text().splitlines()
+    problems.write_text(
+        "\n".join([json.dumps({"problem": "What is 9+9?", "answer": "18"}), *lines])
+    )
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "are not the ones" in capsys.readouterr().err.replace("\n", "")
+
+
 def test_sample_cli_refuses_bad_settings_before_writing_anything(problems, tmp_path, capsys):
     from npr_graph.cli import main
 
