@@ -9,6 +9,7 @@ applied by the engine on top (``Engine.encode_prompt``).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +27,11 @@ class PromptTemplate:
     name: str
     text: str
     grammar: str | None
+
+    @property
+    def digest(self) -> str:
+        """A short digest of the text: what tells two templates apart, wherever they are kept."""
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def render(self, problem: str) -> str:
         text = self.text.strip()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npr_graph.evaluate import PROBLEM_FIELDS, EvalError, load_problems, read_records
+from npr_graph.typecheck import has_shape
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class Trace:
     id: str
     prompt: str
     response: str
+    # the prompt it answered, when npr sample wrote it: (template name, digest of its text, chat)
+    sampled_with: tuple[str, str, bool] | None = None
+
+
+# what npr sample records of the prompt a trace answered
+SAMPLED_WITH = {"prompt_template": str, "prompt_digest": str, "chat": bool}
 
 
 def _fail(errors: list[str]) -> None:
@@ -77,7 +84,11 @@ def read_traces(
                 errors.append(f"{where}: no {missing} field")
                 continue
             given_id = record.get("id")
-            traces.append(Trace(str(index if given_id is None else given_id), prompt, response))
+            sampled_with = None
+            if has_shape(record, SAMPLED_WITH):
+                sampled_with = tuple(record[key] for key in SAMPLED_WITH)
+            key = str(index if given_id is None else given_id)
+            traces.append(Trace(key, prompt, response, sampled_with))
     except EvalError as error:
         raise ValueError(str(error)) from error
     if errors:

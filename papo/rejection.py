@@ -137,7 +137,9 @@ def rejection_sample(
     reward: str = "accuracy",
 ) -> tuple[list[dict[str, Any]], SamplingReport]:
     """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
-    and the counts. ``params.n`` is the number of tries per problem. All problems go through one
+    and the counts; each record also names the prompt its response answered (``prompt_template``,
+    ``prompt_digest`` of the template's text, ``chat``: whether the chat template wrapped it),
+    which ``npr train sft`` checks against its own. ``params.n`` is the number of tries per problem. All problems go through one
     engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
     problem ends, ``on_problem`` gets its outcome and accepted record (or None) and
     ``on_record`` the accepted record. A problem the engine cannot run (too
@@ -153,6 +155,13 @@ def rejection_sample(
     grade = get_reward(reward)
     eos = getattr(engine.tokenizer, "eos_token", None)
     eos_ids = getattr(engine, "eos_ids", ())
+    # the prompt each trace answered, for SFT to check it trains on the same
+    has_chat_template = bool(getattr(engine.tokenizer, "chat_template", None))
+    sampled_with = {
+        "prompt_template": template.name,
+        "prompt_digest": template.digest,
+        "chat": has_chat_template and chat is not False,
+    }
     report = SamplingReport()
     accepted = []
     indices = range(len(problems)) if indices is None else indices
@@ -193,6 +202,7 @@ def rejection_sample(
                     "response": response,
                     "answer": problem.answer,
                     "tries": tries,
+                    **sampled_with,
                 }
         outcome = Outcome(
             problem.id,

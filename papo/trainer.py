@@ -95,6 +95,7 @@ class Trainer:
         self.template = _template(config.prompt_template)
         if config.stage == "sft":
             self.traces = read_traces(config.data, config.prompt_field, config.response_field)
+            self.sampled_chat = _check_sampled_prompts(self.traces, self.template, config.data)
             self.items = len(self.traces)
             per_epoch = math.ceil(self.items / config.batch_size)
             self.total_steps = config.steps or per_epoch * config.epochs
@@ -126,6 +127,16 @@ class Trainer:
         elif tokenizer is None:
             raise ValueError("give the tokenizer with the model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        if config.stage == "sft" and self.sampled_chat is not None:
+            chat = bool(getattr(tokenizer, "chat_template", None)) and config.chat is not False
+            if chat != self.sampled_chat:
+                raise ValueError(
+                    f"{config.data}: its traces were sampled "
+                    f"{'with' if self.sampled_chat else 'without'} the chat template and this "
+                    f"run trains {'with' if chat else 'without'} it: set chat = "
+                    f"{str(self.sampled_chat).lower()} (or drop the traces' chat field to train "
+                    "on other prompts on purpose)"
+                )
         self.output_dir = Path(config.output_dir)
         if config.sharding == "fsdp2" and not self.world.distributed:
             self.console.print("sharding 'fsdp2' with one process: training unsharded")
@@ -806,6 +817,30 @@ def _padding_row(tokenizer) -> PackedRow:
     token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     graph = ng.parse([token], tokenizer=tokenizer, prompt_ids=[token], lenient=True)
     return pack([graph], [None], max_tokens=16)[0]
+
+
+def _check_sampled_prompts(traces: list[Trace], template: PromptTemplate, data: str) -> bool | None:
+    """Refuse SFT on prompts other than those ``npr sample`` wrote its traces for (a response
+    answers the prompt it was sampled with); returns whether they were chat-wrapped (None:
+    unknown, traces from elsewhere)."""
+    recorded = {trace.sampled_with for trace in traces if trace.sampled_with is not None}
+    if not recorded:
+        return None
+    if len({(digest, chat) for _, digest, chat in recorded}) > 1:
+        names = sorted({name for name, _, _ in recorded})
+        raise ValueError(
+            f"{data}: its traces were sampled with different prompts ({', '.join(names)}, or "
+            "with and without the chat template); train on one sampling run's traces at a time"
+        )
+    name = min(name for name, _, _ in recorded)
+    _, digest, chat = next(iter(recorded))
+    if digest != template.digest:
+        raise ValueError(
+            f"{data}: its traces answered prompt template {name!r}, and this run's prompt_template "
+            f"is {template.name!r} (another text): set prompt_template = {name!r} (or drop the "
+            "traces' prompt_template field to train on other prompts on purpose)"
+        )
+    return chat
 
 
 def _template(value: str) -> PromptTemplate:

@@ -900,12 +900,48 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     accepted, report = rejection_sample(
         engine, problems, load_template("npr"), SamplingParams(n=4), mode="sequential"
     )
+    npr = load_template("npr")
     assert accepted == [
-        {"id": "a", "prompt": "What is 2+3?", "response": TRACE, "answer": "5", "tries": 3}
-    ]
+        {"id": "a", "prompt": "What is 2+3?", "response": TRACE, "answer": "5", "tries": 3,
+         "prompt_template": "npr", "prompt_digest": npr.digest, "chat": False}
+    ]  # fmt: skip
     summary = report.to_dict()
     assert summary["problems"] == 2 and summary["accepted"] == 1 and summary["samples"] == 8
     assert summary["mean_tries"] == 3 and summary["pool_cut_samples"] == 1
+
+
+def test_sft_trains_on_the_prompts_its_traces_answered(tmp_path, tokenizers):
+    """Traces from ``npr sample`` name the prompt they answered; SFT with another template, or
+    with the chat template where sampling had none, is refused before training (it taught
+    responses to prompts the model never saw), and accepted with the same."""
+    from npr_graph.prompts import load_template
+
+    npr = load_template("npr")
+    path = tmp_path / "accepted.jsonl"
+    record = {"id": "a", "prompt": "What is 2+3?", "response": TRACE, "answer": "5", "tries": 1,
+              "prompt_template": "npr", "prompt_digest": npr.digest, "chat": False}  # fmt: skip
+    path.write_text(json.dumps(record) + "\n")
+    tok = tokenizers["special"]
+
+    def trainer(**settings):
+        values = dict(data=str(path), output_dir=str(tmp_path / "run"), steps=1, **settings)
+        return Trainer(load_config(None, "sft", values), model=make_model(tok), tokenizer=tok)
+
+    with pytest.raises(ValueError, match="answered prompt template 'npr'.*set prompt_template"):
+        trainer()  # the default template is the bare problem
+    with pytest.raises(ValueError, match="sampled without the chat template.*set chat = false"):
+        trainer(prompt_template="npr")  # this tokenizer has a chat template
+    run = trainer(prompt_template="npr", chat=False)
+    assert run.traces[0].sampled_with == ("npr", npr.digest, False)
+    copy_ = tmp_path / "my_npr.txt"
+    copy_.write_text(npr.text)
+    trainer(prompt_template=str(copy_), chat=False)  # the same text, elsewhere
+    second = {**record, "id": "b", "chat": True}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(second) + "\n")
+    with pytest.raises(ValueError, match="sampled with different prompts"):
+        trainer(prompt_template="npr", chat=False)
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "prompt_digest"}) + "\n")
+    assert trainer().traces[0].sampled_with is None, "traces from elsewhere: not checked"
 
 
 def test_rejection_sampling_keeps_only_samples_the_model_ended():
