@@ -225,6 +225,7 @@ def load_problems(
     *,
     fields: dict[str, str] | None = None,
     limit: int | None = None,
+    rename_duplicates: bool = True,
 ) -> tuple[list[Problem], list[str]]:
     """Problems of a data file and the errors met reading it (``"file:line: why"``).
 
@@ -233,6 +234,8 @@ def load_problems(
     the reward reads answers, :func:`papo.rewards.extract_answer`);
     ``fields`` (keys ``problem``, ``answer``, ``id``) names other fields. A record without a
     question or a reference is reported and skipped; ``limit`` keeps the first valid problems.
+    A repeated id is reported and, with ``rename_duplicates``, the later problem goes on as
+    ``id#index`` (a caller that stops on errors asks for no renaming: the message names none).
     Raises :class:`EvalError` when the file cannot be read at all.
     """
     from papo.rewards import extract_answer
@@ -266,7 +269,8 @@ def load_problems(
         _, given_id = _pick(record, fields.get("id"), ID_FIELDS)
         problem_id = str(given_id) if given_id is not None else str(index)
         if problem_id in seen:
-            errors.append(f"{where}: duplicate id {problem_id!r}; using {problem_id}#{index}")
+            renamed = f"; using {problem_id}#{index}" if rename_duplicates else ""
+            errors.append(f"{where}: duplicate id {problem_id!r}{renamed}")
             problem_id = f"{problem_id}#{index}"
         seen.add(problem_id)
         problems.append(Problem(index, problem_id, question, reference))

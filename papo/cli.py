@@ -74,6 +74,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        if not Path(args.out).parent.is_dir():  # before the model loads, not after
+            raise ValueError(f"--out {args.out}: its folder does not exist")
         problems = read_problems(args.data, args.prompt_field, args.answer_field)[: args.limit]
         if not problems:
             raise ValueError(f"{args.data}: no problems to sample")

@@ -49,7 +49,7 @@ def read_problems(
         key: value for key, value in (("problem", prompt_field), ("answer", answer_field)) if value
     }
     try:
-        problems, errors = load_problems(path, fields=fields)
+        problems, errors = load_problems(path, fields=fields, rename_duplicates=False)
     except EvalError as error:
         raise ValueError(str(error)) from error
     if errors:
