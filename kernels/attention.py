@@ -103,12 +103,15 @@ def merge_states(values: Tensor, lse: Tensor, *, backend: str = "auto") -> tuple
 def merge_states_reference(values: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     lse = lse.float()
     top = lse.max(dim=1).values
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all states empty
+    # Empty only when every state is (lse = -inf): a NaN or inf state must come out NaN, for the
+    # engine's NaN check to see it, not as "no keys here".
+    empty = torch.isneginf(top)
+    top = torch.where(empty, torch.zeros_like(top), top)
     weights = torch.exp(lse - top[:, None])  # [N, S, H]; 0 for empty states
     total = weights.sum(dim=1)
     merged = (weights[..., None] * values.float()).sum(dim=1)
-    merged = torch.where(total[..., None] > 0, merged / total[..., None].clamp_min(1e-30), 0.0)
-    return merged.to(values.dtype), top + torch.log(total)
+    merged = torch.where(empty[..., None], 0.0, merged / torch.where(empty, 1.0, total)[..., None])
+    return merged.to(values.dtype), torch.where(empty, -math.inf, top + torch.log(total))
 
 
 # -- one level ----------------------------------------------------------------------------------------

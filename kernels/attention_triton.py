@@ -130,7 +130,9 @@ def _decode_kernel(
             run_sum = run_sum * alpha + tl.sum(probs, axis=1)
             acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
             run_max = new_max
-        has = run_sum > 0
+        # empty: this split holds no key (not run_sum > 0, which a NaN score would also fail:
+        # NaN must come out NaN for the engine's check to see it)
+        has = tl.zeros([BLOCK_Q], tl.int32) < t_hi - t_lo
         safe_sum = tl.where(has, run_sum, 1.0)
         out = tl.where(has[:, None], acc / safe_sum[:, None], 0.0)
         lse = tl.where(has, run_max + tl.log(safe_sum), float("-inf"))
@@ -174,12 +176,16 @@ def _merge_kernel(
     chunk = tl.arange(0, BLOCK_S)
     lse_row = lse + n * stride_ln + head
     tops = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    live = tl.zeros([BLOCK_S], tl.int32)
     for s0 in range(0, num_states, BLOCK_S):
         states = s0 + chunk
         s = tl.load(lse_row + states * stride_ls, mask=states < num_states, other=float("-inf"))
-        tops = tl.maximum(tops, s)
+        tops = tl.maximum(tops, s)  # drops NaN; a NaN state still reaches total through its weight
+        live += ((s > float("-inf")) | (s != s)).to(tl.int32)
     top = tl.max(tops, axis=0)
-    top = tl.where(top > float("-inf"), top, 0.0)
+    # empty only when every state is (lse = -inf): a NaN or inf state comes out NaN
+    empty = tl.sum(live, axis=0) == 0
+    top = tl.where(empty, 0.0, top)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     totals = tl.zeros([BLOCK_S], tl.float32)
@@ -197,14 +203,14 @@ def _merge_kernel(
         totals += weights
         acc += tl.sum(weights[:, None] * v, axis=0)
     total = tl.sum(totals, axis=0)
-    safe_total = tl.where(total > 0, total, 1.0)
+    safe_total = tl.where(empty, 1.0, total)
     tl.store(
         out_values + n * stride_on + head * stride_oh + dims,
         (acc / safe_total).to(out_values.dtype.element_ty),
         mask=dim_ok,
     )
     tl.store(
-        out_lse + n * stride_mn + head, tl.where(total > 0, top + tl.log(safe_total), float("-inf"))
+        out_lse + n * stride_mn + head, tl.where(empty, float("-inf"), top + tl.log(safe_total))
     )
 
 

@@ -6,6 +6,7 @@ GPU at the same shapes (and the ``gpu`` tests add larger ones).
 """
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -254,6 +255,39 @@ def test_a_query_in_no_group_gets_an_empty_state(backend):
         torch.cat([query, extra]), k_cache, v_cache, indptr, indices, last, qo, backend=backend
     )
     assert torch.all(out[-1] == 0) and torch.all(lse[-1] == float("-inf"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["query", "key", "key_inf"])
+def test_a_nan_or_inf_score_comes_out_nan_not_empty(backend, where):
+    """A NaN (or inf) in a query or key makes that query's attention NaN, as the dense form
+    has it: taken as "no keys here" (output 0, LSE -inf) it vanished in the merge, and the
+    engine's check for NaN log-probs never saw it. A group without keys stays empty."""
+    from kernels.attention import merge_states, paged_decode_attention
+
+    query, k_cache, v_cache, indptr, indices, last, qo = _paged_case(4)
+    bad = float("inf") if where == "key_inf" else float("nan")
+    if where == "query":
+        query[0, 1, 3] = bad  # group 0, query head 1 (KV head 0)
+    else:
+        k_cache.view(-1, *k_cache.shape[2:])[int(indices[0]) * 4, 0, 5] = bad  # group 0's first key
+    case = (query, k_cache, v_cache, indptr, indices, last, qo)
+    out, lse = paged_decode_attention(*case, num_splits=2, backend=backend)
+    dense = _dense_decode(*case)
+    nan = torch.isnan(dense)
+    assert nan[0].any() and not nan[1:].any()
+    assert torch.equal(torch.isnan(out.cpu()), nan)
+    torch.testing.assert_close(out.cpu()[~nan], dense[~nan], rtol=1e-4, atol=1e-5)
+    heads = nan[0].any(dim=-1)
+    assert not torch.isfinite(lse[0, heads]).any() and torch.isneginf(lse[1:3]).all()
+    # merged with a finite state, the NaN state still comes out NaN; two empty states stay empty
+    values = torch.stack([out, torch.ones_like(out)], dim=1)
+    merged, merged_lse = merge_states(values, torch.stack([lse, lse.nan_to_num(0.0)], dim=1),
+                                      backend=backend)  # fmt: skip
+    assert torch.isnan(merged[0, heads]).all() and not torch.isfinite(merged_lse[0, heads]).any()
+    empty = merge_states(values[1:3], torch.full_like(lse[1:3, None].expand(-1, 2, -1), -math.inf),
+                         backend=backend)  # fmt: skip
+    assert (empty[0] == 0).all() and torch.isneginf(empty[1]).all()
 
 
 def test_paged_decode_flat_cache_is_page_size_one():
