@@ -304,13 +304,15 @@ def plan_launch(
         fixed_q = None
         wide_q, block_t, warps = DECODE_TILES.get(dtype, DECODE_TILES[torch.float32])
     entries = []
+    # chosen splits share the merge's states: a level may not take more than its part
+    share = max(1, MAX_STATES // max(len(levels), 1))
     for level in levels:
         rows = max(level.max_group_size * gq, 1)  # (query, head) rows of its largest group
         # A level of single lanes (GQA 4: 4 rows) would leave most of a 64-row tile empty.
         block_q = fixed_q or (NARROW_Q if rows <= NARROW_Q else wide_q)
         qblocks = triton.cdiv(rows, block_q)
         programs = level.num_groups * qblocks * kv_heads
-        splits = num_splits or _num_splits(level, programs, block_t, device)
+        splits = num_splits or min(_num_splits(level, programs, block_t, device), share)
         entries.append((level, block_q, qblocks, splits))
     total = sum(splits for *_, splits in entries)
     if total > MAX_STATES:
@@ -330,8 +332,10 @@ def decode_partials(
     """Partial states of every level and split: ``([Nq, S, Hq, D]`` float32, ``[Nq, S, Hq])``."""
     keys, page = _flat_cache(k_cache)
     values, _ = _flat_cache(v_cache)
-    if query.stride(-1) != 1:
-        query = query.contiguous()
+    # the kernel steps through a head's dims one element at a time
+    query, keys, values = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys, values)
+    )
     nq, heads, dim = query.shape
     kv_heads = keys.shape[1]
     if heads % kv_heads or keys.shape[-1] != dim:

@@ -54,10 +54,21 @@ def token_logprobs(
         raise ValueError(
             f"need temperature > 0 and chunk_size >= 1, got {temperature}, {chunk_size}"
         )
+    if targets.numel() and bool(((targets < 0) | (targets >= weight.shape[0])).any()):
+        # checked here: the Triton kernel found no column for such an id and returned -lse
+        raise ValueError(
+            f"targets must be token ids in [0, {weight.shape[0]}) (mask ignored positions out "
+            "before the call)"
+        )
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and _triton.available() else "torch"
     if backend == "triton":
         _triton.require(hidden)
+        if hidden.dtype != weight.dtype:  # its backward multiplies them together
+            raise ValueError(
+                f"the triton backend needs hidden and weight of one dtype, got {hidden.dtype} "
+                f"and {weight.dtype}"
+            )
     shape = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()

@@ -206,7 +206,10 @@ def matmul_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     try:
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):  # out_dtype: CUDA only, torch >= 2.8
-        return (hidden @ weight.T).float()
+        # in float32 (a copy of the weight per call): logits rounded to bf16 do not fit the
+        # forward's float32 LSE, and their probabilities summed to 0.94-1.06 (10x the gradient
+        # error)
+        return hidden.float() @ weight.float().T
 
 
 def logit_grad_(

@@ -138,6 +138,35 @@ def test_token_logprobs_rejects_bad_arguments():
         token_logprobs(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(hidden, weight, targets, temperature=0.0)
+    for bad in (-100, weight.shape[0]):  # the Triton kernel returned -lse for such an id
+        with pytest.raises(ValueError, match=r"token ids in \[0, 101\)"):
+            token_logprobs(hidden, weight, torch.full_like(targets, bad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_bf16_gradients_match_float64(backend):
+    """bf16 inputs with LLM-sized logits (largest about 30): both backends' gradients stay
+    within bf16 rounding of float64 autograd on the same inputs. Where ``torch.mm`` has no
+    float32 output for bf16 (the CPU, torch < 2.8), the Triton backward rounded its recomputed
+    logits to bf16, and their probabilities did not fit the forward's float32 LSE."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(16, 32, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    weight = (1.2 * torch.randn(64, 32, generator=gen)).to(DEVICE, torch.bfloat16)
+    weight.requires_grad_()
+    targets = torch.randint(0, 64, (16,), generator=gen).to(DEVICE)
+    logprobs, _ = token_logprobs(hidden, weight, targets, chunk_size=8, backend=backend)
+    logprobs.sum().backward()
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    logits = h64 @ w64.T
+    assert logits.abs().max() > 20
+    torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum().backward()
+    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 1e-2, float(error)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="one dtype"):
+            token_logprobs(hidden, weight.float(), targets, backend="triton")
 
 
 # -- merge_states ---------------------------------------------------------------------------------
@@ -241,6 +270,21 @@ def test_paged_decode_matches_dense_attention(backend, page_size, splits):
         and torch.isfinite(lse[:1]).all()
         and torch.isfinite(lse[3:]).all()
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_reads_caches_whose_dims_are_strided(backend):
+    """A cache viewed with a stride in its last dimension (every other element of a wider
+    one) reads as its contiguous copy (the Triton kernel stepped by 1)."""
+    from kernels.attention import paged_decode_attention
+
+    query, k_cache, v_cache, *rest = _paged_case(4)
+    wide_k = torch.stack([k_cache, -k_cache], dim=-1).flatten(-2)[..., ::2]
+    wide_v = torch.stack([v_cache, -v_cache], dim=-1).flatten(-2)[..., ::2]
+    assert wide_k.stride(-1) == 2 and torch.equal(wide_k, k_cache)
+    got, _ = paged_decode_attention(query, wide_k, wide_v, *rest, backend=backend)
+    want, _ = paged_decode_attention(query, k_cache, v_cache, *rest, backend=backend)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -397,6 +441,25 @@ def test_cascade_of_shared_prefix_and_tails_equals_flat_decode(backend):
                     query, k_cache, v_cache, device_levels, backend=backend, launch=launch
                 )
                 torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_plan_launch_keeps_the_splits_it_chooses_within_the_merge(monkeypatch):
+    """Long views on a large GPU take up to 64 splits per level: five levels (nested blocks)
+    would need 320 states, past the merge's 256, and the step failed. Chosen splits now share
+    the states; splits a caller asks for beyond them are still an error."""
+    from kernels import attention_triton
+    from kernels.attention import DecodeLevel
+    from kernels.attention_triton import MAX_STATES, plan_launch
+
+    monkeypatch.setattr(attention_triton, "_num_splits", lambda *args: 64)
+    one = torch.tensor([0, 1], dtype=torch.int32)
+    level = DecodeLevel(one, one, torch.zeros(1, dtype=torch.int32), one[1:], 8192, 1)
+    launch = plan_launch([level] * 5, 12, 2, torch.device("cpu"))
+    assert launch.total_states <= MAX_STATES
+    assert [splits for *_, splits in launch.levels] == [MAX_STATES // 5] * 5
+    assert plan_launch([level] * 4, 12, 2, torch.device("cpu")).total_states == 256
+    with pytest.raises(ValueError, match="exceed"):
+        plan_launch([level] * 5, 12, 2, torch.device("cpu"), num_splits=64)
 
 
 def test_plan_launch_tiles_each_level_by_its_widest_group(monkeypatch):
