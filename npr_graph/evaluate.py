@@ -351,31 +351,41 @@ def _majority(
     timeout_s: float,
     cache: dict[tuple[str, str], bool] | None = None,
 ) -> tuple[str | None, bool]:
-    """The most frequent answer (answers grouped by math equivalence; ties go to the answer seen
+    """The most frequent answer (answers grouped by math equivalence; ties go to the group seen
     first) and whether it is correct. Samples without a parsed answer do not vote.
 
-    Answers are taken in the order they are first seen; each joins the first group whose first
-    answer it equals or verifies against (``verify(answer, first)``), else starts a group.
-    Samples with the same answer text always land in the same group, so each distinct answer is
-    checked once against the groups before it, not once per sample; ``cache`` (shared across
-    calls, e.g. the problems of one summary) keeps the outcome of each ordered pair checked."""
+    The correct samples (as graded) form one group: math-verify's equivalence is not
+    transitive (``0.5 ~ 50\\%`` and ``50\\% ~ 50``, but not ``0.5 ~ 50``), so grouping a correct
+    answer under a wrong one, or the reverse, made maj@n disagree with the grades and depend on
+    the samples' order. Wrong answers are grouped among themselves: each joins the first group
+    whose first answer it equals or verifies against (``verify(answer, first)``), else starts
+    one. Identical answers are counted together, so each distinct answer is checked once
+    against the groups before it; ``cache`` (shared across calls, e.g. the problems of one
+    summary) keeps the outcome of each ordered pair checked."""
     from papo import rewards
 
     cache = {} if cache is None else cache
-    counts: dict[str, int] = {}
-    first_sample: dict[str, dict[str, Any]] = {}
+    counts: dict[tuple[str, bool], int] = {}
     for sample in samples:
         answer = sample["answer"]
         if answer is None or not sample["parsed"]:
             continue
-        if answer not in counts:
-            counts[answer] = 0
-            first_sample[answer] = sample
-        counts[answer] += 1
+        key = (answer, bool(sample["correct"]))
+        counts[key] = counts.get(key, 0) + 1
     heads: list[str] = []  # each group's first answer, in the order the groups started
     sizes: list[int] = []
-    for answer, count in counts.items():
+    right: int | None = None  # the group of the correct answers
+    for (answer, correct), count in counts.items():
+        if correct:
+            if right is None:
+                right = len(heads)
+                heads.append(answer)
+                sizes.append(0)
+            sizes[right] += count
+            continue
         for index, head in enumerate(heads):
+            if index == right:
+                continue
             key = (answer, head)
             if key not in cache:
                 cache[key] = rewards.verify(answer, head, timeout_s=timeout_s)
@@ -387,8 +397,8 @@ def _majority(
             sizes.append(count)
     if not heads:
         return None, False
-    best = heads[sizes.index(max(sizes))]  # index keeps the first of equal-sized groups
-    return best, bool(first_sample[best]["correct"])
+    best = sizes.index(max(sizes))  # index keeps the first of equal-sized groups
+    return heads[best], best == right
 
 
 def _call_walls(firsts: list[dict[str, Any]]) -> list[float]:

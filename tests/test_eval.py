@@ -272,26 +272,33 @@ def test_report_tells_no_majority_from_a_boxed_none() -> None:
     assert "| b | `1/2` | 0/2 | `None` |" in report
 
 
-def _majority_before(samples, timeout_s):
-    """``_majority`` as it was: every sample against every group's first answer."""
+def _majority_defined(samples, timeout_s):
+    """maj@n as defined, sample by sample: the correct samples vote as one group; a wrong one
+    joins the first group of wrong answers whose first answer it equals or verifies against."""
     from papo.rewards import verify
 
-    clusters = []
+    groups, right = [], None
     for sample in samples:
         answer = sample["answer"]
         if answer is None or not sample["parsed"]:
             continue
-        for cluster in clusters:
-            head = cluster[0]["answer"]
-            if answer == head or verify(answer, head, timeout_s=timeout_s):
-                cluster.append(sample)
+        if sample["correct"]:
+            if right is None:
+                right = []
+                groups.append(right)
+            right.append(sample)
+            continue
+        for group in groups:
+            head = group[0]["answer"]
+            if group is not right and (answer == head or verify(answer, head, timeout_s=timeout_s)):
+                group.append(sample)
                 break
         else:
-            clusters.append([sample])
-    if not clusters:
+            groups.append([sample])
+    if not groups:
         return None, False
-    best = max(clusters, key=len)
-    return best[0]["answer"], bool(best[0]["correct"])
+    best = max(groups, key=len)
+    return best[0]["answer"], best is right
 
 
 class _Spy:
@@ -317,7 +324,8 @@ _SAMPLE = st.tuples(st.sampled_from([*_ANSWERS, None]), st.booleans(), st.boolea
 def test_majority_matches_the_pairwise_vote(samples, related) -> None:
     """Grouping equal answers first and checking each distinct answer once gives the same answer
     and correctness as the sample-by-sample vote, ties and "no vote" included, whatever the
-    equivalence relation; and never more checks."""
+    equivalence relation; never more checks; and the correctness does not depend on the
+    samples' order."""
     from unittest import mock
 
     records = [
@@ -326,25 +334,30 @@ def test_majority_matches_the_pairwise_vote(samples, related) -> None:
     ]
     before, now = _Spy(related), _Spy(related)
     with mock.patch("papo.rewards.verify", before):
-        expected = _majority_before(records, 1.0)
+        expected = _majority_defined(records, 1.0)
     with mock.patch("papo.rewards.verify", now):
         assert evaluate._majority(records, 1.0) == expected
     assert len(now.calls) <= len(before.calls)
     assert len(now.calls) == len(set(now.calls))  # no pair checked twice
+    correct = [r for r in records if r["correct"] and r["parsed"]]
+    if correct and 2 * len(correct) > sum(r["parsed"] for r in records):
+        with mock.patch("papo.rewards.verify", _Spy(related)):
+            assert evaluate._majority(records[::-1], 1.0)[1], "most votes are correct ones"
 
 
 def test_majority_checks_each_distinct_answer_once(monkeypatch) -> None:
-    """d distinct answers, none equivalent, each given by r samples: d(d-1)/2 checks, not
-    r·d(d-1)/2; a summary checks a pair once across its problems."""
+    """d distinct wrong answers, none equivalent, each given by r samples: d(d-1)/2 checks, not
+    r·d(d-1)/2 (the correct answer needs none); a summary checks a pair once across its
+    problems."""
     spy = _Spy(set())
     monkeypatch.setattr("papo.rewards.verify", spy)
     answers = ["1", "2", "3", "4"]
     records = [{"answer": a, "parsed": True, "correct": a == "3"} for a in answers * 8]
     assert evaluate._majority(records, 1.0) == ("1", False)
-    assert len(spy.calls) == 6
+    assert len(spy.calls) == 3
     spy.calls.clear()
-    assert _majority_before(records, 1.0) == ("1", False)
-    assert len(spy.calls) == 8 * 6  # what the sample-by-sample vote cost
+    assert _majority_defined(records, 1.0) == ("1", False)
+    assert len(spy.calls) == 3 + 7 * 3  # what the sample-by-sample vote cost
     spy.calls.clear()
     lines = [
         _record(problem, index, sample, answer, answer == "3")
@@ -353,7 +366,7 @@ def test_majority_checks_each_distinct_answer_once(monkeypatch) -> None:
     ]
     summary = summarize(lines, n=8)
     assert [p["majority"] for p in summary["per_problem"]] == ["1", "1"]
-    assert len(spy.calls) == 6
+    assert len(spy.calls) == 3
 
 
 def test_summary_refuses_a_problem_without_its_n_samples() -> None:
@@ -378,8 +391,29 @@ def test_majority_counts_equivalent_answers_together(monkeypatch) -> None:
         for a in ["7", "\\frac12", "7", "0.5", "0.5"]
     ]
     assert evaluate._majority(records, 1.0) == ("\\frac12", True)
-    records[1]["answer"] = "1/2"  # now 7 and 0.5 have two votes each: the first seen wins
-    assert evaluate._majority(records, 1.0) == ("7", False)
+    records[1]["answer"] = "1/2"  # graded correct: it votes with 0.5, though verify differs
+    assert evaluate._majority(records, 1.0) == ("1/2", True)
+
+
+def test_majority_agrees_with_the_grades_whatever_the_order(monkeypatch) -> None:
+    """math-verify's equivalence is not transitive (0.5 ~ 50%, 50% ~ 50, not 0.5 ~ 50; 2 ~ x=2,
+    2 ~ y=2, not x=2 ~ y=2): a correct answer grouped under a wrong first answer made maj@n 0
+    with three of four samples correct, and the order of the samples decided it."""
+    related = {("50\\%", "0.5"), ("0.5", "50\\%"), ("50", "50\\%"), ("50\\%", "50")}
+    related |= {(a, b) for a in ("2", "x=2", "y=2") for b in ("2",)} | {("2", "x=2"), ("2", "y=2")}
+    monkeypatch.setattr("papo.rewards.verify", _Spy(related))
+
+    def records(answers, correct):
+        return [{"answer": a, "parsed": True, "correct": a in correct} for a in answers]
+
+    # reference 50: 0.5 is wrong, 50\% and 50 are right
+    assert evaluate._majority(records(["0.5", "50\\%", "50", "50"], {"50\\%", "50"}), 1.0) == (
+        "50\\%",
+        True,
+    )
+    for order in (["2", "x=2", "y=2", "7", "7", "7"], ["x=2", "2", "y=2", "7", "7", "7"]):
+        answer, correct = evaluate._majority(records(order, {"2", "x=2", "y=2"}), 1.0)
+        assert correct and answer == order[0], "3 correct against 3 of 7: the first group"
 
 
 def test_report_shows_a_dash_for_the_width_when_no_sample_has_a_block() -> None:
