@@ -445,7 +445,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             show(0, graphs)
         else:  # each prompt shown as soon as it ends
-            engine.generate(prompts, params, mode=args.mode, max_running=args.batch, on_finish=show)
+            engine.generate(
+                prompts,
+                params,
+                mode=args.mode,
+                chat=_chat(args),
+                max_running=args.batch,
+                on_finish=show,
+            )
     except (ValueError, OSError, InputError) as error:  # bad parameters, prompts or model
         print(f"npr generate: {error}", file=sys.stderr)
         return 2

@@ -305,12 +305,21 @@ class FakeEngine:
         self.prompts = []
         self.chats = []
 
-    def generate(self, prompts, params, mode, progress=None, chat=None):
+    def generate(
+        self, prompts, params, mode, progress=None, chat=None, max_running=None, on_finish=None
+    ):
         import npr_graph as ng
 
         self.prompts += prompts
         self.chats.append(chat)
-        return [ng.parse((EXAMPLES / "npr_two_blocks.txt").read_text(), lenient=True)]
+        graphs = [
+            ng.parse((EXAMPLES / "npr_two_blocks.txt").read_text(), lenient=True) for _ in prompts
+        ]
+        for index, graph in enumerate(graphs):
+            graph.metadata.update(prompt_index=index, sample_index=0)
+            if on_finish is not None:
+                on_finish(index, [graph])
+        return graphs
 
 
 def test_demo_shows_the_question_literally(capsys, monkeypatch):
@@ -323,7 +332,7 @@ def test_demo_shows_the_question_literally(capsys, monkeypatch):
     assert set(engine.chats) == {None}, "the chat template when the tokenizer has one"
 
 
-def test_no_chat_and_the_demos_one_sample(capsys, monkeypatch):
+def test_no_chat_and_the_demos_one_sample(capsys, monkeypatch, tmp_path):
     """``--no-chat`` decodes the raw prompt (a template that fails, a base model); the demo
     compares one sample with sequential decoding (n samples side by side would pass for the
     DAG's parallelism) and an empty ``--prompt`` is not the bundled question."""
@@ -335,6 +344,11 @@ def test_no_chat_and_the_demos_one_sample(capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "--prompt", "2+3?", "--no-chat")
     assert code == 0, err
     assert engine.chats[-1] is False
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("2+3?\n4+4?\n")
+    code, _, err = run(capsys, "generate", "--prompts", str(prompts), "--no-chat")
+    assert code == 0, err
+    assert engine.chats[-1] is False and engine.prompts[-2:] == ["2+3?", "4+4?"]
     code, _, err = run(capsys, "demo", "-n", "4")
     assert code == 2 and "compares one sample" in err
     run(capsys, "demo", "--prompt", "")
