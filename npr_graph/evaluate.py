@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")
-ID_FIELDS = ("id", "unique_id", "problem_id", "idx")
+ID_FIELDS = ("id", "unique_id", "problem_id", "idx", "problem_idx")  # problem_idx: HMMT
 MODES = {"parallel": "free", "constrained": "constrained", "sequential": "sequential"}
 SUMMARY_KEYS = (
     "avg_at_n",
@@ -132,8 +132,12 @@ def json_lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each record of a .json, .jsonl or .parquet file; bad lines -> errors."""
+UNREADABLE = object()  # a JSONL line that is not JSON, where read_records(holes=True) yields one
+
+
+def read_records(path: Path, errors: list[str], holes: bool = False) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of a .json, .jsonl or .parquet file; bad lines -> errors,
+    and with ``holes`` also ``(where, UNREADABLE)``, so that counting records counts them."""
     if not path.is_file():
         raise EvalError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -163,6 +167,8 @@ def read_records(path: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
                 record = json.loads(line)
             except (ValueError, RecursionError) as error:  # also too many digits, too deep
                 errors.append(f"{path}:{number}: not JSON ({_json_error(error)})")
+                if holes:
+                    yield f"{path}:{number}", UNREADABLE
                 continue
             yield f"{path}:{number}", record
         return
@@ -244,9 +250,13 @@ def load_problems(
     errors: list[str] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    for index, (where, record) in enumerate(read_records(Path(path), errors)):
+    # a line that is not JSON keeps its place: the ids and seeds after it stay as they are
+    # when it is fixed (a resumed run checks that ids name the same problems)
+    for index, (where, record) in enumerate(read_records(Path(path), errors, holes=True)):
         if limit is not None and len(problems) >= limit:
             break
+        if record is UNREADABLE:
+            continue
         if not isinstance(record, dict):
             errors.append(f"{where}: not an object")
             continue
@@ -1093,7 +1103,10 @@ def _run(
         load_template(config.prompt)
         problems, errors = load_problems(config.data, fields=config.fields, limit=config.limit)
         if not problems:
-            raise EvalError(f"{config.data}: no problems to evaluate")
+            why = "; ".join(errors[:3]) + (
+                f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            )
+            raise EvalError(f"{config.data}: no problems to evaluate" + (f": {why}" if why else ""))
         if ranks.is_main:
             new_run = _check_config(out, config)
     except (EvalError, OSError, ValueError) as error:

@@ -454,6 +454,17 @@ def test_load_problems_reads_the_usual_fields(tmp_path, data) -> None:
     assert errors == [] and [(p.id, p.question, p.reference) for p in problems] == [
         ("x", "one?", "1")
     ]
+    # HMMT February 2025 numbers its problems with problem_idx (1..30)
+    hmmt = tmp_path / "hmmt.json"
+    hmmt.write_text(json.dumps([{"problem_idx": 1, "problem": "a?", "answer": "2"}]))
+    assert [p.id for p in load_problems(hmmt)[0]] == ["1"]
+
+
+def test_a_file_of_no_usable_problem_says_why(tmp_path, engine) -> None:
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps([{"Problem": "a?", "Answer": "1"}] * 4))
+    with pytest.raises(EvalError, match=r"no problems to evaluate: .*item 1: no problem text"):
+        run_eval(config(caps, tmp_path / "run"), engine=engine)
 
 
 def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
@@ -471,7 +482,8 @@ def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
     path.write_text("\n".join(lines) + "\n")
     problems, errors = load_problems(path)
     assert [p.reference for p in problems] == ["1", "5"]
-    assert [p.index for p in problems] == [0, 5]
+    # every record counts, the one that is not JSON too: fixing it in place shifts no id
+    assert [p.index for p in problems] == [0, 6]
     assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
     assert "not JSON" in errors[0] and "no answer" in errors[1] and "no problem" in errors[2]
 
