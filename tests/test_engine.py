@@ -668,6 +668,8 @@ def test_bad_ids_and_params_are_clear_errors_that_hold_no_pages(special_tokenize
         (([5, 6, 7],), "a prompt is text or a list of token ids, not int"),
         ((["Q"], [None]), "expected SamplingParams, got NoneType"),
         ((["Q"], SamplingParams(suppress_tokens=(vocab,))), "suppress_tokens"),
+        # every id suppressed: argmax over -inf picked a suppressed 0
+        ((["Q"], SamplingParams(suppress_tokens=tuple(range(vocab)))), "no token of the vocab"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -56,6 +56,20 @@ def test_repetition_penalty_and_processor_scores_only_change_the_pick():
     assert token == 2 and abs(logprob - torch.log_softmax(logits, -1)[2].item()) < 1e-6
 
 
+def test_a_processor_that_leaves_only_banned_tokens_does_not_lift_the_bans():
+    """A processor leaving only tokens the format bans here (end of sequence inside an element)
+    falls back to the logits with the bans and suppressed ids still applied: it wrote a tag
+    the format did not allow. With nothing at all left, the allowed logits."""
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 9.0])  # tag 5 the model's favourite
+    only_eos = torch.full((1, 6), float("-inf"))
+    only_eos[0, 2] = 0.0
+    greedy = SamplingParams(temperature=0, suppress_tokens=(4,))
+    assert pick(logits, greedy, banned=[5, 2], scores=only_eos)[0] == 3
+    assert pick(logits, greedy, allowed=[1, 5], banned=[5, 2], scores=only_eos)[0] == 1
+    # the allowed set all banned: its allowed logits, as before
+    assert pick(logits, greedy, allowed=[5], banned=[5], scores=only_eos)[0] == 5
+
+
 def reference_filter(row, top_k, top_p):
     """One row, the plain way: top-k (ties at the k-th kept), then the top-p nucleus."""
     row = row.clone()

@@ -329,6 +329,8 @@ class Engine:
                     f"suppress_tokens {outside[:5]} are outside the model's vocabulary of "
                     f"{self.vocab_size}"
                 )
+            if len(set(p.suppress_tokens)) >= self.vocab_size:
+                raise ValueError("suppress_tokens leave no token of the vocabulary to pick")
         requests = []
         for index, (prompt, p, m) in enumerate(zip(prompts, per_prompt, modes, strict=True)):
             which = f"prompt {index}" if len(prompts) > 1 else "the prompt"

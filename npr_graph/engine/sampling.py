@@ -342,7 +342,9 @@ def select_tokens(
     the format does not allow here) besides ``params[b].suppress_tokens``; ``penalized[b]`` lists
     the ids that row's repetition penalty applies to. ``scores`` (logits after user processors)
     are what is picked from when given; log-probs always come from ``logits``. A row left with
-    nothing to pick (a processor or the bans removed all it allows) picks from the allowed logits.
+    nothing to pick (a processor or the bans removed all it allows) picks from the logits with
+    its allowed set, bans and suppressed ids applied (the format stays valid), and only when
+    that too is empty from the allowed logits.
     ``speculate``: never wait for the device (see :func:`truncate`).
     """
     rows, vocab = logits.shape
@@ -359,11 +361,16 @@ def select_tokens(
             _pairs([(r, i) for r, a in enumerate(allowed) if a is not None for i in a], device)
         ] = True
         choice.masked_fill_(~allow, float("-inf"))
-    choice[_pairs([(r, i) for r, ids in enumerate(excluded) for i in ids], device)] = float("-inf")
+    exclude = _pairs([(r, i) for r, ids in enumerate(excluded) for i in ids], device)
+    choice[exclude] = float("-inf")
     if scores is not None or any(
         a is not None and not set(a) - set(ids) for a, ids in zip(allowed, excluded, strict=True)
     ):
-        fallback = logits if allow is None else logits.masked_fill(~allow, float("-inf"))
+        permitted = logits if allow is None else logits.masked_fill(~allow, float("-inf"))
+        fallback = permitted.clone()
+        fallback[exclude] = float("-inf")
+        empty = ~torch.isfinite(fallback).any(-1, keepdim=True)
+        fallback = torch.where(empty, permitted, fallback)
         nothing_left = ~torch.isfinite(choice).any(-1, keepdim=True)
         choice = torch.where(nothing_left, fallback, choice)
 
