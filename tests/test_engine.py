@@ -153,6 +153,13 @@ def test_budgets_truncate_cleanly(special_tokenizer):
     (graph,) = engine.generate(["Q"], total, mode="constrained", chat=False)
     assert graph.metadata["truncated"] and graph.metadata["total_tokens"] <= 30 + 8
     assert engine.pool.num_used == 0
+    # cut inside the first plan: the guideline closes, with no empty plans up to min_branches
+    for min_branches in (1, 5):
+        inside = SamplingParams(temperature=0, max_new_tokens=8, max_plan_tokens=40,
+                                min_branches=min_branches, max_branches=6)  # fmt: skip
+        (graph,) = engine.generate(["Q"], inside, mode="constrained", chat=False)
+        assert len(graph.nodes_of("plan")) == 1, graph.response_text
+        assert graph.metadata["critical_path_tokens"] <= 8 + 4
 
 
 @pytest.mark.parametrize("prefill_budget", [8192, 3])

@@ -413,7 +413,7 @@ class LaneState:
                 return Action(), ""
             # Where the bounds leave one choice, the engine writes it: a token the policy did not
             # choose is not trained on (forced), and it costs no decode step.
-            if self.plans < params.min_branches:
+            if self.plans < params.min_branches and not self.closing:  # a cut block opens none
                 return Action(), f"\n{tags.item}"
             if self.plans >= params.max_branches:
                 return Action(), f"\n{tags.end(tags.header)}"
