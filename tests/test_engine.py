@@ -617,6 +617,19 @@ def test_a_sample_its_budget_ended_is_not_relabelled_by_a_pool_cut(special_token
     assert kept == (mode == "free"), "a pool cut the sample after its budget had ended it"
 
 
+def test_the_repetition_penalty_applies_in_sequential_mode(special_tokenizer):
+    """Sequential decoding has no steps: its whole response is the one the penalty reads (it
+    applied to none, so a sequential baseline run "with" a penalty ran without)."""
+    engine = make_engine("llama", special_tokenizer)
+    picks = []
+    for penalty in (1.0, 5.0):
+        params = SamplingParams(temperature=0, max_new_tokens=24, repetition_penalty=penalty)
+        (graph,) = engine.generate(["Q"], params, mode="sequential", chat=False)
+        picks.append(graph.token_ids[graph.prompt_num_tokens :])
+    assert len(set(picks[0])) < len(picks[0]), "greedy repeats itself"
+    assert picks[1] != picks[0] and len(set(picks[1])) > len(set(picks[0]))
+
+
 def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
     engine = make_engine("llama", special_tokenizer)
     with pytest.raises(ValueError, match="one per prompt"):

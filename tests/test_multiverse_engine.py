@@ -577,3 +577,29 @@ def test_no_token_goes_past_the_models_context(grammar, overlap, tokenizer, npr_
                 assert None not in scored and graph.metadata["layout_consistent"]
                 dense = dense_logprobs(model, graph)
                 assert (dense - torch.tensor(scored)).abs().max() <= 1e-4
+
+
+def test_the_repetition_penalty_after_a_nested_block_reads_the_paths_own_tokens(
+    tokenizer, monkeypatch
+):
+    """A path resumed after its nested block is penalized for its tokens since then: its lane
+    (the nested block's join) holds the block's conclusion and ``</Parallel>`` before them,
+    which the window took in (counted back by the path's length)."""
+    import npr_graph.engine.engine as engine_module
+
+    engine = make_engine("llama", tokenizer)
+    closers = {engine.format.tag_ids[t] for t in ("</Parallel>", "</Conclusion>")}
+    windows = []
+    select = engine_module.select_tokens
+
+    def recording(logits, params, streams, allowed, banned, penalized, *args, **kwargs):
+        windows.extend(w for w in penalized if w)
+        return select(logits, params, streams, allowed, banned, penalized, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "select_tokens", recording)
+    params = SamplingParams(temperature=1.0, max_new_tokens=400, max_branches=3, seed=3,
+                            max_blocks=2, repetition_penalty=1.3, **ROOMY)  # fmt: skip
+    (graph,) = engine.generate(["What is 2+2?"], params, mode="constrained", chat=False,
+                               logits_processor=nesting(engine))  # fmt: skip
+    assert nested_blocks(graph) and windows
+    assert not any(closers & set(window) for window in windows)

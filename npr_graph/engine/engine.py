@@ -838,16 +838,17 @@ class Engine:
     ) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
         params = lane.sample.request.params
         state = lane.state
-        if state is None:
-            return None, None, None
+        if state is None:  # sequential: the whole response is its one step
+            penalize = params.repetition_penalty != 1.0 and lane.tokens
+            return None, None, list(lane.tokens) if penalize else None
         allowed, banned = state.choices(self.format, params)
         if state.mode == "constrained":
             banned = (banned or []) + self.format.spelled_tags(lane.text_tail)
             if state.phase is not Phase.TEXT:
                 banned += sorted(self.eos_ids)
         penalized = None
-        if state.phase is Phase.STEP and params.repetition_penalty != 1.0 and state.element_tokens:
-            penalized = lane.tokens[-state.element_tokens :]
+        if state.phase is Phase.STEP and params.repetition_penalty != 1.0 and state.stretch_tokens:
+            penalized = lane.tokens[-state.stretch_tokens :]
         return allowed, banned, penalized
 
     def _score_later(self, lane: Lane, index: int, logits: torch.Tensor) -> None:

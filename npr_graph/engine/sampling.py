@@ -40,7 +40,9 @@ class SamplingParams:
     """How to pick tokens and how long to go on.
 
     ``temperature`` 0 means greedy. ``repetition_penalty`` applies to tokens already written in
-    the current step (the NPR reference uses 1.02 there). ``max_new_tokens`` bounds the critical
+    the current step (the NPR reference uses 1.02 there; a path resumed after a nested block:
+    since it resumed), in sequential mode to the whole response (its one step), and nowhere
+    else (plans, takeaways, text between blocks). ``max_new_tokens`` bounds the critical
     path (what a reader waits for), ``max_total_tokens`` all tokens over all branches (default:
     ``max_new_tokens`` times ``max_branches``); the engine-written text under way when a budget
     is reached (a branch header, then the closing tags of the cut) is still written, a few tokens

@@ -225,6 +225,9 @@ class LaneState:
     plans: int = 0
     blocks: int = 0
     element_tokens: int = 0
+    # the element's tokens on the current lane: a path resumed after a nested block counts from
+    # there (the lane before it holds the nested block's join)
+    stretch_tokens: int = 0
     branch: int | None = None
     closing: bool = False  # closing open elements (the model stopped early, or the budget ran out)
     violations: list[str] = field(default_factory=list)
@@ -341,6 +344,7 @@ class LaneState:
     def observe(self, tags: list[str], params) -> tuple[Action, str]:
         """Advance over the tags a token completed; return the action and text to force."""
         self.element_tokens += 1
+        self.stretch_tokens += 1
         action, forced = Action(), ""
         for tag in tags:
             action, forced = self._transition(tag, params)
@@ -369,7 +373,7 @@ class LaneState:
         if self.outer:
             frame, self.outer = self.outer[-1], self.outer[:-1]
             self.phase, self.number = Phase.STEP, frame.number
-            self.element_tokens = frame.element_tokens
+            self.element_tokens, self.stretch_tokens = frame.element_tokens, 0
         else:
             self.phase = Phase.TEXT
         return "\n" if self.mode == "constrained" else ""
@@ -387,7 +391,7 @@ class LaneState:
                 self._close_block()
             return Action(), ""
         if tag == tags.branch and phase is Phase.FORKED:
-            self.phase, self.element_tokens = Phase.STEP, 0
+            self.phase, self.element_tokens, self.stretch_tokens = Phase.STEP, 0, 0
             return Action(), ""
         if tag == tags.join and phase is Phase.JOINING:
             self.phase, self.element_tokens = Phase.TAKEAWAY, 0
