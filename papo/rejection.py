@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from npr_graph.constraints import format_valid
-from npr_graph.engine.engine import Engine, PromptError
+from npr_graph.engine.engine import Engine, PromptError, wraps_in_chat
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.evaluate import problem_key
 from npr_graph.graph import FinishReason
@@ -156,11 +156,10 @@ def rejection_sample(
     eos = getattr(engine.tokenizer, "eos_token", None)
     eos_ids = getattr(engine, "eos_ids", ())
     # the prompt each trace answered, for SFT to check it trains on the same
-    has_chat_template = bool(getattr(engine.tokenizer, "chat_template", None))
     sampled_with = {
         "prompt_template": template.name,
         "prompt_digest": template.digest,
-        "chat": has_chat_template and chat is not False,
+        "chat": wraps_in_chat(engine.tokenizer, chat),
     }
     report = SamplingReport()
     accepted = []

@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 
 import npr_graph as ng
-from npr_graph.engine.engine import Engine, PromptError
+from npr_graph.engine.engine import Engine, PromptError, wraps_in_chat
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.graph import FinishReason
 from npr_graph.models import load_model, resolve_device
@@ -128,7 +128,7 @@ class Trainer:
             raise ValueError("give the tokenizer with the model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
         if config.stage == "sft" and self.sampled_chat is not None:
-            chat = bool(getattr(tokenizer, "chat_template", None)) and config.chat is not False
+            chat = wraps_in_chat(tokenizer, config.chat)
             if chat != self.sampled_chat:
                 raise ValueError(
                     f"{config.data}: its traces were sampled "

@@ -211,12 +211,11 @@ class Engine:
         else:
             if not prompt.strip():
                 raise PromptError("empty prompt")
-            template = getattr(self.tokenizer, "chat_template", None)
-            if chat and not template:
+            if chat and not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(
                     "this tokenizer has no chat template; pass chat=False to use the raw prompt"
                 )
-            if template and chat is not False:
+            if wraps_in_chat(self.tokenizer, chat):
                 messages = [{"role": "user", "content": prompt}]
                 try:
                     text = self.tokenizer.apply_chat_template(
@@ -1208,6 +1207,12 @@ def _tags_are_special(tokenizer, grammar: str) -> bool:
         return all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in texts)
     except Exception:
         return False
+
+
+def wraps_in_chat(tokenizer, chat: bool | None) -> bool:
+    """Whether a text prompt goes through ``tokenizer``'s chat template: ``chat`` None means
+    when it has one."""
+    return bool(getattr(tokenizer, "chat_template", None)) and chat is not False
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
