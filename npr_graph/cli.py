@@ -510,34 +510,10 @@ def _stats_line(stats) -> str:
     )
 
 
-def _warm_up(engine, question: str, args: argparse.Namespace) -> None:
-    """Decodes a few tokens of the question in both modes, untimed, before the demo's timed runs:
-    an engine's first generate pays one-time costs (allocations, lazy initialisation, caches) that
-    would count against the parallel run, which came first. Samples are seeded per generate call
-    (``SamplingParams.seed``), so the timed runs decode the same tokens as without it."""
-    # The fewest tokens that still reach every part of a block: the guideline, the fork into
-    # branches, their steps, the join and the takeaway, and the answer after it.
-    block = _sampling(
-        args,
-        max_new_tokens=32,
-        max_total_tokens=None,
-        n=1,
-        max_blocks=1,
-        max_plan_tokens=2,
-        max_step_tokens=4,
-        max_takeaway_tokens=2,
-    )
-    sequential = _sampling(args, max_new_tokens=4, max_total_tokens=4, n=1, ignore_eos=True)
-    chat = _chat(args)
-    with Console(stderr=True).status("warming up"):
-        engine.generate([question], block, mode="constrained", chat=chat)
-        engine.generate([question], sequential, mode="sequential", chat=chat)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded model answers a bundled question in constrained mode; then the same number
     of tokens is decoded sequentially, and the two speeds are compared (both runs after a short
-    untimed warm-up, :func:`_warm_up`)."""
+    untimed warm-up, :meth:`Engine.warm_up`)."""
     from importlib.resources import files
 
     from . import render
@@ -551,7 +527,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ValueError("the demo compares one sample with sequential decoding; -n is 1")
         params = _sampling(args)
         engine = _load_engine(args)
-        _warm_up(engine, question, args)
+        with Console(stderr=True).status("warming up"):
+            engine.warm_up(
+                question, _sampling(args, n=1), ["constrained", "sequential"], _chat(args)
+            )
         console = Console()
         console.print(Text.assemble(("question:", "bold"), " ", question))
         graphs = _generate_with_progress(engine, [question], params, "constrained", False, chat)

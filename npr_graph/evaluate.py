@@ -899,6 +899,7 @@ class _Evaluator:
         self.template = load_template(config.prompt)
         self.reward = rewards.get(config.reward)
         self.params = SamplingParams(**{**config.sampling, "n": config.n})
+        self.warm = False
 
     def _params(self, problem: Problem):
         import dataclasses
@@ -1004,6 +1005,9 @@ class _Evaluator:
                 claimed.add(at)
             return at in claimed  # a baseline goes with its problem
 
+        if not self.warm:  # the first problem's time would hold the engine's one-time costs
+            self.engine.warm_up(prompts[0], params[0], modes, self.config.chat)
+            self.warm = True
         self.engine.generate(
             [prompt for prompt in prompts for _ in modes],
             [p for p in params for _ in modes],

@@ -234,7 +234,7 @@ def test_demo_warms_the_engine_up_untimed_and_decodes_the_same_tokens(capsys, mo
     code, out, _ = run(capsys, "demo", *small)
     assert code == 0
     warmed, calls[:] = calls[:], []
-    monkeypatch.setattr("npr_graph.cli._warm_up", lambda *args: None, raising=False)
+    monkeypatch.setattr(Engine, "warm_up", lambda *args: None)
     code, cold_out, _ = run(capsys, "demo", *small)
     assert code == 0
     assert [mode for mode, *_ in calls] == ["constrained", "sequential"]
@@ -304,6 +304,9 @@ class FakeEngine:
         self.stats = EngineStats(generated_tokens=10, wall_time=0.5, decode_steps=2)
         self.prompts = []
         self.chats = []
+
+    def warm_up(self, prompt, params, modes, chat=None):
+        pass
 
     def generate(
         self, prompts, params, mode, progress=None, chat=None, max_running=None, on_finish=None

@@ -739,6 +739,35 @@ def test_eval_modes_and_prompts(tmp_path, data, engine) -> None:
     assert read_samples(tmp_path / "mv")[0]["graph"]["grammar"] == "multiverse"
 
 
+def test_the_engine_warms_up_untimed_before_the_first_problem(
+    tmp_path, data, tiny_dir, monkeypatch
+):
+    """The first problem's time held the engine's one-time costs (its baseline, decoded after
+    it, did not): each evaluator warms the engine up once, in the run's modes, before its timed
+    call, and the samples are those decoded without the warm-up (seeded per problem)."""
+    from npr_graph.engine import Engine
+
+    calls = []
+    generate = Engine.generate
+
+    def recording(self, prompts, params=None, **kwargs):
+        calls.append((len(prompts), kwargs["mode"]))
+        return generate(self, prompts, params, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    warmed = run_eval(config(data, tmp_path / "a", baseline="sequential"),
+                      engine=Engine.from_pretrained(str(tiny_dir)))  # fmt: skip
+    assert calls[:2] == [(1, "constrained"), (1, "sequential")] and len(calls) == 3
+    monkeypatch.setattr(Engine, "warm_up", lambda *args: None)
+    calls.clear()
+    cold = run_eval(config(data, tmp_path / "b", baseline="sequential"),
+                    engine=Engine.from_pretrained(str(tiny_dir)))  # fmt: skip
+    assert len(calls) == 1
+    assert warmed["tokens"] == cold["tokens"] and warmed["avg_at_n"] == cold["avg_at_n"]
+    tokens = [[r["graph"]["token_ids"] for r in read_samples(tmp_path / d)] for d in "ab"]
+    assert tokens[0] == tokens[1]
+
+
 def test_interrupted_run_resumes_without_duplicates(tmp_path, data, engine) -> None:
     """A crash after the first problem: the rerun decodes only the rest, and the samples are the
     ones an uninterrupted run produces (one seed per problem)."""

@@ -19,7 +19,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -247,6 +247,25 @@ class Engine:
         if getattr(self.tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
         return ids
+
+    def warm_up(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        modes: Sequence[str],
+        chat: bool | None = None,
+    ) -> None:
+        """Decode a few tokens of ``prompt`` in each of ``modes``, untimed and discarded: an
+        engine's first generate (and its first block) pays one-time costs (allocations, lazy
+        initialisation, caches) that would count against whatever is timed first. Seeded samples
+        decode the same tokens afterwards (seeds are per call)."""
+        # The fewest tokens that still reach every part of a block: the guideline, the fork into
+        # branches, their steps, the join and the takeaway, and the answer after it.
+        block = replace(params, max_new_tokens=32, max_blocks=1, max_plan_tokens=2,
+                        max_step_tokens=4, max_takeaway_tokens=2, n=1, max_total_tokens=None)  # fmt: skip
+        plain = replace(params, max_new_tokens=4, max_total_tokens=4, n=1, ignore_eos=True)
+        for mode in dict.fromkeys(modes):
+            self.generate([prompt], plain if mode == "sequential" else block, mode=mode, chat=chat)
 
     def check_prompt(
         self,
