@@ -273,6 +273,34 @@ def test_paged_decode_matches_dense_attention(backend, page_size, splits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "page_size, heads, kv_heads, dim, dtype",
+    [(3, 4, 4, 80, torch.float32), (5, 8, 1, 24, torch.float32), (7, 8, 1, 96, torch.bfloat16),
+     (16, 16, 2, 64, torch.float16)],
+)  # fmt: skip
+def test_paged_decode_at_other_shapes(backend, page_size, heads, kv_heads, dim, dtype):
+    """Page sizes and head dims that are not powers of two, GQA 1 and 8, MQA, half precision
+    (float32 accumulation): against dense attention over the gathered keys."""
+    from kernels.attention import paged_decode_attention
+
+    gen = torch.Generator().manual_seed(page_size)
+    pages = 12
+    k_cache = torch.randn(pages, page_size, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(pages, page_size, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    query = torch.randn(5, heads, dim, generator=gen).to(DEVICE, dtype)
+    kv_indptr = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    kv_indices = torch.randperm(pages, generator=gen)[:9].to(torch.int32)
+    last = torch.tensor([page_size, 1, max(1, page_size - 2)], dtype=torch.int32)
+    qo_indptr = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
+    case = (query, k_cache, v_cache, kv_indptr, kv_indices, last, qo_indptr)
+    out, _ = paged_decode_attention(*case, num_splits=2, backend=backend)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        out.cpu().float(), _dense_decode(*case).cpu(), rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_decode_reads_caches_whose_dims_are_strided(backend):
     """A cache viewed with a stride in its last dimension (every other element of a wider
     one) reads as its contiguous copy (the Triton kernel stepped by 1)."""
