@@ -105,6 +105,12 @@ class SamplingReport:
         }
 
 
+def ended_by_model(graph: Any) -> bool:
+    """Whether the model ended the sample (finish reason ``stop``), not its budget, the context
+    or the KV pool: only such a sample is kept."""
+    return graph.metadata.get("finish_reason") == FinishReason.STOP
+
+
 def strip_eos(text: str, eos: str | None) -> str:
     if eos and text.endswith(eos):
         return text[: -len(eos)]
@@ -189,7 +195,7 @@ def rejection_sample(
             response = response_without_eos(graph, eos_ids, eos)
             right = grade(response, problem.answer).correct
             well_formed = format_valid(graph)
-            ended = graph.metadata.get("finish_reason") == FinishReason.STOP
+            ended = ended_by_model(graph)
             correct += right
             valid += well_formed
             cut += graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED

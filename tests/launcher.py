@@ -13,8 +13,9 @@ torchrun from stopping a rank early (:func:`record_end`).
 The reward ``test_length`` is registered (it has spread even for a random model, so every step has
 non-zero advantages), ``test_even_length`` (for ``npr sample``: about half the responses are
 correct; it logs which rank graded which problem to ``graded.rankR.txt`` in the working
-directory; and every sampled format counts as valid, since a random model never writes the
-boxed answer the format asks for) and ``test_even_length_fails_on_rank_1`` (raises a ValueError
+directory; and every sampled format counts as valid and every sample as ended by the model,
+since a random model never writes the boxed answer the format asks for, and seldom its end of
+sequence within a short budget) and ``test_even_length_fails_on_rank_1`` (raises a ValueError
 on rank 1), ``test_length_fails_on_rank_1`` (raises a ValueError on
 rank 1: a bad problem), the advantage estimator ``test_batch_z_by_position`` (graph-level: a
 z-score over the whole batch, falling along the response), the loss ``test_papo_nan_once_on_rank_1`` (the ``papo`` loss, except
@@ -71,6 +72,7 @@ def even_length_fails_on_rank_1(response: str, reference: str, **_: Any) -> rewa
 
 
 rejection.format_valid = lambda graph: True
+rejection.ended_by_model = lambda graph: True  # nor its end of sequence, within a short budget
 
 
 @advantages.register("test_batch_z_by_position")
