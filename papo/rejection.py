@@ -145,8 +145,8 @@ def rejection_sample(
     """Accepted ``{"id", "prompt", "response", "answer", "tries"}`` records in problem order,
     and the counts; each record also names the prompt its response answered (``prompt_template``,
     ``prompt_digest`` of the template's text, ``chat``: whether the chat template wrapped it),
-    which ``npr train sft`` checks against its own. ``params.n`` is the number of tries per problem. All problems go through one
-    engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
+    which ``npr train sft`` checks against its own. ``params.n`` is the number of tries per
+    problem. All problems go through one engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
     problem ends, ``on_problem`` gets its outcome and accepted record (or None) and
     ``on_record`` the accepted record. A problem the engine cannot run (too
     long for the model's context or the KV pool) is reported, and the others go ahead.
