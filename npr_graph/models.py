@@ -164,6 +164,8 @@ def add_tag_tokens(
             {"extra_special_tokens": new_tags + plain}, replace_extra_special_tokens=False
         )
     new_ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in new_tags + rowless}
+    if not new_ids:  # only tags made special: their ids and rows stay
+        return tag_token_ids(tokenizer, grammar)
 
     input_embeddings = model.get_input_embeddings()
     output_embeddings = model.get_output_embeddings()

@@ -47,7 +47,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: a resume may see fewer (or more)
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def save(
@@ -119,7 +121,7 @@ def load(
     sharded parameters."""
     path = Path(path)
     state = _read(path, "state.json", lambda file: json.loads(file.read_text()))
-    weights = _read(path, "model.safetensors", lambda file: load_file(str(file)))
+    weights = _read(path, "model.safetensors", _load_weights)
     trainer = _read(path, "trainer.pt", lambda file: torch.load(file, weights_only=False))
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -137,9 +139,8 @@ def load(
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # tensors of another shape
         raise ValueError(f"checkpoint {path} does not fit the model: {error}") from error
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+    # transformers lists a class's tied keys whether or not this model ties them
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if _ties_head(model) else set()
     untied_missing = [k for k in missing if k not in tied]
     if untied_missing or unexpected:
         raise ValueError(
@@ -150,11 +151,31 @@ def load(
         load_optimizer_state(optimizer, trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         set_rng_state(trainer["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(
             f"checkpoint {path} does not fit this run: trainer.pt: {error!r}"
         ) from error
     return state
+
+
+def _ties_head(model: torch.nn.Module) -> bool:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embeddings.weight
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, or the files ``save_pretrained`` split it into (past 50 GB: a
+    ``model.safetensors.index.json`` names them)."""
+    index = file.with_name(file.name + ".index.json")
+    if file.exists() or not index.exists():
+        return load_file(str(file))
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index.name} holds no weight_map")
+    weights: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        weights.update(load_file(str(file.with_name(name))))
+    return weights
 
 
 # what reading a damaged or partial checkpoint file raises (torch.load: EOFError on an empty

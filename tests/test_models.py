@@ -336,6 +336,19 @@ def test_a_tag_only_in_the_bpe_vocabulary_is_made_whole(tokenizer):
     assert plain.encode("a<step>b", add_special_tokens=False).count(step_id) == 1
     assert torch.equal(model.get_input_embeddings().weight[step_id], row)
     assert len(ids) == len(NPR)
+    # every tag only in the vocabulary (a tokenizer rebuilt from an NPR model's export): none is
+    # new, none needs a row (max() of no new ids raised)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    first = len(spec["model"]["vocab"])
+    spec["model"]["vocab"].update({tag: first + i for i, tag in enumerate(NPR)})
+    all_plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>"
+    )
+    model = tiny_model("llama", tokenizer=all_plain, vocab_size=first + len(NPR))
+    before = model.get_input_embeddings().weight.clone()
+    ids = add_tag_tokens(model, all_plain, "npr")
+    assert ids == {tag: first + i for i, tag in enumerate(NPR)}
+    assert torch.equal(model.get_input_embeddings().weight, before)
 
 
 def test_format_tags():

@@ -542,6 +542,44 @@ def test_non_finite_loss_skips_and_keeps_checkpoints_loadable(problems, tmp_path
     assert all(torch.equal(before[k], v) for k, v in weights(fresh).items())
 
 
+def test_checkpoints_load_split_untied_and_on_fewer_gpus(tmp_path, tokenizers, monkeypatch):
+    """What a checkpoint may hold besides one weights file: the files save_pretrained splits a
+    large model into (resume read only model.safetensors); an untied head, which must be there
+    (transformers lists tied keys per class, so a missing one loaded silently); and more GPUs'
+    RNG states than this machine has (an IndexError traceback)."""
+    from safetensors.torch import load_file, save_file
+
+    tok = tokenizers["special"]
+    model = tiny_model("llama", tokenizer=tok, tie_word_embeddings=False, seed=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = checkpoint.save(tmp_path / "c", 1, model, tok, optimizer, scheduler, {})
+    model.save_pretrained(tmp_path / "split", max_shard_size="100KB")  # as a 50 GB model is
+    assert len(list((tmp_path / "split").glob("model-*.safetensors"))) > 1
+    (path / "model.safetensors").unlink()
+    for file in (tmp_path / "split").glob("model*.safetensors*"):
+        file.rename(path / file.name)
+    fresh = tiny_model("llama", tokenizer=tok, tie_word_embeddings=False, seed=5)
+    checkpoint.load(path, fresh, optimizer, scheduler)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+    path = checkpoint.save(tmp_path / "d", 1, model, tok, optimizer, scheduler, {})
+    weights_file = path / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \['lm_head.weight'\]"):
+        checkpoint.load(path, fresh, optimizer, scheduler)
+
+    restored = []
+    state = {**checkpoint.rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 8}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    checkpoint.set_rng_state(state)  # saved by 8 GPUs, resumed on 1
+    assert restored == [0]
+
+
 def _cut(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
