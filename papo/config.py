@@ -134,6 +134,9 @@ class TrainConfig:
             (self.stage == "sft" or self.mode != "constrained" or self.tags == "special",
              "mode 'constrained' needs the tags as special tokens (tags = 'special')"),
             (0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}"),
+            (self.model is None or self.model.strip() != "",
+             "model is a model directory; leave it out for the embedded SmolLM2 (\"\" named "
+             "the working directory)"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}"),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
@@ -258,8 +261,11 @@ def load_config(
             raw = path.read_bytes()
         except OSError as error:
             raise ValueError(f"cannot read config {path}: {error.strerror or error}") from error
+        suffix = path.suffix.lower()
+        if suffix not in (".toml", ".json"):
+            raise ValueError(f"config {path}: a .toml or .json file, not {path.suffix or 'none'}")
         try:
-            loaded = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+            loaded = tomllib.loads(raw.decode()) if suffix == ".toml" else json.loads(raw)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"config {path} does not parse: {error}") from error
         if not isinstance(loaded, dict):
@@ -267,7 +273,10 @@ def load_config(
         if loaded.get("stage", stage) != stage:
             raise ValueError(f"config {path} is for stage {loaded['stage']!r}, not {stage!r}")
         values.update(loaded)
-    values.update(overrides or {})
+    overrides = overrides or {}
+    if overrides.get("stage", stage) != stage:
+        raise ValueError(f"--set stage={overrides['stage']} in a run of stage {stage!r}")
+    values.update(overrides)
     values["stage"] = stage
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)

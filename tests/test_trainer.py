@@ -1303,6 +1303,17 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
         key = setting.partition("=")[0]
         assert main(["train", "papo", "--set", setting, "--set", "model=/nonexistent"]) == 2
         assert f"invalid training config: {key}" in capsys.readouterr().err
+    # a stage set here is the command's or an error (it was dropped); a config of another
+    # suffix is named, not read as JSON
+    assert main(["train", "papo", "--set", "stage=sft", "--set", "steps=1"]) == 2
+    assert "--set stage=sft in a run of stage 'papo'" in capsys.readouterr().err
+    for name in ("c.TOML", "c.yaml"):
+        (tmp_path / name).write_text("steps = 1\n")
+        code = main(["train", "papo", "--config", str(tmp_path / name), "--set", "data=x.jsonl"])
+        err = capsys.readouterr().err.replace("\n", "")
+        assert (code, "a .toml or .json file" in err) == (
+            (2, True) if name == "c.yaml" else (2, False)
+        )
 
 
 @pytest.mark.parametrize(
@@ -1315,7 +1326,7 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
      ("overlong_factor", "abc"), ("overlong_buffer", 2000), ("chat", "maybe"),
      ("max_grad_norm", float("nan")), ("max_grad_norm", 0), ("lr", float("inf")), ("top_p", 0),
      ("reward", "acuracy"), ("advantage", "gpro"), ("loss", "ppo"), ("aggregation", "token_mean"),
-     ("mode", 1), ("dtype", "float16")],
+     ("mode", 1), ("dtype", "float16"), ("model", ""), ("model", "  ")],
 )  # fmt: skip
 def test_bad_config_values_are_refused_by_key(key, value):
     with pytest.raises(ValueError, match=f"^invalid training config: {key}"):
