@@ -112,6 +112,39 @@ def test_plan_groups_follow_the_dag():
         assert rows.sum() == rows[:, keys].sum(), "no visible key is left out"
 
 
+def test_plan_chunks_are_exact_on_random_masks():
+    """Any segment table (each segment sees itself), segments in runs or interleaved, several
+    rows' masks concatenated: every chunk's keys and mask are the dense mask's rows, and no
+    visible key is left out."""
+    import random
+
+    from npr_graph.layout import CompactMask
+
+    rng = random.Random(0)
+    for trial in range(60):
+        masks = []
+        for _ in range(rng.randint(1, 3)):
+            count = rng.randint(1, 12)
+            visible = (torch.rand(count, count, generator=torch.Generator().manual_seed(trial))
+                       < 0.5) | torch.eye(count, dtype=torch.bool)  # fmt: skip
+            ids = [rng.randrange(count) for _ in range(rng.randint(1, 30))]
+            masks.append(CompactMask(torch.tensor(sorted(ids) if trial % 2 else ids), visible))
+        mask = CompactMask.concat(masks)
+        dense = mask.to_dense()
+        for query_chunk in (1, 4, 1024):
+            plan = GraphAttentionPlan(mask, query_chunk=query_chunk)
+            covered = 0
+            for chunk_id, chunk in enumerate(plan.chunks):
+                chunk_mask = plan.mask(chunk_id, None, torch.device("cpu"))
+                keys = torch.cat([torch.arange(a, b) for a, b in chunk.key_ranges])
+                rows = dense[chunk.q_start : chunk.q_end]
+                want = torch.ones_like(rows[:, keys]).tril_(len(keys) - len(rows))
+                assert torch.equal(rows[:, keys], want if chunk_mask is None else chunk_mask)
+                assert rows.sum() == rows[:, keys].sum(), "no visible key is left out"
+                covered += len(rows)
+            assert covered == len(dense)
+
+
 def test_query_chunks_are_exact(special_tokenizer):
     model, graphs = sampled_graphs("qwen3", special_tokenizer)
     (row,) = pack(graphs, max_tokens=10_000)
