@@ -528,9 +528,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         params = _sampling(args)
         engine = _load_engine(args)
         with Console(stderr=True).status("warming up"):
-            engine.warm_up(
-                question, _sampling(args, n=1), ["constrained", "sequential"], _chat(args)
-            )
+            engine.warm_up(question, params, ["constrained", "sequential"], chat)
         console = Console()
         console.print(Text.assemble(("question:", "bold"), " ", question))
         graphs = _generate_with_progress(engine, [question], params, "constrained", False, chat)

@@ -177,11 +177,13 @@ def shown_blocks(graph: ReasoningGraph) -> list[int | None]:
     return shown
 
 
-def _nodes_by_block(graph: ReasoningGraph) -> dict[int | None, list[int]]:
-    """Node ids per block they are drawn in (:func:`shown_blocks`; None: the top level), in
-    sequence order."""
+def nodes_by_block(
+    graph: ReasoningGraph, shown: list[int | None] | None = None
+) -> dict[int | None, list[int]]:
+    """Node ids per block they are drawn in (``shown``, default :func:`shown_blocks`; None: the
+    top level), in sequence order."""
     out: dict[int | None, list[int]] = {}
-    for node_id, block in enumerate(shown_blocks(graph)):
+    for node_id, block in enumerate(shown if shown is not None else shown_blocks(graph)):
         out.setdefault(block, []).append(node_id)
     return out
 
@@ -231,7 +233,7 @@ def _scope_lines(
     """Each block scope's node lines, then a section per nested block (``section(block, indent,
     inner)``: its opening lines and its closing line), top level first. With ``rank_branches``,
     a block's branch heads share a rank (DOT)."""
-    nested, members = _block_children(graph), _nodes_by_block(graph)
+    nested, members = _block_children(graph), nodes_by_block(graph)
     lines: list[str] = []
     # An explicit stack rather than recursion: blocks may nest as deep as parse() allows (1024).
     # Entries are either a finished line or a (block, indent) scope still to lay out.
@@ -399,9 +401,7 @@ class _TreeBuilder:
         self.nested = _block_children(graph)
         self.depth = _block_depths(self.nested)
         self.shown = shown_blocks(graph)
-        self.members: dict[int | None, list[int]] = {}
-        for node_id, shown in enumerate(self.shown):
-            self.members.setdefault(shown, []).append(node_id)
+        self.members = nodes_by_block(graph, self.shown)
 
     def build(self, tree: Tree, node_ids: Iterable[int], blocks: Iterable[int]) -> None:
         """Add nodes and blocks (with everything inside them) to ``tree``."""

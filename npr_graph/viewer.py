@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph import ReasoningGraph
-from .render import block_depths, descendant_blocks, shown_blocks
+from .render import block_depths, descendant_blocks, nodes_by_block, shown_blocks
 
 TEXT_FIELDS = ("text", "response", "output", "completion")
 # what npr train's rollouts.jsonl adds to an eval sample's fields
@@ -82,47 +82,42 @@ def layout_tree(graph: ReasoningGraph) -> list[dict[str, Any]]:
         slots.setdefault(slot, []).append((first, item))
 
     shown = shown_blocks(graph)
+    members = nodes_by_block(graph, shown)
     depth = block_depths(graph)
-    for block in graph.blocks:  # too deep: flat, in the branch of the deepest block drawn
-        if depth.get(block.index, 0) != VIEW_MAX_DEPTH + 1 or block.parent is None:
-            continue
-        folded = set(descendant_blocks(graph, block.index))
-        for node in graph.nodes:
-            if shown[node.id] in folded:
-                put(tuple(block.parent), node.id, {"node": node.id})
     block_items = {}
     for block in graph.blocks:
         if depth.get(block.index, 0) > VIEW_MAX_DEPTH:
+            if depth.get(block.index, 0) == VIEW_MAX_DEPTH + 1:  # flat, in the branch around it
+                for inner in descendant_blocks(graph, block.index):
+                    for node_id in members.get(inner, []):
+                        put(tuple(block.parent), node_id, {"node": node_id})
             continue
         branch_ids = {i: b for b, branch in enumerate(block.branches) for i in branch}
         header = set(block.header) | set(block.items)
         first_branch = min(branch_ids, default=None)
-        for node in graph.nodes:
-            if shown[node.id] != block.index:
-                continue
-            if node.id in header:
+        for node_id in members.get(block.index, []):
+            node = graph.nodes[node_id]
+            if node_id in header:
                 slot = (block.index, "header")
-            elif node.id in branch_ids:
-                slot = (block.index, branch_ids[node.id])
+            elif node_id in branch_ids:
+                slot = (block.index, branch_ids[node_id])
             elif (
                 node.block == block.index
                 and node.branch is not None
                 and node.branch < len(block.branches)
             ):
                 slot = (block.index, node.branch)
-            elif first_branch is not None and node.id < first_branch:
+            elif first_branch is not None and node_id < first_branch:
                 slot = (block.index, "header")
             else:
                 slot = (block.index, "footer")
-            put(slot, node.id, {"node": node.id})
-        members = [n.id for n in graph.nodes if shown[n.id] == block.index]
+            put(slot, node_id, {"node": node_id})
         item = {"block": block.index, "header": [], "branches": [], "footer": []}
         block_items[block.index] = item
         parent_slot = tuple(block.parent) if block.parent is not None else None
-        put(parent_slot, min(members, default=0), item)
-    for node in graph.nodes:
-        if shown[node.id] is None:
-            put(None, node.id, {"node": node.id})
+        put(parent_slot, min(members.get(block.index, [0])), item)
+    for node_id in members.get(None, []):
+        put(None, node_id, {"node": node_id})
 
     def ordered(slot: Any) -> list[dict[str, Any]]:
         return [item for _, item in sorted(slots.get(slot, []), key=lambda pair: pair[0])]

@@ -858,7 +858,7 @@ class Engine:
         state = lane.state
         if state is None:  # sequential: the whole response is its one step
             penalize = params.repetition_penalty != 1.0 and lane.tokens
-            return None, None, list(lane.tokens) if penalize else None
+            return None, None, lane.tokens if penalize else None
         allowed, banned = state.choices(self.format, params)
         if state.mode == "constrained":
             banned = (banned or []) + self.format.spelled_tags(lane.text_tail)
