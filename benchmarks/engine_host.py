@@ -99,6 +99,8 @@ def run(model, tokenizer, timer: TimedForward, backend: str, width: int, step_to
         "backend": backend,
         "width": width,
         "decode_steps": stats.decode_steps,
+        "decode_s": decoding,
+        "call_s": stats.wall_time,
         "ms_per_step": 1e3 * decoding / steps,
         "host_ms_per_step": 1e3 * (decoding - model) / steps,
         "model_ms_per_step": 1e3 * model / steps,

@@ -139,7 +139,7 @@ class _SampleJob:
             raise _Stop(failure + then) if failure is not None else _Stop()
 
     def run(self, console: Console) -> int:
-        from npr_graph.evaluate import changed_problems, problem_key, problem_progress
+        from npr_graph.evaluate import changed_problems, problem_progress
 
         from .rejection import Outcome, SampleLog, SamplePart, SamplingReport, rejection_sample
 
@@ -153,7 +153,7 @@ class _SampleJob:
                 self.claims.clear()
                 done = self.log.done
                 keys = {pid: o.problem_key for pid, o in self.log.outcomes.items()}
-                now = [(p.id, problem_key(p.prompt, p.answer)) for p in self.problems]
+                now = [(p.id, p.key) for p in self.problems]
                 failure = changed_problems(keys, now, self.args.data, self.out)
             except (ValueError, OSError) as error:
                 failure = str(error)

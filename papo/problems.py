@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from npr_graph.evaluate import PROBLEM_FIELDS, EvalError, load_problems, read_records
+from npr_graph.evaluate import (
+    PROBLEM_FIELDS,
+    EvalError,
+    load_problems,
+    problem_key,
+    read_records,
+)
 from npr_graph.typecheck import has_shape
 
 
@@ -21,6 +27,11 @@ class Problem:
     id: str
     prompt: str
     answer: str
+
+    @property
+    def key(self) -> str:
+        """:func:`npr_graph.evaluate.problem_key` of its prompt and answer."""
+        return problem_key(self.prompt, self.answer)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from typing import Any
 from npr_graph.constraints import format_valid
 from npr_graph.engine.engine import Engine, PromptError, wraps_in_chat
 from npr_graph.engine.sampling import SamplingParams
-from npr_graph.evaluate import problem_key
 from npr_graph.graph import FinishReason
 from npr_graph.prompts import PromptTemplate
 from npr_graph.typecheck import has_shape, setting_changes
@@ -50,7 +49,7 @@ class Outcome:
     pool_cut: int  # samples the engine ended for want of KV pages (kv_exhausted)
     tries: int | None
     unfinished: int = 0  # samples the model did not end (budget, context, KV pool): not kept
-    problem_key: str | None = None  # evaluate.problem_key of its prompt and answer
+    problem_key: str | None = None  # Problem.key: what the id named when it was sampled
 
 
 OUTCOME_SHAPE = {
@@ -146,10 +145,11 @@ def rejection_sample(
     and the counts; each record also names the prompt its response answered (``prompt_template``,
     ``prompt_digest`` of the template's text, ``chat``: whether the chat template wrapped it),
     which ``npr train sft`` checks against its own. ``params.n`` is the number of tries per
-    problem. All problems go through one engine call, ``batch`` decoding at once, the next admitted as soon as one ends; as each
-    problem ends, ``on_problem`` gets its outcome and accepted record (or None) and
-    ``on_record`` the accepted record. A problem the engine cannot run (too
-    long for the model's context or the KV pool) is reported, and the others go ahead.
+    problem. All problems go through one engine call, ``batch`` decoding at once, the next
+    admitted as soon as one ends; as each problem ends, ``on_problem`` gets its outcome and
+    accepted record (or None) and ``on_record`` the accepted record. A problem the engine
+    cannot run (too long for the model's context or the KV pool) is reported, and the others
+    go ahead.
 
     ``indices``: each problem's place in its dataset (default: in ``problems``). A seeded
     problem samples with ``params.seed`` plus its index, so that problems draw noise of their
@@ -217,7 +217,7 @@ def rejection_sample(
             cut,
             chosen["tries"] if chosen else None,
             unfinished,
-            problem_key(problem.prompt, problem.answer),
+            problem.key,
         )
         report.add(outcome)
         if on_problem is not None:

@@ -159,8 +159,8 @@ def test_engine_host_benchmark_splits_steps_into_host_and_model_time():
     ]  # fmt: skip
     for row in rows:
         assert row["host_ms_per_step"] > 0 and row["model_ms_per_step"] > 0
-        parts = row["host_ms_per_step"] + row["model_ms_per_step"]
-        assert row["ms_per_step"] == pytest.approx(parts)
+        # the decode steps' own time: the call's prefill and graph building are left out
+        assert 0 < row["decode_s"] < row["call_s"]
     # the structure is forced: both paths decode the same steps
     assert rows[0]["decode_steps"] == rows[2]["decode_steps"] == 7
     assert rows[1]["decode_steps"] == rows[3]["decode_steps"] > 7
