@@ -504,6 +504,7 @@ def bench_widths(model, tokenizer, device, backends, args, budget, save=None) ->
             if budget.spent():
                 out.append({**row, "skipped": "time budget"})
                 continue
+            mark_running(save, out, row)
             try:
                 row |= run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 0)],
                                   n=1, width=width, step_tokens=args.step_tokens,
@@ -558,7 +559,7 @@ KERNEL_LAUNCH_CALLS = (
 )
 
 
-def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]:
+def profile_steps(model, tokenizer, device, backend, args, budget, save=None) -> list[dict]:
     """Where a decode step's time goes: a torch profile of a short sequential run and a short
     width-4 block with ``backend`` (after an untimed warm-up, so compiles and graph captures stay
     out of it), the top operators printed (to ``bench.log``) and the totals of host time per
@@ -572,6 +573,7 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
     out = []
     for width in (1, 4):
         prof = profile(activities=activities)
+        mark_running(save, out, {**row, "width": width})
         try:
             stats = run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 1)],
                                n=1, width=width, step_tokens=args.profile_tokens,
@@ -593,6 +595,8 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
                     "kernel_launches_per_step": launches / steps,
                     "graph_launches_per_step": graph_launches / steps,
                     "host_ms_per_step": sum(e.self_cpu_time_total for e in averages) / 1e3 / steps})  # fmt: skip
+        if save is not None:
+            save(out)
         counter = SyncCounter()
         try:
             counted = run_engine(model, tokenizer, device, backend, prompts=[prompt_text(64, 1)],
@@ -607,7 +611,7 @@ def profile_steps(model, tokenizer, device, backend, args, budget) -> list[dict]
     return out
 
 
-def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dict]:
+def bench_rl_group(model, tokenizer, device, backends, args, budget, save=None) -> list[dict]:
     out = []
     prompts_n, samples = args.rl_group
     prompts = [prompt_text(args.rl_prompt_tokens, seed) for seed in range(prompts_n)]
@@ -617,6 +621,7 @@ def bench_rl_group(model, tokenizer, device, backends, args, budget) -> list[dic
         if budget.spent():
             out.append({**row, "skipped": "time budget"})
             continue
+        mark_running(save, out, row)
         try:
             row |= run_engine(model, tokenizer, device, backend, prompts=prompts, n=samples,
                               width=2, step_tokens=args.rl_step_tokens, kv_bytes=args.kv_bytes,
@@ -670,7 +675,7 @@ def bench_selection(device, vocab, args, budget) -> list[dict]:
     return out
 
 
-def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
+def bench_generate(model, tokenizer, device, args, budget, save=None) -> list[dict]:
     """transformers ``generate`` at batch 1 (the sequential baseline) and at the widest engine
     width (what batching alone gives: the engine's width-k run should be at least as fast)."""
     out = []
@@ -684,6 +689,7 @@ def bench_generate(model, tokenizer, device, args, budget) -> list[dict]:
             out.append({**row, "skipped": "time budget"})
             continue
         rows = ids.expand(batch, -1)
+        mark_running(save, out, row)
         with torch.inference_mode():
             sync(device)
             start = time.perf_counter()
@@ -708,6 +714,16 @@ def guarded(part: str, backend: str, run, *args, **kwargs) -> list[dict]:
         print(f"{part:10s} {backend} failed: {error!r}", flush=True)
         traceback.print_exc()
         return [{"part": part, "backend": backend, "error": repr(error)[:1000]}]
+
+
+# The row a run leaves while it runs: the next save replaces it with the result, so a run the
+# hard time limit kills (past the budget's deadline) is still on record.
+RUNNING = "running when the hard time limit came"
+
+
+def mark_running(save, done: list[dict], row: dict) -> None:
+    if save is not None:
+        save(done + [{**row, "skipped": RUNNING}])
 
 
 class Budget:
@@ -873,16 +889,16 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if "profile" in parts:
             results += guarded("profile", backend, profile_steps, model, tokenizer, device,
-                               backend, args, budget)  # fmt: skip
+                               backend, args, budget, save)  # fmt: skip
             save()
         if index == 0 and "generate" in parts:
             results += guarded("generate", "transformers", bench_generate, model, tokenizer,
-                               device, args, budget)  # fmt: skip
+                               device, args, budget, save)  # fmt: skip
             save()
         if "rl_group" in parts:
             pair = [backend] + [f"{backend}-flat"] * (f"{backend}-flat" in backends)
             results += guarded("rl_group", backend, bench_rl_group, model, tokenizer, device,
-                               pair, args, budget)  # fmt: skip
+                               pair, args, budget, save)  # fmt: skip
             save()
     save()
     print(table(results))

@@ -236,7 +236,7 @@ fi
 # The benchmark starts no run past BENCH_TIME; its hard stop (run's limit) comes up to 30 s later.
 BENCH_TIME=$(( $(left) - 45 ))
 (( BENCH_TIME < 20 )) && BENCH_TIME=20
-if (( DRY )); then
+if (( DRY )) && ! skipped bench; then
     "$PYTHON" benchmarks/gpu_decode.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
     "$PYTHON" benchmarks/sampling.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
 fi

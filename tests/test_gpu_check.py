@@ -231,6 +231,47 @@ def test_benchmark_part_that_raises_leaves_the_others_and_the_files(tmp_path, mo
     assert not list(tmp_path.glob(".*partial")), "files are replaced whole"
 
 
+class _HardTimeLimit(BaseException):
+    """What ``timeout``'s kill is to the benchmark: nothing after it runs."""
+
+
+@pytest.mark.parametrize(
+    ("part", "killed_call", "killed_case"),
+    [("widths", 2, 2), ("profile", 3, 4), ("generate", 3, 2), ("rl_group", 1, None)],
+)
+def test_benchmark_run_killed_midway_is_on_record(tmp_path, monkeypatch, part, killed_call, killed_case):  # fmt: skip
+    """gpu_check.sh kills the benchmark at a hard limit past its budget: the run it was in
+    stays in the result files, marked as running, after the runs that finished."""
+    import transformers
+
+    gpu_decode = _gpu_decode()
+    calls = []
+
+    def killed_at(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == killed_call:
+                raise _HardTimeLimit
+            return real(*args, **kwargs)
+
+        return call
+
+    if part == "generate":
+        generate = killed_at(transformers.GenerationMixin.generate)
+        monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
+    else:
+        monkeypatch.setattr(gpu_decode, "run_engine", killed_at(gpu_decode.run_engine))
+    with pytest.raises(_HardTimeLimit):
+        gpu_decode.main(["--quick", "--device", "cpu", "--backends", "torch", "--parts", part,
+                         "--out", str(tmp_path)])  # fmt: skip
+    results = json.loads((tmp_path / "gpu_decode.json").read_text())["results"]
+    assert [r["part"] for r in results] == [part] * (1 if killed_case is None else 2)
+    assert all("skipped" not in r for r in results[:-1])
+    assert results[-1]["skipped"] == gpu_decode.RUNNING
+    assert results[-1].get("width", results[-1].get("batch")) == killed_case
+    assert "running when the hard time limit came" in (tmp_path / "gpu_decode.md").read_text()
+
+
 @pytest.mark.skipif(
     not (ROOT / ".whl").is_dir(), reason="no .whl folder (scripts/fetch_gpu_wheels.sh)"
 )
