@@ -297,3 +297,48 @@ def test_overlapped_exhausted_pool_drops_the_same_unfed_text(num_pages, tokenize
     for x, y in zip(want.logprobs, got.logprobs, strict=True):
         assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5)
     assert not want.forced[-1], "the sample ends on a token the model chose"
+
+
+def test_scores_queued_by_a_pool_cut_are_computed_before_the_graphs(tokenizer):
+    """A pool cut that leaves the step with nothing to run queues a score (the first token of the
+    branch after a lane it ended) that no forward follows: it is still computed, before the
+    graph is built, not left to the engine's next call (which wrote it into a graph already
+    returned). Every token the engine had the logits of is scored as the dense forward scores
+    it."""
+    model = tiny_model("qwen2", tokenizer=tokenizer, max_position_embeddings=60)
+    engine = Engine(model, tokenizer, page_size=2, num_pages=35, overlap=True, max_lanes=4)
+    eos = sorted(engine.eos_ids)[0]
+
+    def ending(context, logits):
+        if hash(tuple(context[-2:])) % 45 == 0:
+            logits[eos] += 50
+        return logits
+
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            seed=seed,
+            max_new_tokens=20,
+            n=3,
+            min_branches=least,
+            max_branches=3,
+            **SHORT,
+        )
+        for seed, least in ((37, 1), (99, 2), (49, 1))
+    ]
+    graphs = engine.generate(["five five", "4", "five five"], params,
+                             mode=["free", "free", "constrained"], chat=False,
+                             logits_processor=ending)  # fmt: skip
+    assert not engine._unscored and not engine._scoring, "scores left for the next call"
+    assert engine.pool.num_used == 0
+    cut = graphs[-1]
+    assert cut.metadata["finish_reason"] == "kv_exhausted"
+    start = cut.prompt_num_tokens
+    branch_first = start + 8  # the first token of the branch after the one the cut ended
+    assert cut.forced[branch_first] and cut.logprobs[branch_first] is not None
+    for graph in graphs:
+        start = graph.prompt_num_tokens
+        known = [i for i, lp in enumerate(graph.logprobs[start:]) if lp is not None]
+        expected = dense_logprobs(model, graph)[known]
+        got = torch.tensor([graph.logprobs[start + i] for i in known])
+        assert (expected - got).abs().max() <= 1e-4

@@ -445,7 +445,6 @@ class Engine:
                 progress(self.stats.generated_tokens + under_way)
             scheduler.retire(self._settle)
         assert picked is None, "picked tokens left unread"
-        self._collect_scores()
         self._report_finished(unreported, last=True)
 
     def _report_finished(self, requests: list[Request], last: bool = False) -> list[Request]:
@@ -456,6 +455,8 @@ class Engine:
             (done if last or _ended(request) else left).append(request)
         if not done:
             return requests
+        # A cut in a step that then had nothing left to run queued scores no forward follows.
+        self._score_pending()
         self._collect_scores()
         for request in done:
             graphs = [self._graph(sample) for sample in request.samples]
