@@ -1078,6 +1078,17 @@ def problem_progress(label: str, enabled: bool):
     )
 
 
+def refused_once(parts: list[list[tuple[int, str, str]]]) -> list[tuple[int, str, str]]:
+    """The problems the ranks refused, ``(index, id, why)`` in problem order, each once: every
+    rank checks every prompt, and its reason may quote its own pool's size (the lowest rank's
+    is kept)."""
+    first: dict[tuple[int, str], str] = {}
+    for part in parts:
+        for index, problem_id, why in part:
+            first.setdefault((index, problem_id), why)
+    return [(index, problem_id, why) for (index, problem_id), why in sorted(first.items())]
+
+
 def run_eval(
     config: EvalConfig,
     *,
@@ -1168,9 +1179,8 @@ def _run(
                 line = f"problem {problem.id}: not evaluated: {error}"
                 not_run.append((problem.index, problem.id, line))
                 progress.advance(task)
-    # A collective, so also the barrier before rank 0 merges what every rank wrote. Every rank
-    # checked every prompt: each refused one is listed once.
-    not_run = sorted({item for part in ranks.gather(not_run) for item in part})
+    # A collective, so also the barrier before rank 0 merges what every rank wrote.
+    not_run = refused_once(ranks.gather(not_run))
 
     result: dict[str, Any] | str | None = None
     if ranks.is_main:

@@ -547,11 +547,15 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def default_device() -> str:
     """``cuda:LOCAL_RANK`` when CUDA is present (one GPU per torchrun rank), else ``cpu``."""
-    import os
-
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return f"cuda:{_rank_gpu()}"
     return "cpu"
+
+
+def _rank_gpu() -> int:
+    """This torchrun rank's GPU: ``LOCAL_RANK`` among the GPUs it sees (one GPU each when every
+    rank is shown only its own)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
 
 
 def text_config(model: torch.nn.Module) -> Any:
@@ -578,6 +582,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available here")
+        if resolved.index is None:  # torch's current GPU: GPU 0 on every torchrun rank
+            index = _rank_gpu() if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+            resolved = torch.device("cuda", index)
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ValueError(
                 f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)"

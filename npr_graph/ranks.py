@@ -30,6 +30,10 @@ def exchange() -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:  # gloo: "Connection closed by peer", a timeout
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):  # this rank's own (NCCL's GPU buffers)
+            raise
         raise _lost(error) from error
 
 

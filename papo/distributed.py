@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from npr_graph.models import resolve_device
-from npr_graph.ranks import Ranks, exchange
+from npr_graph.ranks import TIMEOUT, Ranks, exchange
 
 from .data import PackedRow
 from .forward import row_logprobs
@@ -123,7 +123,9 @@ def init_world(device: str | torch.device | None = None) -> World:
         if device.type == "cuda":
             index = device.index if device.index is not None else os.environ.get("LOCAL_RANK", 0)
             torch.cuda.set_device(int(index))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A rank waits for rank 0's checkpoint writes and for the slowest rank's rollouts and
+        # held-out share: NCCL's default 10 minutes would abort a healthy run.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         # Left to the interpreter's teardown, the group's threads outlive it now and then
         # ("terminate called without an active exception", exit code -6).
         atexit.register(_destroy_process_group)

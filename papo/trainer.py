@@ -357,8 +357,17 @@ class Trainer:
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.output_dir / "checkpoints")
+        seen = self.world.gather(None if path is None else str(path))
+        if len(set(seen)) > 1:  # each would train on other weights, or wait for the others
+            listed = ", ".join(f"rank {r}: {p or 'none'}" for r, p in enumerate(seen))
+            raise ValueError(
+                f"--resume: the ranks see different last checkpoints in "
+                f"{self.output_dir / 'checkpoints'} ({listed}); give them one output_dir they "
+                "all read"
+            )
         if path is None:
-            self.console.print("no checkpoint to resume from; starting at step 0")
+            if self.world.is_main:
+                self.console.print("no checkpoint to resume from; starting at step 0")
             self.logger.truncate_after(-1)  # the steps logged before are done again
             self.rollout_log.truncate_after(-1)
             return
@@ -935,6 +944,7 @@ RESUMABLE_CHANGES = frozenset(
         "steps", "epochs", "log_every", "save_every", "rollouts_every", "tensorboard",
         "eval_data", "eval_prompt_field", "eval_answer_field", "eval_every", "eval_samples",
         "eval_temperature", "output_dir", "device", "sharding", "kv_pages", "row_tokens",
+        "cuda_graphs", "overlap",
     }
 )  # fmt: skip
 

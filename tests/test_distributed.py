@@ -653,3 +653,63 @@ def test_an_exchange_with_a_rank_that_stopped_is_a_named_error(monkeypatch):
     assert isinstance(gone, PeerLost) and "Connection reset by peer" in str(gone)
     assert peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert peer_lost(ValueError("Connection closed by peer")) is None
+
+
+def test_running_out_of_memory_in_an_exchange_is_not_blamed_on_another_rank(monkeypatch):
+    """NCCL gathers objects through GPU buffers: this rank running out of memory there is its
+    own error (the commands say what to lower), not another rank's stop."""
+    import torch.distributed as dist
+
+    from npr_graph.ranks import Ranks
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(dist, "all_gather_object", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        Ranks(rank=0, size=2).gather(1)
+
+
+def test_resume_refuses_ranks_that_see_different_checkpoints(tmp_path):
+    """Ranks whose output_dir is not shared (node-local disks) see different last checkpoints:
+    each would resume elsewhere, and their exchanges would wait for each other for ever or sum
+    gradients of different weights. Every rank refuses, naming what each sees."""
+    from types import SimpleNamespace
+
+    from papo.trainer import Trainer
+
+    step = tmp_path / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+
+    class TwoRanks:
+        is_main = True
+
+        def gather(self, value):
+            return [value, None]  # rank 1 sees no checkpoint
+
+    trainer = SimpleNamespace(output_dir=tmp_path, world=TwoRanks())
+    with pytest.raises(ValueError, match=r"different last checkpoints .*rank 1: none"):
+        Trainer._resume(trainer)
+
+
+@pytest.mark.parametrize(
+    ("name", "local_rank", "gpus", "expected"),
+    [("cuda", "1", 2, "cuda:1"), ("cuda", "3", 1, "cuda:0"), ("cuda:0", "1", 2, "cuda:0"),
+     ("cuda", None, 2, "cuda:1"), ("cpu", "1", 2, "cpu")],
+)  # fmt: skip
+def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch, name, local_rank, gpus, expected):
+    """``--device cuda`` under torchrun: torch's current GPU is GPU 0 on every rank, so every
+    rank's engine (npr eval, npr sample) and model would share it; a bare ``cuda`` is the rank's
+    own GPU, as for training (one GPU per rank shown only its own: that one). Outside torchrun
+    it stays torch's current GPU (here 1)."""
+    from npr_graph.models import resolve_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device(name) == torch.device(expected)

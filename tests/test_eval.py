@@ -1173,3 +1173,19 @@ def test_progress_bar_shows_problem_ids_as_they_are() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     console.print(progress.make_tasks_table(progress.tasks))
     assert "last: problem [/b] [red]x" in console.file.getvalue()
+
+
+def test_a_prompt_every_rank_refused_is_listed_once() -> None:
+    """Each rank checks every prompt against its own pool, whose size its reason quotes (pools
+    sized by each GPU's free memory differ): the problem is listed once, with rank 0's reason."""
+    parts = [
+        [(2, "p3", "problem p3: does not fit the KV pool of 100 pages"),
+         (0, "p1", "problem p1: exceeds the model's context")],
+        [(0, "p1", "problem p1: exceeds the model's context"),
+         (2, "p3", "problem p3: does not fit the KV pool of 98 pages")],
+    ]  # fmt: skip
+    assert evaluate.refused_once(parts) == [
+        (0, "p1", "problem p1: exceeds the model's context"),
+        (2, "p3", "problem p3: does not fit the KV pool of 100 pages"),
+    ]
+    assert evaluate.refused_once([[], []]) == []

@@ -637,7 +637,7 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_a_used_directory(
     """A resume continues the run the checkpoint holds: a setting that changes what a step
     computes is refused with each change named (lr was taken from the checkpoint's scheduler
     while config.json said otherwise); how long it runs, what it logs and evaluates, and the
-    resources it takes may change. A run without --resume does not append its steps to another
+    resources it takes, and how the rollouts run (overlapped decode steps) may change. A run without --resume does not append its steps to another
     run's logs. A lost ``latest`` pointer resumes from the newest step directory, not from
     step 0 (helper's audit)."""
     from papo import trainer as trainer_module
@@ -653,7 +653,8 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_a_used_directory(
     with pytest.raises(ValueError, match=r"other settings \(lr 0.001 -> 0.05, seed 0 -> 7\)"):
         trainer_module.run(changed, resume=True)
     (tmp_path / "r" / "checkpoints" / "latest").unlink()
-    longer = papo_config(problems, tmp_path / "r", steps=3, log_every=3, tensorboard=False)
+    longer = papo_config(problems, tmp_path / "r", steps=3, log_every=3, overlap=True,
+                         tensorboard=False)  # fmt: skip
     history = trainer_module.run(longer, resume=True)
     assert len(history) == 1, "resumed after step 2, from the newest step directory"
     logged = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
