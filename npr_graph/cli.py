@@ -340,6 +340,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 _print_report(console, report, args.format)
         except InputError as error:
             errors.append(str(error))
+    if not reports and not errors:
+        errors.append(f"no trace in {', '.join(args.files)}")
     if args.format == "tree" and (len(reports) > 1 or any(is_jsonl(Path(p)) for p in args.files)):
         _summary(console, reports)
     for note in notes:
@@ -376,7 +378,12 @@ def _sampling(args: argparse.Namespace, **overrides: Any):
 
 
 def _load_engine(args: argparse.Namespace):
+    import torch
+
     from .engine.engine import Engine
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     with Console(stderr=True).status("loading model"):
         return Engine.from_pretrained(
@@ -551,8 +558,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     speedup = (
         parallel.tokens_per_s / sequential.tokens_per_s if sequential.tokens_per_s else float("nan")
     )
+    import torch
+
+    threads = f", {torch.get_num_threads()} torch threads" if args.device == "cpu" else ""
     console.print(
-        f"[bold]measured speedup over sequential decoding: {speedup:.2f}×[/] (wall time for {tokens} tokens)"
+        f"[bold]measured speedup over sequential decoding: {speedup:.2f}×[/] (wall time for "
+        f"{tokens} tokens{threads})"
     )
     return 0
 
@@ -571,6 +582,13 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--no-chat", action="store_true", help="the raw prompt, without the chat template"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's; on a CPU other jobs also use, 1 can be "
+        "much faster)",
+    )
     add_kv_memory_argument(parser)
     parser.add_argument(
         "--grammar",

@@ -104,7 +104,21 @@ def check_at_least(name: str, value: object, least: int) -> None:
 
 
 def setting_changes(before: dict[str, Any], now: dict[str, Any], keys: Collection[str]) -> str:
-    """``"n 2 -> 3, seed 0 -> 1"``: the ``keys`` whose value differs (a missing key is None),
-    or ``""`` when none does; what a refused resume tells the user."""
-    differ = sorted(key for key in keys if before.get(key) != now.get(key))
-    return ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in differ)
+    """``"n 2 -> 3, sampling.top_p 0.95 -> 1.0"``: the ``keys`` whose value differs (a missing
+    key is None; in settings that are dicts on both sides, each inner key that differs), or
+    ``""`` when none does; what a refused resume tells the user."""
+    return ", ".join(_changes(before, now, keys))
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any], keys: Collection[str]) -> list[str]:
+    changes = []
+    for key in sorted(keys):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = _changes(old, new, old.keys() | new.keys())
+            changes += [f"{key}.{change}" for change in inner]
+        else:
+            changes.append(f"{key} {old!r} -> {new!r}")
+    return changes

@@ -378,7 +378,8 @@ def write_page(
     steps: Collection[int | str] | None = None,
 ) -> list[str]:
     """Write the page for the samples of ``sources`` (of training ``steps`` only, if given);
-    returns the input errors (bad lines, a step no file logs).
+    returns the input errors (bad lines, a step no file logs). With no sample to show, no page
+    is written, and the errors say so.
 
     Raises :class:`ValueError` when ``output`` is one of ``sources`` (it would be overwritten)."""
     for source in sources:
@@ -388,6 +389,8 @@ def write_page(
     views: list[dict[str, Any]] = []
     for source in sources:
         views += load_views(Path(source), errors, limit, notes, steps)
+    if not views:
+        return errors + [f"no sample to show; {output} not written"]
     title = ", ".join(Path(s).name for s in sources)
     Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
     return errors
@@ -444,5 +447,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         print(f"npr view: note: {note}", file=sys.stderr)
     for error in errors:
         print(f"npr view: {error}", file=sys.stderr)
+    if errors and errors[-1].startswith("no sample to show"):
+        return 2
     print(f"wrote {args.output}")
     return 1 if errors else 0

@@ -6,6 +6,8 @@ command lines can then name a function of the user's own (``reward = "my_rewards
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -15,10 +17,12 @@ F = TypeVar("F", bound=Callable)
 
 class Registry(Generic[F]):
     """Functions by name: ``@registry.register("name")``, ``registry.get("name")``, ``names()``.
-    A later registration under a taken name replaces the earlier one."""
+    A later registration under a taken name replaces the earlier one. ``returns``: the type a
+    function of the user's own (an import path) must return; its calls are checked."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, returns: type | None = None) -> None:
         self.kind = kind
+        self.returns = returns
         self._functions: dict[str, F] = {}
 
     def register(self, name: str) -> Callable[[F], F]:
@@ -45,7 +49,31 @@ class Registry(Generic[F]):
             raise KeyError(f"{self.kind} {name!r} cannot be imported: {error}") from None
         if not callable(function):
             raise KeyError(f"{self.kind} {name!r} is not a function")
-        return function
+        return function if self.returns is None else self._checked(name, function)
+
+    def _checked(self, name: str, function: F) -> F:
+        """``function``, raising a ValueError that names it when it returns something else
+        than ``returns`` (used as one, it failed later, far from the cause)."""
+        expected = self.returns
+        fields = (
+            ", ".join(f.name for f in dataclasses.fields(expected))
+            if dataclasses.is_dataclass(expected)
+            else ""
+        )
+        spelled = f"{expected.__module__}.{expected.__qualname__}" + (
+            f"({fields})" if fields else ""
+        )
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            result = function(*args, **kwargs)
+            if not isinstance(result, expected):
+                raise ValueError(
+                    f"{self.kind} {name!r} returned {type(result).__name__}, expected {spelled}"
+                )
+            return result
+
+        return checked  # type: ignore[return-value]
 
     def unregister(self, name: str) -> None:
         self._functions.pop(name, None)

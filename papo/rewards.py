@@ -440,7 +440,7 @@ def verify(prediction: str | None, reference: str, *, timeout_s: float = 5.0) ->
 # --------------------------------------------------------------------------------------------------
 # registry
 
-_REWARDS: Registry[RewardFn] = Registry("reward")
+_REWARDS: Registry[RewardFn] = Registry("reward", returns=Reward)
 register = _REWARDS.register
 get = _REWARDS.get
 names = _REWARDS.names

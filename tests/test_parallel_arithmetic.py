@@ -190,6 +190,9 @@ def test_smoke_run_prints_one_json_line(monkeypatch, tmp_path, capsys):
 def test_bad_settings_are_errors():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         demo.parse_settings(demo.QUICK, ["no_such_setting=1"])
+    # a value of the wrong type is refused as it is read, not after minutes of SFT
+    with pytest.raises(ValueError, match="papo_steps must be an integer, got 'two'"):
+        demo.parse_settings(demo.QUICK, ["papo_steps=two"])
     settings = demo.parse_settings(demo.QUICK, ["teacher_flaw=null", "papo_steps=3"])
     assert settings.teacher_flaw is None and settings.papo_steps == 3
     assert (

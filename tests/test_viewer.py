@@ -472,3 +472,18 @@ def test_node_advantages_in_headless_chromium(tmp_path, browser_page) -> None:
     page.locator(".node.k-plan").first.click()
     assert "advantage" not in page.inner_text("#detail-meta")
     assert page_errors == []
+
+
+def test_cli_view_with_nothing_to_show_writes_no_page(tmp_path, samples_file, capsys) -> None:
+    """A step no file logs, or an empty file: an error and no page (it said "wrote" over an
+    empty page); a page with some samples still comes with the other files' errors."""
+    output = tmp_path / "page.html"
+    assert main(["view", str(samples_file), "--step", "99", "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "no record of step 99" in err and f"no sample to show; {output} not written" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["view", str(empty), "-o", str(output)]) == 2
+    assert "no sample to show" in capsys.readouterr().err and not output.exists()
+    assert main(["view", str(samples_file), str(empty), "-o", str(output)]) == 0
+    assert "wrote" in capsys.readouterr().out and output.is_file()

@@ -49,6 +49,7 @@ from problems import Problem, generate, split, teacher_flaws  # noqa: E402
 import npr_graph as ng  # noqa: E402
 from npr_graph.engine import Engine, SamplingParams  # noqa: E402
 from npr_graph.models import add_tag_tokens, default_tokenizer, tiny_model  # noqa: E402
+from npr_graph.typecheck import type_problems  # noqa: E402
 from papo import rewards  # noqa: E402
 from papo.config import load_config  # noqa: E402
 from papo.trainer import Trainer  # noqa: E402
@@ -428,7 +429,8 @@ def run(settings: Settings, out: Path, log: Callable[[str], None] | None = None)
 
 
 def parse_settings(base: Settings, items: Sequence[str]) -> Settings:
-    """``base`` with ``key=value`` overrides (values are JSON when they parse as JSON)."""
+    """``base`` with ``key=value`` overrides (values are JSON when they parse as JSON), each
+    of its setting's type (checked here, not minutes later where it is used)."""
     known = {f.name for f in fields(Settings)}
     changes: dict[str, Any] = {}
     for item in items:
@@ -439,7 +441,11 @@ def parse_settings(base: Settings, items: Sequence[str]) -> Settings:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
-    return replace(base, **changes)
+    settings = replace(base, **changes)
+    problems = type_problems(settings)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
