@@ -6,6 +6,7 @@ or in ``--set key=value`` overrides them. Unknown keys and bad values are errors
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -281,7 +282,11 @@ def load_config(
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise ValueError(f"unknown config keys: {', '.join(named)}")
     try:
         return TrainConfig(**values)
     except TypeError as error:

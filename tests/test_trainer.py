@@ -844,6 +844,8 @@ def test_bad_data_is_a_clear_error(tmp_path, tokenizers):
         )
     with pytest.raises(ValueError, match="unknown config keys: learning_rate"):
         load_config(None, "papo", {"learning_rate": 1})
+    with pytest.raises(ValueError, match=r"unknown config keys: stepz \(did you mean steps\?\)"):
+        load_config(None, "papo", {"stepz": 1})
     with pytest.raises(ValueError, match="constrained.*special"):
         load_config(None, "papo", {"mode": "constrained", "tags": "text"})
     assert (
