@@ -370,6 +370,9 @@ def render_page(views: list[dict[str, Any]], title: str = "npr view") -> str:
     return template.replace(PLACEHOLDER, data)
 
 
+NOTHING_TO_SHOW = "no sample to show"
+
+
 def write_page(
     sources: list[str],
     output: str | Path,
@@ -390,7 +393,7 @@ def write_page(
     for source in sources:
         views += load_views(Path(source), errors, limit, notes, steps)
     if not views:
-        return errors + [f"no sample to show; {output} not written"]
+        return errors + [f"{NOTHING_TO_SHOW}; {output} not written"]
     title = ", ".join(Path(s).name for s in sources)
     Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
     return errors
@@ -447,7 +450,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         print(f"npr view: note: {note}", file=sys.stderr)
     for error in errors:
         print(f"npr view: {error}", file=sys.stderr)
-    if errors and errors[-1].startswith("no sample to show"):
+    if errors and errors[-1].startswith(NOTHING_TO_SHOW):
         return 2
     print(f"wrote {args.output}")
     return 1 if errors else 0

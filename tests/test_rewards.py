@@ -472,13 +472,16 @@ def test_unknown_reward_lists_the_known_ones() -> None:
 
 
 def test_a_function_of_ones_own_is_named_by_its_import_path() -> None:
-    """``module:function`` imports the function (the known names stay the registered ones);
-    what cannot be imported, or is not a function, is a KeyError that says so."""
+    """``module:function`` imports the function (the known names stay the registered ones; a
+    reward's calls are checked to return a Reward); what cannot be imported, or is not a
+    function, is a KeyError that says so."""
     import operator
 
     from papo.advantages import get as estimator
 
-    assert get("operator:add") is operator.add and "operator:add" not in names()
+    assert get("operator:add").__wrapped__ is operator.add and "operator:add" not in names()
+    with pytest.raises(ValueError, match="reward 'operator:add' returned str, expected"):
+        get("operator:add")("a", "b")
     assert estimator("operator:sub") is operator.sub
     for name, why in [
         ("no_such_module_here:f", "cannot be imported: No module named 'no_such_module_here'"),
