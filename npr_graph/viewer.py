@@ -370,19 +370,16 @@ def render_page(views: list[dict[str, Any]], title: str = "npr view") -> str:
     return template.replace(PLACEHOLDER, data)
 
 
-NOTHING_TO_SHOW = "no sample to show"
-
-
 def write_page(
     sources: list[str],
     output: str | Path,
     limit: int | None = None,
     notes: list[str] | None = None,
     steps: Collection[int | str] | None = None,
-) -> list[str]:
+) -> tuple[int, list[str]]:
     """Write the page for the samples of ``sources`` (of training ``steps`` only, if given);
-    returns the input errors (bad lines, a step no file logs). With no sample to show, no page
-    is written, and the errors say so.
+    returns how many samples it shows and the input errors (bad lines, a step no file logs).
+    With no sample to show, no page is written.
 
     Raises :class:`ValueError` when ``output`` is one of ``sources`` (it would be overwritten)."""
     for source in sources:
@@ -392,11 +389,10 @@ def write_page(
     views: list[dict[str, Any]] = []
     for source in sources:
         views += load_views(Path(source), errors, limit, notes, steps)
-    if not views:
-        return errors + [f"{NOTHING_TO_SHOW}; {output} not written"]
-    title = ", ".join(Path(s).name for s in sources)
-    Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
-    return errors
+    if views:
+        title = ", ".join(Path(s).name for s in sources)
+        Path(output).write_text(render_page(views, f"npr view: {title}"), "utf-8")
+    return len(views), errors
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -442,7 +438,7 @@ def _step(text: str) -> int | str:
 def cmd_view(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
-        errors = write_page(args.files, args.output, args.limit, notes, args.steps)
+        shown, errors = write_page(args.files, args.output, args.limit, notes, args.steps)
     except (OSError, ValueError) as error:
         print(f"npr view: {error}", file=sys.stderr)
         return 2
@@ -450,7 +446,8 @@ def cmd_view(args: argparse.Namespace) -> int:
         print(f"npr view: note: {note}", file=sys.stderr)
     for error in errors:
         print(f"npr view: {error}", file=sys.stderr)
-    if errors and errors[-1].startswith(NOTHING_TO_SHOW):
+    if not shown:
+        print(f"npr view: no sample to show; {args.output} not written", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
     return 1 if errors else 0
