@@ -233,6 +233,24 @@ def kv_memory_arg(value: str) -> int | str:
     return max(1, int(gib * 2**30))
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's; on a CPU other jobs also use, 1 can be "
+        "much faster)",
+    )
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads``: on a shared CPU, contended threads can make one process 10x slower."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-memory",
@@ -378,13 +396,9 @@ def _sampling(args: argparse.Namespace, **overrides: Any):
 
 
 def _load_engine(args: argparse.Namespace):
-    import torch
-
     from .engine.engine import Engine
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
+    set_threads(args)
     with Console(stderr=True).status("loading model"):
         return Engine.from_pretrained(
             args.model,
@@ -582,13 +596,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--no-chat", action="store_true", help="the raw prompt, without the chat template"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch intra-op threads (default: torch's; on a CPU other jobs also use, 1 can be "
-        "much faster)",
-    )
+    add_threads_argument(parser)
     add_kv_memory_argument(parser)
     parser.add_argument(
         "--grammar",

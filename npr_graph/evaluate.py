@@ -1148,7 +1148,14 @@ def _run(
     # problems whose prompt the engine cannot take: (index, id, why)
     not_run: list[tuple[int, str, str]] = []
     if todo and engine is None:
-        engine = _load_engine(config)
+        try:
+            engine = _load_engine(config)
+        except (OSError, ValueError) as error:
+            failure = str(error)
+    # One rank's model that does not load stops every rank: the others would wait for it in
+    # the gather after decoding, until the process group's timeout.
+    if ranks.any_failed(failure is not None):
+        raise EvalError(failure or "another rank could not load the model")
     if new_run:  # once the model has loaded: a model that fails to load pins no settings
         _write_config(out, config)
     if todo:

@@ -60,6 +60,7 @@ def _error_line(error: Exception | str) -> Text:
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from npr_graph.cli import set_threads
     from npr_graph.engine.sampling import SamplingParams
     from npr_graph.models import resolve_device
     from npr_graph.prompts import load_template
@@ -96,6 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         device = resolve_device(args.device)
+        set_threads(args)
     except (ValueError, OSError) as error:
         console.print(_error_line(error))
         return 2
@@ -301,7 +303,7 @@ def _sample_settings(args: argparse.Namespace, grammar: str) -> dict:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from npr_graph.cli import add_kv_memory_argument
+    from npr_graph.cli import add_kv_memory_argument, add_threads_argument
 
     train = commands.add_parser(
         "train", help="run a training stage: zero (DAPO, text tags), sft, papo"
@@ -361,6 +363,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     sample.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else cpu")
     add_kv_memory_argument(sample)
+    add_threads_argument(sample)
     sample.add_argument("--prompt-field", default=None)
     sample.add_argument("--answer-field", default=None)
     sample.set_defaults(run=cmd_sample)

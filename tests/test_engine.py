@@ -10,6 +10,8 @@ import torch
 
 import npr_graph as ng
 from npr_graph.engine.engine import Engine
+from npr_graph.engine.kv import pages_needed
+from npr_graph.engine.lanes import LaneStatus
 from npr_graph.engine.sampling import SamplingParams
 from npr_graph.engine.scheduler import Scheduler
 from npr_graph.engine.structure import Format
@@ -425,6 +427,44 @@ def test_admission_leaves_a_page_of_headroom_per_lane_under_way(special_tokenize
     assert admitted(running) == [request]
     held += [pool.allocate() for _ in range(pool.num_free)]
     assert admitted([]) == [request], "nothing runs: it goes ahead"
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_a_resumed_request_is_admitted_with_the_pages_of_its_rebuild_and_next_step(
+    special_tokenizer, page_size
+):
+    """What admission counts for a preempted request bounds the pages its rebuild takes plus
+    those of its next step, which feeds the tokens its lanes held unfed: a branch's
+    engine-written header (``<step>`` and its number) spans pages when they are small, so a
+    page per lane is not always enough and the newcomer would be preempted again at once."""
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_new_tokens=60, n=2, min_branches=3, max_branches=3, **SHORT
+    )
+    prompts = ["First question?", "Second one?", "A third, longer question for the pool."]
+    engine = make_engine(
+        "llama", special_tokenizer, page_size=page_size, num_pages=160 // page_size
+    )
+    counted, taken = [], []
+    resume = engine._resume
+
+    def measured_resume(requests):
+        counted.append(sum(Scheduler([], engine.pool, 1).pages_to_admit(r) for r in requests))
+        free = engine.pool.num_free
+        resume(requests)
+        lanes = [
+            lane
+            for request in requests
+            for sample in request.samples
+            for lane in sample.lanes
+            if lane.status is LaneStatus.RUNNING
+        ]
+        next_step = pages_needed([(lane.kv, len(lane.pending)) for lane in lanes])
+        taken.append(free - engine.pool.num_free + next_step)
+
+    engine._resume = measured_resume
+    engine.generate(prompts, params, mode="constrained", chat=False)
+    assert engine.stats.preemptions > 0 and any(taken)
+    assert all(t <= c for t, c in zip(taken, counted, strict=True)), (taken, counted)
 
 
 def test_scheduler_admits_in_order_within_its_caps_and_preempts_the_newest():

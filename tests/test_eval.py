@@ -967,6 +967,42 @@ def test_a_model_that_fails_to_load_pins_no_settings(tmp_path, data, tiny_dir, c
     assert json.loads((out / "config.json").read_text())["model"] == str(tiny_dir)
 
 
+@pytest.mark.parametrize("fails_here", [False, True])
+def test_a_model_that_fails_to_load_on_one_rank_stops_every_rank(
+    tmp_path, data, monkeypatch, fails_here
+) -> None:
+    """Under torchrun a rank whose model did not load stopped alone, and the others decoded
+    their share and then waited for it until the process group's timeout. Now every rank
+    stops before decoding: the rank that failed with its own error, the others saying why."""
+    from contextlib import contextmanager
+
+    from npr_graph.ranks import Ranks
+
+    class TwoRanks(Ranks):
+        def gather(self, value):
+            return [value, not fails_here]  # rank 1 failed, unless this rank did
+
+        def broadcast(self, value):
+            return value
+
+    @contextmanager
+    def joined():
+        yield TwoRanks(rank=0, size=2)
+
+    def load(config):
+        if fails_here:
+            raise OSError("no model in /nowhere")
+        return object()  # never used: no rank decodes
+
+    monkeypatch.setattr(evaluate, "joined_ranks", joined)
+    monkeypatch.setattr(evaluate, "_load_engine", load)
+    why = "no model in /nowhere" if fails_here else "another rank could not load the model"
+    with pytest.raises(EvalError, match=why):
+        run_eval(config(data, tmp_path / "run"))
+    assert not list((tmp_path / "run").glob("samples*")), "nothing decoded"
+    assert not (tmp_path / "run" / "config.json").exists(), "no settings pinned"
+
+
 def _cli_args(tiny_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         # -n, not --n: torchrun's parser would take --n for an ambiguous prefix of its own options

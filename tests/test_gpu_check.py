@@ -53,13 +53,21 @@ def _aot_archive(folder: Path, version: str, modules: list[str]) -> Path:
 
 
 def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
+    """Also: no step's time limit reaches past ``--budget`` (a device call ends there, and
+    whatever ran past it is lost): each is cut to what is left, less the kill grace."""
     wheels = tmp_path / "whl"
     _wheel(wheels, "lark", "0.0.1")  # another version than installed: would be installed
     _wheel(wheels, "pytest", __import__("pytest").__version__)  # already here: left alone
     _wheel(wheels, "flashinfer_python", "0.6.18.post1")
     archive = _aot_archive(wheels, "0.6.18.post1", ["batch_prefill_a", "cascade"])
-    result = _dry_run(tmp_path, wheels)
+    result = _dry_run(tmp_path, wheels, "--budget", "150")
     assert result.returncode == 0, result.stdout + result.stderr
+    limits = [int(x) for x in re.findall(r"timeout (\d+)s", result.stdout)]
+    assert len(limits) == 6, result.stdout  # wheels, jit, two test runs, two benchmarks
+    assert all(10 <= limit <= 150 - 15 for limit in limits), limits
+    assert min(limits[1:4]) < 135, "the jit and test limits (240 s) are cut to the budget"
+    bench = re.search(r"gpu_decode.py --time-budget (\d+)", result.stdout)
+    assert bench and int(bench.group(1)) + 30 <= 150
     out = result.stdout
     for step in (
         "step 1/5 wheels",
@@ -89,7 +97,7 @@ def test_dry_run_without_prebuilt_kernels_of_the_flashinfer_version_leaves_them_
     wheels = tmp_path / "whl"
     _wheel(wheels, "flashinfer_python", "0.6.18.post1")
     _aot_archive(wheels, "0.6.1", ["stale"])  # another version's kernels
-    result = _dry_run(tmp_path, wheels, "--skip", "tests")
+    result = _dry_run(tmp_path, wheels, "--skip", "tests,bench")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no prebuilt kernels (flashinfer-aot-0.6.18.post1-sm90a.tar.xz)" in result.stdout
     assert "tests: skipped" in result.stdout and "collected" not in result.stdout
@@ -110,7 +118,7 @@ def test_dry_run_skips_either_test_run(tmp_path):
     ]
     assert "gpu tests: skipped" in result.stdout and "collected" not in result.stdout
     assert len(runs) == 1 and "-m not gpu and not slow" in runs[0].replace("'", ""), runs
-    result = _dry_run(tmp_path, tmp_path / "no-wheels", "--skip", "cuda-tests", "--skip", "jit")
+    result = _dry_run(tmp_path, tmp_path / "no-wheels", "--skip", "cuda-tests,jit,bench")
     assert result.returncode == 0, result.stdout + result.stderr
     runs = [
         line for line in result.stdout.splitlines() if "would run" in line and "-m pytest" in line
@@ -119,19 +127,9 @@ def test_dry_run_skips_either_test_run(tmp_path):
     assert len(runs) == 1 and "-m gpu" in runs[0], runs
 
 
-def test_dry_run_keeps_every_step_within_the_budget(tmp_path):
-    """No step's time limit reaches past ``--budget`` (a device call ends there, and whatever
-    ran past it is lost): each is cut to what is left, less the kill grace, and a step that
-    does not fit is skipped and says so."""
-    wheels = tmp_path / "whl"
-    _wheel(wheels, "lark", "0.0.1")  # to install: the wheels step runs
-    result = _dry_run(tmp_path, wheels, "--budget", "100")
-    assert result.returncode == 0, result.stdout + result.stderr
-    limits = [int(x) for x in re.findall(r"timeout (\d+)s", result.stdout)]
-    assert len(limits) == 6, result.stdout  # wheels, jit, two test runs, two benchmarks
-    assert all(10 <= limit <= 100 - 15 for limit in limits), limits
-    bench = re.search(r"gpu_decode.py --time-budget (\d+)", result.stdout)
-    assert bench and int(bench.group(1)) + 30 <= 100
+def test_dry_run_skips_the_steps_the_budget_leaves_no_room(tmp_path):
+    """A step that does not fit in ``--budget`` is skipped and says so (the time limits of
+    those that fit: test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests)."""
     result = _dry_run(tmp_path, tmp_path / "no-wheels", "--budget", "20", "--skip", "tests")
     assert "jit: skipped, the budget is spent" in result.stdout
     assert "bench: skipped, the budget is spent" in result.stdout

@@ -1373,7 +1373,7 @@ def test_kl_to_the_initial_policy(problems, tmp_path, tokenizers):
     assert all(not p.requires_grad for p in run.reference.parameters())
 
 
-def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, capsys):
+def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, capsys, monkeypatch):
     from npr_graph.cli import main
 
     model_dir = tmp_path / "tiny"
@@ -1382,8 +1382,14 @@ def test_sample_cli_writes_the_accepted_traces(problems, tmp_path, tokenizers, c
     out = tmp_path / "accepted.jsonl"
     args = ["sample", "--data", str(problems), "--out", str(out), "--model", str(model_dir),
             "--tries", "2", "--limit", "2", "--max-new-tokens", "8", "--device", "cpu"]  # fmt: skip
-    assert main(args) == 0
+    threads = []  # on a shared CPU, --threads 1 can be much faster than contended threads
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main([*args, "--threads", "1"]) == 0
     assert out.exists()  # a random model is rarely right: accepted traces may well be none
+    assert threads == [1]
+    with pytest.raises(SystemExit):
+        main([*args, "--threads", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
     assert main([*args[:-2], "--device", "tpu"]) == 2
     assert "device" in capsys.readouterr().err
     assert main([*args, "--mode", "constrained"]) == 2  # the model's tags are plain text

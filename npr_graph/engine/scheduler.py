@@ -1,11 +1,12 @@
 """Which requests decode: admission in arrival order, and preemption of the newest.
 
 Requests wait in arrival order. The one at the front is admitted while the pool has pages for
-it (a fresh request: its prompt and a page per sample; a preempted one: the KV its lanes held)
-plus a page of headroom per lane under way, while the lanes fit ``max_lanes`` and the running
-requests ``max_running``. With nothing running, it is admitted whatever is free. When a step's
-appends do not fit, the engine preempts the newest running request: it goes back to the front
-of the queue with its lanes, to be rebuilt when it is admitted again.
+it (a fresh request: its prompt and a page per sample; a preempted one: the KV its lanes held
+and the tokens they hold unfed) plus a page of headroom per lane under way, while the lanes
+fit ``max_lanes`` and the running requests ``max_running``. With nothing running, it is
+admitted whatever is free. When a step's appends do not fit, the engine preempts the newest
+running request: it goes back to the front of the queue with its lanes, to be rebuilt when it
+is admitted again.
 """
 
 from __future__ import annotations
@@ -49,12 +50,11 @@ class Scheduler:
         free = self.pool.num_free
         while self.waiting:
             request = self.waiting[0]
+            need = self.pages_to_admit(request)
             if request.samples:
                 new_lanes = sum(len(s.live_lanes()) for s in request.samples)
-                need = self.pages_to_resume(request) + new_lanes
             else:
                 new_lanes = request.params.n
-                need = self.pool.pages_for(len(request.prompt_ids)) + new_lanes
             busy = self.running or admitted
             at_cap = self.max_running is not None and (
                 len(self.running) + len(admitted) >= self.max_running
@@ -72,12 +72,21 @@ class Scheduler:
         self.running.extend(admitted)
         return admitted
 
+    def pages_to_admit(self, request: Request) -> int:
+        """The pages ``request`` takes when admitted (headroom for the steps after not counted):
+        a fresh one its prompt's and the page of each sample's first token; a preempted one
+        :meth:`pages_to_resume`."""
+        if request.samples:
+            return self.pages_to_resume(request)
+        return self.pool.pages_for(len(request.prompt_ids)) + request.params.n
+
     def pages_to_resume(self, request: Request) -> int:
-        """At most the pages a preempted request's rebuild takes: the prompt's, and each lane's
-        own fed tokens plus the page a fork's shared tail is copied to."""
+        """At most the pages a preempted request's rebuild and its next step take: the
+        prompt's, and for each lane its tokens (those fed again and those it holds unfed, such
+        as a branch's header) plus the page a fork's shared tail is copied to."""
         lanes = [lane for s in request.samples if s.live_lanes() for lane in s.lanes]
         return self.pool.pages_for(len(request.prompt_ids)) + sum(
-            self.pool.pages_for(lane.num_fed) + 1 for lane in lanes
+            self.pool.pages_for(len(lane.tokens)) + 1 for lane in lanes
         )
 
     def preempt(self) -> Request:
