@@ -194,6 +194,17 @@ def test_sampling_benchmark_runs_and_both_sides_agree(capsys):
     assert torch.equal(old, new)
 
 
+def test_repetition_penalty_benchmark_times_both_sides_and_stops_when_they_differ(monkeypatch):
+    """benchmarks/repetition_penalty.py at a tiny size: both sides timed; a side that penalizes
+    other logits is an error, not a ratio."""
+    penalty = _load("repetition_penalty")
+    row = penalty.run_case(3, 50, 500, steps=3, repeats=2)
+    assert row["reference_ms"] > 0 and row["engine_ms"] > 0
+    monkeypatch.setattr(penalty, "apply_repetition_penalty", lambda *args: None)
+    with pytest.raises(RuntimeError, match="penalize differently"):
+        penalty.run_case(3, 50, 500, steps=3, repeats=2)
+
+
 def test_repicks_benchmark_counts_the_overlapped_engines_re_picks(capsys, smollm2_tokenizer):
     """benchmarks/repicks.py at a tiny size on SmolLM2: every setting decodes, and re-picks are
     counted among the sampled tokens."""

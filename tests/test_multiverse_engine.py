@@ -593,7 +593,7 @@ def test_the_repetition_penalty_after_a_nested_block_reads_the_paths_own_tokens(
     select = engine_module.select_tokens
 
     def recording(logits, params, streams, allowed, banned, penalized, *args, **kwargs):
-        windows.extend(w for w in penalized if w)
+        windows.extend(w.tolist() for w in penalized if w is not None and len(w))
         return select(logits, params, streams, allowed, banned, penalized, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "select_tokens", recording)

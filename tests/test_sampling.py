@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from npr_graph.engine.sampling import (
     NoiseStream,
     SamplingParams,
+    apply_repetition_penalty,
     filter_top_k_top_p,
     gumbel_noise,
     hashed_gumbel_noise,
@@ -54,6 +56,52 @@ def test_repetition_penalty_and_processor_scores_only_change_the_pick():
     scores = torch.tensor([[0.0, 0.0, 9.0]])
     token, logprob = pick(logits, SamplingParams(temperature=0), scores=scores)
     assert token == 2 and abs(logprob - torch.log_softmax(logits, -1)[2].item()) < 1e-6
+
+
+def test_repetition_penalty_is_transformers_rule_per_row():
+    """Each row's penalty on the ids it saw (repeated ids count once), as transformers'
+    ``RepetitionPenaltyLogitsProcessor`` applies it; rows without ids or with penalty 1 stay."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 300, generator=generator) * 4
+    seen = [[3, 3, 299, 0, 17, 3], None, np.array([5, 250, 5]), [], [8, 9]]
+    penalties = [1.3, 1.3, 0.7, 2.0, 1.0]
+    got = logits.clone()
+    apply_repetition_penalty(got, seen, penalties)
+    for row, (ids, penalty) in enumerate(zip(seen, penalties, strict=True)):
+        want = logits[row : row + 1].clone()
+        if ids is not None and len(ids):
+            processor = RepetitionPenaltyLogitsProcessor(penalty)
+            want = processor(torch.as_tensor(np.asarray(ids))[None], want)
+        assert torch.equal(got[row], want[0]), row
+
+
+def test_a_lanes_token_ids_follow_its_tokens():
+    """The array the repetition penalty reads is converted once per token, and follows a
+    picked token the host reads later and tokens taken back and written again."""
+    from npr_graph.engine.lanes import PICKED, Lane
+
+    lane = Lane(None, None, None, 0)
+    lane.tokens, lane.logprobs, lane.forced = [], [], []
+    for token in range(100):
+        lane.tokens.append(token)
+        lane.logprobs.append(0.0)
+        lane.forced.append(False)
+        assert lane.token_ids().tolist() == lane.tokens
+    assert lane.token_ids(95).tolist() == [95, 96, 97, 98, 99]
+    lane.tokens.append(PICKED)
+    lane.logprobs.append(None)
+    lane.forced.append(False)
+    assert lane.token_ids(99).tolist() == [99, PICKED]
+    lane.settle_last(7, -1.0)
+    assert lane.token_ids(99).tolist() == [99, 7]
+    for _ in range(3):
+        lane.pop_last()
+    lane.tokens += [1, 2]
+    lane.logprobs += [0.0, 0.0]
+    lane.forced += [False, False]
+    assert lane.token_ids().tolist() == lane.tokens == [*range(98), 1, 2]
 
 
 def test_a_processor_that_leaves_only_banned_tokens_does_not_lift_the_bans():

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..graph import FinishReason, ReasoningGraph
@@ -832,7 +833,7 @@ class Engine:
             elif ends and lane.state is not None and not lane.state.ends_response_on_eos():
                 self._take_back(lane)  # an end inside an element is never kept
             else:
-                lane.tokens[-1], lane.logprobs[-1] = token, logprob
+                lane.settle_last(token, logprob)
                 if lane.pending[-1:] == [PICKED]:  # read before it was fed
                     lane.pending[-1] = token
                 # A lane cut after it picked keeps the token: the format still sees it (the
@@ -843,9 +844,7 @@ class Engine:
         """Undo the lane's last append: a picked token the engine does not keep (an end of
         sequence inside an element, a speculated pick that picking again changed); if it was
         fed, its slot goes back too."""
-        lane.tokens.pop()
-        lane.logprobs.pop()
-        lane.forced.pop()
+        lane.pop_last()
         if lane.pending:
             lane.pending.pop()
         elif lane.kv.alive:
@@ -854,12 +853,12 @@ class Engine:
 
     def _constraints(
         self, lane: Lane
-    ) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
+    ) -> tuple[list[int] | None, list[int] | None, np.ndarray | None]:
         params = lane.sample.request.params
         state = lane.state
         if state is None:  # sequential: the whole response is its one step
             penalize = params.repetition_penalty != 1.0 and lane.tokens
-            return None, None, lane.tokens if penalize else None
+            return None, None, lane.token_ids() if penalize else None
         allowed, banned = state.choices(self.format, params)
         if state.mode == "constrained":
             banned = (banned or []) + self.format.spelled_tags(lane.text_tail)
@@ -867,7 +866,7 @@ class Engine:
                 banned += sorted(self.eos_ids)
         penalized = None
         if state.phase is Phase.STEP and params.repetition_penalty != 1.0 and state.stretch_tokens:
-            penalized = lane.tokens[-state.stretch_tokens :]
+            penalized = lane.token_ids(max(0, len(lane.tokens) - state.stretch_tokens))
         return allowed, banned, penalized
 
     def _score_later(self, lane: Lane, index: int, logits: torch.Tensor) -> None:

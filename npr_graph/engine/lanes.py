@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 
 from .kv import LaneKV
@@ -73,6 +74,9 @@ class Lane:
     text_tail: str = ""
     final_logits: torch.Tensor | None = None
     void_row: bool = False  # its row of the coming logits follows a token taken back
+    # ``tokens[:_converted]`` as an array (:meth:`token_ids`), grown as tokens come
+    _ids: np.ndarray = field(default_factory=lambda: np.empty(64, np.int64), repr=False)
+    _converted: int = 0
 
     @property
     def end_position(self) -> int:
@@ -95,6 +99,29 @@ class Lane:
         self.pending.append(token)
         if self.sample is not None:
             self.sample.count_token(self.end_position)
+
+    def settle_last(self, token: int, logprob: float) -> None:
+        """The last token, :data:`PICKED` until the host read it, is ``token``."""
+        self.tokens[-1], self.logprobs[-1] = token, logprob
+        self._converted = min(self._converted, len(self.tokens) - 1)
+
+    def pop_last(self) -> None:
+        """Take back the last appended token (its KV slot and count are the caller's)."""
+        self.tokens.pop()
+        self.logprobs.pop()
+        self.forced.pop()
+        self._converted = min(self._converted, len(self.tokens))
+
+    def token_ids(self, start: int = 0) -> np.ndarray:
+        """``tokens[start:]`` as a new array. Each token is converted once: a sequential
+        response's repetition penalty reads all of them every step."""
+        end = len(self.tokens)
+        if self._converted < end:
+            if len(self._ids) < end:
+                self._ids = np.resize(self._ids, max(end, 2 * len(self._ids)))
+            self._ids[self._converted : end] = self.tokens[self._converted : end]
+            self._converted = end
+        return self._ids[start:end].copy()
 
     def fed(self) -> None:
         self.pending.clear()

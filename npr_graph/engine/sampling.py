@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..typecheck import type_problems
@@ -121,23 +122,32 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(
-    logits: torch.Tensor, penalized: Sequence[list[int] | None], penalties: Sequence[float]
+    logits: torch.Tensor,
+    penalized: Sequence[Sequence[int] | np.ndarray | None],
+    penalties: Sequence[float],
 ) -> None:
-    """In place on ``logits [B, V]``, the usual rule on the ids ``penalized[b]`` of row ``b``:
-    divide positive logits by ``penalties[b]``, multiply negative ones."""
-    rows, ids, factors = [], [], []
+    """In place on ``logits [B, V]`` (contiguous), the usual rule on the ids ``penalized[b]`` of
+    row ``b``: divide positive logits by ``penalties[b]``, multiply negative ones."""
+    rows, counts, factors, ids = [], [], [], []
     for row, (seen, penalty) in enumerate(zip(penalized, penalties, strict=True)):
-        if seen and penalty != 1.0:
-            unique = sorted(set(seen))
-            rows += [row] * len(unique)
-            ids += unique
-            factors += [penalty] * len(unique)
+        if seen is not None and len(seen) and penalty != 1.0:
+            rows.append(row)
+            counts.append(len(seen))
+            factors.append(penalty)
+            ids.append(np.asarray(seen, dtype=np.int64))
     if not rows:
         return
-    index = (_on(rows, logits.device), _on(ids, logits.device))
-    factor = to_device(torch.tensor(factors, dtype=logits.dtype), logits.device)
-    values = logits[index]
-    logits[index] = torch.where(values > 0, values / factor, values * factor)
+    # A sequential response's every id, each step: deduplicating them in Python, or indexing
+    # by (row, id) pairs, made this the step's largest host cost. An id seen twice is read and
+    # written twice with the same value.
+    counts = np.array(counts)
+    flat = np.repeat(np.array(rows) * logits.shape[1], counts) + np.concatenate(ids)
+    index = to_device(torch.from_numpy(flat), logits.device)
+    factor = torch.from_numpy(np.repeat(np.array(factors), counts)).to(logits.dtype)
+    factor = to_device(factor, logits.device)
+    values = logits.view(-1).index_select(0, index)
+    penalized_values = torch.where(values > 0, values / factor, values * factor)
+    logits.view(-1).index_copy_(0, index, penalized_values)
 
 
 # Most top-k sets and nuclei are small: rank this many candidates first (a partial sort), and
@@ -333,7 +343,7 @@ def select_tokens(
     streams: Sequence[NoiseStream],
     allowed: Sequence[list[int] | None],
     banned: Sequence[list[int] | None],
-    penalized: Sequence[list[int] | None],
+    penalized: Sequence[Sequence[int] | np.ndarray | None],
     scores: torch.Tensor | None = None,
     speculate: bool = False,
 ) -> Selection:
