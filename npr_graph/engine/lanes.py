@@ -75,8 +75,8 @@ class Lane:
     final_logits: torch.Tensor | None = None
     void_row: bool = False  # its row of the coming logits follows a token taken back
     # ``tokens[:_converted]`` as an array (:meth:`token_ids`), grown as tokens come
-    _ids: np.ndarray = field(default_factory=lambda: np.empty(64, np.int64), repr=False)
-    _converted: int = 0
+    _ids: np.ndarray = field(default_factory=lambda: np.empty(64, np.int64), init=False, repr=False)
+    _converted: int = field(default=0, init=False, repr=False)
 
     @property
     def end_position(self) -> int:

@@ -137,9 +137,9 @@ def apply_repetition_penalty(
             ids.append(np.asarray(seen, dtype=np.int64))
     if not rows:
         return
-    # A sequential response's every id, each step: deduplicating them in Python, or indexing
-    # by (row, id) pairs, made this the step's largest host cost. An id seen twice is read and
-    # written twice with the same value.
+    # A sequential response's every id, each step: deduplicating them in Python and indexing by
+    # (row, id) pairs cost host time linear in the response, in Python. An id seen twice is
+    # read and written twice with the same value.
     counts = np.array(counts)
     flat = np.repeat(np.array(rows) * logits.shape[1], counts) + np.concatenate(ids)
     index = to_device(torch.from_numpy(flat), logits.device)
