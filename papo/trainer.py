@@ -8,8 +8,9 @@
   special tokens, loss on the response only, mask and positions from the graph.
 - ``papo`` (NPR): RL on rollouts from the parallel executor, ``n`` samples per prompt sharing the
   prompt's KV; structurally invalid rollouts are dropped and counted, and so, in both RL stages,
-  are rollouts the engine cut for want of KV pages (``pool_cut_rollouts``); PAPO advantages (or the
-  graph-level ``branch`` estimator); the strictly on-policy objective, token-mean, no KL.
+  are rollouts the engine cut for want of KV pages (``pool_cut_rollouts``) and rollouts whose
+  parsed layout is not the one the engine decoded at (``layout_consistent``); PAPO advantages
+  (or the graph-level ``branch`` estimator); the strictly on-policy objective, token-mean, no KL.
 
 Both RL stages train on exactly what the engine sampled: the graphs' token ids (never
 re-tokenized text), the engine's positions (the foundation's native rule) and loss only on the
@@ -69,6 +70,9 @@ class Rollout:
     # Cut for want of KV pages (finish reason kv_exhausted): the engine's capacity, not the
     # model, ended it, so its reward says nothing about the policy.
     pool_cut: bool = False
+    # The engine decoded its tokens at positions its parsed graph does not give them (free-mode
+    # tag soup the format refused): training could not score what was sampled.
+    layout_differs: bool = False
 
 
 class Trainer:
@@ -451,7 +455,8 @@ class Trainer:
                 )
             valid = _structurally_valid(graph)
             pool_cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
-            out.append(Rollout(problem, group, graph, reward, valid, tokens, pool_cut))
+            differs = not graph.metadata.get("layout_consistent", True)
+            out.append(Rollout(problem, group, graph, reward, valid, tokens, pool_cut, differs))
         return out, wall
 
     def _sampling_params(self, seed: int | None) -> SamplingParams:
@@ -479,13 +484,17 @@ class Trainer:
         rollouts, wall = self.rollout(draws, self.step)
         # every rank sees every rollout's summary: advantages use batch-wide statistics
         summaries = [
-            (r.group, r.reward.score, r.valid, r.reward.correct, r.pool_cut) for r in rollouts
+            (r.group, r.reward.score, r.valid, r.reward.correct, r.pool_cut, r.layout_differs)
+            for r in rollouts
         ]
         gathered = world.gather((summaries, wall, [_shape(r.graph) for r in rollouts]))
         everything = [s for part, _, _ in gathered for s in part]
         shapes = [s for _, _, part in gathered for s in part]
-        pool_cut = sum(cut for *_, cut in everything)
-        kept = [not cut and (valid or not c.drop_invalid) for _, _, valid, _, cut in everything]
+        pool_cut = sum(cut for *_, cut, _ in everything)
+        kept = [
+            not cut and not differs and (valid or not c.drop_invalid)
+            for _, _, valid, _, cut, differs in everything
+        ]
         dropped = len(kept) - sum(kept) - pool_cut
         if c.dynamic_sampling:
             kept = _keep_informative_groups(everything, kept)
@@ -607,7 +616,8 @@ class Trainer:
     ) -> list[dict[str, Any]]:
         """One record per rollout, in the fields of ``npr eval``'s samples (so ``npr view``
         shows them) and what training made of it: ``trained``, ``left_out`` (why not:
-        ``kv_exhausted``, ``invalid`` or ``uninformative group``), the outcome ``advantage``
+        ``kv_exhausted``, ``layout_inconsistent``, ``invalid`` or ``uninformative group``), the
+        outcome ``advantage``
         and ``node_advantages`` (per graph node, the mean over its trained tokens)."""
         from npr_graph.evaluate import sample_metrics
 
@@ -616,6 +626,8 @@ class Trainer:
             left_out = None
             if rollout.pool_cut:
                 left_out = "kv_exhausted"
+            elif rollout.layout_differs:
+                left_out = "layout_inconsistent"
             elif not rollout.valid and self.config.drop_invalid:
                 left_out = "invalid"
             elif not trained:  # dynamic sampling

@@ -469,6 +469,31 @@ def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenize
     assert reasons.count("kv_exhausted") == sum(cut) and reasons.count(None) == len(cut) - sum(cut)
 
 
+def test_rollouts_whose_layout_differs_from_the_engines_are_not_trained_on(
+    problems, tmp_path, tokenizers
+):
+    """A graph whose parsed positions are not those the engine decoded at (free-mode tag soup
+    the format refused) cannot be scored as it was sampled: it is left out of the advantages
+    and the loss whatever ``drop_invalid`` says, counted among the dropped rollouts."""
+    tok = tokenizers["special"]
+    config = papo_config(problems, tmp_path / "r", steps=1, drop_invalid=False, rollouts_every=1)
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    generate = run.engine.generate
+
+    def one_differs(*args, **kwargs):
+        graphs = generate(*args, **kwargs)
+        graphs[0].metadata["layout_consistent"] = False
+        return graphs
+
+    run.engine.generate = one_differs
+    (metrics,) = run.train()
+    assert metrics["dropped_rollouts"] == 1 and metrics["rollouts"] == 4
+    logged = [json.loads(x) for x in (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()]
+    differing = [r for r in logged if r["left_out"] == "layout_inconsistent"]
+    assert len(differing) == 1 and not differing[0]["trained"]
+    assert differing[0]["advantage"] is None
+
+
 @rewards.register("test_flat_for_8")
 def flat_for_8(response: str, reference: str, **_) -> rewards.Reward:
     """No spread for a problem whose answer is 8; shorter is better for the others."""
