@@ -1150,10 +1150,10 @@ def _run(
     if todo and engine is None:
         try:
             engine = _load_engine(config)
-        except (OSError, ValueError) as error:
+        except (EvalError, OSError, ValueError) as error:
             failure = str(error)
-    # One rank's model that does not load stops every rank: the others would wait for it in
-    # the gather after decoding, until the process group's timeout.
+    # One rank's model that does not load stops every rank before any decodes, each saying
+    # why (else the others decode until torchrun, seeing that rank exit, ends them unexplained).
     if ranks.any_failed(failure is not None):
         raise EvalError(failure or "another rank could not load the model")
     if new_run:  # once the model has loaded: a model that fails to load pins no settings

@@ -972,8 +972,8 @@ def test_a_model_that_fails_to_load_on_one_rank_stops_every_rank(
     tmp_path, data, monkeypatch, fails_here
 ) -> None:
     """Under torchrun a rank whose model did not load stopped alone, and the others decoded
-    their share and then waited for it until the process group's timeout. Now every rank
-    stops before decoding: the rank that failed with its own error, the others saying why."""
+    until torchrun, seeing it exit, ended them without a word of why. Now every rank stops
+    before decoding: the rank that failed with its own error, the others saying why."""
     from contextlib import contextmanager
 
     from npr_graph.ranks import Ranks
