@@ -624,19 +624,19 @@ def _add_generation_options(parser: argparse.ArgumentParser, defaults: dict[str,
         "--plan-tokens",
         type=int,
         default=defaults.get("plan_tokens", 32),
-        help="length limit of a plan",
+        help="length limit of a plan in tokens after its tag, constrained mode",
     )
     parser.add_argument(
         "--step-tokens",
         type=int,
         default=defaults.get("step_tokens", 128),
-        help="length limit of a step",
+        help="length limit of a step in tokens after its tag, constrained mode",
     )
     parser.add_argument(
         "--takeaway-tokens",
         type=int,
         default=defaults.get("takeaway_tokens", 64),
-        help="length limit of a takeaway",
+        help="length limit of a takeaway in tokens after its tag, constrained mode",
     )
 
 

@@ -47,7 +47,10 @@ class SamplingParams:
     path (what a reader waits for), ``max_total_tokens`` all tokens over all branches (default:
     ``max_new_tokens`` times ``max_branches``); the engine-written text under way when a budget
     is reached (a branch header, then the closing tags of the cut) is still written, a few tokens
-    past it. ``n`` samples of one prompt share its KV.
+    past it. In constrained mode ``max_plan_tokens``, ``max_step_tokens`` and
+    ``max_takeaway_tokens`` bound each element's tokens after its opening tag, the text the
+    engine writes there included (a step's newline and ``1:``); the engine then closes it.
+    ``n`` samples of one prompt share its KV.
     ``max_blocks`` bounds the blocks on any one path through a sample, ``max_depth`` how deep
     blocks nest where the format allows it (Multiverse; 1 = no nesting). ``suppress_tokens`` are never picked (their log-probs still count in the recorded ones).
     ``seed`` fixes every sample's tokens on a given kind of device (sample ``i`` of a prompt uses
