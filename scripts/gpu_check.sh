@@ -62,13 +62,16 @@ STATUS=0
 say() { echo "[gpu_check $(( SECONDS - START ))s] $*" | tee -a "$SUMMARY"; }
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
-# run STEP LOG TIMEOUT CMD...: run (or, dry, print) a command with a time limit, log its output.
-# The limit never reaches past the budget: at most what is left, less timeout's 10 s grace to kill
-# and 5 s to write the summary; a step with under 10 s of it is skipped (status 1).
+# A step's time limit never reaches past the budget: at most what is left, less timeout's 10 s
+# grace to kill and 5 s to write the summary; a step with under 10 s of it is skipped.
+room() { echo $(( $(left) - 15 )); }
+# run STEP LOG TIMEOUT CMD...: run (or, dry, print) a command with a time limit (cut to room, or
+# skipped with status 1), log its output.
 run() {
     local step=$1 log=$2 limit=$3; shift 3
-    local room=$(( $(left) - 15 ))
-    (( limit > room )) && limit=$room
+    local most
+    most=$(room)
+    (( limit > most )) && limit=$most
     if (( limit < 10 )); then
         say "$step: skipped, the budget is spent ($(left)s left; $(basename "$log"))"
         return 1
@@ -237,7 +240,7 @@ fi
 BENCH_TIME=$(( $(left) - 45 ))
 (( BENCH_TIME < 20 )) && BENCH_TIME=20
 # Dry, the benchmarks show they start (their --help), unless the budget leaves them no room.
-if (( DRY )) && ! skipped bench && (( $(left) - 15 >= 10 )); then
+if (( DRY )) && ! skipped bench && (( $(room) >= 10 )); then
     "$PYTHON" benchmarks/gpu_decode.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
     "$PYTHON" benchmarks/sampling.py --help >/dev/null || { say "bench: --help failed"; STATUS=1; }
 fi

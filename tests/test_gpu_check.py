@@ -65,7 +65,6 @@ def test_dry_run_lists_steps_plans_wheels_and_collects_gpu_tests(tmp_path):
     limits = [int(x) for x in re.findall(r"timeout (\d+)s", result.stdout)]
     assert len(limits) == 6, result.stdout  # wheels, jit, two test runs, two benchmarks
     assert all(10 <= limit <= 150 - 15 for limit in limits), limits
-    assert min(limits[1:4]) < 135, "the jit and test limits (240 s) are cut to the budget"
     bench = re.search(r"gpu_decode.py --time-budget (\d+)", result.stdout)
     assert bench and int(bench.group(1)) + 30 <= 150
     out = result.stdout

@@ -83,7 +83,6 @@ def test_a_lanes_token_ids_follow_its_tokens():
     from npr_graph.engine.lanes import PICKED, Lane
 
     lane = Lane(None, None, None, 0)
-    lane.tokens, lane.logprobs, lane.forced = [], [], []
     for token in range(100):
         lane.tokens.append(token)
         lane.logprobs.append(0.0)
