@@ -73,6 +73,30 @@ def position_ids(graph: ReasoningGraph, mode: str = "native") -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def ancestor_spans(graph: ReasoningGraph) -> list[list[tuple[int, int]]]:
+    """Per node, the token ranges ``[start, end)`` of its ancestors, merged, in sequence order:
+    with the node's own tokens up to itself, what each of its tokens attends to (native)."""
+    lengths = _token_lengths(graph)
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    out = []
+    for bits in ancestors(graph):
+        spans: list[tuple[int, int]] = []
+        while bits:
+            lowest = bits & -bits
+            bits ^= lowest
+            node = lowest.bit_length() - 1
+            if not lengths[node]:
+                continue
+            if spans and spans[-1][1] == starts[node]:
+                spans[-1] = (spans[-1][0], starts[node + 1])
+            else:
+                spans.append((starts[node], starts[node + 1]))
+        out.append(spans)
+    return out
+
+
 @dataclass
 class CompactMask:
     """Visibility without an ``[L, L]`` matrix.

@@ -100,6 +100,27 @@ def test_visible_ranges_list_the_ancestor_segments(small):
     assert covered == set(range(step1.token_start)) | set(range(step2.token_start, step2.token_end))
 
 
+@pytest.mark.parametrize("trace", [NPR_TRACE, MULTIVERSE_TRACE], ids=["npr", "multiverse"])
+def test_ancestor_spans_and_the_own_node_are_what_each_token_sees(trace, char_tokenizer):
+    grammar = "multiverse" if trace == MULTIVERSE_TRACE else "npr"
+    graph = ng.parse(
+        char_tokenizer.encode(trace),
+        tokenizer=char_tokenizer,
+        prompt_ids=char_tokenizer.encode("Q?"),
+        grammar=grammar,
+    )
+    dense = ng.attention_mask(graph)
+    spans = ng.layout.ancestor_spans(graph)
+    assert any(s[-1][1] < n.token_start for s, n in zip(spans, graph.nodes) if s), "a sibling"
+    for node in graph.nodes:
+        for token in range(node.token_start, node.token_end):
+            seen = {t for a, b in spans[node.id] for t in range(a, b)}
+            seen |= set(range(node.token_start, token + 1))
+            assert seen == set(torch.nonzero(dense[token]).flatten().tolist())
+        assert all(a < b for a, b in spans[node.id])
+        assert all(b < c for (_, b), (c, _) in zip(spans[node.id], spans[node.id][1:]))
+
+
 # Unfused on the CPU on purpose: the test is about the mask, not the kernel.
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_block_mask_equals_dense_sdpa(small):

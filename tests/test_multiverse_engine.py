@@ -544,6 +544,39 @@ def test_a_model_writing_tags_in_any_order_gets_graphs_not_errors(
                 assert ng.validate(graph, "lenient", grammar=grammar) == []
 
 
+def test_a_sample_whose_parse_sees_other_tokens_than_it_decoded_with_is_marked(tokenizer):
+    """Free mode: a nested block's Goal holds a ``</Path>``, which the engine keeps as text of
+    the path's lane (the block, with no outlines, decodes sequentially) while the lenient parse
+    closes the path there, so the words after it parse as seeing every path. Positions agree;
+    what the tokens see does not, and training could not score them as sampled: the sample is
+    not ``layout_consistent``."""
+    engine = make_engine("llama", tokenizer)
+    enc = engine.format.encode
+    eos = sorted(engine.eos_ids)[0]
+    prompt = enc("Q")
+    trunk = enc("<Parallel>\n<Goal>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Goal>")
+    trunk += enc("\n")
+    path1 = enc("<Path>\n1:") + enc(" x</Path>") + enc("\n")
+    path2 = enc("<Path>\n2:") + enc(" y<Parallel><Goal> z</Path> w</Goal></Parallel></Path>")
+    path2 += enc("\n")
+    join = enc("<Conclusion>\n") + enc(" c</Conclusion>\n</Parallel> e") + [eos]
+    lanes = [trunk, trunk + path1, trunk + path2, trunk + path1 + path2 + join]
+    params = SamplingParams(temperature=1.0, max_new_tokens=100, seed=0, max_branches=3)
+    (graph,) = engine.generate(
+        [prompt],
+        params,
+        mode="free",
+        chat=False,
+        logits_processor=scripted(tokenizer, None, prompt, lanes),
+    )
+    assert graph.token_ids[graph.prompt_num_tokens :] == trunk + path1 + path2 + join
+    assert "unexpected </Path> in guideline" in graph.metadata["engine_violations"]
+    assert graph.metadata["forks"] == 1
+    scored = torch.tensor(graph.logprobs[graph.prompt_num_tokens :])
+    assert (dense_logprobs(engine.model, graph) - scored).abs().max() > 1e-2
+    assert not graph.metadata["layout_consistent"]
+
+
 @pytest.mark.parametrize("grammar", ["npr", "multiverse"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_no_token_goes_past_the_models_context(grammar, overlap, tokenizer, npr_tokenizer):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ..graph import FinishReason, ReasoningGraph
-from ..layout import node_start, position_ids
+from ..layout import ancestor_spans, node_start, position_ids
 from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
 from .attention import attention_implementation
@@ -1151,6 +1152,7 @@ class Engine:
         graph.logprobs = [None] * len(prompt) + logprobs
         graph.forced = [False] * len(prompt) + forced
         consistent = position_ids(graph)[len(prompt) :].tolist() == engine_positions
+        consistent = consistent and _sees_as_decoded(graph, lanes, len(prompt))
         graph.metadata.update(
             {
                 "prompt_index": request.index,
@@ -1186,6 +1188,47 @@ def kv_memory_for(device: torch.device, setting: int | str) -> int:
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"kv_memory_bytes must be a positive int or 'auto', got {setting!r}")
     return setting
+
+
+def _sees_as_decoded(graph: ReasoningGraph, lanes: list[Lane], prompt_length: int) -> bool:
+    """Whether every token of ``lanes`` (a sample's, in sequence order) was decoded seeing
+    exactly the tokens the graph's layout lets it see. Checked where a lane or a node starts:
+    in between, both add the token before."""
+    starts = [node.token_start for node in graph.nodes if node.num_tokens]
+    nodes = [node.id for node in graph.nodes if node.num_tokens]
+    graph_keys = ancestor_spans(graph)
+    contexts: dict[int, list[tuple[int, int]]] = {}  # a lane's keys, its own tokens included
+    start = prompt_length
+    for lane in lanes:
+        end = start + len(lane.tokens)
+        if lane.joins is not None:
+            owner = lane.joins
+            branches = [b for first in owner.branches for b in first.walk()]
+            keys = contexts[id(owner)] + [contexts[id(b)][-1] for b in branches]
+        elif lane.fork_parent is not None:
+            keys = contexts[id(lane.fork_parent)]
+        else:
+            keys = [(0, prompt_length)]
+        contexts[id(lane)] = [*keys, (start, end)]
+        checked = {start} | {s for s in starts if start < s < end}
+        for token in sorted(t for t in checked if t < end):
+            node = nodes[bisect_right(starts, token) - 1]
+            node_start_token = graph.nodes[node].token_start
+            decoded = _merged([*keys, (start, token)])
+            if decoded != _merged([*graph_keys[node], (node_start_token, token)]):
+                return False
+        start = end
+    return True
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(span for span in spans if span[0] < span[1]):
+        if out and first <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
 
 
 def _depth(branch: Lane) -> int:
