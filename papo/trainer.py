@@ -306,8 +306,8 @@ class Trainer:
         def grade(index: int, graphs: list[ng.ReasoningGraph]) -> None:  # graphs go as they end
             problem = self.eval_problems[mine[index]]
             for graph in graphs:
-                correct = self.reward_fn(graph.response_text, problem.answer).correct
                 cut = graph.metadata.get("finish_reason") == FinishReason.KV_EXHAUSTED
+                correct = not cut and self.reward_fn(graph.response_text, problem.answer).correct
                 outcomes.append((problem.id, bool(correct), cut, _shape(graph)))
 
         if mine:  # each problem seeded by its place in eval_data, whichever rank decodes it

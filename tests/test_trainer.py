@@ -469,6 +469,23 @@ def test_rollouts_cut_for_want_of_kv_pages_are_not_trained_on(tmp_path, tokenize
     assert reasons.count("kv_exhausted") == sum(cut) and reasons.count(None) == len(cut) - sum(cut)
 
 
+def test_held_out_samples_cut_for_want_of_kv_pages_count_as_wrong(tmp_path, tokenizers):
+    """An evaluation on a pool too small for its samples: each sample the pool cut counts as
+    wrong (``eval_pool_cut`` says how many), whatever its text grades as."""
+    data = tmp_path / "four.jsonl"
+    rows = [{"problem": f"What is {i}+3?", "answer": str(i + 3)} for i in range(4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = tokenizers["special"]
+    config = papo_config(data, tmp_path / "r", steps=1, kv_pages=44, page_size=4,
+                         max_new_tokens=60, eval_data=str(data), eval_samples=2,
+                         eval_temperature=1.0)  # fmt: skip
+    run = Trainer(config, model=make_model(tok), tokenizer=tok)
+    run.reward_fn = lambda response, reference, **_: rewards.Reward(1.0, True, None, None, True)
+    metrics = run.evaluate()
+    assert 0 < metrics["eval_pool_cut"] < 8
+    assert metrics["eval_accuracy"] == (8 - metrics["eval_pool_cut"]) / 8
+
+
 def test_rollouts_whose_layout_differs_from_the_engines_are_not_trained_on(
     problems, tmp_path, tokenizers
 ):
