@@ -14,6 +14,7 @@ from typing import Any
 
 import tomllib
 
+from npr_graph.engine.sampling import MIN_TEMPERATURE
 from npr_graph.prompts import BUILTIN
 from npr_graph.typecheck import type_problems
 
@@ -130,6 +131,11 @@ class TrainConfig:
             self.clip = tuple(float(c) for c in self.clip)  # type: ignore[assignment]
         low, high = self.clip or (0.0, 0.0)
         checks = [
+            (value is None or value >= least, f"{key} must be >= {least}, got {value}")
+            for key, least in AT_LEAST.items()
+            for value in [getattr(self, key)]
+        ]
+        checks += [
             (self.grammar == "npr" or self.reward not in ("npr_zero", "format"),
              f"reward {self.reward!r} scores the NPR format; use another with grammar 'multiverse'"),
             (self.stage == "sft" or self.mode != "constrained" or self.tags == "special",
@@ -163,11 +169,12 @@ class TrainConfig:
              or Path(self.prompt_template).is_file(),
              "prompt_template is text with {problem}, a built-in template name or a file"),
         ]  # fmt: skip
-        for key, least in AT_LEAST.items():
+        for key in ("temperature", "eval_temperature"):
             value = getattr(self, key)
             checks.append(
-                (value is None or value >= least, f"{key} must be >= {least}, got {value}")
-            )
+                (value <= 0 or value >= MIN_TEMPERATURE,
+                 f"{key} must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+            )  # fmt: skip
         checks += [(False, message) for message in _unknown_names(self)]
         for ok, message in checks:
             if not ok:
