@@ -185,7 +185,7 @@ class Block:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Block:
-        values = dict(data)
+        values = copy.deepcopy(dict(data))
         if values.get("parent") is not None:
             values["parent"] = tuple(values["parent"])
         return cls(**values)
@@ -441,8 +441,8 @@ def check_blocks(graph: ReasoningGraph) -> None:
         named = [*block.header, *block.items, *(i for b in block.branches for i in b), *block.close]
         if block.join is not None:
             named.append(block.join)
-        if not named:
-            raise ValueError(f"block {block.index} names no node")
+        if not (block.header or block.items or block.branches or block.join is not None):
+            raise ValueError(f"block {block.index} names no header, plan, branch or join node")
         if any(not 0 <= i < len(nodes) for i in named):
             raise ValueError(f"block {block.index} names a node that does not exist")
         if len(set(named)) != len(named):
@@ -479,8 +479,9 @@ def check_blocks(graph: ReasoningGraph) -> None:
 
 
 def check_spans(graph: ReasoningGraph) -> None:
-    """Raise ValueError unless the response start, the prompt's tokens, the token offsets and
-    the violations' places lie within the text and tokens they index."""
+    """Raise ValueError unless the response start, the prompt's tokens, the token offsets, the
+    nodes' tags and the violations' places lie within the text and tokens they index, and each
+    node's text is the text it spans."""
     size = len(graph.text)
     if not 0 <= graph.response_start <= size:
         raise ValueError(f"response_start {graph.response_start} is outside the {size}-char text")
@@ -492,6 +493,13 @@ def check_spans(graph: ReasoningGraph) -> None:
         offsets[0] != 0 or offsets[-1] != size or any(a > b for a, b in pairwise(offsets))
     ):
         raise ValueError("token_offsets must rise from 0 to the end of the text")
+    for node in graph.nodes:
+        if node.text != graph.text[node.char_start : node.char_end]:
+            raise ValueError(f"node {node.id}'s text is not the text it spans")
+        tags = [tag for tag in (node.open_tag, node.close_tag) if tag is not None]
+        bounds = [node.char_start, *(i for tag in tags for i in tag), node.char_end]
+        if len(tags) != sum(len(tag) == 2 for tag in tags) or bounds != sorted(bounds):
+            raise ValueError(f"node {node.id}'s tags do not lie in order within its span")
     for violation in graph.violations:
         if violation.node is not None and not 0 <= violation.node < len(graph.nodes):
             raise ValueError(f"a violation names node {violation.node}, which does not exist")

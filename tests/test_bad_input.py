@@ -350,6 +350,14 @@ def _corrupt(data: dict, change: str) -> Any:
         data["blocks"][0]["items"][0] = data["blocks"][0]["branches"][0][0]
     elif change == "block of no node":
         data["blocks"].append({"index": 1, "depth": 0})
+    elif change == "block of close nodes only":  # validate had no first node to point at
+        data["blocks"].append({"index": 1, "depth": 0, "close": [len(data["nodes"]) - 1]})
+        data["nodes"][-1]["block"] = 1
+    elif change == "node text":  # rules read a node's own text
+        step = data["nodes"][data["blocks"][0]["branches"][0][0]]
+        step["text"] = step["text"][:6] + " " * (len(step["text"]) - 13) + step["text"][-7:]
+    elif change == "tag past its node":
+        data["nodes"][data["blocks"][0]["branches"][0][0]]["open_tag"] = [10**6, 10**6 + 6]
     elif change == "node of a missing block":
         data["nodes"][data["blocks"][0]["join"]]["block"] = 7
     elif change == "node its block does not name":
@@ -369,6 +377,7 @@ def _corrupt(data: dict, change: str) -> Any:
      "forward parent", "short cover", "token gap", "block field", "violation node",
      "violation span", "offsets reversed", "offsets zero", "response start", "prompt tokens",
      "nested in itself", "join is a plan", "plan is a step", "block of no node",
+     "block of close nodes only", "node text", "tag past its node",
      "node of a missing block", "node its block does not name", "step of another branch",
      "plan with a branch", "named twice"],
 )  # fmt: skip

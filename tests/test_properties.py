@@ -152,6 +152,10 @@ def test_serialization_round_trips(grammar, data):
     back_from = ReasoningGraph.from_dict(source)
     source["token_ids"][0] = -1
     source["metadata"]["engine"]["violations"].append("y")
+    for block in source["blocks"]:
+        block["items"].append(-1)
+        for branch in block["branches"]:
+            branch.append(-1)
     assert back_from.to_dict() == back.to_dict()
 
 
