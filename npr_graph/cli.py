@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from rich.text import Text
 
 from . import __version__
 from .constraints import format_valid, validate
+from .evaluate import LONE_SURROGATE, SURROGATE_ESCAPE
 from .format import format_score
 from .graph import ReasoningGraph, Violation
 from .metrics import metrics
@@ -57,12 +57,6 @@ class InputError(Exception):
     """A file could not be read; the message says which and why."""
 
 
-# JSON can escape half of a surrogate pair ("\ud800", as JavaScript writes an emoji it cut in
-# two); such a string cannot be written as UTF-8, so printing it would fail.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -76,7 +70,7 @@ def json_record(line: str) -> tuple[Any, bool]:
     too deeply or holds a number too long for Python raises :class:`NotJSON`."""
     try:
         value = json.loads(line)
-        if not _SURROGATE_ESCAPE.search(line):
+        if not SURROGATE_ESCAPE.search(line):
             return value, False
         text = json.dumps(value, ensure_ascii=False)  # pairs are one character by now
         if not LONE_SURROGATE.search(text):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -126,6 +127,18 @@ def changed_problems(
     )
 
 
+# JSON can escape half of a surrogate pair ("\ud800", as JavaScript writes an emoji it cut in
+# two); such a string cannot be written as UTF-8, so printing or tokenizing it fails.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(record: Any) -> str | None:
+    """The first lone surrogate in a record's strings (keys too), or None."""
+    found = LONE_SURROGATE.search(json.dumps(record, ensure_ascii=False))
+    return found.group() if found else None
+
+
 def json_lines(text: str) -> list[str]:
     """Lines of a JSONL text. Not ``str.splitlines``: that also cuts at U+2028, U+2029 and
     U+0085, which JSON strings hold raw (samples are written with ``ensure_ascii=False``)."""
@@ -170,6 +183,12 @@ def read_records(path: Path, errors: list[str], holes: bool = False) -> Iterator
                 if holes:
                     yield f"{path}:{number}", UNREADABLE
                 continue
+            if SURROGATE_ESCAPE.search(line) and _refused_for_surrogate(
+                f"{path}:{number}", record, errors
+            ):
+                if holes:
+                    yield f"{path}:{number}", UNREADABLE
+                continue
             yield f"{path}:{number}", record
         return
     if suffix != ".json":
@@ -187,7 +206,21 @@ def read_records(path: Path, errors: list[str], holes: bool = False) -> Iterator
     if not isinstance(data, list):
         raise EvalError(f"{path}: expected a list of problems")
     for number, record in enumerate(data, start=1):
+        if _refused_for_surrogate(f"{path}: item {number}", record, errors):
+            if holes:
+                yield f"{path}: item {number}", UNREADABLE
+            continue
         yield f"{path}: item {number}", record
+
+
+def _refused_for_surrogate(where: str, record: Any, errors: list[str]) -> bool:
+    surrogate = lone_surrogate(record)
+    if surrogate is not None:
+        errors.append(
+            f"{where}: holds a lone surrogate ({ascii(surrogate)[1:-1]}: half of a UTF-16 pair, "
+            "as a cut emoji leaves), which is not text"
+        )
+    return surrogate is not None
 
 
 def _json_error(error: Exception) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import npr_graph as ng
-from npr_graph.engine.engine import Engine
+from npr_graph.engine.engine import Engine, PromptError
 from npr_graph.engine.kv import pages_needed
 from npr_graph.engine.lanes import LaneStatus
 from npr_graph.engine.sampling import SamplingParams
@@ -706,6 +706,9 @@ def test_bad_prompts_and_modes(tokenizer, special_tokenizer):
     engine = make_engine("llama", special_tokenizer)
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate(["  "], chat=False)
+    for half in ("\ud83d", "\udce9"):  # a cut emoji; a Latin-1 byte of a command line
+        with pytest.raises(PromptError, match=r"character 3 is \\ud"):
+            engine.generate([f"caf{half} ok"], chat=False)
     with pytest.raises(ValueError, match="context"):
         engine.generate(["x " * 5000], SamplingParams(max_new_tokens=10), chat=False)
     with pytest.raises(ValueError, match="mode"):

@@ -478,14 +478,24 @@ def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
         json.dumps({"problem": "solution without a box", "solution": "it is 4"}),
         "",
         json.dumps({"problem": "also fine?", "answer": "5"}),
+        '{"problem": "a cut emoji \\ud83d?", "answer": "6"}',  # not text: tokenizers refuse it
+        '{"problem": "pair \\ud83d\\ude00?", "answer": "7 \\udc00"}',
+        '{"problem": "a whole emoji \\ud83d\\ude00?", "answer": "8"}',
     ]
     path.write_text("\n".join(lines) + "\n")
     problems, errors = load_problems(path)
-    assert [p.reference for p in problems] == ["1", "5"]
+    assert [p.reference for p in problems] == ["1", "5", "8"]
     # every record counts, the one that is not JSON too: fixing it in place shifts no id
-    assert [p.index for p in problems] == [0, 6]
-    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert [p.index for p in problems] == [0, 6, 9]
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6, 9, 10)]
     assert "not JSON" in errors[0] and "no answer" in errors[1] and "no problem" in errors[2]
+    assert "lone surrogate (\\ud83d" in errors[5] and "lone surrogate (\\udc00" in errors[6]
+    whole = tmp_path / "whole.json"
+    whole.write_text('[{"problem": "q \\udc00", "answer": "1"}, {"problem": "r", "answer": "2"}]')
+    problems, errors = load_problems(whole)
+    assert [p.reference for p in problems] == ["2"] and "item 1: holds a lone surrogate" in errors[
+        0
+    ]
 
 
 def test_numeric_answers_are_written_out_and_other_values_refused(tmp_path) -> None:

@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 import torch
 from conftest import MULTIVERSE_TRACE, NPR_TRACE
@@ -111,14 +113,14 @@ def test_ancestor_spans_and_the_own_node_are_what_each_token_sees(trace, char_to
     )
     dense = ng.attention_mask(graph)
     spans = ng.layout.ancestor_spans(graph)
-    assert any(s[-1][1] < n.token_start for s, n in zip(spans, graph.nodes) if s), "a sibling"
+    assert any(s and s[-1][1] < n.token_start for s, n in zip(spans, graph.nodes, strict=True))
     for node in graph.nodes:
         for token in range(node.token_start, node.token_end):
             seen = {t for a, b in spans[node.id] for t in range(a, b)}
             seen |= set(range(node.token_start, token + 1))
             assert seen == set(torch.nonzero(dense[token]).flatten().tolist())
         assert all(a < b for a, b in spans[node.id])
-        assert all(b < c for (_, b), (c, _) in zip(spans[node.id], spans[node.id][1:]))
+        assert all(b < c for (_, b), (c, _) in pairwise(spans[node.id]))
 
 
 # Unfused on the CPU on purpose: the test is about the mask, not the kernel.

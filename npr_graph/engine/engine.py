@@ -213,6 +213,14 @@ class Engine:
         else:
             if not prompt.strip():
                 raise PromptError("empty prompt")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: a cut emoji, or argv bytes
+                bad = ascii(prompt[error.start])[1:-1]
+                raise PromptError(
+                    f"the prompt is not text: character {error.start} is {bad}, half of a "
+                    "UTF-16 pair (a cut emoji) or a byte that was not UTF-8"
+                ) from None
             if chat and not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(
                     "this tokenizer has no chat template; pass chat=False to use the raw prompt"
