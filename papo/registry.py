@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from npr_graph.typecheck import type_problems
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -53,7 +55,8 @@ class Registry(Generic[F]):
 
     def _checked(self, name: str, function: F) -> F:
         """``function``, raising a ValueError that names it when it returns something else
-        than ``returns`` (used as one, it failed later, far from the cause)."""
+        than ``returns``, or one with a field of the wrong type (used as one, it failed later,
+        far from the cause: a ``correct`` of 0 was dropped as a malformed sample)."""
         expected = self.returns
         fields = (
             ", ".join(f.name for f in dataclasses.fields(expected))
@@ -70,6 +73,10 @@ class Registry(Generic[F]):
             if not isinstance(result, expected):
                 raise ValueError(
                     f"{self.kind} {name!r} returned {type(result).__name__}, expected {spelled}"
+                )
+            if dataclasses.is_dataclass(expected) and (problems := type_problems(result)):
+                raise ValueError(
+                    f"{self.kind} {name!r} returned a {spelled}: {'; '.join(problems)}"
                 )
             return result
 

@@ -890,14 +890,16 @@ def test_a_reward_of_ones_own_is_named_by_its_import_path(
     tmp_path, data, engine, monkeypatch
 ) -> None:
     """``--reward module:function`` grades with a function of the user's own; one that returns
-    something else than a Reward stops the run with an error that names it (it failed on an
-    attribute, after the decoding)."""
+    something else than a Reward, or one with a field of the wrong type, stops the run with an
+    error that names it (it failed on an attribute, after the decoding)."""
     (tmp_path / "my_rewards.py").write_text(
         "from papo.rewards import Reward\n\n"
         "def always(response, reference, **options):\n"
         "    return Reward(1.0, True, reference, None, True)\n\n"
         "def a_float(response, reference, **options):\n"
-        "    return 1.0\n"
+        "    return 1.0\n\n"
+        "def correct_as_int(response, reference, **options):\n"
+        "    return Reward(0.0, 0, None, None, True)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     summary = run_eval(config(data, tmp_path / "run", reward="my_rewards:always"), engine=engine)
@@ -906,6 +908,13 @@ def test_a_reward_of_ones_own_is_named_by_its_import_path(
     with pytest.raises(ValueError, match=expected):
         run_eval(
             config(data, tmp_path / "float", reward="my_rewards:a_float", limit=1), engine=engine
+        )
+    # its samples were dropped at the merge as malformed: an empty summary, exit code 0
+    expected = r"reward 'my_rewards:correct_as_int' returned a .*: correct must be true or false, got 0"
+    with pytest.raises(ValueError, match=expected):
+        run_eval(
+            config(data, tmp_path / "int", reward="my_rewards:correct_as_int", limit=1),
+            engine=engine,
         )
     with pytest.raises(EvalError, match="reward 'my_rewards:never' cannot be imported"):
         config(data, tmp_path / "other", reward="my_rewards:never")
