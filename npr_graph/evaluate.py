@@ -312,9 +312,12 @@ def load_problems(
         _, given_id = _pick(record, fields.get("id"), ID_FIELDS)
         problem_id = str(given_id) if given_id is not None else str(index)
         if problem_id in seen:
-            renamed = f"; using {problem_id}#{index}" if rename_duplicates else ""
+            unique = f"{problem_id}#{index}"
+            while unique in seen:  # an id given as "a#2" before a second "a" at index 2
+                unique += f"#{index}"
+            renamed = f"; using {unique}" if rename_duplicates else ""
             errors.append(f"{where}: duplicate id {problem_id!r}{renamed}")
-            problem_id = f"{problem_id}#{index}"
+            problem_id = unique
         seen.add(problem_id)
         problems.append(Problem(index, problem_id, question, reference))
     return problems, errors

@@ -498,6 +498,20 @@ def test_load_problems_reports_bad_records_with_line_numbers(tmp_path) -> None:
     ]
 
 
+def test_a_repeated_id_is_renamed_to_one_no_other_problem_has(tmp_path) -> None:
+    path = tmp_path / "ids.jsonl"
+    ids = ["a", "a#2", "a", "a", "b"]
+    path.write_text(
+        "".join(json.dumps({"id": i, "problem": f"q{i}", "answer": "1"}) + "\n" for i in ids)
+    )
+    problems, errors = load_problems(path)
+    assert [p.id for p in problems] == ["a", "a#2", "a#2#2", "a#3", "b"]
+    assert errors == [
+        f"{path}:3: duplicate id 'a'; using a#2#2",
+        f"{path}:4: duplicate id 'a'; using a#3",
+    ]
+
+
 def test_numeric_answers_are_written_out_and_other_values_refused(tmp_path) -> None:
     """JSON numbers are references too, written in full (``1e-05`` is 0.00001, which math-verify
     reads); booleans, objects and non-finite numbers are not answers; a number too long for
@@ -910,7 +924,9 @@ def test_a_reward_of_ones_own_is_named_by_its_import_path(
             config(data, tmp_path / "float", reward="my_rewards:a_float", limit=1), engine=engine
         )
     # its samples were dropped at the merge as malformed: an empty summary, exit code 0
-    expected = r"reward 'my_rewards:correct_as_int' returned a .*: correct must be true or false, got 0"
+    expected = (
+        r"reward 'my_rewards:correct_as_int' returned a .*: correct must be true or false, got 0"
+    )
     with pytest.raises(ValueError, match=expected):
         run_eval(
             config(data, tmp_path / "int", reward="my_rewards:correct_as_int", limit=1),
