@@ -67,6 +67,7 @@ RUN_IDENTITY = (
     "n",
     "mode",
     "prompt",
+    "prompt_digest",
     "baseline",
     "reward",
     "fields",
@@ -780,9 +781,10 @@ class EvalConfig:
         return Path("out") / "eval" / f"{Path(self.data).stem}-{self.mode}-{prompt}"
 
     def identity(self) -> dict[str, Any]:
-        from .prompts import template_identity
+        from .prompts import load_template, template_identity
 
         values = asdict(self)
+        values["prompt_digest"] = load_template(self.prompt).digest  # an edited file is another
         values["data"] = str(Path(self.data).resolve())
         values["model"] = absolute_path(self.model)
         values["prompt"] = template_identity(self.prompt)
@@ -900,6 +902,8 @@ def _check_config(out: Path, config: EvalConfig) -> bool:
     except json.JSONDecodeError:
         stored = None
     settings = json.loads(json.dumps(config.identity()))
+    if isinstance(stored, dict) and "prompt_digest" not in stored:
+        del settings["prompt_digest"]  # a run from before the text was recorded
     if stored != settings:
         changes = "unreadable"
         if isinstance(stored, dict):

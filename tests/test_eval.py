@@ -991,6 +991,24 @@ def test_a_run_is_known_by_its_model_and_prompt_files_wherever_it_starts(
     assert {r["problem_id"] for r in read_samples(out)} == {"p1", "p2"}
 
 
+def test_a_prompt_file_edited_between_runs_is_refused(tmp_path, data, engine) -> None:
+    """A run's problems are all answered under one prompt: a prompt file edited in place (the
+    same path) is another prompt. A run recorded before the prompt's text was still resumes."""
+    out, template = tmp_path / "run", tmp_path / "t.txt"
+    template.write_text("Answer: {problem}")
+    run_eval(config(data, out, limit=1, prompt=str(template)), engine=engine)
+    template.write_text("Answer briefly: {problem}")
+    with pytest.raises(
+        EvalError, match=r"other settings \(prompt_digest '[0-9a-f]+' -> '[0-9a-f]+';"
+    ):
+        run_eval(config(data, out, limit=2, prompt=str(template)), engine=engine)
+    stored = json.loads((out / "config.json").read_text())
+    del stored["prompt_digest"]
+    (out / "config.json").write_text(json.dumps(stored))
+    run_eval(config(data, out, limit=2, prompt=str(template)), engine=engine)
+    assert {r["problem_id"] for r in read_samples(out)} == {"p1", "p2"}
+
+
 def test_a_model_that_fails_to_load_pins_no_settings(tmp_path, data, tiny_dir, capsys) -> None:
     """config.json pins a run's settings; a first run whose model did not load wrote it, and
     the corrected command was refused for "other settings"."""
