@@ -97,6 +97,8 @@ class Trainer:
         if config.advantage != "branch":
             advantage_estimators.get(config.advantage)
         self.template = _template(config.prompt_template)
+        if not config.data.strip():
+            raise ValueError("no training data: set data in the config (or --set data=FILE)")
         if config.stage == "sft":
             self.traces = read_traces(config.data, config.prompt_field, config.response_field)
             self.sampled_chat = _check_sampled_prompts(self.traces, self.template, config.data)

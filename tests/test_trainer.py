@@ -1340,6 +1340,9 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
     assert main(["train", "papo", "--config", str(config)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["train", "sft", "--set", "data=/nonexistent.jsonl"]) == 2
+    capsys.readouterr()
+    assert main(["train", "sft", "--set", "steps=1"]) == 2  # it said ".: no such file"
+    assert "no training data: set data in the config" in capsys.readouterr().err
     # refused as the config loads: the model named here is never looked for
     config.write_text("steps = 1\nmax_grad_norm = nan\n")
     assert main(["train", "papo", "--config", str(config), "--set", "model=/nonexistent"]) == 2
