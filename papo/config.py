@@ -14,7 +14,7 @@ from typing import Any
 
 import tomllib
 
-from npr_graph.engine.sampling import MIN_TEMPERATURE
+from npr_graph.engine.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from npr_graph.prompts import BUILTIN
 from npr_graph.typecheck import type_problems
 
@@ -172,8 +172,9 @@ class TrainConfig:
         for key in ("temperature", "eval_temperature"):
             value = getattr(self, key)
             checks.append(
-                (value <= 0 or value >= MIN_TEMPERATURE,
-                 f"{key} must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+                (value <= 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE,
+                 f"{key} must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:.3g}], "
+                 f"got {value}")
             )  # fmt: skip
         checks += [(False, message) for message in _unknown_names(self)]
         for ok, message in checks:

@@ -1374,7 +1374,7 @@ def test_train_cli_reports_bad_configs(tmp_path, capsys):
      ("overlong_factor", "abc"), ("overlong_buffer", 2000), ("chat", "maybe"),
      ("max_grad_norm", float("nan")), ("max_grad_norm", 0), ("lr", float("inf")), ("top_p", 0),
      ("reward", "acuracy"), ("advantage", "gpro"), ("loss", "ppo"), ("aggregation", "token_mean"),
-     ("mode", 1), ("dtype", "float16"), ("model", ""), ("model", "  "), ("temperature", 1e-9),
+     ("mode", 1), ("dtype", "float16"), ("model", ""), ("model", "  "), ("temperature", 1e-9), ("temperature", 1e39),
      ("eval_temperature", 1e-7), ("eval_samples", 0)],
 )  # fmt: skip
 def test_bad_config_values_are_refused_by_key(key, value):

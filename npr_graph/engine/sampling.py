@@ -34,6 +34,7 @@ from ..typecheck import type_problems
 from .transfer import to_device
 
 MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class SamplingParams:
             (
                 self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
                 f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}",
+            ),
+            # above it, the float32 temperature is inf and banned ids' -inf / inf is NaN
+            (
+                self.temperature <= MAX_TEMPERATURE,
+                f"temperature must be at most {MAX_TEMPERATURE:.3g}",
             ),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
