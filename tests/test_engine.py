@@ -693,6 +693,7 @@ def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
         ({"seed": True}, "seed must be an integer or null"),
         ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"temperature": 1e-40}, "temperature must be 0"),
+        ({"temperature": 1e39}, r"temperature must be at most 3.4e\+38"),  # inf in float32
         ({"top_p": float("nan")}, "top_p must be a finite number"),
         ({"suppress_tokens": [1.5]}, "suppress_tokens must be a list of integers"),
     ],
@@ -700,6 +701,25 @@ def test_one_sampling_params_or_one_per_prompt(special_tokenizer):
 def test_invalid_sampling_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_warm_up_decodes_within_the_callers_budget(special_tokenizer):
+    """npr eval checks each prompt with its budget, then warms the engine up on the first one:
+    a warm-up of its own fixed budget ran past the context of a prompt that fit."""
+    model = tiny_model("llama", tokenizer=special_tokenizer, max_position_embeddings=64)
+    engine = Engine(model, special_tokenizer, page_size=4, num_pages=256)
+    prompt = list(range(1000, 1050))
+    params = SamplingParams(max_new_tokens=10)
+    engine.check_prompt(prompt, params)
+    engine.warm_up(prompt, params, ["constrained", "sequential"])
+    assert engine.pool.num_used == 0
+
+
+def test_a_page_size_below_one_is_a_value_error(special_tokenizer):
+    model = tiny_model("llama", tokenizer=special_tokenizer)
+    for page_size in (0, -2, 1.5):  # a ZeroDivisionError when the pool size was left to it
+        with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
+            Engine(model, special_tokenizer, page_size=page_size)
 
 
 def test_bad_prompts_and_modes(tokenizer, special_tokenizer):

@@ -30,6 +30,7 @@ from ..graph import FinishReason, ReasoningGraph
 from ..layout import ancestor_spans, node_start, position_ids
 from ..models import resolve_device, text_config
 from ..parse import decode_pieces, parse
+from ..typecheck import check_at_least
 from .attention import attention_implementation
 from .backends import AttentionBackend, make_backend
 from .kv import LaneKV, PagePool, PoolExhausted, join, pages_needed
@@ -139,6 +140,7 @@ class Engine:
     ):
         if max_prefill_tokens < 1:  # before the KV pool, which may take most of a GPU
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        check_at_least("page_size", page_size, 1)  # the pool's size is counted in pages
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
@@ -271,9 +273,12 @@ class Engine:
         decode the same tokens afterwards (seeds are per call)."""
         # The fewest tokens that still reach every part of a block: the guideline, the fork into
         # branches, their steps, the join and the takeaway, and the answer after it.
-        block = replace(params, max_new_tokens=32, max_blocks=1, max_plan_tokens=2,
+        # No more than the caller's budget, which check_prompt fitted to the model's context.
+        budget = params.max_new_tokens
+        block = replace(params, max_new_tokens=min(32, budget), max_blocks=1, max_plan_tokens=2,
                         max_step_tokens=4, max_takeaway_tokens=2, n=1, max_total_tokens=None)  # fmt: skip
-        plain = replace(params, max_new_tokens=4, max_total_tokens=4, n=1, ignore_eos=True)
+        short = min(4, budget)
+        plain = replace(params, max_new_tokens=short, max_total_tokens=short, n=1, ignore_eos=True)
         for mode in dict.fromkeys(modes):
             self.generate([prompt], plain if mode == "sequential" else block, mode=mode, chat=chat)
 
