@@ -1241,5 +1241,14 @@ def test_each_prompt_may_have_its_own_mode(special_tokenizer):
         engine.generate(["Q", "Q"], params, mode=["free"], chat=False)
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         engine.generate(["Q", "Q"], params, mode=["free", "fast"], chat=False)
-    with pytest.raises(ValueError, match="max_running must be >= 1"):
-        engine.generate(["Q"], params, chat=False, max_running=0)
+    for running in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_running must be an integer >= 1"):
+            engine.generate(["Q"], params, chat=False, max_running=running)
+    with pytest.raises(ValueError, match="mode is one of free, constrained, sequential"):
+        engine.generate(["Q"], params, mode=None, chat=False)
+    for returned in (None, torch.zeros(3)):
+        with pytest.raises(ValueError, match="the logits processor returned"):
+            engine.generate(
+                ["Q"], params, chat=False, logits_processor=lambda c, row, r=returned: r
+            )
+    assert engine.pool.num_used == 0

@@ -336,6 +336,8 @@ class Engine:
         list of prompts each claim the next one as they have room)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(mode, (str, Sequence)):
+            raise ValueError(f"mode is one of {', '.join(MODES)}, or one per prompt; got {mode!r}")
         modes = [mode] * len(prompts) if isinstance(mode, str) else list(mode)
         if len(modes) != len(prompts):
             raise ValueError("give one mode, or one per prompt")
@@ -347,8 +349,8 @@ class Engine:
                     "constrained mode needs the tags as special tokens "
                     "(load the model with tags='special'; npr: --tags special)"
                 )
-        if max_running is not None and max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if max_running is not None:
+            check_at_least("max_running", max_running, 1)
         params = params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -777,12 +779,18 @@ class Engine:
         logits = torch.stack([lane.final_logits for lane in to_sample])
         scores = None
         if self.logits_processor is not None:
-            scores = torch.stack(
-                [
-                    self.logits_processor(lane.context(), row.clone())
-                    for lane, row in zip(to_sample, logits, strict=True)
-                ]
-            )
+            processed = [
+                self.logits_processor(lane.context(), row.clone())
+                for lane, row in zip(to_sample, logits, strict=True)
+            ]
+            for row in processed:
+                if not isinstance(row, torch.Tensor) or row.shape != logits.shape[1:]:
+                    got = tuple(row.shape) if isinstance(row, torch.Tensor) else type(row).__name__
+                    raise ValueError(
+                        f"the logits processor returned {got}; expected a tensor of the row's "
+                        f"shape {tuple(logits.shape[1:])}"
+                    )
+            scores = torch.stack(processed)
         params = [lane.sample.request.params for lane in to_sample]
         streams = [lane.noise for lane in to_sample]
         before = [NoiseStream(s.key, s.draws) for s in streams] if defer else []
