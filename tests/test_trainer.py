@@ -339,16 +339,16 @@ def test_held_out_problems_are_checked_with_the_evaluations_sampling(
     assert Trainer(config, model=make_model(tok), tokenizer=tok).evaluate()["eval_problems"] == 1
 
 
-def test_a_lone_surrogate_in_an_answer_is_logged_escaped(tmp_path, tokenizers):
-    """A reference holding a lone surrogate (a cut emoji, read from a JSON escape) trains, and
-    the rollout log writes it as its escape instead of failing on it."""
+def test_a_lone_surrogate_in_the_data_is_refused_naming_its_line(tmp_path, tokenizers):
+    """A reference holding a lone surrogate (a cut emoji, read from a JSON escape) is not text:
+    the data is refused, naming the line, before the model loads (as for any bad record)."""
     data = tmp_path / "odd.jsonl"
-    data.write_text('{"problem": "What is 2+3?", "answer": "5 \\ud83d"}\n')
+    data.write_text('{"problem": "What is 2+3?", "answer": "5"}\n')
+    data.write_text(data.read_text() + '{"problem": "What is 2+4?", "answer": "6 \\ud83d"}\n')
     tok = tokenizers["special"]
     config = papo_config(data, tmp_path / "r", steps=1, prompts_per_step=1, rollouts_every=1)
-    Trainer(config, model=make_model(tok), tokenizer=tok).train()
-    text = (tmp_path / "r" / "rollouts.jsonl").read_text(encoding="ascii")
-    assert [json.loads(x)["reference"] for x in text.splitlines()] == ["5 \ud83d"] * 2
+    with pytest.raises(ValueError, match=r"odd.jsonl:2: holds a lone surrogate \(\\ud83d"):
+        Trainer(config, model=make_model(tok), tokenizer=tok)
 
 
 def test_overlapped_rollouts_train_on_the_engines_logprobs(problems, tmp_path, tokenizers):
