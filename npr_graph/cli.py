@@ -138,7 +138,11 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
     """Traces of a text file (one) or a JSONL file (one per line); bad lines go to ``errors``.
 
     Lone surrogates in a JSONL record (one character each, so positions keep their meaning) and
-    bytes that are not UTF-8 become U+FFFD, with a line in ``notes`` saying where."""
+    bytes that are not UTF-8 become U+FFFD, with a line in ``notes`` saying where. A .json file
+    holds one record (a graph as ``to_json`` writes it) or a list of them."""
+    if path.suffix.lower() == ".json":
+        yield from _json_traces(path, errors, notes)
+        return
     if not is_jsonl(path):
         yield Trace(str(path), _decode(read_bytes(path), str(path), notes))
         return
@@ -147,6 +151,24 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
             yield _record_trace(record, path, number)
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
+
+
+def _json_traces(path: Path, errors: list[str], notes: list[str] | None) -> Iterator[Trace]:
+    text = _decode(read_bytes(path), str(path), notes)
+    try:
+        value, repaired = json_record(text)
+    except NotJSON as error:
+        errors.append(f"{path}: not JSON ({error})")
+        return
+    if repaired and notes is not None:
+        notes.append(f"{path}: lone surrogates replaced with U+FFFD")
+    records = value if isinstance(value, list) else [value]
+    for number, record in enumerate(records, start=1):
+        try:
+            yield _record_trace(record, path, number)
+        except ValueError as error:
+            where = f"{path}: item {number}" if isinstance(value, list) else str(path)
+            errors.append(f"{where}: {error}")
 
 
 def read_jsonl(
@@ -647,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "files",
         nargs="+",
-        help="text files (one trace) or .jsonl: per line a text/response field, a graph dict "
-        "(npr generate --json) or an npr eval sample",
+        help="text files (one trace), .jsonl (per line a text/response field, a graph dict "
+        "as npr generate --json writes it, or an npr eval sample) or .json (one such record, "
+        "e.g. a graph's to_json(), or a list of them)",
     )
     inspect.add_argument(
         "--format",

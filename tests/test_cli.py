@@ -494,6 +494,32 @@ def test_inspect_reads_saved_graphs_as_they_are(tmp_path, capsys):
     assert "2/2 without violations" in out
 
 
+def test_inspect_reads_a_saved_graph_json_file(tmp_path, capsys):
+    """graph.to_json() written to a .json file is inspected as that graph (it was read as trace
+    text: the JSON's own braces and quotes parsed as a response); a list holds several
+    records; a .json that is not JSON, or a record of neither kind, is an error naming it."""
+    import npr_graph as ng
+    from npr_graph.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    response = (EXAMPLES / "npr_two_blocks.txt").read_text()
+    graph = ng.parse(tokenizer.encode(response), tokenizer=tokenizer, prompt_ids=[65, 66])
+    single, several = tmp_path / "graph.json", tmp_path / "list.json"
+    single.write_text(graph.to_json())
+    several.write_text(json.dumps([graph.to_dict(), {"text": response}, 5]))
+    code, out, err = run(capsys, "inspect", str(single), "--format", "json", "--check")
+    assert (code, err) == (0, "")
+    (report,) = [json.loads(line) for line in out.strip().split("\n")]
+    assert report["metrics"] == ng.metrics(graph) and report["violations"] == []
+    assert ng.ReasoningGraph.from_dict(report["graph"]).to_dict() == graph.to_dict()
+    code, out, err = run(capsys, "inspect", str(several), "--format", "json")
+    assert len(out.strip().split("\n")) == 2 and code == 1
+    assert f"{several}: item 3: not an object" in err
+    (tmp_path / "broken.json").write_text('{"nodes": [')
+    code, _, err = run(capsys, "inspect", str(tmp_path / "broken.json"))
+    assert code != 0 and "broken.json: not JSON" in err
+
+
 def test_inspect_summary_shows_whole_names(capsys):
     """At 80 columns (a pipe, a file) the summary cut every name of cold_start.jsonl to
     "cold_start.jsonl…" and long codes too; they now fold onto more lines."""
