@@ -153,15 +153,26 @@ def read_traces(path: Path, errors: list[str], notes: list[str] | None = None) -
             errors.append(f"{path}:{number}: {error}")
 
 
-def _json_traces(path: Path, errors: list[str], notes: list[str] | None) -> Iterator[Trace]:
-    text = _decode(read_bytes(path), str(path), notes)
+_NOT_JSON = object()
+
+
+def _json_value(text: str, where: str, errors: list[str], notes: list[str] | None) -> Any:
+    """The JSON value of ``text`` (lone surrogates repaired, with a note), or ``_NOT_JSON``
+    with the reason in ``errors``."""
     try:
         value, repaired = json_record(text)
     except NotJSON as error:
-        errors.append(f"{path}: not JSON ({error})")
-        return
+        errors.append(f"{where}: not JSON ({error})")
+        return _NOT_JSON
     if repaired and notes is not None:
-        notes.append(f"{path}: lone surrogates replaced with U+FFFD")
+        notes.append(f"{where}: lone surrogates replaced with U+FFFD")
+    return value
+
+
+def _json_traces(path: Path, errors: list[str], notes: list[str] | None) -> Iterator[Trace]:
+    value = _json_value(_decode(read_bytes(path), str(path), notes), str(path), errors, notes)
+    if value is _NOT_JSON:
+        return
     records = value if isinstance(value, list) else [value]
     for number, record in enumerate(records, start=1):
         try:
@@ -187,14 +198,9 @@ def read_jsonl(
         for number, line in lines:
             if not line.strip() or (keep is not None and not keep(line)):
                 continue
-            try:
-                record, repaired = json_record(line)
-            except NotJSON as error:
-                errors.append(f"{path}:{number}: not JSON ({error})")
-                continue
-            if repaired and notes is not None:
-                notes.append(f"{path}:{number}: lone surrogates replaced with U+FFFD")
-            yield number, record
+            record = _json_value(line, f"{path}:{number}", errors, notes)
+            if record is not _NOT_JSON:
+                yield number, record
 
     return records()
 
