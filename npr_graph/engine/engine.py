@@ -1218,27 +1218,19 @@ def _sees_as_decoded(graph: ReasoningGraph, lanes: list[Lane], prompt_length: in
     starts = [node.token_start for node in graph.nodes if node.num_tokens]
     nodes = [node.id for node in graph.nodes if node.num_tokens]
     graph_keys = ancestor_spans(graph)
-    contexts: dict[int, list[tuple[int, int]]] = {}  # a lane's keys, its own tokens included
-    start = prompt_length
+    span: dict[int, tuple[int, int]] = {}  # each lane's tokens in the sequence
+    at = prompt_length
     for lane in lanes:
-        end = start + len(lane.tokens)
-        if lane.joins is not None:
-            owner = lane.joins
-            branches = [b for first in owner.branches for b in first.walk()]
-            keys = contexts[id(owner)] + [contexts[id(b)][-1] for b in branches]
-        elif lane.fork_parent is not None:
-            keys = contexts[id(lane.fork_parent)]
-        else:
-            keys = [(0, prompt_length)]
-        contexts[id(lane)] = [*keys, (start, end)]
-        checked = {start} | {s for s in starts if start < s < end}
-        for token in sorted(t for t in checked if t < end):
+        span[id(lane)] = (at, at + len(lane.tokens))
+        at += len(lane.tokens)
+    for lane in lanes:
+        start, end = span[id(lane)]
+        keys = [(0, prompt_length), *(span[id(seen)] for seen in lane.context_lanes()[:-1])]
+        for token in [start, *(s for s in starts if start < s < end)] if start < end else []:
             node = nodes[bisect_right(starts, token) - 1]
-            node_start_token = graph.nodes[node].token_start
             decoded = _merged([*keys, (start, token)])
-            if decoded != _merged([*graph_keys[node], (node_start_token, token)]):
+            if decoded != _merged([*graph_keys[node], (graph.nodes[node].token_start, token)]):
                 return False
-        start = end
     return True
 
 

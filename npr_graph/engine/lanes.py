@@ -135,18 +135,24 @@ class Lane:
         if self.continued_by is not None:
             yield from self.continued_by.walk()
 
-    def context(self) -> list[int]:
-        """Every token this lane attends to, in sequence order: the prompt, its ancestors, itself."""
+    def context_lanes(self) -> list[Lane]:
+        """The lanes whose tokens this lane attends to after the prompt, in sequence order: its
+        ancestors' (a join: the forking lane's context and every lane of its branches), itself."""
         if self.joins is not None:
             owner = self.joins
-            before = owner.context() + [
-                t for branch in owner.branches for lane in branch.walk() for t in lane.tokens
+            before = owner.context_lanes() + [
+                lane for branch in owner.branches for lane in branch.walk()
             ]
         elif self.fork_parent is not None:
-            before = self.fork_parent.context()
+            before = self.fork_parent.context_lanes()
         else:
-            before = list(self.sample.request.prompt_ids)
-        return before + self.tokens
+            before = []
+        return [*before, self]
+
+    def context(self) -> list[int]:
+        """Every token this lane attends to, in sequence order: the prompt, its ancestors, itself."""
+        prompt = list(self.sample.request.prompt_ids)
+        return prompt + [t for lane in self.context_lanes() for t in lane.tokens]
 
 
 @dataclass
