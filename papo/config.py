@@ -61,7 +61,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     # schedule
-    steps: int | None = None  # RL: required; SFT: default one pass over the data x epochs
+    steps: int | None = None  # RL: required; SFT: default traces x epochs / batch_size, rounded up
     epochs: int = 1
     prompts_per_step: int = 16
     samples_per_prompt: int = 16

@@ -103,8 +103,8 @@ class Trainer:
             self.traces = read_traces(config.data, config.prompt_field, config.response_field)
             self.sampled_chat = _check_sampled_prompts(self.traces, self.template, config.data)
             self.items = len(self.traces)
-            per_epoch = math.ceil(self.items / config.batch_size)
-            self.total_steps = config.steps or per_epoch * config.epochs
+            passes = self.items * config.epochs  # the last step's batch fills from the next
+            self.total_steps = config.steps or math.ceil(passes / config.batch_size)
             self.per_step = config.batch_size
         else:
             if config.steps is None:

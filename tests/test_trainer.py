@@ -993,6 +993,22 @@ def test_rejection_sampling_keeps_the_first_correct_well_formatted_trace():
     assert summary["mean_tries"] == 3 and summary["pool_cut_samples"] == 1
 
 
+def test_sft_epochs_are_whole_passes_over_the_traces(tmp_path, tokenizers):
+    """Without steps, SFT takes epochs passes over the traces, rounded up to a whole batch: 5
+    traces in batches of 2 for 2 epochs are 5 steps, each trace drawn twice (it was 3 steps per
+    epoch, 6 in all: 12 draws, two traces three times)."""
+    path = tmp_path / "five.jsonl"
+    rows = [{"prompt": f"What is 2+3? ({i})", "response": TRACE} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tokenizers["special"]
+    values = dict(data=str(path), batch_size=2, epochs=2, chat=False, tensorboard=False,
+                  output_dir=str(tmp_path / "sft"))  # fmt: skip
+    run = Trainer(load_config(None, "sft", values), model=make_model(tok), tokenizer=tok)
+    assert run.total_steps == 5
+    draws = [i for step in range(run.total_steps) for i in run.batch_indices(step)]
+    assert sorted(draws) == sorted(list(range(5)) * 2)
+
+
 def test_sft_trains_on_the_prompts_its_traces_answered(tmp_path, tokenizers):
     """Traces from ``npr sample`` name the prompt they answered; SFT with another template, or
     with the chat template where sampling had none, is refused before training (it taught
