@@ -134,12 +134,6 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def lone_surrogate(record: Any) -> str | None:
-    """The first lone surrogate in a record's strings (keys too), or None."""
-    found = LONE_SURROGATE.search(json.dumps(record, ensure_ascii=False))
-    return found.group() if found else None
-
-
 def json_lines(text: str) -> list[str]:
     """Lines of a JSONL text. Not ``str.splitlines``: that also cuts at U+2028, U+2029 and
     U+0085, which JSON strings hold raw (samples are written with ``ensure_ascii=False``)."""
@@ -206,8 +200,9 @@ def read_records(path: Path, errors: list[str], holes: bool = False) -> Iterator
         data = lists[0]
     if not isinstance(data, list):
         raise EvalError(f"{path}: expected a list of problems")
+    escaped = SURROGATE_ESCAPE.search(text) is not None  # else no record needs the check
     for number, record in enumerate(data, start=1):
-        if _refused_for_surrogate(f"{path}: item {number}", record, errors):
+        if escaped and _refused_for_surrogate(f"{path}: item {number}", record, errors):
             if holes:
                 yield f"{path}: item {number}", UNREADABLE
             continue
@@ -215,13 +210,14 @@ def read_records(path: Path, errors: list[str], holes: bool = False) -> Iterator
 
 
 def _refused_for_surrogate(where: str, record: Any, errors: list[str]) -> bool:
-    surrogate = lone_surrogate(record)
-    if surrogate is not None:
+    """Whether the record's strings (keys too) hold a lone surrogate; if so, an error says so."""
+    found = LONE_SURROGATE.search(json.dumps(record, ensure_ascii=False))
+    if found:
         errors.append(
-            f"{where}: holds a lone surrogate ({ascii(surrogate)[1:-1]}: half of a UTF-16 pair, "
-            "as a cut emoji leaves), which is not text"
+            f"{where}: holds a lone surrogate ({ascii(found.group())[1:-1]}: half of a UTF-16 "
+            "pair, as a cut emoji leaves), which is not text"
         )
-    return surrogate is not None
+    return found is not None
 
 
 def _json_error(error: Exception) -> str:

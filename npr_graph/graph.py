@@ -498,7 +498,7 @@ def check_spans(graph: ReasoningGraph) -> None:
             raise ValueError(f"node {node.id}'s text is not the text it spans")
         tags = [tag for tag in (node.open_tag, node.close_tag) if tag is not None]
         bounds = [node.char_start, *(i for tag in tags for i in tag), node.char_end]
-        if len(tags) != sum(len(tag) == 2 for tag in tags) or bounds != sorted(bounds):
+        if bounds != sorted(bounds):  # each tag a pair of ints: the type check came first
             raise ValueError(f"node {node.id}'s tags do not lie in order within its span")
     for violation in graph.violations:
         if violation.node is not None and not 0 <= violation.node < len(graph.nodes):

@@ -22,6 +22,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -77,9 +78,7 @@ def ancestor_spans(graph: ReasoningGraph) -> list[list[tuple[int, int]]]:
     """Per node, the token ranges ``[start, end)`` of its ancestors, merged, in sequence order:
     with the node's own tokens up to itself, what each of its tokens attends to (native)."""
     lengths = _token_lengths(graph)
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
+    starts = [0, *accumulate(lengths)]
     out = []
     for bits in ancestors(graph):
         spans: list[tuple[int, int]] = []
